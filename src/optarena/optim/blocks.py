@@ -1,0 +1,204 @@
+"""Block layouts: how a parameter is cut into the blocks that share one second-moment value.
+
+Adam, Adalayer and Adam-mini are one algorithm: ``v_b = β2 v_b + (1-β2) mean_{i∈b} g_i²`` with a
+different choice of blocks ``b``. A :class:`BlockLayout` is that choice for one tensor:
+
+* ``element`` — every entry its own block (Adam);
+* ``tensor`` — the whole tensor one block (Adalayer, Adam-mini's norms);
+* ``rows`` — one block per output neuron / token (Adam-mini's value, MLP, embedding, output);
+* ``heads`` — one block per attention head (Adam-mini's query and key);
+* ``mixed`` — a fused tensor whose parts are cut differently (QKV).
+
+A layout is a tuple of :class:`Segment`\\ s: a slice of the tensor along one axis, reshaped so that
+each block is a set of reduced axes. The block statistic of a segment is
+``g.narrow(dim, start, size).reshape(shape).square().mean(reduce)``. Policies at the bottom of
+this module turn a :class:`~optarena.optim.roles.ParamInfo` into the layout each optimizer uses.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from optarena.optim.roles import ParamInfo, Role
+
+
+@dataclass(frozen=True)
+class Segment:
+    """``x.narrow(dim, start, size).reshape(shape)``; blocks are reduced over ``reduce`` axes."""
+
+    dim: int
+    start: int
+    size: int
+    shape: tuple[int, ...]
+    reduce: tuple[int, ...]
+
+    @property
+    def num_blocks(self) -> int:
+        kept = [s for i, s in enumerate(self.shape) if i not in self.reduce]
+        return math.prod(kept)
+
+    @property
+    def stat_shape(self) -> tuple[int, ...]:
+        """Shape of the block statistic with reduced axes kept (for broadcasting)."""
+        return tuple(1 if i in self.reduce else s for i, s in enumerate(self.shape))
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """How one tensor is cut into second-moment blocks (``segments == ()`` means per element)."""
+
+    kind: str
+    segments: tuple[Segment, ...] = ()
+
+    @property
+    def elementwise(self) -> bool:
+        return not self.segments
+
+    def num_blocks(self, shape: tuple[int, ...] | torch.Size) -> int:
+        if self.elementwise:
+            return math.prod(shape)
+        return sum(s.num_blocks for s in self.segments)
+
+    def describe(self, shape: tuple[int, ...] | torch.Size) -> str:
+        return f"{self.kind} ({self.num_blocks(shape)})"
+
+
+# --------------------------------------------------------------------------- constructors
+
+
+def element_layout() -> BlockLayout:
+    return BlockLayout("element")
+
+
+def _axis_segment(shape: tuple[int, ...], dim: int, start: int, size: int, groups: int,
+                  per: str) -> Segment:
+    """A slice along ``dim`` split into ``groups`` blocks along that axis (rows or heads)."""
+    before = math.prod(shape[:dim])
+    after = math.prod(shape[dim + 1 :])
+    if size % groups:
+        raise ValueError(f"cannot split extent {size} into {groups} equal {per}")
+    view = (before, groups, size // groups, after)
+    return Segment(dim, start, size, view, (0, 2, 3))
+
+
+def tensor_layout(shape: tuple[int, ...]) -> BlockLayout:
+    extent = shape[0] if shape else 1
+    return BlockLayout("tensor", (Segment(0, 0, extent, (math.prod(shape),), (0,)),))
+
+
+def rows_layout(shape: tuple[int, ...], out_dim: int = 0) -> BlockLayout:
+    """One block per index of ``out_dim`` (a row of ``nn.Linear``, a column of ``Conv1D``)."""
+    if len(shape) < 2:
+        return tensor_layout(shape)
+    n = shape[out_dim]
+    return BlockLayout("rows", (_axis_segment(shape, out_dim, 0, n, n, "rows"),))
+
+
+def heads_layout(shape: tuple[int, ...], heads: int, out_dim: int = 0) -> BlockLayout:
+    """One block per attention head laid out along ``out_dim``."""
+    if len(shape) < 2:
+        return tensor_layout(shape)
+    n = shape[out_dim]
+    return BlockLayout("heads", (_axis_segment(shape, out_dim, 0, n, heads, "heads"),))
+
+
+def split_layout(shape: tuple[int, ...], out_dim: int,
+                 parts: list[tuple[int, int]]) -> BlockLayout:
+    """Consecutive slices along ``out_dim`` of sizes ``parts[i][0]``, each cut into
+    ``parts[i][1]`` blocks (1 = the slice is one block, size = one block per neuron)."""
+    segments, start = [], 0
+    for size, groups in parts:
+        segments.append(_axis_segment(shape, out_dim, start, size, groups, "blocks"))
+        start += size
+    if start != shape[out_dim]:
+        raise ValueError(f"fused parts cover {start} of {shape[out_dim]} along axis {out_dim}")
+    return BlockLayout("mixed", tuple(segments))
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def _covers(x: Tensor, s: Segment) -> bool:
+    return s.start == 0 and s.size == (x.shape[s.dim] if x.dim() else 1)
+
+
+def _chunk(x: Tensor, s: Segment) -> Tensor:
+    return x if _covers(x, s) else x.narrow(s.dim, s.start, s.size)
+
+
+def block_mean_square(g: Tensor, layout: BlockLayout) -> Tensor:
+    """Mean of ``g²`` within each block, flattened to ``(num_blocks,)`` (or ``g²`` if per element)."""
+    if layout.elementwise:
+        return g * g
+    parts = [_chunk(g, s).reshape(s.shape).square().mean(s.reduce).reshape(-1)
+             for s in layout.segments]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def blockwise(fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, stat: Tensor,
+              layout: BlockLayout) -> Tensor:
+    """``fn(x_block, stat_block)`` with each block's statistic broadcast over its entries."""
+    if layout.elementwise:
+        return fn(x, stat)
+    segs = layout.segments
+    if len(segs) == 1 and _covers(x, segs[0]):
+        s = segs[0]
+        return fn(x.reshape(s.shape), stat.reshape(s.stat_shape)).reshape(x.shape)
+    out = torch.empty_like(x)
+    offset = 0
+    for s in segs:
+        chunk = x.narrow(s.dim, s.start, s.size)
+        v = stat[offset : offset + s.num_blocks].reshape(s.stat_shape)
+        out.narrow(s.dim, s.start, s.size).copy_(fn(chunk.reshape(s.shape), v).reshape(chunk.shape))
+        offset += s.num_blocks
+    return out
+
+
+# --------------------------------------------------------------------------- policies
+# A policy maps the structure of a parameter to the blocks one optimizer uses for it.
+
+
+def adam_mini_layout(info: ParamInfo, single_block_value: bool = False) -> BlockLayout | None:
+    """Adam-mini v1.1.1: q/k per head, v/o/MLP/embedding/output per row, rest one block.
+
+    Returns ``None`` for biases, which Adam-mini updates with plain elementwise Adam.
+    """
+    shape, role = info.shape, info.role
+    if role is Role.BIAS:
+        return element_layout()
+    if len(shape) < 2:
+        return tensor_layout(shape)
+    if role in (Role.Q, Role.K):
+        return heads_layout(shape, info.heads or 1, info.out_dim)
+    if role is Role.V:
+        return tensor_layout(shape) if single_block_value else rows_layout(shape, info.out_dim)
+    if role in (Role.O, Role.MLP, Role.EMBEDDING, Role.OUTPUT):
+        return rows_layout(shape, info.out_dim)
+    if role is Role.QKV and info.parts:
+        parts = []
+        for p in info.parts:
+            if p.role in (Role.Q, Role.K):
+                parts.append((p.size, p.heads or 1))
+            elif p.role is Role.V and single_block_value:
+                parts.append((p.size, 1))
+            else:
+                parts.append((p.size, p.size))
+        return split_layout(shape, info.out_dim, parts)
+    return tensor_layout(shape)
+
+
+def adalayer_layout(info: ParamInfo, split_qkv: bool = True,
+                    per_row_output: bool = True) -> BlockLayout:
+    """Adalayer (Zhao et al.): one block per tensor, fused QKV split into its Q, K and V blocks,
+    and one block per row (output token) of the last layer."""
+    shape, role = info.shape, info.role
+    if per_row_output and role is Role.OUTPUT and len(shape) >= 2:
+        return rows_layout(shape, info.out_dim)
+    if split_qkv and role is Role.QKV and info.parts and len(shape) >= 2:
+        return split_layout(shape, info.out_dim, [(p.size, 1) for p in info.parts])
+    return tensor_layout(shape)

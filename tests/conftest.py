@@ -1,0 +1,28 @@
+"""Shared fixtures: the real data in ../shared/data and small helpers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data`` beside the clone; skipped on a user's clone, a failure in CI."""
+    if not SHARED_DATA.is_dir():
+        reason = f"needs the project's shared test data at {SHARED_DATA} (not part of a clone)"
+        if os.environ.get("OPTARENA_REQUIRE_SHARED"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
