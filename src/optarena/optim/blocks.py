@@ -132,7 +132,7 @@ def _chunk(x: Tensor, s: Segment) -> Tensor:
 
 
 def block_mean_square(g: Tensor, layout: BlockLayout) -> Tensor:
-    """Mean of ``g²`` within each block, flattened to ``(num_blocks,)`` (or ``g²`` if per element)."""
+    """Mean of ``g²`` in each block, flattened to ``(num_blocks,)`` (``g²`` if per element)."""
     if layout.elementwise:
         return g * g
     parts = [
