@@ -217,8 +217,8 @@ def parse_spec(
 
     default_seeds = _parse_seeds(meta.get("seeds", [0]), "[sweep]", source)
     lr_scale = _lr_scale(meta, base, source, model_widths)
-    if "lr" in base and lr_scale != 1.0:
-        base["lr"] = _round(base["lr"] * lr_scale)
+    if "lr" in base:
+        base["lr"] = _scale(base["lr"], lr_scale)
     grids = [
         _parse_grid(i, raw, source, config_keys, optimizers, default_seeds, lr_scale, "lr" in base)
         for i, raw in enumerate(grids_raw)
@@ -280,15 +280,16 @@ def _parse_grid(
         if values is None:
             fixed[key] = _unwrap_value(value)
             continue
-        if key == "lr" and lr_scale != 1.0:
-            values = [_round(v * lr_scale) for v in values]
+        if _is_lr_key(key):
+            values = [_scale(v, lr_scale) for v in values]
         if len(set(map(_hashable, values))) != len(values):
             raise UserError(f"{source}: {where}, key {key!r}: a value is listed twice; remove it")
         swept[key] = values
     if "lr" not in fixed and "lr" not in swept and not has_base_lr:
         raise UserError(f"{source}: {where} sets no lr; add lr = 1e-3 or a list or range of LRs")
-    if "lr" in fixed and lr_scale != 1.0:
-        fixed["lr"] = _round(fixed["lr"] * lr_scale)
+    for key in fixed:
+        if _is_lr_key(key):
+            fixed[key] = _scale(fixed[key], lr_scale)
     return Grid(index, optimizer, label, fixed, swept, seeds)
 
 
@@ -452,6 +453,18 @@ def _lr_scale(
         return 1.0
     half_decades = round(2 * math.log10(ref / model_widths[model]))
     return 10 ** (half_decades / 2)
+
+
+def _is_lr_key(key: str) -> bool:
+    """Learning-rate keys (``lr``, ``optim.adaptive_lr``): the ones width scaling shifts."""
+    last = key.rsplit(".", 1)[-1]
+    return last == "lr" or last.endswith("_lr")
+
+
+def _scale(value: Any, factor: float) -> Any:
+    if factor == 1.0 or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value
+    return _round(value * factor)
 
 
 def _fold_betas(config: dict[str, Any], where: str) -> None:
