@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from optarena.errors import UserError
 from optarena.sweep.spec import load_spec, parse_spec, preset_names, run_id
 
+SGD = '[[grid]]\noptimizer = "sgd"\n'
 KEYS = {"model", "steps", "batch_size", "seq_len", "lr", "data", "eval_every", "warmup", "seed"}
 OPTIMIZERS = {"adamw", "sgd", "lion", "signum", "adam-mini"}
 
@@ -49,7 +51,7 @@ def test_cartesian_product_with_half_decade_range():
     # 1e-4 .. 1 in half decades: 9 values, both ends included, each sqrt(10) apart
     assert len(lrs) == 9
     assert lrs[0] == pytest.approx(1e-4) and lrs[-1] == pytest.approx(1.0)
-    for a, b in zip(lrs, lrs[1:], strict=False):
+    for a, b in itertools.pairwise(lrs):
         assert b / a == pytest.approx(math.sqrt(10))
     assert len(adam) == 9 * 2  # two seeds from [sweep]
     assert {r.config["seed"] for r in adam} == {0, 1}
@@ -143,20 +145,20 @@ lr = [1e-3]
             "unknown optimizer 'adamm'; did you mean 'adamw'",
         ),
         ("[[grid]]\nlr = 1e-3\n", "[[grid]] #1 has no optimizer"),
-        ('[[grid]]\noptimizer = "sgd"\n', "sets no lr"),
+        (SGD + "", "sets no lr"),
         (
-            '[[grid]]\noptimizer = "sgd"\nlr = {from = 1, to = 1e-3, per_decade = 2}\n',
+            SGD + "lr = {from = 1, to = 1e-3, per_decade = 2}\n",
             "[[grid]] #1 (optimizer 'sgd'), key 'lr': range has from=1 > to=0.001; swap them",
         ),
         (
-            '[[grid]]\noptimizer = "sgd"\nlr = {from = 0, to = 1, per_decade = 2}\n',
+            SGD + "lr = {from = 0, to = 1, per_decade = 2}\n",
             "cannot include 0",
         ),
-        ('[[grid]]\noptimizer = "sgd"\nlr = {from = 1e-3, to = 1}\n', "exactly one of"),
-        ('[[grid]]\noptimizer = "sgd"\nlr = {from = 1e-3, to = 1, per_decad = 2}\n', "'per_decad'"),
-        ('[[grid]]\noptimizer = "sgd"\nlr = []\n', "empty list"),
+        (SGD + "lr = {from = 1e-3, to = 1}\n", "exactly one of"),
+        (SGD + "lr = {from = 1e-3, to = 1, per_decad = 2}\n", "'per_decad'"),
+        (SGD + "lr = []\n", "empty list"),
         (
-            '[[grid]]\noptimizer = "sgd"\nlr = 1.0\nstep = 3\n',
+            SGD + "lr = 1.0\nstep = 3\n",
             "unknown training key 'step'; did you mean 'steps'",
         ),
         ('[base]\nout = "x"\n[[grid]]\noptimizer = "sgd"\nlr = 1.0\n', "'out' is set by the sweep"),
@@ -164,9 +166,9 @@ lr = [1e-3]
             '[base]\noptimizer = "sgd"\n[[grid]]\noptimizer = "sgd"\nlr = 1.0\n',
             "belongs in each [[grid]]",
         ),
-        ('[[grid]]\noptimizer = "sgd"\nlr = 1.0\nseeds = [1, 1]\n', "seed twice"),
-        ('[[grid]]\noptimizer = "sgd"\nlr = 1.0\nseeds = "0"\n', "seeds must be a list"),
-        ('[[grid]]\noptimizer = "sgd"\nlr = [1.0, 1.0]\n', "listed twice"),
+        (SGD + "lr = 1.0\nseeds = [1, 1]\n", "seed twice"),
+        (SGD + 'lr = 1.0\nseeds = "0"\n', "seeds must be a list"),
+        (SGD + "lr = [1.0, 1.0]\n", "listed twice"),
         (
             '[sweep]\nnmae = "x"\n[[grid]]\noptimizer = "sgd"\nlr = 1.0\n',
             "[sweep] has unknown key 'nmae'",
@@ -208,6 +210,6 @@ def test_missing_file_and_unknown_preset(tmp_path):
     with pytest.raises(UserError, match="not found"):
         load_spec(tmp_path / "nope.toml")
     with pytest.raises(
-        UserError, match="no sweep spec file or preset named 'nope'; presets: .*demo"
+        UserError, match=r"no sweep spec file or preset named 'nope'; presets: .*demo"
     ):
         load_spec("nope")
