@@ -13,6 +13,9 @@ from optarena.errors import UserError
 # Each module defines ``register(subparsers)``; the parser it adds sets ``func(args) -> int``.
 COMMAND_MODULES = [
     "optarena.commands.list_optimizers",
+    "optarena.commands.sweep",
+    "optarena.commands.report",
+    "optarena.commands.demo",
 ]
 
 

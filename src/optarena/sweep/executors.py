@@ -44,6 +44,7 @@ class Outcome:
     summary: dict[str, Any] | None = None
     error: str | None = None
     detail: str | None = None
+    lost: bool = False  # the worker died: this task may only have been caught in the crash
 
 
 def resolve_function(path: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
@@ -179,7 +180,8 @@ class LocalExecutor(Executor):
                 outcomes.append(_outcome(task, future.result()))
             except cf.process.BrokenProcessPool:
                 broken = True
-                outcomes.append(Outcome(task, error="worker process died (killed or crashed)"))
+                message = "worker process died (killed or crashed)"
+                outcomes.append(Outcome(task, error=message, lost=True))
             except Exception as err:
                 outcomes.append(Outcome(task, error=f"{type(err).__name__}: {err}"))
         if broken:  # a dead worker breaks the whole pool: start a fresh one for what is left

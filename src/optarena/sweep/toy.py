@@ -41,10 +41,12 @@ def expected_loss(optimizer: str, lr: float, seed: int = 0) -> float:
 
 
 def train(config: dict[str, Any]) -> dict[str, Any]:
-    """Summary in the shape of ``optarena.train.train``; ``toy_fail`` raises, ``toy_seconds``
-    sleeps (to stand in for work)."""
+    """Summary in the shape of ``optarena.train.train``. Knobs to rehearse trouble:
+    ``toy_fail`` raises, ``toy_exit`` kills the worker process, ``toy_seconds`` sleeps."""
     if config.get("toy_fail"):
         raise RuntimeError(f"toy run asked to fail (lr={config['lr']})")
+    if config.get("toy_exit"):
+        os._exit(13)
     time.sleep(float(config.get("toy_seconds", 0.0)))
     steps = int(config.get("steps", 10))
     loss = expected_loss(config["optimizer"], float(config["lr"]), int(config.get("seed", 0)))
