@@ -157,7 +157,7 @@ def execute(args: argparse.Namespace, spec: Any, out: Path) -> int:
     from optarena.sweep.driver import run_sweep
     from optarena.sweep.store import Store
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     runs = spec.runs()
     store = Store(out)
     executor = make_executor(args, out)
