@@ -157,14 +157,14 @@ def test_series_metrics_on_synthetic_sweep():
 
 def test_one_dimensional_sensitivity_and_model_sizes():
     obs = [
-        _obs("adam", 1e-3, 0, loss, point={"optim.beta1": b1})
+        _obs("adam", 1e-3, 0, loss, point={"hparams.beta1": b1})
         for b1, loss in ((0.0, 2.5), (0.5, 2.2), (0.9, 2.0), (0.99, None))
     ]
     obs[-1].status = "diverged"
     obs += [_obs("adam", 1e-3, 0, 2.1, model="small"), _obs("adam", 1e-2, 0, 1.9, model="small")]
     result = analyze(obs)
     (sens,) = result.sensitivities
-    assert sens.key == "optim.beta1" and sens.best_value == 0.9
+    assert sens.key == "hparams.beta1" and sens.best_value == 0.9
     assert sens.spread == pytest.approx(0.5) and sens.n_diverged == 1
     (small,) = result.series
     assert small.model == "small" and small.best_lr == 1e-2
@@ -173,13 +173,13 @@ def test_one_dimensional_sensitivity_and_model_sizes():
 
 def test_series_split_by_other_swept_values():
     obs = [
-        _obs("sgd", lr, 0, 3.0 - lr + m, point={"lr": lr, "optim.momentum": m})
+        _obs("sgd", lr, 0, 3.0 - lr + m, point={"lr": lr, "hparams.momentum": m})
         for lr in (0.1, 1.0)
         for m in (0.9, 0.98)
     ]
     result = analyze(obs)
     assert sorted(s.name for s in result.series) == [
-        "sgd (optim.momentum=0.9)",
-        "sgd (optim.momentum=0.98)",
+        "sgd (hparams.momentum=0.9)",
+        "sgd (hparams.momentum=0.98)",
     ]
     assert all(s.best_lr == 1.0 for s in result.series)

@@ -46,7 +46,7 @@ toy_fail = [false, true]
 [[grid]]
 optimizer = "sgd"
 lr = 1.0
-optim.momentum = [0.5, 0.9, 0.98]
+hparams.momentum = [0.5, 0.9, 0.98]
 """
 
 
@@ -125,7 +125,7 @@ def test_report_files_and_html(swept):
         "loss-vs-lr",
         "loss-vs-lr-aligned",
         "curves-at-best-lr",
-        "sensitivity-optim-momentum",
+        "sensitivity-hparams-momentum",
     ):
         assert (out / "report" / f"{stem}.png").stat().st_size > 1000
         assert (out / "report" / f"{stem}.svg").read_text().lstrip().startswith("<?xml")
@@ -135,7 +135,7 @@ def test_report_files_and_html(swept):
         "id",
         "optimizer",
         "lr",
-        "optim.momentum",
+        "hparams.momentum",
         "toy_fail",
         "seed",
         "status",

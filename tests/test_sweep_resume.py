@@ -40,11 +40,11 @@ checkpoint_every = 5
 [[grid]]
 optimizer = "adamw"
 lr = [1e-3, 1e-2]
-optim = {weight_decay = 0.0}
+hparams = {weight_decay = 0.0}
 [[grid]]
 optimizer = "sgd"
 lr = [0.1]
-optim = {momentum = 0.9}
+hparams = {momentum = 0.9}
 """
 
 

@@ -33,12 +33,12 @@ steps = 20
 [[grid]]
 optimizer = "adamw"
 lr = {from = 1e-4, to = 1, per_decade = 2}
-optim.betas = {value = [0.9, 0.95]}
+hparams.betas = {value = [0.9, 0.95]}
 
 [[grid]]
 optimizer = "sgd"
 lr = [0.1, 1.0]
-optim.momentum = [0.9, 0.98]
+hparams.momentum = [0.9, 0.98]
 seeds = [7]
 """
 
@@ -55,17 +55,17 @@ def test_cartesian_product_with_half_decade_range():
         assert b / a == pytest.approx(math.sqrt(10))
     assert len(adam) == 9 * 2  # two seeds from [sweep]
     assert {r.config["seed"] for r in adam} == {0, 1}
-    assert all(r.config["optim"]["betas"] == [0.9, 0.95] for r in adam)
+    assert all(r.config["hparams"]["betas"] == [0.9, 0.95] for r in adam)
     sgd = [r for r in runs if r.config["optimizer"] == "sgd"]
     assert len(sgd) == 2 * 2 * 1
-    assert {(r.config["lr"], r.config["optim"]["momentum"]) for r in sgd} == {
+    assert {(r.config["lr"], r.config["hparams"]["momentum"]) for r in sgd} == {
         (0.1, 0.9),
         (0.1, 0.98),
         (1.0, 0.9),
         (1.0, 0.98),
     }
     assert all(r.config["steps"] == 20 and r.config["model"] == "micro" for r in runs)
-    assert sgd[0].point.keys() == {"lr", "optim.momentum"}
+    assert sgd[0].point.keys() == {"lr", "hparams.momentum"}
     assert len({r.id for r in runs}) == len(runs)
 
 
@@ -89,19 +89,19 @@ def test_beta1_sweep_folds_into_betas():
 [[grid]]
 optimizer = "adamw"
 lr = 1e-3
-optim.betas = {value = [0.9, 0.95]}
-optim.beta1 = [0.0, 0.5]
+hparams.betas = {value = [0.9, 0.95]}
+hparams.beta1 = [0.0, 0.5]
 """
     )
-    assert [r.config["optim"]["betas"] for r in spec.runs()] == [[0.0, 0.95], [0.5, 0.95]]
-    assert [r.point for r in spec.runs()] == [{"optim.beta1": 0.0}, {"optim.beta1": 0.5}]
+    assert [r.config["hparams"]["betas"] for r in spec.runs()] == [[0.0, 0.95], [0.5, 0.95]]
+    assert [r.point for r in spec.runs()] == [{"hparams.beta1": 0.0}, {"hparams.beta1": 0.5}]
 
 
 def test_run_ids_are_stable_and_ignore_execution_keys():
-    config = {"optimizer": "adamw", "lr": 0.001, "steps": 10, "optim": {"betas": [0.9, 0.95]}}
-    same = {"optim": {"betas": (0.9, 0.95)}, "steps": 10.0, "lr": 0.001, "optimizer": "adamw"}
+    config = {"optimizer": "adamw", "lr": 0.001, "steps": 10, "hparams": {"betas": [0.9, 0.95]}}
+    same = {"hparams": {"betas": (0.9, 0.95)}, "steps": 10.0, "lr": 0.001, "optimizer": "adamw"}
     assert run_id(config) == run_id(same)
-    assert run_id(config) == run_id({**config, "out": "/tmp/x", "resume": True})
+    assert run_id(config) == run_id({**config, "out": "/tmp/x", "resume": True, "progress": 0})
     assert run_id(config) != run_id({**config, "lr": 0.002})
     assert len(run_id(config)) == 16
     # ids do not depend on anything outside the config (process, time, grid order)
@@ -173,7 +173,7 @@ lr = [1e-3]
             '[sweep]\nnmae = "x"\n[[grid]]\noptimizer = "sgd"\nlr = 1.0\n',
             "[sweep] has unknown key 'nmae'",
         ),
-        ('[[grid]]\noptimizer = "adamw"\nlr = 1.0\noptim.beta1 = [0.5]\n', "needs its partner"),
+        ('[[grid]]\noptimizer = "adamw"\nlr = 1.0\nhparams.beta1 = [0.5]\n', "needs its partner"),
         ("[grids]\nx = 1\n", "unknown top-level table or key 'grids'"),
     ],
 )
@@ -188,10 +188,10 @@ def test_bad_specs_give_one_line_errors(text, needle):
 
 def test_second_table_is_named():
     text = BASIC.replace(
-        "optim.momentum = [0.9, 0.98]", "optim.momentum = {from = 0.9, to = 0.1, num = 2}"
+        "hparams.momentum = [0.9, 0.98]", "hparams.momentum = {from = 0.9, to = 0.1, num = 2}"
     )
     with pytest.raises(
-        UserError, match=r"\[\[grid\]\] #2 \(optimizer 'sgd'\), key 'optim.momentum'"
+        UserError, match=r"\[\[grid\]\] #2 \(optimizer 'sgd'\), key 'hparams.momentum'"
     ):
         parse(text)
 
@@ -201,9 +201,20 @@ def test_presets_all_parse():
     assert {"demo", "lr", "beta1", "beta2", "eps", "weight-decay", "warmup", "hybrids"} <= set(
         names
     )
+    from dataclasses import fields
+
+    from optarena.commands.sweep import model_widths
+    from optarena.optim import available
+    from optarena.train import TrainConfig
+
+    keys = {f.name for f in fields(TrainConfig)}
     for name in names:
-        spec = load_spec(name)
+        spec = load_spec(
+            name, config_keys=keys, optimizers=available(), model_widths=model_widths()
+        )
         assert spec.runs(), name
+        for run in spec.runs():  # every run is a valid training config
+            TrainConfig.from_dict(run.config)
 
 
 def test_missing_file_and_unknown_preset(tmp_path):

@@ -87,7 +87,12 @@ def run_sweep(
                             result.held_elsewhere += store.get(run.id).status == "running"
                             progress.total -= 1
                             continue
-                    config = {**run.config, "out": str(store.run_dir(run.id)), "resume": True}
+                    config = {
+                        **run.config,
+                        "out": str(store.run_dir(run.id)),
+                        "resume": True,
+                        "progress": False,  # the sweep shows progress; workers stay quiet
+                    }
                     store.run_dir(run.id).mkdir(parents=True, exist_ok=True)
                     executor.submit(Task(run.id, config))
                     in_flight[run.id] = run

@@ -29,8 +29,17 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
-# Keys a sweep sets per run: the user must not set them.
-RESERVED_KEYS = frozenset({"out", "resume"})
+# Keys a sweep sets per run (``--threads`` for threads): the user must not set them.
+RESERVED_KEYS = frozenset({"out", "resume", "threads"})
+# Keys that change how a run is executed or logged, never its result: left out of run ids.
+EXECUTION_KEYS = RESERVED_KEYS | {
+    "progress",
+    "log_every",
+    "tensorboard",
+    "wandb",
+    "wandb_project",
+    "cache_dir",
+}
 # Keys of a [[grid]] table that are not training-config keys.
 GRID_META_KEYS = frozenset({"optimizer", "label", "seeds"})
 SWEEP_KEYS = frozenset({"name", "description", "seeds", "lr_reference_width"})
@@ -102,10 +111,11 @@ class SweepSpec:
 def run_id(config: Mapping[str, Any]) -> str:
     """Stable id of a resolved config: 16 hex digits of SHA-256 over canonical JSON.
 
-    Execution-only keys (``out``, ``resume``) are left out so a run keeps its id wherever it
-    runs. Key order, int/float spelling of whole numbers and tuples vs lists do not matter.
+    Execution-only keys (``out``, ``resume``, logging) are left out so a run keeps its id
+    wherever and however it runs. Key order, int/float spelling of whole numbers and tuples vs
+    lists do not matter.
     """
-    clean = {k: v for k, v in config.items() if k not in RESERVED_KEYS}
+    clean = {k: v for k, v in config.items() if k not in EXECUTION_KEYS}
     blob = json.dumps(_canonical(clean), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -294,7 +304,7 @@ def _parse_grid(
 
 
 def _flatten(table: Mapping[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:
-    """Dotted keys of a grid table; ``optim`` sub-tables are walked, value tables are leaves."""
+    """Dotted keys of a grid table; ``hparams`` sub-tables are walked, value tables are leaves."""
     for key, value in table.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict) and not (set(value) & (RANGE_KEYS | {"value"})):
@@ -383,9 +393,9 @@ def _check_config_keys(
 ) -> None:
     for key in table:
         if key in RESERVED_KEYS:
+            fix = "use --threads" if key == "threads" else "runs go to OUT/runs/<id>/"
             raise UserError(
-                f"{source}: {where}: key {key!r} is set by the sweep itself (runs go to "
-                "OUT/runs/<id>/); remove it"
+                f"{source}: {where}: key {key!r} is set by the sweep itself ({fix}); remove it"
             )
         if key == "optimizer":  # only reachable from [base]: grids take it out first
             raise UserError(
@@ -396,24 +406,25 @@ def _check_config_keys(
                 f"{source}: {where}: key 'seed' is set per run; write seeds = [0, 1] in [sweep] "
                 "or in a [[grid]] table instead"
             )
-        if key == "optim":
+        if key == "hparams":
             if not isinstance(table[key], dict):
                 raise UserError(
-                    f"{source}: {where}: 'optim' must be a table of optimizer hyperparameters, "
-                    "e.g. optim.momentum = 0.9"
+                    f"{source}: {where}: 'hparams' must be a table of optimizer hyperparameters, "
+                    "e.g. hparams.momentum = 0.9"
                 )
             continue
         if config_keys is not None and key not in config_keys:
             close = _closest(key, config_keys)
             hint = f"did you mean {close!r}? " if close else ""
+            example = "hparams.momentum" if isinstance(table[key], dict) else f"hparams.{key}"
             raise UserError(
                 f"{source}: {where}: unknown training key {key!r}; {hint}optimizer "
-                f"hyperparameters go under optim (optim.{key} = ...)"
+                f"hyperparameters go in the hparams table ({example} = ...)"
             )
 
 
 def _apply_override(base: dict[str, Any], item: str) -> None:
-    """``--set steps=100`` / ``--set optim.eps=1e-8``: values parsed as TOML, else strings."""
+    """``--set steps=100`` / ``--set hparams.eps=1e-8``: values parsed as TOML, else strings."""
     key, sep, raw = item.partition("=")
     key = key.strip()
     if not sep or not key or not re.fullmatch(r"[A-Za-z_][\w.-]*", key):
@@ -456,7 +467,7 @@ def _lr_scale(
 
 
 def _is_lr_key(key: str) -> bool:
-    """Learning-rate keys (``lr``, ``optim.adaptive_lr``): the ones width scaling shifts."""
+    """Learning-rate keys (``lr``, ``hparams.adaptive_lr``): the ones width scaling shifts."""
     last = key.rsplit(".", 1)[-1]
     return last == "lr" or last.endswith("_lr")
 
@@ -468,25 +479,25 @@ def _scale(value: Any, factor: float) -> Any:
 
 
 def _fold_betas(config: dict[str, Any], where: str) -> None:
-    """``optim.beta1`` / ``optim.beta2`` (for 1-D sweeps) become torch's ``betas`` pair."""
-    optim = config.get("optim")
-    if not isinstance(optim, dict) or not ({"beta1", "beta2"} & set(optim)):
+    """``hparams.beta1`` / ``hparams.beta2`` (for 1-D sweeps) become torch's ``betas`` pair."""
+    hparams = config.get("hparams")
+    if not isinstance(hparams, dict) or not ({"beta1", "beta2"} & set(hparams)):
         return
-    betas = optim.get("betas")
+    betas = hparams.get("betas")
     if betas is None:
-        missing = "beta2" if "beta1" in optim else "beta1"
-        if missing not in optim:
+        missing = "beta2" if "beta1" in hparams else "beta1"
+        if missing not in hparams:
             raise UserError(
-                f"{where}: optim.{'beta1' if missing == 'beta2' else 'beta2'} needs its partner; "
-                f"also set optim.betas = {{value = [0.9, 0.95]}} or optim.{missing}"
+                f"{where}: hparams.{'beta1' if missing == 'beta2' else 'beta2'} needs its partner; "
+                f"also set hparams.betas = {{value = [0.9, 0.95]}} or hparams.{missing}"
             )
         betas = [None, None]
     betas = list(betas)
-    if "beta1" in optim:
-        betas[0] = optim.pop("beta1")
-    if "beta2" in optim:
-        betas[1] = optim.pop("beta2")
-    optim["betas"] = betas
+    if "beta1" in hparams:
+        betas[0] = hparams.pop("beta1")
+    if "beta2" in hparams:
+        betas[1] = hparams.pop("beta2")
+    hparams["betas"] = betas
 
 
 def _merge_dotted(base: Mapping[str, Any], dotted: Mapping[str, Any]) -> dict[str, Any]:
