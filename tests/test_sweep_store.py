@@ -37,13 +37,14 @@ def test_claim_finish_and_no_second_claim(tmp_path):
     assert not store.claim(rid)  # this process holds it
     other = Store(tmp_path)
     assert not other.claim(rid)  # a live holder on this host
+    curve = [{"step": 0, "val_loss": 5.0}, {"step": 10, "val_loss": 3.5}]  # the harness's form
     status = store.finish(
         rid,
         {
             "final_val_loss": 3.5,
             "diverged": False,
             "wall_seconds": 2.0,
-            "eval_curve": [[0, 5.0], [10, 3.5]],
+            "eval_curve": curve,
             "params": 10,
         },
     )

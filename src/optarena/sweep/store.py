@@ -264,7 +264,7 @@ class Store:
         diverged = bool(summary.get("diverged"))
         loss = _finite_or_none(summary.get("final_val_loss"))
         status = "diverged" if diverged or loss is None else "done"
-        curve = summary.get("eval_curve") or []
+        curve = normalize_curve(summary.get("eval_curve") or [])
         slim = {k: v for k, v in summary.items() if k not in ("eval_curve", "config")}
         with self._transaction() as db:
             row = db.execute("SELECT status FROM runs WHERE id=?", (run_id,)).fetchone()
@@ -346,6 +346,18 @@ class Store:
         if run_id is not None:
             sql, args = sql + " WHERE run_id=?", (run_id,)
         return [dict(r) for r in self._conn.execute(sql + " ORDER BY seq", args)]
+
+
+def normalize_curve(curve: Iterable[Any]) -> list[list[float | None]]:
+    """``[[step, val_loss], ...]`` from pairs or ``{"step", "val_loss"}`` dicts (the harness)."""
+    out = []
+    for point in curve:
+        if isinstance(point, Mapping):
+            step, loss = point.get("step"), point.get("val_loss", point.get("loss"))
+        else:
+            step, loss = point[0], point[1]
+        out.append([step, _finite_or_none(loss)])
+    return out
 
 
 def _record(row: sqlite3.Row) -> RunRecord:
