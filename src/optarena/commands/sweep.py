@@ -117,7 +117,9 @@ def load(args: argparse.Namespace) -> Any:
     )
 
 
-def make_executor(args: argparse.Namespace, out: Path) -> Executor:
+def make_executor(args: argparse.Namespace, out: Path, default_threads: int = 2) -> Executor:
+    """The backend the flags ask for; local runs get ``default_threads`` cores each unless
+    ``--workers``/``--threads`` say otherwise."""
     from optarena.sweep import executors
 
     if args.workers is not None and args.workers < 1:
@@ -146,11 +148,11 @@ def make_executor(args: argparse.Namespace, out: Path) -> Executor:
         raise UserError("--address is for --backend ray; add --backend ray or drop --address")
     import os
 
-    workers = args.workers or max(1, (os.cpu_count() or 1) // 2)
+    workers = args.workers or max(1, (os.cpu_count() or 1) // default_threads)
     return executors.LocalExecutor(args.function, workers=workers, threads=args.threads)
 
 
-def execute(args: argparse.Namespace, spec: Any, out: Path) -> int:
+def execute(args: argparse.Namespace, spec: Any, out: Path, default_threads: int = 2) -> int:
     """Run the sweep into ``out``; exit code 1 when some run failed (its error is stored)."""
     from rich.console import Console
 
@@ -160,7 +162,7 @@ def execute(args: argparse.Namespace, spec: Any, out: Path) -> int:
     console = Console(stderr=True, soft_wrap=True)
     runs = spec.runs()
     store = Store(out)
-    executor = make_executor(args, out)
+    executor = make_executor(args, out, default_threads)
     console.print(
         f"sweep [bold]{spec.name}[/]: {len(runs)} runs into {out} "
         f"({args.backend}, {executor.capacity} at a time)",
