@@ -198,9 +198,11 @@ def adalayer_layout(
     info: ParamInfo, split_qkv: bool = True, per_row_output: bool = True
 ) -> BlockLayout:
     """Adalayer (Zhao et al.): one block per tensor, fused QKV split into its Q, K and V blocks,
-    and one block per row (output token) of the last layer."""
+    and one block per row (output token) of the last layer. A tied embedding table *is* the last
+    layer, so it is cut per row too."""
     shape, role = info.shape, info.role
-    if per_row_output and role is Role.OUTPUT and len(shape) >= 2:
+    last_layer = role is Role.OUTPUT or (role is Role.EMBEDDING and info.tied)
+    if per_row_output and last_layer and len(shape) >= 2:
         return rows_layout(shape, info.out_dim)
     if split_qkv and role is Role.QKV and info.parts and len(shape) >= 2:
         return split_layout(shape, info.out_dim, [(p.size, 1) for p in info.parts])
