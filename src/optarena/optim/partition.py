@@ -22,9 +22,9 @@ Here roles come from what the modules *are*:
 * biases of dense layers and attention modules -> BIAS.
 
 Dense layers are ``nn.Linear`` (``out_dim=0``) and Hugging Face ``Conv1D`` (weights stored
-(in, out), ``out_dim=1``). A transformer block is the item of a ``ModuleList``/``Sequential`` that
-holds an attention module. Whatever is left goes through :func:`role_from_name` and is reported in
-one warning.
+(in, out), ``out_dim=1``). A transformer block is the outermost ``ModuleList``/``Sequential``
+item that holds an attention module. Whatever is left goes through :func:`role_from_name` and
+is reported in one warning.
 
 Decisions:
 
@@ -371,12 +371,12 @@ def _attention_claims(
 
 
 def _block_of(attn_name: str, modules: Mapping[str, nn.Module]) -> str:
-    """The transformer block holding an attention module: the nearest ancestor that is an item
-    of a ModuleList/Sequential/ModuleDict, else the attention's parent ("" = the model)."""
+    """The transformer block holding an attention module: its outermost ancestor that is an item
+    of a ModuleList/Sequential (T5 nests a list of sub-layers inside each block), else the
+    attention's parent ("" = the model)."""
     segs = attn_name.split(".") if attn_name else []
-    for i in range(len(segs) - 1, 0, -1):
-        parent = modules.get(".".join(segs[: i - 1]))
-        if isinstance(parent, (nn.ModuleList, nn.Sequential, nn.ModuleDict)):
+    for i in range(1, len(segs)):
+        if isinstance(modules.get(".".join(segs[: i - 1])), (nn.ModuleList, nn.Sequential)):
             return ".".join(segs[:i])
     return ".".join(segs[:-1])
 
