@@ -75,8 +75,9 @@ def element_layout() -> BlockLayout:
     return BlockLayout("element")
 
 
-def _axis_segment(shape: tuple[int, ...], dim: int, start: int, size: int, groups: int,
-                  per: str) -> Segment:
+def _axis_segment(
+    shape: tuple[int, ...], dim: int, start: int, size: int, groups: int, per: str
+) -> Segment:
     """A slice along ``dim`` split into ``groups`` blocks along that axis (rows or heads)."""
     before = math.prod(shape[:dim])
     after = math.prod(shape[dim + 1 :])
@@ -107,8 +108,7 @@ def heads_layout(shape: tuple[int, ...], heads: int, out_dim: int = 0) -> BlockL
     return BlockLayout("heads", (_axis_segment(shape, out_dim, 0, n, heads, "heads"),))
 
 
-def split_layout(shape: tuple[int, ...], out_dim: int,
-                 parts: list[tuple[int, int]]) -> BlockLayout:
+def split_layout(shape: tuple[int, ...], out_dim: int, parts: list[tuple[int, int]]) -> BlockLayout:
     """Consecutive slices along ``out_dim`` of sizes ``parts[i][0]``, each cut into
     ``parts[i][1]`` blocks (1 = the slice is one block, size = one block per neuron)."""
     segments, start = [], 0
@@ -132,16 +132,18 @@ def _chunk(x: Tensor, s: Segment) -> Tensor:
 
 
 def block_mean_square(g: Tensor, layout: BlockLayout) -> Tensor:
-    """Mean of ``g²`` within each block, flattened to ``(num_blocks,)`` (or ``g²`` if per element)."""
+    """Mean of ``g²`` within each block, flattened to ``(num_blocks,)`` (``g²`` if per element)."""
     if layout.elementwise:
         return g * g
-    parts = [_chunk(g, s).reshape(s.shape).square().mean(s.reduce).reshape(-1)
-             for s in layout.segments]
+    parts = [
+        _chunk(g, s).reshape(s.shape).square().mean(s.reduce).reshape(-1) for s in layout.segments
+    ]
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def blockwise(fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, stat: Tensor,
-              layout: BlockLayout) -> Tensor:
+def blockwise(
+    fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, stat: Tensor, layout: BlockLayout
+) -> Tensor:
     """``fn(x_block, stat_block)`` with each block's statistic broadcast over its entries."""
     if layout.elementwise:
         return fn(x, stat)
@@ -163,10 +165,10 @@ def blockwise(fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, stat: Tensor,
 # A policy maps the structure of a parameter to the blocks one optimizer uses for it.
 
 
-def adam_mini_layout(info: ParamInfo, single_block_value: bool = False) -> BlockLayout | None:
+def adam_mini_layout(info: ParamInfo, single_block_value: bool = False) -> BlockLayout:
     """Adam-mini v1.1.1: q/k per head, v/o/MLP/embedding/output per row, rest one block.
 
-    Returns ``None`` for biases, which Adam-mini updates with plain elementwise Adam.
+    Biases get the per-element layout: Adam-mini updates them with plain elementwise Adam.
     """
     shape, role = info.shape, info.role
     if role is Role.BIAS:
@@ -192,12 +194,15 @@ def adam_mini_layout(info: ParamInfo, single_block_value: bool = False) -> Block
     return tensor_layout(shape)
 
 
-def adalayer_layout(info: ParamInfo, split_qkv: bool = True,
-                    per_row_output: bool = True) -> BlockLayout:
+def adalayer_layout(
+    info: ParamInfo, split_qkv: bool = True, per_row_output: bool = True
+) -> BlockLayout:
     """Adalayer (Zhao et al.): one block per tensor, fused QKV split into its Q, K and V blocks,
-    and one block per row (output token) of the last layer."""
+    and one block per row (output token) of the last layer. A tied embedding table *is* the last
+    layer, so it is cut per row too."""
     shape, role = info.shape, info.role
-    if per_row_output and role is Role.OUTPUT and len(shape) >= 2:
+    last_layer = role is Role.OUTPUT or (role is Role.EMBEDDING and info.tied)
+    if per_row_output and last_layer and len(shape) >= 2:
         return rows_layout(shape, info.out_dim)
     if split_qkv and role is Role.QKV and info.parts and len(shape) >= 2:
         return split_layout(shape, info.out_dim, [(p.size, 1) for p in info.parts])

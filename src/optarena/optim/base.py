@@ -1,0 +1,271 @@
+"""``RuleOptimizer``: the one ``torch.optim.Optimizer`` that drives every update rule.
+
+It owns what every optimizer shares: accepting a model, ``named_parameters`` or param groups;
+the structure-aware partition; hyperparameter validation; state in float32 for low-precision
+parameters; decoupled weight decay; exact ``state_dict`` round trips; Sophia's Hessian protocol.
+The arithmetic of each optimizer lives in its rule (``rules.py``); each param group names its
+rule, so one object can run different rules on different parameters (the study's hybrids).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from optarena.optim.roles import ParamInfo, Role
+from optarena.optim.rules import RULES, Rule
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _is_named(items: list) -> bool:
+    return bool(items) and isinstance(items[0], tuple) and isinstance(items[0][0], str)
+
+
+def _named_pairs(params: list) -> list[tuple[str, Tensor]]:
+    """All ``(name, param)`` pairs in a list of named params or named param groups."""
+    if _is_named(params):
+        return params
+    pairs: list[tuple[str, Tensor]] = []
+    for item in params:
+        if isinstance(item, dict):
+            group_params = list(item["params"])
+            item["params"] = group_params
+            if _is_named(group_params):
+                pairs.extend(group_params)
+    return pairs
+
+
+class RuleOptimizer(torch.optim.Optimizer):
+    """Base class of every optarena optimizer.
+
+    Args:
+        params: an ``nn.Module`` (its structure gives each parameter a role), an iterable of
+            ``(name, param)`` pairs (roles from names), plain parameters, or param groups. A
+            group may name its update ``rule`` (see ``optarena.optim.rules.RULES``).
+        defaults: hyperparameters for groups that do not set them.
+        partition: explicit roles, ``{name: ParamInfo}`` (e.g. from
+            :func:`optarena.optim.partition.partition` with overrides).
+        state_dtype: dtype of the optimizer state. ``None``: float32 for float16/bfloat16
+            parameters (their updates are computed in float32 and rounded once), the
+            parameter's own dtype otherwise; ``"param"``: always the parameter's dtype.
+        no_decay_roles: roles exempt from weight decay (e.g. norms and biases).
+    """
+
+    default_rule = "adaptive"
+
+    def __init__(
+        self,
+        params: nn.Module | Iterable[Any],
+        defaults: dict[str, Any],
+        *,
+        partition: Mapping[str, ParamInfo] | None = None,
+        state_dtype: torch.dtype | str | None = None,
+        no_decay_roles: Iterable[Role | str] = (),
+    ):
+        if state_dtype not in (None, "param") and not isinstance(state_dtype, torch.dtype):
+            raise ValueError(
+                f"{type(self).__name__}: invalid state_dtype={state_dtype!r}; "
+                "expected None, 'param' or a torch.dtype"
+            )
+        self.state_dtype = state_dtype
+        self.no_decay_roles = frozenset(Role(r) for r in no_decay_roles)
+        params, infos = self._resolve(params, partition)
+        defaults = {"rule": self.default_rule, "weight_decay": 0.0, **defaults}
+        rule = RULES.get(defaults["rule"])
+        if rule is None:
+            raise ValueError(f"{type(self).__name__}: unknown rule {defaults['rule']!r}")
+        defaults = {**rule.defaults, **defaults}
+        self._infos: dict[int, ParamInfo] = {}
+        super().__init__(params, defaults)
+        self._index_infos(infos)
+
+    # ----------------------------------------------------------------- construction
+
+    def _resolve(
+        self, params: Any, partition: Mapping[str, ParamInfo] | None
+    ) -> tuple[list, Mapping[str, ParamInfo] | None]:
+        """Materialise ``params`` and find each parameter's role."""
+        if isinstance(params, nn.Module):
+            from optarena.optim.partition import partition as partition_model
+
+            found = partition_model(params)
+            named = [(n, p) for n, p in found.params.items() if p.requires_grad]
+            return named, partition or found
+        if isinstance(params, Tensor):
+            raise TypeError(
+                f"{type(self).__name__}: params must be an iterable of Tensors, named "
+                "parameters or param groups, or a model; got a single Tensor"
+            )
+        params = list(params)
+        pairs = _named_pairs(params)
+        if partition is None and pairs and self._needs_structure():
+            from optarena.optim.partition import partition as partition_named
+
+            partition = partition_named(pairs)
+        return params, partition
+
+    def _needs_structure(self) -> bool:
+        return False
+
+    def _index_infos(self, partition: Mapping[str, ParamInfo] | None) -> None:
+        count = 0
+        for group in self.param_groups:
+            names = group.get("param_names", [None] * len(group["params"]))
+            for p, name in zip(group["params"], names, strict=True):
+                info = partition.get(name) if partition is not None and name else None
+                if info is None:
+                    info = ParamInfo(
+                        name or f"param{count}", tuple(p.shape), Role.OTHER, source="none"
+                    )
+                self._infos[id(p)] = info
+                count += 1
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        rule_name = param_group.setdefault("rule", self.defaults.get("rule", self.default_rule))
+        rule = RULES.get(rule_name)
+        if rule is None:
+            raise ValueError(
+                f"{type(self).__name__}: unknown rule {rule_name!r}; expected one of "
+                + ", ".join(sorted(RULES))
+            )
+        if rule_name != self.defaults.get("rule"):
+            for key, value in rule.defaults.items():
+                param_group.setdefault(key, value)
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        rule.validate(group, type(self).__name__)
+        for p in group["params"]:
+            self._infos.setdefault(
+                id(p),
+                ParamInfo(f"param{len(self._infos)}", tuple(p.shape), Role.OTHER, source="none"),
+            )
+
+    # ----------------------------------------------------------------- introspection
+
+    def param_info(self, p: Tensor) -> ParamInfo:
+        """The role and structure this optimizer uses for ``p``."""
+        return self._infos[id(p)]
+
+    def rule_of(self, group: dict[str, Any]) -> Rule:
+        return RULES[group["rule"]]
+
+    def _dtype(self, p: Tensor) -> torch.dtype:
+        if isinstance(self.state_dtype, torch.dtype):
+            return self.state_dtype
+        if self.state_dtype is None and p.dtype in _LOW_PRECISION:
+            return torch.float32
+        return p.dtype
+
+    @property
+    def hessian_interval(self) -> int | None:
+        """Steps between Hessian estimates (Sophia), or ``None`` if no rule uses them."""
+        intervals = [
+            g["hessian_interval"] for g in self.param_groups if self.rule_of(g).needs_hessian
+        ]
+        return min(intervals) if intervals else None
+
+    # ----------------------------------------------------------------- stepping
+
+    def _state_for(self, p: Tensor, group: dict[str, Any], rule: Rule) -> dict[str, Any]:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state.update(rule.init(p, self._infos[id(p)], group, self._dtype(p)))
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None, bs: float | None = None):  # type: ignore[override]
+        """One update of every parameter with a gradient.
+
+        ``bs`` (tokens per batch) overrides Sophia's ``bs`` for this step, as the reference
+        implementation's ``step(bs=...)`` does.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            rule = self.rule_of(group)
+            hp = group if bs is None or "bs" not in group else {**group, "bs": bs}
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                state = self._state_for(p, group, rule)
+                state["step"] += 1
+                step = int(state["step"].item())
+                dtype = self._dtype(p)
+                g = p.grad if p.grad.dtype == dtype else p.grad.to(dtype)
+                info = self._infos[id(p)]
+                u, size = rule.direction(g, p, state, hp, step, info)
+                if u is None:
+                    continue
+                decay = 0.0 if info.role in self.no_decay_roles else hp["weight_decay"]
+                decay *= rule.decay_lr(p, state, hp)
+                self._apply(p, u, size, decay, dtype)
+        return loss
+
+    @staticmethod
+    def _apply(p: Tensor, u: Tensor, size: float, decay: float, dtype: torch.dtype) -> None:
+        """``θ ← θ·(1 - decay) - size·u``, rounded once into a low-precision parameter."""
+        target = p if p.dtype == dtype else p.to(dtype)
+        if decay:
+            target.mul_(1.0 - decay)
+        target.add_(u, alpha=-size)
+        if target is not p:
+            p.copy_(target)
+
+    @torch.no_grad()
+    def update_hessian(self) -> None:
+        """Fold the gradients now in ``.grad`` into Sophia's Hessian EMA.
+
+        The training loop calls this every :attr:`hessian_interval` steps after back-propagating
+        the loss on labels sampled from the model's own output distribution (the
+        Gauss-Newton-Bartlett estimator). Groups whose rule needs no Hessian are untouched.
+        """
+        for group in self.param_groups:
+            rule = self.rule_of(group)
+            if not rule.needs_hessian:
+                continue
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self._state_for(p, group, rule)
+                dtype = self._dtype(p)
+                rule.update_hessian(p.grad.to(dtype), state, group)
+
+    # ----------------------------------------------------------------- checkpoints
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's ``load_state_dict``, keeping each state tensor's saved dtype.
+
+        torch casts floating state to the parameter's dtype, which would round float32 state
+        of bfloat16 parameters; here the saved dtype is kept and only the device follows.
+        """
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for index, saved in state_dict["state"].items():
+            p = params[index]
+            for key, value in saved.items():
+                if isinstance(value, Tensor) and key != "step":
+                    self.state[p][key] = value.to(device=p.device, copy=True)
+
+    def state_bytes(self) -> int:
+        """Bytes held by this optimizer's state."""
+        return state_bytes(self)
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor in any torch optimizer's ``state`` (lists of tensors included)."""
+    total = 0
+    for state in optimizer.state.values():
+        for value in state.values():
+            for t in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(t, Tensor):
+                    total += t.numel() * t.element_size()
+    return total

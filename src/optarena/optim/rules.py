@@ -1,0 +1,434 @@
+"""Update rules: each optimizer's per-tensor step, composed from ``transforms``.
+
+A rule turns a gradient into a direction ``u`` and a step size, and the driver
+(:class:`~optarena.optim.base.RuleOptimizer`) applies ``θ ← θ·(1 - lr·λ) - step·u``. Rules are
+stateless objects; every number they keep lives in the optimizer's ``state`` so that
+``state_dict`` round trips are exact. One optimizer object may route different parameter groups
+to different rules (the study's hybrids).
+
+The Adam family is one rule, :class:`AdaptiveMoment`, with the granularity of its second moment as
+a group option: ``element`` (Adam), ``layer`` (Adalayer), ``adam-mini`` (Adam-mini),
+``factored`` (Adafactor, the study's variant).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from optarena.optim import blocks
+from optarena.optim.roles import ParamInfo
+from optarena.optim.transforms import (
+    BlockSecondMoment,
+    FactoredSecondMoment,
+    SecondMoment,
+    bias_correction,
+    clip_by_rms_,
+    clipped_ratio,
+    ema_,
+    heavy_ball_,
+    rms,
+)
+
+# --------------------------------------------------------------------------- validation
+
+
+@dataclass(frozen=True)
+class Check:
+    """A hyperparameter's valid range, and the sentence that explains it."""
+
+    test: Callable[[Any], bool]
+    expected: str
+
+
+def _num(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+NONNEG = Check(lambda x: _num(x) and x >= 0, "a finite number >= 0")
+POSITIVE = Check(lambda x: _num(x) and x > 0, "a finite number > 0")
+UNIT = Check(lambda x: _num(x) and 0 <= x < 1, "a number in [0, 1)")
+BETAS = Check(
+    lambda x: isinstance(x, (tuple, list)) and len(x) == 2 and all(UNIT.test(b) for b in x),
+    "a pair (beta1, beta2) with each in [0, 1)",
+)
+BOOL = Check(lambda x: isinstance(x, bool), "True or False")
+POS_INT = Check(lambda x: isinstance(x, int) and not isinstance(x, bool) and x > 0, "an int > 0")
+NONNEG_INT = Check(
+    lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 0, "an int >= 0"
+)
+
+
+def one_of(*values: str) -> Check:
+    return Check(lambda x: x in values, "one of " + ", ".join(repr(v) for v in values))
+
+
+# --------------------------------------------------------------------------- the rule protocol
+
+
+class Rule:
+    """One update rule. Subclasses set ``name``, ``defaults`` and ``checks``."""
+
+    name: str = ""
+    defaults: dict[str, Any] = {}
+    checks: dict[str, Check] = {}
+    needs_hessian: bool = False
+
+    def validate(self, group: dict[str, Any], owner: str) -> None:
+        for key, check in self.checks.items():
+            if key in group and not check.test(group[key]):
+                raise ValueError(
+                    f"{owner}: invalid {key}={group[key]!r}; expected {check.expected}"
+                )
+
+    def init(self, p: Tensor, info: ParamInfo, group: dict, dtype: torch.dtype) -> dict:
+        """The state entries of a new parameter (``step`` is added by the driver)."""
+        return {}
+
+    def direction(
+        self, g: Tensor, p: Tensor, state: dict, group: dict, step: int, info: ParamInfo
+    ) -> tuple[Tensor | None, float]:
+        """``(u, step_size)``; ``u = None`` means no update this step."""
+        raise NotImplementedError
+
+    def decay_lr(self, p: Tensor, state: dict, group: dict) -> float:
+        """The learning rate that scales decoupled weight decay (``θ *= 1 - lr·λ``)."""
+        return group["lr"]
+
+
+COMMON_CHECKS = {"lr": NONNEG, "weight_decay": NONNEG}
+
+
+# --------------------------------------------------------------------------- Adam family
+
+
+GRANULARITIES = ("element", "layer", "adam-mini", "factored")
+
+
+def second_moment_for(info: ParamInfo, group: dict) -> SecondMoment:
+    """The second moment a group's ``granularity`` gives one parameter."""
+    return _second_moment(
+        info,
+        group["granularity"],
+        group.get("split_qkv", True),
+        group.get("per_row_output", True),
+        group.get("single_block_value", False),
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def _second_moment(
+    info: ParamInfo,
+    granularity: str,
+    split_qkv: bool,
+    per_row_output: bool,
+    single_block_value: bool,
+) -> SecondMoment:
+    if granularity == "element":
+        return BlockSecondMoment(blocks.element_layout())
+    if granularity == "factored":
+        return FactoredSecondMoment()
+    if granularity == "layer":
+        return BlockSecondMoment(blocks.adalayer_layout(info, split_qkv, per_row_output))
+    if granularity == "adam-mini":
+        return BlockSecondMoment(blocks.adam_mini_layout(info, single_block_value))
+    raise ValueError(f"unknown granularity {granularity!r}; expected one of {GRANULARITIES}")
+
+
+class AdaptiveMoment(Rule):
+    """Adam at any block granularity: EMA momentum, block second moment, both bias-corrected.
+
+    ``m = β1 m + (1-β1) g``; ``v_b = β2 v_b + (1-β2) mean_b(g²)``;
+    ``u = (m / (1-β1^t)) / (sqrt(v / (1-β2^t)) + ε)``. With ``β1 = 0`` no momentum is stored.
+
+    ``precondition_steps = K > 0`` gives the study's frozen preconditioner: for the first ``K``
+    steps ``v`` is the uniform mean of the block statistic and nothing is updated; afterwards
+    ``v`` stays fixed when ``freeze`` is true (no bias correction: a uniform mean is unbiased).
+    """
+
+    name = "adaptive"
+    defaults = {
+        "betas": (0.9, 0.999),
+        "eps": 1e-8,
+        "granularity": "element",
+        "precondition_steps": 0,
+        "freeze": True,
+    }
+    checks = {
+        **COMMON_CHECKS,
+        "betas": BETAS,
+        "eps": NONNEG,
+        "granularity": one_of(*GRANULARITIES),
+        "precondition_steps": NONNEG_INT,
+        "freeze": BOOL,
+        "split_qkv": BOOL,
+        "per_row_output": BOOL,
+        "single_block_value": BOOL,
+    }
+
+    def init(self, p, info, group, dtype):
+        state = second_moment_for(info, group).init(p, dtype)
+        if group["betas"][0] > 0:
+            state["exp_avg"] = torch.zeros_like(p, dtype=dtype)
+        return state
+
+    def direction(self, g, p, state, group, step, info):
+        beta1, beta2 = group["betas"]
+        moment = second_moment_for(info, group)
+        k = group["precondition_steps"]
+        m = ema_(state["exp_avg"], g, beta1) if beta1 > 0 else g
+        if k and step <= k:
+            moment.average_(state, g, step)
+            return None, 0.0
+        if (k and not group["freeze"]) or not k:
+            moment.update_(state, g, beta2)
+        bc2 = 1.0 if k else bias_correction(beta2, step)
+        u = moment.precondition(m, state, bc2, group["eps"])
+        return u, group["lr"] / bias_correction(beta1, step)
+
+
+# --------------------------------------------------------------------------- SGD
+
+
+class HeavyBall(Rule):
+    """torch-style SGD: ``b_1 = g_1``, ``b = μ b + (1-dampening) g``, optional Nesterov.
+
+    ``decoupled_weight_decay=False`` adds ``λθ`` to the gradient as ``torch.optim.SGD`` does.
+    """
+
+    name = "sgd"
+    defaults = {
+        "momentum": 0.0,
+        "dampening": 0.0,
+        "nesterov": False,
+        "decoupled_weight_decay": True,
+    }
+    checks = {
+        **COMMON_CHECKS,
+        "momentum": UNIT,
+        "dampening": UNIT,
+        "nesterov": BOOL,
+        "decoupled_weight_decay": BOOL,
+    }
+
+    def validate(self, group, owner):
+        super().validate(group, owner)
+        if group.get("nesterov") and (group.get("momentum", 0) <= 0 or group.get("dampening")):
+            raise ValueError(f"{owner}: nesterov=True needs momentum > 0 and dampening = 0")
+
+    def init(self, p, info, group, dtype):
+        return {"momentum_buffer": torch.zeros_like(p, dtype=dtype)} if group["momentum"] else {}
+
+    def direction(self, g, p, state, group, step, info):
+        if not group["decoupled_weight_decay"] and group["weight_decay"]:
+            g = g.add(p.to(g.dtype), alpha=group["weight_decay"])
+        mu = group["momentum"]
+        if mu:
+            buf = state["momentum_buffer"]
+            if step == 1:
+                buf.copy_(g)
+            else:
+                heavy_ball_(buf, g, mu, group["dampening"])
+            g = g.add(buf, alpha=mu) if group["nesterov"] else buf
+        return g, group["lr"]
+
+    def decay_lr(self, p, state, group):
+        return group["lr"] if group["decoupled_weight_decay"] else 0.0
+
+
+class EMAMomentum(Rule):
+    """SGD with bias-corrected EMA momentum: ``θ -= lr · m / (1-β^t)`` (the study's hybrids)."""
+
+    name = "sgd-ema"
+    defaults = {"momentum": 0.9}
+    checks = {**COMMON_CHECKS, "momentum": UNIT}
+
+    def init(self, p, info, group, dtype):
+        return {"exp_avg": torch.zeros_like(p, dtype=dtype)} if group["momentum"] else {}
+
+    def direction(self, g, p, state, group, step, info):
+        beta = group["momentum"]
+        if not beta:
+            return g, group["lr"]
+        return ema_(state["exp_avg"], g, beta), group["lr"] / bias_correction(beta, step)
+
+
+# --------------------------------------------------------------------------- sign family
+
+
+class LionRule(Rule):
+    """Lion: ``u = sign(β1 m + (1-β1) g)``, then ``m = β2 m + (1-β2) g``."""
+
+    name = "lion"
+    defaults = {"betas": (0.9, 0.99)}
+    checks = {**COMMON_CHECKS, "betas": BETAS}
+
+    def init(self, p, info, group, dtype):
+        return {"exp_avg": torch.zeros_like(p, dtype=dtype)}
+
+    def direction(self, g, p, state, group, step, info):
+        beta1, beta2 = group["betas"]
+        m = state["exp_avg"]
+        u = m.lerp(g, 1.0 - beta1).sign_()
+        ema_(m, g, beta2)
+        return u, group["lr"]
+
+
+class SignumRule(Rule):
+    """Signum: ``m = β m + (1-β) g``, ``u = sign(m)`` (Lion with β1 = β2; no bias correction)."""
+
+    name = "signum"
+    defaults = {"momentum": 0.9}
+    checks = {**COMMON_CHECKS, "momentum": UNIT}
+
+    def init(self, p, info, group, dtype):
+        return {"exp_avg": torch.zeros_like(p, dtype=dtype)} if group["momentum"] else {}
+
+    def direction(self, g, p, state, group, step, info):
+        beta = group["momentum"]
+        m = ema_(state["exp_avg"], g, beta) if beta else g
+        return m.sign(), group["lr"]
+
+
+class SophiaRule(Rule):
+    """Sophia-G: ``u = sign(m) · min(|m| / (ρ·bs·h + 1e-15), 1)`` with ``h`` an EMA of
+    Gauss-Newton-Bartlett estimates fed by :meth:`update_hessian` every ``hessian_interval``
+    steps. Until the first estimate ``h = 0`` and the update is ``sign(m)`` (EMA Signum)."""
+
+    name = "sophia"
+    defaults = {"betas": (0.965, 0.99), "rho": 0.04, "bs": 5120, "hessian_interval": 10}
+    checks = {
+        **COMMON_CHECKS,
+        "betas": BETAS,
+        "rho": NONNEG,
+        "bs": POSITIVE,
+        "hessian_interval": POS_INT,
+    }
+    needs_hessian = True
+
+    def init(self, p, info, group, dtype):
+        return {
+            "exp_avg": torch.zeros_like(p, dtype=dtype),
+            "hessian": torch.zeros_like(p, dtype=dtype),
+        }
+
+    def direction(self, g, p, state, group, step, info):
+        m = ema_(state["exp_avg"], g, group["betas"][0])
+        return clipped_ratio(m, state["hessian"], group["rho"] * group["bs"]), group["lr"]
+
+    def update_hessian(self, g: Tensor, state: dict, group: dict) -> None:
+        beta2 = group["betas"][1]
+        state["hessian"].mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+
+
+# --------------------------------------------------------------------------- classic Adafactor
+
+
+class AdafactorClassic(Rule):
+    """Adafactor as Shazeer & Stern (2018) and ``transformers`` define it.
+
+    ``β2_t = 1 - t^decay_rate``; factored over the last two axes; update clipped to RMS
+    ``clip_threshold``; with ``relative_step`` the step size is ``min(1e-2, 1/sqrt(t))`` times
+    ``max(eps2, RMS(θ))`` when ``scale_parameter``; optional momentum ``beta1`` on the scaled
+    update. Its learning rate is not comparable to Adam's: use ``adafactor`` in LR sweeps.
+    """
+
+    name = "adafactor-classic"
+    defaults = {
+        "eps": (1e-30, 1e-3),
+        "clip_threshold": 1.0,
+        "decay_rate": -0.8,
+        "beta1": None,
+        "relative_step": True,
+        "scale_parameter": True,
+        "warmup_init": False,
+    }
+    checks = {
+        "lr": Check(lambda x: x is None or NONNEG.test(x), "None or a finite number >= 0"),
+        "weight_decay": NONNEG,
+        "eps": Check(
+            lambda x: (
+                isinstance(x, (tuple, list)) and len(x) == 2 and all(NONNEG.test(e) for e in x)
+            ),
+            "a pair (eps1, eps2) of numbers >= 0",
+        ),
+        "clip_threshold": POSITIVE,
+        "decay_rate": Check(lambda x: _num(x) and x < 0, "a number < 0"),
+        "beta1": Check(lambda x: x is None or UNIT.test(x), "None or a number in [0, 1)"),
+        "relative_step": BOOL,
+        "scale_parameter": BOOL,
+        "warmup_init": BOOL,
+    }
+
+    def validate(self, group, owner):
+        super().validate(group, owner)
+        if group.get("lr") is None and not group.get("relative_step", True):
+            raise ValueError(f"{owner}: lr=None needs relative_step=True; give an lr")
+        if group.get("warmup_init") and not group.get("relative_step", True):
+            raise ValueError(f"{owner}: warmup_init=True needs relative_step=True")
+
+    def init(self, p, info, group, dtype):
+        shape = p.shape
+        if p.dim() >= 2:
+            state = {
+                "exp_avg_sq_row": torch.zeros(shape[:-1], dtype=dtype, device=p.device),
+                "exp_avg_sq_col": torch.zeros(
+                    shape[:-2] + shape[-1:], dtype=dtype, device=p.device
+                ),
+            }
+        else:
+            state = {"exp_avg_sq": torch.zeros_like(p, dtype=dtype)}
+        if group["beta1"] is not None:
+            state["exp_avg"] = torch.zeros_like(p, dtype=dtype)
+        return state
+
+    def _lr(self, p: Tensor, step: int, group: dict) -> float:
+        lr = group["lr"]
+        if group["relative_step"]:
+            min_step = 1e-6 * step if group["warmup_init"] else 1e-2
+            lr = min(min_step, 1.0 / math.sqrt(step))
+        scale = max(group["eps"][1], float(rms(p))) if group["scale_parameter"] else 1.0
+        return scale * lr
+
+    def direction(self, g, p, state, group, step, info):
+        lr = self._lr(p.to(g.dtype), step, group)
+        state["lr"] = torch.tensor(lr, dtype=torch.float64)
+        beta2t = 1.0 - step ** group["decay_rate"]
+        sq = g * g + group["eps"][0]
+        if g.dim() >= 2:
+            row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+            row.mul_(beta2t).add_(sq.mean(dim=-1), alpha=1.0 - beta2t)
+            col.mul_(beta2t).add_(sq.mean(dim=-2), alpha=1.0 - beta2t)
+            r = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
+            u = r * col.unsqueeze(-2).rsqrt() * g
+        else:
+            v = state["exp_avg_sq"]
+            v.mul_(beta2t).add_(sq, alpha=1.0 - beta2t)
+            u = v.rsqrt() * g
+        clip_by_rms_(u, group["clip_threshold"]).mul_(lr)
+        if group["beta1"] is not None:
+            u = ema_(state["exp_avg"], u, group["beta1"])
+        return u, 1.0
+
+    def decay_lr(self, p, state, group):
+        return float(state["lr"])
+
+
+RULES: dict[str, Rule] = {
+    r.name: r
+    for r in (
+        AdaptiveMoment(),
+        HeavyBall(),
+        EMAMomentum(),
+        LionRule(),
+        SignumRule(),
+        SophiaRule(),
+        AdafactorClassic(),
+    )
+}

@@ -1,0 +1,159 @@
+"""The shared pieces every optimizer here is built from.
+
+Each optimizer in ``optarena.optim`` is a short composition of these transforms (in the spirit of
+optax): a momentum (EMA or heavy ball), optionally a second moment at some block granularity
+(per element, per block, factored), and a final map (preconditioning, sign, clipping). Reading
+``rules.py`` with this module beside it shows Adam, Adalayer, Adam-mini and Adafactor as one
+algorithm with different second moments, and Lion, Signum and Sophia as sign-like updates of an
+EMA momentum.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from optarena.optim.blocks import BlockLayout, block_mean_square, blockwise
+
+# --------------------------------------------------------------------------- momentum
+
+
+def ema_(avg: Tensor, x: Tensor, beta: float) -> Tensor:
+    """``avg = β avg + (1-β) x`` in place (Adam's first moment, Lion's and Signum's momentum)."""
+    return avg.lerp_(x, 1.0 - beta)
+
+
+def heavy_ball_(buf: Tensor, g: Tensor, momentum: float, dampening: float) -> Tensor:
+    """``buf = μ buf + (1-dampening) g`` in place (torch SGD; the caller seeds ``buf = g``)."""
+    return buf.mul_(momentum).add_(g, alpha=1.0 - dampening)
+
+
+def bias_correction(beta: float, step: int) -> float:
+    """``1 - β^t``: undoes the zero initialisation of an EMA after ``t`` updates."""
+    return 1.0 - beta**step
+
+
+# --------------------------------------------------------------------------- second moments
+
+
+class SecondMoment(Protocol):
+    """A running estimate of ``E[g²]`` at some granularity, and the division by its root."""
+
+    def init(self, p: Tensor, dtype: torch.dtype) -> dict[str, Tensor]: ...
+
+    def update_(self, state: dict[str, Tensor], g: Tensor, beta2: float) -> None: ...
+
+    def average_(self, state: dict[str, Tensor], g: Tensor, count: int) -> None: ...
+
+    def precondition(self, m: Tensor, state: dict[str, Tensor], bc2: float, eps: float) -> Tensor:
+        """``m / (sqrt(v / bc2) + eps)`` with ``v`` broadcast from its blocks."""
+        ...
+
+
+class BlockSecondMoment:
+    """One second-moment value per block of a :class:`BlockLayout`.
+
+    Per element this is Adam; per tensor, Adalayer; per head/row, Adam-mini. The state is
+    ``exp_avg_sq``: the parameter's shape when per element, else ``(num_blocks,)``.
+    """
+
+    def __init__(self, layout: BlockLayout):
+        self.layout = layout
+
+    def init(self, p: Tensor, dtype: torch.dtype) -> dict[str, Tensor]:
+        if self.layout.elementwise:
+            return {"exp_avg_sq": torch.zeros_like(p, dtype=dtype)}
+        n = self.layout.num_blocks(p.shape)
+        return {"exp_avg_sq": torch.zeros(n, dtype=dtype, device=p.device)}
+
+    def update_(self, state: dict[str, Tensor], g: Tensor, beta2: float) -> None:
+        v = state["exp_avg_sq"]
+        if self.layout.elementwise:
+            v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+        else:
+            v.mul_(beta2).add_(block_mean_square(g, self.layout), alpha=1.0 - beta2)
+
+    def average_(self, state: dict[str, Tensor], g: Tensor, count: int) -> None:
+        """Uniform running mean of the block statistic (the frozen-preconditioner phase)."""
+        v = state["exp_avg_sq"]
+        v.add_(block_mean_square(g, self.layout).sub_(v), alpha=1.0 / count)
+
+    def precondition(self, m: Tensor, state: dict[str, Tensor], bc2: float, eps: float) -> Tensor:
+        root_bc2 = math.sqrt(bc2)
+        return blockwise(
+            lambda x, v: x / (v.sqrt() / root_bc2 + eps), m, state["exp_avg_sq"], self.layout
+        )
+
+
+class FactoredSecondMoment:
+    """Adafactor's second moment: one EMA per tensor axis of the mean of ``g²`` over the others.
+
+    For a matrix ``V = r cᵀ / mean(r)``; for ``N`` axes ``V = Π_i r_i / mean^(N-1)``. The state
+    is ``exp_avg_sq_{i}`` for every axis ``i`` (shape: 1 everywhere but axis ``i``), i.e. the sum
+    of the dimensions instead of their product. Tensors with fewer than two axes are not
+    factored: they keep one scalar (the study's choice).
+    """
+
+    def init(self, p: Tensor, dtype: torch.dtype) -> dict[str, Tensor]:
+        if p.dim() < 2:
+            return {"exp_avg_sq": torch.zeros(1, dtype=dtype, device=p.device)}
+        return {
+            f"exp_avg_sq_{i}": torch.zeros(_axis_shape(p.shape, i), dtype=dtype, device=p.device)
+            for i in range(p.dim())
+        }
+
+    @staticmethod
+    def _stats(g: Tensor) -> dict[str, Tensor]:
+        if g.dim() < 2:
+            return {"exp_avg_sq": (g * g).mean().reshape(1)}
+        sq = g * g
+        return {
+            f"exp_avg_sq_{i}": sq.mean([d for d in range(g.dim()) if d != i], keepdim=True)
+            for i in range(g.dim())
+        }
+
+    def update_(self, state: dict[str, Tensor], g: Tensor, beta2: float) -> None:
+        for key, stat in self._stats(g).items():
+            state[key].mul_(beta2).add_(stat, alpha=1.0 - beta2)
+
+    def average_(self, state: dict[str, Tensor], g: Tensor, count: int) -> None:
+        for key, stat in self._stats(g).items():
+            state[key].add_(stat.sub_(state[key]), alpha=1.0 / count)
+
+    def precondition(self, m: Tensor, state: dict[str, Tensor], bc2: float, eps: float) -> Tensor:
+        return m / (self.full(state, m.dim()).div_(bc2).sqrt_().add_(eps))
+
+    @staticmethod
+    def full(state: dict[str, Tensor], ndim: int) -> Tensor:
+        """The rank-one reconstruction ``V`` of the second moment."""
+        if ndim < 2:
+            return state["exp_avg_sq"].clone()
+        factors = [state[f"exp_avg_sq_{i}"] for i in range(ndim)]
+        v = factors[0]
+        for f in factors[1:]:
+            v = v * f
+        return v / factors[0].mean() ** (ndim - 1)
+
+
+def _axis_shape(shape: torch.Size, axis: int) -> tuple[int, ...]:
+    return tuple(s if i == axis else 1 for i, s in enumerate(shape))
+
+
+# --------------------------------------------------------------------------- final maps
+
+
+def rms(x: Tensor) -> Tensor:
+    return x.norm(2) / math.sqrt(x.numel())
+
+
+def clip_by_rms_(u: Tensor, threshold: float) -> Tensor:
+    """Scale ``u`` down so that its RMS is at most ``threshold`` (classic Adafactor)."""
+    return u.div_((rms(u) / threshold).clamp_(min=1.0))
+
+
+def clipped_ratio(m: Tensor, h: Tensor, scale: float, floor: float = 1e-15) -> Tensor:
+    """Sophia's ``sign(m) · min(|m| / (scale·h + floor), 1)``."""
+    return m.sign() * (m.abs() / (h * scale + floor)).clamp_(max=1.0)
