@@ -84,18 +84,24 @@ def test_decide_withholds_what_an_edge_could_overturn():
 def test_sgd_worse_holds_fails_inconclusive():
     adam = curve("adamw", 3.16e-3, 3.0)
     _, S = series(adam, curve("sgd", 3.16e-3, 3.3))
-    c = C.loss_gap_claim("x", "", S["sgd"], S["adamw"], 0.05, NOISE, worse=True, names=("SGD", "Adam"))
+    c = C.loss_gap_claim(
+        "x", "", S["sgd"], S["adamw"], 0.05, NOISE, worse=True, names=("SGD", "Adam")
+    )
     assert c.verdict == C.HOLDS
     assert c.numbers["gap"] == pytest.approx(0.3)
     assert "worse than Adam's by 0.300 nats" in c.sentence
 
     _, S = series(adam, curve("sgd", 3.16e-3, 3.01))
-    c = C.loss_gap_claim("x", "", S["sgd"], S["adamw"], 0.05, NOISE, worse=True, names=("SGD", "Adam"))
+    c = C.loss_gap_claim(
+        "x", "", S["sgd"], S["adamw"], 0.05, NOISE, worse=True, names=("SGD", "Adam")
+    )
     assert c.verdict == C.FAILS
 
     # gap 0.05 exactly at the bound with half-width 1.96*0.01*sqrt(2) = 0.028: straddles
     _, S = series(adam, curve("sgd", 3.16e-3, 3.05))
-    c = C.loss_gap_claim("x", "", S["sgd"], S["adamw"], 0.05, NOISE, worse=True, names=("SGD", "Adam"))
+    c = C.loss_gap_claim(
+        "x", "", S["sgd"], S["adamw"], 0.05, NOISE, worse=True, names=("SGD", "Adam")
+    )
     assert c.verdict == C.INCONCLUSIVE
     assert c.numbers["half_width"] == pytest.approx(1.96 * 0.01 * math.sqrt(2))
 
@@ -104,7 +110,9 @@ def test_optimum_on_grid_edge_makes_a_worse_claim_inconclusive():
     # SGD's optimum lies beyond the grid's low end: its measured best is only an upper bound
     _, S = series(curve("adamw", 3.16e-3, 3.0), curve("sgd", 1e-5, 3.0))
     assert C.edge(S["sgd"]) == "low"
-    c = C.loss_gap_claim("x", "", S["sgd"], S["adamw"], 0.05, NOISE, worse=True, names=("SGD", "Adam"))
+    c = C.loss_gap_claim(
+        "x", "", S["sgd"], S["adamw"], 0.05, NOISE, worse=True, names=("SGD", "Adam")
+    )
     assert c.numbers["gap"] > 0.1
     assert c.verdict == C.INCONCLUSIVE
     assert "edge" in c.reason
@@ -116,7 +124,9 @@ def test_parity_uses_paired_seeds_when_both_have_them():
         curve("adamw", 3.16e-3, 3.0, seeds=(0, 1, 2), jitter=jitter),
         curve("lion", 3.16e-3, 3.01, seeds=(0, 1, 2), jitter=jitter),
     )
-    c = C.loss_gap_claim("x", "", S["lion"], S["adamw"], 0.05, NOISE, worse=False, names=("Lion", "Adam"))
+    c = C.loss_gap_claim(
+        "x", "", S["lion"], S["adamw"], 0.05, NOISE, worse=False, names=("Lion", "Adam")
+    )
     # same per-seed offsets: the paired differences are all 0.01, so the interval has width ~0
     assert c.numbers["gap"] == pytest.approx(0.01)
     assert c.numbers["half_width"] == pytest.approx(0.0, abs=1e-9)
@@ -126,7 +136,9 @@ def test_parity_uses_paired_seeds_when_both_have_them():
 
 def test_missing_series_is_inconclusive():
     _, S = series(curve("adamw", 3.16e-3, 3.0))
-    c = C.loss_gap_claim("x", "", S.get("lion"), S["adamw"], 0.05, NOISE, worse=False, names=("Lion", "Adam"))
+    c = C.loss_gap_claim(
+        "x", "", S.get("lion"), S["adamw"], 0.05, NOISE, worse=False, names=("Lion", "Adam")
+    )
     assert c.verdict == C.INCONCLUSIVE
     assert "no trained result for Lion" in c.sentence
 
@@ -145,18 +157,26 @@ def test_pooled_noise_from_repeats():
 def test_basin_claims():
     # same curvature: same width -> "not narrower" holds
     _, S = series(curve("adamw", 3.16e-3, 3.0), curve("lion", 3.16e-3, 3.0))
-    c = C.basin_claim("x", "", S["lion"], S["adamw"], 0.05, 0.5, narrower=False, names=("Lion", "Adam"))
+    c = C.basin_claim(
+        "x", "", S["lion"], S["adamw"], 0.05, 0.5, narrower=False, names=("Lion", "Adam")
+    )
     assert c.verdict == C.HOLDS
     # much sharper: width 2*sqrt(0.05/a) decades; a = 0.2 -> 1.0, a = 5 -> 0.2 (plus grid effects)
     _, S = series(curve("adamw", 3.16e-3, 3.0, 0.05), curve("sgd", 3.16e-3, 3.0, 5.0))
-    c = C.basin_claim("x", "", S["sgd"], S["adamw"], 0.05, 0.5, narrower=True, names=("SGD", "Adam"))
+    c = C.basin_claim(
+        "x", "", S["sgd"], S["adamw"], 0.05, 0.5, narrower=True, names=("SGD", "Adam")
+    )
     assert c.numbers["difference"] < -1.0
     assert c.verdict == C.HOLDS
-    c = C.basin_claim("x", "", S["sgd"], S["adamw"], 0.05, 0.5, narrower=False, names=("SGD", "Adam"))
+    c = C.basin_claim(
+        "x", "", S["sgd"], S["adamw"], 0.05, 0.5, narrower=False, names=("SGD", "Adam")
+    )
     assert c.verdict == C.FAILS
     # a moderately sharper one: the difference sits within half a grid step of -Z
     _, S = series(curve("adamw", 3.16e-3, 3.0, 0.2), curve("sophia", 3.16e-3, 3.0, 0.6))
-    c = C.basin_claim("x", "", S["sophia"], S["adamw"], 0.05, 0.5, narrower=False, names=("Sophia", "Adam"))
+    c = C.basin_claim(
+        "x", "", S["sophia"], S["adamw"], 0.05, 0.5, narrower=False, names=("Sophia", "Adam")
+    )
     assert -0.75 < c.numbers["difference"] < -0.25
     assert c.verdict == C.INCONCLUSIVE
 
@@ -165,9 +185,13 @@ def test_censored_basin_cannot_support_narrower():
     # Adam's basin is flat to the edges (censored): Lion narrower would need Adam's true width
     _, S = series(curve("adamw", 3.16e-3, 3.0, 0.001), curve("lion", 3.16e-3, 3.0, 5.0))
     assert S["adamw"].basins[0.05].censored
-    c = C.basin_claim("x", "", S["lion"], S["adamw"], 0.05, 0.5, narrower=True, names=("Lion", "Adam"))
+    c = C.basin_claim(
+        "x", "", S["lion"], S["adamw"], 0.05, 0.5, narrower=True, names=("Lion", "Adam")
+    )
     assert c.verdict == C.HOLDS  # Adam's true width is at least this: Lion is narrower anyway
-    c = C.basin_claim("x", "", S["adamw"], S["lion"], 0.05, 0.5, narrower=True, names=("Adam", "Lion"))
+    c = C.basin_claim(
+        "x", "", S["adamw"], S["lion"], 0.05, 0.5, narrower=True, names=("Adam", "Lion")
+    )
     assert c.verdict == C.FAILS  # Adam censored: its true width can only be larger
 
 
@@ -192,7 +216,9 @@ def beta_obs(label: str, key: str, losses: dict[float, float | None]):
 
 def test_beta_tolerance_claims():
     noise = C.Noise(0.001, None, "assumed")  # tight noise: counts are exact
-    adam = beta_obs("adamw", "hparams.beta1", {0.0: 3.5, 0.5: 3.05, 0.9: 3.0, 0.95: 3.0, 0.99: 3.02})
+    adam = beta_obs(
+        "adamw", "hparams.beta1", {0.0: 3.5, 0.5: 3.05, 0.9: 3.0, 0.95: 3.0, 0.99: 3.02}
+    )
     lion = beta_obs("lion", "hparams.beta1", {0.0: 3.4, 0.5: 3.2, 0.9: 3.0, 0.95: 3.01, 0.99: 3.05})
     sgd = beta_obs("sgd", "hparams.momentum", {0.0: 4.0, 0.5: 3.8, 0.9: 3.5, 0.95: 3.2, 0.99: None})
     a = analyze(adam + lion + sgd)
@@ -240,7 +266,15 @@ def test_lr_grids_follow_the_study_lattice():
     # micro (width 64) shifts the grids by two half decades
     assert P.half_decades("micro") == 2
     assert P.lr_grid(1e-4, 1.0, "micro") == [
-        1e-3, 3.16227766017e-3, 1e-2, 3.16227766017e-2, 0.1, 0.316227766017, 1.0, 3.16227766017, 10.0
+        1e-3,
+        3.16227766017e-3,
+        1e-2,
+        3.16227766017e-2,
+        0.1,
+        0.316227766017,
+        1.0,
+        3.16227766017,
+        10.0,
     ]
     assert P.lr_grid(1e-4, 1.0, "micro", 2, 3.16e-3) == [1e-2, 3.16227766017e-2]
     # unshifted at the study's width, identical to a spec's range (so run ids agree)

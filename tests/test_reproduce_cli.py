@@ -30,7 +30,9 @@ def cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
 
 def test_staged_driver_resumes_and_reports(tmp_path):
     out = tmp_path / "d"
-    first = cli("deconstructing", "--scale", "test", "--out", str(out), "--function", TOY, "--seeds", "2")
+    first = cli(
+        "deconstructing", "--scale", "test", "--out", str(out), "--function", TOY, "--seeds", "2"
+    )
     assert first.returncode == 0, first.stderr
     for n in range(1, 6):
         assert f"stage {n}/5" in first.stderr
@@ -41,7 +43,11 @@ def test_staged_driver_resumes_and_reports(tmp_path):
     assert all(r.status in ("done", "diverged") for r in runs)
     assert {f"deconstructing-{n}" for n in (1, 2, 3, 4, 5)} <= sweeps
     # stage 2 sits at stage 1's best LR: its beta1 = 0.9 point is stage 1's run, not a new one
-    best = {r.config["lr"] for r in runs if r.config["optimizer"] == "adamw" and r.config["hparams"]["betas"] == [0.8, 0.95]}
+    best = {
+        r.config["lr"]
+        for r in runs
+        if r.config["optimizer"] == "adamw" and r.config["hparams"]["betas"] == [0.8, 0.95]
+    }
     assert len(best) == 1
     report = out / "report"
     claims = json.loads((report / "claims.json").read_text())
@@ -51,7 +57,9 @@ def test_staged_driver_resumes_and_reports(tmp_path):
     assert (report / "repro-lr-sweep.png").is_file()
     assert "| D1.4 |" in (report / "claims.md").read_text()
 
-    again = cli("deconstructing", "--scale", "test", "--out", str(out), "--function", TOY, "--seeds", "2")
+    again = cli(
+        "deconstructing", "--scale", "test", "--out", str(out), "--function", TOY, "--seeds", "2"
+    )
     assert again.returncode == 0, again.stderr
     with Store(out, create=False) as store:
         assert len(store.runs()) == n_runs

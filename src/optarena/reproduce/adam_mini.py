@@ -141,7 +141,10 @@ def _parity(
     tol: C.Tolerances,
     noise: C.Noise,
 ) -> C.Claim:
-    statement = f"Adam-mini's loss is on par with or better than AdamW's at the same hyperparameters ({model})"
+    statement = (
+        "Adam-mini's loss is on par with or better than AdamW's at the same hyperparameters "
+        f"({model})"
+    )
     test = (
         f"loss(Adam-mini) − loss(AdamW) ≤ δ = {tol.parity_delta:g} nats at AdamW's best LR, "
         "95% interval wholly below δ (paired over seeds when both have ≥ 2)"
@@ -195,7 +198,8 @@ def _partition_claim(rows: Sequence[Any] | None) -> C.Claim:
         "M3",
         statement,
         test,
-        f"All {len(rows)} tensors of {len(models)} models ({'; '.join(models)}) get the blocks the rules give.",
+        f"All {len(rows)} tensors of {len(models)} models ({'; '.join(models)}) get the blocks "
+        "the rules give.",
         C.HOLDS,
     )
 

@@ -20,6 +20,7 @@ standard deviation pooled over every repeated point of the sweep, or the scale's
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 from collections.abc import Callable, Mapping, Sequence
@@ -113,7 +114,8 @@ def decide(
         return verdict, f"the interval [{lo:.3g}, {hi:.3g}] straddles the bound {bound:.3g}"
     if unsafe[verdict]:
         return INCONCLUSIVE, (
-            f"would be '{verdict}', but an optimum or basin at the edge of its grid could overturn it"
+            f"would be '{verdict}', but an optimum or basin at the edge of its grid could "
+            "overturn it"
         )
     return verdict, ""
 
@@ -182,7 +184,7 @@ def edge(s: SeriesResult) -> str | None:
 def grid_step(s: SeriesResult) -> float:
     """Median spacing of the series' LR grid in decades (0.5 on the study's lattice)."""
     xs = sorted(math.log10(p.x) for p in s.curve if p.x > 0)
-    steps = [b - a for a, b in zip(xs, xs[1:], strict=False)]
+    steps = [b - a for a, b in itertools.pairwise(xs)]
     return statistics.median(steps) if steps else 0.5
 
 
@@ -290,7 +292,8 @@ def basin_claim(
 
     sentence = (
         f"At τ = {tau:g} nats, {na}'s LR basin is {fmt(ba)} decades wide and {nb}'s is "
-        f"{fmt(bb)} (difference {d:+.2f} ± {half:.2f} decades; ≥: the basin reaches the grid's edge)."
+        f"{fmt(bb)} (difference {d:+.2f} ± {half:.2f} decades; ≥: the basin reaches the "
+        "grid's edge)."
     )
     numbers = {
         "a_width": ba.width,

@@ -357,7 +357,8 @@ def write(
     from pathlib import Path
 
     from optarena.report import write_report
-    from optarena.report.figures import loss_vs_lr, sensitivity as sensitivity_figure
+    from optarena.report.figures import loss_vs_lr
+    from optarena.report.figures import sensitivity as sensitivity_figure
     from optarena.reproduce import render
 
     out = Path(out)

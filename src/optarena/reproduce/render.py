@@ -29,8 +29,8 @@ def claims_html(claims: Sequence[Claim], noise: Noise, tol: Tolerances, note: st
     tests = "".join(f"<li><b>{e(c.id)}</b>: {e(c.test)}</li>" for c in claims)
     return (
         f"<p>{counts[HOLDS]} hold, {counts[FAILS]} do not hold, {counts[INCONCLUSIVE]} are "
-        f"inconclusive at this scale. Noise: {e(noise.source)}. Tolerances: δ = {tol.delta:g} nats, "
-        f"τ = {tol.tau:g} nats, Z = {tol.basin_z:g} decades. {e(note)}</p>"
+        f"inconclusive at this scale. Noise: {e(noise.source)}. Tolerances: "
+        f"δ = {tol.delta:g} nats, τ = {tol.tau:g} nats, Z = {tol.basin_z:g} decades. {e(note)}</p>"
         '<table id="claims"><thead><tr><th class="l">id</th><th class="l">claim</th>'
         '<th class="l">verdict</th><th class="l">our result</th></tr></thead><tbody>'
         + "".join(rows)
