@@ -10,6 +10,7 @@ Every error is a :class:`~optarena.errors.UserError` naming the file, the table 
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import itertools
 import json
@@ -530,7 +531,5 @@ def _hashable(value: Any) -> Any:
 
 
 def _closest(name: str, choices: Collection[str]) -> str | None:
-    import difflib
-
     matches = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
     return matches[0] if matches else None
