@@ -47,6 +47,14 @@ def add_sweep_options(parser: argparse.ArgumentParser, default_out: str | None =
         metavar="KEY=VALUE",
         help="override a [base] key for every run, e.g. --set steps=500 --set model=tiny",
     )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="SEED",
+        help="seeds for every grid, e.g. --seeds 0 1 2 (default: the spec's)",
+    )
     parser.add_argument("--backend", choices=BACKENDS, default="local")
     parser.add_argument(
         "--workers", type=int, default=None, help="runs at a time (local default: 1 per 2 cores)"
@@ -114,6 +122,7 @@ def load(args: argparse.Namespace) -> Any:
         optimizers=optimizer_names(args.function),
         overrides=args.overrides,
         model_widths=model_widths(),
+        seeds=args.seeds,
     )
 
 
