@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from optarena.optim.roles import ParamInfo, Role
-from optarena.optim.rules import RULES, Rule
+from optarena.optim.rules import POSITIVE, RULES, Rule
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -184,6 +184,10 @@ class RuleOptimizer(torch.optim.Optimizer):
         ``bs`` (tokens per batch) overrides Sophia's ``bs`` for this step, as the reference
         implementation's ``step(bs=...)`` does.
         """
+        if bs is not None and not POSITIVE.test(bs):
+            raise ValueError(
+                f"{type(self).__name__}: invalid bs={bs!r}; expected {POSITIVE.expected}"
+            )
         loss = None
         if closure is not None:
             with torch.enable_grad():
