@@ -44,7 +44,7 @@ def test_training_lowers_the_loss(name: str) -> None:
     torch.manual_seed(0)
     model = TinyLM(vocab=VOCAB)
     hp = HYPER.get(name, HYBRID_DEFAULTS if name.startswith("hybrid-") else {})
-    opt = create(name, list(model.named_parameters()), partition=model.partition(), **hp)
+    opt = create(name, model, **hp)  # structure-aware partition of the module
     gen = torch.Generator().manual_seed(1)
     interval = getattr(opt, "hessian_interval", None)
     losses = []
@@ -65,3 +65,14 @@ def test_training_lowers_the_loss(name: str) -> None:
     assert all(math.isfinite(x) for x in losses), name
     assert first > 0.8 * math.log(VOCAB)
     assert last < 0.25 * first, f"{name}: loss {first:.3f} -> {last:.3f}"
+
+
+def test_model_partition_gives_the_roles_written_by_hand() -> None:
+    """``create(name, model)`` reads roles from the module structure; on this Llama-named model
+    they must be the ones the parity tests spell out by name (heads under GQA included)."""
+    model = TinyLM(vocab=VOCAB)
+    opt = create("adam-mini", model)
+    by_hand = model.partition()
+    for name, p in model.named_parameters():
+        found = opt.param_info(p)
+        assert (found.role, found.heads) == (by_hand[name].role, by_hand[name].heads), name
