@@ -31,7 +31,16 @@ def cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
 def test_staged_driver_resumes_and_reports(tmp_path):
     out = tmp_path / "d"
     first = cli(
-        "deconstructing", "--scale", "test", "--out", str(out), "--function", TOY, "--seeds", "2"
+        "deconstructing",
+        "--scale",
+        "test",
+        "--out",
+        str(out),
+        "--function",
+        TOY,
+        "--seeds",
+        "0",
+        "1",
     )
     assert first.returncode == 0, first.stderr
     for n in range(1, 6):
@@ -58,7 +67,16 @@ def test_staged_driver_resumes_and_reports(tmp_path):
     assert "| D1.4 |" in (report / "claims.md").read_text()
 
     again = cli(
-        "deconstructing", "--scale", "test", "--out", str(out), "--function", TOY, "--seeds", "2"
+        "deconstructing",
+        "--scale",
+        "test",
+        "--out",
+        str(out),
+        "--function",
+        TOY,
+        "--seeds",
+        "0",
+        "1",
     )
     assert again.returncode == 0, again.stderr
     with Store(out, create=False) as store:
@@ -94,7 +112,7 @@ def test_reduced_run_trains_for_real(tmp_path, study):
     ("args", "message"),
     [
         (["deconstructing", "--scale", "huge"], "unknown scale 'huge'"),
-        (["adam-mini", "--seeds", "0"], "--seeds 0"),
+        (["adam-mini", "--seeds", "0", "0"], "--seeds 0 0"),
         (["deconstructing", "--delta", "-1"], "--delta -1"),
     ],
 )

@@ -28,19 +28,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="test (CI: a handful of short runs), micro (< 1 h on 2 CPU cores), tiny, small, "
         "150m (the study's size: a GPU cluster)",
     )
-    parser.add_argument(
-        "--seeds",
-        type=int,
-        default=1,
-        help="seeds at each best LR (deconstructing) / at AdamW's best LR (adam-mini); "
-        "2 or more give measured intervals",
-    )
     parser.add_argument("--delta", type=float, default=None, help="δ in nats (default 0.05)")
     parser.add_argument("--tau", type=float, default=None, help="basin τ in nats (default 0.05)")
     parser.add_argument(
         "--report-only", action="store_true", help="check the claims on what DIR holds; run nothing"
     )
     sweep_command.add_sweep_options(parser)
+    # --seeds (from the sweep options): the first seed runs every stage; the others repeat the
+    # best LRs (deconstructing) / AdamW's best LR (adam-mini), for measured intervals.
     parser.set_defaults(func=run)
 
 
@@ -49,8 +44,10 @@ def run(args: argparse.Namespace) -> int:
     from optarena.reproduce.claims import Tolerances
 
     scale = P.get_scale(args.scale)
-    if args.seeds < 1:
-        raise UserError(f"--seeds {args.seeds}: give at least 1")
+    seeds = list(args.seeds or [0])
+    if len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
+        raise UserError(f"--seeds {' '.join(map(str, seeds))}: give distinct seeds >= 0")
+    args.seeds = seeds
     tol = Tolerances()
     if args.delta is not None:
         if not args.delta > 0:
@@ -150,8 +147,8 @@ def _header(study: str, scale, args, st) -> str:
     import html
 
     command = f"optarena reproduce {study} --scale {scale.name}"
-    if args.seeds > 1:
-        command += f" --seeds {args.seeds}"
+    if args.seeds != [0]:
+        command += " --seeds " + " ".join(map(str, args.seeds))
     stages = "; ".join(
         f"{s.name}: {s.runs} runs ({s.done} done, {s.diverged} diverged, {s.failed} failed now, "
         f"{s.already} before) in {s.seconds:.0f}s"

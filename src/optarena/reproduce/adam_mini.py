@@ -1,7 +1,7 @@
 """``optarena reproduce adam-mini``: AdamW vs Adam-mini on Llama-style models of two sizes.
 
 Stages: (1) both optimizers over the same LR grid with the same hyperparameters (the authors
-advise AdamW's settings for Adam-mini) at each size; (2) with ``--seeds N``, seeds 1..N-1 for
+advise AdamW's settings for Adam-mini) at each size; (2) with ``--seeds 0 1 2``, seeds 1, 2 for
 both at AdamW's best LR (paired comparisons). The claims checked at each size: about 50% less
 optimizer state, and a loss on par or better at AdamW's hyperparameters; plus the partition
 check on Hugging Face Llama (GQA), GPT-2 and BERT.
@@ -53,16 +53,16 @@ def series(analysis: Analysis, model: str) -> dict[str, SeriesResult]:
     return {s.label: s for s in analysis.series if s.model == model and not s.extra}
 
 
-def stage2(st: Stager, model: str, analysis: Analysis, seeds: int) -> list[Grid]:
+def stage2(st: Stager, model: str, analysis: Analysis, repeats: Sequence[int]) -> list[Grid]:
     adamw = series(analysis, model).get("adamw")
-    if seeds < 2 or adamw is None or adamw.best_lr is None:
+    if not repeats or adamw is None or adamw.best_lr is None:
         return []
-    return [
-        st.grid(opt, fixed(), {"lr": [adamw.best_lr]}, seeds=range(1, seeds)) for opt in OPTIMIZERS
-    ]
+    return [st.grid(opt, fixed(), {"lr": [adamw.best_lr]}, seeds=repeats) for opt in OPTIMIZERS]
 
 
-def run_stages(st: Stager, scale: P.Scale, seeds: int, taus: Sequence[float]) -> Analysis:
+def run_stages(st: Stager, scale: P.Scale, seeds: Sequence[int], taus: Sequence[float]) -> Analysis:
+    """Stage 1 with ``seeds[0]``; stage 2 repeats AdamW's best LR with ``seeds[1:]``."""
+    st.seed = seeds[0]
     for model in scale.adam_mini_models:
         st.run(
             1,
@@ -78,7 +78,7 @@ def run_stages(st: Stager, scale: P.Scale, seeds: int, taus: Sequence[float]) ->
             TOTAL_STAGES,
             f"seed repeats at AdamW's best LR ({model})",
             base(scale, model),
-            stage2(st, model, a, seeds),
+            stage2(st, model, a, list(seeds[1:])),
         )
     return st.analysis(taus)
 

@@ -134,9 +134,9 @@ def stage4(st: Stager, scale: P.Scale) -> list[Grid]:
     ]
 
 
-def stage5(st: Stager, scale: P.Scale, analysis: Analysis, seeds: int) -> list[Grid]:
-    """Seeds 1..N-1 at the best LR of every LR series of stages 1, 3 and 4."""
-    if seeds < 2:
+def stage5(st: Stager, scale: P.Scale, analysis: Analysis, repeats: Sequence[int]) -> list[Grid]:
+    """The repeat seeds at the best LR of every LR series of stages 1, 3 and 4."""
+    if not repeats:
         return []
     series = lr_series(analysis, scale.model)
     fixed_by_label: dict[str, tuple[str, dict[str, Any]]] = {}
@@ -151,11 +151,13 @@ def stage5(st: Stager, scale: P.Scale, analysis: Analysis, seeds: int) -> list[G
         s = series.get(label)
         if s is None or s.best_lr is None:
             continue
-        grids.append(st.grid(opt, fixed, {"lr": [s.best_lr]}, label=label, seeds=range(1, seeds)))
+        grids.append(st.grid(opt, fixed, {"lr": [s.best_lr]}, label=label, seeds=repeats))
     return grids
 
 
-def run_stages(st: Stager, scale: P.Scale, seeds: int, taus: Sequence[float]) -> Analysis:
+def run_stages(st: Stager, scale: P.Scale, seeds: Sequence[int], taus: Sequence[float]) -> Analysis:
+    """Stages 1-4 with ``seeds[0]``; stage 5 repeats the best LRs with ``seeds[1:]``."""
+    st.seed = seeds[0]
     base = scale.base()
     st.run(1, TOTAL_STAGES, "LR sweep of the seven optimizers", base, stage1(st, scale))
     a = st.analysis(taus)
@@ -166,9 +168,9 @@ def run_stages(st: Stager, scale: P.Scale, seeds: int, taus: Sequence[float]) ->
     st.run(
         5,
         TOTAL_STAGES,
-        f"seed repeats at the best LRs ({seeds} seeds)",
+        f"seed repeats at the best LRs (seeds {list(seeds[1:])})",
         base,
-        stage5(st, scale, a, seeds),
+        stage5(st, scale, a, list(seeds[1:])),
     )
     return st.analysis(taus)
 

@@ -45,6 +45,7 @@ class Stager:
     console: Console = field(default_factory=lambda: Console(stderr=True, soft_wrap=True))
     stages: list[StageReport] = field(default_factory=list)
     default_threads: int = 1
+    seed: int = 0  # the seed of every stage's runs (repeats name their own)
 
     def grid(
         self,
@@ -53,9 +54,10 @@ class Stager:
         swept: dict[str, list[Any]],
         *,
         label: str | None = None,
-        seeds: Sequence[int] = (0,),
+        seeds: Sequence[int] | None = None,
     ) -> Grid:
-        return Grid(0, optimizer, label or optimizer, dict(fixed), dict(swept), list(seeds))
+        seeds = [self.seed] if seeds is None else list(seeds)
+        return Grid(0, optimizer, label or optimizer, dict(fixed), dict(swept), seeds)
 
     def run(
         self, number: int, total: int, title: str, base: dict[str, Any], grids: list[Grid]
