@@ -122,7 +122,15 @@ def _models() -> list[tuple[str, Any, Expect]]:
         )
     )
     gpt2 = GPT2LMHeadModel(
-        GPT2Config(vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=32)
+        GPT2Config(
+            vocab_size=96,
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            n_positions=32,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
     )
     bert = BertForMaskedLM(
         BertConfig(
