@@ -280,3 +280,48 @@ def test_lr_grids_follow_the_study_lattice():
     # unshifted at the study's width, identical to a spec's range (so run ids agree)
     spec_range = _log_range({"from": 1e-4, "to": 1.0, "per_decade": 2}, "", "")
     assert P.lr_grid(1e-4, 1.0, "150m") == spec_range
+
+
+# --------------------------------------------------------------------------- Adam-mini
+
+
+def test_partition_check_holds_and_catches_a_wrong_layout(monkeypatch):
+    pytest.importorskip("transformers")
+    from optarena.optim import blocks
+    from optarena.reproduce import adam_mini, partition_check
+
+    rows = partition_check.check()
+    assert rows and {r.model.split()[0] for r in rows} == {"Llama", "GPT-2", "BERT"}
+    assert adam_mini._partition_claim(rows).verdict == C.HOLDS
+    k = next(r for r in rows if r.name.endswith("k_proj.weight"))
+    assert k.ours == 2  # grouped-query attention: one block per key/value head
+    # a layout that ignores heads and neurons (one block per tensor) must be caught
+    monkeypatch.setattr(blocks, "adam_mini_layout", lambda info: blocks.tensor_layout(info.shape))
+    bad = adam_mini._partition_claim(partition_check.check())
+    assert bad.verdict == C.FAILS
+    assert "differ" in bad.sentence
+
+
+def test_adam_mini_claims_memory_and_parity():
+    obs = curve("adamw", 3.16e-3, 3.0, seeds=(0, 1, 2), jitter={0: 0.0, 1: 0.02, 2: -0.01}.get)
+    mini = curve(
+        "adam-mini", 3.16e-3, 3.005, seeds=(0, 1, 2), jitter={0: 0.0, 1: 0.02, 2: -0.01}.get
+    )
+    for o in mini:
+        o.summary = {"optimizer_state_bytes": 4.1, "params": 1}
+    worse = curve("adam-mini", 3.16e-3, 3.2)
+    for o in worse:
+        o.summary = {"optimizer_state_bytes": 6.0, "params": 1}
+        o.model = "tiny"
+    adam_tiny = curve("adamw", 3.16e-3, 3.0)
+    for o in adam_tiny:
+        o.model = "tiny"
+    from optarena.reproduce import adam_mini
+
+    a = analyze(obs + mini + worse + adam_tiny)
+    claims = {c.id: c for c in adam_mini.check_claims(a, ["micro", "tiny"], TOL, NOISE, None)}
+    assert claims["M1.1"].verdict == C.HOLDS  # 1 - 4.1/8 = 48.75% >= 45%
+    assert claims["M2.1"].verdict == C.HOLDS  # paired gap 0.005 exactly, interval ~0
+    assert claims["M1.2"].verdict == C.FAILS  # 25% saved
+    assert claims["M2.2"].verdict == C.FAILS  # 0.2 nats worse
+    assert claims["M3"].verdict == C.INCONCLUSIVE  # no transformers rows given
