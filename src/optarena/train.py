@@ -578,6 +578,7 @@ def train(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
             "tokens": tokens,
             "initial_loss": initial_loss,
             "train_seconds": train_seconds,
+            "train_cpu_seconds": session_cpu,  # CPU time of this session's steps (less noisy)
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "batches": batches.state_dict(),
@@ -614,11 +615,11 @@ def train(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
         desc=config.optimizer,
     )
     diverged, diverged_at, last_loss = False, None, None
-    session_tokens, session_seconds = 0, 0.0
+    session_tokens, session_seconds, session_cpu = 0, 0.0, 0.0
     model.train()
     try:
         while step < config.steps:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             mult = lr_multiplier(config, step)
             for group in optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * mult
@@ -646,6 +647,7 @@ def train(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
             dt = time.perf_counter() - t0
             train_seconds += dt
             session_seconds += dt
+            session_cpu += time.process_time() - c0
             session_tokens += tokens_per_step
             bar.update(1)
 
@@ -697,6 +699,7 @@ def train(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
         "peak_memory_bytes": _peak_memory(device),
         "wall_seconds": time.perf_counter() - start_wall,
         "train_seconds": train_seconds,
+        "train_cpu_seconds": session_cpu,  # CPU time of this session's steps (less noisy)
         "initial_loss": _finite_or_none(initial_loss),
         "final_train_loss": _finite_or_none(last_loss),
         "eval_curve": eval_curve,
