@@ -305,3 +305,9 @@ def test_out_dir_is_never_clobbered(tmp_path: Path, cache_dir: Path) -> None:
         train(micro(cache_dir, steps=3, out=str(run)))
     assert (run / "summary.json").read_bytes() == before
     shutil.rmtree(run)
+
+
+def test_bf16_autocast_runs_where_asked(cache_dir: Path) -> None:
+    summary = train(micro(cache_dir, steps=3, dtype="bfloat16"))
+    assert summary["dtype"] == "bfloat16" and math.isfinite(summary["final_val_loss"])
+    assert train(micro(cache_dir, steps=1))["dtype"] == "float32"  # CPU default
