@@ -14,6 +14,7 @@ from torch import nn
 
 from optarena.optim.base import RuleOptimizer
 from optarena.optim.roles import ParamInfo, Role
+from optarena.optim.rules import RULES
 
 Params = nn.Module | Iterable[Any]
 
@@ -346,6 +347,9 @@ class Hybrid(RuleOptimizer):
                     + ", ".join(r.value for r in Role)
                 ) from None
         self._route_specs = {key: route_group(key, value) for key, value in routes.items()}
+        for key, spec in self._route_specs.items():
+            # validated here too: a route that no parameter takes never becomes a param group
+            RULES[spec["rule"]].validate(spec, f"Hybrid (route {key!r})")
         self._pending_routes = dict(roles)
         first = self._route_specs["default"]
         super().__init__(params, {k: v for k, v in first.items() if k != "params"}, **options)
@@ -355,6 +359,7 @@ class Hybrid(RuleOptimizer):
 
     def _resolve(self, params: Any, partition: Mapping[str, ParamInfo] | None):
         named, infos = super()._resolve(params, partition)
+        roles = set(self._pending_routes.values())
         if not named or not isinstance(named[0], tuple):
             raise TypeError("Hybrid needs a model or named_parameters to find parameter roles")
         by_route: dict[str, list] = {key: [] for key in self._route_specs}
@@ -362,9 +367,9 @@ class Hybrid(RuleOptimizer):
             info = infos.get(name) if infos is not None else None
             key = "default"
             if info is not None:
-                key = next(
-                    (k for k, r in self._pending_routes.items() if r is info.role), "default"
-                )
+                # A tied embedding is also the last layer: the output route takes it.
+                role = Role.OUTPUT if info.tied and Role.OUTPUT in roles else info.role
+                key = next((k for k, r in self._pending_routes.items() if r is role), "default")
             by_route[key].append((name, p))
         groups = [
             {**spec, "params": by_route[key], "route": key}
