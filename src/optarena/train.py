@@ -622,7 +622,8 @@ def train(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
             t0, c0 = time.perf_counter(), time.process_time()
             mult = lr_multiplier(config, step)
             for group in optimizer.param_groups:
-                group["lr"] = group["initial_lr"] * mult
+                if group["initial_lr"] is not None:  # None: the optimizer sets its own step
+                    group["lr"] = group["initial_lr"] * mult
             x_all, y_all = batches.next()
             x_all, y_all = x_all.to(device, non_blocking=True), y_all.to(device, non_blocking=True)
             ce_sum = torch.zeros((), device=device)
@@ -704,7 +705,9 @@ def train(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
         "final_train_loss": _finite_or_none(last_loss),
         "eval_curve": eval_curve,
         "optimizer": config.optimizer,
-        "peak_lrs": sorted({float(g["initial_lr"]) for g in optimizer.param_groups}),
+        "peak_lrs": sorted(
+            {float(g["initial_lr"]) for g in optimizer.param_groups if g["initial_lr"] is not None}
+        ),
         "resumed_from": str(resumed_from) if resumed_from else None,
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
