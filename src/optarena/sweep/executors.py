@@ -13,6 +13,7 @@ import importlib
 import multiprocessing as mp
 import multiprocessing.connection as mp_connection
 import os
+import signal
 import sys
 import threading
 import time
@@ -66,12 +67,12 @@ def execute(function: str, config: dict[str, Any], threads: int | None = None) -
     """Run one task in a worker; exceptions come back as data so one bad run stops nothing."""
     try:
         if threads:
-            _set_threads(threads)
+            _set_threads(threads)  # before the import: torch reads OMP_NUM_THREADS once
         fn = resolve_function(function)
+        if threads:
+            _set_threads(threads)  # importing the function may have loaded torch just now
         with _run_log(config.get("out")):
             summary = fn(config)
-        if threads:
-            _set_threads(threads)  # the function may have imported torch just now
         return {"summary": dict(summary)}
     except BaseException as err:
         if isinstance(err, KeyboardInterrupt):
@@ -145,6 +146,8 @@ class Executor(ABC):
 
 def _child(function: str, config: dict[str, Any], threads: int, parent: int, conn: Any) -> None:
     """A worker process: one run, its result sent back through ``conn``."""
+    # Ctrl-C reaches the whole process group; the driver decides, and terminates its workers
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _set_threads(threads)
 
     def watch() -> None:  # SIGKILL of the driver leaves no one to collect the result, and a
