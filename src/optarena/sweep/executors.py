@@ -119,6 +119,12 @@ def package_pythonpath() -> str:
     return os.pathsep.join(dict.fromkeys(parts))
 
 
+def _positive(flag: str, value: int | None) -> None:
+    """A count of workers or threads must be at least 1 (0 would stall the driver)."""
+    if value is not None and value < 1:
+        raise UserError(f"{flag} {value}: give at least 1")
+
+
 class Executor(ABC):
     """Runs tasks; ``capacity`` of them at a time is what the driver keeps in flight."""
 
@@ -177,8 +183,8 @@ class LocalExecutor(Executor):
     """
 
     def __init__(self, function: str, workers: int = 1, threads: int | None = None) -> None:
-        if workers < 1:
-            raise UserError(f"--workers {workers}: give at least 1")
+        _positive("--workers", workers)
+        _positive("--threads", threads)
         self.function = function
         self.capacity = workers
         cores = os.cpu_count() or 1
@@ -254,6 +260,8 @@ class RayExecutor(Executor):
             raise UserError(
                 "--backend ray needs Ray: pip install 'optarena[cluster]' (or pip install ray)"
             ) from None
+        _positive("--workers", workers)
+        _positive("--threads", threads)
         self._ray = ray
         self.function = function
         self.threads = threads
@@ -325,6 +333,8 @@ class SlurmExecutor(Executor):
             raise UserError(
                 "--backend slurm needs submitit: pip install 'optarena[cluster]'"
             ) from None
+        _positive("--workers", workers)
+        _positive("--threads", threads)
         self.function = function
         self.threads = threads
         self.capacity = workers
