@@ -114,10 +114,13 @@ def model_widths() -> dict[str, int]:
 
 
 def load(args: argparse.Namespace) -> Any:
-    from optarena.sweep.spec import load_spec
+    """The validated spec; a missing file answers before torch is imported for validation."""
+    from optarena.sweep.spec import parse_spec, read_spec_text
 
-    return load_spec(
-        args.spec,
+    text, source = read_spec_text(args.spec)
+    return parse_spec(
+        text,
+        source=source,
         config_keys=training_keys(args.function),
         optimizers=optimizer_names(args.function),
         overrides=args.overrides,
