@@ -362,7 +362,8 @@ class _Loggers:
                 if line.strip() and json.loads(line).get("step", 0) <= resume_step
             ]
             _atomic_write_text(path, "".join(line + "\n" for line in kept))
-        self.jsonl = path.open("a")
+        # a fresh run starts a fresh log (a leftover one had no checkpoint or summary)
+        self.jsonl = path.open("a" if resume_step is not None else "w")
         if config.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
