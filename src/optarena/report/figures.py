@@ -45,7 +45,7 @@ def all_figures(analysis: Analysis, runs: dict[str, RunRecord]) -> list[Rendered
     out = []
     models = analysis.models()
     for model in models:
-        series = [s for s in analysis.series if s.model == model]
+        series = [s for s in analysis.series if s.model == model and s.curve]
         suffix = f"-{_slug(model)}" if len(models) > 1 else ""
         where = f" ({model})" if len(models) > 1 else ""
         if series:
@@ -60,7 +60,11 @@ def all_figures(analysis: Analysis, runs: dict[str, RunRecord]) -> list[Rendered
             )
         keys = sorted({s.key for s in analysis.sensitivities if s.model == model})
         for key in keys:
-            group = [s for s in analysis.sensitivities if s.model == model and s.key == key]
+            group = [
+                s for s in analysis.sensitivities if s.model == model and s.key == key and s.curve
+            ]
+            if not group:
+                continue
             out.append(sensitivity(group, f"sensitivity-{_slug(key)}{suffix}", f"{key}{where}"))
     return out
 
@@ -71,7 +75,6 @@ def loss_vs_lr(
     """One line per optimizer on log-x; diverged points as crosses along the top edge."""
     fig = Figure(figsize=(8.5, 4.6))
     ax = fig.add_subplot()
-    series = [s for s in series if s.curve]  # series with no finished run yet: nothing to draw
     finite = [p.loss for s in series for p in s.curve if math.isfinite(p.loss)]
     top = _top(finite)
     for i, s in enumerate(series):
@@ -137,8 +140,7 @@ def best_curves(
         ax.set_ylim(low - 0.05, low + 1.5 * (sorted(finite)[len(finite) // 2] - low) + 0.1)
     ax.set_title(mpl_text(title))
     ax.grid(True, alpha=0.3)
-    if finite:
-        _legend(ax)
+    _legend(ax)
     return render(fig, name, title)
 
 
@@ -187,7 +189,8 @@ def sensitivity(group: Sequence[Sensitivity], name: str, title: str) -> Rendered
 
 def _legend(ax: Any) -> None:
     """Outside the axes, on the right: it never hides a point or a divergence marker."""
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
 
 
 def _ylim(ax: Any, finite: Sequence[float], top: float) -> None:

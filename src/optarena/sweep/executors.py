@@ -13,6 +13,7 @@ import importlib
 import multiprocessing as mp
 import multiprocessing.connection as mp_connection
 import os
+import signal
 import sys
 import threading
 import time
@@ -66,12 +67,12 @@ def execute(function: str, config: dict[str, Any], threads: int | None = None) -
     """Run one task in a worker; exceptions come back as data so one bad run stops nothing."""
     try:
         if threads:
-            _set_threads(threads)
+            _set_threads(threads)  # before the import: torch reads OMP_NUM_THREADS once
         fn = resolve_function(function)
+        if threads:
+            _set_threads(threads)  # importing the function may have loaded torch just now
         with _run_log(config.get("out")):
             summary = fn(config)
-        if threads:
-            _set_threads(threads)  # the function may have imported torch just now
         return {"summary": dict(summary)}
     except BaseException as err:
         if isinstance(err, KeyboardInterrupt):
@@ -118,6 +119,12 @@ def package_pythonpath() -> str:
     return os.pathsep.join(dict.fromkeys(parts))
 
 
+def _positive(flag: str, value: int | None) -> None:
+    """A count of workers or threads must be at least 1 (0 would stall the driver)."""
+    if value is not None and value < 1:
+        raise UserError(f"{flag} {value}: give at least 1")
+
+
 class Executor(ABC):
     """Runs tasks; ``capacity`` of them at a time is what the driver keeps in flight."""
 
@@ -145,6 +152,8 @@ class Executor(ABC):
 
 def _child(function: str, config: dict[str, Any], threads: int, parent: int, conn: Any) -> None:
     """A worker process: one run, its result sent back through ``conn``."""
+    # Ctrl-C reaches the whole process group; the driver decides, and terminates its workers
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _set_threads(threads)
 
     def watch() -> None:  # SIGKILL of the driver leaves no one to collect the result, and a
@@ -174,8 +183,8 @@ class LocalExecutor(Executor):
     """
 
     def __init__(self, function: str, workers: int = 1, threads: int | None = None) -> None:
-        if workers < 1:
-            raise UserError(f"--workers {workers}: give at least 1")
+        _positive("--workers", workers)
+        _positive("--threads", threads)
         self.function = function
         self.capacity = workers
         cores = os.cpu_count() or 1
@@ -251,6 +260,8 @@ class RayExecutor(Executor):
             raise UserError(
                 "--backend ray needs Ray: pip install 'optarena[cluster]' (or pip install ray)"
             ) from None
+        _positive("--workers", workers)
+        _positive("--threads", threads)
         self._ray = ray
         self.function = function
         self.threads = threads
@@ -322,6 +333,8 @@ class SlurmExecutor(Executor):
             raise UserError(
                 "--backend slurm needs submitit: pip install 'optarena[cluster]'"
             ) from None
+        _positive("--workers", workers)
+        _positive("--threads", threads)
         self.function = function
         self.threads = threads
         self.capacity = workers

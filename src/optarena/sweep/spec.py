@@ -19,6 +19,7 @@ import re
 import sys
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,7 @@ class Run:
     point: dict[str, Any]
     grid: int
 
-    @property
+    @cached_property
     def id(self) -> str:
         return run_id(self.config)
 
