@@ -48,7 +48,13 @@ class SecondMoment(Protocol):
 
     def average_(self, state: dict[str, Tensor], g: Tensor, count: int) -> None: ...
 
-    def precondition(self, m: Tensor, state: dict[str, Tensor], bc2: float, eps: float) -> Tensor:
+    def average_weighted_(self, state: dict[str, Tensor], g: Tensor, weight: Tensor) -> None:
+        """:meth:`average_` with ``1/count`` as a tensor (traced by the fast path)."""
+        ...
+
+    def precondition(
+        self, m: Tensor, state: dict[str, Tensor], bc2: float | Tensor, eps: float
+    ) -> Tensor:
         """``m / (sqrt(v / bc2) + eps)`` with ``v`` broadcast from its blocks."""
         ...
 
@@ -81,8 +87,15 @@ class BlockSecondMoment:
         v = state["exp_avg_sq"]
         v.add_(block_mean_square(g, self.layout).sub_(v), alpha=1.0 / count)
 
-    def precondition(self, m: Tensor, state: dict[str, Tensor], bc2: float, eps: float) -> Tensor:
-        root_bc2 = math.sqrt(bc2)
+    def average_weighted_(self, state: dict[str, Tensor], g: Tensor, weight: Tensor) -> None:
+        v = state["exp_avg_sq"]
+        v.add_((block_mean_square(g, self.layout) - v) * weight)
+
+    def precondition(
+        self, m: Tensor, state: dict[str, Tensor], bc2: float | Tensor, eps: float
+    ) -> Tensor:
+        # a tensor ``bc2`` comes from the fast path (no recompilation when the step changes)
+        root_bc2 = bc2.sqrt() if isinstance(bc2, Tensor) else math.sqrt(bc2)
         return blockwise(
             lambda x, v: x / (v.sqrt() / root_bc2 + eps), m, state["exp_avg_sq"], self.layout
         )
@@ -123,7 +136,13 @@ class FactoredSecondMoment:
         for key, stat in self._stats(g).items():
             state[key].add_(stat.sub_(state[key]), alpha=1.0 / count)
 
-    def precondition(self, m: Tensor, state: dict[str, Tensor], bc2: float, eps: float) -> Tensor:
+    def average_weighted_(self, state: dict[str, Tensor], g: Tensor, weight: Tensor) -> None:
+        for key, stat in self._stats(g).items():
+            state[key].add_((stat - state[key]) * weight)
+
+    def precondition(
+        self, m: Tensor, state: dict[str, Tensor], bc2: float | Tensor, eps: float
+    ) -> Tensor:
         return m / (self.full(state, m.dim()).div_(bc2).sqrt_().add_(eps))
 
     @staticmethod
