@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from optarena.optim.fused import FusedStepper, compile_available, should_fuse
 from optarena.optim.roles import ParamInfo, Role
-from optarena.optim.rules import RULES, Rule
+from optarena.optim.rules import POSITIVE, RULES, Rule
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -207,6 +207,10 @@ class RuleOptimizer(torch.optim.Optimizer):
         ``bs`` (tokens per batch) overrides Sophia's ``bs`` for this step, as the reference
         implementation's ``step(bs=...)`` does.
         """
+        if bs is not None and not POSITIVE.test(bs):
+            raise ValueError(
+                f"{type(self).__name__}: invalid bs={bs!r}; expected {POSITIVE.expected}"
+            )
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -285,6 +289,8 @@ class RuleOptimizer(torch.optim.Optimizer):
 
         torch casts floating state to the parameter's dtype, which would round float32 state
         of bfloat16 parameters; here the saved dtype is kept and only the device follows.
+        Every tensor is copied, ``step`` included (torch keeps the saved ``step`` object, so
+        two optimizers loaded from one live ``state_dict`` would count each other's steps).
         """
         fused = [g.get("fused") for g in self.param_groups]
         super().load_state_dict(state_dict)
@@ -295,10 +301,10 @@ class RuleOptimizer(torch.optim.Optimizer):
         for index, saved in state_dict["state"].items():
             p = params[index]
             for key, value in saved.items():
-                if isinstance(value, Tensor) and key != "step":
-                    self.state[p][key] = value.to(device=p.device, copy=True)
-                elif isinstance(value, Tensor):
-                    self.state[p][key] = value.to(device="cpu", dtype=torch.float32, copy=True)
+                if isinstance(value, Tensor):
+                    # ``step`` stays where it was saved (a CPU scalar, as ``_state_for`` makes it)
+                    device = value.device if key == "step" else p.device
+                    self.state[p][key] = value.to(device=device, copy=True)
 
     def state_bytes(self) -> int:
         """Bytes held by this optimizer's state."""
