@@ -251,7 +251,8 @@ def test_bert_layernorm_under_output_is_norm(bert):
     assert (ln.role, ln.source) == (Role.NORM, "structure")
     assert _blocks(p, ln.name) == 1
     assert p[f"{e}.attention.output.LayerNorm.bias"].role is Role.BIAS
-    assert p[f"{e}.attention.output.dense.weight"].role is Role.O
+    o = p[f"{e}.attention.output.dense.weight"]  # BERT's out projection is the attention's sibling
+    assert (o.role, o.source) == (Role.O, "structure")
     assert p[f"{e}.attention.output.dense.bias"].role is Role.BIAS
     assert p[f"{e}.intermediate.dense.weight"].role is Role.MLP
     assert p[f"{e}.output.dense.weight"].role is Role.MLP
@@ -293,6 +294,33 @@ def test_multihead_attention_separate_kdim_vdim():
     }
     assert _blocks(p, "k_proj_weight") == HEADS
     assert p["bias_k"].role is Role.BIAS
+
+
+class _T5Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.n_heads = HEADS
+        self.q, self.k, self.v, self.o = (nn.Linear(D, D, bias=False) for _ in range(4))
+
+
+class _T5FF(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.wi = nn.Linear(D, FFN, bias=False)
+        self.wo = nn.Linear(FFN, D, bias=False)  # "wo" is an attention name elsewhere
+
+
+def test_dense_layers_of_nested_sublayer_lists_are_mlp():
+    """T5 nests a ModuleList of sub-layers in each block: the block is the outer item."""
+    sub = nn.ModuleDict({"SelfAttention": _T5Attention()})
+    ff = nn.ModuleDict({"DenseReluDense": _T5FF()})
+    model = nn.ModuleDict(
+        {"block": nn.ModuleList([nn.ModuleDict({"layer": nn.ModuleList([sub, ff])})])}
+    )
+    p = _silent(model)
+    assert p["block.0.layer.0.SelfAttention.o.weight"].role is Role.O
+    assert p["block.0.layer.1.DenseReluDense.wo.weight"].role is Role.MLP
+    assert p["block.0.layer.1.DenseReluDense.wi.weight"].role is Role.MLP
 
 
 # --------------------------------------------------------------------------- heads
