@@ -34,6 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _common(train)
     train.add_argument("--batch-size", type=int, default=4, help="sequences per step")
     train.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
+    train.add_argument(
+        "--modes", default="fused,eager", help="our paths to time: fused, eager or both"
+    )
     train.set_defaults(func=run_train)
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
 
@@ -95,14 +98,19 @@ def _write(path: Path | None, report: dict[str, Any]) -> None:
         print(f"wrote {path}")
 
 
+def _modes(args: argparse.Namespace) -> list[str]:
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or any(m not in ("fused", "eager") for m in modes):
+        raise UserError(f"--modes takes fused and/or eager, got {args.modes!r}")
+    return modes
+
+
 def run_step(args: argparse.Namespace) -> int:
     import sys
 
     from optarena.bench.step import bench_step, format_step_table
 
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if not modes or any(m not in ("fused", "eager") for m in modes):
-        raise UserError(f"--modes takes fused and/or eager, got {args.modes!r}")
+    modes = _modes(args)
     if args.steps < 1 or args.warmup < 1:
         raise UserError("--steps and --warmup must be >= 1")
     shape = _shape(args)
@@ -135,6 +143,7 @@ def run_train(args: argparse.Namespace) -> int:
         from optarena.bench.train import bench_train, format_train_table
     except ImportError as err:
         raise UserError(f"bench train needs the training harness: {err}") from None
+    modes = _modes(args)
     report = bench_train(
         _shape(args),
         _names(args) or ["adamw"],
@@ -143,6 +152,7 @@ def run_train(args: argparse.Namespace) -> int:
         device=args.device,
         batch_size=args.batch_size,
         seq_len=args.seq_len,
+        modes=modes,
         log=lambda s: print(s, file=sys.stderr, flush=True),
     )
     _print("training throughput (tokens/s)", format_train_table(report))
