@@ -55,6 +55,18 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     parser.add_argument("--json", type=Path, default=None, help="write the report here")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
+
+
+def _threads(args: argparse.Namespace) -> None:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError("--threads must be >= 1")
+        import torch
+
+        torch.set_num_threads(args.threads)
 
 
 def _names(args: argparse.Namespace) -> list[str] | None:
@@ -111,6 +123,7 @@ def run_step(args: argparse.Namespace) -> int:
     from optarena.bench.step import bench_step, format_step_table
 
     modes = _modes(args)
+    _threads(args)
     if args.steps < 1 or args.warmup < 1:
         raise UserError("--steps and --warmup must be >= 1")
     shape = _shape(args)
@@ -144,6 +157,7 @@ def run_train(args: argparse.Namespace) -> int:
     except ImportError as err:
         raise UserError(f"bench train needs the training harness: {err}") from None
     modes = _modes(args)
+    _threads(args)
     report = bench_train(
         _shape(args),
         _names(args) or ["adamw"],
