@@ -201,7 +201,7 @@ def test_flag_validation_and_policy(monkeypatch: pytest.MonkeyPatch) -> None:
     # fused=None inside pytest runs eagerly (no compilation), classic Adafactor too
     for name in ("adamw", "adafactor-classic"):
         named, infos = _named()
-        opt = create(name, named, partition=infos, **({"lr": 1e-3} if "classic" in name else {}))
+        opt = create(name, named, partition=infos)
         for _, p in named:
             p.grad = torch.ones_like(p)
         opt.step()

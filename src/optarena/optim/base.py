@@ -293,6 +293,7 @@ class RuleOptimizer(torch.optim.Optimizer):
         two optimizers loaded from one live ``state_dict`` would count each other's steps).
         """
         fused = [g.get("fused") for g in self.param_groups]
+        self._fused = None  # its plans hold references to the state tensors being replaced
         super().load_state_dict(state_dict)
         # ``fused`` says how this object runs, not what it learnt: keep the receiver's choice
         for group, flag in zip(self.param_groups, fused, strict=True):
