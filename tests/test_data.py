@@ -121,7 +121,7 @@ def test_bad_data_inputs_are_user_errors(tmp_path: Path, cache_dir: Path) -> Non
         load_corpus(str(empty), cache_dir)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\nnot json\n')
-    with pytest.raises(UserError, match="bad.jsonl:2"):
+    with pytest.raises(UserError, match=r"bad\.jsonl:2"):
         list(load_corpus(str(bad), cache_dir).documents("train"))
 
 
@@ -162,9 +162,12 @@ def test_sentencepiece_model_file(tmp_path: Path, shared_data: Path) -> None:
 
     text = _small_corpus(tmp_path, shared_data)
     spm.SentencePieceTrainer.train(
-        input=str(text), model_prefix=str(tmp_path / "sp"), vocab_size=300,
-        model_type="bpe", minloglevel=2,
-    )  # fmt: skip
+        input=str(text),
+        model_prefix=str(tmp_path / "sp"),
+        vocab_size=300,
+        model_type="bpe",
+        minloglevel=2,
+    )
     corpus = load_corpus(str(text), tmp_path)
     tok = load_tokenizer(str(tmp_path / "sp.model"), corpus, 0, tmp_path)
     assert tok.vocab_size == 300 and max(tok.encode_batch(["Romeo and Juliet"])[0]) < 300
@@ -238,3 +241,16 @@ def test_validation_windows_are_fixed_and_span_the_split() -> None:
     assert x[0, 0] == 0 and y[-1, -1] == 999
     with pytest.raises(UserError, match="validation split"):
         validation_windows(tokens[:10], 8, 32)
+
+
+def test_hub_tokenizer_offline_is_a_user_error(
+    cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("transformers")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads the variable once, at import: set its constant too, so the test
+    # does not wait on network time-outs when the hub was imported earlier in the session.
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    corpus = load_corpus("builtin", cache_dir)
+    with pytest.raises(UserError, match="cannot load tokenizer 't5-base'"):
+        load_tokenizer("t5-base", corpus, 0, cache_dir)

@@ -362,7 +362,8 @@ class _Loggers:
                 if line.strip() and json.loads(line).get("step", 0) <= resume_step
             ]
             _atomic_write_text(path, "".join(line + "\n" for line in kept))
-        self.jsonl = path.open("a")
+        # a fresh run starts a fresh log (a leftover one had no checkpoint or summary)
+        self.jsonl = path.open("a" if resume_step is not None else "w")
         if config.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -473,6 +474,7 @@ def train(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
     device = _resolve_device(config.device)
     dtype = _resolve_dtype(config.dtype, device)
     out = _prepare_out(config)
+    requested = json.loads(json.dumps(config.to_dict()))  # as given, before defaults resolve
 
     # ---- resume point (read before any work, so a bad checkpoint fails fast)
     resumed: dict[str, Any] | None = None
@@ -483,11 +485,11 @@ def train(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
             print(f"optarena: no checkpoint in {out}; starting from scratch", file=sys.stderr)
         else:
             resumed_from, resumed = found
-            saved = json.loads(resumed["config"])
+            saved = json.loads(resumed["requested_config"])
             changed = sorted(
                 k
-                for k in set(saved) | set(config.to_dict())
-                if k not in RESUMABLE_CHANGES and saved.get(k) != config.to_dict().get(k)
+                for k in set(saved) | set(requested)
+                if k not in RESUMABLE_CHANGES and saved.get(k) != requested.get(k)
             )
             if changed:
                 raise UserError(
@@ -577,6 +579,7 @@ def train(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
             "tokens": tokens,
             "initial_loss": initial_loss,
             "train_seconds": train_seconds,
+            "train_cpu_seconds": session_cpu,  # CPU time of this session's steps (less noisy)
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "batches": batches.state_dict(),
@@ -584,6 +587,7 @@ def train(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
             "torch_rng": torch.get_rng_state(),
             "eval_curve": json.dumps(eval_curve),
             "config": json.dumps(config.to_dict()),
+            "requested_config": json.dumps(requested),
         }
         save_checkpoint(out / "checkpoints", step, payload, config.keep_checkpoints)
 
@@ -612,14 +616,15 @@ def train(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
         desc=config.optimizer,
     )
     diverged, diverged_at, last_loss = False, None, None
-    session_tokens, session_seconds = 0, 0.0
+    session_tokens, session_seconds, session_cpu = 0, 0.0, 0.0
     model.train()
     try:
         while step < config.steps:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             mult = lr_multiplier(config, step)
             for group in optimizer.param_groups:
-                group["lr"] = group["initial_lr"] * mult
+                if group["initial_lr"] is not None:  # None: the optimizer sets its own step
+                    group["lr"] = group["initial_lr"] * mult
             x_all, y_all = batches.next()
             x_all, y_all = x_all.to(device, non_blocking=True), y_all.to(device, non_blocking=True)
             ce_sum = torch.zeros((), device=device)
@@ -644,6 +649,7 @@ def train(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
             dt = time.perf_counter() - t0
             train_seconds += dt
             session_seconds += dt
+            session_cpu += time.process_time() - c0
             session_tokens += tokens_per_step
             bar.update(1)
 
@@ -695,11 +701,14 @@ def train(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
         "peak_memory_bytes": _peak_memory(device),
         "wall_seconds": time.perf_counter() - start_wall,
         "train_seconds": train_seconds,
+        "train_cpu_seconds": session_cpu,  # CPU time of this session's steps (less noisy)
         "initial_loss": _finite_or_none(initial_loss),
         "final_train_loss": _finite_or_none(last_loss),
         "eval_curve": eval_curve,
         "optimizer": config.optimizer,
-        "peak_lrs": sorted({float(g["initial_lr"]) for g in optimizer.param_groups}),
+        "peak_lrs": sorted(
+            {float(g["initial_lr"]) for g in optimizer.param_groups if g["initial_lr"] is not None}
+        ),
         "resumed_from": str(resumed_from) if resumed_from else None,
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
