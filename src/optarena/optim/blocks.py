@@ -132,7 +132,7 @@ def _chunk(x: Tensor, s: Segment) -> Tensor:
 
 
 def block_mean_square(g: Tensor, layout: BlockLayout) -> Tensor:
-    """Mean of ``g²`` in each block, flattened to ``(num_blocks,)`` (``g²`` if per element)."""
+    """Mean of ``g²`` within each block, flattened to ``(num_blocks,)`` (``g²`` if per element)."""
     if layout.elementwise:
         return g * g
     parts = [
@@ -165,10 +165,10 @@ def blockwise(
 # A policy maps the structure of a parameter to the blocks one optimizer uses for it.
 
 
-def adam_mini_layout(info: ParamInfo, single_block_value: bool = False) -> BlockLayout | None:
+def adam_mini_layout(info: ParamInfo, single_block_value: bool = False) -> BlockLayout:
     """Adam-mini v1.1.1: q/k per head, v/o/MLP/embedding/output per row, rest one block.
 
-    Returns ``None`` for biases, which Adam-mini updates with plain elementwise Adam.
+    Biases get the per-element layout: Adam-mini updates them with plain elementwise Adam.
     """
     shape, role = info.shape, info.role
     if role is Role.BIAS:
@@ -198,9 +198,11 @@ def adalayer_layout(
     info: ParamInfo, split_qkv: bool = True, per_row_output: bool = True
 ) -> BlockLayout:
     """Adalayer (Zhao et al.): one block per tensor, fused QKV split into its Q, K and V blocks,
-    and one block per row (output token) of the last layer."""
+    and one block per row (output token) of the last layer. A tied embedding table *is* the last
+    layer, so it is cut per row too."""
     shape, role = info.shape, info.role
-    if per_row_output and role is Role.OUTPUT and len(shape) >= 2:
+    last_layer = role is Role.OUTPUT or (role is Role.EMBEDDING and info.tied)
+    if per_row_output and last_layer and len(shape) >= 2:
         return rows_layout(shape, info.out_dim)
     if split_qkv and role is Role.QKV and info.parts and len(shape) >= 2:
         return split_layout(shape, info.out_dim, [(p.size, 1) for p in info.parts])

@@ -1,0 +1,734 @@
+"""Model -> ``{name: ParamInfo}``: what each parameter is, read from the module structure.
+
+Block optimizers (Adam-mini, Adalayer, the hybrids) need to know which tensor is a query, which is
+the output layer, how many heads a projection holds and along which axis its output neurons lie.
+The official Adam-mini guesses all of this from substrings of parameter names and gets it wrong in
+ways that crash or silently mis-cut: BERT's ``attention.output.LayerNorm.weight`` goes to the
+per-row branch, fused QKV is never split by head, GPT-2's ``Conv1D`` is cut along its input axis.
+Here roles come from what the modules *are*:
+
+* ``nn.Embedding`` / ``nn.EmbeddingBag`` -> EMBEDDING (every table: tokens, positions, types);
+* norm modules (``nn.LayerNorm``, ``nn.RMSNorm``, batch/group norms, any class whose name ends in
+  ``Norm`` such as ``LlamaRMSNorm``): gains -> NORM, their biases -> BIAS;
+* the output layer, ``model.get_output_embeddings()`` when the model has that method, else the last
+  dense layer outside the transformer blocks when its width is a vocabulary size -> OUTPUT;
+* attention modules, recognised by their query/key/value members (``q_proj/k_proj/v_proj``,
+  ``query/key/value``, ``wq/wk/wv``, ``q/k/v``, ``to_q/to_k/to_v``, or one fused ``c_attn``,
+  ``qkv_proj``, ``qkv``, ``Wqkv``, ``in_proj_weight``), with head counts from the module's
+  attributes, else ``model.config``, else the head size -> Q, K, V, QKV (with its parts) and O
+  (``o_proj``, ``out_proj``, ``c_proj``, ``wo``, ``o``, ...; BERT's sibling ``output.dense``);
+* dense layers inside an MLP-like module (``mlp``, ``ffn``, ``feed_forward``, ``intermediate``)
+  and the other dense layers of a transformer block outside its attention -> MLP;
+* biases of dense layers and attention modules -> BIAS.
+
+Dense layers are ``nn.Linear`` (``out_dim=0``) and Hugging Face ``Conv1D`` (weights stored
+(in, out), ``out_dim=1``). A transformer block is the item of a ``ModuleList``/``Sequential`` that
+holds an attention module. Whatever is left goes through :func:`role_from_name` and is reported in
+one warning.
+
+Decisions:
+
+* Tied embedding/output (one tensor under two names): ``named_parameters()`` yields it once, under
+  its first name. It gets role EMBEDDING with ``tied=True``, and :attr:`Partition.aliases` maps
+  the other name to it. Policies that treat the last layer specially must check ``tied``
+  (Adam-mini cuts embedding and output per row alike; Adalayer cuts a tied table per row).
+* Norm biases are BIAS, not NORM: Adam-mini v1.1.1 updates every bias elementwise, and Study A's
+  adaptive "LayerNorm" parameters are the gains.
+* Position and token-type tables are EMBEDDING like token tables (one block per row under
+  Adam-mini). The official code does this for BERT's ``position_embeddings`` but, by accident of
+  naming, not for GPT-2's ``wpe``.
+* A fused QKV is assumed to stack Q, K, V as consecutive slices along ``out_dim`` (GPT-2,
+  ``nn.MultiheadAttention``, MPT). Interleaved layouts (GPT-NeoX, Bloom ``query_key_value``) are
+  not claimed, so they fall to the name rules and the warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import re
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from optarena.optim.blocks import BlockLayout
+from optarena.optim.roles import FusedPart, ParamInfo, Role
+
+LayoutPolicy = Callable[[ParamInfo], "BlockLayout | None"]
+
+__all__ = ["LayoutPolicy", "Partition", "partition", "print_partition", "role_from_name"]
+
+# Attribute names that carry head counts, on attention modules and on model configs.
+_HEADS_ATTRS = ("n_heads", "num_heads", "num_attention_heads", "n_head")
+_KV_HEADS_ATTRS = ("n_kv_heads", "num_key_value_heads", "num_kv_heads", "n_kv_head", "n_head_kv")
+_HEAD_DIM_ATTRS = ("head_dim", "attention_head_size", "head_size", "d_head", "key_value_proj_dim")
+
+# Members of an attention module (submodules or direct parameters).
+_SPLIT_QKV = (
+    ("q_proj", "k_proj", "v_proj"),
+    ("query", "key", "value"),
+    ("wq", "wk", "wv"),
+    ("q", "k", "v"),
+    ("to_q", "to_k", "to_v"),
+    ("q_proj_weight", "k_proj_weight", "v_proj_weight"),  # nn.MultiheadAttention, kdim != dim
+)
+_FUSED_QKV = ("c_attn", "qkv_proj", "qkv", "Wqkv", "wqkv", "in_proj_weight")
+_OUT_PROJ = ("o_proj", "out_proj", "c_proj", "wo", "o", "to_out", "dense", "proj", "out")
+_SIBLING_OUT_PROJ = ("output.dense",)  # BERT: attention.self + attention.output.dense
+
+_NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.LayerNorm,
+    nn.RMSNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+    nn.modules.batchnorm._NormBase,
+)
+_MLP_RE = re.compile(r"mlp|ffn|ffw|feed_?forward|intermediate", re.IGNORECASE)
+_ATTN_RE = re.compile(r"attn|attention", re.IGNORECASE)
+
+
+# --------------------------------------------------------------------------- name rules
+
+_NAME_NORM_RE = re.compile(r".*norm.*|ln(_?[a-z0-9]+)?")
+_NAME_EMBED_RE = re.compile(r".*(embed|embd).*|wte|wpe|tok_emb|pos_emb|emb|.*_emb")
+_NAME_OUTPUT = {"lm_head", "unembed", "unembedding", "final_layer"}
+_NAME_Q = {"q_proj", "wq", "query", "q", "to_q", "q_attn"}
+_NAME_K = {"k_proj", "wk", "key", "k", "to_k"}
+_NAME_V = {"v_proj", "wv", "value", "v", "to_v"}
+_NAME_QKV = {"c_attn", "qkv", "qkv_proj", "wqkv", "query_key_value", "in_proj"}
+_NAME_O = {"o_proj", "wo", "out_proj", "o", "to_out"}
+_NAME_O_IN_ATTN = {"c_proj", "dense", "proj"}
+_NAME_MLP = {
+    "fc1",
+    "fc2",
+    "c_fc",
+    "up_proj",
+    "gate_proj",
+    "down_proj",
+    "w1",
+    "w2",
+    "w3",
+    "wi",
+    "wi_0",
+    "wi_1",
+    "linear1",
+    "linear2",
+    "dense_h_to_4h",
+    "dense_4h_to_h",
+}
+
+
+def role_from_name(name: str, shape: tuple[int, ...] | torch.Size) -> Role:
+    """The role a parameter's name suggests: the fallback when the module structure says nothing.
+
+    Rules on the lowercased dotted name, first match wins. The *owner* is the segment before the
+    parameter's own (``q_proj`` in ``layers.0.q_proj.weight``); rules match whole segments, never
+    substrings of the full name, and per-row roles need a tensor of 2+ dimensions, which is what
+    keeps BERT's ``attention.output.LayerNorm.weight`` out of the output branch.
+
+    1. last segment contains ``bias`` -> BIAS;
+    2. a segment contains ``norm``, or is ``ln``/``ln_*``/``ln1``... -> NORM;
+    3. a 0-D or 1-D tensor -> OTHER;
+    4. owner ``lm_head``/``unembed``/``final_layer``, or a top-level ``output`` -> OUTPUT;
+    5. a segment contains ``embed``/``embd``, or is ``wte``/``wpe``/``tok_emb``/``*_emb``
+       -> EMBEDDING;
+    6. owner ``c_attn``/``qkv``/``qkv_proj``/``wqkv``/``query_key_value``/``in_proj``, or the
+       parameter ``in_proj_weight`` -> QKV (without parts: sizes unknown);
+    7. owner (or parameter ``{q,k,v}_proj_weight``) ``q_proj``/``wq``/``query``/``q``/``to_q``
+       -> Q, likewise K and V;
+    8. owner ``o_proj``/``wo``/``out_proj``/``o``/``to_out``, or ``c_proj``/``dense``/``proj``
+       under a segment containing ``attn``/``attention`` -> O;
+    9. a segment containing ``mlp``/``ffn``/``feed_forward``/``intermediate``, or owner
+       ``fc1``/``fc2``/``c_fc``/``up_proj``/``gate_proj``/``down_proj``/``w1``-``w3``/``wi``/
+       ``linear1``/``linear2``/``dense_h_to_4h``/``dense_4h_to_h`` -> MLP;
+    10. anything else -> OTHER.
+
+    Names cannot tell head counts or a ``Conv1D``'s (in, out) storage: name-ruled parameters get
+    ``heads=None`` and ``out_dim=0``.
+    """
+    segs = name.lower().split(".")
+    leaf, path = segs[-1], segs[:-1]
+    owner = path[-1] if path else ""
+    if "bias" in leaf:
+        return Role.BIAS
+    if any(_NAME_NORM_RE.fullmatch(s) for s in segs):
+        return Role.NORM
+    if len(shape) < 2:
+        return Role.OTHER
+    if owner in _NAME_OUTPUT or path == ["output"]:
+        return Role.OUTPUT
+    if any(_NAME_EMBED_RE.fullmatch(s) for s in segs):
+        return Role.EMBEDDING
+    if owner in _NAME_QKV or leaf == "in_proj_weight":
+        return Role.QKV
+    for role, names in ((Role.Q, _NAME_Q), (Role.K, _NAME_K), (Role.V, _NAME_V)):
+        if owner in names or leaf == f"{role.value}_proj_weight":
+            return role
+    in_attn = any(_ATTN_RE.search(s) for s in path)
+    if owner in _NAME_O or (in_attn and owner in _NAME_O_IN_ATTN):
+        return Role.O
+    if owner in _NAME_MLP or any(_MLP_RE.search(s) for s in path):
+        return Role.MLP
+    return Role.OTHER
+
+
+# --------------------------------------------------------------------------- structure
+
+
+@dataclass(frozen=True)
+class _Dense:
+    """A dense layer's weight with its bias and the axis of its output neurons."""
+
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    out_dim: int
+
+    @property
+    def width(self) -> int:
+        return self.weight.shape[self.out_dim]
+
+
+@dataclass(frozen=True)
+class _Claim:
+    role: Role
+    out_dim: int = 0
+    heads: int | None = None
+    parts: tuple[FusedPart, ...] = ()
+
+
+def _dense_of(module: object) -> _Dense | None:
+    """``nn.Linear`` (out, in) or Hugging Face ``Conv1D`` (in, out); None for anything else."""
+    if not isinstance(module, nn.Module):
+        return None
+    w = getattr(module, "weight", None)
+    if not isinstance(w, nn.Parameter) or w.dim() != 2:
+        return None
+    b = getattr(module, "bias", None)
+    b = b if isinstance(b, nn.Parameter) else None
+    if isinstance(module, nn.Linear):
+        return _Dense(w, b, 0)
+    if type(module).__name__ == "Conv1D" and w.shape[1] == getattr(module, "nf", None):
+        return _Dense(w, b, 1)
+    return None
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, _NORM_TYPES) or type(module).__name__.lower().endswith("norm")
+
+
+def _member(owner: nn.Module, path: str) -> _Dense | None:
+    """The dense layer (or bare 2-D parameter, stored (out, in)) at ``owner.<path>``."""
+    obj: object = owner
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    if isinstance(obj, nn.Parameter):
+        return _Dense(obj, None, 0) if obj.dim() == 2 else None
+    if isinstance(obj, (nn.ModuleList, nn.Sequential)):  # diffusers: to_out = [Linear, Dropout]
+        obj = next(iter(obj), None)
+    return _dense_of(obj)
+
+
+def _int_attr(sources: Iterable[object], names: tuple[str, ...]) -> int | None:
+    for src in sources:
+        if src is None:
+            continue
+        for n in names:
+            v = getattr(src, n, None)
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                return v
+    return None
+
+
+def _model_config(model: nn.Module) -> object | None:
+    config = getattr(model, "config", None)
+    get_text = getattr(config, "get_text_config", None)
+    if callable(get_text):  # multimodal Hugging Face configs nest the language model's
+        with contextlib.suppress(TypeError, ValueError):
+            config = get_text()
+    return config
+
+
+def _check_heads(attn: str, what: str, width: int, heads: int) -> None:
+    if width % heads:
+        raise ValueError(
+            f"attention {attn!r}: {what} width {width} is not divisible by {heads} heads; the head "
+            "count (read from the module's attributes or model.config) does not match the weights"
+        )
+
+
+@dataclass
+class _Heads:
+    heads: int | None
+    kv_heads: int | None
+    head_dim: int | None
+
+
+def _read_heads(attn: nn.Module, config: object | None) -> _Heads:
+    sources = (attn, getattr(attn, "config", None), config)
+    heads = _int_attr(sources, _HEADS_ATTRS)
+    kv = _int_attr(sources, _KV_HEADS_ATTRS)
+    head_dim = _int_attr(sources, _HEAD_DIM_ATTRS)
+    groups = _int_attr((attn,), ("num_key_value_groups",))
+    if kv is None and heads and groups and heads % groups == 0:
+        kv = heads // groups
+    return _Heads(heads, kv, head_dim)
+
+
+def _split_attention(
+    name: str, q: _Dense, k: _Dense, v: _Dense, h: _Heads
+) -> list[tuple[nn.Parameter, _Claim]] | None:
+    """Claims for separate q/k/v projections; None when the head count is unknown."""
+    heads = h.heads
+    if heads is None and h.head_dim and q.width % h.head_dim == 0:
+        heads = q.width // h.head_dim
+    if heads is None:
+        return None
+    _check_heads(name, "query", q.width, heads)
+    kv = h.kv_heads
+    if kv is None:
+        head_dim = h.head_dim or q.width // heads
+        kv = k.width // head_dim if k.width % head_dim == 0 else heads
+    _check_heads(name, "key", k.width, kv)
+    _check_heads(name, "value", v.width, kv)
+    return [
+        (q.weight, _Claim(Role.Q, q.out_dim, heads)),
+        (k.weight, _Claim(Role.K, k.out_dim, kv)),
+        (v.weight, _Claim(Role.V, v.out_dim, kv)),
+    ]
+
+
+def _fused_parts(
+    name: str, fused: _Dense, roles: tuple[Role, ...], h: _Heads
+) -> tuple[FusedPart, ...] | None:
+    """Q/K/V slices of a fused projection (consecutive along ``out_dim``); None when the head
+    count is unknown. Raises when the counts found do not add up to the fused width."""
+    total = fused.width
+    heads, head_dim = h.heads, h.head_dim
+    if heads is None:
+        if h.kv_heads is None and head_dim and total % (len(roles) * head_dim) == 0:
+            heads = total // (len(roles) * head_dim)
+        else:
+            return None
+    kv = h.kv_heads or heads
+    counts = [heads if r is Role.Q else kv for r in roles]
+    if head_dim is None and total % sum(counts) == 0:
+        head_dim = total // sum(counts)
+    sizes = [n * (head_dim or 0) for n in counts]
+    if sum(sizes) != total:
+        raise ValueError(
+            f"attention {name!r}: fused projection of width {total} does not split into "
+            f"{'/'.join(r.value for r in roles)} for {heads} heads, {kv} key/value heads and "
+            f"head size {head_dim}; the head counts (module attributes or model.config) do not "
+            "match the weights"
+        )
+    return tuple(FusedPart(r, size, n) for r, size, n in zip(roles, sizes, counts, strict=True))
+
+
+def _attention_claims(
+    name: str, attn: nn.Module, parent: nn.Module | None, config: object | None
+) -> tuple[list[tuple[nn.Parameter, _Claim]], bool] | None:
+    """Claims for one attention module and whether its head count was found (if not, q/k/v are
+    left to the name rules); None if ``attn`` is not an attention module."""
+    h = _read_heads(attn, config)
+    claims: list[tuple[nn.Parameter, _Claim]] = []
+    heads_known = True
+    split = next(
+        (qkv for names in _SPLIT_QKV if all(qkv := [_member(attn, n) for n in names])), None
+    )
+    if split is not None:
+        q, k, v = split
+        assert q and k and v
+        found = _split_attention(name, q, k, v, h)
+        heads_known = found is not None
+        claims += found or []
+    else:
+        fused = next((d for n in _FUSED_QKV if (d := _member(attn, n))), None)
+        if fused is None:
+            return None
+        if fused.bias is None and isinstance(getattr(attn, "in_proj_bias", None), nn.Parameter):
+            fused = replace(fused, bias=attn.in_proj_bias)  # nn.MultiheadAttention
+        q = _member(attn, "q_attn")  # GPT-2 cross-attention: separate q, fused k/v
+        parts = _fused_parts(name, fused, (Role.K, Role.V) if q else (Role.Q, Role.K, Role.V), h)
+        heads_known = parts is not None
+        if parts is not None:
+            claims.append((fused.weight, _Claim(Role.QKV, fused.out_dim, None, parts)))
+            if q is not None:
+                heads = h.heads or parts[0].heads
+                assert heads is not None
+                _check_heads(name, "query", q.width, heads)
+                claims.append((q.weight, _Claim(Role.Q, q.out_dim, heads)))
+    out = next((d for n in _OUT_PROJ if (d := _member(attn, n))), None)
+    if out is None and parent is not None:
+        out = next((d for n in _SIBLING_OUT_PROJ if (d := _member(parent, n))), None)
+    if out is not None:
+        claims.append((out.weight, _Claim(Role.O, out.out_dim)))
+    return claims, heads_known
+
+
+def _block_of(attn_name: str, modules: Mapping[str, nn.Module]) -> str:
+    """The transformer block holding an attention module: the nearest ancestor that is an item
+    of a ModuleList/Sequential/ModuleDict, else the attention's parent ("" = the model)."""
+    segs = attn_name.split(".") if attn_name else []
+    for i in range(len(segs) - 1, 0, -1):
+        parent = modules.get(".".join(segs[: i - 1]))
+        if isinstance(parent, (nn.ModuleList, nn.Sequential, nn.ModuleDict)):
+            return ".".join(segs[:i])
+    return ".".join(segs[:-1])
+
+
+def _inside(name: str, prefix: str) -> bool:
+    return prefix == "" or name == prefix or name.startswith(prefix + ".")
+
+
+def _parent_name(name: str) -> str | None:
+    return None if not name else name.rpartition(".")[0]
+
+
+class _Walker:
+    """One pass over a model's modules that claims parameters by what their modules are."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.modules = dict(model.named_modules())
+        self.config = _model_config(model)
+        self.claims: dict[int, _Claim] = {}
+        self.tied: set[int] = set()  # ids of embedding tables that are also a dense weight
+        self.unknown_heads: list[str] = []
+        self.attn_names: list[str] = []
+        self.blocks: list[str] = []
+
+    def claim(self, p: nn.Parameter | None, c: _Claim) -> None:
+        if p is not None and id(p) not in self.claims:
+            self.claims[id(p)] = c
+
+    def run(self) -> dict[int, _Claim]:
+        embeddings = [
+            m for m in self.modules.values() if isinstance(m, nn.Embedding | nn.EmbeddingBag)
+        ]
+        for emb in embeddings:
+            self.claim(emb.weight, _Claim(Role.EMBEDDING))
+        dense = [d for m in self.modules.values() if (d := _dense_of(m)) is not None]
+        self.tied = {id(e.weight) for e in embeddings} & {id(d.weight) for d in dense}
+        for m in self.modules.values():
+            if _is_norm(m):
+                for attr, p in m.named_parameters(recurse=False):
+                    self.claim(p, _Claim(Role.BIAS if "bias" in attr else Role.NORM))
+        self._attention()
+        output = self._output_layer(embeddings)
+        if output is not None:
+            self.claim(output.weight, _Claim(Role.OUTPUT, output.out_dim))
+        self._mlp()
+        attn = {id(self.modules[n]) for n in self.attn_names}
+        for m in self.modules.values():
+            if _dense_of(m) is not None or id(m) in attn:  # also in_proj_bias, bias_k, bias_v
+                for attr, p in m.named_parameters(recurse=False):
+                    if "bias" in attr:
+                        self.claim(p, _Claim(Role.BIAS))
+        return self.claims
+
+    def _attention(self) -> None:
+        """Claim q/k/v/qkv/o of every attention module; note the blocks holding them."""
+        for name, m in self.modules.items():
+            parent_name = _parent_name(name)
+            parent = self.modules.get(parent_name) if parent_name is not None else None
+            found = _attention_claims(name, m, parent, self.config)
+            if found is None:
+                continue
+            claims, heads_known = found
+            if not heads_known:
+                self.unknown_heads.append(name or type(m).__name__)
+            for p, c in claims:
+                self.claim(p, c)
+            self.attn_names.append(name)
+            block = _block_of(name, self.modules)
+            if block not in self.blocks:
+                self.blocks.append(block)
+
+    def _block_containing(self, name: str) -> str | None:
+        inside = [b for b in self.blocks if _inside(name, b)]
+        return max(inside, key=len) if inside else None
+
+    def _output_layer(self, embeddings: list[nn.Module]) -> _Dense | None:
+        """``get_output_embeddings()`` if the model has it, else the last dense layer outside
+        the blocks when its width is a vocabulary size (of an embedding or the config)."""
+        get = getattr(self.model, "get_output_embeddings", None)
+        if callable(get):
+            try:
+                out = get()
+            except (NotImplementedError, AttributeError):
+                pass
+            else:  # the model says which layer it is; None means it has none
+                return _dense_of(out)
+        vocab = {e.num_embeddings for e in embeddings}
+        if (v := _int_attr((self.config,), ("vocab_size",))) is not None:
+            vocab.add(v)
+        dense = [
+            d
+            for n, m in self.modules.items()
+            if (d := _dense_of(m)) is not None and not any(_inside(n, b) for b in self.blocks if b)
+        ]
+        if dense and dense[-1].width in vocab:
+            return dense[-1]
+        return None
+
+    def _mlp(self) -> None:
+        """Dense layers in MLP-like modules, and the non-attention dense layers of each block."""
+        for name, m in self.modules.items():
+            dense = _dense_of(m)
+            if dense is None or id(dense.weight) in self.claims:
+                continue
+            segs = name.split(".")
+            ancestors = [self.modules.get(".".join(segs[:i])) for i in range(1, len(segs))]
+            mlp_like = any(_MLP_RE.search(s) for s in segs) or any(
+                _MLP_RE.search(type(a).__name__) for a in ancestors if a is not None
+            )
+            block = self._block_containing(name)
+            if mlp_like or (block is not None and not self._in_attention(name, block)):
+                self.claim(dense.weight, _Claim(Role.MLP, dense.out_dim))
+
+    def _in_attention(self, name: str, block: str) -> bool:
+        """Inside an attention module, or under an attention-named module within the block."""
+        if any(_inside(name, a) for a in self.attn_names if a):
+            return True
+        rel = name[len(block) + 1 :] if block else name
+        return any(_ATTN_RE.search(s) for s in rel.split(".")[:-1])
+
+
+# --------------------------------------------------------------------------- the partition
+
+
+def _shape_str(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, shape)) if shape else "scalar"
+
+
+class Partition(Mapping[str, ParamInfo]):
+    """``{name: ParamInfo}`` in ``model.named_parameters()`` order, plus the parameters themselves.
+
+    ``params`` maps each name to the model's own parameter object (so optimizers can build their
+    groups from it); ``aliases`` maps every other name of a shared parameter (a tied ``lm_head``)
+    to the name it is listed under.
+    """
+
+    def __init__(
+        self,
+        infos: Mapping[str, ParamInfo],
+        params: Mapping[str, nn.Parameter],
+        aliases: Mapping[str, str] | None = None,
+    ) -> None:
+        if list(infos) != list(params):
+            raise ValueError("infos and params must list the same names in the same order")
+        self._infos = dict(infos)
+        self.params: dict[str, nn.Parameter] = dict(params)
+        self.aliases: dict[str, str] = dict(aliases or {})
+
+    def __getitem__(self, name: str) -> ParamInfo:
+        return self._infos[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._infos)
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{r.value} {len(n)}" for r, n in self.by_role().items())
+        return f"Partition({len(self)} tensors: {counts})"
+
+    def by_role(self) -> dict[Role, list[str]]:
+        """Names grouped by role, roles in :class:`Role` order (only those present)."""
+        groups: dict[Role, list[str]] = {r: [] for r in Role}
+        for name, info in self._infos.items():
+            groups[info.role].append(name)
+        return {r: names for r, names in groups.items() if names}
+
+    def _notes(self, info: ParamInfo) -> str:
+        notes = []
+        if info.parts:
+            notes.append(" ".join(f"{p.role.value}:{p.size}/{p.heads}h" for p in info.parts))
+        elif info.heads is not None:
+            notes.append(f"{info.heads} heads")
+        if info.out_dim != 0:
+            notes.append(f"out_dim={info.out_dim}")
+        tied_to = [a for a, n in self.aliases.items() if n == info.name]
+        if info.tied or tied_to:
+            notes.append("tied" + (f" with {', '.join(tied_to)}" if tied_to else ""))
+        return "; ".join(notes)
+
+    def table(self, layout: LayoutPolicy | None = None) -> str:
+        """A text table of every parameter: name, shape, role, blocks under ``layout`` (a policy
+        such as ``blocks.adam_mini_layout``; omitted without one), source and notes."""
+        header = ["name", "shape", "role", *(["blocks"] if layout else []), "source", "notes"]
+        rows = []
+        total_blocks = 0
+        for name, info in self._infos.items():
+            row = [name, _shape_str(info.shape), info.role.value]
+            if layout is not None:
+                lay = layout(info)
+                n = lay.num_blocks(info.shape) if lay is not None else info.numel
+                total_blocks += n
+                row.append(lay.describe(info.shape) if lay is not None else f"element ({n})")
+            rows.append([*row, info.source, self._notes(info)])
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+        def fmt(r: list[str]) -> str:
+            return "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+
+        numel = sum(i.numel for i in self._infos.values())
+        footer = f"{len(self)} tensors, {numel:,} parameters"
+        if layout is not None:
+            footer += f", {total_blocks:,} blocks"
+        lines = [fmt(header), fmt(["-" * w for w in widths]), *map(fmt, rows), footer]
+        return "\n".join(lines)
+
+
+def _as_role(value: Role | str) -> Role:
+    if isinstance(value, Role):
+        return value
+    if isinstance(value, str):
+        for r in Role:
+            if value.lower() in (r.value, r.name.lower()):
+                return r
+    raise ValueError(f"unknown role {value!r}; expected one of {', '.join(r.value for r in Role)}")
+
+
+def _apply_overrides(
+    infos: dict[str, ParamInfo], aliases: Mapping[str, str], overrides: Mapping[str, Role | str]
+) -> set[str]:
+    """Set roles by exact name (an alias counts) or fnmatch glob; later keys win. Returns the
+    overridden names."""
+    plan: list[tuple[list[str], Role]] = []
+    unknown = []
+    for key, value in overrides.items():
+        role = _as_role(value)
+        if key in infos:
+            names = [key]
+        elif key in aliases:
+            names = [aliases[key]]
+        else:
+            hits = [n for n in infos if fnmatch.fnmatchcase(n, key)]
+            hits += [aliases[a] for a in aliases if fnmatch.fnmatchcase(a, key)]
+            names = list(dict.fromkeys(hits))
+        if not names:
+            unknown.append(key)
+        plan.append((names, role))
+    if unknown:
+        sample = ", ".join(list(infos)[:3])
+        raise ValueError(
+            f"overrides match no parameter: {', '.join(map(repr, unknown))} "
+            f"(names look like: {sample}, ...)"
+        )
+    done: set[str] = set()
+    for names, role in plan:
+        for n in names:
+            infos[n] = replace(infos[n], role=role, source="override")
+            done.add(n)
+    return done
+
+
+def _summary(infos: Mapping[str, ParamInfo], names: list[str], limit: int = 12) -> str:
+    shown = ", ".join(f"{n} -> {infos[n].role.value}" for n in names[:limit])
+    return shown + (f", ... and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def partition(
+    model_or_named_params: nn.Module | Iterable[tuple[str, nn.Parameter]],
+    overrides: Mapping[str, Role | str] | None = None,
+    *,
+    warn: bool = True,
+) -> Partition:
+    """Assign each parameter a :class:`ParamInfo` from the module structure (see module doc).
+
+    ``model_or_named_params`` is a model (structure-aware) or ``(name, parameter)`` pairs (name
+    rules only, so no head counts and no ``Conv1D`` orientation). ``overrides`` maps exact names
+    or fnmatch globs to roles (``Role`` or its value, e.g. ``"mlp"``); later keys win and unknown
+    names raise ``ValueError``. Parameters whose role had to be guessed from their names are
+    reported in one warning unless ``warn=False``.
+    """
+    if isinstance(model_or_named_params, nn.Module):
+        model = model_or_named_params
+        params = dict(model.named_parameters())
+        canonical = {id(p): n for n, p in params.items()}
+        aliases = {
+            n: canonical[id(p)]
+            for n, p in model.named_parameters(remove_duplicate=False)
+            if canonical[id(p)] != n
+        }
+        walker = _Walker(model)
+        claims = walker.run()
+        infos: dict[str, ParamInfo] = {}
+        guessed = []
+        for name, p in params.items():
+            c = claims.get(id(p))
+            if c is None:
+                guessed.append(name)
+                infos[name] = ParamInfo(
+                    name, tuple(p.shape), role_from_name(name, p.shape), source="name"
+                )
+            else:
+                is_tied = id(p) in walker.tied and c.role is Role.EMBEDDING
+                infos[name] = ParamInfo(
+                    name, tuple(p.shape), c.role, c.out_dim, c.heads, c.parts, is_tied
+                )
+        done = _apply_overrides(infos, aliases, overrides or {})
+        guessed = [n for n in guessed if n not in done]
+        notes = []
+        if guessed:
+            notes.append(
+                f"{len(guessed)} parameter(s) not recognised from the module structure, roles "
+                f"guessed from their names: {_summary(infos, guessed)}"
+            )
+        if walker.unknown_heads:
+            notes.append(
+                "head count not found (module attributes or model.config) for attention "
+                f"{', '.join(walker.unknown_heads)}; their q/k/v were left to the name rules"
+            )
+        if notes and warn:
+            warnings.warn(
+                "optarena partition: "
+                + "; ".join(notes)
+                + ". Check with print_partition(model); set roles with overrides={name: role}.",
+                stacklevel=2,
+            )
+        return Partition(infos, params, aliases)
+
+    pairs = list(model_or_named_params)
+    for item in pairs:
+        if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
+            raise TypeError(
+                "partition() takes an nn.Module or (name, parameter) pairs such as "
+                f"model.named_parameters(); got an item {type(item).__name__}"
+            )
+    params = {}
+    aliases = {}
+    first: dict[int, str] = {}
+    for name, p in pairs:
+        if id(p) in first:
+            aliases[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+            params[name] = p
+    infos = {
+        n: ParamInfo(n, tuple(p.shape), role_from_name(n, p.shape), source="name")
+        for n, p in params.items()
+    }
+    done = _apply_overrides(infos, aliases, overrides or {})
+    guessed = [n for n in infos if n not in done]
+    if guessed and warn:
+        warnings.warn(
+            f"optarena partition: no module structure given, so the roles of {len(guessed)} "
+            f"parameter(s) were guessed from their names (no head counts; Conv1D read as "
+            f"(out, in)): {_summary(infos, guessed)}. Pass the model itself for a structure-"
+            "aware partition, or set roles with overrides={name: role}.",
+            stacklevel=2,
+        )
+    return Partition(infos, params, aliases)
+
+
+def print_partition(model: nn.Module, layout: LayoutPolicy | None = None) -> None:
+    """Print the partition table of ``model`` (with the blocks of ``layout``, if given)."""
+    print(partition(model).table(layout))
