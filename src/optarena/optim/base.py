@@ -80,6 +80,7 @@ class RuleOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{type(self).__name__}: unknown rule {defaults['rule']!r}")
         defaults = {**rule.defaults, **defaults}
         self._infos: dict[int, ParamInfo] = {}
+        self._sharded: bool | None = None  # any DTensor parameter (FSDP2); found on first step
         super().__init__(params, defaults)
         self._index_infos(infos)
 
@@ -136,6 +137,7 @@ class RuleOptimizer(torch.optim.Optimizer):
             for key, value in rule.defaults.items():
                 param_group.setdefault(key, value)
         super().add_param_group(param_group)
+        self._sharded = None
         group = self.param_groups[-1]
         rule.validate(group, type(self).__name__)
         for p in group["params"]:
@@ -188,6 +190,11 @@ class RuleOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._is_sharded():
+            from optarena.optim import sharding
+
+            sharding.step(self, bs)
+            return loss
         for group in self.param_groups:
             rule = self.rule_of(group)
             hp = group if bs is None or "bs" not in group else {**group, "bs": bs}
@@ -209,6 +216,14 @@ class RuleOptimizer(torch.optim.Optimizer):
                 decay *= rule.decay_lr(p, state, hp)
                 self._apply(p, u, size, decay, dtype)
         return loss
+
+    def _is_sharded(self) -> bool:
+        """Whether parameters are FSDP2 DTensors: then ``optarena.optim.sharding`` steps them."""
+        if self._sharded is None:
+            from optarena.optim.sharding import has_dtensors
+
+            self._sharded = has_dtensors(p for g in self.param_groups for p in g["params"])
+        return self._sharded
 
     @staticmethod
     def _apply(p: Tensor, u: Tensor, size: float, decay: float, dtype: torch.dtype) -> None:
@@ -237,7 +252,12 @@ class RuleOptimizer(torch.optim.Optimizer):
                     continue
                 state = self._state_for(p, group, rule)
                 dtype = self._dtype(p)
-                rule.update_hessian(p.grad.to(dtype), state, group)
+                if self._is_sharded():  # elementwise: the local shards are all it needs
+                    from optarena.optim.sharding import local, state_view
+
+                    rule.update_hessian(local(p.grad).to(dtype), state_view(state, None), group)
+                else:
+                    rule.update_hessian(p.grad.to(dtype), state, group)
 
     # ----------------------------------------------------------------- checkpoints
 

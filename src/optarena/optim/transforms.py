@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from optarena.optim.blocks import BlockLayout, block_mean_square, blockwise
+from optarena.optim.sharding import LocalShard, shard_of
 
 # --------------------------------------------------------------------------- momentum
 
@@ -40,9 +41,16 @@ def bias_correction(beta: float, step: int) -> float:
 
 
 class SecondMoment(Protocol):
-    """A running estimate of ``E[g²]`` at some granularity, and the division by its root."""
+    """A running estimate of ``E[g²]`` at some granularity, and the division by its root.
+
+    On a sharded parameter (``optarena.optim.sharding``) ``g`` and ``m`` are this rank's rows,
+    ``state`` carries the shard, and :meth:`shard_stats` asks, before the step's one collective,
+    for the partial sums of every statistic that spans rows.
+    """
 
     def init(self, p: Tensor, dtype: torch.dtype) -> dict[str, Tensor]: ...
+
+    def shard_stats(self, g: Tensor, shard: LocalShard) -> None: ...
 
     def update_(self, state: dict[str, Tensor], g: Tensor, beta2: float) -> None: ...
 
@@ -69,23 +77,38 @@ class BlockSecondMoment:
         n = self.layout.num_blocks(p.shape)
         return {"exp_avg_sq": torch.zeros(n, dtype=dtype, device=p.device)}
 
+    def shard_stats(self, g: Tensor, shard: LocalShard) -> None:
+        if not self.layout.elementwise:
+            shard.request_blocks("block_mean_square", g * g, self.layout)
+
+    def _stat(self, state: dict[str, Tensor], g: Tensor) -> Tensor:
+        shard = shard_of(state)
+        if shard is None or self.layout.elementwise:
+            return block_mean_square(g, self.layout)
+        return shard.mean("block_mean_square").clone()
+
     def update_(self, state: dict[str, Tensor], g: Tensor, beta2: float) -> None:
         v = state["exp_avg_sq"]
         if self.layout.elementwise:
             v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
         else:
-            v.mul_(beta2).add_(block_mean_square(g, self.layout), alpha=1.0 - beta2)
+            v.mul_(beta2).add_(self._stat(state, g), alpha=1.0 - beta2)
 
     def average_(self, state: dict[str, Tensor], g: Tensor, count: int) -> None:
         """Uniform running mean of the block statistic (the frozen-preconditioner phase)."""
         v = state["exp_avg_sq"]
-        v.add_(block_mean_square(g, self.layout).sub_(v), alpha=1.0 / count)
+        v.add_(self._stat(state, g).sub_(v), alpha=1.0 / count)
 
     def precondition(self, m: Tensor, state: dict[str, Tensor], bc2: float, eps: float) -> Tensor:
         root_bc2 = math.sqrt(bc2)
-        return blockwise(
-            lambda x, v: x / (v.sqrt() / root_bc2 + eps), m, state["exp_avg_sq"], self.layout
-        )
+
+        def fn(x: Tensor, v: Tensor) -> Tensor:
+            return x / (v.sqrt() / root_bc2 + eps)
+
+        shard = shard_of(state)
+        if shard is not None and not self.layout.elementwise:
+            return shard.blockwise(fn, m, state["exp_avg_sq"], self.layout)
+        return blockwise(fn, m, state["exp_avg_sq"], self.layout)
 
 
 class FactoredSecondMoment:
@@ -106,7 +129,21 @@ class FactoredSecondMoment:
         }
 
     @staticmethod
-    def _stats(g: Tensor) -> dict[str, Tensor]:
+    def shard_stats(g: Tensor, shard: LocalShard) -> None:
+        sq = g * g
+        if g.dim() < 2:
+            shard.request_sum("exp_avg_sq", sq)
+            return
+        for i in range(g.dim()):
+            shard.request_sum(f"exp_avg_sq_{i}", sq, keep=(i,))
+
+    @staticmethod
+    def _stats(g: Tensor, shard: LocalShard | None = None) -> dict[str, Tensor]:
+        if shard is not None:  # the global means, identical on every rank like the factors
+            if g.dim() < 2:
+                return {"exp_avg_sq": shard.mean("exp_avg_sq").reshape(1).clone()}
+            keys = [f"exp_avg_sq_{i}" for i in range(g.dim())]
+            return {k: shard.mean(k).clone() for k in keys}
         if g.dim() < 2:
             return {"exp_avg_sq": (g * g).mean().reshape(1)}
         sq = g * g
@@ -116,11 +153,11 @@ class FactoredSecondMoment:
         }
 
     def update_(self, state: dict[str, Tensor], g: Tensor, beta2: float) -> None:
-        for key, stat in self._stats(g).items():
+        for key, stat in self._stats(g, shard_of(state)).items():
             state[key].mul_(beta2).add_(stat, alpha=1.0 - beta2)
 
     def average_(self, state: dict[str, Tensor], g: Tensor, count: int) -> None:
-        for key, stat in self._stats(g).items():
+        for key, stat in self._stats(g, shard_of(state)).items():
             state[key].add_(stat.sub_(state[key]), alpha=1.0 / count)
 
     def precondition(self, m: Tensor, state: dict[str, Tensor], bc2: float, eps: float) -> Tensor:
@@ -128,11 +165,13 @@ class FactoredSecondMoment:
 
     @staticmethod
     def full(state: dict[str, Tensor], ndim: int) -> Tensor:
-        """The rank-one reconstruction ``V`` of the second moment."""
+        """The rank-one reconstruction ``V`` of the second moment (on a sharded parameter: its
+        local rows; the factors themselves are replicated)."""
         if ndim < 2:
             return state["exp_avg_sq"].clone()
         factors = [state[f"exp_avg_sq_{i}"] for i in range(ndim)]
-        v = factors[0]
+        shard = shard_of(state)
+        v = factors[0] if shard is None else shard.rows(factors[0])
         for f in factors[1:]:
             v = v * f
         return v / factors[0].mean() ** (ndim - 1)
@@ -149,9 +188,10 @@ def rms(x: Tensor) -> Tensor:
     return x.norm(2) / math.sqrt(x.numel())
 
 
-def clip_by_rms_(u: Tensor, threshold: float) -> Tensor:
-    """Scale ``u`` down so that its RMS is at most ``threshold`` (classic Adafactor)."""
-    return u.div_((rms(u) / threshold).clamp_(min=1.0))
+def clip_by_rms_(u: Tensor, threshold: float, u_rms: Tensor | None = None) -> Tensor:
+    """Scale ``u`` down so that its RMS is at most ``threshold`` (classic Adafactor); ``u_rms``
+    is given when ``u`` is one shard of the update."""
+    return u.div_(((rms(u) if u_rms is None else u_rms) / threshold).clamp_(min=1.0))
 
 
 def clipped_ratio(m: Tensor, h: Tensor, scale: float, floor: float = 1e-15) -> Tensor:
