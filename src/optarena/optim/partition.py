@@ -22,9 +22,9 @@ Here roles come from what the modules *are*:
 * biases of dense layers and attention modules -> BIAS.
 
 Dense layers are ``nn.Linear`` (``out_dim=0``) and Hugging Face ``Conv1D`` (weights stored
-(in, out), ``out_dim=1``). A transformer block is the item of a ``ModuleList``/``Sequential`` that
-holds an attention module. Whatever is left goes through :func:`role_from_name` and is reported in
-one warning.
+(in, out), ``out_dim=1``). A transformer block is the outermost ``ModuleList``/``Sequential``
+item that holds an attention module. Whatever is left goes through :func:`role_from_name` and
+is reported in one warning.
 
 Decisions:
 
@@ -337,13 +337,14 @@ def _attention_claims(
     h = _read_heads(attn, config)
     claims: list[tuple[nn.Parameter, _Claim]] = []
     heads_known = True
-    split = next(
-        (qkv for names in _SPLIT_QKV if all(qkv := [_member(attn, n) for n in names])), None
-    )
+    split = None
+    for names in _SPLIT_QKV:
+        q, k, v = (_member(attn, n) for n in names)
+        if q and k and v:
+            split = (q, k, v)
+            break
     if split is not None:
-        q, k, v = split
-        assert q and k and v
-        found = _split_attention(name, q, k, v, h)
+        found = _split_attention(name, *split, h)
         heads_known = found is not None
         claims += found or []
     else:
@@ -371,12 +372,12 @@ def _attention_claims(
 
 
 def _block_of(attn_name: str, modules: Mapping[str, nn.Module]) -> str:
-    """The transformer block holding an attention module: the nearest ancestor that is an item
-    of a ModuleList/Sequential/ModuleDict, else the attention's parent ("" = the model)."""
+    """The transformer block holding an attention module: its outermost ancestor that is an item
+    of a ModuleList/Sequential (T5 nests a list of sub-layers inside each block), else the
+    attention's parent ("" = the model)."""
     segs = attn_name.split(".") if attn_name else []
-    for i in range(len(segs) - 1, 0, -1):
-        parent = modules.get(".".join(segs[: i - 1]))
-        if isinstance(parent, (nn.ModuleList, nn.Sequential, nn.ModuleDict)):
+    for i in range(1, len(segs)):
+        if isinstance(modules.get(".".join(segs[: i - 1])), (nn.ModuleList, nn.Sequential)):
             return ".".join(segs[:i])
     return ".".join(segs[:-1])
 
@@ -645,68 +646,86 @@ def partition(
 
     ``model_or_named_params`` is a model (structure-aware) or ``(name, parameter)`` pairs (name
     rules only, so no head counts and no ``Conv1D`` orientation). ``overrides`` maps exact names
-    or fnmatch globs to roles (``Role`` or its value, e.g. ``"mlp"``); later keys win and unknown
-    names raise ``ValueError``. Parameters whose role had to be guessed from their names are
-    reported in one warning unless ``warn=False``.
+    (aliases included) or fnmatch globs to roles (``Role`` or its value, e.g. ``"mlp"``); later
+    keys win and keys that match nothing raise ``ValueError``. Parameters whose role had to be
+    guessed from their names, and not overridden, are reported in one warning unless
+    ``warn=False``.
     """
     if isinstance(model_or_named_params, nn.Module):
-        model = model_or_named_params
-        params = dict(model.named_parameters())
-        canonical = {id(p): n for n, p in params.items()}
-        aliases = {
-            n: canonical[id(p)]
-            for n, p in model.named_parameters(remove_duplicate=False)
-            if canonical[id(p)] != n
-        }
-        walker = _Walker(model)
-        claims = walker.run()
-        infos: dict[str, ParamInfo] = {}
-        guessed = []
-        for name, p in params.items():
-            c = claims.get(id(p))
-            if c is None:
-                guessed.append(name)
-                infos[name] = ParamInfo(
-                    name, tuple(p.shape), role_from_name(name, p.shape), source="name"
-                )
-            else:
-                is_tied = id(p) in walker.tied and c.role is Role.EMBEDDING
-                infos[name] = ParamInfo(
-                    name, tuple(p.shape), c.role, c.out_dim, c.heads, c.parts, is_tied
-                )
-        done = _apply_overrides(infos, aliases, overrides or {})
-        guessed = [n for n in guessed if n not in done]
+        infos, params, aliases, notes = _from_module(model_or_named_params)
+    else:
+        infos, params, aliases = _from_named(model_or_named_params)
         notes = []
-        if guessed:
-            notes.append(
-                f"{len(guessed)} parameter(s) not recognised from the module structure, roles "
-                f"guessed from their names: {_summary(infos, guessed)}"
-            )
-        if walker.unknown_heads:
-            notes.append(
-                "head count not found (module attributes or model.config) for attention "
-                f"{', '.join(walker.unknown_heads)}; their q/k/v were left to the name rules"
-            )
-        if notes and warn:
-            warnings.warn(
-                "optarena partition: "
-                + "; ".join(notes)
-                + ". Check with print_partition(model); set roles with overrides={name: role}.",
-                stacklevel=2,
-            )
-        return Partition(infos, params, aliases)
+    done = _apply_overrides(infos, aliases, overrides or {})
+    guessed = [n for n, i in infos.items() if i.source == "name" and n not in done]
+    if guessed and isinstance(model_or_named_params, nn.Module):
+        notes.insert(
+            0,
+            f"{len(guessed)} parameter(s) not recognised from the module structure, roles "
+            f"guessed from their names: {_summary(infos, guessed)}",
+        )
+    elif guessed:
+        notes.append(
+            f"no module structure given, so the roles of {len(guessed)} parameter(s) were guessed "
+            f"from their names (no head counts; Conv1D read as (out, in)): "
+            f"{_summary(infos, guessed)}. Pass the model itself for a structure-aware partition"
+        )
+    if notes and warn:
+        warnings.warn(
+            "optarena partition: "
+            + "; ".join(notes)
+            + ". Check with print_partition(model); set roles with overrides={name: role}.",
+            stacklevel=2,
+        )
+    return Partition(infos, params, aliases)
 
-    pairs = list(model_or_named_params)
+
+_Parts = tuple[dict[str, ParamInfo], dict[str, nn.Parameter], dict[str, str]]
+
+
+def _from_module(
+    model: nn.Module,
+) -> tuple[dict[str, ParamInfo], dict[str, nn.Parameter], dict[str, str], list[str]]:
+    """Infos from the module structure (name rules for the rest), params, aliases, notes."""
+    params = dict(model.named_parameters())
+    canonical = {id(p): n for n, p in params.items()}
+    aliases = {
+        n: canonical[id(p)]
+        for n, p in model.named_parameters(remove_duplicate=False)
+        if canonical[id(p)] != n
+    }
+    walker = _Walker(model)
+    claims = walker.run()
+    infos: dict[str, ParamInfo] = {}
+    for name, p in params.items():
+        shape = tuple(p.shape)
+        c = claims.get(id(p))
+        if c is None:
+            infos[name] = ParamInfo(name, shape, role_from_name(name, shape), source="name")
+        else:
+            tied = id(p) in walker.tied and c.role is Role.EMBEDDING
+            infos[name] = ParamInfo(name, shape, c.role, c.out_dim, c.heads, c.parts, tied)
+    notes = []
+    if walker.unknown_heads:
+        notes.append(
+            "head count not found (module attributes or model.config) for attention "
+            f"{', '.join(walker.unknown_heads)}; their q/k/v were left to the name rules"
+        )
+    return infos, params, aliases, notes
+
+
+def _from_named(pairs: Iterable[tuple[str, nn.Parameter]]) -> _Parts:
+    """Infos from name rules alone; a tensor listed under two names is kept under the first."""
+    params: dict[str, nn.Parameter] = {}
+    aliases: dict[str, str] = {}
+    first: dict[int, str] = {}
     for item in pairs:
         if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
             raise TypeError(
                 "partition() takes an nn.Module or (name, parameter) pairs such as "
                 f"model.named_parameters(); got an item {type(item).__name__}"
             )
-    params = {}
-    aliases = {}
-    first: dict[int, str] = {}
-    for name, p in pairs:
+        name, p = item
         if id(p) in first:
             aliases[name] = first[id(p)]
         else:
@@ -716,17 +735,7 @@ def partition(
         n: ParamInfo(n, tuple(p.shape), role_from_name(n, p.shape), source="name")
         for n, p in params.items()
     }
-    done = _apply_overrides(infos, aliases, overrides or {})
-    guessed = [n for n in infos if n not in done]
-    if guessed and warn:
-        warnings.warn(
-            f"optarena partition: no module structure given, so the roles of {len(guessed)} "
-            f"parameter(s) were guessed from their names (no head counts; Conv1D read as "
-            f"(out, in)): {_summary(infos, guessed)}. Pass the model itself for a structure-"
-            "aware partition, or set roles with overrides={name: role}.",
-            stacklevel=2,
-        )
-    return Partition(infos, params, aliases)
+    return infos, params, aliases
 
 
 def print_partition(model: nn.Module, layout: LayoutPolicy | None = None) -> None:

@@ -24,7 +24,7 @@ class Role(str, Enum):
     QKV = "qkv"  # fused query/key/value projection
     O = "o"  # attention output projection
     MLP = "mlp"  # feed-forward matrices (up, gate, down)
-    NORM = "norm"  # LayerNorm / RMSNorm gains (and their biases)
+    NORM = "norm"  # LayerNorm / RMSNorm gains (a norm's bias is BIAS, like every bias)
     BIAS = "bias"  # bias vectors of linear layers
     OTHER = "other"  # anything else (positional tables, scalars, unknown)
 
