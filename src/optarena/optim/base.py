@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from optarena.optim.roles import ParamInfo, Role
-from optarena.optim.rules import RULES, Rule
+from optarena.optim.rules import POSITIVE, RULES, Rule
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -186,6 +186,10 @@ class RuleOptimizer(torch.optim.Optimizer):
         ``bs`` (tokens per batch) overrides Sophia's ``bs`` for this step, as the reference
         implementation's ``step(bs=...)`` does.
         """
+        if bs is not None and not POSITIVE.test(bs):
+            raise ValueError(
+                f"{type(self).__name__}: invalid bs={bs!r}; expected {POSITIVE.expected}"
+            )
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -266,14 +270,18 @@ class RuleOptimizer(torch.optim.Optimizer):
 
         torch casts floating state to the parameter's dtype, which would round float32 state
         of bfloat16 parameters; here the saved dtype is kept and only the device follows.
+        Every tensor is copied, ``step`` included (torch keeps the saved ``step`` object, so
+        two optimizers loaded from one live ``state_dict`` would count each other's steps).
         """
         super().load_state_dict(state_dict)
         params = [p for g in self.param_groups for p in g["params"]]
         for index, saved in state_dict["state"].items():
             p = params[index]
             for key, value in saved.items():
-                if isinstance(value, Tensor) and key != "step":
-                    self.state[p][key] = value.to(device=p.device, copy=True)
+                if isinstance(value, Tensor):
+                    # ``step`` stays where it was saved (a CPU scalar, as ``_state_for`` makes it)
+                    device = value.device if key == "step" else p.device
+                    self.state[p][key] = value.to(device=device, copy=True)
 
     def state_bytes(self) -> int:
         """Bytes held by this optimizer's state."""

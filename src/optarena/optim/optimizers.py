@@ -14,6 +14,7 @@ from torch import nn
 
 from optarena.optim.base import RuleOptimizer
 from optarena.optim.roles import ParamInfo, Role
+from optarena.optim.rules import RULES
 
 Params = nn.Module | Iterable[Any]
 
@@ -346,6 +347,9 @@ class Hybrid(RuleOptimizer):
                     + ", ".join(r.value for r in Role)
                 ) from None
         self._route_specs = {key: route_group(key, value) for key, value in routes.items()}
+        for key, spec in self._route_specs.items():
+            # validated here too: a route that no parameter takes never becomes a param group
+            RULES[spec["rule"]].validate(spec, f"Hybrid (route {key!r})")
         self._pending_routes = dict(roles)
         first = self._route_specs["default"]
         super().__init__(params, {k: v for k, v in first.items() if k != "params"}, **options)

@@ -381,6 +381,11 @@ class AdafactorClassic(Rule):
         super().validate(group, owner)
         if group.get("lr") is None and not group.get("relative_step", True):
             raise ValueError(f"{owner}: lr=None needs relative_step=True; give an lr")
+        if group.get("lr") is not None and group.get("relative_step", True):
+            raise ValueError(
+                f"{owner}: lr={group['lr']!r} with relative_step=True would be ignored (the "
+                "step size is min(1e-2, 1/sqrt(t))); pass lr=None or relative_step=False"
+            )
         if group.get("warmup_init") and not group.get("relative_step", True):
             raise ValueError(f"{owner}: warmup_init=True needs relative_step=True")
 

@@ -168,13 +168,17 @@ class FactoredSecondMoment:
         """The rank-one reconstruction ``V`` of the second moment (on a sharded parameter: its
         local rows; the factors themselves are replicated)."""
         if ndim < 2:
-            return state["exp_avg_sq"].clone()
+            # a 0-d scalar broadcasts against 0-d and 1-D parameters alike
+            return state["exp_avg_sq"].reshape(()).clone()
         factors = [state[f"exp_avg_sq_{i}"] for i in range(ndim)]
+        # Every factor has the same mean (that of g²), so V = f_0 · Π_{i≥1} (f_i / mean): no
+        # mean^(N-1) to underflow, and an all-zero gradient history gives V = 0, not 0/0.
+        mean = factors[0].mean().clamp_min(torch.finfo(factors[0].dtype).tiny)
         shard = shard_of(state)
         v = factors[0] if shard is None else shard.rows(factors[0])
         for f in factors[1:]:
-            v = v * f
-        return v / factors[0].mean() ** (ndim - 1)
+            v = v * (f / mean)
+        return v
 
 
 def _axis_shape(shape: torch.Size, axis: int) -> tuple[int, ...]:

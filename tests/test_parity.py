@@ -1,0 +1,616 @@
+"""Parity of every optimizer with its reference, in float64.
+
+Drop-in classes are compared with the package they replace (torch, lion-pytorch,
+pytorch-optimizer, sophia-opt, adam-mini 1.1.1, transformers); the study's own variants
+(Adafactor, Adalayer, the frozen preconditioner, EMA-momentum SGD) with a literal transcription
+of the formulas in ``optimizers-and-protocol.md`` written below. Every run: 1-D, 2-D and 3-D
+tensors in two param groups with different hyperparameters, 32 steps, a learning-rate change at
+step 16, seeded gradients with exact zeros (one tensor entirely zero at step 3) and one
+parameter whose grad stays ``None``. Parameters and state are compared.
+
+Tolerance: rtol 1e-10 / atol 1e-12. The references update their EMAs as ``β m + (1-β) g``
+where we use ``lerp`` and divide in a different order (``addcdiv`` vs ``m / denom``), which are
+the same formula in another rounding order: they differ by a few ulps per step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import adam_mini
+import lion_pytorch
+import pytest
+import pytorch_optimizer
+import sophia_opt
+import torch
+import transformers.optimization as hf_optim
+from torch import Tensor
+
+from optarena.optim import (
+    EMASGD,
+    SGD,
+    Adafactor,
+    AdafactorClassic,
+    Adalayer,
+    AdamMini,
+    AdamW,
+    FusedPart,
+    Lion,
+    ParamInfo,
+    Role,
+    Signum,
+    SophiaG,
+    create,
+)
+from optim_cases import (
+    GROUP_A,
+    GROUP_B,
+    NO_GRAD,
+    assert_close,
+    clone_params,
+    llama_partition,
+    llama_shapes,
+    make_params,
+    set_grads,
+)
+
+STEPS = 32
+LR_CHANGE = 16  # from step 17 on, group 0's lr is x0.3 and group 1's x2
+LR_FACTORS = (0.3, 2.0)
+SHAPES = {**GROUP_A, **GROUP_B, NO_GRAD: (3, 2)}
+
+Groups = list[dict[str, Any]]
+
+
+def split_groups(params: Mapping[str, Tensor], named: bool, group_b: Mapping[str, Any]) -> Groups:
+    """Group 0: ``GROUP_A`` with the optimizer defaults; group 1: the rest, with ``group_b``."""
+
+    def entry(n: str) -> Any:
+        return (n, params[n]) if named else params[n]
+
+    a = [entry(n) for n in params if n in GROUP_A]
+    b = [entry(n) for n in params if n not in GROUP_A]
+    return [{"params": a}, {"params": b, **group_b}]
+
+
+def change_lr(opt: torch.optim.Optimizer) -> None:
+    for group, factor in zip(opt.param_groups, LR_FACTORS, strict=True):
+        group["lr"] *= factor
+
+
+def run_pair(
+    ours: torch.optim.Optimizer,
+    ref: torch.optim.Optimizer,
+    p_ours: Mapping[str, Tensor],
+    p_ref: Mapping[str, Tensor],
+    *,
+    n_steps: int = STEPS,
+    step_ours: Callable[[], Any] | None = None,
+    step_ref: Callable[[], Any] | None = None,
+    skip: tuple[str, ...] = (NO_GRAD,),
+    before_ref_step: Callable[[int], None] | None = None,
+) -> None:
+    for t in range(1, n_steps + 1):
+        if t == LR_CHANGE + 1:
+            change_lr(ours)
+            change_lr(ref)
+        set_grads(p_ours, t, skip=skip)
+        set_grads(p_ref, t, skip=skip)
+        if before_ref_step is not None:
+            before_ref_step(t)
+        (step_ours or ours.step)()
+        (step_ref or ref.step)()
+
+
+def compare(
+    ours: torch.optim.Optimizer,
+    ref: torch.optim.Optimizer,
+    p_ours: Mapping[str, Tensor],
+    p_ref: Mapping[str, Tensor],
+    keys: Mapping[str, str],
+    init: Mapping[str, Tensor],
+    skip: tuple[str, ...] = (NO_GRAD,),
+) -> None:
+    """Parameters equal, the state entries ``keys`` (ours -> reference) equal, the parameters
+    actually moved, and a parameter without gradients untouched and stateless."""
+    for name, p in p_ours.items():
+        assert_close(p, p_ref[name], f"param {name}")
+        if name in skip:
+            assert torch.equal(p, init[name]), f"{name} has no grad but was changed"
+            assert not ours.state.get(p), f"{name} has no grad but got state"
+            continue
+        assert (p - init[name]).abs().max() > 1e-7, f"{name} did not move"
+        for ours_key, ref_key in keys.items():
+            a, b = ours.state[p][ours_key], ref.state[p_ref[name]][ref_key]
+            assert_close(a.reshape(b.shape), b, f"state {ours_key} of {name}")
+
+
+def fresh() -> tuple[dict, dict, dict]:
+    p_ours = make_params(SHAPES)
+    return p_ours, clone_params(p_ours), {n: p.detach().clone() for n, p in p_ours.items()}
+
+
+# --------------------------------------------------------------------------- torch AdamW, SGD
+
+
+def test_adamw_matches_torch() -> None:
+    p_ours, p_ref, init = fresh()
+    group_b = {"lr": 3e-3, "betas": (0.8, 0.99), "weight_decay": 0.0, "eps": 1e-6}
+    hp = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    ours = AdamW(split_groups(p_ours, True, group_b), **hp)
+    ref = torch.optim.AdamW(split_groups(p_ref, False, group_b), **hp, foreach=False)
+    run_pair(ours, ref, p_ours, p_ref)
+    compare(ours, ref, p_ours, p_ref, {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}, init)
+
+
+SGD_CASES = [
+    pytest.param(dict(momentum=0.0), id="plain"),
+    pytest.param(dict(momentum=0.9, weight_decay=1e-2), id="heavy-ball-coupled-wd"),
+    pytest.param(dict(momentum=0.9, dampening=0.3), id="dampening"),
+    pytest.param(dict(momentum=0.9, nesterov=True, weight_decay=1e-2), id="nesterov"),
+]
+
+
+@pytest.mark.parametrize("hp", SGD_CASES)
+def test_sgd_matches_torch(hp: dict[str, Any]) -> None:
+    # torch.optim.SGD adds λθ to the gradient: pin ours to the same (coupled) decay.
+    p_ours, p_ref, init = fresh()
+    group_b = {"lr": 0.05, "momentum": hp["momentum"] / 2}
+    if hp.get("nesterov"):
+        group_b["momentum"] = 0.5
+    ours = SGD(split_groups(p_ours, True, group_b), lr=0.1, decoupled_weight_decay=False, **hp)
+    ref = torch.optim.SGD(split_groups(p_ref, False, group_b), lr=0.1, foreach=False, **hp)
+    run_pair(ours, ref, p_ours, p_ref)
+    keys = {"momentum_buffer": "momentum_buffer"} if hp["momentum"] else {}
+    compare(ours, ref, p_ours, p_ref, keys, init)
+
+
+def test_sgd_decoupled_decay_matches_torch_plus_manual_decay() -> None:
+    # The study's SGD: θ *= 1 - η_t λ, then torch's heavy ball on the undecayed gradient.
+    p_ours, p_ref, init = fresh()
+    wd = 0.05
+    ours = SGD(split_groups(p_ours, True, {"lr": 0.05}), lr=0.1, momentum=0.9, weight_decay=wd)
+    ref = torch.optim.SGD(split_groups(p_ref, False, {"lr": 0.05}), lr=0.1, momentum=0.9)
+
+    def decay(_: int) -> None:
+        with torch.no_grad():
+            for group in ref.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.mul_(1 - group["lr"] * wd)
+
+    run_pair(ours, ref, p_ours, p_ref, before_ref_step=decay)
+    compare(ours, ref, p_ours, p_ref, {"momentum_buffer": "momentum_buffer"}, init)
+
+
+# --------------------------------------------------------------------------- sign family
+
+
+def test_lion_matches_lion_pytorch() -> None:
+    # lion-pytorch's default decay is θ *= 1 - η_t λ (decoupled_weight_decay=False pins it;
+    # True would divide λ by the initial lr).
+    p_ours, p_ref, init = fresh()
+    group_b = {"lr": 3e-3, "betas": (0.95, 0.98), "weight_decay": 0.0}
+    hp = dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.5)
+    ours = Lion(split_groups(p_ours, True, group_b), **hp)
+    ref = lion_pytorch.Lion(split_groups(p_ref, False, group_b), **hp, decoupled_weight_decay=False)
+    run_pair(ours, ref, p_ours, p_ref)
+    compare(ours, ref, p_ours, p_ref, {"exp_avg": "exp_avg"}, init)
+
+
+@pytest.mark.parametrize("momentum", [0.9, 0.0])
+def test_signum_matches_pytorch_optimizer_signsgd(momentum: float) -> None:
+    # SignSGD(weight_decouple=True): θ *= 1 - η_t λ; EMA momentum (lerp), sign; no bias correction.
+    p_ours, p_ref, init = fresh()
+    group_b = {"lr": 3e-3, "momentum": momentum / 2, "weight_decay": 0.0}
+    hp = dict(lr=1e-2, momentum=momentum, weight_decay=0.5)
+    ours = Signum(split_groups(p_ours, True, group_b), **hp)
+    ref = pytorch_optimizer.SignSGD(split_groups(p_ref, False, group_b), **hp, weight_decouple=True)
+    run_pair(ours, ref, p_ours, p_ref)
+    keys = {"exp_avg": "momentum_buffer"} if momentum else {}
+    compare(ours, ref, p_ours, p_ref, keys, init)
+
+
+@pytest.mark.parametrize("bs_in", ["step", "group"])
+def test_sophia_matches_sophia_opt(bs_in: str) -> None:
+    # Pinned: ρ = 0.05, bs = 37 tokens, Hessian every k = 5 steps, λ = 0.2 (θ *= 1 - η_t λ).
+    # ``bs`` is given either to every ``step(bs=...)`` (as sophia-opt takes it) or once to the
+    # constructor; the reference always gets it in ``step``.
+    p_ours, p_ref, init = fresh()
+    bs, k = 37, 5
+    group_b = {"lr": 3e-3, "betas": (0.9, 0.95), "rho": 0.02, "weight_decay": 0.0}
+    hp = dict(lr=1e-2, betas=(0.965, 0.99), rho=0.05, weight_decay=0.2)
+    extra = {"bs": bs} if bs_in == "group" else {}
+    ours = SophiaG(split_groups(p_ours, True, group_b), **hp, hessian_interval=k, **extra)
+    ref = sophia_opt.SophiaG(split_groups(p_ref, False, group_b), **hp)
+    assert ours.hessian_interval == k
+    for t in range(1, STEPS + 1):
+        if t == LR_CHANGE + 1:
+            change_lr(ours)
+            change_lr(ref)
+        set_grads(p_ours, t)
+        set_grads(p_ref, t)
+        ours.step(bs=bs) if bs_in == "step" else ours.step()
+        ref.step(bs=bs)
+        if t % ours.hessian_interval == 0:
+            # synthetic "hessian gradients": other seed, larger scale so that |m| / (ρ bs h)
+            # is below 1 for part of the entries (the unclipped branch is exercised)
+            set_grads(p_ours, t, seed=2, scale=2.0)
+            set_grads(p_ref, t, seed=2, scale=2.0)
+            ours.update_hessian()
+            ref.update_hessian()
+    compare(ours, ref, p_ours, p_ref, {"exp_avg": "exp_avg", "hessian": "hessian"}, init)
+    ratios = [
+        (s["exp_avg"].abs() / (0.05 * bs * s["hessian"])).flatten()
+        for p, s in ours.state.items()
+        if any(p is q for q in list(p_ours.values())[:3])
+    ]
+    unclipped = (torch.cat(ratios) < 1).double().mean()
+    assert 0.05 < unclipped < 0.95, f"only {unclipped:.2f} of the entries are unclipped"
+
+
+# --------------------------------------------------------------------------- Adam-mini
+
+
+def test_adam_mini_matches_official_1_1_1() -> None:
+    # A Llama-named model (GQA: 2 kv heads for 4 query heads) with one attention bias, which the
+    # official code updates with elementwise Adam. The official code keeps one group per
+    # parameter; we give its groups the lr of the group each parameter is in on our side.
+    dim, n_heads, n_kv = 32, 4, 2
+    shapes = llama_shapes(dim=dim, n_heads=n_heads, n_kv_heads=n_kv)
+    shapes["model.layers.0.self_attn.q_proj.bias"] = (dim,)
+    infos = llama_partition(shapes, n_heads, n_kv)
+    assert infos["model.layers.0.self_attn.q_proj.bias"].role is Role.BIAS
+    p_ours = make_params(shapes)
+    p_ref = clone_params(p_ours)
+    init = {n: p.detach().clone() for n, p in p_ours.items()}
+    skip = ("model.layers.1.self_attn.v_proj.weight", "model.layers.1.input_layernorm.weight")
+    in_a = [n for n in shapes if ".layers.0." in n or "embed" in n]
+    in_b = [n for n in shapes if n not in in_a]
+    lrs = (1e-2, 4e-3)
+    hp = dict(betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    ours = AdamMini(
+        [
+            {"params": [(n, p_ours[n]) for n in in_a], "lr": lrs[0]},
+            {"params": [(n, p_ours[n]) for n in in_b], "lr": lrs[1]},
+        ],
+        **hp,
+        partition=infos,
+    )
+    ref = adam_mini.Adam_mini(
+        list(p_ref.items()),
+        lr=lrs[0],
+        **hp,
+        dim=dim,
+        n_heads=n_heads,
+        n_kv_heads=n_kv,
+        verbose=False,
+    )
+    for group in ref.param_groups:
+        group["lr"] = lrs[0] if group["name"] in in_a else lrs[1]
+    for t in range(1, STEPS + 1):
+        if t == LR_CHANGE + 1:
+            change_lr(ours)
+            for group in ref.param_groups:
+                group["lr"] *= LR_FACTORS[0] if group["name"] in in_a else LR_FACTORS[1]
+        set_grads(p_ours, t, skip=skip)
+        set_grads(p_ref, t, skip=skip)
+        ours.step()
+        ref.step()
+    for name, p in p_ours.items():
+        assert_close(p, p_ref[name], f"param {name}")
+        if name in skip:
+            assert torch.equal(p, init[name])
+            continue
+        assert (p - init[name]).abs().max() > 1e-4, f"{name} did not move"
+        mine, theirs = ours.state[p], ref.state[p_ref[name]]
+        assert_close(mine["exp_avg"], theirs["m"].reshape(p.shape), f"m of {name}")
+        v_ref = theirs["v"] if "bias" in name else theirs["vmean"]
+        assert mine["exp_avg_sq"].numel() == v_ref.numel(), f"block count of {name}"
+        assert_close(mine["exp_avg_sq"].reshape(v_ref.shape), v_ref, f"v of {name}")
+    # the GQA key projection has one block per kv head, the query one per query head
+    assert ours.state[p_ours["model.layers.0.self_attn.k_proj.weight"]]["exp_avg_sq"].numel() == 2
+    assert ours.state[p_ours["model.layers.0.self_attn.q_proj.weight"]]["exp_avg_sq"].numel() == 4
+
+
+# --------------------------------------------------------------------------- classic Adafactor
+
+ADAFACTOR_CASES = [
+    pytest.param(dict(lr=None, relative_step=True, scale_parameter=True), id="relative-scaled"),
+    pytest.param(
+        dict(lr=None, relative_step=True, scale_parameter=True, beta1=0.9, weight_decay=0.1),
+        id="relative-scaled-beta1-wd",
+    ),
+    pytest.param(
+        dict(lr=None, relative_step=True, scale_parameter=False, warmup_init=True),
+        id="relative-warmup",
+    ),
+    pytest.param(
+        dict(lr=1e-2, relative_step=False, scale_parameter=False, beta1=0.9, weight_decay=0.1),
+        id="external-lr-beta1-wd",
+    ),
+    pytest.param(
+        dict(lr=1e-2, relative_step=False, scale_parameter=True, weight_decay=0.05),
+        id="external-lr-scaled-wd",
+    ),
+]
+
+
+@pytest.mark.parametrize("hp", ADAFACTOR_CASES)
+def test_adafactor_classic_matches_transformers(hp: dict[str, Any]) -> None:
+    # Pinned: decay_rate -0.8 (β2_t = 1 - t^-0.8), clip_threshold 1, eps (1e-30, 1e-3),
+    # factored over the last two axes; momentum (beta1) on the lr-scaled update.
+    p_ours, p_ref, init = fresh()
+    group_b = {"clip_threshold": 0.5}
+    if hp["lr"] is not None:
+        group_b["lr"] = 3e-3
+    ours = AdafactorClassic(split_groups(p_ours, True, group_b), **hp)
+    ref = hf_optim.Adafactor(split_groups(p_ref, False, group_b), **hp)
+    if hp["lr"] is None:  # nothing to change: the step size is relative
+        run = dict(n_steps=STEPS)
+        for opt in (ours, ref):
+            for group in opt.param_groups:
+                assert group["lr"] is None
+        for t in range(1, run["n_steps"] + 1):
+            set_grads(p_ours, t)
+            set_grads(p_ref, t)
+            ours.step()
+            ref.step()
+    else:
+        run_pair(ours, ref, p_ours, p_ref)
+    keys = {"exp_avg": "exp_avg"} if hp.get("beta1") is not None else {}
+    for name, p in p_ours.items():
+        if name == NO_GRAD:
+            continue
+        if p.dim() >= 2:
+            keys_p = {
+                **keys,
+                "exp_avg_sq_row": "exp_avg_sq_row",
+                "exp_avg_sq_col": "exp_avg_sq_col",
+            }
+        else:
+            keys_p = {**keys, "exp_avg_sq": "exp_avg_sq"}
+        for k_ours, k_ref in keys_p.items():
+            assert_close(
+                ours.state[p][k_ours], ref.state[p_ref[name]][k_ref], f"{k_ours} of {name}"
+            )
+    compare(ours, ref, p_ours, p_ref, {}, init)
+
+
+# --------------------------------------------------------------------------- study variants
+# Literal transcriptions of optimizers-and-protocol.md, one parameter at a time, in float64.
+
+
+def study_loop(
+    opt: torch.optim.Optimizer,
+    params: Mapping[str, Tensor],
+    ref_params: Mapping[str, Tensor],
+    group_of: Mapping[str, int],
+    hps: list[dict[str, Any]],
+    update: Callable[[str, Tensor, Tensor, dict, int, dict[str, Any]], None],
+    *,
+    n_steps: int = STEPS,
+) -> dict[str, dict]:
+    """Run ``opt`` on ``params`` and ``update(name, p, g, state, t, hp)`` on ``ref_params``."""
+    states: dict[str, dict] = {n: {} for n in params}
+    lrs = [h["lr"] for h in hps]
+    for t in range(1, n_steps + 1):
+        if t == LR_CHANGE + 1:
+            change_lr(opt)
+            lrs = [lr * f for lr, f in zip(lrs, LR_FACTORS, strict=True)]
+        set_grads(params, t)
+        set_grads(ref_params, t)
+        opt.step()
+        with torch.no_grad():
+            for name, p in ref_params.items():
+                if p.grad is None:
+                    continue
+                st = states[name]
+                st["t"] = st.get("t", 0) + 1
+                hp = {**hps[group_of[name]], "lr": lrs[group_of[name]]}
+                update(name, p, p.grad, st, st["t"], hp)
+    return states
+
+
+def check_study(opt, p_ours, p_ref, init) -> None:
+    for name, p in p_ours.items():
+        assert_close(p, p_ref[name], f"param {name}")
+        if name == NO_GRAD:
+            assert torch.equal(p, init[name]) and not opt.state.get(p)
+        else:
+            assert (p - init[name]).abs().max() > 1e-4, f"{name} did not move"
+
+
+def ema(st: dict, key: str, x: Tensor, beta: float) -> Tensor:
+    st[key] = beta * st.get(key, torch.zeros_like(x)) + (1 - beta) * x
+    return st[key]
+
+
+def adam_like_step(p: Tensor, m: Tensor, v: Tensor, t: int, hp: dict[str, Any]) -> None:
+    """``θ *= 1 - ηλ``; ``θ -= (η / (1-β1^t)) m / (sqrt(v / (1-β2^t)) + ε)``."""
+    b1, b2 = hp["betas"]
+    p.mul_(1 - hp["lr"] * hp["weight_decay"])
+    p.sub_((hp["lr"] / (1 - b1**t)) * m / ((v / (1 - b2**t)).sqrt() + hp["eps"]))
+
+
+@pytest.mark.parametrize("beta1", [0.9, 0.0])
+def test_adafactor_study_matches_transcription(beta1: float) -> None:
+    # Study's Adafactor: r_i = EMA_β2(mean of g² over all other axes) for every axis;
+    # matrix V = r cᵀ / mean(r) (written as an outer product); N axes: Π_i r_i / mean^(N-1);
+    # 1-D: one scalar, the EMA of mean(g²). Adam's bias corrections, constant β2.
+    shapes = {**SHAPES, "a.scalar": ()}
+    p_ours = make_params(shapes)
+    p_ref = clone_params(p_ours)
+    init = {n: p.detach().clone() for n, p in p_ours.items()}
+    hps = [
+        dict(lr=1e-2, betas=(beta1, 0.95), eps=1e-8, weight_decay=0.1),
+        dict(lr=3e-3, betas=(beta1 / 2, 0.99), eps=1e-6, weight_decay=0.0),
+    ]
+    group_of = {n: 0 if n in GROUP_A or n == "a.scalar" else 1 for n in shapes}
+    groups = [
+        {"params": [(n, p) for n, p in p_ours.items() if group_of[n] == i], **hps[i]}
+        for i in range(2)
+    ]
+    opt = Adafactor(groups)
+
+    def update(name, p, g, st, t, hp):
+        b1, b2 = hp["betas"]
+        m = ema(st, "m", g, b1) if b1 > 0 else g
+        if g.dim() < 2:
+            v = ema(st, "v", (g * g).mean(), b2)
+        else:
+            axes = range(g.dim())
+            r = [
+                ema(st, f"r{i}", (g * g).mean(dim=[d for d in axes if d != i], keepdim=True), b2)
+                for i in axes
+            ]
+            if g.dim() == 2:
+                v = (r[0].reshape(-1, 1) @ r[1].reshape(1, -1)) / r[0].mean()
+            else:
+                v = math.prod(r[1:], start=r[0]) / r[0].mean() ** (g.dim() - 1)
+        adam_like_step(p, m, v, t, hp)
+
+    states = study_loop(opt, p_ours, p_ref, group_of, hps, update)
+    check_study(opt, p_ours, p_ref, init)
+    mat = p_ours["a.mat"]
+    assert_close(opt.state[mat]["exp_avg_sq_0"].flatten(), states["a.mat"]["r0"].flatten(), "r")
+    assert_close(opt.state[mat]["exp_avg_sq_1"].flatten(), states["a.mat"]["r1"].flatten(), "c")
+    if beta1:
+        assert_close(opt.state[mat]["exp_avg"], states["a.mat"]["m"], "m")
+
+
+ADALAYER_SHAPES = {
+    "attn.qkv.weight": (12, 5),
+    "lm_head.weight": (6, 5),
+    "ln.weight": (5,),
+    "mlp.weight": (3, 4, 5),
+    "pos": (7,),
+    "b.mlp.weight": (4, 6),
+    NO_GRAD: (3, 2),
+}
+ADALAYER_INFOS = {
+    "attn.qkv.weight": ParamInfo(
+        "attn.qkv.weight",
+        (12, 5),
+        Role.QKV,
+        heads=2,
+        parts=(FusedPart(Role.Q, 4, 2), FusedPart(Role.K, 4, 2), FusedPart(Role.V, 4, 2)),
+    ),
+    "lm_head.weight": ParamInfo("lm_head.weight", (6, 5), Role.OUTPUT),
+    "ln.weight": ParamInfo("ln.weight", (5,), Role.NORM),
+    "mlp.weight": ParamInfo("mlp.weight", (3, 4, 5), Role.MLP),
+    "b.mlp.weight": ParamInfo("b.mlp.weight", (4, 6), Role.MLP),
+}
+
+
+def test_adalayer_matches_transcription() -> None:
+    # Adalayer: v_b = β2 v_b + (1-β2) mean_{i∈b} g_i²; a block is a tensor, except: the fused
+    # QKV matrix is three blocks (its Q, K and V rows), the last layer one block per row.
+    p_ours = make_params(ADALAYER_SHAPES)
+    p_ref = clone_params(p_ours)
+    init = {n: p.detach().clone() for n, p in p_ours.items()}
+    hps = [
+        dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1),
+        dict(lr=3e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.0),
+    ]
+    group_of = {n: 1 if n.startswith("b.") else 0 for n in ADALAYER_SHAPES}
+    groups = [
+        {"params": [(n, p) for n, p in p_ours.items() if group_of[n] == i], **hps[i]}
+        for i in range(2)
+    ]
+    opt = Adalayer(groups, partition=ADALAYER_INFOS)
+
+    def block_mean_sq(name: str, g: Tensor) -> Tensor:
+        if name == "lm_head.weight":
+            return torch.stack([(row * row).mean() for row in g]).reshape(-1, 1)
+        if name == "attn.qkv.weight":
+            means = [(g[i : i + 4] ** 2).mean() for i in (0, 4, 8)]
+            return torch.stack([means[i // 4] for i in range(12)]).reshape(-1, 1)
+        return (g * g).mean()
+
+    def update(name, p, g, st, t, hp):
+        b1, b2 = hp["betas"]
+        m = ema(st, "m", g, b1)
+        v = ema(st, "v", block_mean_sq(name, g), b2)
+        adam_like_step(p, m, v, t, hp)
+
+    states = study_loop(opt, p_ours, p_ref, group_of, hps, update)
+    check_study(opt, p_ours, p_ref, init)
+    qkv = opt.state[p_ours["attn.qkv.weight"]]["exp_avg_sq"]
+    assert qkv.numel() == 3
+    assert_close(qkv, states["attn.qkv.weight"]["v"].flatten()[::4], "qkv blocks")
+    head = opt.state[p_ours["lm_head.weight"]]["exp_avg_sq"]
+    assert_close(head, states["lm_head.weight"]["v"].flatten(), "per-row output")
+    assert opt.state[p_ours["mlp.weight"]]["exp_avg_sq"].numel() == 1
+
+
+def test_sgd_ema_matches_transcription() -> None:
+    # The hybrids' body: m = β m + (1-β) g; θ *= 1 - ηλ; θ -= (η / (1-β^t)) m.
+    p_ours = make_params(SHAPES)
+    p_ref = clone_params(p_ours)
+    init = {n: p.detach().clone() for n, p in p_ours.items()}
+    hps = [dict(lr=0.1, momentum=0.9, weight_decay=0.1), dict(lr=0.3, momentum=0.5, weight_decay=0)]
+    group_of = {n: 0 if n in GROUP_A else 1 for n in SHAPES}
+    groups = [
+        {"params": [(n, p) for n, p in p_ours.items() if group_of[n] == i], **hps[i]}
+        for i in range(2)
+    ]
+    opt = EMASGD(groups)
+
+    def update(name, p, g, st, t, hp):
+        m = ema(st, "m", g, hp["momentum"])
+        p.mul_(1 - hp["lr"] * hp["weight_decay"])
+        p.sub_(hp["lr"] / (1 - hp["momentum"] ** t) * m)
+
+    study_loop(opt, p_ours, p_ref, group_of, hps, update)
+    check_study(opt, p_ours, p_ref, init)
+
+
+@pytest.mark.parametrize("unfrozen", [(), ("output",)])
+def test_adam_frozen_matches_transcription(unfrozen: tuple[str, ...]) -> None:
+    # Frozen preconditioner: for the first K steps no update while v is the uniform average of
+    # g² (sum / t, unbiased: no bias correction later); then v is fixed, except on the unfrozen
+    # roles where it continues as an EMA. m is Adam's EMA throughout, corrected with the global t.
+    k, lr, betas, eps = 8, 1e-2, (0.9, 0.95), 1e-8
+    infos = {n: ParamInfo(n, s, Role.MLP) for n, s in SHAPES.items()}
+    infos["b.mat"] = ParamInfo("b.mat", SHAPES["b.mat"], Role.OUTPUT)
+    p_ours = make_params(SHAPES)
+    p_ref = clone_params(p_ours)
+    init = {n: p.detach().clone() for n, p in p_ours.items()}
+    opt = create(
+        "adam-frozen",
+        list(p_ours.items()),
+        lr=lr,
+        betas=betas,
+        eps=eps,
+        precondition_steps=k,
+        unfrozen_roles=unfrozen,
+        partition=infos,
+    )
+    states: dict[str, dict] = {n: {} for n in SHAPES}
+    for t in range(1, STEPS + 1):
+        set_grads(p_ours, t)
+        set_grads(p_ref, t)
+        if t == k:
+            snapshot = {n: p.detach().clone() for n, p in p_ours.items()}
+        opt.step()
+        with torch.no_grad():
+            for name, p in p_ref.items():
+                if p.grad is None:
+                    continue
+                g, st = p.grad, states[name]
+                m = ema(st, "m", g, betas[0])
+                if t <= k:
+                    st["sum"] = st.get("sum", torch.zeros_like(g)) + g * g
+                    st["v"] = st["sum"] / t
+                    continue
+                if infos[name].role.value in unfrozen:
+                    st["v"] = betas[1] * st["v"] + (1 - betas[1]) * g * g
+                p.sub_(lr / (1 - betas[0] ** t) * m / (st["v"].sqrt() + eps))
+    for name in SHAPES:
+        assert torch.equal(snapshot[name], init[name]), f"{name} moved while preconditioning"
+    check_study(opt, p_ours, p_ref, init)
+    out = p_ours["b.mat"]
+    assert_close(opt.state[out]["exp_avg_sq"], states["b.mat"]["v"], "v of the output layer")
