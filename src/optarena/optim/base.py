@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from optarena.optim.fused import FusedStepper, compile_available, should_fuse
 from optarena.optim.roles import ParamInfo, Role
 from optarena.optim.rules import POSITIVE, RULES, Rule
 
@@ -53,6 +54,12 @@ class RuleOptimizer(torch.optim.Optimizer):
             parameters (their updates are computed in float32 and rounded once), the
             parameter's own dtype otherwise; ``"param"``: always the parameter's dtype.
         no_decay_roles: roles exempt from weight decay (e.g. norms and biases).
+        fused: the fast path (:mod:`optarena.optim.fused`), stored per group like torch's flag:
+            ``True`` compiles each group's step into fused kernels, ``False`` runs the eager
+            per-tensor loop, ``None`` decides per group (see
+            :func:`optarena.optim.fused.should_fuse`: on CUDA, or on CPU for large groups,
+            when ``torch.compile`` works; never inside pytest; ``OPTARENA_FUSED=0/1``
+            overrides). Both paths compute the same update.
     """
 
     default_rule = "adaptive"
@@ -65,7 +72,12 @@ class RuleOptimizer(torch.optim.Optimizer):
         partition: Mapping[str, ParamInfo] | None = None,
         state_dtype: torch.dtype | str | None = None,
         no_decay_roles: Iterable[Role | str] = (),
+        fused: bool | None = None,
     ):
+        if fused not in (None, True, False):
+            raise ValueError(
+                f"{type(self).__name__}: invalid fused={fused!r}; expected None, True or False"
+            )
         if state_dtype not in (None, "param") and not isinstance(state_dtype, torch.dtype):
             raise ValueError(
                 f"{type(self).__name__}: invalid state_dtype={state_dtype!r}; "
@@ -74,13 +86,14 @@ class RuleOptimizer(torch.optim.Optimizer):
         self.state_dtype = state_dtype
         self.no_decay_roles = frozenset(Role(r) for r in no_decay_roles)
         params, infos = self._resolve(params, partition)
-        defaults = {"rule": self.default_rule, "weight_decay": 0.0, **defaults}
+        defaults = {"rule": self.default_rule, "weight_decay": 0.0, "fused": fused, **defaults}
         rule = RULES.get(defaults["rule"])
         if rule is None:
             raise ValueError(f"{type(self).__name__}: unknown rule {defaults['rule']!r}")
         defaults = {**rule.defaults, **defaults}
         self._infos: dict[int, ParamInfo] = {}
         self._sharded: bool | None = None  # any DTensor parameter (FSDP2); found on first step
+        self._fused: FusedStepper | None = None
         super().__init__(params, defaults)
         self._index_infos(infos)
 
@@ -140,6 +153,16 @@ class RuleOptimizer(torch.optim.Optimizer):
         self._sharded = None
         group = self.param_groups[-1]
         rule.validate(group, type(self).__name__)
+        if group.get("fused") not in (None, True, False):
+            raise ValueError(
+                f"{type(self).__name__}: invalid fused={group['fused']!r}; "
+                "expected None, True or False"
+            )
+        if group.get("fused") and not rule.fusable:
+            raise ValueError(
+                f"{type(self).__name__}: rule {rule_name!r} has no fused path; "
+                "use fused=False or fused=None"
+            )
         for p in group["params"]:
             self._infos.setdefault(
                 id(p),
@@ -202,11 +225,14 @@ class RuleOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             rule = self.rule_of(group)
             hp = group if bs is None or "bs" not in group else {**group, "bs": bs}
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            params = [p for p in group["params"] if p.grad is not None]
+            if any(p.grad.is_sparse for p in params):
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            if params and self._fuse(group, rule, params):
+                if self._fused is None:
+                    self._fused = FusedStepper(self)
+                params = self._fused.step_group(group, hp, rule, params, group["fused"] is True)
+            for p in params:
                 state = self._state_for(p, group, rule)
                 state["step"] += 1
                 step = int(state["step"].item())
@@ -228,6 +254,19 @@ class RuleOptimizer(torch.optim.Optimizer):
 
             self._sharded = has_dtensors(p for g in self.param_groups for p in g["params"])
         return self._sharded
+
+    def _fuse(self, group: dict[str, Any], rule: Rule, params: list[Tensor]) -> bool:
+        """Whether this group's step takes the fast path (``group["fused"]``, resolved)."""
+        fused = group.get("fused")
+        if fused is False or not rule.fusable:
+            return False
+        device = params[0].device
+        if fused and not compile_available(device):
+            raise RuntimeError(
+                f"{type(self).__name__}: fused=True needs torch.compile for {device.type} "
+                "(a C++ compiler on CPU, triton on CUDA); use fused=None or False"
+            )
+        return should_fuse(fused, device, sum(p.numel() for p in params))
 
     @staticmethod
     def _apply(p: Tensor, u: Tensor, size: float, decay: float, dtype: torch.dtype) -> None:
@@ -273,15 +312,19 @@ class RuleOptimizer(torch.optim.Optimizer):
         Every tensor is copied, ``step`` included (torch keeps the saved ``step`` object, so
         two optimizers loaded from one live ``state_dict`` would count each other's steps).
         """
+        fused = [g.get("fused") for g in self.param_groups]
         super().load_state_dict(state_dict)
+        # ``fused`` says how this object runs, not what it learnt: keep the receiver's choice
+        for group, flag in zip(self.param_groups, fused, strict=True):
+            group["fused"] = flag
         params = [p for g in self.param_groups for p in g["params"]]
         for index, saved in state_dict["state"].items():
             p = params[index]
             for key, value in saved.items():
-                if isinstance(value, Tensor):
-                    # ``step`` stays where it was saved (a CPU scalar, as ``_state_for`` makes it)
-                    device = value.device if key == "step" else p.device
-                    self.state[p][key] = value.to(device=device, copy=True)
+                if isinstance(value, Tensor) and key != "step":
+                    self.state[p][key] = value.to(device=p.device, copy=True)
+                elif isinstance(value, Tensor):
+                    self.state[p][key] = value.to(device="cpu", dtype=torch.float32, copy=True)
 
     def state_bytes(self) -> int:
         """Bytes held by this optimizer's state."""

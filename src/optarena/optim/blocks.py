@@ -57,7 +57,7 @@ class BlockLayout:
 
     @property
     def elementwise(self) -> bool:
-        return not self.segments
+        return len(self.segments) == 0  # (``not tuple`` is not traceable by dynamo)
 
     def num_blocks(self, shape: tuple[int, ...] | torch.Size) -> int:
         if self.elementwise:

@@ -109,6 +109,33 @@ class Rule:
         the partial sums of every statistic that spans rows; they are all-reduced, for all
         parameters at once, before :meth:`direction` runs. Elementwise rules need none."""
 
+    # ------------------------------------------------------------- fast path (``fused.py``)
+    # The same math as :meth:`direction`, written so that ``torch.compile(fullgraph=True)`` can
+    # trace it: everything that changes from step to step (lr, bias corrections, first-step and
+    # phase flags) arrives as 0-d tensors in ``sc``, computed on the host by
+    # :meth:`fused_scalars`, so a new LR or step never recompiles.
+
+    fusable: bool = False
+    read_only_state: tuple[str, ...] = ()  # state the step reads but never writes (bytes model)
+    host_options: tuple[str, ...] = ("lr",)  # group options read by ``fused_scalars`` only
+
+    def fused_context(self, info: ParamInfo, group: dict) -> Any:
+        """Per-parameter structure the traced step needs (e.g. the block layout); hashable."""
+        return None
+
+    def fused_scalars(self, group: dict, step: int) -> dict[str, float]:
+        """The step-dependent numbers of one parameter's update, on the host (float64)."""
+        return {"size": group["lr"]}
+
+    def fused_direction(
+        self, g: Tensor, p: Tensor, state: dict, group: dict, sc: dict, ctx: Any
+    ) -> tuple[Tensor, Tensor]:
+        """``(u, step_size)`` as :meth:`direction`, traceable; ``sc`` holds 0-d tensors.
+
+        An ``"apply"`` scalar of 0 in ``sc`` means: leave the parameter unchanged this step.
+        """
+        raise NotImplementedError
+
 
 COMMON_CHECKS = {"lr": NONNEG, "weight_decay": NONNEG}
 
@@ -203,6 +230,43 @@ class AdaptiveMoment(Rule):
         u = moment.precondition(m, state, bc2, group["eps"])
         return u, group["lr"] / bias_correction(beta1, step)
 
+    fusable = True
+
+    def fused_context(self, info, group):
+        return second_moment_for(info, group)
+
+    def fused_scalars(self, group, step):
+        beta1, beta2 = group["betas"]
+        k = group["precondition_steps"]
+        sc = {
+            "size": group["lr"] / bias_correction(beta1, step),
+            "bc2": 1.0 if k else bias_correction(beta2, step),
+        }
+        if k:
+            averaging = step <= k
+            sc["apply"] = float(not averaging)
+            sc["averaging"] = float(averaging)
+            sc["update_v"] = float(not averaging and not group["freeze"])
+            sc["inv_count"] = 1.0 / step
+        return sc
+
+    def fused_direction(self, g, p, state, group, sc, ctx):
+        beta1, beta2 = group["betas"]
+        m = ema_(state["exp_avg"], g, beta1) if beta1 > 0 else g
+        if group["precondition_steps"]:
+            # every phase of the frozen preconditioner, selected by flags instead of branches
+            before = {key: v.clone() for key, v in state.items() if key.startswith("exp_avg_sq")}
+            averaged = {key: v.clone() for key, v in before.items()}
+            ctx.average_weighted_(averaged, g, sc["inv_count"])
+            updated = {key: v.clone() for key, v in before.items()}
+            ctx.update_(updated, g, beta2)
+            for key, v in before.items():
+                new = torch.where(sc["update_v"] > 0, updated[key], v)
+                state[key].copy_(torch.where(sc["averaging"] > 0, averaged[key], new))
+        else:
+            ctx.update_(state, g, beta2)
+        return ctx.precondition(m, state, sc["bc2"], group["eps"]), sc["size"]
+
 
 # --------------------------------------------------------------------------- SGD
 
@@ -252,6 +316,22 @@ class HeavyBall(Rule):
     def decay_lr(self, p, state, group):
         return group["lr"] if group["decoupled_weight_decay"] else 0.0
 
+    fusable = True
+
+    def fused_scalars(self, group, step):
+        return {"size": group["lr"], "first": float(step == 1)}
+
+    def fused_direction(self, g, p, state, group, sc, ctx):
+        if not group["decoupled_weight_decay"] and group["weight_decay"]:
+            g = g.add(p.to(g.dtype), alpha=group["weight_decay"])
+        mu = group["momentum"]
+        if mu:
+            buf = state["momentum_buffer"]
+            ball = heavy_ball_(buf.clone(), g, mu, group["dampening"])
+            buf.copy_(torch.where(sc["first"] > 0, g, ball))
+            g = g.add(buf, alpha=mu) if group["nesterov"] else buf
+        return g, sc["size"]
+
 
 class EMAMomentum(Rule):
     """SGD with bias-corrected EMA momentum: ``θ -= lr · m / (1-β^t)`` (the study's hybrids)."""
@@ -268,6 +348,16 @@ class EMAMomentum(Rule):
         if not beta:
             return g, group["lr"]
         return ema_(state["exp_avg"], g, beta), group["lr"] / bias_correction(beta, step)
+
+    fusable = True
+
+    def fused_scalars(self, group, step):
+        beta = group["momentum"]
+        return {"size": group["lr"] / bias_correction(beta, step) if beta else group["lr"]}
+
+    def fused_direction(self, g, p, state, group, sc, ctx):
+        beta = group["momentum"]
+        return (ema_(state["exp_avg"], g, beta) if beta else g), sc["size"]
 
 
 # --------------------------------------------------------------------------- sign family
@@ -290,6 +380,15 @@ class LionRule(Rule):
         ema_(m, g, beta2)
         return u, group["lr"]
 
+    fusable = True
+
+    def fused_direction(self, g, p, state, group, sc, ctx):
+        beta1, beta2 = group["betas"]
+        m = state["exp_avg"]
+        u = m.lerp(g, 1.0 - beta1).sign_()
+        ema_(m, g, beta2)
+        return u, sc["size"]
+
 
 class SignumRule(Rule):
     """Signum: ``m = β m + (1-β) g``, ``u = sign(m)`` (Lion with β1 = β2; no bias correction)."""
@@ -305,6 +404,13 @@ class SignumRule(Rule):
         beta = group["momentum"]
         m = ema_(state["exp_avg"], g, beta) if beta else g
         return m.sign(), group["lr"]
+
+    fusable = True
+
+    def fused_direction(self, g, p, state, group, sc, ctx):
+        beta = group["momentum"]
+        m = ema_(state["exp_avg"], g, beta) if beta else g
+        return m.sign(), sc["size"]
 
 
 class SophiaRule(Rule):
@@ -332,6 +438,17 @@ class SophiaRule(Rule):
     def direction(self, g, p, state, group, step, info):
         m = ema_(state["exp_avg"], g, group["betas"][0])
         return clipped_ratio(m, state["hessian"], group["rho"] * group["bs"]), group["lr"]
+
+    fusable = True
+    read_only_state = ("hessian",)
+    host_options = ("lr", "rho", "bs")
+
+    def fused_scalars(self, group, step):
+        return {"size": group["lr"], "scale": group["rho"] * group["bs"]}
+
+    def fused_direction(self, g, p, state, group, sc, ctx):
+        m = ema_(state["exp_avg"], g, group["betas"][0])
+        return clipped_ratio(m, state["hessian"], sc["scale"]), sc["size"]
 
     def update_hessian(self, g: Tensor, state: dict, group: dict) -> None:
         beta2 = group["betas"][1]

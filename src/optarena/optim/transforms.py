@@ -56,7 +56,13 @@ class SecondMoment(Protocol):
 
     def average_(self, state: dict[str, Tensor], g: Tensor, count: int) -> None: ...
 
-    def precondition(self, m: Tensor, state: dict[str, Tensor], bc2: float, eps: float) -> Tensor:
+    def average_weighted_(self, state: dict[str, Tensor], g: Tensor, weight: Tensor) -> None:
+        """:meth:`average_` with ``1/count`` as a tensor (traced by the fast path)."""
+        ...
+
+    def precondition(
+        self, m: Tensor, state: dict[str, Tensor], bc2: float | Tensor, eps: float
+    ) -> Tensor:
         """``m / (sqrt(v / bc2) + eps)`` with ``v`` broadcast from its blocks."""
         ...
 
@@ -99,8 +105,15 @@ class BlockSecondMoment:
         v = state["exp_avg_sq"]
         v.add_(self._stat(state, g).sub_(v), alpha=1.0 / count)
 
-    def precondition(self, m: Tensor, state: dict[str, Tensor], bc2: float, eps: float) -> Tensor:
-        root_bc2 = math.sqrt(bc2)
+    def average_weighted_(self, state: dict[str, Tensor], g: Tensor, weight: Tensor) -> None:
+        v = state["exp_avg_sq"]
+        v.add_((block_mean_square(g, self.layout) - v) * weight)
+
+    def precondition(
+        self, m: Tensor, state: dict[str, Tensor], bc2: float | Tensor, eps: float
+    ) -> Tensor:
+        # a tensor ``bc2`` comes from the fast path (no recompilation when the step changes)
+        root_bc2 = bc2.sqrt() if isinstance(bc2, Tensor) else math.sqrt(bc2)
 
         def fn(x: Tensor, v: Tensor) -> Tensor:
             return x / (v.sqrt() / root_bc2 + eps)
@@ -160,7 +173,13 @@ class FactoredSecondMoment:
         for key, stat in self._stats(g, shard_of(state)).items():
             state[key].add_(stat.sub_(state[key]), alpha=1.0 / count)
 
-    def precondition(self, m: Tensor, state: dict[str, Tensor], bc2: float, eps: float) -> Tensor:
+    def average_weighted_(self, state: dict[str, Tensor], g: Tensor, weight: Tensor) -> None:
+        for key, stat in self._stats(g).items():
+            state[key].add_((stat - state[key]) * weight)
+
+    def precondition(
+        self, m: Tensor, state: dict[str, Tensor], bc2: float | Tensor, eps: float
+    ) -> Tensor:
         return m / (self.full(state, m.dim()).div_(bc2).sqrt_().add_(eps))
 
     @staticmethod
