@@ -13,6 +13,7 @@ from optarena.errors import UserError
 # Each module defines ``register(subparsers)``; the parser it adds sets ``func(args) -> int``.
 COMMAND_MODULES = [
     "optarena.commands.list_optimizers",
+    "optarena.commands.train",
 ]
 
 

@@ -1,0 +1,256 @@
+"""The decoder-only transformer of the Deconstructing study, readable in one sitting.
+
+Defaults follow Zhao et al. (OLMo-based): pre-LayerNorm blocks, rotary position embeddings, a GeLU
+MLP of width 4d, no biases anywhere, LayerNorm with a gain and no bias, QK-LayerNorm on the
+full-width queries and keys, an untied output layer, no dropout. Options cover the Adam-mini
+family's Llama variants: RMSNorm, SwiGLU, grouped-query attention, tied embeddings.
+
+Module names follow Hugging Face Llama (``tok_emb``, ``blocks.{i}.attn.q_proj``, ...) so that the
+optimizer partition and any other tool recognise every parameter's role.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class GPTConfig:
+    """Shape and architecture options of :class:`GPT`."""
+
+    vocab_size: int = 2048
+    n_layer: int = 2
+    n_head: int = 4
+    n_kv_head: int | None = None  # None = n_head (no grouped-query attention)
+    d_model: int = 64
+    mlp_hidden: int | None = None  # None = 4 d (GeLU) or the Llama 8/3 d rounded (SwiGLU)
+    norm: str = "layernorm"  # "layernorm" (gain only) or "rmsnorm"
+    mlp: str = "gelu"  # "gelu" or "swiglu"
+    qk_norm: bool = True
+    tie_embeddings: bool = False
+    rope_theta: float = 10000.0
+    max_seq_len: int = 512  # length of the precomputed rotary table (longer inputs still work)
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        problems = []
+        if self.d_model % self.n_head:
+            problems.append(f"d_model {self.d_model} is not divisible by n_head {self.n_head}")
+        elif (self.d_model // self.n_head) % 2:
+            problems.append("head dimension must be even for rotary embeddings")
+        if self.n_head % self.n_kv_head:
+            problems.append(f"n_head {self.n_head} is not a multiple of n_kv_head {self.n_kv_head}")
+        if self.norm not in ("layernorm", "rmsnorm"):
+            problems.append(f"norm must be 'layernorm' or 'rmsnorm', not {self.norm!r}")
+        if self.mlp not in ("gelu", "swiglu"):
+            problems.append(f"mlp must be 'gelu' or 'swiglu', not {self.mlp!r}")
+        if min(self.vocab_size, self.n_layer, self.n_head, self.d_model) < 1:
+            problems.append("vocab_size, n_layer, n_head and d_model must be positive")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def hidden(self) -> int:
+        if self.mlp_hidden is not None:
+            return self.mlp_hidden
+        if self.mlp == "gelu":
+            return 4 * self.d_model
+        # SwiGLU keeps the parameter count of a 4d GeLU MLP: 2/3 * 4d, rounded up to 64 (Llama).
+        return 64 * math.ceil(8 * self.d_model / 3 / 64)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# Named sizes. ``vocab_size`` is the default BPE vocabulary trained for the preset; a pretrained
+# tokenizer replaces it. The study's sizes use the T5 vocabulary padded to 32,128.
+PRESETS: dict[str, dict[str, Any]] = {
+    "micro": dict(d_model=64, n_layer=2, n_head=4, vocab_size=2048),  # ~0.36M params
+    "tiny": dict(d_model=128, n_layer=4, n_head=4, vocab_size=4096),  # ~1.8M
+    "small": dict(d_model=256, n_layer=6, n_head=8, vocab_size=8192),  # ~8.9M
+    "150m": dict(d_model=1024, n_layer=12, n_head=16, vocab_size=32128),
+    "300m": dict(d_model=1024, n_layer=24, n_head=16, vocab_size=32128),
+    "600m": dict(d_model=1408, n_layer=24, n_head=22, vocab_size=32128),
+    "1.2b": dict(d_model=2048, n_layer=24, n_head=32, vocab_size=32128),
+}
+
+
+def make_norm(config: GPTConfig, dim: int) -> nn.Module:
+    """LayerNorm with a gain and no bias (the study), or RMSNorm (Llama / Adam-mini)."""
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(dim, eps=config.norm_eps)
+    return nn.LayerNorm(dim, eps=config.norm_eps, bias=False)
+
+
+def rotary_table(head_dim: int, length: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos and sin of the rotary angles, shape (length, head_dim), in the rotate-half layout."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate pairs (i, i + head_dim/2) of ``x`` (batch, heads, time, head_dim) by position."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    """Causal self-attention with rotary embeddings, optional QK-norm and grouped-query heads."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_heads = config.n_head
+        self.n_kv_heads = config.n_kv_head
+        self.head_dim = config.head_dim
+        d, kv_width = config.d_model, config.n_kv_head * config.head_dim
+        self.q_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, kv_width, bias=False)
+        self.v_proj = nn.Linear(d, kv_width, bias=False)
+        self.o_proj = nn.Linear(d, d, bias=False)
+        # QK-LayerNorm acts on the full-width q and k, before they are split into heads.
+        self.q_norm = make_norm(config, d) if config.qk_norm else nn.Identity()
+        self.k_norm = make_norm(config, kv_width) if config.qk_norm else nn.Identity()
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q_norm(self.q_proj(x)).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x)).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.n_kv_heads != self.n_heads:
+            repeat = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """GeLU MLP ``down(gelu(up x))`` (the study) or SwiGLU ``down(silu(gate x) * up x)``."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.swiglu = config.mlp == "swiglu"
+        self.up_proj = nn.Linear(config.d_model, config.hidden, bias=False)
+        if self.swiglu:
+            self.gate_proj = nn.Linear(config.d_model, config.hidden, bias=False)
+        self.down_proj = nn.Linear(config.hidden, config.d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.swiglu:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.gelu(self.up_proj(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.attn_norm = make_norm(config, config.d_model)
+        self.attn = Attention(config)
+        self.mlp_norm = make_norm(config, config.d_model)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class GPT(nn.Module):
+    """Token embedding, ``n_layer`` blocks, final norm, output layer: ``forward(idx) -> logits``."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.final_norm = make_norm(config, config.d_model)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        cos, sin = rotary_table(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """N(0, 0.02) for every matrix; residual outputs scaled by 1/sqrt(2 n_layer) (GPT-2);
+        norm gains 1."""
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                nn.init.ones_(p)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.config.n_layer))
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    def num_params(self) -> int:
+        """Distinct parameters (a tied embedding counts once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def param_roles(self) -> dict[str, str]:
+        """Role of every parameter (values of :class:`optarena.optim.roles.Role`) by name."""
+        roles = {}
+        for name, _ in self.named_parameters():
+            leaf = name.rsplit(".", 2)[-2]
+            if name.startswith("tok_emb"):
+                roles[name] = "embedding"
+            elif name.startswith("lm_head"):
+                roles[name] = "output"
+            elif leaf.endswith("norm"):
+                roles[name] = "norm"
+            elif leaf in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                roles[name] = leaf[0]
+            else:
+                roles[name] = "mlp"
+        return roles
+
+    def forward(self, idx: Tensor) -> Tensor:
+        T = idx.shape[1]
+        if self.rope_cos.shape[0] >= T:
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        else:
+            cos, sin = rotary_table(self.config.head_dim, T, self.config.rope_theta)
+            cos, sin = cos.to(idx.device), sin.to(idx.device)
+        x = self.tok_emb(idx)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        for block in self.blocks:
+            x = block(x, cos, sin)
+        return self.lm_head(self.final_norm(x))
+
+
+def lm_loss(logits: Tensor, targets: Tensor, z_loss: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Cross-entropy plus the study's z-loss ``z * mean(logsumexp(logits)^2)``.
+
+    Returns ``(loss, cross_entropy)``; the loss is what is back-propagated, the cross-entropy is
+    what is reported. Computed in float32 whatever the autocast dtype.
+    """
+    flat = logits.reshape(-1, logits.shape[-1]).float()
+    ce = F.cross_entropy(flat, targets.reshape(-1))
+    if not z_loss:
+        return ce, ce
+    return ce + z_loss * torch.logsumexp(flat, dim=-1).square().mean(), ce
+
+
+def build_model(preset: str = "micro", **overrides: Any) -> GPT:
+    """``GPT`` of a named preset with some fields replaced (e.g. ``vocab_size``)."""
+    if preset not in PRESETS:
+        raise KeyError(preset)
+    return GPT(GPTConfig(**{**PRESETS[preset], **overrides}))
