@@ -14,6 +14,9 @@ from optarena.errors import UserError
 COMMAND_MODULES = [
     "optarena.commands.list_optimizers",
     "optarena.commands.train",
+    "optarena.commands.sweep",
+    "optarena.commands.report",
+    "optarena.commands.demo",
 ]
 
 

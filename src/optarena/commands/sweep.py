@@ -1,0 +1,231 @@
+"""``optarena sweep SPEC --out DIR``: run every point of a sweep that has no result yet."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from optarena.errors import UserError
+from optarena.sweep.executors import BACKENDS, DEFAULT_FUNCTION, Executor
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "sweep",
+        help="run a sweep (a TOML spec or a preset); re-running resumes it",
+        description="Run every run of a sweep spec that has no result in DIR/results.sqlite. "
+        "Re-running resumes: finished runs are skipped, interrupted ones restart from their "
+        "last checkpoint, values added to the spec run as new points.",
+    )
+    parser.add_argument("spec", help="a sweep TOML file, or a preset name (e.g. demo, lr)")
+    add_sweep_options(parser)
+    parser.add_argument(
+        "--dry-run", action="store_true", help="list the runs and their status, run nothing"
+    )
+    parser.set_defaults(func=run)
+
+
+def add_sweep_options(parser: argparse.ArgumentParser, default_out: str | None = None) -> None:
+    """The options ``sweep`` and ``demo`` share."""
+    parser.add_argument(
+        "--out",
+        default=default_out,
+        metavar="DIR",
+        help="results folder (default: runs/<sweep name>)"
+        if default_out is None
+        else f"results folder (default: {default_out})",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a [base] key for every run, e.g. --set steps=500 --set model=tiny",
+    )
+    parser.add_argument("--backend", choices=BACKENDS, default="local")
+    parser.add_argument(
+        "--workers", type=int, default=None, help="runs at a time (local default: 1 per 2 cores)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads per run (default: cores/workers)"
+    )
+    parser.add_argument("--address", default=None, help="Ray cluster address (--backend ray)")
+    parser.add_argument("--slurm-partition", default=None)
+    parser.add_argument("--slurm-time", type=int, default=24 * 60, help="minutes per run job")
+    parser.add_argument("--slurm-gpus", type=int, default=0, help="GPUs per run job")
+    parser.add_argument(
+        "--slurm-cluster",
+        default=None,
+        choices=("slurm", "local", "debug"),
+        help="submitit cluster (default: auto; 'local' runs jobs as local processes)",
+    )
+    parser.add_argument(
+        "--no-retry-failed",
+        dest="retry_failed",
+        action="store_false",
+        help="leave runs that failed before alone (default: retry them)",
+    )
+    parser.add_argument(
+        "--function",
+        default=DEFAULT_FUNCTION,
+        metavar="MODULE:FN",
+        help="training function taking the run's config dict (default: optarena.train:train; "
+        "optarena.sweep.toy:train checks a backend in seconds)",
+    )
+
+
+def training_keys(function: str) -> set[str] | None:
+    """Keys a run config may set: ``TrainConfig``'s fields for the default function."""
+    if function != DEFAULT_FUNCTION:
+        return None
+    from optarena.train import TrainConfig
+
+    return {f.name for f in fields(TrainConfig)}
+
+
+def optimizer_names(function: str) -> set[str] | None:
+    if function != DEFAULT_FUNCTION:
+        return None
+    from optarena.optim import available
+
+    return set(available())
+
+
+def model_widths() -> dict[str, int]:
+    """Width of each model preset, for specs that shift LR grids to the model size."""
+    try:
+        from optarena.model import PRESETS
+    except ImportError:  # pragma: no cover - the model ships with the package
+        return {}
+    return {name: int(kw["d_model"]) for name, kw in PRESETS.items() if "d_model" in kw}
+
+
+def load(args: argparse.Namespace) -> Any:
+    from optarena.sweep.spec import load_spec
+
+    return load_spec(
+        args.spec,
+        config_keys=training_keys(args.function),
+        optimizers=optimizer_names(args.function),
+        overrides=args.overrides,
+        model_widths=model_widths(),
+    )
+
+
+def make_executor(args: argparse.Namespace, out: Path) -> Executor:
+    from optarena.sweep import executors
+
+    if args.workers is not None and args.workers < 1:
+        raise UserError(f"--workers {args.workers}: give at least 1")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads {args.threads}: give at least 1")
+    if args.backend == "ray":
+        return executors.RayExecutor(
+            args.function, workers=args.workers, threads=args.threads or 1, address=args.address
+        )
+    if args.backend == "slurm":
+        params: dict[str, Any] = {"timeout_min": args.slurm_time}
+        if args.slurm_partition:
+            params["slurm_partition"] = args.slurm_partition
+        if args.slurm_gpus:
+            params["gpus_per_node"] = args.slurm_gpus
+        return executors.SlurmExecutor(
+            args.function,
+            out / "slurm",
+            workers=args.workers or 64,
+            threads=args.threads or 1,
+            cluster=args.slurm_cluster,
+            parameters=params,
+        )
+    if args.address:
+        raise UserError("--address is for --backend ray; add --backend ray or drop --address")
+    import os
+
+    workers = args.workers or max(1, (os.cpu_count() or 1) // 2)
+    return executors.LocalExecutor(args.function, workers=workers, threads=args.threads)
+
+
+def execute(args: argparse.Namespace, spec: Any, out: Path) -> int:
+    """Run the sweep into ``out``; exit code 1 when some run failed (its error is stored)."""
+    from rich.console import Console
+
+    from optarena.sweep.driver import run_sweep
+    from optarena.sweep.store import Store
+
+    console = Console(stderr=True, soft_wrap=True)
+    runs = spec.runs()
+    store = Store(out)
+    executor = make_executor(args, out)
+    console.print(
+        f"sweep [bold]{spec.name}[/]: {len(runs)} runs into {out} "
+        f"({args.backend}, {executor.capacity} at a time)",
+        highlight=False,
+    )
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        result = run_sweep(store, runs, executor, sweep=spec.name, retry_failed=args.retry_failed)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        store.close()
+    counts = f"{result.done} done, {result.diverged} diverged, {result.failed} failed"
+    console.print(
+        f"finished: {counts} now; {result.already_finished} had results already.",
+        highlight=False,
+    )
+    if result.held_elsewhere:
+        console.print(
+            f"{result.held_elsewhere} runs are being run by another live sweep process; "
+            "re-run later to pick up what it leaves.",
+            highlight=False,
+        )
+    if result.failed:
+        console.print(
+            f"[red]{result.failed} runs failed[/]: errors in `optarena report {out}` and "
+            f"{out}/runs/<id>/error.txt; re-running the sweep retries them.",
+            highlight=False,
+        )
+        return 1
+    return 0
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def run(args: argparse.Namespace) -> int:
+    spec = load(args)
+    out = Path(args.out) if args.out else Path("runs") / spec.name
+    if args.dry_run:
+        return dry_run(spec, out)
+    code = execute(args, spec, out)
+    print(f"results: {out / 'results.sqlite'}; report: optarena report {out}")
+    return code
+
+
+def dry_run(spec: Any, out: Path) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from optarena.sweep.store import DB_NAME, Store
+
+    runs = spec.runs()
+    status: dict[str, str] = {}
+    if (out / DB_NAME).is_file():
+        with Store(out) as store:
+            status = {r.id: r.status for r in store.runs()}
+    table = Table(title=f"sweep {spec.name}: {len(runs)} runs -> {out}")
+    for column in ("id", "optimizer", "swept values", "seed", "status"):
+        table.add_column(column)
+    for r in runs:
+        point = ", ".join(f"{k}={v}" for k, v in r.point.items())
+        table.add_row(r.id, r.label, point, str(r.config["seed"]), status.get(r.id, "new"))
+    console = Console(file=sys.stdout)
+    if not console.is_terminal:
+        console = Console(file=sys.stdout, width=200)
+    console.print(table)
+    return 0

@@ -1,0 +1,174 @@
+"""``write_report(DIR)``: the files of ``DIR/report/`` from the results store alone."""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from optarena.analysis import DEFAULT_TAUS, Analysis, analyze, observations_from_store
+from optarena.report import figures, tables
+from optarena.sweep.store import Store
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;
+max-width:1100px;padding:0 1rem;color:#1b1b1b;line-height:1.45}
+h1{font-size:1.6rem}h2{font-size:1.25rem;margin-top:2.2rem;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;font-size:.88rem;margin:.6rem 0}
+th,td{border:1px solid #ddd;padding:.25rem .5rem;text-align:right}
+th{background:#f4f4f4}td.l,th.l{text-align:left}
+figure{margin:1.2rem 0}figure img{max-width:100%;height:auto}
+figcaption{font-size:.9rem;color:#555}.muted{color:#666;font-size:.9rem}
+code{background:#f4f4f4;padding:0 .2rem}
+"""
+
+
+def write_report(directory: str | Path, taus: Sequence[float] = DEFAULT_TAUS) -> Path:
+    """Write the page, ``summary.csv/json``, ``runs.csv`` and every figure; return the page."""
+    directory = Path(directory)
+    with Store(directory, create=False) as store:
+        runs = store.runs()
+        members = store.members()
+        counts = store.counts()
+    analysis = analyze(observations_from_store(directory), taus)
+    out = directory / "report"
+    out.mkdir(parents=True, exist_ok=True)
+
+    summary = tables.summary_rows(analysis)
+    tables.write_csv(out / "summary.csv", summary)
+    tables.write_json(out / "summary.json", summary)
+    run_rows = tables.run_rows(runs, members)
+    tables.write_csv(out / "runs.csv", run_rows)
+
+    rendered = figures.all_figures(analysis, {r.id: r for r in runs})
+    for fig in rendered:
+        (out / f"{fig.name}.png").write_bytes(fig.png)
+        (out / f"{fig.name}.svg").write_bytes(fig.svg)
+
+    page = out / "index.html"
+    page.write_text(_page(directory, analysis, rendered, run_rows, counts), encoding="utf-8")
+    return page
+
+
+def _page(
+    directory: Path,
+    analysis: Analysis,
+    rendered: Sequence[figures.Rendered],
+    run_rows: Sequence[dict[str, Any]],
+    counts: dict[str, int],
+) -> str:
+    e = html.escape
+    header, cells = tables.display_rows(analysis)
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>optarena report: {e(directory.resolve().name)}</title>",
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>optarena sweep report: <code>{e(directory.resolve().name)}</code></h1>",
+        '<p class="muted">'
+        + e(
+            f"{sum(counts.values())} runs: "
+            + ", ".join(f"{n} {status}" for status, n in counts.items() if n)
+            + f". Generated {time.strftime('%Y-%m-%d %H:%M')} from {directory / 'results.sqlite'}."
+        )
+        + "</p>",
+        "<h2>Summary</h2>",
+        _table(header, cells, left=2, css_id="summary"),
+        '<p class="muted">'
+        + e(
+            "Best loss: mean final validation loss over seeds at the best LR (± half-width of the "
+            "95% Student-t interval when there are several seeds). Basin τ: decades of LR around "
+            "the optimum whose loss stays within τ nats of the best, interpolated on log10 LR "
+            "(≥: the basin reaches the edge of the grid). Diverged: share of runs that diverged. "
+            "State B/param: optimizer state bytes per model parameter."
+        )
+        + "</p>",
+    ]
+    for fig in rendered:
+        data = base64.b64encode(fig.png).decode("ascii")
+        parts.append(
+            f'<figure><img alt="{e(fig.title)}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{e(fig.title)} (<code>{e(fig.name)}.png</code>, "
+            f"<code>{e(fig.name)}.svg</code>)</figcaption></figure>"
+        )
+    if analysis.comparisons:
+        parts.append("<h2>Pairwise comparisons at the best LR</h2>")
+        rows = [
+            [
+                c.model,
+                c.a,
+                c.b,
+                f"{c.difference:+.4f}",
+                "—" if c.p_value is None else f"{c.p_value:.3g}",
+            ]
+            for c in analysis.comparisons
+        ]
+        parts.append(_table(["model", "A", "B", "loss A − B", "p (Welch)"], rows, left=3))
+        parts.append(
+            '<p class="muted">'
+            + e(
+                "Welch's two-sided t-test on the seeds at each side's own best LR; needs at "
+                "least two seeds per side. The best LR is chosen on the same seeds, so p-values "
+                "are optimistic."
+            )
+            + "</p>"
+        )
+    if analysis.sensitivities:
+        parts.append("<h2>1-D sensitivity</h2>")
+        rows = [
+            [
+                s.model,
+                s.label,
+                s.key,
+                _fmt(s.best_value),
+                "—" if s.best_loss is None else f"{s.best_loss:.4f}",
+                "—" if s.spread is None else f"{s.spread:.4f}",
+                str(s.n_diverged),
+            ]
+            for s in analysis.sensitivities
+        ]
+        header2 = [
+            "model",
+            "optimizer",
+            "hyperparameter",
+            "best value",
+            "best loss",
+            "spread",
+            "diverged values",
+        ]
+        parts.append(_table(header2, rows, left=3))
+    if run_rows:
+        parts.append(f"<h2>Runs</h2><details><summary>{len(run_rows)} runs</summary>")
+        columns = [k for k in run_rows[0] if k != "error"] + ["error"]
+        body = [[_fmt(row.get(k)) for k in columns] for row in run_rows]
+        parts.append(_table(columns, body, left=len(columns)))
+        parts.append("</details>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _table(
+    header: Sequence[str], rows: Sequence[Sequence[Any]], *, left: int, css_id: str | None = None
+) -> str:
+    e = html.escape
+    ident = f' id="{e(css_id)}"' if css_id else ""
+    cls = [' class="l"' if i < left else "" for i in range(len(header))]
+    head = "".join(f"<th{cls[i]}>{e(str(h))}</th>" for i, h in enumerate(header))
+    body = "".join(
+        "<tr>" + "".join(f"<td{cls[i]}>{e(str(c))}</td>" for i, c in enumerate(row)) + "</tr>"
+        for row in rows
+    )
+    return f"<table{ident}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}" if math.isfinite(value) else str(value)
+    return str(value)

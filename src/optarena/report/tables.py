@@ -1,0 +1,130 @@
+"""Tabular views of a sweep: one row per optimizer (summary) and one row per run.
+
+Shared by the CSV/JSON files, the HTML page and ``optarena report --format table`` so that all
+three always show the same numbers.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from optarena.analysis import Analysis, SeriesResult
+from optarena.sweep.store import Member, RunRecord
+
+
+def tau_column(tau: float) -> str:
+    return f"basin_decades_tau_{tau:g}"
+
+
+def summary_rows(analysis: Analysis) -> list[dict[str, Any]]:
+    """One row per series (optimizer x model size x other swept values)."""
+    rows = []
+    for s in analysis.series:
+        row: dict[str, Any] = {
+            "model": s.model,
+            "optimizer": s.name,
+            "registry_name": s.optimizer,
+            "best_final_val_loss": s.best_loss,
+            "ci95_low": s.best_interval[0] if s.best_interval else None,
+            "ci95_high": s.best_interval[1] if s.best_interval else None,
+            "seeds_at_best": len(s.best_losses),
+            "best_lr": s.best_lr,
+        }
+        for tau in analysis.taus:
+            basin = s.basins.get(tau)
+            row[tau_column(tau)] = basin.width if basin else None
+            row[tau_column(tau) + "_censored"] = basin.censored if basin else None
+        row.update(
+            divergence_rate=s.divergence_rate,
+            runs=s.n_runs,
+            failed=s.n_failed,
+            state_bytes_per_param=s.state_bytes_per_param,
+            tokens_per_second=s.tokens_per_second,
+        )
+        rows.append(row)
+    return rows
+
+
+def run_rows(runs: Sequence[RunRecord], members: Sequence[Member]) -> list[dict[str, Any]]:
+    """One row per run: id, optimizer, every swept hyperparameter, seed, status, loss."""
+    points: dict[str, dict[str, Any]] = {}
+    labels: dict[str, str] = {}
+    for m in members:
+        points.setdefault(m.run_id, {}).update(m.point)
+        labels.setdefault(m.run_id, m.label)
+    swept = sorted({k for p in points.values() for k in p}, key=lambda k: (k != "lr", k))
+    rows = []
+    for r in runs:
+        point = points.get(r.id, {"lr": r.lr})
+        row: dict[str, Any] = {
+            "id": r.id,
+            "optimizer": r.optimizer,
+            "label": labels.get(r.id, r.optimizer),
+            "model": r.model,
+        }
+        row.update({k: _cell(point.get(k)) for k in swept})
+        row.update(
+            seed=r.seed,
+            status=r.status,
+            final_val_loss=r.final_val_loss,
+            wall_seconds=r.wall_seconds,
+            error=r.error,
+        )
+        rows.append(row)
+    return rows
+
+
+def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if v is None else v for k, v in row.items()})
+
+
+def write_json(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    clean = [{k: _json_number(v) for k, v in row.items()} for row in rows]
+    path.write_text(json.dumps(clean, indent=2) + "\n", encoding="utf-8")
+
+
+def display_rows(analysis: Analysis) -> tuple[list[str], list[list[str]]]:
+    """Header and formatted cells of the summary table, as people read it."""
+    header = ["model", "optimizer", "best loss", "best LR"]
+    header += [f"basin τ={tau:g}" for tau in analysis.taus]
+    header += ["diverged", "state B/param", "tokens/s"]
+    cells = [_display(s, analysis.taus) for s in analysis.series]
+    return header, cells
+
+
+def _display(s: SeriesResult, taus: Sequence[float]) -> list[str]:
+    loss = "—"
+    if s.best_loss is not None:
+        loss = f"{s.best_loss:.4f}"
+        if s.best_interval:
+            loss += f" ± {(s.best_interval[1] - s.best_interval[0]) / 2:.4f}"
+    cells = [s.model, s.name, loss, f"{s.best_lr:.3g}" if s.best_lr else "—"]
+    for tau in taus:
+        basin = s.basins.get(tau)
+        cells.append("—" if basin is None else f"{'≥' if basin.censored else ''}{basin.width:.2f}")
+    cells.append(f"{s.divergence_rate:.0%}")
+    cells.append("—" if s.state_bytes_per_param is None else f"{s.state_bytes_per_param:.2f}")
+    cells.append("—" if s.tokens_per_second is None else f"{s.tokens_per_second:,.0f}")
+    return cells
+
+
+def _cell(value: Any) -> Any:
+    return json.dumps(value) if isinstance(value, (list, dict)) else value
+
+
+def _json_number(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

@@ -1,0 +1,1 @@
+"""Sweeps: TOML grids (``spec``), the SQLite results store (``store``), executors and the driver."""

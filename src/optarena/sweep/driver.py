@@ -1,0 +1,153 @@
+"""The sweep driver: puts a spec's runs in the store and runs whatever has no result yet.
+
+The driver is the only writer of the store. It claims a run just before submitting it, keeps
+claimed runs' heartbeats fresh, and records each outcome as it arrives, so at any instant the
+store says exactly which runs have results, which are being worked on (and by which process),
+and which are left. Killing the driver loses only work in progress; the next invocation
+reclaims those runs and the training function resumes them from their last checkpoint
+(``resume = True``, run directory ``DIR/runs/<id>/``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from optarena.sweep.executors import Executor, Outcome, Task
+from optarena.sweep.progress import SweepProgress
+from optarena.sweep.spec import Run
+from optarena.sweep.store import FINISHED, Store
+
+HEARTBEAT_SECONDS = 10.0
+
+
+@dataclass
+class SweepResult:
+    """What one invocation did."""
+
+    total: int
+    already_finished: int
+    done: int
+    diverged: int
+    failed: int
+    held_elsewhere: int  # runs another live driver is working on
+
+    @property
+    def complete(self) -> bool:
+        return self.failed == 0 and self.held_elsewhere == 0
+
+
+def register_runs(store: Store, runs: Sequence[Run], sweep: str) -> int:
+    """Add a spec's runs (and their series memberships) to the store; returns how many are new."""
+    return store.add_runs(((r.id, r.config, r.label, r.point) for r in runs), sweep=sweep)
+
+
+def run_sweep(
+    store: Store,
+    runs: Sequence[Run],
+    executor: Executor,
+    *,
+    sweep: str = "",
+    retry_failed: bool = True,
+    progress: SweepProgress | None = None,
+) -> SweepResult:
+    """Run every run of ``runs`` that has no result in ``store``; never raises for a bad run."""
+    register_runs(store, runs, sweep)
+    unique = list({r.id: r for r in runs}.values())
+    records = {rec.id: rec for rec in store.runs()}
+    finished_before = [r for r in unique if records[r.id].status in FINISHED]
+    todo = [r for r in unique if records[r.id].status not in FINISHED]
+    if progress is None:
+        progress = SweepProgress(total=len(unique), already=len(finished_before))
+    for r in finished_before:
+        rec = records[r.id]
+        if rec.status == "done" and rec.final_val_loss is not None:
+            best = progress.best.get(r.label)
+            if best is None or rec.final_val_loss < best[0]:
+                progress.best[r.label] = (rec.final_val_loss, rec.lr or math.nan)
+
+    result = SweepResult(len(unique), len(finished_before), 0, 0, 0, 0)
+    in_flight: dict[str, Run] = {}
+    resubmit: list[Run] = []  # claimed runs lost in a worker crash, tried once more
+    retried: set[str] = set()
+    queue = list(todo)
+    last_beat = time.monotonic()
+    with progress:
+        try:
+            while queue or in_flight or resubmit:
+                while (queue or resubmit) and len(in_flight) < executor.capacity:
+                    if resubmit:
+                        run = resubmit.pop(0)
+                    else:
+                        run = queue.pop(0)
+                        if not store.claim(run.id, retry_failed=retry_failed):
+                            result.held_elsewhere += store.get(run.id).status == "running"
+                            progress.total -= 1
+                            continue
+                    config = {
+                        **run.config,
+                        "out": str(store.run_dir(run.id)),
+                        "resume": True,
+                        "progress": False,  # the sweep shows progress; workers stay quiet
+                    }
+                    store.run_dir(run.id).mkdir(parents=True, exist_ok=True)
+                    executor.submit(Task(run.id, config))
+                    in_flight[run.id] = run
+                    progress.running = len(in_flight)
+                    progress.refresh()
+                for outcome in executor.wait(timeout=1.0):
+                    run = in_flight.pop(outcome.task.run_id)
+                    progress.running = len(in_flight)
+                    if outcome.lost and run.id not in retried:
+                        # a dead worker takes its pool mates down with it: one more try
+                        # tells a run that crashes from one that was only nearby
+                        retried.add(run.id)
+                        resubmit.append(run)
+                        continue
+                    _record(store, run, outcome, result, progress)
+                if time.monotonic() - last_beat > HEARTBEAT_SECONDS:
+                    store.heartbeat(in_flight)
+                    last_beat = time.monotonic()
+        except BaseException:
+            executor.close(cancel=True)
+            store.release([*in_flight, *(r.id for r in resubmit)])
+            raise
+    executor.close()
+    return result
+
+
+def _record(
+    store: Store, run: Run, outcome: Outcome, result: SweepResult, progress: SweepProgress
+) -> None:
+    lr = run.config.get("lr")
+    where = f"{run.label} lr={lr:.3g} seed={run.config.get('seed')}" if lr else run.label
+    if outcome.summary is not None:
+        status = store.finish(run.id, outcome.summary)
+        loss = outcome.summary.get("final_val_loss")
+        if status == "done":
+            result.done += 1
+            line = f"{where}: loss {loss:.4f}"
+        else:
+            result.diverged += 1
+            line = f"{where}: diverged"
+        _write_error_file(store.run_dir(run.id), None)
+    else:
+        status, loss = "failed", None
+        store.fail(run.id, outcome.error or "unknown error")
+        _write_error_file(store.run_dir(run.id), outcome.detail or outcome.error)
+        result.failed += 1
+        line = f"{where}: FAILED: {outcome.error}"
+    progress.record(run.label, lr, status, loss, line)
+
+
+def _write_error_file(run_dir: Path, text: str | None) -> None:
+    """The full traceback of a failed run sits next to its files (the store keeps one line)."""
+    path = run_dir / "error.txt"
+    if text is None:
+        path.unlink(missing_ok=True)
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")

@@ -1,0 +1,334 @@
+"""Where runs execute: a local process pool, Ray, or Slurm (submitit), behind one interface.
+
+An executor only runs ``fn(config)`` somewhere and hands back what came out; it never touches
+the results store (the driver does), so a backend cannot lose or duplicate a result. The
+function travels as a ``"module:attr"`` path, imported where it runs, which keeps tasks small
+and lets any backend run any importable function (``optarena.train:train`` by default).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import importlib
+import multiprocessing as mp
+import os
+import sys
+import threading
+import time
+import traceback
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from optarena.errors import UserError
+
+DEFAULT_FUNCTION = "optarena.train:train"
+BACKENDS = ("local", "ray", "slurm")
+
+
+@dataclass
+class Task:
+    """One run to execute: its id and the config handed to the function."""
+
+    run_id: str
+    config: dict[str, Any]
+
+
+@dataclass
+class Outcome:
+    """What came back: a summary, or an error message (one line) with its traceback."""
+
+    task: Task
+    summary: dict[str, Any] | None = None
+    error: str | None = None
+    detail: str | None = None
+    lost: bool = False  # the worker died: this task may only have been caught in the crash
+
+
+def resolve_function(path: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """``"pkg.module:attr"`` -> the function (raises UserError with a fix when it is wrong)."""
+    module_name, sep, attr = path.partition(":")
+    if not sep or not module_name or not attr:
+        raise UserError(f"--function {path!r}: expected 'package.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise UserError(f"--function {path!r}: cannot import {module_name!r} ({err})") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise UserError(f"--function {path!r}: {module_name} has no function {attr!r}")
+    return fn
+
+
+def execute(function: str, config: dict[str, Any], threads: int | None = None) -> dict[str, Any]:
+    """Run one task in a worker; exceptions come back as data so one bad run stops nothing."""
+    try:
+        if threads:
+            _set_threads(threads)
+        fn = resolve_function(function)
+        summary = fn(config)
+        if threads:
+            _set_threads(threads)  # the function may have imported torch just now
+        return {"summary": dict(summary)}
+    except BaseException as err:
+        if isinstance(err, KeyboardInterrupt):
+            raise
+        message = f"{type(err).__name__}: {err}".splitlines()[0][:500]
+        return {"error": message, "detail": traceback.format_exc()[-4000:]}
+
+
+def _set_threads(threads: int) -> None:
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+def _outcome(task: Task, payload: Any) -> Outcome:
+    if isinstance(payload, dict) and "summary" in payload:
+        return Outcome(task, summary=payload["summary"])
+    if isinstance(payload, dict) and "error" in payload:
+        return Outcome(task, error=payload["error"], detail=payload.get("detail"))
+    return Outcome(task, error=f"worker returned {type(payload).__name__}, not a result")
+
+
+def package_pythonpath() -> str:
+    """PYTHONPATH that lets a fresh interpreter import this very copy of optarena."""
+    root = str(Path(__file__).resolve().parents[2])
+    parts = [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return os.pathsep.join(dict.fromkeys(parts))
+
+
+class Executor(ABC):
+    """Runs tasks; ``capacity`` of them at a time is what the driver keeps in flight."""
+
+    capacity: int = 1
+
+    @abstractmethod
+    def submit(self, task: Task) -> None: ...
+
+    @abstractmethod
+    def wait(self, timeout: float) -> list[Outcome]:
+        """Outcomes of tasks that finished, waiting up to ``timeout`` s for at least one."""
+
+    @abstractmethod
+    def close(self, cancel: bool = False) -> None: ...
+
+    def __enter__(self) -> Executor:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.close(cancel=exc_type is not None)
+
+
+# -------------------------------------------------------------------------------- local
+
+
+def _init_worker(threads: int, parent: int) -> None:
+    """Pin threads before torch loads and exit if the driver dies (SIGKILL leaves no one to
+    collect results, and a resumed sweep would otherwise race this worker)."""
+    _set_threads(threads)
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent:
+                os._exit(3)
+            time.sleep(0.5)
+
+    threading.Thread(target=watch, daemon=True, name="optarena-parent-watch").start()
+
+
+class LocalExecutor(Executor):
+    """A pool of spawned processes; the machine's cores are split evenly between workers."""
+
+    def __init__(self, function: str, workers: int = 1, threads: int | None = None) -> None:
+        if workers < 1:
+            raise UserError(f"--workers {workers}: give at least 1")
+        self.function = function
+        self.capacity = workers
+        cores = os.cpu_count() or 1
+        self.threads = threads or max(1, cores // workers)
+        self._pool: cf.ProcessPoolExecutor | None = None
+        self._futures: dict[cf.Future[Any], Task] = {}
+
+    def _ensure_pool(self) -> cf.ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = cf.ProcessPoolExecutor(
+                max_workers=self.capacity,
+                mp_context=mp.get_context("spawn"),
+                initializer=_init_worker,
+                initargs=(self.threads, os.getpid()),
+            )
+        return self._pool
+
+    def submit(self, task: Task) -> None:
+        future = self._ensure_pool().submit(execute, self.function, task.config, self.threads)
+        self._futures[future] = task
+
+    def wait(self, timeout: float) -> list[Outcome]:
+        if not self._futures:
+            return []
+        done, _ = cf.wait(list(self._futures), timeout=timeout, return_when=cf.FIRST_COMPLETED)
+        outcomes = []
+        broken = False
+        for future in done:
+            task = self._futures.pop(future)
+            try:
+                outcomes.append(_outcome(task, future.result()))
+            except cf.process.BrokenProcessPool:
+                broken = True
+                message = "worker process died (killed or crashed)"
+                outcomes.append(Outcome(task, error=message, lost=True))
+            except Exception as err:
+                outcomes.append(Outcome(task, error=f"{type(err).__name__}: {err}"))
+        if broken:  # a dead worker breaks the whole pool: start a fresh one for what is left
+            self._pool = None
+        return outcomes
+
+    def close(self, cancel: bool = False) -> None:
+        if self._pool is not None:
+            workers = list((getattr(self._pool, "_processes", None) or {}).values())
+            self._pool.shutdown(wait=not cancel, cancel_futures=cancel)
+            if cancel:  # stop work in progress now; its runs go back to pending
+                for proc in workers:
+                    proc.terminate()
+            self._pool = None
+        self._futures.clear()
+
+
+# ---------------------------------------------------------------------------------- ray
+
+
+class RayExecutor(Executor):
+    """Tasks as Ray remote functions: a local Ray instance, or a cluster at ``address``."""
+
+    def __init__(
+        self,
+        function: str,
+        workers: int | None = None,
+        threads: int = 1,
+        address: str | None = None,
+    ) -> None:
+        try:
+            import ray
+        except ImportError:
+            raise UserError(
+                "--backend ray needs Ray: pip install 'optarena[cluster]' (or pip install ray)"
+            ) from None
+        self._ray = ray
+        self.function = function
+        self.threads = threads
+        if not ray.is_initialized():
+            kwargs: dict[str, Any] = {
+                "include_dashboard": False,
+                "log_to_driver": False,
+                "runtime_env": {"env_vars": {"PYTHONPATH": package_pythonpath()}},
+            }
+            if address:
+                kwargs["address"] = address
+            elif workers:
+                kwargs["num_cpus"] = workers * threads
+            try:
+                ray.init(**kwargs)
+            except ConnectionError as err:
+                raise UserError(
+                    f"--address {address}: cannot reach a Ray cluster ({err})"
+                ) from None
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        self.capacity = workers or max(1, cpus // threads)
+        self._remote = ray.remote(num_cpus=threads, max_retries=0)(execute)
+        self._refs: dict[Any, Task] = {}
+
+    def submit(self, task: Task) -> None:
+        ref = self._remote.remote(self.function, task.config, self.threads)
+        self._refs[ref] = task
+
+    def wait(self, timeout: float) -> list[Outcome]:
+        if not self._refs:
+            return []
+        done, _ = self._ray.wait(list(self._refs), num_returns=1, timeout=timeout)
+        outcomes = []
+        for ref in done:
+            task = self._refs.pop(ref)
+            try:
+                outcomes.append(_outcome(task, self._ray.get(ref)))
+            except Exception as err:
+                outcomes.append(Outcome(task, error=f"{type(err).__name__}: {err}".splitlines()[0]))
+        return outcomes
+
+    def close(self, cancel: bool = False) -> None:
+        if cancel:
+            for ref in self._refs:
+                self._ray.cancel(ref, force=True)
+        self._refs.clear()
+        self._ray.shutdown()
+
+
+# -------------------------------------------------------------------------------- slurm
+
+
+class SlurmExecutor(Executor):
+    """One Slurm job per run through submitit; ``cluster="local"`` runs them as local processes
+    (submitit's own local executor), which is how the tests exercise this path."""
+
+    def __init__(
+        self,
+        function: str,
+        folder: Path,
+        workers: int = 64,
+        threads: int = 1,
+        cluster: str | None = None,
+        parameters: dict[str, Any] | None = None,
+    ) -> None:
+        try:
+            import submitit
+        except ImportError:
+            raise UserError(
+                "--backend slurm needs submitit: pip install 'optarena[cluster]'"
+            ) from None
+        self.function = function
+        self.threads = threads
+        self.capacity = workers
+        self._executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
+        params = {"timeout_min": 24 * 60, "cpus_per_task": threads, "name": "optarena"}
+        params.update(parameters or {})
+        self._executor.update_parameters(**params)
+        self._jobs: dict[Any, Task] = {}
+
+    def submit(self, task: Task) -> None:
+        old = os.environ.get("PYTHONPATH")
+        os.environ["PYTHONPATH"] = package_pythonpath()  # local jobs inherit the environment
+        try:
+            job = self._executor.submit(execute, self.function, task.config, self.threads)
+        finally:
+            if old is None:
+                os.environ.pop("PYTHONPATH", None)
+            else:
+                os.environ["PYTHONPATH"] = old
+        self._jobs[job] = task
+
+    def wait(self, timeout: float) -> list[Outcome]:
+        deadline = time.monotonic() + timeout
+        while True:
+            done = [job for job in self._jobs if job.done()]
+            if done or not self._jobs or time.monotonic() >= deadline:
+                break
+            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+        outcomes = []
+        for job in done:
+            task = self._jobs.pop(job)
+            try:
+                outcomes.append(_outcome(task, job.result()))
+            except Exception as err:
+                message = f"slurm job {job.job_id}: {type(err).__name__}: {err}"
+                outcomes.append(Outcome(task, error=message.splitlines()[0][:500]))
+        return outcomes
+
+    def close(self, cancel: bool = False) -> None:
+        if cancel:
+            for job in self._jobs:
+                job.cancel(check=False)
+        self._jobs.clear()

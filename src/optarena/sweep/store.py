@@ -1,0 +1,407 @@
+"""The results store: one SQLite file (``DIR/results.sqlite``, WAL mode) holding every run.
+
+Only the sweep driver writes here (workers return results to it), so one file on the driver's
+disk serves local pools, Ray and Slurm alike. Status moves pending -> running -> done |
+diverged | failed. A claim records pid, host and a heartbeat: a run left ``running`` by a
+process that no longer exists (same host) or whose heartbeat went stale (another host) can be
+claimed again, which is how a sweep resumes after SIGKILL without running anything twice.
+An ``events`` table keeps the history of every claim and finish, for audits and tests.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from optarena.errors import UserError
+
+STATUSES = ("pending", "running", "done", "diverged", "failed")
+FINISHED = ("done", "diverged")  # a result: never rerun
+DB_NAME = "results.sqlite"
+# A running run whose heartbeat is older than this is presumed dead (other hosts).
+STALE_SECONDS = 120.0
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    config TEXT NOT NULL,
+    optimizer TEXT NOT NULL,
+    model TEXT,
+    lr REAL,
+    seed INTEGER,
+    status TEXT NOT NULL DEFAULT 'pending',
+    error TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    pid INTEGER,
+    host TEXT,
+    heartbeat REAL,
+    created REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    final_val_loss REAL,
+    wall_seconds REAL,
+    summary TEXT,
+    eval_curve TEXT
+);
+CREATE TABLE IF NOT EXISTS members (
+    run_id TEXT NOT NULL REFERENCES runs(id),
+    label TEXT NOT NULL,
+    point TEXT NOT NULL,
+    sweep TEXT NOT NULL,
+    PRIMARY KEY (run_id, label, point)
+);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id TEXT NOT NULL,
+    event TEXT NOT NULL,
+    time REAL NOT NULL,
+    pid INTEGER,
+    host TEXT,
+    detail TEXT
+);
+CREATE INDEX IF NOT EXISTS runs_status ON runs(status);
+"""
+
+
+@dataclass
+class RunRecord:
+    """One row of ``runs`` with its JSON columns decoded."""
+
+    id: str
+    config: dict[str, Any]
+    optimizer: str
+    model: str | None
+    lr: float | None
+    seed: int | None
+    status: str
+    error: str | None
+    attempts: int
+    pid: int | None
+    host: str | None
+    heartbeat: float | None
+    started: float | None
+    finished: float | None
+    final_val_loss: float | None
+    wall_seconds: float | None
+    summary: dict[str, Any] | None
+    eval_curve: list[list[float]]
+
+
+@dataclass(frozen=True)
+class Member:
+    """A run's place in a series: its label and the swept values that define its point."""
+
+    run_id: str
+    label: str
+    point: dict[str, Any]
+    sweep: str
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (zombies count as dead)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+class Store:
+    """A handle on ``DIR/results.sqlite``; cheap to open, safe to share across threads."""
+
+    def __init__(self, directory: str | Path, *, create: bool = True) -> None:
+        self.dir = Path(directory)
+        self.path = self.dir / DB_NAME
+        if not create and not self.path.is_file():
+            raise UserError(
+                f"{self.dir} holds no sweep results ({DB_NAME} missing); run "
+                f"`optarena sweep SPEC --out {self.dir}` first"
+            )
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.host = socket.gethostname()
+        self.pid = os.getpid()
+        self._conn = sqlite3.connect(
+            self.path, timeout=60.0, isolation_level=None, check_same_thread=False
+        )
+        self._conn.row_factory = sqlite3.Row
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=NORMAL")
+        self._conn.execute("PRAGMA foreign_keys=ON")
+        self._conn.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def run_dir(self, run_id: str) -> Path:
+        """Where a run's own files (metrics, checkpoints) live."""
+        return self.dir / "runs" / run_id
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._conn
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+
+    def _event(self, run_id: str, event: str, detail: str | None = None) -> None:
+        self._conn.execute(
+            "INSERT INTO events(run_id, event, time, pid, host, detail) VALUES (?,?,?,?,?,?)",
+            (run_id, event, time.time(), self.pid, self.host, detail),
+        )
+
+    # ----------------------------------------------------------------------------- writes
+
+    def add_runs(
+        self,
+        runs: Iterable[tuple[str, Mapping[str, Any], str, Mapping[str, Any]]],
+        *,
+        sweep: str = "",
+    ) -> int:
+        """Insert ``(id, config, label, point)`` rows; existing runs are left untouched.
+
+        Returns how many runs are new. Idempotent: adding the same runs twice changes nothing.
+        """
+        now = time.time()
+        new = 0
+        with self._transaction() as db:
+            for run_id, config, label, point in runs:
+                cur = db.execute(
+                    "INSERT OR IGNORE INTO runs(id, config, optimizer, model, lr, seed, created)"
+                    " VALUES (?,?,?,?,?,?,?)",
+                    (
+                        run_id,
+                        _dumps(config),
+                        config["optimizer"],
+                        _opt_str(config.get("model")),
+                        config.get("lr"),
+                        config.get("seed"),
+                        now,
+                    ),
+                )
+                new += cur.rowcount
+                db.execute(
+                    "INSERT OR IGNORE INTO members(run_id, label, point, sweep) VALUES (?,?,?,?)",
+                    (run_id, label, _dumps(point), sweep),
+                )
+        return new
+
+    def claim(
+        self, run_id: str, *, retry_failed: bool = True, stale_seconds: float = STALE_SECONDS
+    ) -> bool:
+        """Mark a run ``running`` for this process if nobody else holds it; True on success."""
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT status, pid, host, heartbeat FROM runs WHERE id=?", (run_id,)
+            ).fetchone()
+            if row is None or not self._claimable(row, retry_failed, stale_seconds):
+                return False
+            reclaimed = row["status"] == "running"
+            now = time.time()
+            db.execute(
+                "UPDATE runs SET status='running', pid=?, host=?, heartbeat=?, started=?,"
+                " attempts=attempts+1, error=NULL WHERE id=?",
+                (self.pid, self.host, now, now, run_id),
+            )
+            self._event(
+                run_id,
+                "reclaim" if reclaimed else "claim",
+                f"from {row['host']}:{row['pid']}" if reclaimed else None,
+            )
+        return True
+
+    def _claimable(self, row: sqlite3.Row, retry_failed: bool, stale_seconds: float) -> bool:
+        status = row["status"]
+        if status == "pending" or (status == "failed" and retry_failed):
+            return True
+        if status != "running":
+            return False
+        if row["host"] == self.host and row["pid"] is not None:
+            return row["pid"] != self.pid and not pid_alive(row["pid"])
+        return time.time() - (row["heartbeat"] or 0.0) > stale_seconds
+
+    def heartbeat(self, run_ids: Iterable[str]) -> None:
+        """Tell other drivers these runs are still being worked on."""
+        ids = list(run_ids)
+        if not ids:
+            return
+        now = time.time()
+        with self._transaction() as db:
+            db.executemany(
+                "UPDATE runs SET heartbeat=? WHERE id=? AND status='running' AND pid=? AND host=?",
+                [(now, i, self.pid, self.host) for i in ids],
+            )
+
+    def finish(self, run_id: str, summary: Mapping[str, Any]) -> str:
+        """Record a training summary; status becomes ``diverged`` or ``done``. Returns it.
+
+        A second finish of a run that already has a result is ignored (and logged), so a late
+        duplicate can never overwrite or double a result.
+        """
+        diverged = bool(summary.get("diverged"))
+        loss = _finite_or_none(summary.get("final_val_loss"))
+        status = "diverged" if diverged or loss is None else "done"
+        curve = normalize_curve(summary.get("eval_curve") or [])
+        slim = {k: v for k, v in summary.items() if k not in ("eval_curve", "config")}
+        with self._transaction() as db:
+            row = db.execute("SELECT status FROM runs WHERE id=?", (run_id,)).fetchone()
+            if row is None:
+                raise KeyError(run_id)
+            if row["status"] in FINISHED:
+                self._event(run_id, "duplicate-finish", status)
+                return row["status"]
+            db.execute(
+                "UPDATE runs SET status=?, error=NULL, finished=?, final_val_loss=?,"
+                " wall_seconds=?, summary=?, eval_curve=?, heartbeat=? WHERE id=?",
+                (
+                    status,
+                    time.time(),
+                    loss,
+                    _finite_or_none(summary.get("wall_seconds")),
+                    _dumps(slim),
+                    _dumps(curve),
+                    time.time(),
+                    run_id,
+                ),
+            )
+            self._event(run_id, "finish", status)
+        return status
+
+    def fail(self, run_id: str, error: str) -> None:
+        """Record that a run raised; it is retried on the next sweep (not this one)."""
+        with self._transaction() as db:
+            row = db.execute("SELECT status FROM runs WHERE id=?", (run_id,)).fetchone()
+            if row is None or row["status"] in FINISHED:
+                return
+            db.execute(
+                "UPDATE runs SET status='failed', error=?, finished=? WHERE id=?",
+                (error, time.time(), run_id),
+            )
+            self._event(run_id, "fail", error)
+
+    def release(self, run_ids: Iterable[str]) -> None:
+        """Give runs this process holds back to ``pending`` (clean interruption)."""
+        with self._transaction() as db:
+            for run_id in run_ids:
+                cur = db.execute(
+                    "UPDATE runs SET status='pending' WHERE id=? AND status='running' AND pid=?"
+                    " AND host=?",
+                    (run_id, self.pid, self.host),
+                )
+                if cur.rowcount:
+                    self._event(run_id, "release")
+
+    # ------------------------------------------------------------------------------ reads
+
+    def runs(self, *, status: str | Iterable[str] | None = None) -> list[RunRecord]:
+        """Every run (optionally only some statuses), oldest first."""
+        sql = "SELECT * FROM runs"
+        args: tuple[Any, ...] = ()
+        if status is not None:
+            wanted = (status,) if isinstance(status, str) else tuple(status)
+            sql += f" WHERE status IN ({','.join('?' * len(wanted))})"
+            args = wanted
+        rows = self._conn.execute(sql + " ORDER BY created, rowid", args).fetchall()
+        return [_record(r) for r in rows]
+
+    def get(self, run_id: str) -> RunRecord | None:
+        row = self._conn.execute("SELECT * FROM runs WHERE id=?", (run_id,)).fetchone()
+        return _record(row) if row else None
+
+    def members(self) -> list[Member]:
+        rows = self._conn.execute("SELECT * FROM members ORDER BY rowid").fetchall()
+        return [Member(r["run_id"], r["label"], json.loads(r["point"]), r["sweep"]) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        rows = self._conn.execute("SELECT status, COUNT(*) AS n FROM runs GROUP BY status")
+        out = dict.fromkeys(STATUSES, 0)
+        out.update({r["status"]: r["n"] for r in rows})
+        return out
+
+    def events(self, run_id: str | None = None) -> list[dict[str, Any]]:
+        sql, args = "SELECT * FROM events", ()
+        if run_id is not None:
+            sql, args = sql + " WHERE run_id=?", (run_id,)
+        return [dict(r) for r in self._conn.execute(sql + " ORDER BY seq", args)]
+
+
+def normalize_curve(curve: Iterable[Any]) -> list[list[float | None]]:
+    """``[[step, val_loss], ...]`` from pairs or ``{"step", "val_loss"}`` dicts (the harness)."""
+    out = []
+    for point in curve:
+        if isinstance(point, Mapping):
+            step, loss = point.get("step"), point.get("val_loss", point.get("loss"))
+        else:
+            step, loss = point[0], point[1]
+        out.append([step, _finite_or_none(loss)])
+    return out
+
+
+def _record(row: sqlite3.Row) -> RunRecord:
+    return RunRecord(
+        id=row["id"],
+        config=json.loads(row["config"]),
+        optimizer=row["optimizer"],
+        model=row["model"],
+        lr=row["lr"],
+        seed=row["seed"],
+        status=row["status"],
+        error=row["error"],
+        attempts=row["attempts"],
+        pid=row["pid"],
+        host=row["host"],
+        heartbeat=row["heartbeat"],
+        started=row["started"],
+        finished=row["finished"],
+        final_val_loss=row["final_val_loss"],
+        wall_seconds=row["wall_seconds"],
+        summary=json.loads(row["summary"]) if row["summary"] else None,
+        eval_curve=json.loads(row["eval_curve"]) if row["eval_curve"] else [],
+    )
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=_json_default)
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):  # numpy / torch scalars
+        return value.item()
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    return str(value)
+
+
+def _finite_or_none(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _opt_str(value: Any) -> str | None:
+    return None if value is None else str(value)

@@ -1,0 +1,76 @@
+"""A synthetic training function with a known loss landscape, for trying sweep machinery.
+
+``optarena sweep SPEC --function optarena.sweep.toy:train`` checks a backend (a Ray cluster,
+Slurm) in seconds, without torch or data; the tests use it for the same reason. The final loss
+is a parabola in log10(LR) around an optimum that depends on the optimizer family, plus a small
+deterministic per-seed offset; LRs far above the optimum diverge.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+# log10 of the optimal LR and the loss reached there, per optimizer (others: adamw's).
+OPTIMA = {
+    "adamw": (-2.5, 3.0),
+    "adam-mini": (-2.5, 3.01),
+    "adafactor": (-2.5, 3.02),
+    "adalayer": (-2.5, 3.03),
+    "lion": (-3.5, 3.02),
+    "signum": (-3.5, 3.05),
+    "sgd": (0.0, 3.3),
+}
+CURVATURE = 0.2  # nats per decade squared
+DIVERGE_DECADES = 1.5  # LRs this far above the optimum diverge
+
+
+def expected_loss(optimizer: str, lr: float, seed: int = 0) -> float:
+    """The final loss ``train`` reports for these settings (inf where it diverges)."""
+    center, floor = OPTIMA.get(optimizer, OPTIMA["adamw"])
+    offset = math.log10(lr) - center
+    if offset > DIVERGE_DECADES:
+        return math.inf
+    noise = int(hashlib.sha256(f"{optimizer}:{seed}".encode()).hexdigest()[:8], 16) / 16**8
+    return floor + CURVATURE * offset**2 + 0.01 * (noise - 0.5)
+
+
+def train(config: dict[str, Any]) -> dict[str, Any]:
+    """Summary in the shape of ``optarena.train.train``. Knobs to rehearse trouble:
+    ``toy_fail`` raises, ``toy_exit`` kills the worker process, ``toy_seconds`` sleeps."""
+    if config.get("toy_fail"):
+        raise RuntimeError(f"toy run asked to fail (lr={config['lr']})")
+    if config.get("toy_exit"):
+        os._exit(13)
+    time.sleep(float(config.get("toy_seconds", 0.0)))
+    steps = int(config.get("steps", 10))
+    loss = expected_loss(config["optimizer"], float(config["lr"]), int(config.get("seed", 0)))
+    diverged = not math.isfinite(loss)
+    curve = [
+        [s, (loss if not diverged else 10.0) + 2.0 * (1 - s / steps)]
+        for s in range(0, steps + 1, max(1, steps // 5))
+    ]
+    summary = {
+        "final_val_loss": None if diverged else loss,
+        "diverged": diverged,
+        "steps": steps,
+        "tokens": steps * 64,
+        "tokens_per_second": 1000.0,
+        "params": 1000,
+        "optimizer_state_bytes": 4000 if config["optimizer"] == "adam-mini" else 8000,
+        "peak_memory_bytes": 0,
+        "wall_seconds": float(config.get("toy_seconds", 0.0)),
+        "eval_curve": curve,
+        "config": dict(config),
+        "pid": os.getpid(),
+    }
+    if config.get("out"):
+        out = Path(config["out"])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").write_text(json.dumps(summary, default=str))
+    return summary
