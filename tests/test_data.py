@@ -121,7 +121,7 @@ def test_bad_data_inputs_are_user_errors(tmp_path: Path, cache_dir: Path) -> Non
         load_corpus(str(empty), cache_dir)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\nnot json\n')
-    with pytest.raises(UserError, match="bad.jsonl:2"):
+    with pytest.raises(UserError, match=r"bad\.jsonl:2"):
         list(load_corpus(str(bad), cache_dir).documents("train"))
 
 
@@ -162,9 +162,12 @@ def test_sentencepiece_model_file(tmp_path: Path, shared_data: Path) -> None:
 
     text = _small_corpus(tmp_path, shared_data)
     spm.SentencePieceTrainer.train(
-        input=str(text), model_prefix=str(tmp_path / "sp"), vocab_size=300,
-        model_type="bpe", minloglevel=2,
-    )  # fmt: skip
+        input=str(text),
+        model_prefix=str(tmp_path / "sp"),
+        vocab_size=300,
+        model_type="bpe",
+        minloglevel=2,
+    )
     corpus = load_corpus(str(text), tmp_path)
     tok = load_tokenizer(str(tmp_path / "sp.model"), corpus, 0, tmp_path)
     assert tok.vocab_size == 300 and max(tok.encode_batch(["Romeo and Juliet"])[0]) < 300

@@ -473,6 +473,7 @@ def train(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
     device = _resolve_device(config.device)
     dtype = _resolve_dtype(config.dtype, device)
     out = _prepare_out(config)
+    requested = json.loads(json.dumps(config.to_dict()))  # as given, before defaults resolve
 
     # ---- resume point (read before any work, so a bad checkpoint fails fast)
     resumed: dict[str, Any] | None = None
@@ -483,11 +484,11 @@ def train(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
             print(f"optarena: no checkpoint in {out}; starting from scratch", file=sys.stderr)
         else:
             resumed_from, resumed = found
-            saved = json.loads(resumed["config"])
+            saved = json.loads(resumed["requested_config"])
             changed = sorted(
                 k
-                for k in set(saved) | set(config.to_dict())
-                if k not in RESUMABLE_CHANGES and saved.get(k) != config.to_dict().get(k)
+                for k in set(saved) | set(requested)
+                if k not in RESUMABLE_CHANGES and saved.get(k) != requested.get(k)
             )
             if changed:
                 raise UserError(
@@ -584,6 +585,7 @@ def train(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
             "torch_rng": torch.get_rng_state(),
             "eval_curve": json.dumps(eval_curve),
             "config": json.dumps(config.to_dict()),
+            "requested_config": json.dumps(requested),
         }
         save_checkpoint(out / "checkpoints", step, payload, config.keep_checkpoints)
 
