@@ -317,7 +317,11 @@ class RuleOptimizer(torch.optim.Optimizer):
         # ``fused`` says how this object runs, not what it learnt: keep the receiver's choice
         for group, flag in zip(self.param_groups, fused, strict=True):
             group["fused"] = flag
-        params = [p for g in self.param_groups for p in g["params"]]
+        # saved keys are indices (torch) or parameter names (torch.distributed.checkpoint's
+        # get/set_state_dict): like torch, match them to parameters by their group order
+        saved_keys = [k for g in state_dict["param_groups"] for k in g["params"]]
+        current = [p for g in self.param_groups for p in g["params"]]
+        params = dict(zip(saved_keys, current, strict=True))  # torch checked the lengths
         for index, saved in state_dict["state"].items():
             p = params[index]
             for key, value in saved.items():
