@@ -155,45 +155,51 @@ def run(name: str, dtype: torch.dtype = torch.float64):
 
 
 def main() -> None:
-    """Under torchrun: every optimizer on the FSDP2 (or DDP) model; rank 0 saves the full
-    parameters to ``OUT/<mode>/<name>.pt`` and every rank the optimizer state through DCP."""
+    """Under torchrun: every optimizer on the sharded model, for each mode in ``MODES`` (comma
+    separated: ``fsdp``, ``hsdp`` — replicated over the 2 ranks, sharded within groups of 1,
+    the layout of HSDP across nodes — or ``ddp``). Rank 0 saves the full parameters to
+    ``OUT/<mode>/<name>.pt``; in ``fsdp`` every rank also saves the optimizer through DCP."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel
 
-    mode, out = sys.argv[1], Path(sys.argv[2])
+    modes, out = sys.argv[1].split(","), Path(sys.argv[2])
     names = sys.argv[3].split(",") if len(sys.argv) > 3 else list(OPTIMIZERS)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    report = {}
-    for name in names:
-        model = new_model(torch.float64)
-        if mode == "fsdp":
-            fully_shard(model)
-        else:
-            model = DistributedDataParallel(model)
-        opt = train(model, name, rank, world)
-        params = {}
-        for n, p in model.named_parameters():
-            full = p.full_tensor() if hasattr(p, "full_tensor") else p.detach()
-            params[n.removeprefix("module.")] = full.detach().clone()
-        if mode == "fsdp":
-            report[name] = sorted(
-                k
-                for state in opt.state.values()
-                for k, v in state.items()
-                if hasattr(v, "to_local")
-            )
-            dcp.save(
-                {"optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=out / "dcp" / name
-            )
+    for mode in modes:
+        report = {}
+        for name in names:
+            model = new_model(torch.float64)
+            if mode == "fsdp":
+                fully_shard(model)
+            elif mode == "hsdp":
+                mesh = init_device_mesh("cpu", (world, 1), mesh_dim_names=("replicate", "shard"))
+                fully_shard(model, mesh=mesh)
+            else:
+                model = DistributedDataParallel(model)
+            opt = train(model, name, rank, world)
+            params = {}
+            for n, p in model.named_parameters():
+                full = p.full_tensor() if hasattr(p, "full_tensor") else p.detach()
+                params[n.removeprefix("module.")] = full.detach().clone()
+            if mode == "fsdp":
+                report[name] = sorted(
+                    k
+                    for state in opt.state.values()
+                    for k, v in state.items()
+                    if hasattr(v, "to_local")
+                )
+                state = {"optim": get_optimizer_state_dict(model, opt)}
+                dcp.save(state, checkpoint_id=out / "dcp" / name)
+            if rank == 0:
+                (out / mode).mkdir(parents=True, exist_ok=True)
+                torch.save(params, out / mode / f"{name}.pt")
         if rank == 0:
-            (out / mode).mkdir(parents=True, exist_ok=True)
-            torch.save(params, out / mode / f"{name}.pt")
-    if rank == 0:
-        (out / mode / "sharded_state_keys.json").write_text(json.dumps(report))
+            (out / mode / "sharded_state_keys.json").write_text(json.dumps(report))
     dist.barrier()
     dist.destroy_process_group()
 

@@ -138,6 +138,44 @@ class Parallel:
             self.owns_group = False
 
 
+def clip_grad_norm_(params: list[nn.Parameter], max_norm: float) -> Tensor:
+    """Global gradient-norm clipping with ``torch.nn.utils.clip_grad_norm_``'s semantics
+    (``g *= min(1, max_norm / (norm + 1e-6))``), whose norm is the same on one process and on
+    FSDP2 shards: float64 sums of per-row sums (``sharding_invariant_sum``), all-reduced over
+    each shard group. Returns the norm before clipping (float32)."""
+    from optarena.optim.blocks import sharding_invariant_sum
+    from optarena.optim.sharding import local, make_shard
+
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    device = local(grads[0]).device
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    by_group: dict[Any, Tensor] = {}
+    for p in params:
+        if p.grad is None:
+            continue
+        g = local(p.grad)
+        sq = sharding_invariant_sum(g * g, range(g.dim())).reshape(())
+        shard = make_shard(p)
+        if shard is None:  # whole on every rank (one process, DDP)
+            total += sq
+        else:
+            key = shard.group
+            by_group[key] = by_group.get(key, torch.zeros_like(total)) + sq
+    if by_group:
+        import torch.distributed as dist
+
+        for group, partial in by_group.items():
+            dist.all_reduce(partial, group=group)
+            total += partial
+    norm = total.sqrt()
+    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        local(g).mul_(coef.to(g.dtype))
+    return norm.float()
+
+
 def launched_world() -> int:
     """The world size torchrun (or Slurm's ``srun`` with the torch variables) announced."""
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -305,6 +343,7 @@ __all__ = [
     "MODES",
     "Parallel",
     "checkpoint_dirs",
+    "clip_grad_norm_",
     "launched_world",
     "load_dcp",
     "load_full",

@@ -50,6 +50,7 @@ RESUMABLE_CHANGES = {
     "threads",
     "device",
     "parallel",  # a checkpoint resumes at any world size, sharded or not
+    "grad_accum",  # the same global batch in other micro-batches (e.g. on fewer GPUs)
 }
 
 
@@ -643,28 +644,33 @@ def _train(config: TrainConfig, par: Any) -> dict[str, Any]:
         payload["optimizer"] = optimizer.state_dict()
         save_checkpoint(out / "checkpoints", step, payload, config.keep_checkpoints)
 
-    def hessian_update() -> None:
+    def hessian_update(x_local: Tensor) -> None:
         """Sophia's Gauss-Newton-Bartlett estimate: back-propagate the loss on labels sampled
         from the model's own softmax (same clipping), then ``update_hessian()``.
 
-        The batch is the first micro-batch of the global batch, shared by the ranks; each label
-        is drawn by inverting the CDF at one uniform number per token of that whole batch, so a
-        token gets the same label at every world size."""
-        share = config.batch_size // config.grad_accum // par.world
-        x, _ = batches.rows(slice(par.rank * share, (par.rank + 1) * share))
-        with autocast:
-            logits = model(x.to(device))
-        flat = logits.float().flatten(0, 1)
+        As in the official Sophia loop, the estimate uses the whole batch of the step, micro-batch
+        by micro-batch. Each label is drawn by inverting the softmax CDF at one uniform number per
+        token of the global batch, so a token gets the same label whatever the world size and
+        micro-batching."""
+        tokens_local = x_local.numel()
         with torch.no_grad():
-            per_rank = flat.shape[0]
-            u = torch.rand(per_rank * par.world, generator=hessian_rng, device=device)
-            u = u[par.rank * per_rank : (par.rank + 1) * per_rank]
-            cdf = flat.softmax(-1).cumsum(-1)
-            labels = torch.searchsorted(cdf, u.unsqueeze(-1)).squeeze(-1)
-            labels = labels.clamp_(max=flat.shape[-1] - 1)
-        F.cross_entropy(flat, labels).backward()
+            u = torch.rand(tokens_local * par.world, generator=hessian_rng, device=device)
+            u = u[par.rank * tokens_local : (par.rank + 1) * tokens_local]
+        for m in range(config.grad_accum):
+            x = x_local[m * micro : (m + 1) * micro]
+            with par.accumulating(model, last=m == config.grad_accum - 1):
+                with autocast:
+                    logits = model(x)
+                flat = logits.float().flatten(0, 1)
+                with torch.no_grad():
+                    cdf = flat.softmax(-1).cumsum(-1)
+                    mine = u[m * flat.shape[0] : (m + 1) * flat.shape[0]]
+                    labels = torch.searchsorted(cdf, mine.unsqueeze(-1)).squeeze(-1)
+                    labels = labels.clamp_(max=flat.shape[-1] - 1)
+                loss = F.cross_entropy(flat, labels)
+                (loss / config.grad_accum if config.grad_accum > 1 else loss).backward()
         if clip:
-            torch.nn.utils.clip_grad_norm_(params, clip)
+            distributed.clip_grad_norm_(params, clip)
         optimizer.update_hessian()
         optimizer.zero_grad(set_to_none=True)
 
@@ -698,9 +704,7 @@ def _train(config: TrainConfig, par: Any) -> dict[str, Any]:
                     loss, ce = lm_loss(logits, y, config.z_loss)
                     (loss / config.grad_accum if config.grad_accum > 1 else loss).backward()
                 ce_sum += ce.detach()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip) if clip else None
-            if grad_norm is not None and hasattr(grad_norm, "full_tensor"):
-                grad_norm = grad_norm.full_tensor()  # FSDP2: a replicated DTensor
+            grad_norm = distributed.clip_grad_norm_(params, clip) if clip else None
             if hessian_interval is not None:
                 optimizer.step(bs=tokens_per_step)
             else:
@@ -709,7 +713,7 @@ def _train(config: TrainConfig, par: Any) -> dict[str, Any]:
             step += 1
             tokens += tokens_per_step
             if hessian_interval and step % hessian_interval == 0:
-                hessian_update()
+                hessian_update(x_all)
             last_loss = par.mean(ce_sum).item() / config.grad_accum  # same on every rank
             dt = time.perf_counter() - t0
             train_seconds += dt

@@ -46,19 +46,15 @@ class RandomWindows:
         self.tokens, self.batch_size, self.seq_len = tokens, batch_size, seq_len
         self.rank, self.world = rank, world
         self.generator = torch.Generator().manual_seed(seed)
-        self.starts = np.zeros(0, dtype=np.int64)  # offsets of the last global batch
 
     def next(self, batch_size: int | None = None) -> tuple[Tensor, Tensor]:
         """This rank's rows of the next global batch of ``batch_size`` windows."""
         n = batch_size or self.batch_size
         high = len(self.tokens) - self.seq_len
-        self.starts = torch.randint(0, high, (n,), generator=self.generator).numpy()
+        starts = torch.randint(0, high, (n,), generator=self.generator).numpy()
         share = n // self.world
-        return self.rows(slice(self.rank * share, (self.rank + 1) * share))
-
-    def rows(self, rows: slice) -> tuple[Tensor, Tensor]:
-        """Windows ``rows`` of the last global batch (e.g. Sophia's Hessian batch)."""
-        return _windows(self.tokens, self.starts[rows], self.seq_len)
+        mine = starts[self.rank * share : (self.rank + 1) * share]
+        return _windows(self.tokens, mine, self.seq_len)
 
     def state_dict(self) -> dict[str, Tensor]:
         return {"generator": self.generator.get_state()}

@@ -34,6 +34,7 @@ from optarena.optim.transforms import (
     clipped_ratio,
     ema_,
     heavy_ball_,
+    mean_over,
     rms,
 )
 
@@ -562,7 +563,8 @@ class AdafactorClassic(Rule):
         if g.dim() >= 2:
             if shard is None:
                 sq = g * g + group["eps"][0]
-                row_stat, col_stat = sq.mean(dim=-1), sq.mean(dim=-2)
+                row_stat = mean_over(sq, [-1]).squeeze(-1)
+                col_stat = mean_over(sq, [-2]).squeeze(-2)
             else:  # global means over the whole tensor; the factors are replicated
                 row_stat = shard.mean("row").reshape(state["exp_avg_sq_row"].shape)
                 col_stat = shard.mean("col").reshape(state["exp_avg_sq_col"].shape)

@@ -9,12 +9,16 @@ Block statistics are not local: Adalayer's per-tensor mean, Adam-mini's heads (w
 boundary may cut when head counts do not divide evenly, e.g. 3 key/value heads on 2 ranks),
 Adafactor's row and column means, classic Adafactor's RMS terms. Here every rank computes the
 *partial sums* of the blocks its rows overlap, scattered into a vector of the global statistic's
-shape (zeros elsewhere); all partial sums of one step go into ONE buffer and one ``all_reduce``
-per process group; the sums are divided by the global block sizes. The result is the statistic
-one process would compute (up to the order of float additions), identical on every rank, so the
-small block-vector state (``exp_avg_sq`` of shape ``(num_blocks,)``, Adafactor's factors) is kept
-replicated and never diverges. The buffer's layout depends only on global shapes and the param
-groups, so every rank issues the same collective even when it holds no row of a tensor: no hang.
+shape (zeros elsewhere); all partial sums of one step go into ONE float64 buffer and one
+``all_reduce`` per process group (the mesh dim that shards the tensor: never the world size,
+so HSDP across nodes counts each shard once); the sums are divided by the global block sizes.
+Partial sums are per-row sums in the gradient's dtype added in float64 (``blocks.
+sharding_invariant_sum``), and one process computes its statistics the same way, so a sharded
+run gets the float32 statistic one process gets, bit for bit in practice. The result is
+identical on every rank, so the small block-vector state (``exp_avg_sq`` of shape
+``(num_blocks,)``, Adafactor's factors) is kept replicated and never diverges. The buffer's
+layout depends only on global shapes and the param groups, so every rank issues the same
+collective even when it holds no row of a tensor: no hang.
 
 Only classic Adafactor needs a second collective: it clips its update by the update's global RMS,
 which is known only after the first reduction.
@@ -36,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from optarena.optim.blocks import BlockLayout
+from optarena.optim.blocks import BlockLayout, block_means, block_sums, sharding_invariant_sum
 
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
@@ -91,41 +95,35 @@ class LocalShard:
     # ----------------------------------------------------------------- requests
 
     def request_sum(self, name: str, x: Tensor, keep: Iterable[int] = ()) -> None:
-        """Ask for ``x.sum`` over every axis not in ``keep`` across all shards (``x`` is this
-        rank's rows of a tensor of the parameter's global shape); :meth:`mean` divides by the
-        number of summed entries. The result has the global shape with summed axes kept as 1."""
+        """Ask for the mean of ``x`` over every axis not in ``keep`` across all shards (``x`` is
+        this rank's rows of a tensor of the parameter's global shape). The result has the
+        global shape with averaged axes kept as 1, in ``x``'s dtype."""
         keep = {k % len(self.shape) for k in keep} if self.shape else set()
         reduce = [d for d in range(x.dim()) if d not in keep]
-        partial = x.sum(reduce, keepdim=True) if reduce else x
+        partial = sharding_invariant_sum(x, reduce)
         shape = tuple(s if d in keep else 1 for d, s in enumerate(self.shape))
         if 0 in keep:  # this rank's rows of the statistic; other ranks fill the rest
             full = partial.new_zeros(shape)
             full.narrow(0, self.offset, self.length).copy_(partial)
             partial = full
         count = math.prod(self.shape[d] for d in reduce)
-        self._requests.append(_Request(self, name, partial.reshape(-1), count, shape))
+        dtype = x.dtype
+
+        def finish(total: Tensor) -> Tensor:
+            return (total / count).to(dtype).reshape(shape)
+
+        self._requests.append(_Request(self, name, partial.reshape(-1), finish))
 
     def request_blocks(self, name: str, x: Tensor, layout: BlockLayout) -> None:
         """Ask for the mean of ``x`` in every block of ``layout`` (``x``: this rank's rows of a
         tensor such as ``g²``), flattened to ``(num_blocks,)`` like ``block_mean_square``."""
-        sums, counts = [], []
-        for seg, rows in zip(layout.segments, self._row_blocks(layout), strict=True):
-            blocks = seg.num_blocks
-            counts.append(math.prod(seg.shape) // blocks)
-            if seg.dim == 0:  # blocks are runs of rows: add each local row's sum into its block
-                out = x.new_zeros(blocks)
-                for start, size, ids in rows:
-                    out.index_add_(0, ids, x.narrow(0, start, size).reshape(size, -1).sum(1))
-            else:  # rows are not cut by blocks: every rank holds part of every block
-                chunk = x.narrow(seg.dim, seg.start, seg.size)
-                out = chunk.reshape(-1, blocks, seg.shape[2], seg.shape[3]).sum((0, 2, 3))
-            sums.append(out)
-        partial = sums[0] if len(sums) == 1 else torch.cat(sums)
-        count: int | Tensor = counts[0]
-        if len(set(counts)) > 1:  # fused parts of different block sizes
-            per_seg = zip(layout.segments, counts, strict=True)
-            count = torch.cat([partial.new_full((s.num_blocks,), c) for s, c in per_seg])
-        self._requests.append(_Request(self, name, partial, count, (partial.numel(),)))
+        dtype = x.dtype
+
+        def finish(total: Tensor) -> Tensor:
+            return block_means(total, layout, dtype)
+
+        partial = block_sums(x, layout, self.offset)
+        self._requests.append(_Request(self, name, partial, finish))
 
     def mean(self, name: str) -> Tensor:
         """A statistic requested this step, after the reduction (global, same on all ranks)."""
@@ -191,9 +189,8 @@ class LocalShard:
 class _Request:
     shard: LocalShard
     name: str
-    partial: Tensor  # flat partial sums
-    count: int | Tensor  # entries summed per output (global)
-    shape: tuple[int, ...]
+    partial: Tensor  # flat float64 partial sums of this rank
+    finish: Callable[[Tensor], Tensor]  # the global sums -> the statistic
 
 
 def describe_placement(p: DTensor) -> str:
@@ -250,17 +247,13 @@ def reduce_requests(shards: Iterable[LocalShard], all_reduce: AllReduce = _all_r
             by_group.setdefault(req.shard.group, []).append(req)
         shard._requests = []
     for group, reqs in by_group.items():
-        dtype = reqs[0].partial.dtype
-        for r in reqs[1:]:
-            dtype = torch.promote_types(dtype, r.partial.dtype)
-        buf = torch.cat([r.partial.to(dtype) for r in reqs])
+        buf = torch.cat([r.partial for r in reqs])  # float64: sums of any order agree
         all_reduce(buf, group)
         offset = 0
         for r in reqs:
             n = r.partial.numel()
-            total = buf[offset : offset + n].to(r.partial.dtype)
+            r.shard._stats[r.name] = r.finish(buf[offset : offset + n])
             offset += n
-            r.shard._stats[r.name] = (total / r.count).reshape(r.shape)
     return len(by_group)
 
 

@@ -11,12 +11,18 @@ EMA momentum.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Protocol
 
 import torch
 from torch import Tensor
 
-from optarena.optim.blocks import BlockLayout, block_mean_square, blockwise
+from optarena.optim.blocks import (
+    BlockLayout,
+    block_mean_square,
+    blockwise,
+    sharding_invariant_sum,
+)
 from optarena.optim.sharding import LocalShard, shard_of
 
 # --------------------------------------------------------------------------- momentum
@@ -158,10 +164,10 @@ class FactoredSecondMoment:
             keys = [f"exp_avg_sq_{i}" for i in range(g.dim())]
             return {k: shard.mean(k).clone() for k in keys}
         if g.dim() < 2:
-            return {"exp_avg_sq": (g * g).mean().reshape(1)}
+            return {"exp_avg_sq": mean_over(g * g, range(g.dim())).reshape(1)}
         sq = g * g
         return {
-            f"exp_avg_sq_{i}": sq.mean([d for d in range(g.dim()) if d != i], keepdim=True)
+            f"exp_avg_sq_{i}": mean_over(sq, [d for d in range(g.dim()) if d != i])
             for i in range(g.dim())
         }
 
@@ -207,8 +213,17 @@ def _axis_shape(shape: torch.Size, axis: int) -> tuple[int, ...]:
 # --------------------------------------------------------------------------- final maps
 
 
+def mean_over(x: Tensor, dims: Iterable[int]) -> Tensor:
+    """``x.mean(dims, keepdim=True)``, the same on one process and on row shards (see
+    :func:`~optarena.optim.blocks.sharding_invariant_sum`)."""
+    dims = list(dims)
+    count = math.prod(x.shape[d] for d in dims) if x.dim() else 1
+    return (sharding_invariant_sum(x, dims) / max(count, 1)).to(x.dtype)
+
+
 def rms(x: Tensor) -> Tensor:
-    return x.norm(2) / math.sqrt(x.numel())
+    """Root mean square of all entries (sharding-invariant like :func:`mean_over`)."""
+    return mean_over(x * x, range(x.dim())).reshape(()).sqrt()
 
 
 def clip_by_rms_(u: Tensor, threshold: float, u_rms: Tensor | None = None) -> Tensor:
