@@ -26,3 +26,13 @@ def shared_data() -> Path:
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def single_thread():
+    """One intra-op thread for tests of many tiny tensor ops: they gain nothing from threads,
+    and on a loaded 2-core machine two threads made a tiny model's step ~70x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -37,6 +37,8 @@ from optarena.optim import (
 )
 from optim_cases import llama_partition, llama_shapes, make_params, set_grads
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 NAMES = list(available())
 
 # --------------------------------------------------------------------------- validation

@@ -56,6 +56,8 @@ from optim_cases import (
     set_grads,
 )
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 STEPS = 32
 LR_CHANGE = 16  # from step 17 on, group 0's lr is x0.3 and group 1's x2
 LR_FACTORS = (0.3, 2.0)

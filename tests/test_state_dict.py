@@ -19,6 +19,8 @@ from torch import Tensor, nn
 from optarena.optim import available, create
 from optim_cases import llama_partition, llama_shapes, make_params, set_grads
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 N_HEADS, N_KV = 4, 2
 SHAPES = llama_shapes(dim=16, n_heads=N_HEADS, n_kv_heads=N_KV, ffn=24, vocab=12, layers=1)
 INFOS = llama_partition(SHAPES, N_HEADS, N_KV)

@@ -1,0 +1,114 @@
+"""``Hybrid``: routing by role, one lr per route, and equivalence with separate optimizers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from optarena.optim import AdamW, Hybrid, Lion, Role, create
+from optim_cases import clone_params, llama_partition, llama_shapes, make_params, set_grads
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+N_HEADS, N_KV = 4, 2
+SHAPES = llama_shapes(dim=16, n_heads=N_HEADS, n_kv_heads=N_KV, ffn=24, vocab=12, layers=2)
+INFOS = llama_partition(SHAPES, N_HEADS, N_KV)
+
+
+def role_of(name: str) -> Role:
+    return INFOS[name].role
+
+
+def groups_by_param(opt: torch.optim.Optimizer, params: dict) -> dict[str, dict]:
+    ids = {id(p): n for n, p in params.items()}
+    return {ids[id(p)]: g for g in opt.param_groups for p in g["params"]}
+
+
+def test_each_role_gets_its_route() -> None:
+    params = make_params(SHAPES)
+    routes = {
+        "default": ("sgd-ema", {"lr": 0.5, "momentum": 0.8}),
+        "output": ("adalayer", {"lr": 3e-3}),
+        "norm": ("lion", {"lr": 1e-4}),
+        "q": ("adam-mini", {"lr": 2e-3}),
+    }
+    opt = Hybrid(list(params.items()), routes, partition=INFOS)
+    expected = {
+        Role.OUTPUT: ("output", "adaptive", 3e-3),
+        Role.NORM: ("norm", "lion", 1e-4),
+        Role.Q: ("q", "adaptive", 2e-3),
+    }
+    by_param = groups_by_param(opt, params)
+    assert set(by_param) == set(SHAPES)
+    for name, group in by_param.items():
+        route, rule, lr = expected.get(role_of(name), ("default", "sgd-ema", 0.5))
+        assert (group["route"], group["rule"], group["lr"]) == (route, rule, lr), name
+    assert by_param["lm_head.weight"]["granularity"] == "layer"
+    assert by_param["model.layers.0.self_attn.q_proj.weight"]["granularity"] == "adam-mini"
+    assert by_param["model.embed_tokens.weight"]["momentum"] == 0.8
+    assert len(opt.param_groups) == 4
+
+
+@pytest.mark.parametrize(
+    ("name", "adaptive_roles", "granularity"),
+    [
+        ("hybrid-adalayer-last-ln", {Role.OUTPUT, Role.NORM}, "layer"),
+        ("hybrid-adalayer-last", {Role.OUTPUT}, "layer"),
+        ("hybrid-adalayer-ln", {Role.NORM}, "layer"),
+        ("hybrid-adafactor-last-ln", {Role.OUTPUT, Role.NORM}, "factored"),
+        ("hybrid-adafactor-last", {Role.OUTPUT}, "factored"),
+        ("hybrid-adafactor-ln", {Role.NORM}, "factored"),
+    ],
+)
+def test_registry_hybrids_route_the_study_way(name, adaptive_roles, granularity) -> None:
+    # Adaptive (own peak lr, study betas/eps) on the last layer and/or norms; EMA-momentum SGD
+    # on everything else, embeddings included.
+    params = make_params(SHAPES)
+    opt = create(name, list(params.items()), partition=INFOS, lr=0.7, adaptive_lr=2e-3)
+    for pname, group in groups_by_param(opt, params).items():
+        if role_of(pname) in adaptive_roles:
+            assert group["rule"] == "adaptive" and group["granularity"] == granularity, pname
+            assert group["lr"] == 2e-3 and group["betas"] == (0.9, 0.95)
+            assert group["eps"] == 1e-15
+        else:
+            assert group["rule"] == "sgd-ema" and group["lr"] == 0.7, pname
+            assert group["momentum"] == 0.9
+
+
+def test_lion_body_adamw_head_equals_two_optimizers() -> None:
+    """One Hybrid == Lion on the body and AdamW on the output layer, run side by side."""
+    p_hybrid = make_params(SHAPES)
+    p_split = clone_params(p_hybrid)
+    lion_hp = {"lr": 3e-4, "betas": (0.9, 0.95), "weight_decay": 0.1}
+    adamw_hp = {"lr": 3e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.01}
+    hybrid = Hybrid(
+        list(p_hybrid.items()),
+        {"default": ("lion", lion_hp), "output": ("adamw", adamw_hp)},
+        partition=INFOS,
+    )
+    head = ["lm_head.weight"]
+    body = [n for n in SHAPES if n not in head]
+    lion = Lion([(n, p_split[n]) for n in body], **lion_hp)
+    adamw = AdamW([(n, p_split[n]) for n in head], **adamw_hp)
+    schedules = [torch.optim.lr_scheduler.LambdaLR(o, lambda t: 1 / (1 + t)) for o in (hybrid,)]
+    schedules += [
+        torch.optim.lr_scheduler.LambdaLR(o, lambda t: 1 / (1 + t)) for o in (lion, adamw)
+    ]
+    for t in range(1, 21):
+        set_grads(p_hybrid, t, skip=())
+        set_grads(p_split, t, skip=())
+        hybrid.step()
+        lion.step()
+        adamw.step()
+        for s in schedules:
+            s.step()
+    for name in SHAPES:
+        assert torch.equal(p_hybrid[name], p_split[name]), name
+        single = lion if name in body else adamw
+        mine, theirs = hybrid.state[p_hybrid[name]], single.state[p_split[name]]
+        assert mine.keys() == theirs.keys()
+        for key in mine:
+            assert torch.equal(mine[key], theirs[key]), f"{key} of {name}"
+    # each group kept its own peak lr under the schedule
+    lrs = {g["route"]: g["lr"] for g in hybrid.param_groups}
+    assert lrs == {"default": pytest.approx(3e-4 / 21), "output": pytest.approx(3e-3 / 21)}
