@@ -241,3 +241,13 @@ def test_validation_windows_are_fixed_and_span_the_split() -> None:
     assert x[0, 0] == 0 and y[-1, -1] == 999
     with pytest.raises(UserError, match="validation split"):
         validation_windows(tokens[:10], 8, 32)
+
+
+def test_hub_tokenizer_offline_is_a_user_error(
+    cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("transformers")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    corpus = load_corpus("builtin", cache_dir)
+    with pytest.raises(UserError, match="cannot load tokenizer 't5-base'"):
+        load_tokenizer("t5-base", corpus, 0, cache_dir)

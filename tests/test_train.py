@@ -24,6 +24,8 @@ from optarena.train import TrainConfig, latest_checkpoint, lr_multiplier, train
 LR = {"sgd": 0.3, "sgd-ema": 1.0, "lion": 1e-3, "signum": 1e-3, "sophia": 1e-3, "hybrid": None}
 EXTRA: dict[str, dict[str, Any]] = {
     "adam-frozen": {"precondition_steps": 4},
+    # external LR (transformers' recipe): a relative step barely moves a model in 24 steps
+    "adafactor-classic": {"relative_step": False, "scale_parameter": False},
     "hybrid": {"routes": {"default": ("sgd-ema", {"lr": 1.0}), "output": ("adamw", {"lr": 3e-3})}},
     "sophia": {"hessian_interval": 5},
 }
@@ -305,3 +307,14 @@ def test_out_dir_is_never_clobbered(tmp_path: Path, cache_dir: Path) -> None:
         train(micro(cache_dir, steps=3, out=str(run)))
     assert (run / "summary.json").read_bytes() == before
     shutil.rmtree(run)
+
+
+def test_bf16_autocast_runs_where_asked(cache_dir: Path) -> None:
+    summary = train(micro(cache_dir, steps=3, dtype="bfloat16"))
+    assert summary["dtype"] == "bfloat16" and math.isfinite(summary["final_val_loss"])
+    assert train(micro(cache_dir, steps=1))["dtype"] == "float32"  # CPU default
+
+
+def test_relative_step_adafactor_runs_without_an_lr(cache_dir: Path) -> None:
+    summary = train(micro(cache_dir, optimizer="adafactor-classic", lr=None, steps=3))
+    assert summary["peak_lrs"] == [] and math.isfinite(summary["final_val_loss"])

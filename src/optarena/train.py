@@ -367,7 +367,8 @@ class _Loggers:
                 if line.strip() and json.loads(line).get("step", 0) <= resume_step
             ]
             _atomic_write_text(path, "".join(line + "\n" for line in kept))
-        self.jsonl = path.open("a")
+        # a fresh run starts a fresh log (a leftover one had no checkpoint or summary)
+        self.jsonl = path.open("a" if resume_step is not None else "w")
         if config.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -627,6 +628,7 @@ def _train(config: TrainConfig, par: Any) -> dict[str, Any]:
             "tokens": tokens,
             "initial_loss": initial_loss,
             "train_seconds": train_seconds,
+            "train_cpu_seconds": session_cpu,  # CPU time of this session's steps (less noisy)
             "batches": batches.state_dict(),
             "hessian_rng": hessian_rng.get_state(),
             "torch_rng": torch.get_rng_state(),
@@ -685,14 +687,15 @@ def _train(config: TrainConfig, par: Any) -> dict[str, Any]:
         desc=config.optimizer,
     )
     diverged, diverged_at, last_loss = False, None, None
-    session_tokens, session_seconds = 0, 0.0
+    session_tokens, session_seconds, session_cpu = 0, 0.0, 0.0
     model.train()
     try:
         while step < config.steps:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             mult = lr_multiplier(config, step)
             for group in optimizer.param_groups:
-                group["lr"] = group["initial_lr"] * mult
+                if group["initial_lr"] is not None:  # None: the optimizer sets its own step
+                    group["lr"] = group["initial_lr"] * mult
             x_all, y_all = batches.next()
             x_all, y_all = x_all.to(device, non_blocking=True), y_all.to(device, non_blocking=True)
             ce_sum = torch.zeros((), device=device)
@@ -718,6 +721,7 @@ def _train(config: TrainConfig, par: Any) -> dict[str, Any]:
             dt = time.perf_counter() - t0
             train_seconds += dt
             session_seconds += dt
+            session_cpu += time.process_time() - c0
             session_tokens += tokens_per_step
             bar.update(1)
 
@@ -769,11 +773,14 @@ def _train(config: TrainConfig, par: Any) -> dict[str, Any]:
         "peak_memory_bytes": _peak_memory(device),
         "wall_seconds": time.perf_counter() - start_wall,
         "train_seconds": train_seconds,
+        "train_cpu_seconds": session_cpu,  # CPU time of this session's steps (less noisy)
         "initial_loss": _finite_or_none(initial_loss),
         "final_train_loss": _finite_or_none(last_loss),
         "eval_curve": eval_curve,
         "optimizer": config.optimizer,
-        "peak_lrs": sorted({float(g["initial_lr"]) for g in optimizer.param_groups}),
+        "peak_lrs": sorted(
+            {float(g["initial_lr"]) for g in optimizer.param_groups if g["initial_lr"] is not None}
+        ),
         "resumed_from": str(resumed_from) if resumed_from else None,
         "device": str(device),
         "parallel": {"mode": par.mode, "world_size": par.world},

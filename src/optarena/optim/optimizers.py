@@ -359,6 +359,7 @@ class Hybrid(RuleOptimizer):
 
     def _resolve(self, params: Any, partition: Mapping[str, ParamInfo] | None):
         named, infos = super()._resolve(params, partition)
+        roles = set(self._pending_routes.values())
         if not named or not isinstance(named[0], tuple):
             raise TypeError("Hybrid needs a model or named_parameters to find parameter roles")
         by_route: dict[str, list] = {key: [] for key in self._route_specs}
@@ -366,9 +367,9 @@ class Hybrid(RuleOptimizer):
             info = infos.get(name) if infos is not None else None
             key = "default"
             if info is not None:
-                key = next(
-                    (k for k, r in self._pending_routes.items() if r is info.role), "default"
-                )
+                # A tied embedding is also the last layer: the output route takes it.
+                role = Role.OUTPUT if info.tied and Role.OUTPUT in roles else info.role
+                key = next((k for k, r in self._pending_routes.items() if r is role), "default")
             by_route[key].append((name, p))
         groups = [
             {**spec, "params": by_route[key], "route": key}

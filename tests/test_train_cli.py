@@ -1,0 +1,169 @@
+"""``optarena train`` on the command line: outputs, flags, and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from optarena.cli import main
+from optarena.commands.train import parse_sets, parse_value
+from optarena.errors import UserError
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+FAST = ["--steps", "4", "--batch-size", "4", "--seq-len", "32", "--threads", "1", "--no-progress"]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Shared with the other test modules (same folder), so corpora are tokenized once."""
+    return tmp_path_factory.getbasetemp() / "optarena-cache"
+
+
+@pytest.fixture(autouse=True)
+def _cache_env(cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPTARENA_CACHE", str(cache_dir))
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    """The real command in a fresh interpreter."""
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    return subprocess.run(
+        [sys.executable, "-m", "optarena", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+
+
+def test_train_writes_summary_checkpoints_and_metrics(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = cli(
+        "train",
+        "--optimizer",
+        "adamw",
+        "--lr",
+        "3e-3",
+        *FAST,
+        "--out",
+        str(out),
+        "--set",
+        "betas=0.9,0.95",
+        "--set",
+        "model.norm=rmsnorm",
+        "--checkpoint-every",
+        "2",
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["diverged"] is False
+    assert summary["config"]["hparams"] == {"betas": [0.9, 0.95]}
+    assert summary["model_config"]["norm"] == "rmsnorm"
+    assert sorted(p.name for p in (out / "checkpoints").glob("*.pt")) == [
+        "step-00000002.pt",
+        "step-00000004.pt",
+    ]
+    assert (out / "metrics.jsonl").read_text().count("val_loss") == 1
+    assert "final_val_loss" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--optimizer", "adamz"], "unknown optimizer 'adamz'"),
+        (["--optimizer", "adamw", "--set", "betas"], "malformed --set"),
+    ],
+)
+def test_bad_input_in_a_real_process(args: list[str], message: str) -> None:
+    result = cli("train", *args, *FAST)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"optarena: error: {message}"), lines
+    assert "Traceback" not in result.stderr
+
+
+def _one_line_error(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("optarena: error: "), err
+    return err[0]
+
+
+def test_unknown_model(capsys) -> None:
+    line = _one_line_error(capsys, ["train", "--optimizer", "adamw", "--model", "huge", *FAST])
+    assert "unknown model 'huge'" in line and "micro" in line
+
+
+def test_missing_data_file(capsys, tmp_path: Path) -> None:
+    missing = tmp_path / "nope.txt"
+    line = _one_line_error(capsys, ["train", "--optimizer", "adamw", "--data", str(missing), *FAST])
+    assert str(missing) in line and "does not exist" in line
+
+
+def test_empty_corpus(capsys, tmp_path: Path) -> None:
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    line = _one_line_error(capsys, ["train", "--optimizer", "adamw", "--data", str(empty), *FAST])
+    assert "empty" in line
+
+
+def test_unknown_hyperparameter(capsys) -> None:
+    line = _one_line_error(capsys, ["train", "--optimizer", "lion", "--set", "rho=1", *FAST])
+    assert "rho" in line
+
+
+def test_config_file_with_unknown_key(capsys, tmp_path: Path) -> None:
+    config = tmp_path / "run.toml"
+    config.write_text('optimizer = "adamw"\nsteps = 4\nlearning_rate = 1e-3\n')
+    line = _one_line_error(capsys, ["train", "--config", str(config)])
+    assert "'learning_rate'" in line
+    config.write_text("optimizer = \n")
+    assert "not valid TOML" in _one_line_error(capsys, ["train", "--config", str(config)])
+
+
+def test_corrupt_checkpoint(capsys, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert main(["train", "--optimizer", "adamw", *FAST, "--out", str(out)]) == 0
+    capsys.readouterr()
+    summary_before = (out / "summary.json").read_bytes()
+    for ckpt in (out / "checkpoints").glob("*.pt"):
+        ckpt.write_bytes(ckpt.read_bytes()[:1000])  # truncated
+    code = main(["train", "--optimizer", "adamw", *FAST, "--out", str(out), "--resume"])
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert code == 2
+    assert err[-1].startswith("optarena: error: no valid checkpoint")
+    assert all(x.startswith("optarena: ") for x in err)  # warnings are one line too
+    assert (out / "summary.json").read_bytes() == summary_before  # nothing lost
+
+
+def test_config_file_and_flags(tmp_path: Path, capsys) -> None:
+    config = tmp_path / "run.toml"
+    config.write_text(
+        'optimizer = "signum"\nlr = 1e-3\nsteps = 50\nbatch_size = 4\nseq_len = 32\n'
+        "threads = 1\nprogress = false\n[hparams]\nmomentum = 0.8\n"
+    )
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--steps", "3", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3  # the flag wins over the file
+    assert summary["config"]["optimizer"] == "signum"
+    assert summary["config"]["hparams"] == {"momentum": 0.8}
+
+
+def test_parse_set_values() -> None:
+    assert parse_value("0.9,0.95") == (0.9, 0.95)
+    assert parse_value("3") == 3 and isinstance(parse_value("3"), int)
+    assert parse_value("1e-8") == 1e-8
+    assert parse_value("true") is True and parse_value("None") is None
+    assert parse_value("adamw") == "adamw"
+    hp, model = parse_sets(["eps=1e-15", "model.n_kv_head=2"])
+    assert hp == {"eps": 1e-15} and model == {"n_kv_head": 2}
+    for bad in ("eps", "=3", "eps=", "a b=1"):
+        with pytest.raises(UserError, match="malformed"):
+            parse_sets([bad])
