@@ -248,6 +248,9 @@ def test_hub_tokenizer_offline_is_a_user_error(
 ) -> None:
     pytest.importorskip("transformers")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads the variable once, at import: set its constant too, so the test
+    # does not wait on network time-outs when the hub was imported earlier in the session.
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     corpus = load_corpus("builtin", cache_dir)
     with pytest.raises(UserError, match="cannot load tokenizer 't5-base'"):
         load_tokenizer("t5-base", corpus, 0, cache_dir)

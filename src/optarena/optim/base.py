@@ -313,6 +313,7 @@ class RuleOptimizer(torch.optim.Optimizer):
         two optimizers loaded from one live ``state_dict`` would count each other's steps).
         """
         fused = [g.get("fused") for g in self.param_groups]
+        self._fused = None  # its plans hold references to the state tensors being replaced
         super().load_state_dict(state_dict)
         # ``fused`` says how this object runs, not what it learnt: keep the receiver's choice
         for group, flag in zip(self.param_groups, fused, strict=True):
@@ -325,10 +326,10 @@ class RuleOptimizer(torch.optim.Optimizer):
         for index, saved in state_dict["state"].items():
             p = params[index]
             for key, value in saved.items():
-                if isinstance(value, Tensor) and key != "step":
-                    self.state[p][key] = value.to(device=p.device, copy=True)
-                elif isinstance(value, Tensor):
-                    self.state[p][key] = value.to(device="cpu", dtype=torch.float32, copy=True)
+                if isinstance(value, Tensor):
+                    # ``step`` stays where it was saved (a CPU scalar, as ``_state_for`` makes it)
+                    device = value.device if key == "step" else p.device
+                    self.state[p][key] = value.to(device=device, copy=True)
 
     def state_bytes(self) -> int:
         """Bytes held by this optimizer's state."""

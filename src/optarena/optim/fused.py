@@ -23,6 +23,7 @@ cache and AOT autograd cache, on by default; ``TORCHINDUCTOR_CACHE_DIR`` moves t
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -61,7 +62,12 @@ COMPILE_STATS = CompileStats()
 
 
 def compile_available(device: torch.device) -> bool:
-    """Whether ``torch.compile`` can build kernels for ``device`` here."""
+    """Whether ``torch.compile`` can build kernels for ``device`` here (cached per type)."""
+    return _compile_available(device.type)
+
+
+@functools.cache
+def _compile_available(device_type: str) -> bool:
     try:
         import torch._dynamo
 
@@ -69,14 +75,14 @@ def compile_available(device: torch.device) -> bool:
             return False
     except Exception:  # pragma: no cover - very old or stripped torch
         return False
-    if device.type == "cuda":
+    if device_type == "cuda":
         try:
             from torch.utils._triton import has_triton
 
             return has_triton()
         except Exception:  # pragma: no cover
             return False
-    if device.type == "cpu":
+    if device_type == "cpu":
         from shutil import which
 
         return any(which(cc) for cc in (os.environ.get("CXX", "g++"), "g++", "clang++", "c++"))
@@ -216,6 +222,34 @@ class FusedStepper:
     def __init__(self, optimizer: Any):
         self.optimizer = optimizer
         self.timings: dict[tuple, float] = {}
+        # per bucket (param ids): (constants, specs, state lists); dropped on load_state_dict
+        self.plans: dict[tuple, tuple[dict, list[_Spec], list[list[Tensor]]]] = {}
+
+    def _plan(
+        self, group: dict[str, Any], hp: dict[str, Any], rule: Rule, params: list[Tensor]
+    ) -> tuple[dict, list[_Spec], list[list[Tensor]]]:
+        """What a bucket's call needs besides scalars; rebuilt only when something changed."""
+        opt = self.optimizer
+        constants = {k: _freeze(v) for k, v in _constants(rule, hp).items()}
+        pid = (rule.name, *(id(p) for p in params))
+        plan = self.plans.get(pid)
+        if plan is not None and plan[0] == constants:
+            return plan
+        states = [opt._state_for(p, group, rule) for p in params]
+        specs = [
+            _Spec(
+                tuple(p.shape),
+                p.dtype,
+                p.grad.dtype,
+                tuple(sorted(k for k in state if k != "step")),
+                rule.fused_context(opt._infos[id(p)], hp),
+            )
+            for p, state in zip(params, states, strict=True)
+        ]
+        lists = [[st[k] for k in sp.state_keys] for st, sp in zip(states, specs, strict=True)]
+        plan = (constants, specs, lists)
+        self.plans[pid] = plan
+        return plan
 
     def step_group(
         self,
@@ -250,20 +284,9 @@ class FusedStepper:
         explicit: bool,
     ) -> bool:
         opt = self.optimizer
-        states = [opt._state_for(p, group, rule) for p in params]
+        constants, specs, state_lists = self._plan(group, hp, rule, params)
+        states = [opt.state[p] for p in params]
         infos = [opt._infos[id(p)] for p in params]
-        constants = {k: _freeze(v) for k, v in _constants(rule, hp).items()}
-        specs = []
-        for p, state, info in zip(params, states, infos, strict=True):
-            specs.append(
-                _Spec(
-                    tuple(p.shape),
-                    p.dtype,
-                    p.grad.dtype,
-                    tuple(sorted(k for k in state if k != "step")),
-                    rule.fused_context(info, hp),
-                )
-            )
         # host scalars: exactly the numbers the eager path computes
         steps = [s["step"] for s in states]
         torch._foreach_add_(steps, 1.0)
@@ -296,9 +319,6 @@ class FusedStepper:
             torch._foreach_sub_(steps, 1.0)
             return False
         fn = _compiled(key, rule, constants, specs, names, dtype)
-        state_lists = [
-            [s[k] for k in spec.state_keys] for s, spec in zip(states, specs, strict=True)
-        ]
         grads = [p.grad for p in params]
         first = key not in self.timings and not getattr(fn, "_optarena_done", False)
         start = time.perf_counter()
