@@ -198,3 +198,21 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, needle):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("optarena: error:"), proc.stderr
     assert needle in lines[0]
+
+
+def test_demo_command_runs_the_demo_preset_and_reports(tmp_path):
+    # the synthetic training function keeps this to seconds; the real one is exercised by
+    # tests/test_sweep_resume.py and the demo preset is validated against TrainConfig
+    proc = cli("demo", "--out", str(tmp_path / "demo"), "--function", TOY, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    page = tmp_path / "demo" / "report" / "index.html"
+    assert f"report: {page}" in proc.stdout
+    summary = json.loads((tmp_path / "demo" / "report" / "summary.json").read_text())
+    names = {row["optimizer"] for row in summary}
+    assert {"adamw", "sgd", "lion", "signum", "adam-mini"} <= names
+    runs = list(csv.DictReader((tmp_path / "demo" / "report" / "runs.csv").open()))
+    lrs = {}
+    for row in runs:
+        lrs.setdefault(row["optimizer"], set()).add(row["lr"])
+    assert all(len(v) >= 5 for v in lrs.values())
+    assert all(row["status"] in ("done", "diverged") for row in runs)

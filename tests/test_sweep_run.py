@@ -69,7 +69,7 @@ def test_rerun_runs_only_new_points_and_retries_failures(tmp_path):
     store = Store(tmp_path)
     run_sweep(store, spec(extra="toy_exit = [false, true]").runs(), LocalExecutor(TOY, workers=2))
     crashed = [r for r in store.runs() if r.status == "failed"]
-    # exactly the two runs that kill their worker; their pool mates were retried and finished
+    # exactly the two runs that kill their worker process; the runs beside them finished
     assert sorted(r.lr for r in crashed) == [0.1, 100.0]
     assert all(r.config["toy_exit"] and "worker process died" in r.error for r in crashed)
     # a wider grid: only the new LR and the failed runs execute (toy_exit now false)

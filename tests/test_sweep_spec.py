@@ -83,6 +83,14 @@ steps = 5
     assert spec.runs()[0].point == {"lr": 1e-5}
 
 
+def test_seeds_option_replaces_every_grid_seeds():
+    spec = parse(BASIC, seeds=[3, 4, 5])
+    assert {r.config["seed"] for r in spec.runs()} == {3, 4, 5}
+    assert len(spec.runs()) == (9 + 4) * 3
+    with pytest.raises(UserError, match="--seeds: seeds lists a seed twice"):
+        parse(BASIC, seeds=[1, 1])
+
+
 def test_beta1_sweep_folds_into_betas():
     spec = parse(
         """

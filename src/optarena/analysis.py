@@ -14,6 +14,7 @@ be made on a laptop from a store copied off a cluster. The definitions are writt
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from collections import defaultdict
@@ -444,8 +445,6 @@ def analyze_store(directory: str | Path, taus: Sequence[float] = DEFAULT_TAUS) -
 
 
 def _key(value: Any) -> str:
-    import json
-
     return json.dumps(value, sort_keys=True, default=str)
 
 

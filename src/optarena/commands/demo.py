@@ -28,7 +28,8 @@ def run(args: argparse.Namespace) -> int:
     start = time.monotonic()
     spec = sweep_command.load(args)
     out = Path(args.out)
-    code = sweep_command.execute(args, spec, out)
+    # micro-model runs use one core well and two poorly: one run per core
+    code = sweep_command.execute(args, spec, out, default_threads=1)
     from optarena.report import write_report
 
     page = write_report(out)

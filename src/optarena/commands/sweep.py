@@ -47,6 +47,14 @@ def add_sweep_options(parser: argparse.ArgumentParser, default_out: str | None =
         metavar="KEY=VALUE",
         help="override a [base] key for every run, e.g. --set steps=500 --set model=tiny",
     )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="SEED",
+        help="seeds for every grid, e.g. --seeds 0 1 2 (default: the spec's)",
+    )
     parser.add_argument("--backend", choices=BACKENDS, default="local")
     parser.add_argument(
         "--workers", type=int, default=None, help="runs at a time (local default: 1 per 2 cores)"
@@ -106,27 +114,32 @@ def model_widths() -> dict[str, int]:
 
 
 def load(args: argparse.Namespace) -> Any:
-    from optarena.sweep.spec import load_spec
+    """The validated spec; a missing file answers before torch is imported for validation."""
+    from optarena.sweep.spec import parse_spec, read_spec_text
 
-    return load_spec(
-        args.spec,
+    text, source = read_spec_text(args.spec)
+    return parse_spec(
+        text,
+        source=source,
         config_keys=training_keys(args.function),
         optimizers=optimizer_names(args.function),
         overrides=args.overrides,
         model_widths=model_widths(),
+        seeds=args.seeds,
     )
 
 
-def make_executor(args: argparse.Namespace, out: Path) -> Executor:
+def make_executor(args: argparse.Namespace, out: Path, default_threads: int = 2) -> Executor:
+    """The backend the flags ask for; local runs get ``default_threads`` cores each unless
+    ``--workers``/``--threads`` say otherwise."""
     from optarena.sweep import executors
 
-    if args.workers is not None and args.workers < 1:
-        raise UserError(f"--workers {args.workers}: give at least 1")
-    if args.threads is not None and args.threads < 1:
-        raise UserError(f"--threads {args.threads}: give at least 1")
     if args.backend == "ray":
         return executors.RayExecutor(
-            args.function, workers=args.workers, threads=args.threads or 1, address=args.address
+            args.function,
+            workers=args.workers,
+            threads=_given(args.threads, 1),
+            address=args.address,
         )
     if args.backend == "slurm":
         params: dict[str, Any] = {"timeout_min": args.slurm_time}
@@ -137,8 +150,8 @@ def make_executor(args: argparse.Namespace, out: Path) -> Executor:
         return executors.SlurmExecutor(
             args.function,
             out / "slurm",
-            workers=args.workers or 64,
-            threads=args.threads or 1,
+            workers=_given(args.workers, 64),
+            threads=_given(args.threads, 1),
             cluster=args.slurm_cluster,
             parameters=params,
         )
@@ -146,11 +159,16 @@ def make_executor(args: argparse.Namespace, out: Path) -> Executor:
         raise UserError("--address is for --backend ray; add --backend ray or drop --address")
     import os
 
-    workers = args.workers or max(1, (os.cpu_count() or 1) // 2)
+    workers = _given(args.workers, max(1, (os.cpu_count() or 1) // default_threads))
     return executors.LocalExecutor(args.function, workers=workers, threads=args.threads)
 
 
-def execute(args: argparse.Namespace, spec: Any, out: Path) -> int:
+def _given(value: int | None, default: int) -> int:
+    """The flag's value if given (0 included, so that it is refused), else the default."""
+    return default if value is None else value
+
+
+def execute(args: argparse.Namespace, spec: Any, out: Path, default_threads: int = 2) -> int:
     """Run the sweep into ``out``; exit code 1 when some run failed (its error is stored)."""
     from rich.console import Console
 
@@ -159,8 +177,8 @@ def execute(args: argparse.Namespace, spec: Any, out: Path) -> int:
 
     console = Console(stderr=True, soft_wrap=True)
     runs = spec.runs()
+    executor = make_executor(args, out, default_threads)  # bad flags fail before any file
     store = Store(out)
-    executor = make_executor(args, out)
     console.print(
         f"sweep [bold]{spec.name}[/]: {len(runs)} runs into {out} "
         f"({args.backend}, {executor.capacity} at a time)",

@@ -89,6 +89,8 @@ def _page(
         )
         + "</p>",
     ]
+    if not rendered:
+        parts.append("<p>No finished runs yet: the figures appear as runs finish.</p>")
     for fig in rendered:
         data = base64.b64encode(fig.png).decode("ascii")
         parts.append(

@@ -45,7 +45,7 @@ def all_figures(analysis: Analysis, runs: dict[str, RunRecord]) -> list[Rendered
     out = []
     models = analysis.models()
     for model in models:
-        series = [s for s in analysis.series if s.model == model]
+        series = [s for s in analysis.series if s.model == model and s.curve]
         suffix = f"-{_slug(model)}" if len(models) > 1 else ""
         where = f" ({model})" if len(models) > 1 else ""
         if series:
@@ -60,7 +60,11 @@ def all_figures(analysis: Analysis, runs: dict[str, RunRecord]) -> list[Rendered
             )
         keys = sorted({s.key for s in analysis.sensitivities if s.model == model})
         for key in keys:
-            group = [s for s in analysis.sensitivities if s.model == model and s.key == key]
+            group = [
+                s for s in analysis.sensitivities if s.model == model and s.key == key and s.curve
+            ]
+            if not group:
+                continue
             out.append(sensitivity(group, f"sensitivity-{_slug(key)}{suffix}", f"{key}{where}"))
     return out
 
@@ -69,7 +73,7 @@ def loss_vs_lr(
     series: Sequence[SeriesResult], name: str, title: str, aligned: bool = False
 ) -> Rendered:
     """One line per optimizer on log-x; diverged points as crosses along the top edge."""
-    fig = Figure(figsize=(7.5, 4.6))
+    fig = Figure(figsize=(8.5, 4.6))
     ax = fig.add_subplot()
     finite = [p.loss for s in series for p in s.curve if math.isfinite(p.loss)]
     top = _top(finite)
@@ -92,8 +96,7 @@ def loss_vs_lr(
     ax.set_xscale("log")
     ax.set_xlabel("LR / best LR" if aligned else "peak learning rate")
     ax.set_ylabel("final validation loss (nats)")
-    if finite:
-        ax.set_ylim(min(finite) - 0.05 * (top - min(finite) + 0.1), top * 1.0 + 0.02)
+    _ylim(ax, finite, top)
     if aligned:
         ax.axvline(1.0, color="0.6", linewidth=0.8, linestyle=":")
     ax.set_title(
@@ -105,7 +108,7 @@ def loss_vs_lr(
         )
     )
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    _legend(ax)
     return render(fig, name, title)
 
 
@@ -113,7 +116,7 @@ def best_curves(
     series: Sequence[SeriesResult], runs: dict[str, RunRecord], name: str, title: str
 ) -> Rendered:
     """Validation loss against step for each optimizer's best run (first seed)."""
-    fig = Figure(figsize=(7.5, 4.6))
+    fig = Figure(figsize=(8.5, 4.6))
     ax = fig.add_subplot()
     finite: list[float] = []
     for i, s in enumerate(series):
@@ -137,8 +140,7 @@ def best_curves(
         ax.set_ylim(low - 0.05, low + 1.5 * (sorted(finite)[len(finite) // 2] - low) + 0.1)
     ax.set_title(mpl_text(title))
     ax.grid(True, alpha=0.3)
-    if finite:
-        ax.legend(fontsize=8)
+    _legend(ax)
     return render(fig, name, title)
 
 
@@ -154,10 +156,11 @@ def sensitivity(group: Sequence[Sensitivity], name: str, title: str) -> Rendered
         )
     )
     index = {str(v): i for i, v in enumerate(values)}
-    fig = Figure(figsize=(7.5, 4.2))
+    fig = Figure(figsize=(8.5, 4.2))
     ax = fig.add_subplot()
     finite = [p.loss for s in group for p in s.curve if math.isfinite(p.loss)]
     top = _top(finite)
+    _ylim(ax, finite, top)
     for i, s in enumerate(group):
         xs = [index[str(p.x)] for p in s.curve if math.isfinite(p.loss)]
         ys = [p.loss for p in s.curve if math.isfinite(p.loss)]
@@ -180,8 +183,21 @@ def sensitivity(group: Sequence[Sensitivity], name: str, title: str) -> Rendered
     ax.set_ylabel("final validation loss (nats)")
     ax.set_title(mpl_text(f"Sensitivity to {title}"))
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend(ax)
     return render(fig, name, title)
+
+
+def _legend(ax: Any) -> None:
+    """Outside the axes, on the right: it never hides a point or a divergence marker."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+
+
+def _ylim(ax: Any, finite: Sequence[float], top: float) -> None:
+    """From just under the best loss to just above the divergence markers' row."""
+    if finite:
+        span = top - min(finite) + 0.1
+        ax.set_ylim(min(finite) - 0.05 * span, top + 0.06 * span)
 
 
 def _top(finite: Sequence[float]) -> float:

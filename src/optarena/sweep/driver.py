@@ -71,29 +71,25 @@ def run_sweep(
 
     result = SweepResult(len(unique), len(finished_before), 0, 0, 0, 0)
     in_flight: dict[str, Run] = {}
-    resubmit: list[Run] = []  # claimed runs lost in a worker crash, tried once more
-    retried: set[str] = set()
     queue = list(todo)
     last_beat = time.monotonic()
     with progress:
         try:
-            while queue or in_flight or resubmit:
-                while (queue or resubmit) and len(in_flight) < executor.capacity:
-                    if resubmit:
-                        run = resubmit.pop(0)
-                    else:
-                        run = queue.pop(0)
-                        if not store.claim(run.id, retry_failed=retry_failed):
-                            result.held_elsewhere += store.get(run.id).status == "running"
-                            progress.total -= 1
-                            continue
+            while queue or in_flight:
+                while queue and len(in_flight) < executor.capacity:
+                    run = queue.pop(0)
+                    if not store.claim(run.id, retry_failed=retry_failed):
+                        result.held_elsewhere += store.get(run.id).status == "running"
+                        progress.total -= 1
+                        continue
+                    run_dir = store.run_dir(run.id)
                     config = {
                         **run.config,
-                        "out": str(store.run_dir(run.id)),
-                        "resume": True,
+                        "out": str(run_dir),
+                        "resume": _has_files(run_dir),  # an interrupted attempt left files
                         "progress": False,  # the sweep shows progress; workers stay quiet
                     }
-                    store.run_dir(run.id).mkdir(parents=True, exist_ok=True)
+                    run_dir.mkdir(parents=True, exist_ok=True)
                     executor.submit(Task(run.id, config))
                     in_flight[run.id] = run
                     progress.running = len(in_flight)
@@ -101,19 +97,13 @@ def run_sweep(
                 for outcome in executor.wait(timeout=1.0):
                     run = in_flight.pop(outcome.task.run_id)
                     progress.running = len(in_flight)
-                    if outcome.lost and run.id not in retried:
-                        # a dead worker takes its pool mates down with it: one more try
-                        # tells a run that crashes from one that was only nearby
-                        retried.add(run.id)
-                        resubmit.append(run)
-                        continue
                     _record(store, run, outcome, result, progress)
                 if time.monotonic() - last_beat > HEARTBEAT_SECONDS:
                     store.heartbeat(in_flight)
                     last_beat = time.monotonic()
         except BaseException:
             executor.close(cancel=True)
-            store.release([*in_flight, *(r.id for r in resubmit)])
+            store.release(in_flight)
             raise
     executor.close()
     return result
@@ -141,6 +131,13 @@ def _record(
         result.failed += 1
         line = f"{where}: FAILED: {outcome.error}"
     progress.record(run.label, lr, status, loss, line)
+
+
+def _has_files(run_dir: Path) -> bool:
+    """Whether an earlier attempt wrote anything besides the sweep's own error/log notes."""
+    if not run_dir.is_dir():
+        return False
+    return any(p.name not in ("error.txt", "log.txt") for p in run_dir.iterdir())
 
 
 def _write_error_file(run_dir: Path, text: str | None) -> None:

@@ -8,16 +8,18 @@ and lets any backend run any importable function (``optarena.train:train`` by de
 
 from __future__ import annotations
 
-import concurrent.futures as cf
+import contextlib
 import importlib
 import multiprocessing as mp
+import multiprocessing.connection as mp_connection
 import os
+import signal
 import sys
 import threading
 import time
 import traceback
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +46,6 @@ class Outcome:
     summary: dict[str, Any] | None = None
     error: str | None = None
     detail: str | None = None
-    lost: bool = False  # the worker died: this task may only have been caught in the crash
 
 
 def resolve_function(path: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
@@ -66,17 +67,33 @@ def execute(function: str, config: dict[str, Any], threads: int | None = None) -
     """Run one task in a worker; exceptions come back as data so one bad run stops nothing."""
     try:
         if threads:
-            _set_threads(threads)
+            _set_threads(threads)  # before the import: torch reads OMP_NUM_THREADS once
         fn = resolve_function(function)
-        summary = fn(config)
         if threads:
-            _set_threads(threads)  # the function may have imported torch just now
+            _set_threads(threads)  # importing the function may have loaded torch just now
+        with _run_log(config.get("out")):
+            summary = fn(config)
         return {"summary": dict(summary)}
     except BaseException as err:
         if isinstance(err, KeyboardInterrupt):
             raise
         message = f"{type(err).__name__}: {err}".splitlines()[0][:500]
         return {"error": message, "detail": traceback.format_exc()[-4000:]}
+
+
+@contextlib.contextmanager
+def _run_log(out: str | None) -> Iterator[None]:
+    """Send what a run prints to ``OUT/log.txt``: the sweep's own display stays readable."""
+    if not out:
+        yield
+        return
+    Path(out).mkdir(parents=True, exist_ok=True)
+    with (
+        open(Path(out) / "log.txt", "a", encoding="utf-8") as log,
+        contextlib.redirect_stdout(log),
+        contextlib.redirect_stderr(log),
+    ):
+        yield
 
 
 def _set_threads(threads: int) -> None:
@@ -100,6 +117,12 @@ def package_pythonpath() -> str:
     root = str(Path(__file__).resolve().parents[2])
     parts = [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     return os.pathsep.join(dict.fromkeys(parts))
+
+
+def _positive(flag: str, value: int | None) -> None:
+    """A count of workers or threads must be at least 1 (0 would stall the driver)."""
+    if value is not None and value < 1:
+        raise UserError(f"{flag} {value}: give at least 1")
 
 
 class Executor(ABC):
@@ -127,76 +150,95 @@ class Executor(ABC):
 # -------------------------------------------------------------------------------- local
 
 
-def _init_worker(threads: int, parent: int) -> None:
-    """Pin threads before torch loads and exit if the driver dies (SIGKILL leaves no one to
-    collect results, and a resumed sweep would otherwise race this worker)."""
+def _child(function: str, config: dict[str, Any], threads: int, parent: int, conn: Any) -> None:
+    """A worker process: one run, its result sent back through ``conn``."""
+    # Ctrl-C reaches the whole process group; the driver decides, and terminates its workers
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _set_threads(threads)
 
-    def watch() -> None:
-        while True:
+    def watch() -> None:  # SIGKILL of the driver leaves no one to collect the result, and a
+        while True:  # resumed sweep would race this run: exit as soon as the driver is gone
             if os.getppid() != parent:
                 os._exit(3)
             time.sleep(0.5)
 
     threading.Thread(target=watch, daemon=True, name="optarena-parent-watch").start()
+    conn.send(execute(function, config, threads))
+    conn.close()
+
+
+@dataclass
+class _Running:
+    task: Task
+    process: Any
+    conn: Any
 
 
 class LocalExecutor(Executor):
-    """A pool of spawned processes; the machine's cores are split evenly between workers."""
+    """One spawned process per run, ``workers`` at a time, the cores split between them.
+
+    A process per run (rather than a reused pool) costs a second of start-up and buys two
+    things: a run that crashes its process (out of memory, a segfault) is told apart from the
+    runs beside it, and every run starts from a clean interpreter.
+    """
 
     def __init__(self, function: str, workers: int = 1, threads: int | None = None) -> None:
-        if workers < 1:
-            raise UserError(f"--workers {workers}: give at least 1")
+        _positive("--workers", workers)
+        _positive("--threads", threads)
         self.function = function
         self.capacity = workers
         cores = os.cpu_count() or 1
         self.threads = threads or max(1, cores // workers)
-        self._pool: cf.ProcessPoolExecutor | None = None
-        self._futures: dict[cf.Future[Any], Task] = {}
-
-    def _ensure_pool(self) -> cf.ProcessPoolExecutor:
-        if self._pool is None:
-            self._pool = cf.ProcessPoolExecutor(
-                max_workers=self.capacity,
-                mp_context=mp.get_context("spawn"),
-                initializer=_init_worker,
-                initargs=(self.threads, os.getpid()),
-            )
-        return self._pool
+        self._ctx = mp.get_context("spawn")
+        self._running: list[_Running] = []
 
     def submit(self, task: Task) -> None:
-        future = self._ensure_pool().submit(execute, self.function, task.config, self.threads)
-        self._futures[future] = task
+        receive, send = self._ctx.Pipe(duplex=False)
+        process = self._ctx.Process(
+            target=_child,
+            args=(self.function, task.config, self.threads, os.getpid(), send),
+            name=f"optarena-run-{task.run_id}",
+            daemon=False,
+        )
+        process.start()
+        send.close()
+        self._running.append(_Running(task, process, receive))
 
     def wait(self, timeout: float) -> list[Outcome]:
-        if not self._futures:
+        if not self._running:
             return []
-        done, _ = cf.wait(list(self._futures), timeout=timeout, return_when=cf.FIRST_COMPLETED)
+        handles = [r.conn for r in self._running] + [r.process.sentinel for r in self._running]
+        mp_connection.wait(handles, timeout=timeout)
         outcomes = []
-        broken = False
-        for future in done:
-            task = self._futures.pop(future)
-            try:
-                outcomes.append(_outcome(task, future.result()))
-            except cf.process.BrokenProcessPool:
-                broken = True
-                message = "worker process died (killed or crashed)"
-                outcomes.append(Outcome(task, error=message, lost=True))
-            except Exception as err:
-                outcomes.append(Outcome(task, error=f"{type(err).__name__}: {err}"))
-        if broken:  # a dead worker breaks the whole pool: start a fresh one for what is left
-            self._pool = None
+        for run in list(self._running):
+            payload: Any = None
+            if run.conn.poll():
+                try:
+                    payload = run.conn.recv()
+                except (EOFError, OSError):
+                    payload = None
+            elif run.process.is_alive():
+                continue
+            run.process.join(timeout=30)
+            run.conn.close()
+            self._running.remove(run)
+            if payload is None:
+                code = run.process.exitcode
+                message = (
+                    f"worker process died (exit code {code}: killed, out of memory or crashed)"
+                )
+                outcomes.append(Outcome(run.task, error=message))
+            else:
+                outcomes.append(_outcome(run.task, payload))
         return outcomes
 
     def close(self, cancel: bool = False) -> None:
-        if self._pool is not None:
-            workers = list((getattr(self._pool, "_processes", None) or {}).values())
-            self._pool.shutdown(wait=not cancel, cancel_futures=cancel)
-            if cancel:  # stop work in progress now; its runs go back to pending
-                for proc in workers:
-                    proc.terminate()
-            self._pool = None
-        self._futures.clear()
+        for run in self._running:
+            if cancel:
+                run.process.terminate()
+            run.process.join(timeout=30)
+            run.conn.close()
+        self._running.clear()
 
 
 # ---------------------------------------------------------------------------------- ray
@@ -218,6 +260,8 @@ class RayExecutor(Executor):
             raise UserError(
                 "--backend ray needs Ray: pip install 'optarena[cluster]' (or pip install ray)"
             ) from None
+        _positive("--workers", workers)
+        _positive("--threads", threads)
         self._ray = ray
         self.function = function
         self.threads = threads
@@ -289,6 +333,8 @@ class SlurmExecutor(Executor):
             raise UserError(
                 "--backend slurm needs submitit: pip install 'optarena[cluster]'"
             ) from None
+        _positive("--workers", workers)
+        _positive("--threads", threads)
         self.function = function
         self.threads = threads
         self.capacity = workers

@@ -10,14 +10,16 @@ Every error is a :class:`~optarena.errors.UserError` naming the file, the table 
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import itertools
 import json
 import math
 import re
 import sys
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -61,7 +63,7 @@ class Run:
     point: dict[str, Any]
     grid: int
 
-    @property
+    @cached_property
     def id(self) -> str:
         return run_id(self.config)
 
@@ -164,6 +166,7 @@ def load_spec(
     optimizers: Collection[str] | None = None,
     overrides: Iterable[str] = (),
     model_widths: Mapping[str, int] | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> SweepSpec:
     """Read a spec (path or preset name), apply ``KEY=VALUE`` overrides to ``[base]``, validate."""
     text, source = read_spec_text(spec)
@@ -174,6 +177,7 @@ def load_spec(
         optimizers=optimizers,
         overrides=overrides,
         model_widths=model_widths,
+        seeds=seeds,
     )
 
 
@@ -185,12 +189,14 @@ def parse_spec(
     optimizers: Collection[str] | None = None,
     overrides: Iterable[str] = (),
     model_widths: Mapping[str, int] | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> SweepSpec:
     """Parse and validate spec text.
 
     ``config_keys``: the training-config keys a run may set (``None``: not checked).
     ``optimizers``: registered optimizer names (``None``: not checked). ``model_widths``:
     model preset -> width, used when the spec asks for LR scaling (``lr_reference_width``).
+    ``seeds`` replaces the seeds of every grid (``--seeds`` on the command line).
     """
     try:
         data = tomllib.loads(text)
@@ -233,6 +239,10 @@ def parse_spec(
         _parse_grid(i, raw, source, config_keys, optimizers, default_seeds, lr_scale, "lr" in base)
         for i, raw in enumerate(grids_raw)
     ]
+    if seeds is not None:
+        chosen = _parse_seeds(list(seeds), "--seeds", source)
+        for grid in grids:
+            grid.seeds = chosen
     spec = SweepSpec(
         name=str(meta.get("name", Path(source).stem if source.endswith(".toml") else "sweep")),
         description=str(meta.get("description", "")),
@@ -522,7 +532,5 @@ def _hashable(value: Any) -> Any:
 
 
 def _closest(name: str, choices: Collection[str]) -> str | None:
-    import difflib
-
     matches = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
     return matches[0] if matches else None
