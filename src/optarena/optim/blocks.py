@@ -140,7 +140,7 @@ def _chunk(x: Tensor, s: Segment) -> Tensor:
 
 def sharding_invariant_sum(x: Tensor, dims: Iterable[int]) -> Tensor:
     """``x.sum(dims, keepdim=True)`` in float64, the same however dim 0 is cut into shards."""
-    dims = sorted({d % x.dim() for d in dims}) if x.dim() else []
+    dims = sorted(set([d % x.dim() for d in dims])) if x.dim() else []  # no genexpr: dynamo
     inner = [d for d in dims if d != 0]
     part = x.sum(inner, keepdim=True) if inner else x
     if dims and dims[0] == 0:

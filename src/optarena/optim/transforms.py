@@ -217,7 +217,9 @@ def mean_over(x: Tensor, dims: Iterable[int]) -> Tensor:
     """``x.mean(dims, keepdim=True)``, the same on one process and on row shards (see
     :func:`~optarena.optim.blocks.sharding_invariant_sum`)."""
     dims = list(dims)
-    count = math.prod(x.shape[d] for d in dims) if x.dim() else 1
+    count = 1
+    for d in dims:  # no generator expressions: torch.compile traces this (fused.py)
+        count *= x.shape[d]
     return (sharding_invariant_sum(x, dims) / max(count, 1)).to(x.dtype)
 
 
