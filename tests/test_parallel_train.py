@@ -121,11 +121,31 @@ def single(tmp_path_factory, cache_dir) -> Path:
     return out
 
 
-def _launch(mode: str, keys: list[str], tmp_path_factory, cache_dir: Path, single: Path) -> Path:
-    """All ``keys`` in one 2-rank launch (after ``single``, which builds the data cache)."""
+# Single-process checkpoints of step 10 that the FSDP launch resumes onto 2 ranks of shards.
+FROM_PT = ("adam-mini@uneven", "adafactor-classic", "sophia")
+
+
+def _launch(
+    mode: str,
+    keys: list[str],
+    tmp_path_factory,
+    cache_dir: Path,
+    single: Path,
+    resumed: tuple[str, ...] = (),
+) -> Path:
+    """All ``keys`` in one 2-rank launch (after ``single``, which builds the data cache), then
+    the single-process runs ``resumed`` from their step-10 ``.pt`` checkpoint."""
     out = tmp_path_factory.mktemp(mode)
+    configs = [config(k, out, cache_dir) for k in keys]
+    for key in resumed:
+        run = out / "from-pt" / key
+        shutil.copytree(single / key, run)
+        for stale in (f"step-{STEPS:08d}.pt", f"step-{STEPS:08d}.sha256"):
+            (run / "checkpoints" / stale).unlink()
+        (run / "summary.json").unlink()
+        configs.append({**config(key, out / "from-pt", cache_dir), "resume": True})
     spec = out / "configs.json"
-    spec.write_text(json.dumps([config(k, out, cache_dir) for k in keys]))
+    spec.write_text(json.dumps(configs))
     proc = _torchrun(str(TESTS / "parallel_train_worker.py"), mode, str(spec))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return out
@@ -133,7 +153,7 @@ def _launch(mode: str, keys: list[str], tmp_path_factory, cache_dir: Path, singl
 
 @pytest.fixture(scope="module")
 def fsdp(tmp_path_factory, cache_dir, single) -> Path:
-    return _launch("fsdp", list(runs()), tmp_path_factory, cache_dir, single)
+    return _launch("fsdp", list(runs()), tmp_path_factory, cache_dir, single, FROM_PT)
 
 
 @pytest.fixture(scope="module")
@@ -211,6 +231,18 @@ def test_fsdp_checkpoint_resumes_in_one_process(key, fsdp, single, tmp_path, cac
     one = json.loads((single / key / "summary.json").read_text())["final_val_loss"]
     assert summary["final_val_loss"] == pytest.approx(two_ranks, rel=RTOL)
     assert summary["final_val_loss"] == pytest.approx(one, rel=RTOL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key", FROM_PT)
+def test_single_process_checkpoint_resumes_onto_fsdp_shards(key, fsdp, single):
+    """Step 10 of a one-process run (a ``.pt`` file: whole tensors, state keyed by index)
+    continued by 2 FSDP2 ranks ends where the one-process run ended."""
+    summary = json.loads((fsdp / "from-pt" / key / "summary.json").read_text())
+    assert summary["resumed_from"].endswith("step-00000010.pt")
+    assert summary["parallel"] == {"mode": "fsdp", "world_size": 2}
+    want = final_params(single / key)
+    assert_same_params(final_params(fsdp / "from-pt" / key, like=want), want)
 
 
 def test_torchrun_without_parallel_is_a_user_error(monkeypatch, capsys):

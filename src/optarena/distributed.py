@@ -116,10 +116,6 @@ class Parallel:
     def mean(self, x: Tensor) -> Tensor:
         return self.sum(x) / self.world
 
-    def any(self, flag: bool) -> bool:
-        """True on every rank when it is true on one (e.g. one rank's failure to resume)."""
-        return bool(self.sum(torch.tensor(float(flag), device=self.device)).item() > 0)
-
     def barrier(self) -> None:
         if self.active and self.world > 1:
             import torch.distributed as dist
@@ -144,7 +140,7 @@ def clip_grad_norm_(params: list[nn.Parameter], max_norm: float) -> Tensor:
     FSDP2 shards: float64 sums of per-row sums (``sharding_invariant_sum``), all-reduced over
     each shard group. Returns the norm before clipping (float32)."""
     from optarena.optim.blocks import sharding_invariant_sum
-    from optarena.optim.sharding import local, make_shard
+    from optarena.optim.sharding import local, shard_group
 
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
@@ -157,12 +153,11 @@ def clip_grad_norm_(params: list[nn.Parameter], max_norm: float) -> Tensor:
             continue
         g = local(p.grad)
         sq = sharding_invariant_sum(g * g, range(g.dim())).reshape(())
-        shard = make_shard(p)
-        if shard is None:  # whole on every rank (one process, DDP)
+        group = shard_group(p)
+        if group is None:  # whole on every rank (one process, DDP)
             total += sq
         else:
-            key = shard.group
-            by_group[key] = by_group.get(key, torch.zeros_like(total)) + sq
+            by_group[group] = by_group.get(group, torch.zeros_like(total)) + sq
     if by_group:
         import torch.distributed as dist
 

@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -299,6 +301,22 @@ def _write_back(state: dict[str, Any], view: dict[str, Any]) -> None:
             state[key] = value
 
 
+# id(p) -> (weak reference to p, group): tensors compare elementwise, so no WeakKeyDictionary
+_GROUPS: dict[int, tuple[weakref.ref, Any]] = {}
+
+
+def shard_group(p: Tensor) -> Any | None:
+    """The process group holding the other shards of ``p`` (``None``: ``p`` is whole here);
+    cached per parameter (gradient clipping asks every step)."""
+    cached = _GROUPS.get(id(p))
+    if cached is not None and cached[0]() is p:
+        return cached[1]
+    shard = make_shard(p)
+    group = None if shard is None else shard.group
+    _GROUPS[id(p)] = (weakref.ref(p), group)  # a stale id fails the identity check above
+    return group
+
+
 def shards(opt: RuleOptimizer) -> dict[int, LocalShard | None]:
     """``id(p) -> LocalShard`` for every parameter of ``opt`` (cached on the optimizer)."""
     cache: dict[int, LocalShard | None] = opt.__dict__.setdefault("_shard_cache", {})
@@ -325,6 +343,13 @@ def step(opt: RuleOptimizer, bs: float | None = None) -> None:
     """``RuleOptimizer.step`` for DTensor parameters: rules on local shards, block statistics
     reduced in one collective (two for classic Adafactor), replicated block state."""
     geometry = shards(opt)
+    if any(g.get("fused") for g in opt.param_groups) and not opt.__dict__.get("_fused_warned"):
+        opt._fused_warned = True  # type: ignore[attr-defined]
+        warnings.warn(
+            "fused=True is not used on FSDP2 (DTensor) parameters: they take the eager "
+            "per-shard step",
+            stacklevel=3,
+        )
     items: list[_Item] = []
     for group in opt.param_groups:
         rule = opt.rule_of(group)
@@ -387,6 +412,7 @@ __all__ = [
     "local",
     "make_shard",
     "reduce_requests",
+    "shard_group",
     "shard_of",
     "state_view",
     "step",
