@@ -171,6 +171,9 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     for mode in modes:
+        if mode == "fsdp1":
+            refuse_fsdp1(out / mode, rank)
+            continue
         report = {}
         for name in names:
             model = new_model(torch.float64)
@@ -202,6 +205,25 @@ def main() -> None:
             (out / mode / "sharded_state_keys.json").write_text(json.dumps(report))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def refuse_fsdp1(out: Path, rank: int) -> None:
+    """FSDP1 with flattened parameters, and with ``use_orig_params`` (flattened views): the
+    optimizer must refuse both on construction. Rank 0 writes the messages."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    refused = {}
+    for key, orig in (("flat", False), ("orig", True)):
+        model = FullyShardedDataParallel(
+            new_model(torch.float64), device_id=torch.device("cpu"), use_orig_params=orig
+        )
+        try:
+            create("adam-mini", model.named_parameters(), partition={})
+        except ValueError as err:
+            refused[key] = str(err)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "refused.json").write_text(json.dumps(refused))
 
 
 if __name__ == "__main__":

@@ -245,6 +245,32 @@ def test_single_process_checkpoint_resumes_onto_fsdp_shards(key, fsdp, single):
     assert_same_params(final_params(fsdp / "from-pt" / key, like=want), want)
 
 
+@pytest.mark.slow
+def test_optarena_train_under_torchrun(tmp_path, cache_dir, single):
+    """The command line itself: ``torchrun -m optarena train --parallel fsdp``; rank 0 alone
+    reports and writes, every rank writes its checkpoint shard."""
+    out = tmp_path / "cli"
+    args = ["-m", "optarena", "train", "--optimizer", "adam-mini", "--parallel", "fsdp"]
+    args += ["--steps", "4", "--batch-size", "8", "--seq-len", "32", "--threads", "1"]
+    args += ["--no-progress", "--out", str(out)]
+    args += ["--set", "model.d_model=48", "--set", "model.n_head=6", "--set", "model.n_kv_head=3"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc = subprocess.run(
+        [*launcher, *args],
+        env={**_env(), "OPTARENA_CACHE": str(cache_dir)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    reports = [line for line in proc.stdout.splitlines() if "final_val_loss" in line]
+    assert len(reports) == 1 and reports[0].startswith("done: adam-mini 4 steps")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["parallel"] == {"mode": "fsdp", "world_size": 2} and summary["steps"] == 4
+    shards = sorted(p.name for p in (out / "checkpoints" / "step-00000004.dcp").glob("*.distcp"))
+    assert shards == ["__0_0.distcp", "__1_0.distcp"]
+
+
 def test_torchrun_without_parallel_is_a_user_error(monkeypatch, capsys):
     """N processes training the same model into one directory: refused on every rank."""
     monkeypatch.setenv("WORLD_SIZE", "2")

@@ -31,6 +31,7 @@ from optarena.optim.blocks import (
 from optarena.optim.sharding import LocalShard, reduce_requests
 
 SRC = Path(__file__).resolve().parents[1] / "src"
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 TESTS = Path(__file__).resolve().parent
 
 # --------------------------------------------------------------------------- simulated shards
@@ -168,15 +169,13 @@ def test_one_collective_per_process_group_whatever_the_requests():
     assert calls == [("g1", 9), ("g2", 6)]
 
 
-def test_flattened_fsdp1_parameters_are_refused():
-    from optarena.optim import create
-
-    p = torch.nn.Parameter(torch.zeros(12))
-    p._fsdp_flattened = True  # what FSDP1 marks on the tensors it flattens
-    opt = create("adam-mini", [("layer.weight", p)], partition={})
-    p.grad = torch.ones(12)
-    with pytest.raises(ValueError, match="FSDP1 / ZeRO flattened shards"):
-        opt.step()
+@pytest.mark.slow
+def test_flattened_fsdp1_parameters_are_refused(fsdp_run):
+    """Real FSDP1 (gloo, 2 ranks), with and without ``use_orig_params``: every rank refuses to
+    build the optimizer, with the explanation, instead of cutting blocks out of 1-D slices."""
+    refused = json.loads((fsdp_run / "fsdp1" / "refused.json").read_text())
+    assert set(refused) == {"flat", "orig"}
+    assert all("FSDP1 / ZeRO flattened shards" in message for message in refused.values())
 
 
 # --------------------------------------------------------------------------- real FSDP2 runs
@@ -194,7 +193,7 @@ def fsdp_run(tmp_path_factory) -> Path:
         "--standalone",
         "--nproc_per_node=2",
         str(TESTS / "sharded_worker.py"),
-        "fsdp,hsdp",
+        "fsdp,hsdp,fsdp1",
         str(out),
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

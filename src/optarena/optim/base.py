@@ -96,6 +96,7 @@ class RuleOptimizer(torch.optim.Optimizer):
         self._fused: FusedStepper | None = None
         super().__init__(params, defaults)
         self._index_infos(infos)
+        self._is_sharded()  # refuses FSDP1 / ZeRO flattened shards now, not at the first step
 
     # ----------------------------------------------------------------- construction
 
