@@ -92,9 +92,11 @@ class RuleOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{type(self).__name__}: unknown rule {defaults['rule']!r}")
         defaults = {**rule.defaults, **defaults}
         self._infos: dict[int, ParamInfo] = {}
+        self._sharded: bool | None = None  # any DTensor parameter (FSDP2); found on first step
         self._fused: FusedStepper | None = None
         super().__init__(params, defaults)
         self._index_infos(infos)
+        self._is_sharded()  # refuses FSDP1 / ZeRO flattened shards now, not at the first step
 
     # ----------------------------------------------------------------- construction
 
@@ -149,6 +151,7 @@ class RuleOptimizer(torch.optim.Optimizer):
             for key, value in rule.defaults.items():
                 param_group.setdefault(key, value)
         super().add_param_group(param_group)
+        self._sharded = None
         group = self.param_groups[-1]
         rule.validate(group, type(self).__name__)
         if group.get("fused") not in (None, True, False):
@@ -215,6 +218,11 @@ class RuleOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._is_sharded():
+            from optarena.optim import sharding
+
+            sharding.step(self, bs)
+            return loss
         for group in self.param_groups:
             rule = self.rule_of(group)
             hp = group if bs is None or "bs" not in group else {**group, "bs": bs}
@@ -239,6 +247,14 @@ class RuleOptimizer(torch.optim.Optimizer):
                 decay *= rule.decay_lr(p, state, hp)
                 self._apply(p, u, size, decay, dtype)
         return loss
+
+    def _is_sharded(self) -> bool:
+        """Whether parameters are FSDP2 DTensors: then ``optarena.optim.sharding`` steps them."""
+        if self._sharded is None:
+            from optarena.optim.sharding import has_dtensors
+
+            self._sharded = has_dtensors(p for g in self.param_groups for p in g["params"])
+        return self._sharded
 
     def _fuse(self, group: dict[str, Any], rule: Rule, params: list[Tensor]) -> bool:
         """Whether this group's step takes the fast path (``group["fused"]``, resolved)."""
@@ -280,7 +296,12 @@ class RuleOptimizer(torch.optim.Optimizer):
                     continue
                 state = self._state_for(p, group, rule)
                 dtype = self._dtype(p)
-                rule.update_hessian(p.grad.to(dtype), state, group)
+                if self._is_sharded():  # elementwise: the local shards are all it needs
+                    from optarena.optim.sharding import local, state_view
+
+                    rule.update_hessian(local(p.grad).to(dtype), state_view(state, None), group)
+                else:
+                    rule.update_hessian(p.grad.to(dtype), state, group)
 
     # ----------------------------------------------------------------- checkpoints
 
@@ -298,7 +319,11 @@ class RuleOptimizer(torch.optim.Optimizer):
         # ``fused`` says how this object runs, not what it learnt: keep the receiver's choice
         for group, flag in zip(self.param_groups, fused, strict=True):
             group["fused"] = flag
-        params = [p for g in self.param_groups for p in g["params"]]
+        # saved keys are indices (torch) or parameter names (torch.distributed.checkpoint's
+        # get/set_state_dict): like torch, match them to parameters by their group order
+        saved_keys = [k for g in state_dict["param_groups"] for k in g["params"]]
+        current = [p for g in self.param_groups for p in g["params"]]
+        params = dict(zip(saved_keys, current, strict=True))  # torch checked the lengths
         for index, saved in state_dict["state"].items():
             p = params[index]
             for key, value in saved.items():

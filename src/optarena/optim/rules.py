@@ -24,6 +24,7 @@ from torch import Tensor
 
 from optarena.optim import blocks
 from optarena.optim.roles import ParamInfo
+from optarena.optim.sharding import shard_of
 from optarena.optim.transforms import (
     BlockSecondMoment,
     FactoredSecondMoment,
@@ -33,6 +34,7 @@ from optarena.optim.transforms import (
     clipped_ratio,
     ema_,
     heavy_ball_,
+    mean_over,
     rms,
 )
 
@@ -100,6 +102,13 @@ class Rule:
     def decay_lr(self, p: Tensor, state: dict, group: dict) -> float:
         """The learning rate that scales decoupled weight decay (``θ *= 1 - lr·λ``)."""
         return group["lr"]
+
+    def shard_stats(
+        self, g: Tensor, p: Tensor, state: dict, group: dict, step: int, info: ParamInfo
+    ) -> None:
+        """On a sharded parameter (``g``, ``p``: this rank's rows), ask ``shard_of(state)`` for
+        the partial sums of every statistic that spans rows; they are all-reduced, for all
+        parameters at once, before :meth:`direction` runs. Elementwise rules need none."""
 
     # ------------------------------------------------------------- fast path (``fused.py``)
     # The same math as :meth:`direction`, written so that ``torch.compile(fullgraph=True)`` can
@@ -204,6 +213,9 @@ class AdaptiveMoment(Rule):
         if group["betas"][0] > 0:
             state["exp_avg"] = torch.zeros_like(p, dtype=dtype)
         return state
+
+    def shard_stats(self, g, p, state, group, step, info):
+        second_moment_for(info, group).shard_stats(g, shard_of(state))
 
     def direction(self, g, p, state, group, step, info):
         beta1, beta2 = group["betas"]
@@ -510,30 +522,69 @@ class AdafactorClassic(Rule):
             state["exp_avg"] = torch.zeros_like(p, dtype=dtype)
         return state
 
-    def _lr(self, p: Tensor, step: int, group: dict) -> float:
+    def _lr(self, p: Tensor, step: int, group: dict, mean_sq: Tensor | None = None) -> float:
+        """The step size; ``mean_sq`` is the mean of ``θ²`` when ``p`` is only a shard of θ."""
         lr = group["lr"]
         if group["relative_step"]:
             min_step = 1e-6 * step if group["warmup_init"] else 1e-2
             lr = min(min_step, 1.0 / math.sqrt(step))
-        scale = max(group["eps"][1], float(rms(p))) if group["scale_parameter"] else 1.0
-        return scale * lr
+        if not group["scale_parameter"]:
+            return lr
+        p_rms = rms(p) if mean_sq is None else mean_sq.sqrt()
+        return max(group["eps"][1], float(p_rms)) * lr
+
+    # On a sharded parameter the update is clipped by its *global* RMS, known only once every
+    # rank has its unclipped update: the sharded step calls ``unclipped``, reduces, ``finish``.
+    clips_update_rms = True
 
     def direction(self, g, p, state, group, step, info):
-        lr = self._lr(p.to(g.dtype), step, group)
+        u = self.unclipped(g, p, state, group, step, info)
+        return self.finish(u, rms(u), state, group)
+
+    def shard_stats(self, g, p, state, group, step, info):
+        shard = shard_of(state)
+        if group["scale_parameter"]:
+            shard.request_sum("param_sq", p.to(g.dtype).square())
+        if g.dim() >= 2:
+            sq = g * g + group["eps"][0]
+            shard.request_sum("row", sq, keep=range(g.dim() - 1))
+            shard.request_sum("col", sq, keep=[*range(g.dim() - 2), g.dim() - 1])
+
+    def unclipped(self, g, p, state, group, step, info) -> Tensor:
+        """The factored update before clipping (and before the learning rate)."""
+        shard = shard_of(state)
+        if shard is None:
+            lr = self._lr(p.to(g.dtype), step, group)
+        else:
+            mean_sq = shard.mean("param_sq") if group["scale_parameter"] else None
+            lr = self._lr(p, step, group, mean_sq)
         state["lr"] = torch.tensor(lr, dtype=torch.float64)
         beta2t = 1.0 - step ** group["decay_rate"]
-        sq = g * g + group["eps"][0]
         if g.dim() >= 2:
+            if shard is None:
+                sq = g * g + group["eps"][0]
+                row_stat = mean_over(sq, [-1]).squeeze(-1)
+                col_stat = mean_over(sq, [-2]).squeeze(-2)
+            else:  # global means over the whole tensor; the factors are replicated
+                row_stat = shard.mean("row").reshape(state["exp_avg_sq_row"].shape)
+                col_stat = shard.mean("col").reshape(state["exp_avg_sq_col"].shape)
             row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
-            row.mul_(beta2t).add_(sq.mean(dim=-1), alpha=1.0 - beta2t)
-            col.mul_(beta2t).add_(sq.mean(dim=-2), alpha=1.0 - beta2t)
+            row.mul_(beta2t).add_(row_stat, alpha=1.0 - beta2t)
+            col.mul_(beta2t).add_(col_stat, alpha=1.0 - beta2t)
             r = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
-            u = r * col.unsqueeze(-2).rsqrt() * g
-        else:
-            v = state["exp_avg_sq"]
-            v.mul_(beta2t).add_(sq, alpha=1.0 - beta2t)
-            u = v.rsqrt() * g
-        clip_by_rms_(u, group["clip_threshold"]).mul_(lr)
+            c = col.unsqueeze(-2).rsqrt()
+            if shard is not None:
+                r = shard.rows(r)
+                c = shard.rows(c) if g.dim() > 2 else c
+            return r * c * g
+        v = state["exp_avg_sq"]
+        v.mul_(beta2t).add_(g * g + group["eps"][0], alpha=1.0 - beta2t)
+        return v.rsqrt() * g
+
+    def finish(self, u: Tensor, u_rms: Tensor, state: dict, group: dict) -> tuple[Tensor, float]:
+        """Clip ``u`` to RMS ``clip_threshold`` given its RMS, scale by the lr, add momentum."""
+        lr = float(state["lr"])
+        clip_by_rms_(u, group["clip_threshold"], u_rms).mul_(lr)
         if group["beta1"] is not None:
             u = ema_(state["exp_avg"], u, group["beta1"])
         return u, 1.0
