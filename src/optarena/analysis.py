@@ -62,6 +62,7 @@ class CurvePoint:
     losses: list[float]  # final losses of the seeds that trained
     n_diverged: int
     run_ids: list[str]
+    seeds: list[int] = field(default_factory=list)  # the seed of each loss in ``losses``
 
     @property
     def diverged(self) -> bool:
@@ -236,6 +237,7 @@ def build_curve(observations: Iterable[Observation], key: str) -> list[CurvePoin
             point.n_diverged += 1
         else:
             point.losses.append(obs.final_val_loss)
+            point.seeds.append(obs.seed)
     return sorted(groups.values(), key=lambda p: _sort_key(p.x))
 
 

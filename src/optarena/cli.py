@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "optarena.commands.report",
     "optarena.commands.demo",
     "optarena.commands.bench",
+    "optarena.commands.reproduce",
 ]
 
 

@@ -27,8 +27,15 @@ code{background:#f4f4f4;padding:0 .2rem}
 """
 
 
-def write_report(directory: str | Path, taus: Sequence[float] = DEFAULT_TAUS) -> Path:
-    """Write the page, ``summary.csv/json``, ``runs.csv`` and every figure; return the page."""
+def write_report(
+    directory: str | Path,
+    taus: Sequence[float] = DEFAULT_TAUS,
+    sections: Sequence[tuple[str, str]] = (),
+) -> Path:
+    """Write the page, ``summary.csv/json``, ``runs.csv`` and every figure; return the page.
+
+    ``sections``: ``(heading, HTML)`` pairs shown first (``optarena reproduce`` puts its claim
+    verdicts there); the HTML is trusted, callers escape what they put in it."""
     directory = Path(directory)
     with Store(directory, create=False) as store:
         runs = store.runs()
@@ -50,7 +57,9 @@ def write_report(directory: str | Path, taus: Sequence[float] = DEFAULT_TAUS) ->
         (out / f"{fig.name}.svg").write_bytes(fig.svg)
 
     page = out / "index.html"
-    page.write_text(_page(directory, analysis, rendered, run_rows, counts), encoding="utf-8")
+    page.write_text(
+        _page(directory, analysis, rendered, run_rows, counts, sections), encoding="utf-8"
+    )
     return page
 
 
@@ -60,6 +69,7 @@ def _page(
     rendered: Sequence[figures.Rendered],
     run_rows: Sequence[dict[str, Any]],
     counts: dict[str, int],
+    sections: Sequence[tuple[str, str]] = (),
 ) -> str:
     e = html.escape
     header, cells = tables.display_rows(analysis)
@@ -77,6 +87,7 @@ def _page(
             + f". Generated {time.strftime('%Y-%m-%d %H:%M')} from {directory / 'results.sqlite'}."
         )
         + "</p>",
+        *(f"<h2>{e(heading)}</h2>\n{body}" for heading, body in sections),
         "<h2>Summary</h2>",
         _table(header, cells, left=2, css_id="summary"),
         '<p class="muted">'
