@@ -318,3 +318,17 @@ def test_bf16_autocast_runs_where_asked(cache_dir: Path) -> None:
 def test_relative_step_adafactor_runs_without_an_lr(cache_dir: Path) -> None:
     summary = train(micro(cache_dir, optimizer="adafactor-classic", lr=None, steps=3))
     assert summary["peak_lrs"] == [] and math.isfinite(summary["final_val_loss"])
+
+
+def test_wandb_offline_logger_writes_a_run(
+    tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    out = tmp_path / "run"
+    summary = train(micro(cache_dir, steps=2, out=str(out), wandb="offline", log_every=1))
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, runs
+    assert list(runs[0].glob("*.wandb")), "the offline run holds no history file"
+    assert summary["steps"] == 2

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import scipy.stats
+
 DEFAULT_TAUS = (0.01, 0.05, 0.1)
 SEED_KEY = "seed"
 LR_KEY = "lr"
@@ -160,70 +162,14 @@ class Analysis:
 # --------------------------------------------------------------------------- statistics
 
 
-def _betacf(a: float, b: float, x: float) -> float:
-    """Continued fraction of the incomplete beta function (modified Lentz)."""
-    tiny = 1e-300
-    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 300):
-        m2 = 2 * m
-        for num in (
-            m * (b - m) * x / ((a + m2 - 1.0) * (a + m2)),
-            -(a + m) * (a + b + m) * x / ((a + m2) * (a + m2 + 1.0)),
-        ):
-            d = 1.0 + num * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + num / c
-            c = c if abs(c) > tiny else tiny
-            h *= d * c
-        if abs(d * c - 1.0) < 1e-15:
-            break
-    return h
-
-
-def betainc(a: float, b: float, x: float) -> float:
-    """Regularized incomplete beta I_x(a, b)."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    log_front = (
-        math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    )
-    if x < (a + 1.0) / (a + b + 2.0):
-        return math.exp(log_front) * _betacf(a, b, x) / a
-    return 1.0 - math.exp(log_front) * _betacf(b, a, 1.0 - x) / b
-
-
-def t_sf_two_sided(t: float, dof: float) -> float:
-    """P(|T| >= |t|) for Student's t with ``dof`` degrees of freedom."""
-    return betainc(dof / 2.0, 0.5, dof / (dof + t * t))
-
-
-def t_quantile(q: float, dof: float) -> float:
-    """The ``q`` quantile (q > 0.5) of Student's t, by bisection on the CDF."""
-    target = 2.0 * (1.0 - q)  # two-sided tail mass at the quantile
-    lo, hi = 0.0, 1.0
-    while t_sf_two_sided(hi, dof) > target:
-        hi *= 2.0
-    for _ in range(200):
-        mid = (lo + hi) / 2.0
-        if t_sf_two_sided(mid, dof) > target:
-            lo = mid
-        else:
-            hi = mid
-    return (lo + hi) / 2.0
-
-
 def mean_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float] | None:
     """Student-t confidence interval of the mean; None with fewer than two values."""
     n = len(values)
     if n < 2:
         return None
     mean = statistics.fmean(values)
-    half = t_quantile(0.5 + level / 2.0, n - 1) * statistics.stdev(values) / math.sqrt(n)
-    return (mean - half, mean + half)
+    half = scipy.stats.t.ppf(0.5 + level / 2.0, n - 1) * statistics.stdev(values) / math.sqrt(n)
+    return (mean - float(half), mean + float(half))
 
 
 def welch_test(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, float] | None:
@@ -236,9 +182,8 @@ def welch_test(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, fl
         if diff == 0.0:
             return (0.0, float(len(a) + len(b) - 2), 1.0)
         return (math.copysign(math.inf, diff), float(len(a) + len(b) - 2), 0.0)
-    t = diff / math.sqrt(va + vb)
-    dof = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
-    return (t, dof, t_sf_two_sided(t, dof))
+    result = scipy.stats.ttest_ind(a, b, equal_var=False)
+    return (float(result.statistic), float(result.df), float(result.pvalue))
 
 
 # ------------------------------------------------------------------------------ curves

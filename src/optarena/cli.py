@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "optarena.commands.sweep",
     "optarena.commands.report",
     "optarena.commands.demo",
+    "optarena.commands.bench",
     "optarena.commands.reproduce",
 ]
 

@@ -49,6 +49,8 @@ RESUMABLE_CHANGES = {
     "cache_dir",
     "threads",
     "device",
+    "parallel",  # a checkpoint resumes at any world size, sharded or not
+    "grad_accum",  # the same global batch in other micro-batches (e.g. on fewer GPUs)
 }
 
 
@@ -94,6 +96,7 @@ class TrainConfig:
     progress: bool = True
     cache_dir: str | None = None  # None: $OPTARENA_CACHE or ~/.cache/optarena
     threads: int | None = None
+    parallel: str = "none"  # none | ddp | fsdp (under torchrun; see optarena.distributed)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -162,6 +165,8 @@ class TrainConfig:
             raise UserError(f"unknown schedule {self.schedule!r}; choose one of {SCHEDULES}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise UserError(f"dtype must be auto, float32 or bfloat16, not {self.dtype!r}")
+        if self.parallel not in ("none", "ddp", "fsdp"):
+            raise UserError(f"parallel must be none, ddp or fsdp, not {self.parallel!r}")
         if self.wandb not in (None, "online", "offline"):
             raise UserError(f"wandb must be 'online' or 'offline', not {self.wandb!r}")
         if self.resume and not self.out:
@@ -437,7 +442,7 @@ def _prepare_out(config: TrainConfig) -> Path | None:
         return None
     out = Path(config.out).expanduser()
     if not config.resume and (
-        (out / "summary.json").exists() or any((out / "checkpoints").glob("step-*.pt"))
+        (out / "summary.json").exists() or any((out / "checkpoints").glob("step-*"))
     ):
         raise UserError(f"{out} already holds a run; pass --resume or choose another --out")
     try:
@@ -462,17 +467,51 @@ def _model_config(config: TrainConfig, vocab_size: int):
 
 
 def train(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
-    """Train one model and return its summary (also written to ``OUT/summary.json``)."""
+    """Train one model and return its summary (also written to ``OUT/summary.json``).
+
+    With ``parallel`` set (under torchrun), every rank calls this; rank 0 writes the files and
+    every rank returns the summary."""
     if isinstance(config, dict):
         config = TrainConfig.from_dict(config)
     else:
         config = TrainConfig.from_dict(config.to_dict())
     _check_optimizer_name(config.optimizer)
+    from optarena import distributed
+
+    par = distributed.setup(config.parallel, config.device)
+    try:
+        return _train(config, par)
+    finally:
+        par.close()
+
+
+def _resume_point(folder: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint: a single-process ``step-N.pt`` or a parallel ``step-N.dcp`` (its
+    ``meta.pt``: everything but the model and optimizer, which DCP loads in place)."""
+    from optarena.distributed import checkpoint_dirs, load_meta
+
+    pt = latest_checkpoint(folder) if any(folder.glob("step-*.pt")) else None
+    dirs = checkpoint_dirs(folder)
+    if dirs and (pt is None or load_meta(dirs[0])["step"] > int(pt[1]["step"])):
+        return dirs[0], load_meta(dirs[0])
+    return pt
+
+
+def _train(config: TrainConfig, par: Any) -> dict[str, Any]:
+    from optarena import distributed
+
     start_wall = time.perf_counter()
     if config.threads:
         torch.set_num_threads(config.threads)
-    device = _resolve_device(config.device)
+    if not par.active:
+        par.device = _resolve_device(config.device)
+    device = par.device
     dtype = _resolve_dtype(config.dtype, device)
+    if config.batch_size % (par.world * config.grad_accum):
+        raise UserError(
+            f"batch_size {config.batch_size} is not divisible by {par.world} processes x "
+            f"grad_accum {config.grad_accum}"
+        )
     out = _prepare_out(config)
     requested = json.loads(json.dumps(config.to_dict()))  # as given, before defaults resolve
 
@@ -480,9 +519,10 @@ def train(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
     resumed: dict[str, Any] | None = None
     resumed_from = None
     if config.resume and out is not None:
-        found = latest_checkpoint(out / "checkpoints")
+        found = _resume_point(out / "checkpoints")
         if found is None:
-            print(f"optarena: no checkpoint in {out}; starting from scratch", file=sys.stderr)
+            if par.is_main:
+                print(f"optarena: no checkpoint in {out}; starting from scratch", file=sys.stderr)
         else:
             resumed_from, resumed = found
             saved = json.loads(resumed["requested_config"])
@@ -514,15 +554,17 @@ def train(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
     config.vocab_size = vocab if config.tokenizer == "bpe" else data.tokenizer.vocab_size
     # pad the embedding to a multiple of 64 like the study (32,100 -> 32,128)
     padded_vocab = 64 * math.ceil(data.tokenizer.vocab_size / 64)
-    batches = RandomWindows(data.train, config.batch_size, config.seq_len, config.seed)
+    batches = RandomWindows(
+        data.train, config.batch_size, config.seq_len, config.seed, (par.rank, par.world)
+    )
     val_x, val_y = validation_windows(data.val, config.eval_windows, config.seq_len)
     val_x, val_y = val_x.to(device), val_y.to(device)
 
     # ---- model and optimizer
     model_config = _model_config(config, padded_vocab)
     torch.manual_seed(config.seed)
-    model = GPT(model_config).to(device)
-    optimizer = _make_optimizer(config, model)
+    model = par.wrap(GPT(model_config).to(device))
+    optimizer = _make_optimizer(config, par.unwrap(model))
     for group in optimizer.param_groups:
         group.setdefault("initial_lr", group["lr"])
     hessian_interval = getattr(optimizer, "hessian_interval", None)
@@ -531,8 +573,13 @@ def train(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
     step, tokens, initial_loss, train_seconds = 0, 0, None, 0.0
     eval_curve: list[dict[str, Any]] = []
     if resumed is not None:
-        model.load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
+        if "model" not in resumed:  # a DCP checkpoint, at any world size
+            distributed.load_dcp(resumed_from, model, optimizer)
+        elif par.mode == "fsdp":  # a single-process checkpoint onto shards
+            distributed.load_full(resumed["model"], resumed["optimizer"], model, optimizer)
+        else:
+            par.unwrap(model).load_state_dict(resumed["model"])
+            optimizer.load_state_dict(resumed["optimizer"])
         batches.load_state_dict(resumed["batches"])
         hessian_rng.set_state(resumed["hessian_rng"])
         torch.set_rng_state(resumed["torch_rng"])
@@ -548,23 +595,25 @@ def train(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
     )
     params = [p for p in model.parameters() if p.requires_grad]
     clip = config.grad_clip or 0.0
-    micro = config.batch_size // config.grad_accum
+    micro = config.batch_size // (config.grad_accum * par.world)  # sequences per forward
     tokens_per_step = config.batch_size * config.seq_len
-    loggers = _Loggers(config, out, step if resumed is not None else None)
+    loggers = _Loggers(config, out if par.is_main else None, step if resumed is not None else None)
 
     def evaluate() -> float:
+        """Mean validation cross-entropy; ranks share the windows and sum their losses."""
         model.eval()
         total = torch.zeros((), device=device)
+        rows, weight = par.eval_indices(len(val_x))
+        rows, weight = rows.to(device), weight.to(device)
+        size = max(1, config.batch_size // par.world)
         with torch.no_grad(), autocast:
-            for i in range(0, len(val_x), config.batch_size):
-                logits = model(val_x[i : i + config.batch_size]).float()
-                total += F.cross_entropy(
-                    logits.flatten(0, 1),
-                    val_y[i : i + config.batch_size].flatten(),
-                    reduction="sum",
-                )
+            for i in range(0, len(rows), size):
+                x, y = val_x[rows[i : i + size]], val_y[rows[i : i + size]]
+                logits = model(x).float()
+                ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
+                total += (ce.view(len(x), -1).sum(1) * weight[i : i + size]).sum()
         model.train()
-        return (total / val_y.numel()).item()
+        return (par.sum(total) / val_y.numel()).item()
 
     last_checkpoint = step if resumed is not None else -1
 
@@ -580,8 +629,6 @@ def train(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
             "initial_loss": initial_loss,
             "train_seconds": train_seconds,
             "train_cpu_seconds": session_cpu,  # CPU time of this session's steps (less noisy)
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
             "batches": batches.state_dict(),
             "hessian_rng": hessian_rng.get_state(),
             "torch_rng": torch.get_rng_state(),
@@ -589,19 +636,43 @@ def train(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
             "config": json.dumps(config.to_dict()),
             "requested_config": json.dumps(requested),
         }
+        if par.active:  # every rank writes its shards (DCP); rank 0 the rest
+            folder = out / "checkpoints"
+            distributed.save_dcp(
+                par, folder, step, model, optimizer, payload, config.keep_checkpoints
+            )
+            return
+        payload["model"] = model.state_dict()
+        payload["optimizer"] = optimizer.state_dict()
         save_checkpoint(out / "checkpoints", step, payload, config.keep_checkpoints)
 
-    def hessian_update(x: Tensor) -> None:
+    def hessian_update(x_local: Tensor) -> None:
         """Sophia's Gauss-Newton-Bartlett estimate: back-propagate the loss on labels sampled
-        from the model's own softmax (same clipping), then ``update_hessian()``."""
-        with autocast:
-            logits = model(x)
-        flat = logits.float().flatten(0, 1)
+        from the model's own softmax (same clipping), then ``update_hessian()``.
+
+        As in the official Sophia loop, the estimate uses the whole batch of the step, micro-batch
+        by micro-batch. Each label is drawn by inverting the softmax CDF at one uniform number per
+        token of the global batch, so a token gets the same label whatever the world size and
+        micro-batching."""
+        tokens_local = x_local.numel()
         with torch.no_grad():
-            labels = torch.multinomial(flat.softmax(-1), 1, generator=hessian_rng).squeeze(-1)
-        F.cross_entropy(flat, labels).backward()
+            u = torch.rand(tokens_local * par.world, generator=hessian_rng, device=device)
+            u = u[par.rank * tokens_local : (par.rank + 1) * tokens_local]
+        for m in range(config.grad_accum):
+            x = x_local[m * micro : (m + 1) * micro]
+            with par.accumulating(model, last=m == config.grad_accum - 1):
+                with autocast:
+                    logits = model(x)
+                flat = logits.float().flatten(0, 1)
+                with torch.no_grad():
+                    cdf = flat.softmax(-1).cumsum(-1)
+                    mine = u[m * flat.shape[0] : (m + 1) * flat.shape[0]]
+                    labels = torch.searchsorted(cdf, mine.unsqueeze(-1)).squeeze(-1)
+                    labels = labels.clamp_(max=flat.shape[-1] - 1)
+                loss = F.cross_entropy(flat, labels)
+                (loss / config.grad_accum if config.grad_accum > 1 else loss).backward()
         if clip:
-            torch.nn.utils.clip_grad_norm_(params, clip)
+            distributed.clip_grad_norm_(params, clip)
         optimizer.update_hessian()
         optimizer.zero_grad(set_to_none=True)
 
@@ -612,7 +683,7 @@ def train(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
         initial=step,
         unit="step",
         dynamic_ncols=True,
-        disable=not config.progress,
+        disable=not config.progress or not par.is_main,
         desc=config.optimizer,
     )
     diverged, diverged_at, last_loss = False, None, None
@@ -630,12 +701,13 @@ def train(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
             ce_sum = torch.zeros((), device=device)
             for m in range(config.grad_accum):
                 x, y = x_all[m * micro : (m + 1) * micro], y_all[m * micro : (m + 1) * micro]
-                with autocast:
-                    logits = model(x)
-                loss, ce = lm_loss(logits, y, config.z_loss)
-                (loss / config.grad_accum if config.grad_accum > 1 else loss).backward()
+                with par.accumulating(model, last=m == config.grad_accum - 1):
+                    with autocast:
+                        logits = model(x)
+                    loss, ce = lm_loss(logits, y, config.z_loss)
+                    (loss / config.grad_accum if config.grad_accum > 1 else loss).backward()
                 ce_sum += ce.detach()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip) if clip else None
+            grad_norm = distributed.clip_grad_norm_(params, clip) if clip else None
             if hessian_interval is not None:
                 optimizer.step(bs=tokens_per_step)
             else:
@@ -644,8 +716,8 @@ def train(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
             step += 1
             tokens += tokens_per_step
             if hessian_interval and step % hessian_interval == 0:
-                hessian_update(x_all[:micro])
-            last_loss = ce_sum.item() / config.grad_accum
+                hessian_update(x_all)
+            last_loss = par.mean(ce_sum).item() / config.grad_accum  # same on every rank
             dt = time.perf_counter() - t0
             train_seconds += dt
             session_seconds += dt
@@ -696,7 +768,7 @@ def train(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
         "steps": step,
         "tokens": tokens,
         "tokens_per_second": session_tokens / session_seconds if session_seconds else 0.0,
-        "params": model.num_params(),
+        "params": par.unwrap(model).num_params(),
         "optimizer_state_bytes": optimizer_state_bytes(optimizer),
         "peak_memory_bytes": _peak_memory(device),
         "wall_seconds": time.perf_counter() - start_wall,
@@ -711,6 +783,7 @@ def train(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
         ),
         "resumed_from": str(resumed_from) if resumed_from else None,
         "device": str(device),
+        "parallel": {"mode": par.mode, "world_size": par.world},
         "dtype": str(dtype).removeprefix("torch."),
         "data": {
             "corpus": data.corpus.name,
@@ -723,8 +796,9 @@ def train(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
         "model_config": model_config.to_dict(),
         "config": config.to_dict(),
     }
-    if out is not None:
+    if out is not None and par.is_main:
         _atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    par.barrier()
     return summary
 
 

@@ -63,9 +63,24 @@ def add_sweep_options(parser: argparse.ArgumentParser, default_out: str | None =
         "--threads", type=int, default=None, help="torch threads per run (default: cores/workers)"
     )
     parser.add_argument("--address", default=None, help="Ray cluster address (--backend ray)")
+    parser.add_argument(
+        "--gpus-per-run",
+        type=int,
+        default=None,
+        help="GPUs for each run, over [resources] gpus_per_run (Ray default: 1 where the "
+        "cluster has GPUs); more than one makes each run a DDP/FSDP run (docs/scaling.md)",
+    )
+    parser.add_argument(
+        "--max-retries",
+        type=int,
+        default=3,
+        help="Ray: times a run is retried when its worker process or node dies (default 3)",
+    )
     parser.add_argument("--slurm-partition", default=None)
     parser.add_argument("--slurm-time", type=int, default=24 * 60, help="minutes per run job")
-    parser.add_argument("--slurm-gpus", type=int, default=0, help="GPUs per run job")
+    parser.add_argument(
+        "--slurm-gpus", type=int, default=0, help="GPUs per run job (same as --gpus-per-run)"
+    )
     parser.add_argument(
         "--slurm-cluster",
         default=None,
@@ -129,24 +144,42 @@ def load(args: argparse.Namespace) -> Any:
     )
 
 
-def make_executor(args: argparse.Namespace, out: Path, default_threads: int = 2) -> Executor:
+def resources_of(args: argparse.Namespace, spec: Any = None) -> Any:
+    """The spec's ``[resources]`` with ``--gpus-per-run`` (or ``--slurm-gpus``) over it."""
+    from optarena.sweep.spec import Resources
+
+    gpus = args.gpus_per_run
+    if args.slurm_gpus:
+        if gpus is not None and gpus != args.slurm_gpus:
+            raise UserError("--slurm-gpus and --gpus-per-run disagree; give --gpus-per-run only")
+        gpus = args.slurm_gpus
+    if gpus is not None and gpus < 0:
+        raise UserError(f"--gpus-per-run {gpus}: give 0 or more")
+    base = getattr(spec, "resources", None) or Resources()
+    return base.with_gpus(gpus)
+
+
+def make_executor(
+    args: argparse.Namespace, out: Path, default_threads: int = 2, spec: Any = None
+) -> Executor:
     """The backend the flags ask for; local runs get ``default_threads`` cores each unless
-    ``--workers``/``--threads`` say otherwise."""
+    ``--workers``/``--threads`` say otherwise. ``spec`` gives the runs' ``[resources]``."""
     from optarena.sweep import executors
 
+    resources = resources_of(args, spec)
     if args.backend == "ray":
         return executors.RayExecutor(
             args.function,
             workers=args.workers,
             threads=_given(args.threads, 1),
             address=args.address,
+            resources=resources,
+            max_retries=args.max_retries,
         )
     if args.backend == "slurm":
         params: dict[str, Any] = {"timeout_min": args.slurm_time}
         if args.slurm_partition:
             params["slurm_partition"] = args.slurm_partition
-        if args.slurm_gpus:
-            params["gpus_per_node"] = args.slurm_gpus
         return executors.SlurmExecutor(
             args.function,
             out / "slurm",
@@ -154,13 +187,17 @@ def make_executor(args: argparse.Namespace, out: Path, default_threads: int = 2)
             threads=_given(args.threads, 1),
             cluster=args.slurm_cluster,
             parameters=params,
+            resources=resources,
         )
     if args.address:
         raise UserError("--address is for --backend ray; add --backend ray or drop --address")
     import os
 
-    workers = _given(args.workers, max(1, (os.cpu_count() or 1) // default_threads))
-    return executors.LocalExecutor(args.function, workers=workers, threads=args.threads)
+    per_run = default_threads * resources.processes_per_node
+    workers = _given(args.workers, max(1, (os.cpu_count() or 1) // per_run))
+    return executors.LocalExecutor(
+        args.function, workers=workers, threads=args.threads, resources=resources
+    )
 
 
 def _given(value: int | None, default: int) -> int:
@@ -177,7 +214,7 @@ def execute(args: argparse.Namespace, spec: Any, out: Path, default_threads: int
 
     console = Console(stderr=True, soft_wrap=True)
     runs = spec.runs()
-    executor = make_executor(args, out, default_threads)  # bad flags fail before any file
+    executor = make_executor(args, out, default_threads, spec)  # bad flags fail before any file
     store = Store(out)
     console.print(
         f"sweep [bold]{spec.name}[/]: {len(runs)} runs into {out} "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -37,6 +38,7 @@ _FLAG_KEYS = (
     "out",
     "wandb",
     "threads",
+    "parallel",
 )
 
 
@@ -69,6 +71,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps (and at the end)")
     p.add_argument("--log-every", type=int)
     p.add_argument("--threads", type=int, help="CPU threads for torch")
+    p.add_argument(
+        "--parallel",
+        choices=["none", "ddp", "fsdp"],
+        help="under torchrun: DistributedDataParallel or FSDP2 (fully_shard); see docs/scaling.md",
+    )
     p.add_argument("--out", help="run directory (checkpoints/, metrics.jsonl, summary.json)")
     p.add_argument(
         "--resume", action="store_true", help="continue from the newest valid checkpoint"
@@ -180,6 +187,8 @@ def run(args: argparse.Namespace) -> int:
         warnings.simplefilter("default")
         warnings.showwarning = _one_line_warning
         summary = train(config)
+    if summary["parallel"]["world_size"] > 1 and int(os.environ.get("RANK", "0")) != 0:
+        return 0  # rank 0 reports
     loss = summary["final_val_loss"]
     status = "DIVERGED" if summary["diverged"] else "done"
     where = f"; {Path(config.out) / 'summary.json'}" if config.out else ""

@@ -20,22 +20,41 @@ def _windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[Tens
 
 
 class RandomWindows:
-    """``batch_size`` windows of ``seq_len + 1`` tokens at uniformly random offsets."""
+    """``batch_size`` windows of ``seq_len + 1`` tokens at uniformly random offsets.
 
-    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int):
+    With ``shard=(rank, world)`` every rank draws the offsets of the whole global batch (the same
+    generator everywhere) and reads only its own ``batch_size / world`` rows: the global batch,
+    and so the run, is the same at every world size, and resuming on another one is exact.
+    """
+
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        batch_size: int,
+        seq_len: int,
+        seed: int,
+        shard: tuple[int, int] = (0, 1),
+    ):
         if len(tokens) < seq_len + 2:
             raise UserError(
                 f"the training split has {len(tokens)} tokens, fewer than one window of "
                 f"seq_len {seq_len}; use more data or a shorter --seq-len"
             )
+        rank, world = shard
+        if batch_size % world:
+            raise UserError(f"batch_size {batch_size} is not divisible by {world} processes")
         self.tokens, self.batch_size, self.seq_len = tokens, batch_size, seq_len
+        self.rank, self.world = rank, world
         self.generator = torch.Generator().manual_seed(seed)
 
     def next(self, batch_size: int | None = None) -> tuple[Tensor, Tensor]:
+        """This rank's rows of the next global batch of ``batch_size`` windows."""
         n = batch_size or self.batch_size
         high = len(self.tokens) - self.seq_len
         starts = torch.randint(0, high, (n,), generator=self.generator).numpy()
-        return _windows(self.tokens, starts, self.seq_len)
+        share = n // self.world
+        mine = starts[self.rank * share : (self.rank + 1) * share]
+        return _windows(self.tokens, mine, self.seq_len)
 
     def state_dict(self) -> dict[str, Tensor]:
         return {"generator": self.generator.get_state()}

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from optarena.optim.fused import FusedStepper, compile_available, should_fuse
 from optarena.optim.roles import ParamInfo, Role
 from optarena.optim.rules import POSITIVE, RULES, Rule
 
@@ -53,6 +54,12 @@ class RuleOptimizer(torch.optim.Optimizer):
             parameters (their updates are computed in float32 and rounded once), the
             parameter's own dtype otherwise; ``"param"``: always the parameter's dtype.
         no_decay_roles: roles exempt from weight decay (e.g. norms and biases).
+        fused: the fast path (:mod:`optarena.optim.fused`), stored per group like torch's flag:
+            ``True`` compiles each group's step into fused kernels, ``False`` runs the eager
+            per-tensor loop, ``None`` decides per group (see
+            :func:`optarena.optim.fused.should_fuse`: on CUDA, or on CPU for large groups,
+            when ``torch.compile`` works; never inside pytest; ``OPTARENA_FUSED=0/1``
+            overrides). Both paths compute the same update.
     """
 
     default_rule = "adaptive"
@@ -65,7 +72,12 @@ class RuleOptimizer(torch.optim.Optimizer):
         partition: Mapping[str, ParamInfo] | None = None,
         state_dtype: torch.dtype | str | None = None,
         no_decay_roles: Iterable[Role | str] = (),
+        fused: bool | None = None,
     ):
+        if fused not in (None, True, False):
+            raise ValueError(
+                f"{type(self).__name__}: invalid fused={fused!r}; expected None, True or False"
+            )
         if state_dtype not in (None, "param") and not isinstance(state_dtype, torch.dtype):
             raise ValueError(
                 f"{type(self).__name__}: invalid state_dtype={state_dtype!r}; "
@@ -74,14 +86,17 @@ class RuleOptimizer(torch.optim.Optimizer):
         self.state_dtype = state_dtype
         self.no_decay_roles = frozenset(Role(r) for r in no_decay_roles)
         params, infos = self._resolve(params, partition)
-        defaults = {"rule": self.default_rule, "weight_decay": 0.0, **defaults}
+        defaults = {"rule": self.default_rule, "weight_decay": 0.0, "fused": fused, **defaults}
         rule = RULES.get(defaults["rule"])
         if rule is None:
             raise ValueError(f"{type(self).__name__}: unknown rule {defaults['rule']!r}")
         defaults = {**rule.defaults, **defaults}
         self._infos: dict[int, ParamInfo] = {}
+        self._sharded: bool | None = None  # any DTensor parameter (FSDP2); found on first step
+        self._fused: FusedStepper | None = None
         super().__init__(params, defaults)
         self._index_infos(infos)
+        self._is_sharded()  # refuses FSDP1 / ZeRO flattened shards now, not at the first step
 
     # ----------------------------------------------------------------- construction
 
@@ -136,8 +151,19 @@ class RuleOptimizer(torch.optim.Optimizer):
             for key, value in rule.defaults.items():
                 param_group.setdefault(key, value)
         super().add_param_group(param_group)
+        self._sharded = None
         group = self.param_groups[-1]
         rule.validate(group, type(self).__name__)
+        if group.get("fused") not in (None, True, False):
+            raise ValueError(
+                f"{type(self).__name__}: invalid fused={group['fused']!r}; "
+                "expected None, True or False"
+            )
+        if group.get("fused") and not rule.fusable:
+            raise ValueError(
+                f"{type(self).__name__}: rule {rule_name!r} has no fused path; "
+                "use fused=False or fused=None"
+            )
         for p in group["params"]:
             self._infos.setdefault(
                 id(p),
@@ -192,14 +218,22 @@ class RuleOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._is_sharded():
+            from optarena.optim import sharding
+
+            sharding.step(self, bs)
+            return loss
         for group in self.param_groups:
             rule = self.rule_of(group)
             hp = group if bs is None or "bs" not in group else {**group, "bs": bs}
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            params = [p for p in group["params"] if p.grad is not None]
+            if any(p.grad.is_sparse for p in params):
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            if params and self._fuse(group, rule, params):
+                if self._fused is None:
+                    self._fused = FusedStepper(self)
+                params = self._fused.step_group(group, hp, rule, params, group["fused"] is True)
+            for p in params:
                 state = self._state_for(p, group, rule)
                 state["step"] += 1
                 step = int(state["step"].item())
@@ -213,6 +247,27 @@ class RuleOptimizer(torch.optim.Optimizer):
                 decay *= rule.decay_lr(p, state, hp)
                 self._apply(p, u, size, decay, dtype)
         return loss
+
+    def _is_sharded(self) -> bool:
+        """Whether parameters are FSDP2 DTensors: then ``optarena.optim.sharding`` steps them."""
+        if self._sharded is None:
+            from optarena.optim.sharding import has_dtensors
+
+            self._sharded = has_dtensors(p for g in self.param_groups for p in g["params"])
+        return self._sharded
+
+    def _fuse(self, group: dict[str, Any], rule: Rule, params: list[Tensor]) -> bool:
+        """Whether this group's step takes the fast path (``group["fused"]``, resolved)."""
+        fused = group.get("fused")
+        if fused is False or not rule.fusable:
+            return False
+        device = params[0].device
+        if fused and not compile_available(device):
+            raise RuntimeError(
+                f"{type(self).__name__}: fused=True needs torch.compile for {device.type} "
+                "(a C++ compiler on CPU, triton on CUDA); use fused=None or False"
+            )
+        return should_fuse(fused, device, sum(p.numel() for p in params))
 
     @staticmethod
     def _apply(p: Tensor, u: Tensor, size: float, decay: float, dtype: torch.dtype) -> None:
@@ -241,7 +296,12 @@ class RuleOptimizer(torch.optim.Optimizer):
                     continue
                 state = self._state_for(p, group, rule)
                 dtype = self._dtype(p)
-                rule.update_hessian(p.grad.to(dtype), state, group)
+                if self._is_sharded():  # elementwise: the local shards are all it needs
+                    from optarena.optim.sharding import local, state_view
+
+                    rule.update_hessian(local(p.grad).to(dtype), state_view(state, None), group)
+                else:
+                    rule.update_hessian(p.grad.to(dtype), state, group)
 
     # ----------------------------------------------------------------- checkpoints
 
@@ -253,8 +313,17 @@ class RuleOptimizer(torch.optim.Optimizer):
         Every tensor is copied, ``step`` included (torch keeps the saved ``step`` object, so
         two optimizers loaded from one live ``state_dict`` would count each other's steps).
         """
+        fused = [g.get("fused") for g in self.param_groups]
+        self._fused = None  # its plans hold references to the state tensors being replaced
         super().load_state_dict(state_dict)
-        params = [p for g in self.param_groups for p in g["params"]]
+        # ``fused`` says how this object runs, not what it learnt: keep the receiver's choice
+        for group, flag in zip(self.param_groups, fused, strict=True):
+            group["fused"] = flag
+        # saved keys are indices (torch) or parameter names (torch.distributed.checkpoint's
+        # get/set_state_dict): like torch, match them to parameters by their group order
+        saved_keys = [k for g in state_dict["param_groups"] for k in g["params"]]
+        current = [p for g in self.param_groups for p in g["params"]]
+        params = dict(zip(saved_keys, current, strict=True))  # torch checked the lengths
         for index, saved in state_dict["state"].items():
             p = params[index]
             for key, value in saved.items():

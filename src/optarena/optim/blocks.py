@@ -18,7 +18,7 @@ this module turn a :class:`~optarena.optim.roles.ParamInfo` into the layout each
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -57,7 +57,7 @@ class BlockLayout:
 
     @property
     def elementwise(self) -> bool:
-        return not self.segments
+        return len(self.segments) == 0  # (``not tuple`` is not traceable by dynamo)
 
     def num_blocks(self, shape: tuple[int, ...] | torch.Size) -> int:
         if self.elementwise:
@@ -131,14 +131,75 @@ def _chunk(x: Tensor, s: Segment) -> Tensor:
     return x if _covers(x, s) else x.narrow(s.dim, s.start, s.size)
 
 
+# Statistics that sum over rows are sharding-invariant: entries are summed in the tensor's
+# dtype only *within* an index of dim 0 (FSDP2 shards whole rows), and the per-row sums are
+# added in float64. Float64 sums of the same float32 terms differ by ~1e-16 whatever their order,
+# so one process and any number of row shards get the same float32 statistic (bar ~1e-9 odds of
+# a rounding boundary), and a sharded run reproduces a single-process one.
+
+
+def sharding_invariant_sum(x: Tensor, dims: Iterable[int]) -> Tensor:
+    """``x.sum(dims, keepdim=True)`` in float64, the same however dim 0 is cut into shards."""
+    dims = sorted(set([d % x.dim() for d in dims])) if x.dim() else []  # no genexpr: dynamo
+    inner = [d for d in dims if d != 0]
+    part = x.sum(inner, keepdim=True) if inner else x
+    if dims and dims[0] == 0:
+        return part.sum(0, keepdim=True, dtype=torch.float64)
+    return part.to(torch.float64)
+
+
+def block_sums(x: Tensor, layout: BlockLayout, offset: int = 0) -> Tensor:
+    """Float64 sums of ``x`` (e.g. ``g²``) in every block, ``(num_blocks,)``; ``x`` holds rows
+    ``[offset, offset + len(x))`` of the tensor (all of it by default) and blocks it does not
+    reach get 0, so that the sums of all shards add up to the whole tensor's."""
+    n = x.shape[0] if x.dim() else 1
+    sums = []
+    for s in layout.segments:
+        blocks = s.num_blocks
+        if s.dim != 0:  # every shard holds part of every block: per-row partials, then float64
+            chunk = x.narrow(s.dim, s.start, s.size)
+            per_row = chunk.reshape(-1, blocks, s.shape[2], s.shape[3]).sum((2, 3))
+            sums.append(per_row.sum(0, dtype=torch.float64))
+            continue
+        per_block = s.size // blocks  # rows per block
+        out = torch.zeros(blocks, dtype=torch.float64, device=x.device)
+        a, b = max(offset, s.start), min(offset + n, s.start + s.size)
+        if b > a:
+            rows = x.reshape(1) if not x.dim() else x.narrow(0, a - offset, b - a)
+            rows = rows.reshape(b - a, -1).sum(1).to(torch.float64)
+            first, last = (a - s.start) / per_block, (b - s.start) / per_block
+            if first.is_integer() and last.is_integer():  # whole blocks: no index needed
+                out[int(first) : int(last)] = rows.view(-1, per_block).sum(1)
+            else:
+                ids = torch.arange(a - s.start, b - s.start, device=x.device) // per_block
+                out.index_add_(0, ids, rows)
+        sums.append(out)
+    return sums[0] if len(sums) == 1 else torch.cat(sums)
+
+
+def block_sizes(layout: BlockLayout) -> list[int]:
+    """Entries per block of each segment (the divisor of :func:`block_sums`)."""
+    return [math.prod(s.shape) // s.num_blocks for s in layout.segments]
+
+
+def block_means(sums: Tensor, layout: BlockLayout, dtype: torch.dtype) -> Tensor:
+    """``sums / block size``, rounded once to ``dtype``."""
+    sizes = block_sizes(layout)
+    if len(set(sizes)) > 1:
+        per_block = [
+            torch.full((s.num_blocks,), n, dtype=torch.float64)
+            for s, n in zip(layout.segments, sizes, strict=True)
+        ]
+        return (sums / torch.cat(per_block).to(sums.device)).to(dtype)
+    return (sums / sizes[0]).to(dtype)
+
+
 def block_mean_square(g: Tensor, layout: BlockLayout) -> Tensor:
-    """Mean of ``g²`` within each block, flattened to ``(num_blocks,)`` (``g²`` if per element)."""
+    """Mean of ``g²`` within each block, flattened to ``(num_blocks,)`` (``g²`` if per element);
+    sharding-invariant (see :func:`sharding_invariant_sum`)."""
     if layout.elementwise:
         return g * g
-    parts = [
-        _chunk(g, s).reshape(s.shape).square().mean(s.reduce).reshape(-1) for s in layout.segments
-    ]
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+    return block_means(block_sums(g * g, layout), layout, g.dtype)
 
 
 def blockwise(

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from optarena.optim import blocks
 from optarena.optim.roles import ParamInfo
+from optarena.optim.sharding import shard_of
 from optarena.optim.transforms import (
     BlockSecondMoment,
     FactoredSecondMoment,
@@ -33,6 +34,7 @@ from optarena.optim.transforms import (
     clipped_ratio,
     ema_,
     heavy_ball_,
+    mean_over,
     rms,
 )
 
@@ -100,6 +102,40 @@ class Rule:
     def decay_lr(self, p: Tensor, state: dict, group: dict) -> float:
         """The learning rate that scales decoupled weight decay (``θ *= 1 - lr·λ``)."""
         return group["lr"]
+
+    def shard_stats(
+        self, g: Tensor, p: Tensor, state: dict, group: dict, step: int, info: ParamInfo
+    ) -> None:
+        """On a sharded parameter (``g``, ``p``: this rank's rows), ask ``shard_of(state)`` for
+        the partial sums of every statistic that spans rows; they are all-reduced, for all
+        parameters at once, before :meth:`direction` runs. Elementwise rules need none."""
+
+    # ------------------------------------------------------------- fast path (``fused.py``)
+    # The same math as :meth:`direction`, written so that ``torch.compile(fullgraph=True)`` can
+    # trace it: everything that changes from step to step (lr, bias corrections, first-step and
+    # phase flags) arrives as 0-d tensors in ``sc``, computed on the host by
+    # :meth:`fused_scalars`, so a new LR or step never recompiles.
+
+    fusable: bool = False
+    read_only_state: tuple[str, ...] = ()  # state the step reads but never writes (bytes model)
+    host_options: tuple[str, ...] = ("lr",)  # group options read by ``fused_scalars`` only
+
+    def fused_context(self, info: ParamInfo, group: dict) -> Any:
+        """Per-parameter structure the traced step needs (e.g. the block layout); hashable."""
+        return None
+
+    def fused_scalars(self, group: dict, step: int) -> dict[str, float]:
+        """The step-dependent numbers of one parameter's update, on the host (float64)."""
+        return {"size": group["lr"]}
+
+    def fused_direction(
+        self, g: Tensor, p: Tensor, state: dict, group: dict, sc: dict, ctx: Any
+    ) -> tuple[Tensor, Tensor]:
+        """``(u, step_size)`` as :meth:`direction`, traceable; ``sc`` holds 0-d tensors.
+
+        An ``"apply"`` scalar of 0 in ``sc`` means: leave the parameter unchanged this step.
+        """
+        raise NotImplementedError
 
 
 COMMON_CHECKS = {"lr": NONNEG, "weight_decay": NONNEG}
@@ -178,6 +214,9 @@ class AdaptiveMoment(Rule):
             state["exp_avg"] = torch.zeros_like(p, dtype=dtype)
         return state
 
+    def shard_stats(self, g, p, state, group, step, info):
+        second_moment_for(info, group).shard_stats(g, shard_of(state))
+
     def direction(self, g, p, state, group, step, info):
         beta1, beta2 = group["betas"]
         moment = second_moment_for(info, group)
@@ -191,6 +230,43 @@ class AdaptiveMoment(Rule):
         bc2 = 1.0 if k else bias_correction(beta2, step)
         u = moment.precondition(m, state, bc2, group["eps"])
         return u, group["lr"] / bias_correction(beta1, step)
+
+    fusable = True
+
+    def fused_context(self, info, group):
+        return second_moment_for(info, group)
+
+    def fused_scalars(self, group, step):
+        beta1, beta2 = group["betas"]
+        k = group["precondition_steps"]
+        sc = {
+            "size": group["lr"] / bias_correction(beta1, step),
+            "bc2": 1.0 if k else bias_correction(beta2, step),
+        }
+        if k:
+            averaging = step <= k
+            sc["apply"] = float(not averaging)
+            sc["averaging"] = float(averaging)
+            sc["update_v"] = float(not averaging and not group["freeze"])
+            sc["inv_count"] = 1.0 / step
+        return sc
+
+    def fused_direction(self, g, p, state, group, sc, ctx):
+        beta1, beta2 = group["betas"]
+        m = ema_(state["exp_avg"], g, beta1) if beta1 > 0 else g
+        if group["precondition_steps"]:
+            # every phase of the frozen preconditioner, selected by flags instead of branches
+            before = {key: v.clone() for key, v in state.items() if key.startswith("exp_avg_sq")}
+            averaged = {key: v.clone() for key, v in before.items()}
+            ctx.average_weighted_(averaged, g, sc["inv_count"])
+            updated = {key: v.clone() for key, v in before.items()}
+            ctx.update_(updated, g, beta2)
+            for key, v in before.items():
+                new = torch.where(sc["update_v"] > 0, updated[key], v)
+                state[key].copy_(torch.where(sc["averaging"] > 0, averaged[key], new))
+        else:
+            ctx.update_(state, g, beta2)
+        return ctx.precondition(m, state, sc["bc2"], group["eps"]), sc["size"]
 
 
 # --------------------------------------------------------------------------- SGD
@@ -241,6 +317,22 @@ class HeavyBall(Rule):
     def decay_lr(self, p, state, group):
         return group["lr"] if group["decoupled_weight_decay"] else 0.0
 
+    fusable = True
+
+    def fused_scalars(self, group, step):
+        return {"size": group["lr"], "first": float(step == 1)}
+
+    def fused_direction(self, g, p, state, group, sc, ctx):
+        if not group["decoupled_weight_decay"] and group["weight_decay"]:
+            g = g.add(p.to(g.dtype), alpha=group["weight_decay"])
+        mu = group["momentum"]
+        if mu:
+            buf = state["momentum_buffer"]
+            ball = heavy_ball_(buf.clone(), g, mu, group["dampening"])
+            buf.copy_(torch.where(sc["first"] > 0, g, ball))
+            g = g.add(buf, alpha=mu) if group["nesterov"] else buf
+        return g, sc["size"]
+
 
 class EMAMomentum(Rule):
     """SGD with bias-corrected EMA momentum: ``θ -= lr · m / (1-β^t)`` (the study's hybrids)."""
@@ -257,6 +349,16 @@ class EMAMomentum(Rule):
         if not beta:
             return g, group["lr"]
         return ema_(state["exp_avg"], g, beta), group["lr"] / bias_correction(beta, step)
+
+    fusable = True
+
+    def fused_scalars(self, group, step):
+        beta = group["momentum"]
+        return {"size": group["lr"] / bias_correction(beta, step) if beta else group["lr"]}
+
+    def fused_direction(self, g, p, state, group, sc, ctx):
+        beta = group["momentum"]
+        return (ema_(state["exp_avg"], g, beta) if beta else g), sc["size"]
 
 
 # --------------------------------------------------------------------------- sign family
@@ -279,6 +381,15 @@ class LionRule(Rule):
         ema_(m, g, beta2)
         return u, group["lr"]
 
+    fusable = True
+
+    def fused_direction(self, g, p, state, group, sc, ctx):
+        beta1, beta2 = group["betas"]
+        m = state["exp_avg"]
+        u = m.lerp(g, 1.0 - beta1).sign_()
+        ema_(m, g, beta2)
+        return u, sc["size"]
+
 
 class SignumRule(Rule):
     """Signum: ``m = β m + (1-β) g``, ``u = sign(m)`` (Lion with β1 = β2; no bias correction)."""
@@ -294,6 +405,13 @@ class SignumRule(Rule):
         beta = group["momentum"]
         m = ema_(state["exp_avg"], g, beta) if beta else g
         return m.sign(), group["lr"]
+
+    fusable = True
+
+    def fused_direction(self, g, p, state, group, sc, ctx):
+        beta = group["momentum"]
+        m = ema_(state["exp_avg"], g, beta) if beta else g
+        return m.sign(), sc["size"]
 
 
 class SophiaRule(Rule):
@@ -321,6 +439,17 @@ class SophiaRule(Rule):
     def direction(self, g, p, state, group, step, info):
         m = ema_(state["exp_avg"], g, group["betas"][0])
         return clipped_ratio(m, state["hessian"], group["rho"] * group["bs"]), group["lr"]
+
+    fusable = True
+    read_only_state = ("hessian",)
+    host_options = ("lr", "rho", "bs")
+
+    def fused_scalars(self, group, step):
+        return {"size": group["lr"], "scale": group["rho"] * group["bs"]}
+
+    def fused_direction(self, g, p, state, group, sc, ctx):
+        m = ema_(state["exp_avg"], g, group["betas"][0])
+        return clipped_ratio(m, state["hessian"], sc["scale"]), sc["size"]
 
     def update_hessian(self, g: Tensor, state: dict, group: dict) -> None:
         beta2 = group["betas"][1]
@@ -393,30 +522,69 @@ class AdafactorClassic(Rule):
             state["exp_avg"] = torch.zeros_like(p, dtype=dtype)
         return state
 
-    def _lr(self, p: Tensor, step: int, group: dict) -> float:
+    def _lr(self, p: Tensor, step: int, group: dict, mean_sq: Tensor | None = None) -> float:
+        """The step size; ``mean_sq`` is the mean of ``θ²`` when ``p`` is only a shard of θ."""
         lr = group["lr"]
         if group["relative_step"]:
             min_step = 1e-6 * step if group["warmup_init"] else 1e-2
             lr = min(min_step, 1.0 / math.sqrt(step))
-        scale = max(group["eps"][1], float(rms(p))) if group["scale_parameter"] else 1.0
-        return scale * lr
+        if not group["scale_parameter"]:
+            return lr
+        p_rms = rms(p) if mean_sq is None else mean_sq.sqrt()
+        return max(group["eps"][1], float(p_rms)) * lr
+
+    # On a sharded parameter the update is clipped by its *global* RMS, known only once every
+    # rank has its unclipped update: the sharded step calls ``unclipped``, reduces, ``finish``.
+    clips_update_rms = True
 
     def direction(self, g, p, state, group, step, info):
-        lr = self._lr(p.to(g.dtype), step, group)
+        u = self.unclipped(g, p, state, group, step, info)
+        return self.finish(u, rms(u), state, group)
+
+    def shard_stats(self, g, p, state, group, step, info):
+        shard = shard_of(state)
+        if group["scale_parameter"]:
+            shard.request_sum("param_sq", p.to(g.dtype).square())
+        if g.dim() >= 2:
+            sq = g * g + group["eps"][0]
+            shard.request_sum("row", sq, keep=range(g.dim() - 1))
+            shard.request_sum("col", sq, keep=[*range(g.dim() - 2), g.dim() - 1])
+
+    def unclipped(self, g, p, state, group, step, info) -> Tensor:
+        """The factored update before clipping (and before the learning rate)."""
+        shard = shard_of(state)
+        if shard is None:
+            lr = self._lr(p.to(g.dtype), step, group)
+        else:
+            mean_sq = shard.mean("param_sq") if group["scale_parameter"] else None
+            lr = self._lr(p, step, group, mean_sq)
         state["lr"] = torch.tensor(lr, dtype=torch.float64)
         beta2t = 1.0 - step ** group["decay_rate"]
-        sq = g * g + group["eps"][0]
         if g.dim() >= 2:
+            if shard is None:
+                sq = g * g + group["eps"][0]
+                row_stat = mean_over(sq, [-1]).squeeze(-1)
+                col_stat = mean_over(sq, [-2]).squeeze(-2)
+            else:  # global means over the whole tensor; the factors are replicated
+                row_stat = shard.mean("row").reshape(state["exp_avg_sq_row"].shape)
+                col_stat = shard.mean("col").reshape(state["exp_avg_sq_col"].shape)
             row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
-            row.mul_(beta2t).add_(sq.mean(dim=-1), alpha=1.0 - beta2t)
-            col.mul_(beta2t).add_(sq.mean(dim=-2), alpha=1.0 - beta2t)
+            row.mul_(beta2t).add_(row_stat, alpha=1.0 - beta2t)
+            col.mul_(beta2t).add_(col_stat, alpha=1.0 - beta2t)
             r = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
-            u = r * col.unsqueeze(-2).rsqrt() * g
-        else:
-            v = state["exp_avg_sq"]
-            v.mul_(beta2t).add_(sq, alpha=1.0 - beta2t)
-            u = v.rsqrt() * g
-        clip_by_rms_(u, group["clip_threshold"]).mul_(lr)
+            c = col.unsqueeze(-2).rsqrt()
+            if shard is not None:
+                r = shard.rows(r)
+                c = shard.rows(c) if g.dim() > 2 else c
+            return r * c * g
+        v = state["exp_avg_sq"]
+        v.mul_(beta2t).add_(g * g + group["eps"][0], alpha=1.0 - beta2t)
+        return v.rsqrt() * g
+
+    def finish(self, u: Tensor, u_rms: Tensor, state: dict, group: dict) -> tuple[Tensor, float]:
+        """Clip ``u`` to RMS ``clip_threshold`` given its RMS, scale by the lr, add momentum."""
+        lr = float(state["lr"])
+        clip_by_rms_(u, group["clip_threshold"], u_rms).mul_(lr)
         if group["beta1"] is not None:
             u = ema_(state["exp_avg"], u, group["beta1"])
         return u, 1.0

@@ -11,12 +11,19 @@ EMA momentum.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Protocol
 
 import torch
 from torch import Tensor
 
-from optarena.optim.blocks import BlockLayout, block_mean_square, blockwise
+from optarena.optim.blocks import (
+    BlockLayout,
+    block_mean_square,
+    blockwise,
+    sharding_invariant_sum,
+)
+from optarena.optim.sharding import LocalShard, shard_of
 
 # --------------------------------------------------------------------------- momentum
 
@@ -40,15 +47,28 @@ def bias_correction(beta: float, step: int) -> float:
 
 
 class SecondMoment(Protocol):
-    """A running estimate of ``E[g²]`` at some granularity, and the division by its root."""
+    """A running estimate of ``E[g²]`` at some granularity, and the division by its root.
+
+    On a sharded parameter (``optarena.optim.sharding``) ``g`` and ``m`` are this rank's rows,
+    ``state`` carries the shard, and :meth:`shard_stats` asks, before the step's one collective,
+    for the partial sums of every statistic that spans rows.
+    """
 
     def init(self, p: Tensor, dtype: torch.dtype) -> dict[str, Tensor]: ...
+
+    def shard_stats(self, g: Tensor, shard: LocalShard) -> None: ...
 
     def update_(self, state: dict[str, Tensor], g: Tensor, beta2: float) -> None: ...
 
     def average_(self, state: dict[str, Tensor], g: Tensor, count: int) -> None: ...
 
-    def precondition(self, m: Tensor, state: dict[str, Tensor], bc2: float, eps: float) -> Tensor:
+    def average_weighted_(self, state: dict[str, Tensor], g: Tensor, weight: Tensor) -> None:
+        """:meth:`average_` with ``1/count`` as a tensor (traced by the fast path)."""
+        ...
+
+    def precondition(
+        self, m: Tensor, state: dict[str, Tensor], bc2: float | Tensor, eps: float
+    ) -> Tensor:
         """``m / (sqrt(v / bc2) + eps)`` with ``v`` broadcast from its blocks."""
         ...
 
@@ -69,23 +89,45 @@ class BlockSecondMoment:
         n = self.layout.num_blocks(p.shape)
         return {"exp_avg_sq": torch.zeros(n, dtype=dtype, device=p.device)}
 
+    def shard_stats(self, g: Tensor, shard: LocalShard) -> None:
+        if not self.layout.elementwise:
+            shard.request_blocks("block_mean_square", g * g, self.layout)
+
+    def _stat(self, state: dict[str, Tensor], g: Tensor) -> Tensor:
+        shard = shard_of(state)
+        if shard is None or self.layout.elementwise:
+            return block_mean_square(g, self.layout)
+        return shard.mean("block_mean_square").clone()
+
     def update_(self, state: dict[str, Tensor], g: Tensor, beta2: float) -> None:
         v = state["exp_avg_sq"]
         if self.layout.elementwise:
             v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
         else:
-            v.mul_(beta2).add_(block_mean_square(g, self.layout), alpha=1.0 - beta2)
+            v.mul_(beta2).add_(self._stat(state, g), alpha=1.0 - beta2)
 
     def average_(self, state: dict[str, Tensor], g: Tensor, count: int) -> None:
         """Uniform running mean of the block statistic (the frozen-preconditioner phase)."""
         v = state["exp_avg_sq"]
-        v.add_(block_mean_square(g, self.layout).sub_(v), alpha=1.0 / count)
+        v.add_(self._stat(state, g).sub_(v), alpha=1.0 / count)
 
-    def precondition(self, m: Tensor, state: dict[str, Tensor], bc2: float, eps: float) -> Tensor:
-        root_bc2 = math.sqrt(bc2)
-        return blockwise(
-            lambda x, v: x / (v.sqrt() / root_bc2 + eps), m, state["exp_avg_sq"], self.layout
-        )
+    def average_weighted_(self, state: dict[str, Tensor], g: Tensor, weight: Tensor) -> None:
+        v = state["exp_avg_sq"]
+        v.add_((block_mean_square(g, self.layout) - v) * weight)
+
+    def precondition(
+        self, m: Tensor, state: dict[str, Tensor], bc2: float | Tensor, eps: float
+    ) -> Tensor:
+        # a tensor ``bc2`` comes from the fast path (no recompilation when the step changes)
+        root_bc2 = bc2.sqrt() if isinstance(bc2, Tensor) else math.sqrt(bc2)
+
+        def fn(x: Tensor, v: Tensor) -> Tensor:
+            return x / (v.sqrt() / root_bc2 + eps)
+
+        shard = shard_of(state)
+        if shard is not None and not self.layout.elementwise:
+            return shard.blockwise(fn, m, state["exp_avg_sq"], self.layout)
+        return blockwise(fn, m, state["exp_avg_sq"], self.layout)
 
 
 class FactoredSecondMoment:
@@ -106,29 +148,50 @@ class FactoredSecondMoment:
         }
 
     @staticmethod
-    def _stats(g: Tensor) -> dict[str, Tensor]:
+    def shard_stats(g: Tensor, shard: LocalShard) -> None:
+        sq = g * g
         if g.dim() < 2:
-            return {"exp_avg_sq": (g * g).mean().reshape(1)}
+            shard.request_sum("exp_avg_sq", sq)
+            return
+        for i in range(g.dim()):
+            shard.request_sum(f"exp_avg_sq_{i}", sq, keep=(i,))
+
+    @staticmethod
+    def _stats(g: Tensor, shard: LocalShard | None = None) -> dict[str, Tensor]:
+        if shard is not None:  # the global means, identical on every rank like the factors
+            if g.dim() < 2:
+                return {"exp_avg_sq": shard.mean("exp_avg_sq").reshape(1).clone()}
+            keys = [f"exp_avg_sq_{i}" for i in range(g.dim())]
+            return {k: shard.mean(k).clone() for k in keys}
+        if g.dim() < 2:
+            return {"exp_avg_sq": mean_over(g * g, range(g.dim())).reshape(1)}
         sq = g * g
         return {
-            f"exp_avg_sq_{i}": sq.mean([d for d in range(g.dim()) if d != i], keepdim=True)
+            f"exp_avg_sq_{i}": mean_over(sq, [d for d in range(g.dim()) if d != i])
             for i in range(g.dim())
         }
 
     def update_(self, state: dict[str, Tensor], g: Tensor, beta2: float) -> None:
-        for key, stat in self._stats(g).items():
+        for key, stat in self._stats(g, shard_of(state)).items():
             state[key].mul_(beta2).add_(stat, alpha=1.0 - beta2)
 
     def average_(self, state: dict[str, Tensor], g: Tensor, count: int) -> None:
-        for key, stat in self._stats(g).items():
+        for key, stat in self._stats(g, shard_of(state)).items():
             state[key].add_(stat.sub_(state[key]), alpha=1.0 / count)
 
-    def precondition(self, m: Tensor, state: dict[str, Tensor], bc2: float, eps: float) -> Tensor:
+    def average_weighted_(self, state: dict[str, Tensor], g: Tensor, weight: Tensor) -> None:
+        for key, stat in self._stats(g).items():
+            state[key].add_((stat - state[key]) * weight)
+
+    def precondition(
+        self, m: Tensor, state: dict[str, Tensor], bc2: float | Tensor, eps: float
+    ) -> Tensor:
         return m / (self.full(state, m.dim()).div_(bc2).sqrt_().add_(eps))
 
     @staticmethod
     def full(state: dict[str, Tensor], ndim: int) -> Tensor:
-        """The rank-one reconstruction ``V`` of the second moment."""
+        """The rank-one reconstruction ``V`` of the second moment (on a sharded parameter: its
+        local rows; the factors themselves are replicated)."""
         if ndim < 2:
             # a 0-d scalar broadcasts against 0-d and 1-D parameters alike
             return state["exp_avg_sq"].reshape(()).clone()
@@ -136,7 +199,8 @@ class FactoredSecondMoment:
         # Every factor has the same mean (that of g²), so V = f_0 · Π_{i≥1} (f_i / mean): no
         # mean^(N-1) to underflow, and an all-zero gradient history gives V = 0, not 0/0.
         mean = factors[0].mean().clamp_min(torch.finfo(factors[0].dtype).tiny)
-        v = factors[0]
+        shard = shard_of(state)
+        v = factors[0] if shard is None else shard.rows(factors[0])
         for f in factors[1:]:
             v = v * (f / mean)
         return v
@@ -149,13 +213,25 @@ def _axis_shape(shape: torch.Size, axis: int) -> tuple[int, ...]:
 # --------------------------------------------------------------------------- final maps
 
 
+def mean_over(x: Tensor, dims: Iterable[int]) -> Tensor:
+    """``x.mean(dims, keepdim=True)``, the same on one process and on row shards (see
+    :func:`~optarena.optim.blocks.sharding_invariant_sum`)."""
+    dims = list(dims)
+    count = 1
+    for d in dims:  # no generator expressions: torch.compile traces this (fused.py)
+        count *= x.shape[d]
+    return (sharding_invariant_sum(x, dims) / max(count, 1)).to(x.dtype)
+
+
 def rms(x: Tensor) -> Tensor:
-    return x.norm(2) / math.sqrt(x.numel())
+    """Root mean square of all entries (sharding-invariant like :func:`mean_over`)."""
+    return mean_over(x * x, range(x.dim())).reshape(()).sqrt()
 
 
-def clip_by_rms_(u: Tensor, threshold: float) -> Tensor:
-    """Scale ``u`` down so that its RMS is at most ``threshold`` (classic Adafactor)."""
-    return u.div_((rms(u) / threshold).clamp_(min=1.0))
+def clip_by_rms_(u: Tensor, threshold: float, u_rms: Tensor | None = None) -> Tensor:
+    """Scale ``u`` down so that its RMS is at most ``threshold`` (classic Adafactor); ``u_rms``
+    is given when ``u`` is one shard of the update."""
+    return u.div_(((rms(u) if u_rms is None else u_rms) / threshold).clamp_(min=1.0))
 
 
 def clipped_ratio(m: Tensor, h: Tensor, scale: float, floor: float = 1e-15) -> Tensor:

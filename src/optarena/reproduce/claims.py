@@ -27,7 +27,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from optarena.analysis import Analysis, CurvePoint, Sensitivity, SeriesResult, t_quantile
+import scipy.stats
+
+from optarena.analysis import Analysis, CurvePoint, Sensitivity, SeriesResult
 
 HOLDS = "holds"
 FAILS = "does not hold"
@@ -69,7 +71,7 @@ class Noise:
 
     @property
     def t(self) -> float:
-        return 1.96 if not self.dof else t_quantile(0.975, self.dof)
+        return 1.96 if not self.dof else float(scipy.stats.t.ppf(0.975, self.dof))
 
 
 @dataclass(frozen=True)
@@ -153,7 +155,8 @@ def gap_interval(a: CurvePoint, b: CurvePoint, noise: Noise) -> tuple[float, flo
             dict(zip(b.seeds, b.losses, strict=True)),
         )
         diffs = [la[s] - lb[s] for s in common]
-        half = t_quantile(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+        t = float(scipy.stats.t.ppf(0.975, len(diffs) - 1))
+        half = t * statistics.stdev(diffs) / math.sqrt(len(diffs))
         return statistics.fmean(diffs), half, f"paired over {len(diffs)} seeds"
     na, nb = max(1, len(a.losses)), max(1, len(b.losses))
     half = noise.t * noise.sd * math.sqrt(1 / na + 1 / nb)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from optarena.errors import UserError
+from optarena.sweep.spec import Resources
 
 DEFAULT_FUNCTION = "optarena.train:train"
 BACKENDS = ("local", "ray", "slurm")
@@ -119,6 +120,59 @@ def package_pythonpath() -> str:
     return os.pathsep.join(dict.fromkeys(parts))
 
 
+def execute_run(
+    function: str, config: dict[str, Any], threads: int, resources: Resources | None = None
+) -> dict[str, Any]:
+    """One run on this node: in this process, or under ``torchrun`` with one process per GPU
+    (or ``procs_per_node`` on CPU) when the run is distributed."""
+    if resources is None or not resources.distributed:
+        return execute(function, config, threads)
+    if resources.nodes > 1:
+        return {
+            "error": f"a run on {resources.nodes} nodes needs --backend slurm; the local and Ray "
+            "backends run each distributed run on one node (up to all of its GPUs)"
+        }
+    return run_torchrun(
+        function,
+        {**config, "parallel": resources.parallel},
+        resources.processes_per_node,
+        threads,
+    )
+
+
+def run_torchrun(function: str, config: dict[str, Any], nproc: int, threads: int) -> dict[str, Any]:
+    """``torchrun --standalone --nproc_per_node=nproc -m optarena.sweep.launch``: rank 0's result,
+    or the launcher's error (with the end of its output)."""
+    import json
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="optarena-run-") as tmp:
+        config_path, result_path = Path(tmp) / "config.json", Path(tmp) / "result.json"
+        config_path.write_text(json.dumps(config, default=str), encoding="utf-8")
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "optarena.sweep.launch",
+            function,
+            str(config_path),
+            str(result_path),
+        ]
+        env = {**os.environ, "PYTHONPATH": package_pythonpath(), "OMP_NUM_THREADS": str(threads)}
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if result_path.is_file():
+            return json.loads(result_path.read_text(encoding="utf-8"))
+        tail = (proc.stdout[-2000:] + proc.stderr[-6000:]).strip()
+        return {
+            "error": f"torchrun with {nproc} processes exited with code {proc.returncode}",
+            "detail": tail,
+        }
+
+
 def _positive(flag: str, value: int | None) -> None:
     """A count of workers or threads must be at least 1 (0 would stall the driver)."""
     if value is not None and value < 1:
@@ -150,7 +204,14 @@ class Executor(ABC):
 # -------------------------------------------------------------------------------- local
 
 
-def _child(function: str, config: dict[str, Any], threads: int, parent: int, conn: Any) -> None:
+def _child(
+    function: str,
+    config: dict[str, Any],
+    threads: int,
+    parent: int,
+    conn: Any,
+    resources: Resources | None = None,
+) -> None:
     """A worker process: one run, its result sent back through ``conn``."""
     # Ctrl-C reaches the whole process group; the driver decides, and terminates its workers
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -163,7 +224,7 @@ def _child(function: str, config: dict[str, Any], threads: int, parent: int, con
             time.sleep(0.5)
 
     threading.Thread(target=watch, daemon=True, name="optarena-parent-watch").start()
-    conn.send(execute(function, config, threads))
+    conn.send(execute_run(function, config, threads, resources))
     conn.close()
 
 
@@ -182,13 +243,21 @@ class LocalExecutor(Executor):
     runs beside it, and every run starts from a clean interpreter.
     """
 
-    def __init__(self, function: str, workers: int = 1, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        function: str,
+        workers: int = 1,
+        threads: int | None = None,
+        resources: Resources | None = None,
+    ) -> None:
         _positive("--workers", workers)
         _positive("--threads", threads)
         self.function = function
         self.capacity = workers
+        self.resources = resources
+        procs = resources.processes_per_node if resources else 1
         cores = os.cpu_count() or 1
-        self.threads = threads or max(1, cores // workers)
+        self.threads = threads or max(1, cores // (workers * procs))
         self._ctx = mp.get_context("spawn")
         self._running: list[_Running] = []
 
@@ -196,7 +265,7 @@ class LocalExecutor(Executor):
         receive, send = self._ctx.Pipe(duplex=False)
         process = self._ctx.Process(
             target=_child,
-            args=(self.function, task.config, self.threads, os.getpid(), send),
+            args=(self.function, task.config, self.threads, os.getpid(), send, self.resources),
             name=f"optarena-run-{task.run_id}",
             daemon=False,
         )
@@ -245,7 +314,15 @@ class LocalExecutor(Executor):
 
 
 class RayExecutor(Executor):
-    """Tasks as Ray remote functions: a local Ray instance, or a cluster at ``address``."""
+    """Runs as Ray tasks: a local Ray instance, or a cluster at ``address``.
+
+    Each run asks for ``gpus_per_run`` GPUs (default: one where the cluster has GPUs, none
+    otherwise) and ``threads`` CPUs per process; a distributed run (``resources``) runs
+    ``torchrun`` inside its task, on one node. A task whose worker process or node dies is
+    retried up to ``max_retries`` times by Ray (the run resumes from its last checkpoint when its
+    directory is on storage every node sees); exceptions of the run itself are results, not
+    retried. Results come back to the driver, which alone writes the store.
+    """
 
     def __init__(
         self,
@@ -253,6 +330,8 @@ class RayExecutor(Executor):
         workers: int | None = None,
         threads: int = 1,
         address: str | None = None,
+        resources: Resources | None = None,
+        max_retries: int = 3,
     ) -> None:
         try:
             import ray
@@ -262,6 +341,14 @@ class RayExecutor(Executor):
             ) from None
         _positive("--workers", workers)
         _positive("--threads", threads)
+        if max_retries < 0:
+            raise UserError(f"--max-retries {max_retries}: give 0 or more")
+        resources = resources or Resources()
+        if resources.nodes > 1:
+            raise UserError(
+                f"[resources] nodes = {resources.nodes}: Ray runs each distributed run on one "
+                "node; use --backend slurm for runs across nodes"
+            )
         self._ray = ray
         self.function = function
         self.threads = threads
@@ -274,20 +361,35 @@ class RayExecutor(Executor):
             if address:
                 kwargs["address"] = address
             elif workers:
-                kwargs["num_cpus"] = workers * threads
+                kwargs["num_cpus"] = workers * threads * resources.processes_per_node
             try:
                 ray.init(**kwargs)
             except ConnectionError as err:
                 raise UserError(
                     f"--address {address}: cannot reach a Ray cluster ({err})"
                 ) from None
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        self.capacity = workers or max(1, cpus // threads)
-        self._remote = ray.remote(num_cpus=threads, max_retries=0)(execute)
+        total = ray.cluster_resources()
+        gpus = resources.gpus_per_run
+        if gpus is None:  # one GPU per run by default, where there are GPUs
+            gpus = 1 if total.get("GPU", 0) >= 1 else 0
+        self.resources = resources.with_gpus(gpus)
+        cpus = threads * self.resources.processes_per_node
+        if gpus > total.get("GPU", 0):
+            raise UserError(
+                f"each run asks for {gpus} GPUs but the Ray cluster has "
+                f"{int(total.get('GPU', 0))}; lower --gpus-per-run"
+            )
+        by_cpu = int(total.get("CPU", 1)) // cpus
+        by_gpu = int(total.get("GPU", 0)) // gpus if gpus else by_cpu
+        self.capacity = workers or max(1, min(by_cpu, by_gpu))
+        self.max_retries = max_retries
+        self._remote = ray.remote(
+            num_cpus=cpus, num_gpus=gpus, max_retries=max_retries, retry_exceptions=False
+        )(execute_run)
         self._refs: dict[Any, Task] = {}
 
     def submit(self, task: Task) -> None:
-        ref = self._remote.remote(self.function, task.config, self.threads)
+        ref = self._remote.remote(self.function, task.config, self.threads, self.resources)
         self._refs[ref] = task
 
     def wait(self, timeout: float) -> list[Outcome]:
@@ -299,8 +401,11 @@ class RayExecutor(Executor):
             task = self._refs.pop(ref)
             try:
                 outcomes.append(_outcome(task, self._ray.get(ref)))
-            except Exception as err:
-                outcomes.append(Outcome(task, error=f"{type(err).__name__}: {err}".splitlines()[0]))
+            except Exception as err:  # retries exhausted: the worker or its node kept dying
+                message = f"{type(err).__name__}: {err}".splitlines()[0]
+                if self.max_retries:
+                    message = f"after {self.max_retries} retries: {message}"
+                outcomes.append(Outcome(task, error=message[:500]))
         return outcomes
 
     def close(self, cancel: bool = False) -> None:
@@ -314,9 +419,30 @@ class RayExecutor(Executor):
 # -------------------------------------------------------------------------------- slurm
 
 
+# Slurm states in which a job may still produce its result (``sacct``).
+_SLURM_LIVE = {
+    "PENDING",
+    "RUNNING",
+    "REQUEUED",
+    "CONFIGURING",
+    "COMPLETING",
+    "RESIZING",
+    "SUSPENDED",
+    "STAGE_OUT",
+}
+
+
 class SlurmExecutor(Executor):
-    """One Slurm job per run through submitit; ``cluster="local"`` runs them as local processes
-    (submitit's own local executor), which is how the tests exercise this path."""
+    """Runs as Slurm jobs through submitit; ``cluster="local"`` runs them as local processes
+    (submitit's own local executor), which is how the tests run this path end to end.
+
+    Runs submitted together go out as one job array (at most ``workers`` of its jobs at once,
+    ``--array=...%workers``). The job of every run is recorded in ``FOLDER/jobs.json``; a
+    sweep started again (after its driver was killed, a login node rebooted...) re-attaches to
+    the jobs that are still queued or running and collects the results of those that finished,
+    so only runs without a live or finished job are submitted again. A distributed run
+    (``resources``) is one job of ``nodes`` x ``procs_per_node`` tasks, one per GPU.
+    """
 
     def __init__(
         self,
@@ -326,6 +452,7 @@ class SlurmExecutor(Executor):
         threads: int = 1,
         cluster: str | None = None,
         parameters: dict[str, Any] | None = None,
+        resources: Resources | None = None,
     ) -> None:
         try:
             import submitit
@@ -335,28 +462,113 @@ class SlurmExecutor(Executor):
             ) from None
         _positive("--workers", workers)
         _positive("--threads", threads)
+        self._submitit = submitit
         self.function = function
         self.threads = threads
         self.capacity = workers
-        self._executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
-        params = {"timeout_min": 24 * 60, "cpus_per_task": threads, "name": "optarena"}
+        self.folder = Path(folder)
+        self.resources = resources or Resources()
+        self._executor = submitit.AutoExecutor(folder=self.folder, cluster=cluster)
+        self.cluster = self._executor.cluster
+        res = self.resources
+        params: dict[str, Any] = {
+            "timeout_min": 24 * 60,
+            "cpus_per_task": threads,
+            "name": "optarena",
+            "nodes": res.nodes,
+            "tasks_per_node": res.processes_per_node,
+            "slurm_array_parallelism": workers,
+        }
+        if res.gpus_per_node:
+            params["gpus_per_node"] = res.gpus_per_node
         params.update(parameters or {})
         self._executor.update_parameters(**params)
+        self._tasks_per_job = int(params["nodes"]) * int(params["tasks_per_node"])
         self._jobs: dict[Any, Task] = {}
+        self._pending: list[Task] = []
+        self._registry = self.folder / "jobs.json"
+
+    # ----------------------------------------------------------------- job records
+
+    def _records(self) -> dict[str, str]:
+        import json
+
+        try:
+            return dict(json.loads(self._registry.read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            return {}
+
+    def _record(self, jobs: list[tuple[str, str]]) -> None:
+        import json
+
+        records = {**self._records(), **dict(jobs)}
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self._registry.with_name(f".{self._registry.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(records, indent=1), encoding="utf-8")
+        os.replace(tmp, self._registry)
+
+    def _forget(self, run_ids: list[str]) -> None:
+        import json
+
+        records = self._records()
+        for run_id in run_ids:
+            records.pop(run_id, None)
+        tmp = self._registry.with_name(f".{self._registry.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(records, indent=1), encoding="utf-8")
+        os.replace(tmp, self._registry)
+
+    def _reattach(self, job_id: str) -> Any | None:
+        """The job of an earlier driver, if it finished with a result or may still make one."""
+        tasks = list(range(self._tasks_per_job))
+        if self.cluster == "slurm":
+            job = self._submitit.SlurmJob(folder=self.folder, job_id=job_id, tasks=tasks)
+            if job.paths.result_pickle.exists():
+                return job
+            state = job.watcher.get_state(job_id, mode="force").split(" ")[0]
+            return job if state in _SLURM_LIVE else None
+        # local / debug jobs die with their driver's session: only their results outlive it
+        job = self._submitit.LocalJob(folder=self.folder, job_id=job_id, tasks=tasks)
+        return job if job.paths.result_pickle.exists() else None
+
+    # ----------------------------------------------------------------- executor
 
     def submit(self, task: Task) -> None:
+        known = self._records().get(task.run_id)
+        job = self._reattach(known) if known else None
+        if job is not None:
+            self._jobs[job] = task
+        else:
+            self._pending.append(task)
+
+    def _flush(self) -> None:
+        """Submit the pending runs, together: one job array on Slurm."""
+        if not self._pending:
+            return
+        from optarena.sweep.launch import slurm_task
+
+        pending, self._pending = self._pending, []
+        distributed = self.resources.distributed
         old = os.environ.get("PYTHONPATH")
         os.environ["PYTHONPATH"] = package_pythonpath()  # local jobs inherit the environment
         try:
-            job = self._executor.submit(execute, self.function, task.config, self.threads)
+            with self._executor.batch():
+                jobs = []
+                for task in pending:
+                    fn, config = execute, task.config
+                    if distributed:
+                        fn, config = slurm_task, {**config, "parallel": self.resources.parallel}
+                    jobs.append(self._executor.submit(fn, self.function, config, self.threads))
         finally:
             if old is None:
                 os.environ.pop("PYTHONPATH", None)
             else:
                 os.environ["PYTHONPATH"] = old
-        self._jobs[job] = task
+        self._record([(task.run_id, job.job_id) for task, job in zip(pending, jobs, strict=True)])
+        for task, job in zip(pending, jobs, strict=True):
+            self._jobs[job] = task
 
     def wait(self, timeout: float) -> list[Outcome]:
+        self._flush()
         deadline = time.monotonic() + timeout
         while True:
             done = [job for job in self._jobs if job.done()]
@@ -364,10 +576,13 @@ class SlurmExecutor(Executor):
                 break
             time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
         outcomes = []
+        if done:  # the driver stores these now: a later sweep must not collect them again
+            self._forget([self._jobs[job].run_id for job in done])
         for job in done:
             task = self._jobs.pop(job)
             try:
-                outcomes.append(_outcome(task, job.result()))
+                results = job.results()  # one per task; rank 0 first
+                outcomes.append(_outcome(task, results[0]))
             except Exception as err:
                 message = f"slurm job {job.job_id}: {type(err).__name__}: {err}"
                 outcomes.append(Outcome(task, error=message.splitlines()[0][:500]))
@@ -378,3 +593,4 @@ class SlurmExecutor(Executor):
             for job in self._jobs:
                 job.cancel(check=False)
         self._jobs.clear()
+        self._pending.clear()

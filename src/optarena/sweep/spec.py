@@ -35,6 +35,7 @@ else:  # pragma: no cover - exercised on 3.10 only
 RESERVED_KEYS = frozenset({"out", "resume", "threads"})
 # Keys that change how a run is executed or logged, never its result: left out of run ids.
 EXECUTION_KEYS = RESERVED_KEYS | {
+    "parallel",  # how a run is spread over processes ([resources]), not what it computes
     "progress",
     "log_every",
     "tensorboard",
@@ -45,6 +46,7 @@ EXECUTION_KEYS = RESERVED_KEYS | {
 # Keys of a [[grid]] table that are not training-config keys.
 GRID_META_KEYS = frozenset({"optimizer", "label", "seeds"})
 SWEEP_KEYS = frozenset({"name", "description", "seeds", "lr_reference_width"})
+RESOURCE_KEYS = frozenset({"gpus_per_run", "nodes", "procs_per_node", "parallel"})
 RANGE_KEYS = frozenset({"from", "to", "per_decade", "num"})
 # Significant digits kept for generated values: stable ids across platforms and float noise.
 _SIG_DIGITS = 12
@@ -83,6 +85,88 @@ class Grid:
         return math.prod(len(v) for v in self.swept.values()) * len(self.seeds)
 
 
+@dataclass(frozen=True)
+class Resources:
+    """What every run of a sweep gets (the ``[resources]`` table): GPUs, nodes, processes.
+
+    More than one process makes each run a distributed run (``parallel``: DDP or FSDP2), launched
+    by the backend: ``torchrun`` on one node (local, Ray), Slurm tasks through submitit on
+    several. ``gpus_per_run = None`` leaves the choice to the backend (Ray: one GPU per run when
+    the cluster has GPUs, none otherwise).
+    """
+
+    gpus_per_run: int | None = None
+    nodes: int = 1
+    procs_per_node: int | None = None  # None: one per GPU of a node (at least 1)
+    parallel: str = "fsdp"
+
+    @property
+    def gpus_per_node(self) -> int:
+        return (self.gpus_per_run or 0) // self.nodes
+
+    @property
+    def processes_per_node(self) -> int:
+        return self.procs_per_node or max(1, self.gpus_per_node)
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.processes_per_node
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def with_gpus(self, gpus: int | None) -> Resources:
+        """These resources with ``gpus_per_run`` set (a command-line flag over the spec)."""
+        if gpus is None:
+            return self
+        return parse_resources({**self.as_table(), "gpus_per_run": gpus}, "--gpus-per-run")
+
+    def as_table(self) -> dict[str, Any]:
+        table: dict[str, Any] = {"nodes": self.nodes, "parallel": self.parallel}
+        if self.gpus_per_run is not None:
+            table["gpus_per_run"] = self.gpus_per_run
+        if self.procs_per_node is not None:
+            table["procs_per_node"] = self.procs_per_node
+        return table
+
+
+def parse_resources(table: Any, source: str) -> Resources:
+    """A validated :class:`Resources` from a ``[resources]`` table."""
+    if not isinstance(table, dict):
+        raise UserError(f"{source}: 'resources' must be a table: [resources]")
+    for key in table:
+        if key not in RESOURCE_KEYS:
+            raise UserError(
+                f"{source}: [resources] has unknown key {key!r}; "
+                f"allowed: {', '.join(sorted(RESOURCE_KEYS))}"
+            )
+    for key, least in (("gpus_per_run", 0), ("nodes", 1), ("procs_per_node", 1)):
+        value = table.get(key)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < least
+        ):
+            raise UserError(f"{source}: [resources] {key} must be an integer >= {least}")
+    parallel = table.get("parallel", "fsdp")
+    if parallel not in ("ddp", "fsdp"):
+        raise UserError(f"{source}: [resources] parallel must be 'ddp' or 'fsdp', not {parallel!r}")
+    res = Resources(
+        table.get("gpus_per_run"), table.get("nodes", 1), table.get("procs_per_node"), parallel
+    )
+    gpus = res.gpus_per_run or 0
+    if gpus % res.nodes:
+        raise UserError(
+            f"{source}: [resources] gpus_per_run {gpus} is not divisible by nodes {res.nodes}"
+        )
+    if gpus and res.procs_per_node is not None and res.procs_per_node != res.gpus_per_node:
+        raise UserError(
+            f"{source}: [resources] procs_per_node {res.procs_per_node} != GPUs per node "
+            f"{res.gpus_per_node}: a distributed run has one process per GPU; drop "
+            "procs_per_node"
+        )
+    return res
+
+
 @dataclass
 class SweepSpec:
     """A parsed, validated sweep: ``runs()`` gives its cartesian products, in file order."""
@@ -94,6 +178,7 @@ class SweepSpec:
     source: str = "<spec>"
     lr_scale: float = 1.0
     extra: dict[str, Any] = field(default_factory=dict)
+    resources: Resources = field(default_factory=Resources)
 
     def runs(self) -> list[Run]:
         out: list[Run] = []
@@ -203,13 +288,14 @@ def parse_spec(
     except tomllib.TOMLDecodeError as err:
         raise UserError(f"{source}: not valid TOML ({err}); fix the syntax there") from None
 
-    unknown_top = set(data) - {"sweep", "base", "grid"}
+    unknown_top = set(data) - {"sweep", "base", "grid", "resources"}
     if unknown_top:
         key = sorted(unknown_top)[0]
         raise UserError(
-            f"{source}: unknown top-level table or key {key!r}; a spec has [sweep], [base] and "
-            "[[grid]] tables"
+            f"{source}: unknown top-level table or key {key!r}; a spec has [sweep], [base], "
+            "[resources] and [[grid]] tables"
         )
+    resources = parse_resources(data.get("resources", {}), source)
     meta = data.get("sweep", {})
     if not isinstance(meta, dict):
         raise UserError(f"{source}: 'sweep' must be a table: [sweep]")
@@ -250,6 +336,7 @@ def parse_spec(
         grids=grids,
         source=source,
         lr_scale=lr_scale,
+        resources=resources,
     )
     spec.runs()  # resolve once so beta folding errors surface now
     return spec

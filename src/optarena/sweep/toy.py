@@ -42,11 +42,22 @@ def expected_loss(optimizer: str, lr: float, seed: int = 0) -> float:
 
 def train(config: dict[str, Any]) -> dict[str, Any]:
     """Summary in the shape of ``optarena.train.train``. Knobs to rehearse trouble:
-    ``toy_fail`` raises, ``toy_exit`` kills the worker process, ``toy_seconds`` sleeps."""
+    ``toy_fail`` raises, ``toy_exit`` kills the worker process, ``toy_exit_once`` kills it on the
+    first attempt only (a retried run then succeeds), ``toy_seconds`` sleeps (after writing
+    ``OUT/toy_started`` with its pid)."""
     if config.get("toy_fail"):
         raise RuntimeError(f"toy run asked to fail (lr={config['lr']})")
     if config.get("toy_exit"):
         os._exit(13)
+    if config.get("toy_exit_once") and config.get("out"):  # the first attempt dies
+        marker = Path(config["out"]) / "toy_exit_once"
+        if not marker.exists():
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(str(os.getpid()))
+            os._exit(13)
+    if config.get("toy_seconds") and config.get("out"):
+        Path(config["out"]).mkdir(parents=True, exist_ok=True)
+        (Path(config["out"]) / "toy_started").write_text(str(os.getpid()))
     time.sleep(float(config.get("toy_seconds", 0.0)))
     steps = int(config.get("steps", 10))
     loss = expected_loss(config["optimizer"], float(config["lr"]), int(config.get("seed", 0)))

@@ -1,0 +1,1 @@
+"""Benchmarks: optimizer step time against the memory-bandwidth bound, training throughput."""

@@ -1,0 +1,342 @@
+"""``optarena bench step``: each optimizer's step time against the memory-bandwidth bound and
+against the reference implementations, measured in one process.
+
+An optimizer step streams parameters, gradients and state through memory once; its floor is
+``bytes moved / bandwidth``. The bandwidth comes from a probe (in-place add, ``a += b``, 12 bytes
+per element over as many elements as the model has parameters) timed in the same rounds as the
+optimizers. Every candidate of one optimizer (our fast path, our eager path, each reference, the
+probe) is timed alternately, one step each per round (A B C A B C ...), so that the drift of a
+shared machine (±40% between back-to-back runs on the project's 2-core CPU) hits all alike; the
+figures are medians over the rounds after warm-up steps.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from optarena.bench.shapes import Shape, llama_params
+from optarena.optim import REGISTRY, create, state_bytes
+from optarena.optim.fused import COMPILE_STATS, bytes_per_param
+
+# Hyperparameters for the benchmark: the studies' settings where the default is a no-op
+# (SGD without momentum would move less memory than anyone uses).
+BENCH_HP: dict[str, dict[str, Any]] = {
+    "sgd": {"lr": 1e-2, "momentum": 0.9},
+    "adam-frozen": {"precondition_steps": 2},
+}
+
+# optimizer -> reference implementations it replaces (timed in the same rounds)
+REFERENCES: dict[str, tuple[str, ...]] = {
+    "adamw": ("torch-adamw-fused", "torch-adamw-foreach"),
+    "adam-mini": ("adam-mini",),
+    "adafactor": ("torch-adafactor",),
+    "adafactor-classic": ("torch-adafactor",),
+    "sgd": ("torch-sgd-fused", "torch-sgd"),
+    "lion": ("lion-pytorch",),
+    "signum": ("pytorch-optimizer-signsgd",),
+    "sophia": ("sophia-opt",),
+}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reference(name: str, named: list[tuple[str, Tensor]], shape: Shape) -> torch.optim.Optimizer:
+    """Build one reference optimizer (imported lazily: they are optional dependencies)."""
+    params = [p for _, p in named]
+    if name == "torch-adamw-fused":
+        return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, fused=True)
+    if name == "torch-adamw-foreach":
+        return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, foreach=True)
+    if name == "torch-sgd-fused":
+        return torch.optim.SGD(params, lr=1e-2, momentum=0.9, fused=True)
+    if name == "torch-sgd":
+        return torch.optim.SGD(params, lr=1e-2, momentum=0.9)
+    if name == "torch-adafactor":
+        return torch.optim.Adafactor(params, lr=1e-2)
+    if name == "adam-mini":
+        from adam_mini import Adam_mini
+
+        return Adam_mini(
+            named,
+            lr=1e-3,
+            dim=shape.d_model,
+            n_heads=shape.n_heads,
+            n_kv_heads=shape.n_kv_heads,
+            verbose=False,
+        )
+    if name == "lion-pytorch":
+        from lion_pytorch import Lion
+
+        return Lion(params, lr=1e-4)
+    if name == "sophia-opt":
+        from sophia_opt import SophiaG
+
+        return SophiaG(params, lr=1e-4)
+    if name == "pytorch-optimizer-signsgd":
+        from pytorch_optimizer import SignSGD
+
+        return SignSGD(params, lr=1e-3, momentum=0.9)
+    raise ValueError(f"unknown reference {name!r}")
+
+
+@dataclass
+class Candidate:
+    """One timed thing: an optimizer over its own copy of the parameters, or the probe."""
+
+    name: str
+    kind: str  # "fused", "eager", "reference", "probe"
+    run: Callable[[], Any]
+    optimizer: torch.optim.Optimizer | None = None
+    times: list[float] = field(default_factory=list)
+    first_s: float = 0.0
+    compile_s: float = 0.0
+    error: str = ""
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.times) * 1e3 if self.times else float("nan")
+
+
+def _probe(numel: int, device: torch.device, dtype: torch.dtype) -> tuple[Candidate, int]:
+    a = torch.zeros(numel, device=device, dtype=dtype)
+    b = torch.ones(numel, device=device, dtype=dtype)
+
+    def run() -> None:
+        a.add_(b)
+
+    return Candidate("bandwidth probe (a += b)", "probe", run), 3 * a.element_size() * numel
+
+
+def _candidates(
+    name: str,
+    shape: Shape,
+    grads: list[Tensor],
+    device: torch.device,
+    dtype: torch.dtype,
+    modes: Sequence[str],
+    references: bool,
+) -> list[Candidate]:
+    out: list[Candidate] = []
+
+    def fresh() -> tuple[list[tuple[str, torch.nn.Parameter]], dict]:
+        named, infos = llama_params(shape, dtype=dtype, device=device, grads=False)
+        for (_, p), g in zip(named, grads, strict=True):
+            p.grad = g
+        return named, infos
+
+    hp = BENCH_HP.get(name, {})
+    for mode in modes:
+        if mode == "fused" and not _fusable(name):
+            continue
+        named, infos = fresh()
+        opt = create(name, named, partition=infos, fused=(mode == "fused"), **hp)
+        out.append(Candidate(f"{name} ({mode})", mode, opt.step, opt))
+    if references:
+        for ref in REFERENCES.get(name, ()):
+            named, _ = fresh()
+            try:
+                opt = _reference(ref, named, shape)
+            except Exception as err:  # a missing optional package: report, keep going
+                cand = Candidate(ref, "reference", lambda: None)
+                cand.error = f"{type(err).__name__}: {err}"
+                out.append(cand)
+                continue
+            run = (lambda o=opt: o.step(bs=5120)) if ref == "sophia-opt" else opt.step
+            out.append(Candidate(ref, "reference", run, opt))
+    return out
+
+
+def _fusable(name: str) -> bool:
+    from optarena.optim.rules import RULES
+
+    entry = REGISTRY[name]
+    if entry.rule is not None:
+        return RULES[entry.rule].fusable
+    return True
+
+
+def bench_optimizer(
+    name: str,
+    shape: Shape,
+    *,
+    steps: int = 15,
+    warmup: int = 3,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    modes: Sequence[str] = ("fused", "eager"),
+    references: bool = True,
+    log: Callable[[str], None] = lambda s: None,
+) -> dict[str, Any]:
+    """Time one optimizer's candidates alternately; return its row of the report."""
+    device = torch.device(device)
+    named, _ = llama_params(shape, dtype=dtype, device=device, grads=True)
+    grads = [p.grad for _, p in named]
+    numel = sum(p.numel() for _, p in named)
+    del named
+    cands = _candidates(name, shape, grads, device, dtype, modes, references)
+    probe, probe_bytes = _probe(numel, device, dtype)
+    cands.append(probe)
+    live = [c for c in cands if not c.error]
+    for c in live:  # warm-up: the fast path compiles here
+        before = COMPILE_STATS.seconds
+        for i in range(warmup):
+            _sync(device)
+            t = time.perf_counter()
+            c.run()
+            _sync(device)
+            if i == 0:
+                c.first_s = time.perf_counter() - t
+        c.compile_s = COMPILE_STATS.seconds - before
+        log(f"  warmed {c.name} (first step {c.first_s:.2f} s)")
+    for _ in range(steps):
+        for c in live:
+            _sync(device)
+            t = time.perf_counter()
+            c.run()
+            _sync(device)
+            c.times.append(time.perf_counter() - t)
+    bandwidth = probe_bytes / (probe.median_ms / 1e3)
+    row: dict[str, Any] = {
+        "optimizer": name,
+        "params": numel,
+        "bandwidth_gbps": bandwidth / 1e9,
+        "probe_ms": probe.median_ms,
+    }
+    ours = [c for c in live if c.kind in ("fused", "eager")]
+    model_opt = ours[0].optimizer if ours else None
+    bpp = bytes_per_param(model_opt) if model_opt is not None else float("nan")
+    bound_ms = bpp * numel / bandwidth * 1e3
+    row.update(
+        bytes_per_param=bpp,
+        bound_ms=bound_ms,
+        state_bytes_per_param=state_bytes(model_opt) / numel if model_opt else float("nan"),
+    )
+    for c in ours:
+        row[f"{c.kind}_ms"] = c.median_ms
+        row[f"{c.kind}_vs_bound"] = c.median_ms / bound_ms
+        if c.kind == "fused":
+            row["compile_s"] = c.compile_s
+            row["first_step_s"] = c.first_s
+    refs = []
+    for c in cands:
+        if c.kind != "reference":
+            continue
+        ref: dict[str, Any] = {"name": c.name}
+        if c.error:
+            ref["error"] = c.error
+        else:
+            ref["ms"] = c.median_ms
+            ref["state_bytes_per_param"] = state_bytes(c.optimizer) / numel
+            for o in ours:
+                ref[f"{o.kind}_ratio"] = o.median_ms / c.median_ms
+        refs.append(ref)
+    row["references"] = refs
+    del cands, live, probe
+    gc.collect()
+    return row
+
+
+def default_optimizers() -> list[str]:
+    """Every registry optimizer that needs no routes of its own."""
+    return [n for n in REGISTRY if n != "hybrid"]
+
+
+def bench_step(
+    shape: Shape,
+    optimizers: Sequence[str] | None = None,
+    *,
+    steps: int = 15,
+    warmup: int = 3,
+    device: torch.device | str | None = None,
+    modes: Sequence[str] = ("fused", "eager"),
+    references: bool = True,
+    log: Callable[[str], None] = lambda s: None,
+) -> dict[str, Any]:
+    """The whole report: environment, one row per optimizer."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    names = list(optimizers or default_optimizers())
+    rows = []
+    for name in names:
+        log(f"{name}")
+        rows.append(
+            bench_optimizer(
+                name,
+                shape,
+                steps=steps,
+                warmup=warmup,
+                device=device,
+                modes=modes,
+                references=references,
+                log=log,
+            )
+        )
+    return {
+        "benchmark": "step",
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "shape": shape.as_dict(),
+        "params": rows[0]["params"] if rows else 0,
+        "steps": steps,
+        "warmup": warmup,
+        "compile_seconds_total": COMPILE_STATS.seconds,
+        "rows": rows,
+    }
+
+
+def format_step_table(report: dict[str, Any]) -> list[list[str]]:
+    """Rows of the printed table (header first)."""
+
+    def f(x: Any, spec: str = ".1f") -> str:
+        return "-" if x is None or (isinstance(x, float) and x != x) else format(x, spec)
+
+    header = [
+        "optimizer",
+        "fused ms",
+        "eager ms",
+        "B/param",
+        "bound ms",
+        "fused/bound",
+        "eager/bound",
+        "state B/param",
+        "compile s",
+        "references: ms (fused/ref, eager/ref)",
+    ]
+    table = [header]
+    for r in report["rows"]:
+        refs = []
+        for ref in r["references"]:
+            if "error" in ref:
+                refs.append(f"{ref['name']}: unavailable")
+            else:
+                refs.append(
+                    f"{ref['name']} {f(ref['ms'])} "
+                    f"({f(ref.get('fused_ratio'), '.2f')}, {f(ref.get('eager_ratio'), '.2f')})"
+                )
+        table.append(
+            [
+                r["optimizer"],
+                f(r.get("fused_ms")),
+                f(r.get("eager_ms")),
+                f(r["bytes_per_param"]),
+                f(r["bound_ms"]),
+                f(r.get("fused_vs_bound"), ".2f"),
+                f(r.get("eager_vs_bound"), ".2f"),
+                f(r["state_bytes_per_param"], ".2f"),
+                f(r.get("compile_s")),
+                "; ".join(refs),
+            ]
+        )
+    return table

@@ -1,0 +1,234 @@
+"""``optarena bench train``: tokens/s of the training harness against a plain training loop.
+
+The plain loop is the least a training step can do: forward, z-loss cross-entropy, backward,
+global clipping, ``optimizer.step()``, ``zero_grad`` on random tokens, timed step by step
+(median). The harness (:func:`optarena.train.train`) adds data loading, the LR schedule,
+logging and divergence checks; its figure is its own ``tokens_per_second``. Both use the same
+model, batch and optimizer; the fast path is compiled before either is timed (the process-wide
+cache of :mod:`optarena.optim.fused` then serves both), so compile time is reported apart.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from optarena.bench.shapes import Shape
+
+
+def model_overrides(shape: Shape) -> dict[str, Any]:
+    """The harness's ``GPTConfig`` fields for a Llama shape (RMSNorm, SwiGLU, no QK-norm)."""
+    return {
+        "d_model": shape.d_model,
+        "n_layer": shape.n_layers,
+        "n_head": shape.n_heads,
+        "n_kv_head": shape.n_kv_heads,
+        "mlp_hidden": shape.d_ff,
+        "mlp": "swiglu",
+        "norm": "rmsnorm",
+        "qk_norm": False,
+        "vocab_size": shape.vocab,
+    }
+
+
+def _model(shape: Shape, seq_len: int, device: torch.device) -> torch.nn.Module:
+    from optarena.model import GPT, GPTConfig
+
+    return GPT(GPTConfig(**model_overrides(shape), max_seq_len=max(512, seq_len))).to(device)
+
+
+def _optimizer(name: str, model: torch.nn.Module, fused: bool | None) -> torch.optim.Optimizer:
+    if name == "torch-adamw-fused":
+        return torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    from optarena.optim import create
+
+    return create(name, model, fused=fused)
+
+
+def plain_loop(
+    shape: Shape,
+    optimizer: str,
+    fused: bool | None,
+    *,
+    steps: int,
+    warmup: int,
+    batch_size: int,
+    seq_len: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """Median step time of the plain loop; the first warm-up step includes any compilation."""
+    from optarena.model import lm_loss
+
+    torch.manual_seed(0)
+    model = _model(shape, seq_len, device)
+    opt = _optimizer(optimizer, model, fused)
+    params = [p for p in model.parameters() if p.requires_grad]
+    x = torch.randint(0, shape.vocab, (batch_size, seq_len), device=device)
+    y = torch.randint(0, shape.vocab, (batch_size, seq_len), device=device)
+    times, opt_times, first = [], [], 0.0
+    for i in range(warmup + steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        loss, _ = lm_loss(model(x), y, 1e-4)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        _sync(device)
+        t1 = time.perf_counter()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(device)
+        t2 = time.perf_counter()
+        if i == 0:
+            first = t2 - t0
+        if i >= warmup:
+            times.append(t2 - t0)
+            opt_times.append(t2 - t1)
+    step_s = statistics.median(times)
+    return {
+        "tokens_per_second": batch_size * seq_len / step_s,
+        "step_ms": step_s * 1e3,
+        "optimizer_ms": statistics.median(opt_times) * 1e3,
+        "first_step_s": first,
+    }
+
+
+def harness(
+    shape: Shape,
+    optimizer: str,
+    fused: bool | None,
+    *,
+    steps: int,
+    batch_size: int,
+    seq_len: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """Tokens/s that :func:`optarena.train.train` reports for the same model and batch."""
+    from optarena.train import train
+
+    summary = train(
+        {
+            "optimizer": optimizer,
+            "hparams": {} if fused is None else {"fused": fused},
+            "model": "small",
+            "model_overrides": {
+                k: v for k, v in model_overrides(shape).items() if k != "vocab_size"
+            },
+            "vocab_size": shape.vocab,
+            "steps": steps,
+            "batch_size": batch_size,
+            "seq_len": seq_len,
+            "eval_windows": 1,
+            "log_every": max(steps, 1),
+            "progress": False,
+            "device": device.type,
+            "dtype": "float32",
+        }
+    )
+    return {
+        "tokens_per_second": summary["tokens_per_second"],
+        "train_seconds": summary["train_seconds"],
+    }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_train(
+    shape: Shape,
+    optimizers: Sequence[str],
+    *,
+    steps: int = 10,
+    warmup: int = 2,
+    device: str | None = None,
+    batch_size: int = 4,
+    seq_len: int = 256,
+    modes: Sequence[str] = ("fused", "eager"),
+    log: Callable[[str], None] = lambda s: None,
+) -> dict[str, Any]:
+    """One row per (optimizer, path): plain-loop and harness tokens/s, and the reference
+    plain loop with torch's fused AdamW."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    kw = dict(batch_size=batch_size, seq_len=seq_len, device=dev)
+    rows = []
+    base = plain_loop(shape, "torch-adamw-fused", None, steps=steps, warmup=warmup, **kw)
+    log(f"plain loop, torch fused AdamW: {base['tokens_per_second']:.0f} tokens/s")
+    for name in optimizers:
+        for mode in modes:
+            fused = mode == "fused"
+            plain = plain_loop(shape, name, fused, steps=steps, warmup=warmup, **kw)
+            log(f"{name} ({mode}) plain loop: {plain['tokens_per_second']:.0f} tokens/s")
+            loop = harness(shape, name, fused, steps=warmup + steps, **kw)
+            log(f"{name} ({mode}) harness: {loop['tokens_per_second']:.0f} tokens/s")
+            rows.append(
+                {
+                    "optimizer": name,
+                    "mode": mode,
+                    "plain_tokens_per_second": plain["tokens_per_second"],
+                    "plain_step_ms": plain["step_ms"],
+                    "optimizer_ms": plain["optimizer_ms"],
+                    "first_step_s": plain["first_step_s"],
+                    "harness_tokens_per_second": loop["tokens_per_second"],
+                    "harness_vs_plain": loop["tokens_per_second"] / plain["tokens_per_second"],
+                    "plain_vs_torch_adamw": plain["tokens_per_second"] / base["tokens_per_second"],
+                }
+            )
+    return {
+        "benchmark": "train",
+        "device": str(dev),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "shape": shape.as_dict(),
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "steps": steps,
+        "warmup": warmup,
+        "torch_adamw_fused_plain": base,
+        "rows": rows,
+    }
+
+
+def format_train_table(report: dict[str, Any]) -> list[list[str]]:
+    header = [
+        "optimizer",
+        "path",
+        "plain tok/s",
+        "harness tok/s",
+        "harness/plain",
+        "plain/torch-AdamW loop",
+        "step ms",
+        "optimizer ms",
+    ]
+    table = [header]
+    base = report["torch_adamw_fused_plain"]
+    table.append(
+        [
+            "torch AdamW (fused)",
+            "-",
+            f"{base['tokens_per_second']:.0f}",
+            "-",
+            "-",
+            "1.00",
+            f"{base['step_ms']:.1f}",
+            f"{base['optimizer_ms']:.1f}",
+        ]
+    )
+    for r in report["rows"]:
+        table.append(
+            [
+                r["optimizer"],
+                r["mode"],
+                f"{r['plain_tokens_per_second']:.0f}",
+                f"{r['harness_tokens_per_second']:.0f}",
+                f"{r['harness_vs_plain']:.2f}",
+                f"{r['plain_vs_torch_adamw']:.2f}",
+                f"{r['plain_step_ms']:.1f}",
+                f"{r['optimizer_ms']:.1f}",
+            ]
+        )
+    return table

@@ -1,0 +1,92 @@
+"""``optarena bench step|train``: table and JSON structure on tiny shapes (no timing checks)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from optarena.bench.shapes import Shape, num_params, parse_shape
+from optarena.cli import main
+from optarena.optim.fused import compile_available
+
+TINY = "d_model=32,n_layers=1,n_heads=2,n_kv_heads=1,d_ff=64,vocab=256"
+
+
+def test_shapes() -> None:
+    assert num_params(Shape()) == 33_694_208  # the issue's 33.7M Llama shape
+    assert parse_shape("llama-34m") == Shape()
+    assert parse_shape("d_model=64,n_layers=2").n_layers == 2
+    with pytest.raises(ValueError, match="invalid shape"):
+        parse_shape("width=3")
+
+
+def test_bench_step_eager_with_references(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "step.json"
+    rc = main(
+        ["bench", "step", "--shape", TINY, "--optimizers", "adamw,lion,sophia,adam-mini",
+         "--steps", "2", "--warmup", "1", "--modes", "eager", "--json", str(out)]
+    )  # fmt: skip
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "optimizer step" in printed and "adamw" in printed
+    report = json.loads(out.read_text())
+    assert report["benchmark"] == "step" and report["params"] == num_params(parse_shape(TINY))
+    rows = {r["optimizer"]: r for r in report["rows"]}
+    assert list(rows) == ["adamw", "lion", "sophia", "adam-mini"]
+    for row in rows.values():
+        for key in ("eager_ms", "eager_vs_bound", "bytes_per_param", "bound_ms",
+                    "bandwidth_gbps", "state_bytes_per_param", "references"):  # fmt: skip
+            assert key in row, key
+        assert "fused_ms" not in row
+    assert rows["adamw"]["bytes_per_param"] == pytest.approx(28.0)
+    assert rows["adamw"]["state_bytes_per_param"] == pytest.approx(8.0, rel=1e-2)  # + step counters
+    assert [r["name"] for r in rows["adamw"]["references"]] == [
+        "torch-adamw-fused",
+        "torch-adamw-foreach",
+    ]
+    for row in rows.values():
+        for ref in row["references"]:
+            assert "error" in ref or ("ms" in ref and "eager_ratio" in ref), ref
+
+
+@pytest.mark.skipif(not compile_available(__import__("torch").device("cpu")), reason="no compiler")
+def test_bench_step_fused(tmp_path: Path) -> None:
+    out = tmp_path / "step.json"
+    rc = main(
+        ["bench", "step", "--shape", TINY, "--optimizers", "lion", "--steps", "1",
+         "--warmup", "1", "--modes", "fused", "--no-references", "--json", str(out)]
+    )  # fmt: skip
+    assert rc == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["fused_ms"] > 0 and row["compile_s"] >= 0 and row["references"] == []
+
+
+def test_bench_train(tmp_path: Path) -> None:
+    out = tmp_path / "train.json"
+    rc = main(
+        ["bench", "train", "--shape", TINY.replace("vocab=256", "vocab=512"),
+         "--optimizers", "lion", "--steps", "1",
+         "--warmup", "1", "--batch-size", "2", "--seq-len", "16", "--device", "cpu",
+         "--modes", "eager", "--json", str(out)]
+    )  # fmt: skip
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["benchmark"] == "train"
+    (row,) = report["rows"]
+    assert row["optimizer"] == "lion" and row["mode"] == "eager"
+    assert row["plain_tokens_per_second"] > 0 and row["harness_tokens_per_second"] > 0
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["bench", "step", "--optimizers", "nope"],
+        ["bench", "step", "--shape", "width=3"],
+        ["bench", "step", "--modes", "fast"],
+    ],
+)
+def test_bench_errors(argv: list[str], capsys) -> None:
+    assert main(argv) == 2
+    assert "optarena: error:" in capsys.readouterr().err

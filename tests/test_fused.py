@@ -1,0 +1,228 @@
+"""The fast path (``fused=True``) against the eager path, for every registry optimizer.
+
+Compilation is slow on small machines, so every test uses the same few small shapes (compiled
+functions are shared per process through ``optarena.optim.fused``'s cache) and one run of each
+optimizer serves parity, the no-recompilation check and the state round trip.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch._dynamo.utils import counters
+
+from optarena.optim import REGISTRY, AdamW, create
+from optarena.optim.fused import bytes_per_param, compile_available, should_fuse
+from optarena.optim.roles import FusedPart, ParamInfo, Role
+
+pytestmark = pytest.mark.skipif(
+    not compile_available(torch.device("cpu")), reason="torch.compile unavailable (no C++ compiler)"
+)
+
+STEPS = 8
+LR_CHANGE = 4  # the learning rate halves before this step
+HESSIAN_STEPS = (2, 5)  # Sophia's update_hessian before these steps
+
+# name, shape, role, extra ParamInfo fields
+LAYOUT: list[tuple[str, tuple[int, ...], Role, dict]] = [
+    ("emb", (32, 16), Role.EMBEDDING, {}),
+    ("q", (16, 16), Role.Q, {"heads": 2}),
+    ("k", (8, 16), Role.K, {"heads": 1}),
+    ("v", (8, 16), Role.V, {"heads": 1}),
+    ("o", (16, 16), Role.O, {}),
+    (
+        "qkv",
+        (32, 16),
+        Role.QKV,
+        {
+            "parts": (
+                FusedPart(Role.Q, 16, 2),
+                FusedPart(Role.K, 8, 1),
+                FusedPart(Role.V, 8, 1),
+            )
+        },
+    ),
+    ("up", (24, 16), Role.MLP, {}),
+    ("down", (16, 24), Role.MLP, {}),
+    ("norm", (16,), Role.NORM, {}),
+    ("bias", (24,), Role.BIAS, {}),
+    ("conv", (4, 3, 5), Role.OTHER, {}),
+    ("frozen", (8, 8), Role.OTHER, {}),  # never gets a gradient
+    ("out", (32, 16), Role.OUTPUT, {}),
+]
+NO_GRAD = "frozen"
+
+# per registry name: hyperparameters that exercise its options
+HP: dict[str, dict] = {
+    "adamw": {"weight_decay": 0.1},
+    "adam-mini": {"weight_decay": 0.1},
+    "adalayer": {"weight_decay": 0.1},
+    "adafactor": {"weight_decay": 0.1},
+    "sgd": {
+        "lr": 1e-2,
+        "momentum": 0.9,
+        "nesterov": True,
+        "weight_decay": 0.01,
+        "decoupled_weight_decay": False,
+    },
+    "sgd-ema": {"lr": 1e-2, "weight_decay": 0.01},
+    "lion": {"weight_decay": 0.1},
+    "signum": {"weight_decay": 0.1},
+    "sophia": {"lr": 1e-3, "bs": 64, "rho": 0.05, "weight_decay": 0.1},
+    "adam-frozen": {"precondition_steps": 3, "unfrozen_roles": ("output", "norm")},
+    "hybrid": {"routes": {"default": "lion", "output": ("adam-mini", {"lr": 3e-3}), "norm": "sgd"}},
+}
+FUSABLE = [n for n in REGISTRY if n != "adafactor-classic"]
+
+
+def _named(dtype: torch.dtype = torch.float32, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    named, infos = [], {}
+    for name, shape, role, extra in LAYOUT:
+        p = nn.Parameter(torch.randn(shape, generator=gen).to(dtype))
+        named.append((name, p))
+        infos[name] = ParamInfo(name, shape, role, **extra)
+    return named, infos
+
+
+def _grads(step: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1000 + step)
+    out = {}
+    for name, shape, _, _ in LAYOUT:
+        g = torch.randn(shape, generator=gen)
+        if name == "o" and step == 3:
+            g.zero_()  # sign(0) = 0 and zero statistics
+        out[name] = g.to(dtype)
+    return out
+
+
+def _run(opt, named, start: int, stop: int, dtype: torch.dtype) -> None:
+    for step in range(start, stop):
+        grads = _grads(step, dtype)
+        if step == LR_CHANGE:
+            for group in opt.param_groups:
+                if group.get("lr"):
+                    group["lr"] *= 0.5
+        if step in HESSIAN_STEPS and opt.hessian_interval is not None:
+            for name, p in named:
+                p.grad = None if name == NO_GRAD else grads[name].square()
+            opt.update_hessian()
+        for name, p in named:
+            p.grad = None if name == NO_GRAD else grads[name]
+        opt.step()
+
+
+def _build(name: str, fused: bool, dtype: torch.dtype = torch.float32):
+    named, infos = _named(dtype)
+    return named, create(name, named, partition=infos, fused=fused, **HP.get(name, {}))
+
+
+def _assert_close(named_a, opt_a, named_b, opt_b, rtol: float, atol: float) -> None:
+    for (name, a), (_, b) in zip(named_a, named_b, strict=True):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
+        sa, sb = opt_a.state.get(a, {}), opt_b.state.get(b, {})
+        assert sa.keys() == sb.keys(), name
+        for key in sa:
+            torch.testing.assert_close(
+                sa[key], sb[key], rtol=rtol, atol=atol, msg=lambda m, n=name, k=key: f"{n}.{k}: {m}"
+            )
+
+
+@pytest.mark.parametrize("name", FUSABLE)
+def test_fused_matches_eager(name: str) -> None:
+    """Parameters and state agree in float32 after steps with an LR change, zero gradients, a
+    parameter without gradient, Hessian updates and the frozen-preconditioner phases; and the LR
+    change and new steps compile nothing new."""
+    named_e, eager = _build(name, fused=False)
+    named_f, fused = _build(name, fused=True)
+    _run(eager, named_e, 1, STEPS + 1, torch.float32)
+    _run(fused, named_f, 1, 2, torch.float32)
+    graphs = counters["stats"]["unique_graphs"]
+    _run(fused, named_f, 2, STEPS + 1, torch.float32)
+    assert counters["stats"]["unique_graphs"] == graphs, "fast path recompiled"
+    assert fused._fused is not None and eager._fused is None
+    assert fused.state.get(dict(named_f)[NO_GRAD], {}) == {}
+    _assert_close(named_e, eager, named_f, fused, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_two_groups_and_bfloat16() -> None:
+    """Two param groups with their own lr and decay, bfloat16 parameters (float32 state)."""
+
+    def build(fused: bool):
+        named, _ = _named(torch.bfloat16)
+        params = [p for _, p in named]
+        groups = [
+            {"params": params[:6], "lr": 1e-2, "weight_decay": 0.0},
+            {"params": params[6:], "lr": 3e-3},
+        ]
+        return named, AdamW(groups, weight_decay=0.1, fused=fused)
+
+    named_e, eager = build(False)
+    named_f, fused = build(True)
+    _run(eager, named_e, 1, 5, torch.bfloat16)
+    _run(fused, named_f, 1, 5, torch.bfloat16)
+    for (_, a), (_, b) in zip(named_e, named_f, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0.02)
+        for key, value in eager.state.get(a, {}).items():
+            assert fused.state[b][key].dtype == value.dtype == torch.float32
+            torch.testing.assert_close(fused.state[b][key], value, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("direction", ["fused-to-eager", "eager-to-fused"])
+def test_state_dict_round_trip(direction: str) -> None:
+    """A checkpoint from either path resumes exactly in the other; ``fused`` stays the
+    receiver's own choice."""
+    source_fused = direction == "fused-to-eager"
+    named_ref, ref = _build("adamw", fused=False)
+    _run(ref, named_ref, 1, STEPS + 1, torch.float32)
+
+    named_a, a = _build("adamw", fused=source_fused)
+    _run(a, named_a, 1, LR_CHANGE + 1, torch.float32)
+    saved = copy.deepcopy(a.state_dict())
+    named_b, b = _build("adamw", fused=not source_fused)
+    with torch.no_grad():
+        for (_, pa), (_, pb) in zip(named_a, named_b, strict=True):
+            pb.copy_(pa)
+    b.load_state_dict(saved)
+    assert all(g["fused"] is (not source_fused) for g in b.param_groups)
+    _run(b, named_b, LR_CHANGE + 1, STEPS + 1, torch.float32)
+    _assert_close(named_ref, ref, named_b, b, rtol=1e-5, atol=1e-6)
+
+
+def test_flag_validation_and_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    named, infos = _named()
+    with pytest.raises(ValueError, match="fused"):
+        create("adamw", named, partition=infos, fused="yes")
+    with pytest.raises(ValueError, match="no fused path"):
+        create("adafactor-classic", named, partition=infos, fused=True)
+    # fused=None inside pytest runs eagerly (no compilation), classic Adafactor too
+    for name in ("adamw", "adafactor-classic"):
+        named, infos = _named()
+        opt = create(name, named, partition=infos)
+        for _, p in named:
+            p.grad = torch.ones_like(p)
+        opt.step()
+        assert opt._fused is None
+    cpu = torch.device("cpu")
+    assert should_fuse(None, cpu, 10**9) is False  # inside pytest
+    monkeypatch.setenv("OPTARENA_FUSED", "1")
+    assert should_fuse(None, cpu, 10) is True
+    monkeypatch.setenv("OPTARENA_FUSED", "0")
+    assert should_fuse(None, cpu, 10**9) is False
+    assert should_fuse(True, cpu, 10) is True and should_fuse(False, cpu, 10**9) is False
+
+
+def test_bytes_per_param_model() -> None:
+    """The bandwidth model: AdamW 28 B, Lion 20 B, Sophia 24 B per float32 parameter."""
+    expected = {"adamw": 28.0, "lion": 20.0, "sophia": 24.0}
+    for name, value in expected.items():
+        named, infos = _named()
+        named = [(n, p) for n, p in named if n != NO_GRAD]
+        opt = create(name, named, partition=infos, fused=False)
+        for _, p in named:
+            p.grad = torch.ones_like(p)
+        opt.step()
+        assert bytes_per_param(opt) == pytest.approx(value)
