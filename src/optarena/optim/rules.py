@@ -374,21 +374,21 @@ class LionRule(Rule):
     def init(self, p, info, group, dtype):
         return {"exp_avg": torch.zeros_like(p, dtype=dtype)}
 
-    def direction(self, g, p, state, group, step, info):
+    @staticmethod
+    def _update(g: Tensor, state: dict, group: dict) -> Tensor:
         beta1, beta2 = group["betas"]
         m = state["exp_avg"]
         u = m.lerp(g, 1.0 - beta1).sign_()
         ema_(m, g, beta2)
-        return u, group["lr"]
+        return u
+
+    def direction(self, g, p, state, group, step, info):
+        return self._update(g, state, group), group["lr"]
 
     fusable = True
 
     def fused_direction(self, g, p, state, group, sc, ctx):
-        beta1, beta2 = group["betas"]
-        m = state["exp_avg"]
-        u = m.lerp(g, 1.0 - beta1).sign_()
-        ema_(m, g, beta2)
-        return u, sc["size"]
+        return self._update(g, state, group), sc["size"]
 
 
 class SignumRule(Rule):
