@@ -79,20 +79,8 @@ def loss_vs_lr(
     top = _top(finite)
     for i, s in enumerate(series):
         scale = s.best_lr if aligned and s.best_lr else 1.0
-        xs = [p.x / scale for p in s.curve if math.isfinite(p.loss)]
-        ys = [p.loss for p in s.curve if math.isfinite(p.loss)]
-        (line,) = ax.plot(xs, ys, marker=_MARKERS[i % len(_MARKERS)], label=mpl_text(s.name))
-        bad = [p.x / scale for p in s.curve if not math.isfinite(p.loss)]
-        if bad:
-            ax.plot(
-                bad,
-                [top] * len(bad),
-                linestyle="none",
-                marker="x",
-                markersize=9,
-                markeredgewidth=2,
-                color=line.get_color(),
-            )
+        xs = [p.x / scale for p in s.curve]
+        _plot_with_divergence(ax, xs, [p.loss for p in s.curve], s.name, i, top)
     ax.set_xscale("log")
     ax.set_xlabel("LR / best LR" if aligned else "peak learning rate")
     ax.set_ylabel("final validation loss (nats)")
@@ -162,20 +150,8 @@ def sensitivity(group: Sequence[Sensitivity], name: str, title: str) -> Rendered
     top = _top(finite)
     _ylim(ax, finite, top)
     for i, s in enumerate(group):
-        xs = [index[str(p.x)] for p in s.curve if math.isfinite(p.loss)]
-        ys = [p.loss for p in s.curve if math.isfinite(p.loss)]
-        (line,) = ax.plot(xs, ys, marker=_MARKERS[i % len(_MARKERS)], label=mpl_text(s.label))
-        bad = [index[str(p.x)] for p in s.curve if not math.isfinite(p.loss)]
-        if bad:
-            ax.plot(
-                bad,
-                [top] * len(bad),
-                linestyle="none",
-                marker="x",
-                markersize=9,
-                markeredgewidth=2,
-                color=line.get_color(),
-            )
+        xs = [index[str(p.x)] for p in s.curve]
+        _plot_with_divergence(ax, xs, [p.loss for p in s.curve], s.label, i, top)
     ax.set_xticks(
         range(len(values)), [mpl_text(f"{v:g}" if isinstance(v, float) else str(v)) for v in values]
     )
@@ -185,6 +161,30 @@ def sensitivity(group: Sequence[Sensitivity], name: str, title: str) -> Rendered
     ax.grid(True, alpha=0.3)
     _legend(ax)
     return render(fig, name, title)
+
+
+def _plot_with_divergence(
+    ax: Any, xs: Sequence[float], losses: Sequence[float], label: str, index: int, top: float
+) -> None:
+    """One series: a line through its finished points, an x at ``top`` for each diverged one."""
+    ok = [(x, y) for x, y in zip(xs, losses, strict=True) if math.isfinite(y)]
+    (line,) = ax.plot(
+        [x for x, _ in ok],
+        [y for _, y in ok],
+        marker=_MARKERS[index % len(_MARKERS)],
+        label=mpl_text(label),
+    )
+    bad = [x for x, y in zip(xs, losses, strict=True) if not math.isfinite(y)]
+    if bad:
+        ax.plot(
+            bad,
+            [top] * len(bad),
+            linestyle="none",
+            marker="x",
+            markersize=9,
+            markeredgewidth=2,
+            color=line.get_color(),
+        )
 
 
 def _legend(ax: Any) -> None:
