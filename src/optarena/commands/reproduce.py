@@ -107,29 +107,26 @@ def _stager(args: argparse.Namespace, out: Path, prefix: str):
 
 
 def _deconstructing(args, scale, tol, out):
-    from optarena.reproduce import deconstructing as D
+    from optarena.reproduce import deconstructing
 
-    st = _stager(args, out, "deconstructing")
-    if args.report_only:
-        _need_store(out)
-        analysis = st.analysis(_taus(tol))
-    else:
-        analysis = D.run_stages(st, scale, args.seeds, _taus(tol))
-    header = _header("deconstructing", scale, args, st)
-    return D.write(out, analysis, scale, tol, header)
+    return _study(deconstructing, "deconstructing", args, scale, tol, out)
 
 
 def _adam_mini(args, scale, tol, out):
-    from optarena.reproduce import adam_mini as M
+    from optarena.reproduce import adam_mini
 
-    st = _stager(args, out, "adam-mini")
+    return _study(adam_mini, "adam-mini", args, scale, tol, out)
+
+
+def _study(module, name, args, scale, tol, out):
+    """Run (or, with ``--report-only``, re-read) a study's stages, then check and write."""
+    st = _stager(args, out, name)
     if args.report_only:
         _need_store(out)
         analysis = st.analysis(_taus(tol))
     else:
-        analysis = M.run_stages(st, scale, args.seeds, _taus(tol))
-    header = _header("adam-mini", scale, args, st)
-    return M.write(out, analysis, scale, tol, header)
+        analysis = module.run_stages(st, scale, args.seeds, _taus(tol))
+    return module.write(out, analysis, scale, tol, _header(name, scale, args, st))
 
 
 def _taus(tol) -> tuple[float, ...]:

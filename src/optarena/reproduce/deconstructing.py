@@ -197,7 +197,7 @@ def check_claims(
     adam = S.get("adamw")
     out: list[C.Claim] = []
 
-    def parity(cid: str, label: str, statement: str) -> None:
+    def gap(cid: str, label: str, statement: str, worse: bool) -> None:
         out.append(
             C.loss_gap_claim(
                 cid,
@@ -206,24 +206,16 @@ def check_claims(
                 adam,
                 tol.delta,
                 noise,
-                worse=False,
+                worse=worse,
                 names=(NAMES[label], "Adam"),
             )
         )
 
+    def parity(cid: str, label: str, statement: str) -> None:
+        gap(cid, label, statement, worse=False)
+
     def worse(cid: str, label: str, statement: str) -> None:
-        out.append(
-            C.loss_gap_claim(
-                cid,
-                statement,
-                S.get(label),
-                adam,
-                tol.delta,
-                noise,
-                worse=True,
-                names=(NAMES[label], "Adam"),
-            )
-        )
+        gap(cid, label, statement, worse=True)
 
     def basin(cid: str, label: str, statement: str, narrower: bool = False) -> None:
         out.append(
