@@ -135,16 +135,40 @@ def fresh() -> tuple[dict, dict, dict]:
 
 
 # --------------------------------------------------------------------------- torch AdamW, SGD
+# Eager AdamW and SGD run torch's fused kernels (``optarena.optim.kernels``); both that path and
+# the rules' own per-tensor path are pinned to the reference.
+
+KERNEL_PATHS = [pytest.param(True, id="torch-kernel"), pytest.param(False, id="rule")]
 
 
-def test_adamw_matches_torch() -> None:
+def use_path(
+    opt: torch.optim.Optimizer, kernel: bool, name: str, monkeypatch: pytest.MonkeyPatch
+) -> list[int]:
+    """Run ``opt`` on torch's kernel ``name`` or on its rule; the list counts kernel calls."""
+    opt.torch_kernels = kernel
+    calls: list[int] = []
+    real = getattr(torch, name)
+
+    def counted(*args: Any, **kwargs: Any) -> None:
+        calls.append(len(args[0]))
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("kernel", KERNEL_PATHS)
+def test_adamw_matches_torch(kernel: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     p_ours, p_ref, init = fresh()
     group_b = {"lr": 3e-3, "betas": (0.8, 0.99), "weight_decay": 0.0, "eps": 1e-6}
     hp = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     ours = AdamW(split_groups(p_ours, True, group_b), **hp)
     ref = torch.optim.AdamW(split_groups(p_ref, False, group_b), **hp, foreach=False)
+    calls = use_path(ours, kernel, "_fused_adamw_", monkeypatch)
     run_pair(ours, ref, p_ours, p_ref)
     compare(ours, ref, p_ours, p_ref, {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}, init)
+    # every parameter with a gradient went through the kernel, or none did
+    assert sum(calls) == (STEPS * (len(SHAPES) - 1) if kernel else 0)
 
 
 SGD_CASES = [
@@ -155,8 +179,11 @@ SGD_CASES = [
 ]
 
 
+@pytest.mark.parametrize("kernel", KERNEL_PATHS)
 @pytest.mark.parametrize("hp", SGD_CASES)
-def test_sgd_matches_torch(hp: dict[str, Any]) -> None:
+def test_sgd_matches_torch(
+    hp: dict[str, Any], kernel: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # torch.optim.SGD adds λθ to the gradient: pin ours to the same (coupled) decay.
     p_ours, p_ref, init = fresh()
     group_b = {"lr": 0.05, "momentum": hp["momentum"] / 2}
@@ -164,17 +191,23 @@ def test_sgd_matches_torch(hp: dict[str, Any]) -> None:
         group_b["momentum"] = 0.5
     ours = SGD(split_groups(p_ours, True, group_b), lr=0.1, decoupled_weight_decay=False, **hp)
     ref = torch.optim.SGD(split_groups(p_ref, False, group_b), lr=0.1, foreach=False, **hp)
+    calls = use_path(ours, kernel, "_fused_sgd_", monkeypatch)
     run_pair(ours, ref, p_ours, p_ref)
     keys = {"momentum_buffer": "momentum_buffer"} if hp["momentum"] else {}
     compare(ours, ref, p_ours, p_ref, keys, init)
+    assert sum(calls) == (STEPS * (len(SHAPES) - 1) if kernel else 0)
 
 
-def test_sgd_decoupled_decay_matches_torch_plus_manual_decay() -> None:
+@pytest.mark.parametrize("kernel", KERNEL_PATHS)
+def test_sgd_decoupled_decay_matches_torch_plus_manual_decay(
+    kernel: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # The study's SGD: θ *= 1 - η_t λ, then torch's heavy ball on the undecayed gradient.
     p_ours, p_ref, init = fresh()
     wd = 0.05
     ours = SGD(split_groups(p_ours, True, {"lr": 0.05}), lr=0.1, momentum=0.9, weight_decay=wd)
     ref = torch.optim.SGD(split_groups(p_ref, False, {"lr": 0.05}), lr=0.1, momentum=0.9)
+    calls = use_path(ours, kernel, "_fused_sgd_", monkeypatch)
 
     def decay(_: int) -> None:
         with torch.no_grad():
@@ -185,6 +218,7 @@ def test_sgd_decoupled_decay_matches_torch_plus_manual_decay() -> None:
 
     run_pair(ours, ref, p_ours, p_ref, before_ref_step=decay)
     compare(ours, ref, p_ours, p_ref, {"momentum_buffer": "momentum_buffer"}, init)
+    assert sum(calls) == (STEPS * (len(SHAPES) - 1) if kernel else 0)
 
 
 # --------------------------------------------------------------------------- sign family

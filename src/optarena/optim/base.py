@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from optarena.optim import kernels
 from optarena.optim.fused import FusedStepper, compile_available, should_fuse
 from optarena.optim.roles import ParamInfo, Role
 from optarena.optim.rules import POSITIVE, RULES, Rule
@@ -63,6 +64,9 @@ class RuleOptimizer(torch.optim.Optimizer):
     """
 
     default_rule = "adaptive"
+    # Eager AdamW and SGD groups call torch's fused kernels (``kernels.py``); tests switch this
+    # off on an instance to pin the rules' own per-tensor path as well.
+    torch_kernels = True
 
     def __init__(
         self,
@@ -233,6 +237,8 @@ class RuleOptimizer(torch.optim.Optimizer):
                 if self._fused is None:
                     self._fused = FusedStepper(self)
                 params = self._fused.step_group(group, hp, rule, params, group["fused"] is True)
+            elif params and self.torch_kernels:
+                params = kernels.step(self, group, hp, rule, params)
             for p in params:
                 state = self._state_for(p, group, rule)
                 state["step"] += 1
