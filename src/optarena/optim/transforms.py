@@ -235,5 +235,9 @@ def clip_by_rms_(u: Tensor, threshold: float, u_rms: Tensor | None = None) -> Te
 
 
 def clipped_ratio(m: Tensor, h: Tensor, scale: float, floor: float = 1e-15) -> Tensor:
-    """Sophia's ``sign(m) · min(|m| / (scale·h + floor), 1)``."""
-    return m.sign() * (m.abs() / (h * scale + floor)).clamp_(max=1.0)
+    """Sophia's ``sign(m) · min(|m| / (scale·h + floor), 1)``.
+
+    Computed as ``clamp(m / (scale·h + floor), -1, 1)``: the denominator is positive, so this is
+    the same number bit for bit (IEEE division is sign-symmetric), in four passes instead of seven.
+    """
+    return m.div(h.mul(scale).add_(floor)).clamp_(-1.0, 1.0)
