@@ -44,8 +44,8 @@ def fixed() -> dict[str, Any]:
 
 
 def stage1(st: Stager, scale: P.Scale, model: str) -> list[Grid]:
-    points = scale.lr_points if scale.lr_points is not None else 5
-    lrs = P.lr_grid(*P.ADAM_MINI_LRS, model, points, P.LR_OPTIMA["adamw"])
+    points = scale.lr_points if scale.lr_points is not None else P.ADAM_MINI_POINTS
+    lrs = P.lr_grid(*P.ADAM_MINI_LRS, model, points, P.ADAM_MINI_CENTER)
     return [st.grid(opt, fixed(), {"lr": lrs}) for opt in OPTIMIZERS]
 
 

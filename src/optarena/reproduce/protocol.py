@@ -71,6 +71,11 @@ FROZEN_LABELS = {"adam-frozen": (), "adam-frozen-last-ln": ("output", "norm")}
 LLAMA_OVERRIDES: dict[str, Any] = {"norm": "rmsnorm", "mlp": "swiglu", "qk_norm": False}
 ADAM_MINI_HPARAMS: dict[str, Any] = {"betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1}
 ADAM_MINI_LRS = (1e-4, 1.0)  # AdamW's grid at width 1024, shifted like the study's
+# The window of ADAM_MINI_POINTS grid points is centred half a decade below the study's AdamW
+# optimum: centred on it, AdamW's best LR sat on the window's lowest point at micro and tiny
+# (Adam's optimum moves less with the width than the shift assumes).
+ADAM_MINI_CENTER = 3.16e-3 / math.sqrt(10)
+ADAM_MINI_POINTS = 6
 # The authors' final validation perplexities (Llama, Chinchilla-optimal tokens), for context.
 ADAM_MINI_PAPER_TABLE: tuple[tuple[str, str, float, float], ...] = (
     ("39M", "1.02B", 40.795, 40.407),
