@@ -10,6 +10,10 @@ import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
+# ``fused=None`` runs eagerly in the tests (and in the CLI processes they start): compiling
+# takes seconds to minutes on a small machine; the fast-path tests opt in with ``fused=True``.
+os.environ.setdefault("OPTARENA_FUSED", "0")
+
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:

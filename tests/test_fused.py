@@ -15,7 +15,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 from optarena.optim import REGISTRY, AdamW, create
-from optarena.optim.fused import bytes_per_param, compile_available, should_fuse
+from optarena.optim.fused import CPU_MIN_NUMEL, bytes_per_param, compile_available, should_fuse
 from optarena.optim.roles import FusedPart, ParamInfo, Role
 
 pytestmark = pytest.mark.skipif(
@@ -198,7 +198,7 @@ def test_flag_validation_and_policy(monkeypatch: pytest.MonkeyPatch) -> None:
         create("adamw", named, partition=infos, fused="yes")
     with pytest.raises(ValueError, match="no fused path"):
         create("adafactor-classic", named, partition=infos, fused=True)
-    # fused=None inside pytest runs eagerly (no compilation), classic Adafactor too
+    # fused=None under the suite's OPTARENA_FUSED=0 runs eagerly, classic Adafactor too
     for name in ("adamw", "adafactor-classic"):
         named, infos = _named()
         opt = create(name, named, partition=infos)
@@ -207,7 +207,12 @@ def test_flag_validation_and_policy(monkeypatch: pytest.MonkeyPatch) -> None:
         opt.step()
         assert opt._fused is None
     cpu = torch.device("cpu")
-    assert should_fuse(None, cpu, 10**9) is False  # inside pytest
+    assert should_fuse(None, cpu, 10**9) is False  # the suite's OPTARENA_FUSED=0
+    monkeypatch.delenv("OPTARENA_FUSED")
+    assert should_fuse(None, cpu, 10**9) is compile_available(cpu)  # large CPU bucket
+    assert should_fuse(None, cpu, CPU_MIN_NUMEL - 1) is False  # small: not worth compiling
+    monkeypatch.setenv("OPTARENA_FUSED_MIN_NUMEL", "10")
+    assert should_fuse(None, cpu, 10) is compile_available(cpu)
     monkeypatch.setenv("OPTARENA_FUSED", "1")
     assert should_fuse(None, cpu, 10) is True
     monkeypatch.setenv("OPTARENA_FUSED", "0")

@@ -59,8 +59,9 @@ class RuleOptimizer(torch.optim.Optimizer):
             ``True`` compiles each group's step into fused kernels, ``False`` runs the eager
             per-tensor loop, ``None`` decides per group (see
             :func:`optarena.optim.fused.should_fuse`: on CUDA, or on CPU for large groups,
-            when ``torch.compile`` works; never inside pytest; ``OPTARENA_FUSED=0/1``
-            overrides). Both paths compute the same update.
+            when ``torch.compile`` works; ``OPTARENA_FUSED=0/1`` overrides). Both paths
+            compute the same update; eager AdamW and SGD groups run torch's fused kernels
+            (:mod:`optarena.optim.kernels`).
     """
 
     default_rule = "adaptive"
