@@ -116,8 +116,11 @@ def _run(opt, named, start: int, stop: int, dtype: torch.dtype) -> None:
 
 
 def _build(name: str, fused: bool, dtype: torch.dtype = torch.float32):
+    """``fused=True``: the compiled path, for AdamW and SGD too (not torch's kernels)."""
     named, infos = _named(dtype)
-    return named, create(name, named, partition=infos, fused=fused, **HP.get(name, {}))
+    opt = create(name, named, partition=infos, fused=fused, **HP.get(name, {}))
+    opt.torch_kernels = not fused
+    return named, opt
 
 
 def _assert_close(named_a, opt_a, named_b, opt_b, rtol: float, atol: float) -> None:

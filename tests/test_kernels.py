@@ -150,3 +150,25 @@ def test_rules_torch_has_no_kernel_for_stay_on_the_rule(
         model(torch.randn(2, 4, dtype=torch.float64)).square().sum().backward()
         opt.step()
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+
+
+def test_fast_path_uses_torch_kernel_without_compiling(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``fused=True`` on plain CPU AdamW tensors: torch's kernel is the fast path (no compile);
+    the one non-contiguous parameter is all that is left for the compiled path."""
+    compiled: list[int] = []
+
+    def step_group(self, group, hp, rule, params, explicit):
+        compiled.append(len(params))
+        return params  # leave them to the eager loop: this test compiles nothing
+
+    monkeypatch.setattr("optarena.optim.base.FusedStepper.step_group", step_group)
+    monkeypatch.setattr("optarena.optim.base.compile_available", lambda device: True)
+
+    def make(params):
+        return AdamW(params, lr=1e-2, fused=True, partition=partition(params))
+
+    params, opt, calls = run(make, True, monkeypatch, "_fused_adamw_")
+    assert sum(calls) == 5 * STEPS
+    assert compiled == [1] * STEPS  # the transposed parameter
+    moved = [n for n, p in params if opt.state[p]["step"].item() == STEPS]
+    assert len(moved) == len(params)

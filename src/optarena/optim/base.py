@@ -60,13 +60,13 @@ class RuleOptimizer(torch.optim.Optimizer):
             per-tensor loop, ``None`` decides per group (see
             :func:`optarena.optim.fused.should_fuse`: on CUDA, or on CPU for large groups,
             when ``torch.compile`` works; ``OPTARENA_FUSED=0/1`` overrides). Both paths
-            compute the same update; eager AdamW and SGD groups run torch's fused kernels
-            (:mod:`optarena.optim.kernels`).
+            compute the same update; AdamW and SGD groups of plain CPU tensors run torch's
+            fused kernels on either path (:mod:`optarena.optim.kernels`).
     """
 
     default_rule = "adaptive"
-    # Eager AdamW and SGD groups call torch's fused kernels (``kernels.py``); tests switch this
-    # off on an instance to pin the rules' own per-tensor path as well.
+    # AdamW and SGD groups call torch's fused kernels (``kernels.py``) on either path, where
+    # those exist; tests switch this off on an instance to pin the rules' own paths as well.
     torch_kernels = True
 
     def __init__(
@@ -234,12 +234,12 @@ class RuleOptimizer(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if any(p.grad.is_sparse for p in params):
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            if params and self.torch_kernels:  # torch's own kernel, where it is this rule
+                params = kernels.step(self, group, hp, rule, params)
             if params and self._fuse(group, rule, params):
                 if self._fused is None:
                     self._fused = FusedStepper(self)
                 params = self._fused.step_group(group, hp, rule, params, group["fused"] is True)
-            elif params and self.torch_kernels:
-                params = kernels.step(self, group, hp, rule, params)
             for p in params:
                 state = self._state_for(p, group, rule)
                 state["step"] += 1
