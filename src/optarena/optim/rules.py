@@ -561,8 +561,8 @@ class AdafactorClassic(Rule):
         state["lr"] = torch.tensor(lr, dtype=torch.float64)
         beta2t = 1.0 - step ** group["decay_rate"]
         if g.dim() >= 2:
-            if shard is None:
-                sq = g * g + group["eps"][0]
+            if shard is None:  # g² + eps1 in one pass
+                sq = torch.addcmul(g.new_tensor(group["eps"][0]), g, g)
                 row_stat = mean_over(sq, [-1]).squeeze(-1)
                 col_stat = mean_over(sq, [-2]).squeeze(-2)
             else:  # global means over the whole tensor; the factors are replicated
@@ -584,7 +584,7 @@ class AdafactorClassic(Rule):
     def finish(self, u: Tensor, u_rms: Tensor, state: dict, group: dict) -> tuple[Tensor, float]:
         """Clip ``u`` to RMS ``clip_threshold`` given its RMS, scale by the lr, add momentum."""
         lr = float(state["lr"])
-        clip_by_rms_(u, group["clip_threshold"], u_rms).mul_(lr)
+        clip_by_rms_(u, group["clip_threshold"], u_rms, scale=lr)
         if group["beta1"] is not None:
             u = ema_(state["exp_avg"], u, group["beta1"])
         return u, 1.0

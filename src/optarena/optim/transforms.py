@@ -186,24 +186,29 @@ class FactoredSecondMoment:
     def precondition(
         self, m: Tensor, state: dict[str, Tensor], bc2: float | Tensor, eps: float
     ) -> Tensor:
-        return m / (self.full(state, m.dim()).div_(bc2).sqrt_().add_(eps))
+        return m / self.root(state, m.dim(), bc2).add_(eps)
 
     @staticmethod
-    def full(state: dict[str, Tensor], ndim: int) -> Tensor:
-        """The rank-one reconstruction ``V`` of the second moment (on a sharded parameter: its
-        local rows; the factors themselves are replicated)."""
+    def root(state: dict[str, Tensor], ndim: int, bc2: float | Tensor) -> Tensor:
+        """``sqrt(V / bc2)`` of the rank-one reconstruction ``V`` (on a sharded parameter: its
+        local rows; the factors themselves are replicated).
+
+        Every factor has the same mean (that of g²), so ``V = f_0 · Π_{i≥1} (f_i / mean)``: no
+        mean^(N-1) to underflow, and an all-zero gradient history gives V = 0, not 0/0. The root
+        of a rank-one tensor is rank one: the square roots are taken of the small factors, and
+        only their final product is full-size (one pass instead of four).
+        """
         if ndim < 2:
             # a 0-d scalar broadcasts against 0-d and 1-D parameters alike
-            return state["exp_avg_sq"].reshape(()).clone()
+            return (state["exp_avg_sq"].reshape(()) / bc2).sqrt()
         factors = [state[f"exp_avg_sq_{i}"] for i in range(ndim)]
-        # Every factor has the same mean (that of g²), so V = f_0 · Π_{i≥1} (f_i / mean): no
-        # mean^(N-1) to underflow, and an all-zero gradient history gives V = 0, not 0/0.
         mean = factors[0].mean().clamp_min(torch.finfo(factors[0].dtype).tiny)
         shard = shard_of(state)
-        v = factors[0] if shard is None else shard.rows(factors[0])
+        root = (factors[0] / bc2).sqrt()
+        root = root if shard is None else shard.rows(root)
         for f in factors[1:]:
-            v = v * (f / mean)
-        return v
+            root = root * (f / mean).sqrt()
+        return root
 
 
 def _axis_shape(shape: torch.Size, axis: int) -> tuple[int, ...]:
@@ -224,14 +229,18 @@ def mean_over(x: Tensor, dims: Iterable[int]) -> Tensor:
 
 
 def rms(x: Tensor) -> Tensor:
-    """Root mean square of all entries (sharding-invariant like :func:`mean_over`)."""
-    return mean_over(x * x, range(x.dim())).reshape(()).sqrt()
+    """Root mean square of all entries, accumulated in float64 (one read of ``x``)."""
+    norm = torch.linalg.vector_norm(x, dtype=torch.float64)
+    return (norm / math.sqrt(max(x.numel(), 1))).to(x.dtype)
 
 
-def clip_by_rms_(u: Tensor, threshold: float, u_rms: Tensor | None = None) -> Tensor:
-    """Scale ``u`` down so that its RMS is at most ``threshold`` (classic Adafactor); ``u_rms``
-    is given when ``u`` is one shard of the update."""
-    return u.div_(((rms(u) if u_rms is None else u_rms) / threshold).clamp_(min=1.0))
+def clip_by_rms_(
+    u: Tensor, threshold: float, u_rms: Tensor | None = None, scale: float = 1.0
+) -> Tensor:
+    """Scale ``u`` down so that its RMS is at most ``threshold`` (classic Adafactor), and by
+    ``scale`` (its step size) in the same pass; ``u_rms`` is given when ``u`` is one shard."""
+    factor = ((rms(u) if u_rms is None else u_rms) / threshold).clamp_(min=1.0)
+    return u.mul_(scale / factor)
 
 
 def clipped_ratio(m: Tensor, h: Tensor, scale: float, floor: float = 1e-15) -> Tensor:
