@@ -144,7 +144,8 @@ def run_step(args: argparse.Namespace) -> int:
     _print(title, format_step_table(report))
     bw = [r["bandwidth_gbps"] for r in report["rows"]]
     if bw:
-        print(f"bandwidth probe (a += b): {min(bw):.1f}-{max(bw):.1f} GB/s across rows")
+        span = f"{min(bw):.1f}-{max(bw):.1f} GB/s"
+        print(f"bandwidth probe (θ += g over the model's tensors): {span} across rows")
     _write(args.json, report)
     return 0
 

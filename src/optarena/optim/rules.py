@@ -576,7 +576,7 @@ class AdafactorClassic(Rule):
             if shard is not None:
                 r = shard.rows(r)
                 c = shard.rows(c) if g.dim() > 2 else c
-            return r * c * g
+            return (g * r).mul_(c)
         v = state["exp_avg_sq"]
         v.mul_(beta2t).add_(g * g + group["eps"][0], alpha=1.0 - beta2t)
         return v.rsqrt() * g
