@@ -19,6 +19,7 @@ from optarena.optim import kernels
 from optarena.optim.fused import FusedStepper, compile_available, should_fuse
 from optarena.optim.roles import ParamInfo, Role
 from optarena.optim.rules import POSITIVE, RULES, Rule
+from optarena.optim.transforms import Ratio
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -277,12 +278,18 @@ class RuleOptimizer(torch.optim.Optimizer):
         return should_fuse(fused, device, sum(p.numel() for p in params))
 
     @staticmethod
-    def _apply(p: Tensor, u: Tensor, size: float, decay: float, dtype: torch.dtype) -> None:
+    def _apply(p: Tensor, u: Tensor | Ratio, size: float, decay: float, dtype: torch.dtype) -> None:
         """``θ ← θ·(1 - decay) - size·u``, rounded once into a low-precision parameter."""
         target = p if p.dtype == dtype else p.to(dtype)
         if decay:
             target.mul_(1.0 - decay)
-        target.add_(u, alpha=-size)
+        if isinstance(u, Ratio):
+            if target.is_contiguous():
+                target.view(u.num.shape).addcdiv_(u.num, u.den, value=-size)
+            else:
+                target.add_((u.num / u.den).reshape(target.shape), alpha=-size)
+        else:
+            target.add_(u, alpha=-size)
         if target is not p:
             p.copy_(target)
 

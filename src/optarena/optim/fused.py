@@ -155,7 +155,7 @@ class _Spec:
     ctx: Any
 
 
-def _make_step(
+def _make_steps(
     rule: Rule,
     constants: dict[str, Any],
     ctxs: Sequence[Any],
@@ -163,30 +163,54 @@ def _make_step(
     names: tuple[str, ...],
     dtype: torch.dtype,
     tag: int,
-) -> Callable[..., None]:
-    """The bucket's step function, with a code object of its own.
+) -> tuple[Callable[..., None], Callable[..., list] | None]:
+    """The bucket's step function, and its prepare function for two-phase rules.
 
-    Dynamo caches compiled frames per code object; giving each bucket its own code object keeps
+    Dynamo caches compiled frames per code object; giving each bucket its own code objects keeps
     buckets from counting as recompilations of each other (and hitting the recompile limit).
     """
     has_apply = "apply" in names
+    two_phase = rule.fused_phases(constants) == 2
 
-    def step(params: list[Tensor], grads: list[Tensor], states: list[list[Tensor]], sc: Tensor):
+    def unpack(i: int, grads: list[Tensor], states: list[list[Tensor]], sc: Tensor):
+        g = grads[i] if grads[i].dtype == dtype else grads[i].to(dtype)
+        state = dict(zip(keys[i], states[i], strict=True))
+        row = {name: sc[i, j] for j, name in enumerate(names)}
+        return g, state, row
+
+    def prepare(params: list[Tensor], grads: list[Tensor], states: list[list[Tensor]], sc: Tensor):
+        out = []
         for i in range(len(params)):
-            p, g = params[i], grads[i]
-            if g.dtype != dtype:
-                g = g.to(dtype)
-            state = dict(zip(keys[i], states[i], strict=True))
-            row = {name: sc[i, j] for j, name in enumerate(names)}
-            u, size = rule.fused_direction(g, p, state, constants, row, ctxs[i])
+            g, state, row = unpack(i, grads, states, sc)
+            out.append(rule.fused_prepare(g, params[i], state, constants, row, ctxs[i]))
+        return out
+
+    def step(
+        params: list[Tensor],
+        grads: list[Tensor],
+        states: list[list[Tensor]],
+        sc: Tensor,
+        prepared: list | None = None,
+    ):
+        for i in range(len(params)):
+            p = params[i]
+            g, state, row = unpack(i, grads, states, sc)
+            if prepared is None:
+                u, size = rule.fused_direction(g, p, state, constants, row, ctxs[i])
+            else:
+                u, size = rule.fused_direction(g, p, state, constants, row, ctxs[i], prepared[i])
             target = p if p.dtype == dtype else p.to(dtype)
             new = target * row["keep"] - u * size
             if has_apply:
                 new = torch.where(row["apply"] > 0, new, target)
             p.copy_(new)
 
-    code = step.__code__.replace(co_name=f"optarena_fused_step_{tag}")
-    return types.FunctionType(code, step.__globals__, code.co_name, None, step.__closure__)
+    def own_code(fn: Callable, name: str) -> Callable:
+        code = fn.__code__.replace(co_name=f"optarena_fused_{name}_{tag}")
+        defaults, closure = fn.__defaults__, fn.__closure__
+        return types.FunctionType(code, fn.__globals__, code.co_name, defaults, closure)
+
+    return own_code(step, "step"), own_code(prepare, "prepare") if two_phase else None
 
 
 def _compiled(
@@ -199,7 +223,7 @@ def _compiled(
 ) -> Callable[..., None]:
     fn = _COMPILED.get(key)
     if fn is None:
-        raw = _make_step(
+        raw_step, raw_prepare = _make_steps(
             rule,
             constants,
             [s.ctx for s in specs],
@@ -208,7 +232,15 @@ def _compiled(
             dtype,
             len(_COMPILED),
         )
-        fn = torch.compile(raw, fullgraph=True, dynamic=False)
+        step = torch.compile(raw_step, fullgraph=True, dynamic=False)
+        if raw_prepare is None:
+            fn = step
+        else:
+            prepare = torch.compile(raw_prepare, fullgraph=True, dynamic=False)
+
+            def fn(params, grads, states, sc):
+                step(params, grads, states, sc, prepare(params, grads, states, sc))
+
         _COMPILED[key] = fn
     return fn
 

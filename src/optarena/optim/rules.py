@@ -137,6 +137,17 @@ class Rule:
         """
         raise NotImplementedError
 
+    def fused_phases(self, group: dict) -> int:
+        """2: the fast path first runs :meth:`fused_prepare` over the bucket in a graph of its
+        own and hands each parameter's result to :meth:`fused_direction` (small statistics that
+        would otherwise be recomputed for every entry of the update)."""
+        return 1
+
+    def fused_prepare(
+        self, g: Tensor, p: Tensor, state: dict, group: dict, sc: dict, ctx: Any
+    ) -> list[Tensor]:
+        raise NotImplementedError
+
 
 COMMON_CHECKS = {"lr": NONNEG, "weight_decay": NONNEG}
 
@@ -228,7 +239,7 @@ class AdaptiveMoment(Rule):
         if (k and not group["freeze"]) or not k:
             moment.update_(state, g, beta2)
         bc2 = 1.0 if k else bias_correction(beta2, step)
-        u = moment.precondition(m, state, bc2, group["eps"])
+        u = moment.precondition(m, state, bc2, group["eps"], lazy=True)
         return u, group["lr"] / bias_correction(beta1, step)
 
     fusable = True
@@ -251,9 +262,20 @@ class AdaptiveMoment(Rule):
             sc["inv_count"] = 1.0 / step
         return sc
 
-    def fused_direction(self, g, p, state, group, sc, ctx):
+    def fused_phases(self, group):
+        return 2 if group["granularity"] == "factored" and not group["precondition_steps"] else 1
+
+    def fused_prepare(self, g, p, state, group, sc, ctx):
+        # Adafactor: the factors and the roots of V in a graph of their own, so that the update
+        # pass reads one root per row and column instead of recomputing them for every entry
+        ctx.update_(state, g, group["betas"][1])
+        return ctx.roots(state, g.dim(), sc["bc2"])
+
+    def fused_direction(self, g, p, state, group, sc, ctx, roots=None):
         beta1, beta2 = group["betas"]
         m = ema_(state["exp_avg"], g, beta1) if beta1 > 0 else g
+        if roots is not None:
+            return ctx.precondition_by_roots(m, roots, group["eps"]), sc["size"]
         if group["precondition_steps"]:
             # every phase of the frozen preconditioner, selected by flags instead of branches
             before = {key: v.clone() for key, v in state.items() if key.startswith("exp_avg_sq")}

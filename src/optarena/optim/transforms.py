@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor
@@ -24,6 +24,16 @@ from optarena.optim.blocks import (
     sharding_invariant_sum,
 )
 from optarena.optim.sharding import LocalShard, shard_of
+
+
+class Ratio(NamedTuple):
+    """A preconditioned update left as ``num / den`` (``den`` broadcasts against ``num``): the
+    eager driver applies it with one ``addcdiv_`` over the parameter viewed as ``num``'s shape,
+    instead of materialising the quotient and adding it (two full-size passes fewer)."""
+
+    num: Tensor
+    den: Tensor
+
 
 # --------------------------------------------------------------------------- momentum
 
@@ -67,9 +77,15 @@ class SecondMoment(Protocol):
         ...
 
     def precondition(
-        self, m: Tensor, state: dict[str, Tensor], bc2: float | Tensor, eps: float
-    ) -> Tensor:
-        """``m / (sqrt(v / bc2) + eps)`` with ``v`` broadcast from its blocks."""
+        self,
+        m: Tensor,
+        state: dict[str, Tensor],
+        bc2: float | Tensor,
+        eps: float,
+        lazy: bool = False,
+    ) -> Tensor | Ratio:
+        """``m / (sqrt(v / bc2) + eps)`` with ``v`` broadcast from its blocks (``lazy``: may
+        be a :class:`Ratio` for the eager driver to apply)."""
         ...
 
 
@@ -116,18 +132,32 @@ class BlockSecondMoment:
         v.add_((block_mean_square(g, self.layout) - v) * weight)
 
     def precondition(
-        self, m: Tensor, state: dict[str, Tensor], bc2: float | Tensor, eps: float
-    ) -> Tensor:
+        self,
+        m: Tensor,
+        state: dict[str, Tensor],
+        bc2: float | Tensor,
+        eps: float,
+        lazy: bool = False,
+    ) -> Tensor | Ratio:
+        """``m / (sqrt(v / bc2) + eps)``; ``lazy``: a :class:`Ratio` where the blocks tile ``m``
+        in one reshape (one segment, whole tensor, one process)."""
         # a tensor ``bc2`` comes from the fast path (no recompilation when the step changes)
         root_bc2 = bc2.sqrt() if isinstance(bc2, Tensor) else math.sqrt(bc2)
 
         def fn(x: Tensor, v: Tensor) -> Tensor:
             return x / (v.sqrt() / root_bc2 + eps)
 
+        v = state["exp_avg_sq"]
         shard = shard_of(state)
         if shard is not None and not self.layout.elementwise:
-            return shard.blockwise(fn, m, state["exp_avg_sq"], self.layout)
-        return blockwise(fn, m, state["exp_avg_sq"], self.layout)
+            return shard.blockwise(fn, m, v, self.layout)
+        segs = self.layout.segments
+        if lazy and not self.layout.elementwise and len(segs) == 1 and m.is_contiguous():
+            s = segs[0]
+            if s.start == 0 and s.size == (m.shape[s.dim] if m.dim() else 1):
+                den = (v.sqrt() / root_bc2).add_(eps).reshape(s.stat_shape)
+                return Ratio(m.view(s.shape), den)
+        return blockwise(fn, m, v, self.layout)
 
 
 class FactoredSecondMoment:
@@ -184,31 +214,46 @@ class FactoredSecondMoment:
             state[key].add_((stat - state[key]) * weight)
 
     def precondition(
-        self, m: Tensor, state: dict[str, Tensor], bc2: float | Tensor, eps: float
+        self,
+        m: Tensor,
+        state: dict[str, Tensor],
+        bc2: float | Tensor,
+        eps: float,
+        lazy: bool = False,
     ) -> Tensor:
-        return m / self.root(state, m.dim(), bc2).add_(eps)
+        return self.precondition_by_roots(m, self.roots(state, m.dim(), bc2), eps)
 
     @staticmethod
-    def root(state: dict[str, Tensor], ndim: int, bc2: float | Tensor) -> Tensor:
-        """``sqrt(V / bc2)`` of the rank-one reconstruction ``V`` (on a sharded parameter: its
-        local rows; the factors themselves are replicated).
+    def precondition_by_roots(m: Tensor, roots: list[Tensor], eps: float) -> Tensor:
+        """``m / (Π roots + eps)``: only the product of the small roots is full-size."""
+        if len(roots) == 1:
+            return m / (roots[0] + eps)
+        root = roots[0] * roots[1]
+        for r in roots[2:]:
+            root = root * r
+        return m / root.add_(eps)  # a fresh product: adding in place saves a full-size copy
+
+    @staticmethod
+    def roots(state: dict[str, Tensor], ndim: int, bc2: float | Tensor) -> list[Tensor]:
+        """Small tensors whose broadcast product is ``sqrt(V / bc2)`` (on a sharded parameter:
+        its local rows; the factors themselves are replicated).
 
         Every factor has the same mean (that of g²), so ``V = f_0 · Π_{i≥1} (f_i / mean)``: no
         mean^(N-1) to underflow, and an all-zero gradient history gives V = 0, not 0/0. The root
-        of a rank-one tensor is rank one: the square roots are taken of the small factors, and
-        only their final product is full-size (one pass instead of four).
+        of a rank-one tensor is rank one: square roots are taken of the factors, once per row
+        and column, never per entry.
         """
         if ndim < 2:
             # a 0-d scalar broadcasts against 0-d and 1-D parameters alike
-            return (state["exp_avg_sq"].reshape(()) / bc2).sqrt()
+            return [(state["exp_avg_sq"].reshape(()) / bc2).sqrt()]
         factors = [state[f"exp_avg_sq_{i}"] for i in range(ndim)]
         mean = factors[0].mean().clamp_min(torch.finfo(factors[0].dtype).tiny)
         shard = shard_of(state)
-        root = (factors[0] / bc2).sqrt()
-        root = root if shard is None else shard.rows(root)
+        first = (factors[0] / bc2).sqrt()
+        roots = [first if shard is None else shard.rows(first)]
         for f in factors[1:]:
-            root = root * (f / mean).sqrt()
-        return root
+            roots.append((f / mean).sqrt())
+        return roots
 
 
 def _axis_shape(shape: torch.Size, axis: int) -> tuple[int, ...]:
