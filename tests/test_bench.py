@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import platform
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,6 +35,8 @@ def test_bench_step_eager_with_references(tmp_path: Path, capsys) -> None:
     assert "optimizer step" in printed and "adamw" in printed
     report = json.loads(out.read_text())
     assert report["benchmark"] == "step" and report["params"] == num_params(parse_shape(TINY))
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert report["allocator"] == ("steady" if glibc else "default (steady needs glibc)")
     rows = {r["optimizer"]: r for r in report["rows"]}
     assert list(rows) == ["adamw", "lion", "sophia", "adam-mini"]
     for row in rows.values():

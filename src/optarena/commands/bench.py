@@ -58,6 +58,23 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
     )
+    parser.add_argument(
+        "--allocator",
+        choices=("steady", "default"),
+        default="steady",
+        help="steady (default): glibc keeps blocks up to 32 MiB on its heap, as in a running "
+        "training loop; default: leave glibc's adaptive thresholds (figures then depend on "
+        "what the process freed before)",
+    )
+
+
+def _allocator(args: argparse.Namespace) -> str:
+    """Apply ``--allocator``; the name recorded in the report."""
+    if args.allocator == "steady":
+        from optarena.bench.allocator import steady
+
+        return "steady" if steady() else "default (steady needs glibc)"
+    return "default"
 
 
 def _threads(args: argparse.Namespace) -> None:
@@ -127,6 +144,7 @@ def run_step(args: argparse.Namespace) -> int:
     if args.steps < 1 or args.warmup < 1:
         raise UserError("--steps and --warmup must be >= 1")
     shape = _shape(args)
+    allocator = _allocator(args)
     report = bench_step(
         shape,
         _names(args),
@@ -137,9 +155,10 @@ def run_step(args: argparse.Namespace) -> int:
         references=not args.no_references,
         log=lambda s: print(s, file=sys.stderr, flush=True),
     )
+    report["allocator"] = allocator
     title = (
         f"optimizer step, {report['params'] / 1e6:.1f}M params, {report['device_name']}, "
-        f"{report['threads']} threads, median of {args.steps}"
+        f"{report['threads']} threads, median of {args.steps}, {allocator} allocator"
     )
     _print(title, format_step_table(report))
     bw = [r["bandwidth_gbps"] for r in report["rows"]]
@@ -159,6 +178,7 @@ def run_train(args: argparse.Namespace) -> int:
         raise UserError(f"bench train needs the training harness: {err}") from None
     modes = _modes(args)
     _threads(args)
+    allocator = _allocator(args)
     report = bench_train(
         _shape(args),
         _names(args) or ["adamw"],
@@ -170,6 +190,7 @@ def run_train(args: argparse.Namespace) -> int:
         modes=modes,
         log=lambda s: print(s, file=sys.stderr, flush=True),
     )
-    _print("training throughput (tokens/s)", format_train_table(report))
+    report["allocator"] = allocator
+    _print(f"training throughput (tokens/s), {allocator} allocator", format_train_table(report))
     _write(args.json, report)
     return 0
