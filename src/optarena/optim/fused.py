@@ -8,7 +8,10 @@ gets a single function, traced through the rule's :meth:`~optarena.optim.rules.R
 fused_direction` (the same transforms as the eager path) and compiled with
 ``torch.compile(fullgraph=True, dynamic=False)``: inductor fuses every tensor's update, block
 statistics included (Adam-mini rows and heads, Adalayer tensors, Adafactor factors), into one or
-two loops over memory.
+two loops over memory. A rule with ``fused_phases() == 2`` (Adafactor) gets two compiled functions
+per bucket: ``fused_prepare`` (its small statistics) and then the update, which reads them.
+Groups that torch's own fused kernels implement exactly (AdamW, SGD on plain CPU tensors) never
+reach this module (``kernels.py``).
 
 Everything that changes between steps (lr, bias corrections, Sophia's ``rho·bs``, first-step and
 phase flags) is computed on the host, as the eager path computes it, and passed as one small
