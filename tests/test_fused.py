@@ -119,7 +119,7 @@ def _build(name: str, fused: bool, dtype: torch.dtype = torch.float32):
     """``fused=True``: the compiled path, for AdamW and SGD too (not torch's kernels)."""
     named, infos = _named(dtype)
     opt = create(name, named, partition=infos, fused=fused, **HP.get(name, {}))
-    opt.torch_kernels = not fused
+    opt.fast_eager = not fused
     return named, opt
 
 

@@ -49,7 +49,7 @@ def run(
 ) -> tuple[list[tuple[str, nn.Parameter]], torch.optim.Optimizer, list[int]]:
     params = named_params()
     opt = make(params)
-    opt.torch_kernels = kernel
+    opt.fast_eager = kernel
     calls: list[int] = []
     real = getattr(torch, name)
 
@@ -172,3 +172,11 @@ def test_fast_path_uses_torch_kernel_without_compiling(monkeypatch: pytest.Monke
     assert compiled == [1] * STEPS  # the transposed parameter
     moved = [n for n, p in params if opt.state[p]["step"].item() == STEPS]
     assert len(moved) == len(params)
+
+
+def test_fast_eager_flag_is_validated_and_reaches_the_optimizer() -> None:
+    params = named_params()
+    assert create("adamw", params, fast_eager=False).fast_eager is False
+    assert AdamW(params).fast_eager is True
+    with pytest.raises(ValueError, match="fast_eager"):
+        AdamW(params, fast_eager="no")

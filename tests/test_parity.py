@@ -145,7 +145,7 @@ def use_path(
     opt: torch.optim.Optimizer, kernel: bool, name: str, monkeypatch: pytest.MonkeyPatch
 ) -> list[int]:
     """Run ``opt`` on torch's kernel ``name`` or on its rule; the list counts kernel calls."""
-    opt.torch_kernels = kernel
+    opt.fast_eager = kernel
     calls: list[int] = []
     real = getattr(torch, name)
 

@@ -56,6 +56,11 @@ class RuleOptimizer(torch.optim.Optimizer):
             parameters (their updates are computed in float32 and rounded once), the
             parameter's own dtype otherwise; ``"param"``: always the parameter's dtype.
         no_decay_roles: roles exempt from weight decay (e.g. norms and biases).
+        fast_eager: on the eager path, run AdamW and SGD groups through torch's fused kernels
+            (:mod:`optarena.optim.kernels`) and apply block-preconditioned updates with one
+            ``addcdiv_``. ``False``: the rules' plain per-tensor arithmetic, which is what the
+            FSDP2 per-shard path computes: a one-process run then reproduces a sharded one
+            bitwise (the default differs from it by float32 rounding).
         fused: the fast path (:mod:`optarena.optim.fused`), stored per group like torch's flag:
             ``True`` compiles each group's step into fused kernels, ``False`` runs the eager
             per-tensor loop, ``None`` decides per group (see
@@ -66,9 +71,6 @@ class RuleOptimizer(torch.optim.Optimizer):
     """
 
     default_rule = "adaptive"
-    # AdamW and SGD groups call torch's fused kernels (``kernels.py``) on either path, where
-    # those exist; tests switch this off on an instance to pin the rules' own paths as well.
-    torch_kernels = True
 
     def __init__(
         self,
@@ -79,7 +81,13 @@ class RuleOptimizer(torch.optim.Optimizer):
         state_dtype: torch.dtype | str | None = None,
         no_decay_roles: Iterable[Role | str] = (),
         fused: bool | None = None,
+        fast_eager: bool = True,
     ):
+        if not isinstance(fast_eager, bool):
+            raise ValueError(
+                f"{type(self).__name__}: invalid fast_eager={fast_eager!r}; expected True or False"
+            )
+        self.fast_eager = fast_eager
         if fused not in (None, True, False):
             raise ValueError(
                 f"{type(self).__name__}: invalid fused={fused!r}; expected None, True or False"
@@ -235,7 +243,7 @@ class RuleOptimizer(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if any(p.grad.is_sparse for p in params):
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-            if params and self.torch_kernels:  # torch's own kernel, where it is this rule
+            if params and self.fast_eager:  # torch's own kernel, where it is this rule
                 params = kernels.step(self, group, hp, rule, params)
             if params and self._fuse(group, rule, params):
                 if self._fused is None:
@@ -277,14 +285,15 @@ class RuleOptimizer(torch.optim.Optimizer):
             )
         return should_fuse(fused, device, sum(p.numel() for p in params))
 
-    @staticmethod
-    def _apply(p: Tensor, u: Tensor | Ratio, size: float, decay: float, dtype: torch.dtype) -> None:
+    def _apply(
+        self, p: Tensor, u: Tensor | Ratio, size: float, decay: float, dtype: torch.dtype
+    ) -> None:
         """``θ ← θ·(1 - decay) - size·u``, rounded once into a low-precision parameter."""
         target = p if p.dtype == dtype else p.to(dtype)
         if decay:
             target.mul_(1.0 - decay)
         if isinstance(u, Ratio):
-            if target.is_contiguous():
+            if self.fast_eager and target.is_contiguous():
                 target.view(u.num.shape).addcdiv_(u.num, u.den, value=-size)
             else:
                 target.add_((u.num / u.den).reshape(target.shape), alpha=-size)

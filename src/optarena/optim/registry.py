@@ -194,7 +194,7 @@ def create(name: str, model_or_params: Any, **hyperparams: Any) -> torch.optim.O
     entry = _lookup(name)
     signature = inspect.signature(entry.build)
     known = [p for p in signature.parameters if p not in ("params", "self", "options")]
-    extra = {"partition", "state_dtype", "no_decay_roles", "fused"}
+    extra = {"partition", "state_dtype", "no_decay_roles", "fused", "fast_eager"}
     unknown = [k for k in hyperparams if k not in known and k not in extra]
     if unknown:
         raise ValueError(
