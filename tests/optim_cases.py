@@ -8,6 +8,7 @@ exactly the same numbers.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -227,3 +228,16 @@ def sampled_label_loss(model: nn.Module, idx: Tensor, gen: torch.Generator) -> T
 
 def bytes_per_param(opt_state_bytes: int, params: Iterable[Tensor]) -> float:
     return opt_state_bytes / sum(p.numel() for p in params)
+
+
+def count_kernel_calls(monkeypatch: Any, name: str) -> list[int]:
+    """Wrap ``torch.<name>`` (a multi-tensor kernel); the list gets each call's tensor count."""
+    calls: list[int] = []
+    real = getattr(torch, name)
+
+    def counted(*args: Any, **kwargs: Any) -> None:
+        calls.append(len(args[0]))
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, name, counted)
+    return calls

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from optarena.optim import SGD, AdamW, ParamInfo, Role, create
-from optim_cases import assert_close, synthetic_grad
+from optim_cases import assert_close, count_kernel_calls, synthetic_grad
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -50,14 +50,7 @@ def run(
     params = named_params()
     opt = make(params)
     opt.fast_eager = kernel
-    calls: list[int] = []
-    real = getattr(torch, name)
-
-    def counted(*args: Any, **kwargs: Any) -> None:
-        calls.append(len(args[0]))
-        real(*args, **kwargs)
-
-    monkeypatch.setattr(torch, name, counted)
+    calls = count_kernel_calls(monkeypatch, name)
     for t in range(1, STEPS + 1):
         if t == STEPS // 2:
             for group in opt.param_groups:

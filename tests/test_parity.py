@@ -50,6 +50,7 @@ from optim_cases import (
     NO_GRAD,
     assert_close,
     clone_params,
+    count_kernel_calls,
     llama_partition,
     llama_shapes,
     make_params,
@@ -146,15 +147,7 @@ def use_path(
 ) -> list[int]:
     """Run ``opt`` on torch's kernel ``name`` or on its rule; the list counts kernel calls."""
     opt.fast_eager = kernel
-    calls: list[int] = []
-    real = getattr(torch, name)
-
-    def counted(*args: Any, **kwargs: Any) -> None:
-        calls.append(len(args[0]))
-        real(*args, **kwargs)
-
-    monkeypatch.setattr(torch, name, counted)
-    return calls
+    return count_kernel_calls(monkeypatch, name)
 
 
 @pytest.mark.parametrize("kernel", KERNEL_PATHS)
