@@ -123,12 +123,13 @@ def split_layout(shape: tuple[int, ...], out_dim: int, parts: list[tuple[int, in
 # --------------------------------------------------------------------------- statistics
 
 
-def _covers(x: Tensor, s: Segment) -> bool:
+def covers(x: Tensor, s: Segment) -> bool:
+    """Whether segment ``s`` spans all of ``x`` along its axis."""
     return s.start == 0 and s.size == (x.shape[s.dim] if x.dim() else 1)
 
 
 def _chunk(x: Tensor, s: Segment) -> Tensor:
-    return x if _covers(x, s) else x.narrow(s.dim, s.start, s.size)
+    return x if covers(x, s) else x.narrow(s.dim, s.start, s.size)
 
 
 # Statistics that sum over rows are sharding-invariant: entries are summed in the tensor's
@@ -241,7 +242,7 @@ def blockwise(
     if layout.elementwise:
         return fn(x, stat)
     segs = layout.segments
-    if len(segs) == 1 and _covers(x, segs[0]):
+    if len(segs) == 1 and covers(x, segs[0]):
         s = segs[0]
         return fn(x.reshape(s.shape), stat.reshape(s.stat_shape)).reshape(x.shape)
     out = torch.empty_like(x)

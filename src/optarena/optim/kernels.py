@@ -62,7 +62,9 @@ def step(
         state = opt._state_for(p, group, rule)
         role = opt.param_info(p).role
         decay = 0.0 if role in opt.no_decay_roles else hp["weight_decay"]
-        first = int(state["step"].item()) == 0
+        # torch's SGD kernel seeds the momentum buffer on a whole call's first step; AdamW's
+        # reads each tensor's own step counter
+        first = isinstance(rule, HeavyBall) and int(state["step"].item()) == 0
         buckets.setdefault((p.dtype, decay, first), []).append(p)
     for (_dtype, decay, first), ps in buckets.items():
         states = [opt.state[p] for p in ps]

@@ -21,6 +21,7 @@ from optarena.optim.blocks import (
     BlockLayout,
     block_mean_square,
     blockwise,
+    covers,
     sharding_invariant_sum,
 )
 from optarena.optim.sharding import LocalShard, shard_of
@@ -144,8 +145,11 @@ class BlockSecondMoment:
         # a tensor ``bc2`` comes from the fast path (no recompilation when the step changes)
         root_bc2 = bc2.sqrt() if isinstance(bc2, Tensor) else math.sqrt(bc2)
 
+        def den(v: Tensor) -> Tensor:
+            return v.sqrt() / root_bc2 + eps
+
         def fn(x: Tensor, v: Tensor) -> Tensor:
-            return x / (v.sqrt() / root_bc2 + eps)
+            return x / den(v)
 
         v = state["exp_avg_sq"]
         shard = shard_of(state)
@@ -154,9 +158,8 @@ class BlockSecondMoment:
         segs = self.layout.segments
         if lazy and not self.layout.elementwise and len(segs) == 1 and m.is_contiguous():
             s = segs[0]
-            if s.start == 0 and s.size == (m.shape[s.dim] if m.dim() else 1):
-                den = (v.sqrt() / root_bc2).add_(eps).reshape(s.stat_shape)
-                return Ratio(m.view(s.shape), den)
+            if covers(m, s):
+                return Ratio(m.view(s.shape), den(v).reshape(s.stat_shape))
         return blockwise(fn, m, v, self.layout)
 
 
