@@ -146,6 +146,8 @@ class BlockSecondMoment:
         root_bc2 = bc2.sqrt() if isinstance(bc2, Tensor) else math.sqrt(bc2)
 
         def den(v: Tensor) -> Tensor:
+            if isinstance(root_bc2, float) and root_bc2 == 1.0:  # x / 1 == x: skip the pass
+                return v.sqrt() + eps
             return v.sqrt() / root_bc2 + eps
 
         def fn(x: Tensor, v: Tensor) -> Tensor:
