@@ -172,7 +172,6 @@ class _Plan:
     constants: dict[str, Any]
     specs: list[_Spec]
     lists: list[list[Tensor]]
-    layout: tuple  # the specs as a hashable description (part of the compile key)
     keys: dict[tuple[str, ...], int] = field(default_factory=dict)  # scalar names -> key id
 
 
@@ -299,10 +298,7 @@ class FusedStepper:
             for p, state in zip(params, states, strict=True)
         ]
         lists = [[st[k] for k in sp.state_keys] for st, sp in zip(states, specs, strict=True)]
-        layout = tuple(
-            (s.shape, s.param_dtype, s.grad_dtype, s.state_keys, _ctx_key(s.ctx)) for s in specs
-        )
-        plan = _Plan(constants, specs, lists, layout)
+        plan = _Plan(constants, specs, lists)
         self.plans[pid] = plan
         return plan
 
@@ -368,7 +364,10 @@ class FusedStepper:
                 dtype,
                 params[0].device.type,
                 names,
-                plan.layout,
+                tuple(
+                    (s.shape, s.param_dtype, s.grad_dtype, s.state_keys, _ctx_key(s.ctx))
+                    for s in plan.specs
+                ),
             )
             key = plan.keys[names] = _KEY_IDS.setdefault(full, len(_KEY_IDS))
         if key in _FAILED and not explicit:

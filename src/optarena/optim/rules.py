@@ -256,12 +256,12 @@ class AdaptiveMoment(Rule):
         sc = {
             "size": size,
             "bc2": bc2,
-            # blocks: m / (sqrt(v / bc2) + ε) = √bc2 · m / (√v + ε√bc2); with the bias
-            # correction in the step size and ε (host scalars), each block's denominator in
-            # the update loop is one sqrt and one add (that work repeats for every vector of
-            # a row: 1 ms of Adam-mini's 17 on the Llama shape)
-            "block_size": size * root,
-            "block_eps": group["eps"] * root,
+            # m / (sqrt(v / bc2) + ε) = √bc2 · m / (√v + ε√bc2): with the bias correction in
+            # the step size and ε (host scalars), each denominator in the update loop is one
+            # sqrt and one add (for block moments that work repeats for every vector of a
+            # row: 1 ms of Adam-mini's 17 on the Llama shape)
+            "folded_size": size * root,
+            "folded_eps": group["eps"] * root,
         }
         if k:
             averaging = step <= k
@@ -297,9 +297,7 @@ class AdaptiveMoment(Rule):
                 state[key].copy_(torch.where(sc["averaging"] > 0, averaged[key], new))
         else:
             ctx.update_(state, g, beta2)
-        if isinstance(ctx, BlockSecondMoment):
-            return ctx.precondition(m, state, 1.0, sc["block_eps"]), sc["block_size"]
-        return ctx.precondition(m, state, sc["bc2"], group["eps"]), sc["size"]
+        return ctx.precondition(m, state, 1.0, sc["folded_eps"]), sc["folded_size"]
 
 
 # --------------------------------------------------------------------------- SGD
