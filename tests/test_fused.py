@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch._dynamo.utils import counters
 
-from optarena.optim import REGISTRY, AdamW, create
+from optarena.optim import REGISTRY, AdamW, create, square_sums
 from optarena.optim.fused import CPU_MIN_NUMEL, bytes_per_param, compile_available, should_fuse
 from optarena.optim.roles import FusedPart, ParamInfo, Role
 
@@ -148,6 +148,29 @@ def test_fused_matches_eager(name: str) -> None:
     assert counters["stats"]["unique_graphs"] == graphs, "fast path recompiled"
     assert fused._fused is not None and eager._fused is None
     assert fused.state.get(dict(named_f)[NO_GRAD], {}) == {}
+    _assert_close(named_e, eager, named_f, fused, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("have_numba", [True, False])
+def test_adafactor_statistics_kernel_and_its_fallback(
+    have_numba: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Adafactor's fast path takes its statistics (and momentum) from the one-read kernel where
+    numba is installed, from the torch expression where it is not; both match eager."""
+    calls = []
+    kernels = square_sums._kernels
+
+    def counted():
+        calls.append(1)
+        return kernels()
+
+    monkeypatch.setattr(square_sums, "_kernels", counted)
+    monkeypatch.setattr(square_sums, "HAVE_NUMBA", have_numba)
+    named_e, eager = _build("adafactor", fused=False)
+    named_f, fused = _build("adafactor", fused=True)
+    _run(eager, named_e, 1, STEPS + 1, torch.float32)
+    _run(fused, named_f, 1, STEPS + 1, torch.float32)
+    assert bool(calls) == have_numba
     _assert_close(named_e, eager, named_f, fused, rtol=1e-5, atol=1e-6)
 
 

@@ -199,11 +199,12 @@ def _make_steps(
         return g, state, row
 
     def prepare(params: list[Tensor], grads: list[Tensor], states: list[list[Tensor]], sc: Tensor):
-        out = []
-        for i in range(len(params)):
-            g, state, row = unpack(i, grads, states, sc)
-            out.append(rule.fused_prepare(g, params[i], state, constants, row, ctxs[i]))
-        return out
+        unpacked = [unpack(i, grads, states, sc) for i in range(len(params))]
+        gathered = rule.fused_gather([u[0] for u in unpacked], [u[1] for u in unpacked], constants)
+        return [
+            rule.fused_prepare(g, params[i], state, constants, row, ctxs[i], gathered[i])
+            for i, (g, state, row) in enumerate(unpacked)
+        ]
 
     def step(
         params: list[Tensor],

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from optarena.optim import blocks
+from optarena.optim import blocks, square_sums
 from optarena.optim.roles import ParamInfo
 from optarena.optim.sharding import shard_of
 from optarena.optim.transforms import (
@@ -143,9 +143,15 @@ class Rule:
         would otherwise be recomputed for every entry of the update)."""
         return 1
 
+    def fused_gather(self, grads: list[Tensor], states: list[dict], group: dict) -> list[Any]:
+        """Work on the whole bucket that :meth:`fused_prepare` then receives per parameter as
+        ``gathered`` (one kernel call for every tensor, e.g. ``square_sums``); None: none."""
+        return [None] * len(grads)
+
     def fused_prepare(
-        self, g: Tensor, p: Tensor, state: dict, group: dict, sc: dict, ctx: Any
-    ) -> list[Tensor]:
+        self, g: Tensor, p: Tensor, state: dict, group: dict, sc: dict, ctx: Any, gathered: Any
+    ) -> Any:
+        """What :meth:`fused_direction` receives as ``prepared`` (tensors and static flags)."""
         raise NotImplementedError
 
 
@@ -274,17 +280,40 @@ class AdaptiveMoment(Rule):
     def fused_phases(self, group):
         return 2 if group["granularity"] == "factored" and not group["precondition_steps"] else 1
 
-    def fused_prepare(self, g, p, state, group, sc, ctx):
+    def fused_gather(self, grads, states, group):
+        # Adafactor on CPU: both sums of g² of every matrix, and its momentum, in one pass over
+        # g (square_sums.py); the update then reads m instead of g
+        beta1 = group["betas"][0]
+        picked = [
+            i
+            for i, (g, state) in enumerate(zip(grads, states, strict=True))
+            if square_sums.applies(g, state.get("exp_avg"))
+        ]
+        out: list[Any] = [None] * len(grads)
+        if picked:
+            ms = [states[i]["exp_avg"] for i in picked] if beta1 > 0 else None
+            sums = square_sums.square_sums([grads[i] for i in picked], ms, 1.0 - beta1)
+            for i, s in zip(picked, sums, strict=True):
+                out[i] = s
+        return out
+
+    def fused_prepare(self, g, p, state, group, sc, ctx, gathered=None):
         # Adafactor: the factors and the roots of V in a graph of their own, so that the update
         # pass reads one root per row and column instead of recomputing them for every entry
-        ctx.update_(state, g, group["betas"][1])
-        return ctx.roots(state, g.dim(), sc["bc2"])
+        stats = None if gathered is None else ctx.stats_from_sums(*gathered, g.shape)
+        ctx.update_(state, g, group["betas"][1], stats)
+        return ctx.roots(state, g.dim(), sc["bc2"]), gathered is not None
 
-    def fused_direction(self, g, p, state, group, sc, ctx, roots=None):
+    def fused_direction(self, g, p, state, group, sc, ctx, prepared=None):
         beta1, beta2 = group["betas"]
-        m = ema_(state["exp_avg"], g, beta1) if beta1 > 0 else g
-        if roots is not None:
+        if prepared is not None:
+            roots, gathered = prepared
+            if gathered and beta1 > 0:  # the momentum was updated with the sums
+                m = state["exp_avg"]
+            else:
+                m = ema_(state["exp_avg"], g, beta1) if beta1 > 0 else g
             return ctx.precondition_by_roots(m, roots, group["eps"]), sc["size"]
+        m = ema_(state["exp_avg"], g, beta1) if beta1 > 0 else g
         if group["precondition_steps"]:
             # every phase of the frozen preconditioner, selected by flags instead of branches
             before = {key: v.clone() for key, v in state.items() if key.startswith("exp_avg_sq")}

@@ -1,0 +1,144 @@
+"""Row and column sums of ``g²`` in one read of ``g``: Adafactor's statistics at one pass.
+
+Adafactor's factored second moment needs, for every matrix gradient, the sum of ``g²`` over
+each row and over each column. Compiled by inductor these are two reductions along different
+axes, hence two reads of ``g`` (and a float64 column sum over an odd number of rows walks the
+tensor one column strip at a time); on the project's CPU they took longer than the update that
+follows them. A loop that walks the rows once, keeping each row's sum and adding its squares
+into a column accumulator that stays in L1, reads ``g`` once. No inductor reduction does that
+(both sums in one loop need its outer-loop fusion, which falls back here), so it is written
+here with numba, parallel over chunks of rows, and registered as a torch custom op so that the
+compiled step calls it from inside its graph.
+
+The column sums come back per chunk of :data:`~optarena.optim.blocks.ROW_CHUNK` rows, in the
+gradient's dtype; the caller adds the chunks in float64, exactly as the compiled path's
+:func:`~optarena.optim.blocks.sum_rows_float64` does. CPU only (float32/float64, contiguous);
+:func:`applies` says when, and everything else keeps the torch expression.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from optarena.optim.blocks import ROW_CHUNK
+
+_DTYPES = (torch.float32, torch.float64)
+
+# checked once, outside any trace: torch.compile reads it as a constant
+HAVE_NUMBA = importlib.util.find_spec("numba") is not None
+
+
+@functools.cache
+def _kernels() -> tuple[Any, Any]:
+    """The numba kernels (sums; sums and momentum), compiled on first call, cached on disk."""
+    import numba
+
+    jit = numba.njit(parallel=True, fastmath=True, cache=True, boundscheck=False)
+
+    @jit
+    def sums(g, rows, chunks, chunk):  # pragma: no cover - runs as machine code
+        n, c = g.shape
+        for k in numba.prange((n + chunk - 1) // chunk):
+            acc = chunks[k]
+            acc[:] = 0
+            for i in range(k * chunk, min(n, (k + 1) * chunk)):
+                gi = g[i]
+                rows[i] = 0
+                s = rows[i]  # a zero of g's dtype: float32 rows add in float32 vector lanes
+                for j in range(c):
+                    sq = gi[j] * gi[j]
+                    s += sq
+                    acc[j] += sq
+                rows[i] = s
+
+    @jit
+    def sums_and_ema(g, m, weight, rows, chunks, chunk):  # pragma: no cover - machine code
+        n, c = g.shape
+        w = m.dtype.type(weight)
+        for k in numba.prange((n + chunk - 1) // chunk):
+            acc = chunks[k]
+            acc[:] = 0
+            for i in range(k * chunk, min(n, (k + 1) * chunk)):
+                gi = g[i]
+                mi = m[i]
+                rows[i] = 0
+                s = rows[i]
+                for j in range(c):
+                    x = gi[j]
+                    mi[j] += (x - mi[j]) * w  # m.lerp_(g, weight), as transforms.ema_
+                    sq = x * x
+                    s += sq
+                    acc[j] += sq
+                rows[i] = s
+
+    return sums, sums_and_ema
+
+
+def applies(g: Tensor, m: Tensor | None = None) -> bool:
+    """Whether :func:`square_sums` runs the one-read kernel for ``g`` (and ``m``)."""
+    ok = (
+        HAVE_NUMBA
+        and g.device.type == "cpu"
+        and g.dim() == 2
+        and g.dtype in _DTYPES
+        and g.is_contiguous()
+        and g.numel() > 0
+    )
+    if m is None or not ok:
+        return ok
+    return m.dtype == g.dtype and m.shape == g.shape and m.is_contiguous()
+
+
+# the low-level registration: a call costs ~3 µs (``torch.library.custom_op``'s wrapper, ~25 µs).
+# Results are written into buffers the caller allocates (a returned Tensor[] beside a mutated
+# Tensor[] cannot be functionalized).
+_LIB = torch.library.Library("optarena", "DEF")
+_LIB.define(
+    "square_sums(Tensor[] gs, Tensor(a!)[] ms, float weight, Tensor(b!)[] rows, "
+    "Tensor(c!)[] chunks) -> ()"
+)
+
+
+def _square_sums_cpu(
+    gs: list[Tensor], ms: list[Tensor], weight: float, rows: list[Tensor], chunks: list[Tensor]
+) -> None:
+    import numba
+
+    numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    sums, sums_and_ema = _kernels()
+    for i, g in enumerate(gs):
+        out = (rows[i].numpy(), chunks[i].numpy(), ROW_CHUNK)
+        if ms:
+            sums_and_ema(g.detach().numpy(), ms[i].detach().numpy(), weight, *out)
+        else:
+            sums(g.detach().numpy(), *out)
+
+
+_LIB.impl("square_sums", _square_sums_cpu, "CPU")
+
+
+@torch.library.register_fake("optarena::square_sums")
+def _(gs, ms, weight, rows, chunks) -> None:
+    return None
+
+
+def square_sums(
+    gs: list[Tensor], ms: list[Tensor] | None = None, weight: float = 0.0
+) -> list[tuple[Tensor, Tensor]]:
+    """For each matrix ``g``: ``(Σ_j g² per row: (n,), Σ_i g² per chunk of ROW_CHUNK rows:
+    (ceil(n/ROW_CHUNK), c))`` in ``g``'s dtype, reading ``g`` once (see :func:`applies`).
+
+    With ``ms`` (their momenta) the same pass also makes ``m.lerp_(g, weight)``: one read-write
+    stream instead of a read-only pass here and a momentum update later. One call for a whole
+    bucket: the kernels run back to back, never between inductor's (two thread pools on two
+    cores: each switch between them costs the next parallel loop its second core for a while).
+    """
+    rows = [g.new_empty(g.shape[0]) for g in gs]
+    chunks = [g.new_empty(-(-g.shape[0] // ROW_CHUNK), g.shape[1]) for g in gs]
+    torch.ops.optarena.square_sums.default(gs, ms or [], weight, rows, chunks)
+    return list(zip(rows, chunks, strict=True))
