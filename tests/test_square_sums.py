@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from optarena.optim import square_sums
 from optarena.optim.blocks import ROW_CHUNK
 from optarena.optim.transforms import FactoredSecondMoment, mean_over
+
+SRC = Path(__file__).resolve().parents[1] / "src"
 
 # rows below, at and across chunk boundaries; a single column; a wide matrix
 SHAPES = [(1, 1), (5, 3), (63, 17), (64, 64), (65, 8), (200, 33), (130, 1376), (2, 700)]
@@ -86,3 +93,21 @@ def test_applies_only_where_the_kernel_runs(monkeypatch: pytest.MonkeyPatch) -> 
     assert not square_sums.applies(g, torch.zeros(4, 8).t())
     monkeypatch.setattr(square_sums, "HAVE_NUMBA", False)
     assert not square_sums.applies(g)
+
+
+def test_torch_keeps_its_thread_count() -> None:
+    """Starting numba's OpenMP pool (it may share the runtime with torch, and sizes it to the
+    cores) must not change torch's thread count: a compiled step guards on it and would
+    recompile. In a fresh process, where the pool is not started yet."""
+    threads = (os.cpu_count() or 1) + 2
+    code = (
+        "import torch; from optarena.optim import square_sums as s\n"
+        f"torch.set_num_threads({threads})\n"
+        "s.square_sums([torch.randn(130, 9)], [torch.zeros(130, 9)], 0.1)\n"
+        "print(torch.get_num_threads())"
+    )
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split()[-1] == str(threads)

@@ -109,7 +109,8 @@ def _square_sums_cpu(
 ) -> None:
     import numba
 
-    numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    threads = torch.get_num_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     sums, sums_and_ema = _kernels()
     for i, g in enumerate(gs):
         out = (rows[i].numpy(), chunks[i].numpy(), ROW_CHUNK)
@@ -117,6 +118,10 @@ def _square_sums_cpu(
             sums_and_ema(g.detach().numpy(), ms[i].detach().numpy(), weight, *out)
         else:
             sums(g.detach().numpy(), *out)
+    # numba's OpenMP pool may share the OpenMP runtime with torch: starting it sets the
+    # runtime's thread count to numba's (the number of cores); give torch its own back
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 _LIB.impl("square_sums", _square_sums_cpu, "CPU")
