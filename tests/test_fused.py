@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch._dynamo.utils import counters
 
-from optarena.optim import REGISTRY, AdamW, create, square_sums
+from optarena.optim import REGISTRY, AdamW, block_adam, create, numba_support, square_sums
 from optarena.optim.fused import CPU_MIN_NUMEL, bytes_per_param, compile_available, should_fuse
 from optarena.optim.roles import FusedPart, ParamInfo, Role
 
@@ -152,22 +152,24 @@ def test_fused_matches_eager(name: str) -> None:
 
 
 @pytest.mark.parametrize("have_numba", [True, False])
-def test_adafactor_statistics_kernel_and_its_fallback(
-    have_numba: bool, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(("name", "module"), [("adafactor", square_sums), ("adalayer", block_adam)])
+def test_cpu_kernels_and_their_fallback(
+    name: str, module, have_numba: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Adafactor's fast path takes its statistics (and momentum) from the one-read kernel where
-    numba is installed, from the torch expression where it is not; both match eager."""
+    """Adafactor's statistics and Adalayer's whole update come from numba kernels on the fast
+    path where numba is installed, from the compiled torch expression where it is not; both
+    match eager."""
     calls = []
-    kernels = square_sums._kernels
+    kernels = module._kernels
 
     def counted():
         calls.append(1)
         return kernels()
 
-    monkeypatch.setattr(square_sums, "_kernels", counted)
-    monkeypatch.setattr(square_sums, "HAVE_NUMBA", have_numba)
-    named_e, eager = _build("adafactor", fused=False)
-    named_f, fused = _build("adafactor", fused=True)
+    monkeypatch.setattr(module, "_kernels", counted)
+    monkeypatch.setattr(numba_support, "HAVE_NUMBA", have_numba)
+    named_e, eager = _build(name, fused=False)
+    named_f, fused = _build(name, fused=True)
     _run(eager, named_e, 1, STEPS + 1, torch.float32)
     _run(fused, named_f, 1, STEPS + 1, torch.float32)
     assert bool(calls) == have_numba

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from optarena.optim import square_sums
+from optarena.optim import numba_support, square_sums
 from optarena.optim.blocks import ROW_CHUNK
 from optarena.optim.transforms import FactoredSecondMoment, mean_over
 
@@ -91,7 +91,7 @@ def test_applies_only_where_the_kernel_runs(monkeypatch: pytest.MonkeyPatch) -> 
     assert not square_sums.applies(torch.randn(0, 4))
     assert not square_sums.applies(g, torch.zeros(8, 4, dtype=torch.float64))
     assert not square_sums.applies(g, torch.zeros(4, 8).t())
-    monkeypatch.setattr(square_sums, "HAVE_NUMBA", False)
+    monkeypatch.setattr(numba_support, "HAVE_NUMBA", False)
     assert not square_sums.applies(g)
 
 

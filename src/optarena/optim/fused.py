@@ -213,9 +213,13 @@ def _make_steps(
         sc: Tensor,
         prepared: list | None = None,
     ):
+        unpacked = [unpack(i, grads, states, sc) for i in range(len(params))]
+        done = rule.fused_apply(params, unpacked, constants, ctxs)  # a kernel's whole updates
         for i in range(len(params)):
+            if done[i]:
+                continue
             p = params[i]
-            g, state, row = unpack(i, grads, states, sc)
+            g, state, row = unpacked[i]
             if prepared is None:
                 u, size = rule.fused_direction(g, p, state, constants, row, ctxs[i])
             else:

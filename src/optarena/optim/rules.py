@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from optarena.optim import blocks, square_sums
+from optarena.optim import block_adam, blocks, square_sums
 from optarena.optim.roles import ParamInfo
 from optarena.optim.sharding import shard_of
 from optarena.optim.transforms import (
@@ -142,6 +142,14 @@ class Rule:
         own and hands each parameter's result to :meth:`fused_direction` (small statistics that
         would otherwise be recomputed for every entry of the update)."""
         return 1
+
+    def fused_apply(
+        self, params: list[Tensor], unpacked: list[tuple], group: dict, ctxs: list[Any]
+    ) -> list[bool]:
+        """Whole updates a kernel makes for several tensors of the bucket at once (parameter
+        and state in place), before the traced per-tensor updates; True where done.
+        ``unpacked`` holds each tensor's ``(g, state, sc)``."""
+        return [False] * len(params)
 
     def fused_gather(self, grads: list[Tensor], states: list[dict], group: dict) -> list[Any]:
         """Work on the whole bucket that :meth:`fused_prepare` then receives per parameter as
@@ -279,6 +287,40 @@ class AdaptiveMoment(Rule):
 
     def fused_phases(self, group):
         return 2 if group["granularity"] == "factored" and not group["precondition_steps"] else 1
+
+    def fused_apply(self, params, unpacked, group, ctxs):
+        # Adalayer on CPU: each tensor's momentum and statistic, then its update, in one kernel
+        # (block_adam.py): the update re-reads m from cache instead of g from memory. Paired,
+        # 1.41 -> 1.28x the bound; for Adam-mini's small blocks, where inductor's second read
+        # of g already hits the cache, the kernel saved nothing, so it keeps the compiled path
+        done = [False] * len(params)
+        beta1, beta2 = group["betas"]
+        if group["granularity"] != "layer" or group["precondition_steps"] or beta1 <= 0:
+            return done
+        picked, blocks = [], []
+        for i, (p, (g, state, _sc)) in enumerate(zip(params, unpacked, strict=True)):
+            rows = block_adam.row_blocks(ctxs[i].layout, tuple(p.shape))
+            m, v = state.get("exp_avg"), state.get("exp_avg_sq")
+            if m is not None and v is not None and block_adam.applies(p, g, m, v, rows):
+                picked.append(i)
+                blocks.append(rows)
+        if not picked:
+            return done
+        names = ("folded_size", "folded_eps", "keep")
+        scalars = torch.stack([torch.stack([unpacked[i][2][k] for k in names]) for i in picked])
+        block_adam.step_(
+            [params[i] for i in picked],
+            [unpacked[i][0] for i in picked],
+            [unpacked[i][1]["exp_avg"] for i in picked],
+            [unpacked[i][1]["exp_avg_sq"] for i in picked],
+            scalars,
+            blocks,
+            beta1,
+            beta2,
+        )
+        for i in picked:
+            done[i] = True
+        return done
 
     def fused_gather(self, grads, states, group):
         # Adafactor on CPU: both sums of g² of every matrix, and its momentum, in one pass over

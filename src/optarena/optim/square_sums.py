@@ -12,25 +12,21 @@ compiled step calls it from inside its graph.
 
 The column sums come back per chunk of :data:`~optarena.optim.blocks.ROW_CHUNK` rows, in the
 gradient's dtype; the caller adds the chunks in float64, exactly as the compiled path's
-:func:`~optarena.optim.blocks.sum_rows_float64` does. CPU only (float32/float64, contiguous);
-:func:`applies` says when, and everything else keeps the torch expression.
+:func:`~optarena.optim.blocks.sum_rows_float64` does. CPU only (float32/float64, contiguous,
+numba installed: ``numba_support.py``); :func:`applies` says when, and everything else keeps the
+torch expression.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.util
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from optarena.optim import numba_support
 from optarena.optim.blocks import ROW_CHUNK
-
-_DTYPES = (torch.float32, torch.float64)
-
-# checked once, outside any trace: torch.compile reads it as a constant
-HAVE_NUMBA = importlib.util.find_spec("numba") is not None
 
 
 @functools.cache
@@ -81,23 +77,15 @@ def _kernels() -> tuple[Any, Any]:
 
 def applies(g: Tensor, m: Tensor | None = None) -> bool:
     """Whether :func:`square_sums` runs the one-read kernel for ``g`` (and ``m``)."""
-    ok = (
-        HAVE_NUMBA
-        and g.device.type == "cpu"
-        and g.dim() == 2
-        and g.dtype in _DTYPES
-        and g.is_contiguous()
-        and g.numel() > 0
-    )
-    if m is None or not ok:
-        return ok
-    return m.dtype == g.dtype and m.shape == g.shape and m.is_contiguous()
+    if g.dim() != 2 or (m is not None and m.shape != g.shape):
+        return False
+    return numba_support.plain_cpu(g, m)
 
 
 # the low-level registration: a call costs ~3 µs (``torch.library.custom_op``'s wrapper, ~25 µs).
 # Results are written into buffers the caller allocates (a returned Tensor[] beside a mutated
 # Tensor[] cannot be functionalized).
-_LIB = torch.library.Library("optarena", "DEF")
+_LIB = torch.library.Library("optarena", "FRAGMENT")
 _LIB.define(
     "square_sums(Tensor[] gs, Tensor(a!)[] ms, float weight, Tensor(b!)[] rows, "
     "Tensor(c!)[] chunks) -> ()"
@@ -107,21 +95,14 @@ _LIB.define(
 def _square_sums_cpu(
     gs: list[Tensor], ms: list[Tensor], weight: float, rows: list[Tensor], chunks: list[Tensor]
 ) -> None:
-    import numba
-
-    threads = torch.get_num_threads()
-    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     sums, sums_and_ema = _kernels()
-    for i, g in enumerate(gs):
-        out = (rows[i].numpy(), chunks[i].numpy(), ROW_CHUNK)
-        if ms:
-            sums_and_ema(g.detach().numpy(), ms[i].detach().numpy(), weight, *out)
-        else:
-            sums(g.detach().numpy(), *out)
-    # numba's OpenMP pool may share the OpenMP runtime with torch: starting it sets the
-    # runtime's thread count to numba's (the number of cores); give torch its own back
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
+    with numba_support.threads():
+        for i, g in enumerate(gs):
+            out = (rows[i].numpy(), chunks[i].numpy(), ROW_CHUNK)
+            if ms:
+                sums_and_ema(g.detach().numpy(), ms[i].detach().numpy(), weight, *out)
+            else:
+                sums(g.detach().numpy(), *out)
 
 
 _LIB.impl("square_sums", _square_sums_cpu, "CPU")

@@ -1,0 +1,65 @@
+"""Adalayer's one-kernel step on CPU (``optarena.optim.block_adam``) against the torch formula."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from optarena.optim import block_adam, blocks
+from optarena.optim.blocks import ROW_CHUNK
+
+# (shape, layout): blocks of one row, of a few rows, one block per tensor in and beyond one
+# chunk of rows, and two segments with different block sizes (a fused projection)
+CASES = [
+    ((40, 24), blocks.rows_layout((40, 24))),
+    ((48, 16), blocks.heads_layout((48, 16), 3)),
+    ((50, 8), blocks.tensor_layout((50, 8))),
+    ((3 * ROW_CHUNK + 5, 12), blocks.tensor_layout((3 * ROW_CHUNK + 5, 12))),
+    ((144, 8), blocks.split_layout((144, 8), 0, [(2 * ROW_CHUNK, 1), (16, 16)])),
+]
+
+
+def _reference(p, g, m, v, layout, beta1, beta2, size, eps, keep):
+    """The update in float64 torch: m, block means of g², v, θ."""
+    m.lerp_(g, 1 - beta1)
+    stat = blocks.block_mean_square(g, layout)
+    v.mul_(beta2).add_(stat, alpha=1 - beta2)
+    u = blocks.blockwise(lambda x, s: x / (s.sqrt() + eps), m, v, layout)
+    p.mul_(keep).sub_(u * size)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_kernel_matches_the_formula_over_steps(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(0)
+    beta1, beta2 = 0.9, 0.95
+    shapes = [shape for shape, _ in CASES]
+    layouts = [layout for _, layout in CASES]
+    ps = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    ms = [torch.zeros(s, dtype=torch.float64) for s in shapes]
+    vs = [torch.zeros(layout.num_blocks(s), dtype=torch.float64) for s, layout in CASES]
+    ours = [[t.to(dtype, copy=True) for t in ts] for ts in (ps, ms, vs)]
+    row_blocks = [block_adam.row_blocks(layout, s) for s, layout in CASES]
+    assert all(b is not None for b in row_blocks)
+    for step in range(1, 7):
+        gs = [torch.randn(s, generator=gen, dtype=torch.float64) * step for s in shapes]
+        size, eps, keep = 1e-2 / step, 1e-8 * step, 1 - 1e-3
+        for p, g, m, v, layout in zip(ps, gs, ms, vs, layouts, strict=True):
+            _reference(p, g, m, v, layout, beta1, beta2, size, eps, keep)
+        scalars = torch.tensor([[size, eps, keep]] * len(shapes), dtype=dtype)
+        ours_g = [g.to(dtype) for g in gs]
+        block_adam.step_(*ours[:1], ours_g, *ours[1:], scalars, row_blocks, beta1, beta2)
+    tol = {"rtol": 1e-12, "atol": 1e-14} if dtype == torch.float64 else {"rtol": 2e-5, "atol": 1e-6}
+    for ref, got in zip(ps + ms + vs, ours[0] + ours[1] + ours[2], strict=True):
+        torch.testing.assert_close(got.double(), ref, **tol)
+
+
+def test_row_blocks_only_for_runs_of_rows() -> None:
+    assert block_adam.row_blocks(blocks.rows_layout((6, 4)), (6, 4)) == (0, 1, 6)
+    assert block_adam.row_blocks(blocks.heads_layout((6, 4), 2), (6, 4)) == (0, 3, 2)
+    assert block_adam.row_blocks(blocks.tensor_layout((6, 4)), (6, 4)) == (0, 6, 1)
+    split = blocks.split_layout((6, 4), 0, [(4, 2), (2, 1)])
+    assert block_adam.row_blocks(split, (6, 4)) == (0, 2, 2, 4, 2, 1)
+    # a Conv1D weight's neurons are columns; 1-D tensors and per-element moments are not blocks
+    assert block_adam.row_blocks(blocks.rows_layout((6, 4), out_dim=1), (6, 4)) is None
+    assert block_adam.row_blocks(blocks.tensor_layout((6,)), (6,)) is None
+    assert block_adam.row_blocks(blocks.element_layout(), (6, 4)) is None
