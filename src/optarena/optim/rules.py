@@ -290,20 +290,20 @@ class AdaptiveMoment(Rule):
 
     def fused_apply(self, params, unpacked, group, ctxs):
         # Adalayer on CPU: each tensor's momentum and statistic, then its update, in one kernel
-        # (block_adam.py): the update re-reads m from cache instead of g from memory. Paired,
-        # 1.41 -> 1.28x the bound; for Adam-mini's small blocks, where inductor's second read
-        # of g already hits the cache, the kernel saved nothing, so it keeps the compiled path
+        # (block_adam.py): the update re-reads m from cache instead of g from memory. Adam-mini
+        # keeps the compiled path: inductor's second read of its small blocks already hits the
+        # cache, and the kernel saved nothing there (docs/performance.md)
         done = [False] * len(params)
         beta1, beta2 = group["betas"]
         if group["granularity"] != "layer" or group["precondition_steps"] or beta1 <= 0:
             return done
-        picked, blocks = [], []
+        picked, layouts = [], []
         for i, (p, (g, state, _sc)) in enumerate(zip(params, unpacked, strict=True)):
             rows = block_adam.row_blocks(ctxs[i].layout, tuple(p.shape))
             m, v = state.get("exp_avg"), state.get("exp_avg_sq")
             if m is not None and v is not None and block_adam.applies(p, g, m, v, rows):
                 picked.append(i)
-                blocks.append(rows)
+                layouts.append(rows)
         if not picked:
             return done
         names = ("folded_size", "folded_eps", "keep")
@@ -314,7 +314,7 @@ class AdaptiveMoment(Rule):
             [unpacked[i][1]["exp_avg"] for i in picked],
             [unpacked[i][1]["exp_avg_sq"] for i in picked],
             scalars,
-            blocks,
+            layouts,
             beta1,
             beta2,
         )
