@@ -63,3 +63,18 @@ def test_row_blocks_only_for_runs_of_rows() -> None:
     assert block_adam.row_blocks(blocks.rows_layout((6, 4), out_dim=1), (6, 4)) is None
     assert block_adam.row_blocks(blocks.tensor_layout((6,)), (6,)) is None
     assert block_adam.row_blocks(blocks.element_layout(), (6, 4)) is None
+
+
+def test_tensors_that_require_grad() -> None:
+    """Parameters (and a gradient built with ``create_graph``) require grad: the kernel still
+    takes their memory, and updates the parameter in place."""
+    layout = blocks.rows_layout((8, 4))
+    p = torch.nn.Parameter(torch.ones(8, 4))
+    g = torch.full((8, 4), 2.0, requires_grad=True)
+    m, v = torch.zeros(8, 4), torch.zeros(8)
+    scalars = torch.tensor([[0.1, 0.0, 1.0]])
+    block_adam.step_([p], [g], [m], [v], scalars, [block_adam.row_blocks(layout, (8, 4))], 0.5, 0.5)
+    # m = 0.5·2 = 1, v = 0.5·4 = 2, θ = 1 - 0.1·1/√2
+    torch.testing.assert_close(m, torch.ones(8, 4))
+    torch.testing.assert_close(v, torch.full((8,), 2.0))
+    torch.testing.assert_close(p.detach(), torch.full((8, 4), 1 - 0.1 / 2**0.5))

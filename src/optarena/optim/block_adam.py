@@ -158,7 +158,7 @@ def _block_adam_cpu(
     beta2: float,
 ) -> None:
     in_cache, two_passes = _kernels()
-    sc = scalars.detach().to(torch.float64).numpy()
+    sc = numba_support.array(scalars.to(torch.float64))
     offset = 0
     with numba_support.threads():
         for i, p in enumerate(ps):
@@ -166,8 +166,8 @@ def _block_adam_cpu(
             items, cached = _chunks(tuple(blocks[offset + 1 : offset + 1 + length]))
             offset += 1 + length
             kernel = in_cache if cached else two_passes
-            g, m, v = gs[i].numpy(), ms[i].numpy(), vs[i].numpy()
-            kernel(g, m, p.detach().numpy(), v, items, 1.0 - beta1, beta2, sc[i])
+            g, m, p, v = (numba_support.array(t) for t in (gs[i], ms[i], p, vs[i]))
+            kernel(g, m, p, v, items, 1.0 - beta1, beta2, sc[i])
 
 
 _LIB.impl("block_adam_", _block_adam_cpu, "CPU")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -30,6 +31,11 @@ def plain_cpu(*tensors: Tensor | None) -> bool:
         if t.device.type != "cpu" or t.dtype != dtype or not t.is_contiguous() or not t.numel():
             return False
     return HAVE_NUMBA and dtype in DTYPES
+
+
+def array(t: Tensor) -> Any:
+    """``t``'s memory as a numpy array (no copy), detached if it requires grad."""
+    return (t.detach() if t.requires_grad else t).numpy()
 
 
 @contextlib.contextmanager

@@ -100,9 +100,9 @@ def _square_sums_cpu(
         for i, g in enumerate(gs):
             out = (rows[i].numpy(), chunks[i].numpy(), ROW_CHUNK)
             if ms:
-                sums_and_ema(g.detach().numpy(), ms[i].detach().numpy(), weight, *out)
+                sums_and_ema(numba_support.array(g), numba_support.array(ms[i]), weight, *out)
             else:
-                sums(g.detach().numpy(), *out)
+                sums(numba_support.array(g), *out)
 
 
 _LIB.impl("square_sums", _square_sums_cpu, "CPU")
