@@ -121,8 +121,8 @@ def square_sums(
 
     With ``ms`` (their momenta) the same pass also makes ``m.lerp_(g, weight)``: one read-write
     stream instead of a read-only pass here and a momentum update later. One call for a whole
-    bucket: the kernels run back to back, never between inductor's (two thread pools on two
-    cores: each switch between them costs the next parallel loop its second core for a while).
+    bucket, the kernels back to back: one call per matrix, between inductor's small kernels,
+    cost about 3 ms more a step on the benchmark model.
     """
     rows = [g.new_empty(g.shape[0]) for g in gs]
     chunks = [g.new_empty(-(-g.shape[0] // ROW_CHUNK), g.shape[1]) for g in gs]
