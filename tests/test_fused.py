@@ -152,21 +152,24 @@ def test_fused_matches_eager(name: str) -> None:
 
 
 @pytest.mark.parametrize("have_numba", [True, False])
-@pytest.mark.parametrize(("name", "module"), [("adafactor", square_sums), ("adalayer", block_adam)])
+@pytest.mark.parametrize(
+    ("name", "module", "getter"),
+    [("adafactor", square_sums, "_kernel"), ("adalayer", block_adam, "_kernels")],
+)
 def test_cpu_kernels_and_their_fallback(
-    name: str, module, have_numba: bool, monkeypatch: pytest.MonkeyPatch
+    name: str, module, getter: str, have_numba: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Adafactor's statistics and Adalayer's whole update come from numba kernels on the fast
     path where numba is installed, from the compiled torch expression where it is not; both
     match eager."""
     calls = []
-    kernels = module._kernels
+    kernels = getattr(module, getter)
 
     def counted():
         calls.append(1)
         return kernels()
 
-    monkeypatch.setattr(module, "_kernels", counted)
+    monkeypatch.setattr(module, getter, counted)
     monkeypatch.setattr(numba_support, "HAVE_NUMBA", have_numba)
     named_e, eager = _build(name, fused=False)
     named_f, fused = _build(name, fused=True)

@@ -348,14 +348,14 @@ class AdaptiveMoment(Rule):
 
     def fused_direction(self, g, p, state, group, sc, ctx, prepared=None):
         beta1, beta2 = group["betas"]
+        if beta1 <= 0:
+            m = g
+        elif prepared is not None and prepared[1]:  # the momentum was updated with the sums
+            m = state["exp_avg"]
+        else:
+            m = ema_(state["exp_avg"], g, beta1)
         if prepared is not None:
-            roots, gathered = prepared
-            if gathered and beta1 > 0:  # the momentum was updated with the sums
-                m = state["exp_avg"]
-            else:
-                m = ema_(state["exp_avg"], g, beta1) if beta1 > 0 else g
-            return ctx.precondition_by_roots(m, roots, group["eps"]), sc["size"]
-        m = ema_(state["exp_avg"], g, beta1) if beta1 > 0 else g
+            return ctx.precondition_by_roots(m, prepared[0], group["eps"]), sc["size"]
         if group["precondition_steps"]:
             # every phase of the frozen preconditioner, selected by flags instead of branches
             before = {key: v.clone() for key, v in state.items() if key.startswith("exp_avg_sq")}

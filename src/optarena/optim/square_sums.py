@@ -30,14 +30,13 @@ from optarena.optim.blocks import ROW_CHUNK
 
 
 @functools.cache
-def _kernels() -> tuple[Any, Any]:
-    """The numba kernels (sums; sums and momentum), compiled on first call, cached on disk."""
+def _kernel() -> Any:
+    """The numba kernel, compiled on first call (once with a momentum, once without: numba
+    prunes the ``m is None`` branch per signature) and cached on disk."""
     import numba
 
-    jit = numba.njit(parallel=True, fastmath=True, cache=True, boundscheck=False)
-
-    @jit
-    def sums(g, rows, chunks, chunk):  # pragma: no cover - runs as machine code
+    @numba.njit(parallel=True, fastmath=True, cache=True, boundscheck=False)
+    def sums(g, m, weight, rows, chunks, chunk):  # pragma: no cover - runs as machine code
         n, c = g.shape
         for k in numba.prange((n + chunk - 1) // chunk):
             acc = chunks[k]
@@ -46,33 +45,23 @@ def _kernels() -> tuple[Any, Any]:
                 gi = g[i]
                 rows[i] = 0
                 s = rows[i]  # a zero of g's dtype: float32 rows add in float32 vector lanes
-                for j in range(c):
-                    sq = gi[j] * gi[j]
-                    s += sq
-                    acc[j] += sq
+                if m is None:
+                    for j in range(c):
+                        sq = gi[j] * gi[j]
+                        s += sq
+                        acc[j] += sq
+                else:
+                    mi = m[i]
+                    w = mi.dtype.type(weight)
+                    for j in range(c):
+                        x = gi[j]
+                        mi[j] += (x - mi[j]) * w  # m.lerp_(g, weight), as transforms.ema_
+                        sq = x * x
+                        s += sq
+                        acc[j] += sq
                 rows[i] = s
 
-    @jit
-    def sums_and_ema(g, m, weight, rows, chunks, chunk):  # pragma: no cover - machine code
-        n, c = g.shape
-        w = m.dtype.type(weight)
-        for k in numba.prange((n + chunk - 1) // chunk):
-            acc = chunks[k]
-            acc[:] = 0
-            for i in range(k * chunk, min(n, (k + 1) * chunk)):
-                gi = g[i]
-                mi = m[i]
-                rows[i] = 0
-                s = rows[i]
-                for j in range(c):
-                    x = gi[j]
-                    mi[j] += (x - mi[j]) * w  # m.lerp_(g, weight), as transforms.ema_
-                    sq = x * x
-                    s += sq
-                    acc[j] += sq
-                rows[i] = s
-
-    return sums, sums_and_ema
+    return sums
 
 
 def applies(g: Tensor, m: Tensor | None = None) -> bool:
@@ -95,14 +84,11 @@ _LIB.define(
 def _square_sums_cpu(
     gs: list[Tensor], ms: list[Tensor], weight: float, rows: list[Tensor], chunks: list[Tensor]
 ) -> None:
-    sums, sums_and_ema = _kernels()
+    sums = _kernel()
     with numba_support.threads():
         for i, g in enumerate(gs):
-            out = (rows[i].numpy(), chunks[i].numpy(), ROW_CHUNK)
-            if ms:
-                sums_and_ema(numba_support.array(g), numba_support.array(ms[i]), weight, *out)
-            else:
-                sums(numba_support.array(g), *out)
+            m = numba_support.array(ms[i]) if ms else None
+            sums(numba_support.array(g), m, weight, rows[i].numpy(), chunks[i].numpy(), ROW_CHUNK)
 
 
 _LIB.impl("square_sums", _square_sums_cpu, "CPU")
