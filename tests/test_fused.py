@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch._dynamo.utils import counters
 
-from optarena.optim import REGISTRY, AdamW, block_adam, create, numba_support, square_sums
+from optarena.optim import REGISTRY, AdamW, block_adam, create, factored_adam, numba_support
 from optarena.optim.fused import CPU_MIN_NUMEL, bytes_per_param, compile_available, should_fuse
 from optarena.optim.roles import FusedPart, ParamInfo, Role
 
@@ -154,7 +154,7 @@ def test_fused_matches_eager(name: str) -> None:
 @pytest.mark.parametrize("have_numba", [True, False])
 @pytest.mark.parametrize(
     ("name", "module", "getter"),
-    [("adafactor", square_sums, "_kernel"), ("adalayer", block_adam, "_kernels")],
+    [("adafactor", factored_adam, "_kernel"), ("adalayer", block_adam, "_kernels")],
 )
 def test_cpu_kernels_and_their_fallback(
     name: str, module, getter: str, have_numba: bool, monkeypatch: pytest.MonkeyPatch

@@ -200,9 +200,8 @@ def _make_steps(
 
     def prepare(params: list[Tensor], grads: list[Tensor], states: list[list[Tensor]], sc: Tensor):
         unpacked = [unpack(i, grads, states, sc) for i in range(len(params))]
-        gathered = rule.fused_gather([u[0] for u in unpacked], [u[1] for u in unpacked], constants)
         return [
-            rule.fused_prepare(g, params[i], state, constants, row, ctxs[i], gathered[i])
+            rule.fused_prepare(g, params[i], state, constants, row, ctxs[i])
             for i, (g, state, row) in enumerate(unpacked)
         ]
 
@@ -265,8 +264,18 @@ def _compiled(
                 raw_prepare, fullgraph=True, dynamic=False, options=COMPILE_OPTIONS
             )
 
+            unprepared: list[list] = []
+
             def fn(params, grads, states, sc):
-                step(params, grads, states, sc, prepare(params, grads, states, sc))
+                # a prepare that returned only None did nothing, and will do nothing for these
+                # tensors (their kernels or unprepared updates): later steps skip its call
+                if unprepared:
+                    step(params, grads, states, sc, unprepared[0])
+                    return
+                prepared = prepare(params, grads, states, sc)
+                if all(x is None for x in prepared):
+                    unprepared.append(prepared)
+                step(params, grads, states, sc, prepared)
 
         _COMPILED[key] = fn
     return fn

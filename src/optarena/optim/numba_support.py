@@ -9,6 +9,7 @@ expression, which computes the same numbers.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 from collections.abc import Iterator
 from typing import Any
@@ -36,6 +37,26 @@ def plain_cpu(*tensors: Tensor | None) -> bool:
 def array(t: Tensor) -> Any:
     """``t``'s memory as a numpy array (no copy), detached if it requires grad."""
     return (t.detach() if t.requires_grad else t).numpy()
+
+
+@functools.cache
+def pointer() -> Any:
+    """A numba intrinsic: ``pointer(address, like)`` is a pointer to ``like``'s dtype at an
+    integer address (``Tensor.data_ptr()``), for ``numba.carray``: a kernel then takes a whole
+    bucket's tensors as one table of addresses, in one call."""
+    from numba.core import types
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def pointer(typingctx, address, like):
+        ptr = types.CPointer(like.dtype)
+
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], context.get_value_type(ptr))
+
+        return ptr(address, like), codegen
+
+    return pointer
 
 
 @contextlib.contextmanager

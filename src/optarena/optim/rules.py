@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from optarena.optim import block_adam, blocks, square_sums
+from optarena.optim import block_adam, blocks, factored_adam
 from optarena.optim.roles import ParamInfo
 from optarena.optim.sharding import shard_of
 from optarena.optim.transforms import (
@@ -151,15 +151,11 @@ class Rule:
         ``unpacked`` holds each tensor's ``(g, state, sc)``."""
         return [False] * len(params)
 
-    def fused_gather(self, grads: list[Tensor], states: list[dict], group: dict) -> list[Any]:
-        """Work on the whole bucket that :meth:`fused_prepare` then receives per parameter as
-        ``gathered`` (one kernel call for every tensor, e.g. ``square_sums``); None: none."""
-        return [None] * len(grads)
-
     def fused_prepare(
-        self, g: Tensor, p: Tensor, state: dict, group: dict, sc: dict, ctx: Any, gathered: Any
+        self, g: Tensor, p: Tensor, state: dict, group: dict, sc: dict, ctx: Any
     ) -> Any:
-        """What :meth:`fused_direction` receives as ``prepared`` (tensors and static flags)."""
+        """What :meth:`fused_direction` receives as ``prepared``; None: nothing, and nothing
+        done (the tensor is then updated unprepared, or by :meth:`fused_apply`)."""
         raise NotImplementedError
 
 
@@ -289,13 +285,31 @@ class AdaptiveMoment(Rule):
         return 2 if group["granularity"] == "factored" and not group["precondition_steps"] else 1
 
     def fused_apply(self, params, unpacked, group, ctxs):
-        # Adalayer on CPU: each tensor's momentum and statistic, then its update, in one kernel
-        # (block_adam.py): the update re-reads m from cache instead of g from memory. Adam-mini
-        # keeps the compiled path: inductor's second read of its small blocks already hits the
-        # cache, and the kernel saved nothing there (docs/performance.md)
-        done = [False] * len(params)
+        # On CPU each tensor's whole update is one kernel where inductor would read g twice from
+        # memory: Adalayer's (block_adam.py) and Adafactor's matrices (factored_adam.py). Adam-
+        # mini keeps the compiled path: inductor's second read of its small blocks already hits
+        # the cache, and the kernel saved nothing there (docs/performance.md)
         beta1, beta2 = group["betas"]
-        if group["granularity"] != "layer" or group["precondition_steps"] or beta1 <= 0:
+        done = [False] * len(params)
+        if group["precondition_steps"]:
+            return done
+        if group["granularity"] == "factored":
+            picked = [i for i, p in enumerate(params) if _factored(p, *unpacked[i][:2])]
+            if picked:
+                names = ("size", "bc2", "keep")
+                factored_adam.step_(
+                    [params[i] for i in picked],
+                    [unpacked[i][0] for i in picked],
+                    [unpacked[i][1]["exp_avg"] for i in picked] if beta1 > 0 else None,
+                    [unpacked[i][1]["exp_avg_sq_0"] for i in picked],
+                    [unpacked[i][1]["exp_avg_sq_1"] for i in picked],
+                    _scalar_rows(unpacked, picked, names),
+                    beta1,
+                    beta2,
+                    group["eps"],
+                )
+            return [i in picked for i in range(len(params))]
+        if group["granularity"] != "layer" or beta1 <= 0:
             return done
         picked, layouts = [], []
         for i, (p, (g, state, _sc)) in enumerate(zip(params, unpacked, strict=True)):
@@ -306,14 +320,12 @@ class AdaptiveMoment(Rule):
                 layouts.append(rows)
         if not picked:
             return done
-        names = ("folded_size", "folded_eps", "keep")
-        scalars = torch.stack([torch.stack([unpacked[i][2][k] for k in names]) for i in picked])
         block_adam.step_(
             [params[i] for i in picked],
             [unpacked[i][0] for i in picked],
             [unpacked[i][1]["exp_avg"] for i in picked],
             [unpacked[i][1]["exp_avg_sq"] for i in picked],
-            scalars,
+            _scalar_rows(unpacked, picked, ("folded_size", "folded_eps", "keep")),
             layouts,
             beta1,
             beta2,
@@ -322,40 +334,21 @@ class AdaptiveMoment(Rule):
             done[i] = True
         return done
 
-    def fused_gather(self, grads, states, group):
-        # Adafactor on CPU: both sums of g² of every matrix, and its momentum, in one pass over
-        # g (square_sums.py); the update then reads m instead of g
-        beta1 = group["betas"][0]
-        picked = [
-            i
-            for i, (g, state) in enumerate(zip(grads, states, strict=True))
-            if square_sums.applies(g, state.get("exp_avg"))
-        ]
-        out: list[Any] = [None] * len(grads)
-        if picked:
-            ms = [states[i]["exp_avg"] for i in picked] if beta1 > 0 else None
-            sums = square_sums.square_sums([grads[i] for i in picked], ms, 1.0 - beta1)
-            for i, s in zip(picked, sums, strict=True):
-                out[i] = s
-        return out
-
-    def fused_prepare(self, g, p, state, group, sc, ctx, gathered=None):
+    def fused_prepare(self, g, p, state, group, sc, ctx):
         # Adafactor: the factors and the roots of V in a graph of their own, so that the update
         # pass reads one root per row and column instead of recomputing them for every entry
-        stats = None if gathered is None else ctx.stats_from_sums(*gathered, g.shape)
-        ctx.update_(state, g, group["betas"][1], stats)
-        return ctx.roots(state, g.dim(), sc["bc2"]), gathered is not None
+        if g.dim() < 2 or _factored(p, g, state):
+            # nothing to share: one root for the whole tensor, or fused_apply's kernel makes
+            # the whole update
+            return None
+        ctx.update_(state, g, group["betas"][1])
+        return ctx.roots(state, g.dim(), sc["bc2"])
 
     def fused_direction(self, g, p, state, group, sc, ctx, prepared=None):
         beta1, beta2 = group["betas"]
-        if beta1 <= 0:
-            m = g
-        elif prepared is not None and prepared[1]:  # the momentum was updated with the sums
-            m = state["exp_avg"]
-        else:
-            m = ema_(state["exp_avg"], g, beta1)
+        m = ema_(state["exp_avg"], g, beta1) if beta1 > 0 else g
         if prepared is not None:
-            return ctx.precondition_by_roots(m, prepared[0], group["eps"]), sc["size"]
+            return ctx.precondition_by_roots(m, prepared, group["eps"]), sc["size"]
         if group["precondition_steps"]:
             # every phase of the frozen preconditioner, selected by flags instead of branches
             before = {key: v.clone() for key, v in state.items() if key.startswith("exp_avg_sq")}
@@ -369,6 +362,19 @@ class AdaptiveMoment(Rule):
         else:
             ctx.update_(state, g, beta2)
         return ctx.precondition(m, state, 1.0, sc["folded_eps"]), sc["folded_size"]
+
+
+def _factored(p: Tensor, g: Tensor, state: dict) -> bool:
+    """Whether ``factored_adam``'s kernel makes this parameter's whole fast-path update."""
+    rows, cols = state.get("exp_avg_sq_0"), state.get("exp_avg_sq_1")
+    if rows is None or cols is None:
+        return False
+    return factored_adam.applies(p, g, state.get("exp_avg"), rows, cols)
+
+
+def _scalar_rows(unpacked: list[tuple], picked: list[int], names: tuple[str, ...]) -> Tensor:
+    """The named host scalars of the picked tensors as one ``(len(picked), len(names))`` tensor."""
+    return torch.stack([torch.stack([unpacked[i][2][k] for k in names]) for i in picked])
 
 
 # --------------------------------------------------------------------------- SGD

@@ -1,0 +1,121 @@
+"""Adafactor's one-kernel step on CPU (``optarena.optim.factored_adam``) against torch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from optarena.optim import factored_adam, numba_support
+from optarena.optim.blocks import ROW_CHUNK
+from optarena.optim.transforms import FactoredSecondMoment, ema_
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+# rows below, at and across chunk boundaries; a single row and column; a wide matrix
+SHAPES = [(1, 1), (5, 3), (63, 17), (64, 64), (65, 8), (3 * ROW_CHUNK + 5, 12), (130, 700)]
+MOMENT = FactoredSecondMoment()
+
+
+def _reference(p, g, m, state, beta1, beta2, size, bc2, keep, eps) -> None:
+    """One step in torch, as the eager path composes it (transforms.py)."""
+    x = ema_(m, g, beta1) if m is not None else g
+    MOMENT.update_(state, g, beta2)
+    u = MOMENT.precondition_by_roots(x, MOMENT.roots(state, 2, bc2), eps)
+    p.mul_(keep).sub_(u * size)
+
+
+def _copies(tensors, dtype):
+    return [t.to(dtype, copy=True) for t in tensors]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("beta1", [0.9, 0.0])
+def test_kernel_matches_the_formula_over_steps(dtype: torch.dtype, beta1: float) -> None:
+    gen = torch.Generator().manual_seed(0)
+    beta2 = 0.95
+    ps = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
+    ms = [torch.zeros(s, dtype=torch.float64) for s in SHAPES]
+    states = [MOMENT.init(p, torch.float64) for p in ps]
+    rows = [s["exp_avg_sq_0"] for s in states]
+    cols = [s["exp_avg_sq_1"] for s in states]
+    ours = [_copies(ts, dtype) for ts in (ps, ms, rows, cols)]
+    for step in range(1, 7):
+        gs = [torch.randn(s, generator=gen, dtype=torch.float64) * step for s in SHAPES]
+        gs[1].zero_()  # a zero gradient: its row factor decays, and the update stays finite
+        size, bc2, keep, eps = 1e-2 / step, 1 - beta2**step, 1 - 1e-3, 1e-8 * step
+        for p, g, m, state in zip(ps, gs, ms, states, strict=True):
+            _reference(p, g, m if beta1 else None, state, beta1, beta2, size, bc2, keep, eps)
+        scalars = torch.tensor([[size, bc2, keep]] * len(SHAPES), dtype=dtype)
+        momenta = ours[1] if beta1 else None
+        factored_adam.step_(
+            ours[0], _copies(gs, dtype), momenta, ours[2], ours[3], scalars, beta1, beta2, eps
+        )
+    tol = {"rtol": 1e-12, "atol": 1e-14} if dtype == torch.float64 else {"rtol": 2e-5, "atol": 1e-6}
+    for ref, got in zip(ps + ms + rows + cols, [t for ts in ours for t in ts], strict=True):
+        torch.testing.assert_close(got.double(), ref, **tol)
+    assert all(torch.isfinite(p).all() for p in ours[0])
+
+
+def test_compiled_call_updates_in_place() -> None:
+    """Inside a compiled graph the op writes the caller's tensors (no copies left behind), with
+    the eager call's numbers."""
+    gen = torch.Generator().manual_seed(1)
+    shapes = [(130, 24), (64, 7)]
+    ps = [torch.randn(s, generator=gen) for s in shapes]
+    gs = [torch.randn(s, generator=gen) for s in shapes]
+    ms = [torch.randn(s, generator=gen) for s in shapes]
+    rows = [torch.rand(s[0], 1, generator=gen) for s in shapes]
+    cols = [torch.rand(1, s[1], generator=gen) for s in shapes]
+    eager = [_copies(ts, torch.float32) for ts in (ps, ms, rows, cols)]
+    scalars = torch.tensor([[0.1, 0.5, 0.99], [0.2, 0.25, 1.0]])
+    factored_adam.step_(eager[0], gs, *eager[1:], scalars, 0.9, 0.99, 1e-6)
+
+    def f(ps, gs, ms, rows, cols, scalars):
+        factored_adam.step_(ps, gs, ms, rows, cols, scalars, 0.9, 0.99, 1e-6)
+
+    torch.compile(f, fullgraph=True, dynamic=False)(ps, gs, ms, rows, cols, scalars)
+    for ref, got in zip([t for ts in eager for t in ts], ps + ms + rows + cols, strict=True):
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+def test_applies_only_where_the_kernel_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    p, g, m = torch.randn(8, 4), torch.randn(8, 4), torch.zeros(8, 4)
+    rows, cols = torch.zeros(8, 1), torch.zeros(1, 4)
+    assert factored_adam.applies(p, g, m, rows, cols)
+    assert factored_adam.applies(p, g, None, rows, cols)
+    assert not factored_adam.applies(p.bfloat16(), g, m, rows, cols)
+    assert not factored_adam.applies(p, g.double(), m, rows, cols)
+    assert not factored_adam.applies(p, g.t().contiguous().t(), m, rows, cols)  # not contiguous
+    assert not factored_adam.applies(p, torch.randn(4, 8), m, rows, cols)
+    assert not factored_adam.applies(torch.randn(8), torch.randn(8), None, rows, cols)
+    three = torch.randn(2, 3, 4)
+    assert not factored_adam.applies(three, three, None, rows, cols)
+    empty = torch.randn(0, 4)
+    assert not factored_adam.applies(empty, empty, None, torch.zeros(0, 1), cols)
+    monkeypatch.setattr(numba_support, "HAVE_NUMBA", False)
+    assert not factored_adam.applies(p, g, m, rows, cols)
+
+
+def test_torch_keeps_its_thread_count() -> None:
+    """Starting numba's OpenMP pool (it may share the runtime with torch, and sizes it to the
+    cores) must not change torch's thread count: a compiled step guards on it and would
+    recompile. In a fresh process, where the pool is not started yet."""
+    threads = (os.cpu_count() or 1) + 2
+    code = (
+        "import torch; from optarena.optim import factored_adam as f\n"
+        f"torch.set_num_threads({threads})\n"
+        "t = lambda *s: torch.zeros(s)\n"
+        "f.step_([t(130, 9)], [t(130, 9)], None, [t(130, 1)], [t(1, 9)],"
+        " t(1, 3), 0.0, 0.9, 1e-8)\n"
+        "print(torch.get_num_threads())"
+    )
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split()[-1] == str(threads)
