@@ -153,23 +153,23 @@ def test_fused_matches_eager(name: str) -> None:
 
 @pytest.mark.parametrize("have_numba", [True, False])
 @pytest.mark.parametrize(
-    ("name", "module", "getter"),
-    [("adafactor", factored_adam, "_kernel"), ("adalayer", block_adam, "_kernels")],
+    ("name", "module"),
+    [("adafactor", factored_adam), ("adalayer", block_adam), ("adam-mini", block_adam)],
 )
 def test_cpu_kernels_and_their_fallback(
-    name: str, module, getter: str, have_numba: bool, monkeypatch: pytest.MonkeyPatch
+    name: str, module, have_numba: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Adafactor's statistics and Adalayer's whole update come from numba kernels on the fast
-    path where numba is installed, from the compiled torch expression where it is not; both
+    """Adafactor's, Adalayer's and Adam-mini's matrices are updated by numba kernels on the
+    fast path where numba is installed, by the compiled torch expression where it is not; both
     match eager."""
     calls = []
-    kernels = getattr(module, getter)
+    kernel = module._kernel
 
     def counted():
         calls.append(1)
-        return kernels()
+        return kernel()
 
-    monkeypatch.setattr(module, getter, counted)
+    monkeypatch.setattr(module, "_kernel", counted)
     monkeypatch.setattr(numba_support, "HAVE_NUMBA", have_numba)
     named_e, eager = _build(name, fused=False)
     named_f, fused = _build(name, fused=True)

@@ -1,23 +1,25 @@
-"""Adam with one second moment per block of rows (Adalayer) in one kernel on CPU.
+"""Adam with one second moment per block of rows (Adalayer, Adam-mini) in one kernel on CPU.
 
 A block second moment needs the mean of ``g²`` over a whole block before any entry of the block
 is updated. Compiled by inductor, each tensor's update is a reduction loop over g and then an
 update loop over g, m and θ; inductor schedules every reduction of the bucket before every
-update, so the second read of g comes from memory, and its read-only reductions move bytes at
-~0.6x the rate of a read-write stream on the project's CPU. This kernel (numba, registered as
-a torch op and called from the compiled step) takes one tensor at a time:
+update, so for a whole-tensor block (Adalayer) the second read of g comes from memory, and its
+read-only reductions move bytes at ~0.6x the rate of a read-write stream on the project's CPU.
+This kernel (numba, registered as a torch op and called from the compiled step) takes one
+tensor at a time:
 
 1. ``m = lerp(m, g, 1-β1)`` and each block's sum of ``g²`` (float64), in parallel chunks of
    rows: one read-write stream over g and m;
 2. ``v_b = β2 v_b + (1-β2) mean``, then ``θ = keep·θ - size · m / (√v_b + ε)``, reading the
    m it has just written (from cache for all but the largest tensors) instead of g.
 
-Blocks of at most ROW_CHUNK rows (a head, a row) do both passes per block while it is in L1.
-``size`` and ``ε`` are the fast path's folded scalars (bias corrections included, see
-``rules.AdaptiveMoment.fused_scalars``) and ``keep = 1 - lr·λ``: the same update as the
-compiled expression, to float32 rounding. Blocks are runs of consecutive rows (``Segment`` along
-dim 0), which covers every Adalayer (and Adam-mini) layout of a ``nn.Linear`` or embedding
-weight; anything else (per-column blocks, 1-D tensors, bfloat16) keeps the compiled expression.
+Blocks of at most ROW_CHUNK rows (Adam-mini's heads and rows) do both passes per block while it
+is in L1: one pass over memory. ``size`` and ``ε`` are the fast path's folded scalars (bias
+corrections included, see ``rules.AdaptiveMoment.fused_scalars``) and ``keep = 1 - lr·λ``: the
+same update as the compiled expression, to float32 rounding. Blocks are runs of consecutive rows
+(``Segment`` along dim 0), which covers every Adalayer and Adam-mini layout of a ``nn.Linear``
+or embedding weight; anything else (per-column blocks, 1-D tensors, bfloat16) keeps the
+compiled expression. A bucket's tensors go to the kernel in one call, as a table of addresses.
 """
 
 from __future__ import annotations
@@ -70,13 +72,27 @@ def _chunks(blocks: tuple[int, ...]) -> tuple[np.ndarray, bool]:
 
 
 @functools.cache
-def _kernels() -> tuple[Any, Any]:
-    """The numba kernels (blocks in cache; blocks over several chunks), compiled on first call
-    and cached on disk."""
+def _bucket(layouts: tuple[tuple[int, ...], ...]) -> tuple[np.ndarray, np.ndarray]:
+    """A bucket's work items, concatenated, and per tensor ``(first item, end item, whether
+    each block is one item, blocks)``."""
+    parts, spans = [], []
+    offset = 0
+    for blocks in layouts:
+        items, cached = _chunks(blocks)
+        parts.append(items)
+        count = int(items[:, 2].max()) + 1 if len(items) else 0
+        spans.append((offset, offset + len(items), int(cached), count))
+        offset += len(items)
+    return np.concatenate(parts), np.asarray(spans, dtype=np.int64).reshape(-1, 4)
+
+
+@functools.cache
+def _kernel() -> Any:
+    """The numba kernel, compiled on first call and cached on disk."""
     import numba
 
+    pointer = numba_support.pointer()
     inner = numba.njit(fastmath=True, cache=True, boundscheck=False)
-    jit = numba.njit(parallel=True, fastmath=True, cache=True, boundscheck=False)
 
     @inner
     def momentum_and_sum(g, m, w, lo, hi):  # pragma: no cover - machine code
@@ -107,36 +123,40 @@ def _kernels() -> tuple[Any, Any]:
         v[b] = v[b] * dtype(beta2) + dtype(total / count) * dtype(1.0 - beta2)
         return v[b]
 
-    @jit
-    def in_cache(g, m, p, v, items, w1, beta2, sc):  # pragma: no cover - machine code
-        w = m.dtype.type(w1)
-        keep = p.dtype.type(sc[2])
-        for t in numba.prange(items.shape[0]):
-            lo, hi, b = items[t, 0], items[t, 1], items[t, 2]
-            total = momentum_and_sum(g, m, w, lo, hi)
-            vb = new_v(v, b, total, (hi - lo) * g.shape[1], beta2)
-            update(p, m, keep, p.dtype.type(sc[0] / (np.sqrt(vb) + sc[1])), lo, hi)
+    @numba.njit(parallel=True, fastmath=True, cache=True, boundscheck=False)
+    def step(table, spans, all_items, sc, w1, beta2):  # pragma: no cover - machine code
+        dtype = sc.dtype.type
+        w = dtype(w1)
+        for t in range(table.shape[0]):
+            n, c = table[t, 4], table[t, 5]
+            g = numba.carray(pointer(table[t, 0], sc), (n, c))
+            m = numba.carray(pointer(table[t, 1], sc), (n, c))
+            p = numba.carray(pointer(table[t, 2], sc), (n, c))
+            v = numba.carray(pointer(table[t, 3], sc), spans[t, 3])
+            items = all_items[spans[t, 0] : spans[t, 1]]
+            size, eps, keep = sc[t, 0], sc[t, 1], sc[t, 2]
+            if spans[t, 2]:  # every block one item: both passes while it is in cache
+                for k in numba.prange(items.shape[0]):
+                    lo, hi, b = items[k, 0], items[k, 1], items[k, 2]
+                    total = momentum_and_sum(g, m, w, lo, hi)
+                    vb = new_v(v, b, total, (hi - lo) * c, beta2)
+                    update(p, m, keep, dtype(size / (np.sqrt(vb) + eps)), lo, hi)
+                continue
+            partial = np.empty(items.shape[0])
+            for k in numba.prange(items.shape[0]):
+                partial[k] = momentum_and_sum(g, m, w, items[k, 0], items[k, 1])
+            totals = np.zeros(v.shape[0])
+            rows = np.zeros(v.shape[0])
+            for k in range(items.shape[0]):
+                totals[items[k, 2]] += partial[k]
+                rows[items[k, 2]] += items[k, 1] - items[k, 0]
+            d = np.empty(v.shape[0], sc.dtype)
+            for b in range(v.shape[0]):
+                d[b] = size / (np.sqrt(new_v(v, b, totals[b], rows[b] * c, beta2)) + eps)
+            for k in numba.prange(items.shape[0]):
+                update(p, m, keep, d[items[k, 2]], items[k, 0], items[k, 1])
 
-    @jit
-    def two_passes(g, m, p, v, items, w1, beta2, sc):  # pragma: no cover - machine code
-        w = m.dtype.type(w1)
-        keep = p.dtype.type(sc[2])
-        partial = np.empty(items.shape[0])
-        for t in numba.prange(items.shape[0]):
-            partial[t] = momentum_and_sum(g, m, w, items[t, 0], items[t, 1])
-        totals = np.zeros(v.shape[0])
-        rows = np.zeros(v.shape[0])
-        for t in range(items.shape[0]):
-            totals[items[t, 2]] += partial[t]
-            rows[items[t, 2]] += items[t, 1] - items[t, 0]
-        d = np.empty(v.shape[0])
-        for b in range(v.shape[0]):
-            vb = new_v(v, b, totals[b], rows[b] * g.shape[1], beta2)
-            d[b] = sc[0] / (np.sqrt(vb) + sc[1])
-        for t in numba.prange(items.shape[0]):
-            update(p, m, keep, p.dtype.type(d[items[t, 2]]), items[t, 0], items[t, 1])
-
-    return in_cache, two_passes
+    return step
 
 
 # the low-level registration: a call costs ~3 µs (``torch.library.custom_op``'s wrapper ~25 µs)
@@ -157,17 +177,21 @@ def _block_adam_cpu(
     beta1: float,
     beta2: float,
 ) -> None:
-    in_cache, two_passes = _kernels()
-    sc = numba_support.array(scalars.to(torch.float64))
+    # every tensor in one call: its tensors' addresses and shape in a table (a call per tensor
+    # cost ~10 µs of dispatch and conversions)
+    layouts = []
     offset = 0
+    for _ in ps:
+        length = blocks[offset]
+        layouts.append(tuple(blocks[offset + 1 : offset + 1 + length]))
+        offset += 1 + length
+    items, spans = _bucket(tuple(layouts))
+    table = np.empty((len(ps), 6), dtype=np.int64)
+    for i, g in enumerate(gs):
+        table[i] = (g.data_ptr(), ms[i].data_ptr(), ps[i].data_ptr(), vs[i].data_ptr(), *g.shape)
+    sc = scalars.to(gs[0].dtype).numpy()  # the dtype of every tensor (``applies``)
     with numba_support.threads():
-        for i, p in enumerate(ps):
-            length = blocks[offset]
-            items, cached = _chunks(tuple(blocks[offset + 1 : offset + 1 + length]))
-            offset += 1 + length
-            kernel = in_cache if cached else two_passes
-            g, m, p, v = (numba_support.array(t) for t in (gs[i], ms[i], p, vs[i]))
-            kernel(g, m, p, v, items, 1.0 - beta1, beta2, sc[i])
+        _kernel()(table, spans, items, sc, 1.0 - beta1, beta2)
 
 
 _LIB.impl("block_adam_", _block_adam_cpu, "CPU")

@@ -285,10 +285,10 @@ class AdaptiveMoment(Rule):
         return 2 if group["granularity"] == "factored" and not group["precondition_steps"] else 1
 
     def fused_apply(self, params, unpacked, group, ctxs):
-        # On CPU each tensor's whole update is one kernel where inductor would read g twice from
-        # memory: Adalayer's (block_adam.py) and Adafactor's matrices (factored_adam.py). Adam-
-        # mini keeps the compiled path: inductor's second read of its small blocks already hits
-        # the cache, and the kernel saved nothing there (docs/performance.md)
+        # On CPU each matrix's whole update is one kernel, where inductor would read g twice
+        # (from memory for Adalayer's and Adafactor's whole-tensor statistics, from cache for
+        # Adam-mini's rows and heads, after a separate reduction loop): block moments whose
+        # blocks are runs of rows (block_adam.py), factored ones (factored_adam.py)
         beta1, beta2 = group["betas"]
         done = [False] * len(params)
         if group["precondition_steps"]:
@@ -309,7 +309,7 @@ class AdaptiveMoment(Rule):
                     group["eps"],
                 )
             return [i in picked for i in range(len(params))]
-        if group["granularity"] != "layer" or beta1 <= 0:
+        if group["granularity"] not in ("layer", "adam-mini") or beta1 <= 0:
             return done
         picked, layouts = [], []
         for i, (p, (g, state, _sc)) in enumerate(zip(params, unpacked, strict=True)):
