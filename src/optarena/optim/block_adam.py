@@ -5,8 +5,8 @@ is updated. Compiled by inductor, each tensor's update is a reduction loop over 
 update loop over g, m and θ; inductor schedules every reduction of the bucket before every
 update, so for a whole-tensor block (Adalayer) the second read of g comes from memory, and its
 read-only reductions move bytes at ~0.6x the rate of a read-write stream on the project's CPU.
-This kernel (numba, registered as a torch op and called from the compiled step) takes one
-tensor at a time:
+This kernel (numba, called by the fast path outside its compiled graph) takes one tensor at a
+time:
 
 1. ``m = lerp(m, g, 1-β1)`` and each block's sum of ``g²`` (float64), in parallel chunks of
    rows: one read-write stream over g and m;
@@ -28,7 +28,6 @@ import functools
 from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from optarena.optim import numba_support
@@ -92,7 +91,7 @@ def _kernel() -> Any:
     import numba
 
     pointer = numba_support.pointer()
-    inner = numba.njit(fastmath=True, cache=True, boundscheck=False)
+    inner = numba.njit(fastmath=True, cache=True, boundscheck=False, error_model="numpy")
 
     @inner
     def momentum_and_sum(g, m, w, lo, hi):  # pragma: no cover - machine code
@@ -123,7 +122,7 @@ def _kernel() -> Any:
         v[b] = v[b] * dtype(beta2) + dtype(total / count) * dtype(1.0 - beta2)
         return v[b]
 
-    @numba.njit(parallel=True, fastmath=True, cache=True, boundscheck=False)
+    @numba.njit(parallel=True, fastmath=True, cache=True, boundscheck=False, error_model="numpy")
     def step(table, spans, all_items, sc, w1, beta2):  # pragma: no cover - machine code
         dtype = sc.dtype.type
         w = dtype(w1)
@@ -159,63 +158,27 @@ def _kernel() -> Any:
     return step
 
 
-# the low-level registration: a call costs ~3 µs (``torch.library.custom_op``'s wrapper ~25 µs)
-_LIB = torch.library.Library("optarena", "FRAGMENT")
-_LIB.define(
-    "block_adam_(Tensor(a!)[] ps, Tensor[] gs, Tensor(b!)[] ms, Tensor(c!)[] vs, "
-    "Tensor scalars, int[] blocks, float beta1, float beta2) -> ()"
-)
-
-
-def _block_adam_cpu(
-    ps: list[Tensor],
-    gs: list[Tensor],
-    ms: list[Tensor],
-    vs: list[Tensor],
-    scalars: Tensor,
-    blocks: list[int],
-    beta1: float,
-    beta2: float,
-) -> None:
-    # every tensor in one call: its tensors' addresses and shape in a table (a call per tensor
-    # cost ~10 µs of dispatch and conversions)
-    layouts = []
-    offset = 0
-    for _ in ps:
-        length = blocks[offset]
-        layouts.append(tuple(blocks[offset + 1 : offset + 1 + length]))
-        offset += 1 + length
-    items, spans = _bucket(tuple(layouts))
-    table = np.empty((len(ps), 6), dtype=np.int64)
-    for i, g in enumerate(gs):
-        table[i] = (g.data_ptr(), ms[i].data_ptr(), ps[i].data_ptr(), vs[i].data_ptr(), *g.shape)
-    sc = scalars.to(gs[0].dtype).numpy()  # the dtype of every tensor (``applies``)
-    with numba_support.threads():
-        _kernel()(table, spans, items, sc, 1.0 - beta1, beta2)
-
-
-_LIB.impl("block_adam_", _block_adam_cpu, "CPU")
-
-
-@torch.library.register_fake("optarena::block_adam_")
-def _(ps, gs, ms, vs, scalars, blocks, beta1, beta2) -> None:
-    return None
-
-
 def step_(
     ps: list[Tensor],
     gs: list[Tensor],
     ms: list[Tensor],
     vs: list[Tensor],
-    scalars: Tensor,
+    scalars: np.ndarray,
     blocks: list[tuple[int, ...]],
     beta1: float,
     beta2: float,
 ) -> None:
     """Update every ``θ`` (and its ``m`` and ``v``) in place; ``scalars`` is ``(n, 3)``: each
     tensor's folded step size, folded ε and ``keep``; ``blocks`` each tensor's
-    :func:`row_blocks`. One call for a whole bucket (see ``numba_support.threads``)."""
-    flat: list[int] = []
-    for b in blocks:
-        flat += [len(b), *b]
-    torch.ops.optarena.block_adam_.default(ps, gs, ms, vs, scalars, flat, beta1, beta2)
+    :func:`row_blocks` (see :func:`applies` for what the tensors must be).
+
+    One kernel call for all of them: their addresses and shapes in a table (a call per tensor
+    cost ~10 µs of dispatch and conversions).
+    """
+    items, spans = _bucket(tuple(blocks))
+    table = np.empty((len(ps), 6), dtype=np.int64)
+    for i, g in enumerate(gs):
+        table[i] = (g.data_ptr(), ms[i].data_ptr(), ps[i].data_ptr(), vs[i].data_ptr(), *g.shape)
+    sc = np.ascontiguousarray(scalars, dtype=numba_support.numpy_dtype(gs[0]))
+    with numba_support.threads():
+        _kernel()(table, spans, items, sc, 1.0 - beta1, beta2)

@@ -5,8 +5,8 @@ before any entry is updated, so an exact step reads the matrix twice. Compiled b
 read ``g`` three times: the row and the column sums are reductions along different axes (two
 read-only passes; a float64 column sum over an odd number of rows walks the tensor one column
 strip at a time), then the update, and every tensor's reductions ran before every tensor's
-update, so each second read came from memory. This kernel (numba, registered as a torch op and
-called from the compiled step) takes one matrix at a time:
+update, so each second read came from memory. This kernel (numba, called by the fast path
+outside its compiled graph) takes one matrix at a time:
 
 1. in parallel chunks of :data:`~optarena.optim.blocks.ROW_CHUNK` rows, one read-write stream
    over ``g`` and ``m``: ``m = lerp(m, g, 1-β1)``, each row's sum of ``g²``, and its squares
@@ -29,7 +29,6 @@ import functools
 from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from optarena.optim import numba_support
@@ -50,7 +49,7 @@ def _kernel() -> Any:
 
     pointer = numba_support.pointer()
 
-    @numba.njit(parallel=True, fastmath=True, cache=True, boundscheck=False)
+    @numba.njit(parallel=True, fastmath=True, cache=True, boundscheck=False, error_model="numpy")
     def step(table, sc, w1, beta2, eps, tiny):  # pragma: no cover - machine code
         dtype = sc.dtype.type
         w, decay, weight, e = dtype(w1), dtype(beta2), dtype(1.0 - beta2), dtype(eps)
@@ -116,27 +115,24 @@ def _kernel() -> Any:
     return step
 
 
-# the low-level registration: a call costs ~3 µs (``torch.library.custom_op``'s wrapper ~25 µs)
-_LIB = torch.library.Library("optarena", "FRAGMENT")
-_LIB.define(
-    "factored_adam_(Tensor(a!)[] ps, Tensor[] gs, Tensor(b!)[] ms, Tensor(c!)[] rows, "
-    "Tensor(d!)[] cols, Tensor scalars, float beta1, float beta2, float eps) -> ()"
-)
-
-
-def _factored_adam_cpu(
+def step_(
     ps: list[Tensor],
     gs: list[Tensor],
-    ms: list[Tensor],
+    ms: list[Tensor] | None,
     rows: list[Tensor],
     cols: list[Tensor],
-    scalars: Tensor,
+    scalars: np.ndarray,
     beta1: float,
     beta2: float,
     eps: float,
 ) -> None:
-    # every matrix in one call: its tensors' addresses and shape in a table (a call per matrix
-    # cost ~10 µs of dispatch and conversions, ~0.6 ms a step on the benchmark model)
+    """Update every matrix ``θ`` (its momentum ``m`` unless None, its row factor ``(n, 1)`` and
+    column factor ``(1, c)``) in place; ``scalars`` is ``(k, 3)``: each matrix's step size,
+    second bias correction and ``keep`` (see :func:`applies` for what the tensors must be).
+
+    One kernel call for all of them: their addresses and shapes in a table (a call per matrix
+    cost ~10 µs of dispatch and conversions).
+    """
     table = np.empty((len(gs), 7), dtype=np.int64)
     for i, g in enumerate(gs):
         m = ms[i].data_ptr() if ms else 0
@@ -148,34 +144,7 @@ def _factored_adam_cpu(
             cols[i].data_ptr(),
             *g.shape,
         )
-    sc = scalars.to(gs[0].dtype).numpy()  # the dtype of every tensor (``applies``)
+    dtype = numba_support.numpy_dtype(gs[0])
+    sc = np.ascontiguousarray(scalars, dtype=dtype)  # in the tensors' dtype, as the graph's
     with numba_support.threads():
-        _kernel()(table, sc, 1.0 - beta1, beta2, eps, torch.finfo(gs[0].dtype).tiny)
-
-
-_LIB.impl("factored_adam_", _factored_adam_cpu, "CPU")
-
-
-@torch.library.register_fake("optarena::factored_adam_")
-def _(ps, gs, ms, rows, cols, scalars, beta1, beta2, eps) -> None:
-    return None
-
-
-def step_(
-    ps: list[Tensor],
-    gs: list[Tensor],
-    ms: list[Tensor] | None,
-    rows: list[Tensor],
-    cols: list[Tensor],
-    scalars: Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-) -> None:
-    """Update every matrix ``θ`` (its momentum ``m`` unless None, its row factor ``(n, 1)`` and
-    column factor ``(1, c)``) in place; ``scalars`` is ``(k, 3)``: each matrix's step size,
-    second bias correction and ``keep``. One call for a whole bucket, the kernels back to back
-    (one call per matrix, between inductor's small kernels, cost ~3 ms a step more)."""
-    torch.ops.optarena.factored_adam_.default(
-        ps, gs, ms or [], rows, cols, scalars, beta1, beta2, eps
-    )
+        _kernel()(table, sc, 1.0 - beta1, beta2, eps, float(np.finfo(dtype).tiny))

@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -167,12 +168,19 @@ class _Spec:
 
 @dataclass
 class _Plan:
-    """A bucket's call, less its scalars: constants, per-tensor specs, state tensors."""
+    """A bucket's call, less its scalars: constants, per-tensor specs, state tensors, which
+    tensors the rule's kernel updates (the others: the compiled function), and the step
+    counts."""
 
     constants: dict[str, Any]
     specs: list[_Spec]
     lists: list[list[Tensor]]
+    kernel: list[int]  # indices updated by ``Rule.kernel_step``
+    compiled: list[int]  # indices updated by the compiled function
+    counts: Tensor | None  # every tensor's step count; each state's "step" is a view of it
+    steps: list[Tensor]  # those views
     keys: dict[tuple[str, ...], int] = field(default_factory=dict)  # scalar names -> key id
+    timed: bool = False  # its first call (compilations) is counted in COMPILE_STATS
 
 
 def _make_steps(
@@ -213,10 +221,7 @@ def _make_steps(
         prepared: list | None = None,
     ):
         unpacked = [unpack(i, grads, states, sc) for i in range(len(params))]
-        done = rule.fused_apply(params, unpacked, constants, ctxs)  # a kernel's whole updates
         for i in range(len(params)):
-            if done[i]:
-                continue
             p = params[i]
             g, state, row = unpacked[i]
             if prepared is None:
@@ -268,7 +273,7 @@ def _compiled(
 
             def fn(params, grads, states, sc):
                 # a prepare that returned only None did nothing, and will do nothing for these
-                # tensors (their kernels or unprepared updates): later steps skip its call
+                # tensors (they are updated unprepared): later steps skip its call
                 if unprepared:
                     step(params, grads, states, sc, unprepared[0])
                     return
@@ -286,7 +291,6 @@ class FusedStepper:
 
     def __init__(self, optimizer: Any):
         self.optimizer = optimizer
-        self.timings: dict[int, float] = {}
         # per bucket (param ids); dropped on load_state_dict
         self.plans: dict[tuple, _Plan] = {}
 
@@ -298,7 +302,11 @@ class FusedStepper:
         constants = {k: _freeze(v) for k, v in _constants(rule, hp).items()}
         pid = (rule.name, *(id(p) for p in params))
         plan = self.plans.get(pid)
-        if plan is not None and plan.constants == constants:
+        if (
+            plan is not None
+            and plan.constants == constants
+            and all(opt.state[p].get("step") is s for p, s in zip(params, plan.steps, strict=True))
+        ):
             return plan
         states = [opt._state_for(p, group, rule) for p in params]
         specs = [
@@ -312,7 +320,15 @@ class FusedStepper:
             for p, state in zip(params, states, strict=True)
         ]
         lists = [[st[k] for k in sp.state_keys] for st, sp in zip(states, specs, strict=True)]
-        plan = _Plan(constants, specs, lists)
+        picks = [
+            rule.kernel_picks(p, p.grad, st, hp, sp.ctx)
+            for p, st, sp in zip(params, states, specs, strict=True)
+        ]
+        kernel = [i for i, pick in enumerate(picks) if pick]
+        compiled = [i for i, pick in enumerate(picks) if not pick]
+        counts = _shared_counts(states)
+        steps = [st["step"] for st in states]
+        plan = _Plan(constants, specs, lists, kernel, compiled, counts, steps)
         self.plans[pid] = plan
         return plan
 
@@ -326,8 +342,8 @@ class FusedStepper:
     ) -> list[Tensor]:
         """Update ``params`` (all with gradients) of one group through compiled buckets.
 
-        Returns the parameters it could not fuse (``fused=None`` and compilation failed); the
-        caller steps those eagerly.
+        Returns the parameters it did not update (``fused=None`` and compilation failed, or a
+        kernel declined a tensor this step); the caller steps those eagerly.
         """
         opt = self.optimizer
         buckets: dict[tuple, list[Tensor]] = {}
@@ -335,8 +351,7 @@ class FusedStepper:
             buckets.setdefault((p.device, p.dtype, opt._dtype(p)), []).append(p)
         leftover: list[Tensor] = []
         for (_device, _pdtype, dtype), ps in buckets.items():
-            if not self._run_bucket(group, hp, rule, ps, dtype, explicit):
-                leftover.extend(ps)
+            leftover.extend(self._run_bucket(group, hp, rule, ps, dtype, explicit))
         return leftover
 
     def _run_bucket(
@@ -347,15 +362,19 @@ class FusedStepper:
         params: list[Tensor],
         dtype: torch.dtype,
         explicit: bool,
-    ) -> bool:
+    ) -> list[Tensor]:
         opt = self.optimizer
         plan = self._plan(group, hp, rule, params)
         states = [opt.state[p] for p in params]
         infos = [opt._infos[id(p)] for p in params]
         # host scalars: exactly the numbers the eager path computes
-        steps = [s["step"] for s in states]
-        torch._foreach_add_(steps, 1.0)
-        step_values = torch.stack(steps).tolist() if len(steps) > 1 else [steps[0].item()]
+        if plan.counts is not None:
+            plan.counts.add_(1.0)
+            step_values = plan.counts.tolist()
+        else:
+            steps = [s["step"] for s in states]
+            torch._foreach_add_(steps, 1.0)
+            step_values = [s.item() for s in steps]
         rows: list[dict[str, float]] = []
         cache: dict[tuple, dict[str, float]] = {}
         for p, state, info, step in zip(params, states, infos, step_values, strict=True):
@@ -366,53 +385,103 @@ class FusedStepper:
                 cache[ck] = {**rule.fused_scalars(hp, int(step)), "keep": 1.0 - decay}
             rows.append(cache[ck])
         names = tuple(sorted(rows[0]))
+        table = [[r[n] for n in names] for r in rows]
         scalar_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-        sc = torch.tensor(
-            [[r[n] for n in names] for r in rows], dtype=scalar_dtype, device=params[0].device
-        )
-        key = plan.keys.get(names)
-        if key is None:  # the compile key, hashed once per bucket: it describes every tensor
-            full = (
-                rule.name,
-                tuple(sorted(plan.constants.items())),
-                dtype,
-                params[0].device.type,
-                names,
-                tuple(
-                    (s.shape, s.param_dtype, s.grad_dtype, s.state_keys, _ctx_key(s.ctx))
-                    for s in plan.specs
-                ),
-            )
-            key = plan.keys[names] = _KEY_IDS.setdefault(full, len(_KEY_IDS))
-        if key in _FAILED and not explicit:
-            torch._foreach_sub_(steps, 1.0)
-            return False
-        fn = _compiled(key, rule, plan.constants, plan.specs, names, dtype)
         grads = [p.grad for p in params]
-        first = key not in self.timings and not getattr(fn, "_optarena_done", False)
+        fn = None
+        if plan.compiled:
+            key = plan.keys.get(names)
+            if key is None:  # the compile key, hashed once per bucket: it describes every tensor
+                full = (
+                    rule.name,
+                    tuple(sorted(plan.constants.items())),
+                    dtype,
+                    params[0].device.type,
+                    names,
+                    tuple(
+                        (s.shape, s.param_dtype, s.grad_dtype, s.state_keys, _ctx_key(s.ctx))
+                        for s in (plan.specs[i] for i in plan.compiled)
+                    ),
+                )
+                key = plan.keys[names] = _KEY_IDS.setdefault(full, len(_KEY_IDS))
+            if key in _FAILED and not explicit:
+                return _give_back(params, states, plan.compiled)
+            specs = [plan.specs[i] for i in plan.compiled]
+            fn = _compiled(key, rule, plan.constants, specs, names, dtype)
+        # the first call compiles (inductor, or numba for a kernel), unless another optimizer
+        # over the same structure did
+        first = not plan.timed and not getattr(fn, "_optarena_done", False)
         start = time.perf_counter()
-        try:
-            fn(params, grads, plan.lists, sc)
-        except Exception as err:
-            if explicit:
-                raise
-            _FAILED.add(key)
-            torch._foreach_sub_(steps, 1.0)
-            warnings.warn(
-                f"optarena: fused step failed to compile ({type(err).__name__}: {err}); "
-                "using the eager path for these parameters",
-                RuntimeWarning,
-                stacklevel=4,
+        leftover: list[Tensor] = []
+        if plan.kernel:  # outside the compiled graph: no guards to check for these tensors
+            pick = plan.kernel
+            done = rule.kernel_step(
+                [params[i] for i in pick],
+                [grads[i] for i in pick],
+                [states[i] for i in pick],
+                hp,
+                [plan.specs[i].ctx for i in pick],
+                np.array([table[i] for i in pick], dtype=np.float64),
+                names,
             )
-            return False
+            declined = [i for i, did in zip(pick, done, strict=True) if not did]
+            leftover = _give_back(params, states, declined)
+        if fn is not None:
+            pick = plan.compiled
+            sc = torch.tensor([table[i] for i in pick], dtype=scalar_dtype, device=params[0].device)
+            try:
+                fn(
+                    [params[i] for i in pick],
+                    [grads[i] for i in pick],
+                    [plan.lists[i] for i in pick],
+                    sc,
+                )
+            except Exception as err:
+                if explicit:
+                    raise
+                _FAILED.add(key)
+                warnings.warn(
+                    f"optarena: fused step failed to compile ({type(err).__name__}: {err}); "
+                    "using the eager path for these parameters",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+                return leftover + _give_back(params, states, pick)
+        plan.timed = True
+        if fn is not None:
+            fn._optarena_done = True  # type: ignore[attr-defined]
         if first:
             elapsed = time.perf_counter() - start
-            fn._optarena_done = True  # type: ignore[attr-defined]
             COMPILE_STATS.seconds += elapsed
             COMPILE_STATS.functions += 1
             COMPILE_STATS.keys.append(f"{rule.name}:{len(params)} tensors")
-            self.timings[key] = elapsed
-        return True
+        return leftover
+
+
+def _shared_counts(states: list[dict[str, Any]]) -> Tensor | None:
+    """One tensor of the bucket's step counts, each state's ``"step"`` made a view of it: a
+    step then adds to it and reads it back in one call each (75 counters one by one cost ~0.2
+    ms). None where the counts are not all 0-d float32 CPU tensors (then one by one)."""
+    steps = [st["step"] for st in states]
+    if not all(
+        isinstance(t, Tensor)
+        and t.dim() == 0
+        and t.dtype == torch.float32
+        and t.device.type == "cpu"
+        for t in steps
+    ):
+        return None
+    counts = torch.stack(steps)
+    for i, st in enumerate(states):
+        st["step"] = counts[i]
+    return counts
+
+
+def _give_back(params: list[Tensor], states: list[dict], indices: list[int]) -> list[Tensor]:
+    """These parameters return to the eager path this step (which counts their step again)."""
+    for i in indices:
+        states[i]["step"] -= 1
+    return [params[i] for i in indices]
 
 
 def bytes_per_param(optimizer: torch.optim.Optimizer) -> float:

@@ -1,9 +1,10 @@
-"""What the CPU kernels written with numba share: whether numba is here, and its threads.
+"""What the CPU kernels written with numba share: whether numba is here, its threads, and
+the tensors' addresses.
 
-The fast path calls these kernels (``square_sums.py``, ``block_adam.py``) from inside its
-compiled graphs, where inductor would read a tensor twice. They run only on CPU, for float32 and
-float64 contiguous tensors, and only where numba is installed; everything else keeps the torch
-expression, which computes the same numbers.
+The fast path calls these kernels (``factored_adam.py``, ``block_adam.py``) for the tensors
+where inductor would read a tensor twice, outside its compiled graph. They run only on CPU, for
+float32 and float64 contiguous tensors, and only where numba is installed; everything else
+keeps the torch expression, which computes the same numbers.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import importlib.util
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -34,9 +36,9 @@ def plain_cpu(*tensors: Tensor | None) -> bool:
     return HAVE_NUMBA and dtype in DTYPES
 
 
-def array(t: Tensor) -> Any:
-    """``t``'s memory as a numpy array (no copy), detached if it requires grad."""
-    return (t.detach() if t.requires_grad else t).numpy()
+def numpy_dtype(t: Tensor) -> Any:
+    """The numpy dtype of a tensor of one of :data:`DTYPES`."""
+    return np.float32 if t.dtype == torch.float32 else np.float64
 
 
 @functools.cache

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -143,19 +144,32 @@ class Rule:
         would otherwise be recomputed for every entry of the update)."""
         return 1
 
-    def fused_apply(
-        self, params: list[Tensor], unpacked: list[tuple], group: dict, ctxs: list[Any]
+    def kernel_picks(self, p: Tensor, g: Tensor, state: dict, group: dict, ctx: Any) -> bool:
+        """Whether :meth:`kernel_step` updates this tensor on the fast path (decided when the
+        fast path plans a bucket); the compiled function updates the others."""
+        return False
+
+    def kernel_step(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        states: list[dict],
+        group: dict,
+        ctxs: list[Any],
+        scalars: np.ndarray,
+        names: tuple[str, ...],
     ) -> list[bool]:
-        """Whole updates a kernel makes for several tensors of the bucket at once (parameter
-        and state in place), before the traced per-tensor updates; True where done.
-        ``unpacked`` holds each tensor's ``(g, state, sc)``."""
-        return [False] * len(params)
+        """Update the picked tensors (parameter and state, in place) with a kernel, outside
+        the compiled graph (no guards to check). ``scalars``: each tensor's host scalars
+        (float64, columns ``names``). False where a tensor no longer qualifies this step (a
+        gradient that is not contiguous): it then takes the eager path."""
+        raise NotImplementedError
 
     def fused_prepare(
         self, g: Tensor, p: Tensor, state: dict, group: dict, sc: dict, ctx: Any
     ) -> Any:
         """What :meth:`fused_direction` receives as ``prepared``; None: nothing, and nothing
-        done (the tensor is then updated unprepared, or by :meth:`fused_apply`)."""
+        done (the tensor is then updated unprepared)."""
         raise NotImplementedError
 
 
@@ -284,63 +298,60 @@ class AdaptiveMoment(Rule):
     def fused_phases(self, group):
         return 2 if group["granularity"] == "factored" and not group["precondition_steps"] else 1
 
-    def fused_apply(self, params, unpacked, group, ctxs):
-        # On CPU each matrix's whole update is one kernel, where inductor would read g twice
-        # (from memory for Adalayer's and Adafactor's whole-tensor statistics, from cache for
-        # Adam-mini's rows and heads, after a separate reduction loop): block moments whose
-        # blocks are runs of rows (block_adam.py), factored ones (factored_adam.py)
-        beta1, beta2 = group["betas"]
-        done = [False] * len(params)
+    # On CPU each matrix's whole update is one kernel, where inductor would read g twice (from
+    # memory for Adalayer's and Adafactor's whole-tensor statistics, from cache for Adam-mini's
+    # rows and heads, after a separate reduction loop): block moments whose blocks are runs of
+    # rows (block_adam.py), factored ones (factored_adam.py)
+
+    def kernel_picks(self, p, g, state, group, ctx):
         if group["precondition_steps"]:
-            return done
+            return False
         if group["granularity"] == "factored":
-            picked = [i for i, p in enumerate(params) if _factored(p, *unpacked[i][:2])]
-            if picked:
-                names = ("size", "bc2", "keep")
-                factored_adam.step_(
-                    [params[i] for i in picked],
-                    [unpacked[i][0] for i in picked],
-                    [unpacked[i][1]["exp_avg"] for i in picked] if beta1 > 0 else None,
-                    [unpacked[i][1]["exp_avg_sq_0"] for i in picked],
-                    [unpacked[i][1]["exp_avg_sq_1"] for i in picked],
-                    _scalar_rows(unpacked, picked, names),
-                    beta1,
-                    beta2,
-                    group["eps"],
-                )
-            return [i in picked for i in range(len(params))]
-        if group["granularity"] not in ("layer", "adam-mini") or beta1 <= 0:
-            return done
-        picked, layouts = [], []
-        for i, (p, (g, state, _sc)) in enumerate(zip(params, unpacked, strict=True)):
-            rows = block_adam.row_blocks(ctxs[i].layout, tuple(p.shape))
-            m, v = state.get("exp_avg"), state.get("exp_avg_sq")
-            if m is not None and v is not None and block_adam.applies(p, g, m, v, rows):
-                picked.append(i)
-                layouts.append(rows)
+            return _factored(p, g, state)
+        if group["granularity"] in ("layer", "adam-mini") and group["betas"][0] > 0:
+            return _row_blocks(p, g, state, ctx) is not None
+        return False
+
+    def kernel_step(self, params, grads, states, group, ctxs, scalars, names):
+        # the tensors and states were checked when the bucket was planned; a gradient may
+        # have other strides from one step to the next
+        done = [p.is_contiguous() and g.is_contiguous() for p, g in zip(params, grads, strict=True)]
+        picked = [i for i, ok in enumerate(done) if ok]
         if not picked:
             return done
-        block_adam.step_(
-            [params[i] for i in picked],
-            [unpacked[i][0] for i in picked],
-            [unpacked[i][1]["exp_avg"] for i in picked],
-            [unpacked[i][1]["exp_avg_sq"] for i in picked],
-            _scalar_rows(unpacked, picked, ("folded_size", "folded_eps", "keep")),
-            layouts,
-            beta1,
-            beta2,
-        )
-        for i in picked:
-            done[i] = True
+        beta1, beta2 = group["betas"]
+        ps, gs = [params[i] for i in picked], [grads[i] for i in picked]
+        sts = [states[i] for i in picked]
+        if group["granularity"] == "factored":
+            factored_adam.step_(
+                ps,
+                gs,
+                [st["exp_avg"] for st in sts] if beta1 > 0 else None,
+                [st["exp_avg_sq_0"] for st in sts],
+                [st["exp_avg_sq_1"] for st in sts],
+                _columns(scalars[picked], names, ("size", "bc2", "keep")),
+                beta1,
+                beta2,
+                group["eps"],
+            )
+        else:
+            block_adam.step_(
+                ps,
+                gs,
+                [st["exp_avg"] for st in sts],
+                [st["exp_avg_sq"] for st in sts],
+                _columns(scalars[picked], names, ("folded_size", "folded_eps", "keep")),
+                [block_adam.row_blocks(ctxs[i].layout, tuple(params[i].shape)) for i in picked],
+                beta1,
+                beta2,
+            )
         return done
 
     def fused_prepare(self, g, p, state, group, sc, ctx):
         # Adafactor: the factors and the roots of V in a graph of their own, so that the update
         # pass reads one root per row and column instead of recomputing them for every entry
-        if g.dim() < 2 or _factored(p, g, state):
-            # nothing to share: one root for the whole tensor, or fused_apply's kernel makes
-            # the whole update
-            return None
+        if g.dim() < 2:
+            return None  # one root for the whole tensor: nothing to share
         ctx.update_(state, g, group["betas"][1])
         return ctx.roots(state, g.dim(), sc["bc2"])
 
@@ -365,16 +376,25 @@ class AdaptiveMoment(Rule):
 
 
 def _factored(p: Tensor, g: Tensor, state: dict) -> bool:
-    """Whether ``factored_adam``'s kernel makes this parameter's whole fast-path update."""
+    """Whether ``factored_adam``'s kernel can make this parameter's whole update."""
     rows, cols = state.get("exp_avg_sq_0"), state.get("exp_avg_sq_1")
     if rows is None or cols is None:
         return False
     return factored_adam.applies(p, g, state.get("exp_avg"), rows, cols)
 
 
-def _scalar_rows(unpacked: list[tuple], picked: list[int], names: tuple[str, ...]) -> Tensor:
-    """The named host scalars of the picked tensors as one ``(len(picked), len(names))`` tensor."""
-    return torch.stack([torch.stack([unpacked[i][2][k] for k in names]) for i in picked])
+def _row_blocks(p: Tensor, g: Tensor, state: dict, ctx: Any) -> tuple[int, ...] | None:
+    """The blocks ``block_adam``'s kernel takes for this parameter, or None where it cannot."""
+    rows = block_adam.row_blocks(ctx.layout, tuple(p.shape))
+    m, v = state.get("exp_avg"), state.get("exp_avg_sq")
+    if m is None or v is None or not block_adam.applies(p, g, m, v, rows):
+        return None
+    return rows
+
+
+def _columns(scalars: np.ndarray, names: tuple[str, ...], wanted: tuple[str, ...]) -> np.ndarray:
+    """The ``wanted`` columns of a table of host scalars whose columns are ``names``."""
+    return scalars[:, [names.index(n) for n in wanted]]
 
 
 # --------------------------------------------------------------------------- SGD
