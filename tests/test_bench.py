@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from optarena.bench import step
 from optarena.bench.shapes import Shape, num_params, parse_shape
 from optarena.cli import main
 from optarena.optim.fused import compile_available
@@ -22,6 +23,15 @@ def test_shapes() -> None:
     assert parse_shape("d_model=64,n_layers=2").n_layers == 2
     with pytest.raises(ValueError, match="invalid shape"):
         parse_shape("width=3")
+
+
+def test_ratios_pair_the_rounds() -> None:
+    """A ratio is the median over rounds of two times taken back to back: a slow moment that
+    hits both candidates of a round cancels (the ratio of the two medians would read 10)."""
+    a = step.Candidate("a", "fused", lambda: None, times=[1.0, 10.0, 10.0])
+    b = step.Candidate("b", "probe", lambda: None, times=[1.0, 1.0, 10.0])
+    assert step._paired(a, b) == 1.0
+    assert a.median_ms / b.median_ms == 10.0
 
 
 def test_bench_step_eager_with_references(tmp_path: Path, capsys) -> None:

@@ -231,7 +231,8 @@ def bench_optimizer(
     )
     for c in ours:
         row[f"{c.kind}_ms"] = c.median_ms
-        row[f"{c.kind}_vs_bound"] = c.median_ms / bound_ms
+        # bound of round r: the model's bytes at the probe's rate in that round
+        row[f"{c.kind}_vs_bound"] = _paired(c, probe) * probe_bytes / (bpp * numel)
         if c.kind == "fused":
             row["compile_s"] = c.compile_s
             row["first_step_s"] = c.first_s
@@ -246,12 +247,19 @@ def bench_optimizer(
             ref["ms"] = c.median_ms
             ref["state_bytes_per_param"] = state_bytes(c.optimizer) / numel
             for o in ours:
-                ref[f"{o.kind}_ratio"] = o.median_ms / c.median_ms
+                ref[f"{o.kind}_ratio"] = _paired(o, c)
         refs.append(ref)
     row["references"] = refs
     del cands, live, probe
     gc.collect()
     return row
+
+
+def _paired(a: Candidate, b: Candidate) -> float:
+    """The median over rounds of ``a``'s time over ``b``'s in the same round: the two ran
+    back to back, so the VM's drift (up to 2x within a run) hits both alike; a ratio of the
+    two medians could pair a fast moment of one with a slow moment of the other."""
+    return statistics.median(x / y for x, y in zip(a.times, b.times, strict=True))
 
 
 def default_optimizers() -> list[str]:
