@@ -112,3 +112,30 @@ def test_torch_keeps_its_thread_count() -> None:
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     )
     assert out.stdout.split()[-1] == str(threads)
+
+
+def test_kernels_are_cached_on_disk(tmp_path: Path) -> None:
+    """Both CPU kernels compile once and load from numba's disk cache afterwards (a kernel that
+    numba cannot cache, e.g. one calling ``numba.get_num_threads()``, recompiles for seconds in
+    every process). A fresh cache directory, a fresh process, twice."""
+    code = (
+        "import warnings, torch, numpy as np\n"
+        "from optarena.optim import block_adam, blocks, factored_adam\n"
+        "warnings.simplefilter('error')\n"
+        "t = lambda *s: torch.zeros(s)\n"
+        "rows = block_adam.row_blocks(blocks.tensor_layout((130, 8)), (130, 8))\n"
+        "block_adam.step_([t(130, 8)], [t(130, 8)], [t(130, 8)], [t(1)], np.ones((1, 3)),"
+        " [rows], 0.9, 0.95)\n"
+        "factored_adam.step_([t(130, 9)], [t(130, 9)], None, [t(130, 1)], [t(1, 9)],"
+        " np.ones((1, 3)), 0.0, 0.9, 1e-8)\n"
+        "print(*(sum(m._kernel().stats.cache_hits.values()) for m in (block_adam, factored_adam)))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(SRC), "NUMBA_CACHE_DIR": str(tmp_path)}
+    runs = [
+        subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        for _ in range(2)
+    ]
+    for run in runs:
+        assert run.returncode == 0, run.stderr[-2000:]
+    assert runs[0].stdout.split() == ["0", "0"]
+    assert [int(x) > 0 for x in runs[1].stdout.split()] == [True, True]

@@ -11,7 +11,8 @@ time:
 1. ``m = lerp(m, g, 1-β1)`` and each block's sum of ``g²`` (float64), in parallel chunks of
    rows: one read-write stream over g and m;
 2. ``v_b = β2 v_b + (1-β2) mean``, then ``θ = keep·θ - size · m / (√v_b + ε)``, reading the
-   m it has just written (from cache for all but the largest tensors) instead of g.
+   m it has just written instead of g: each thread its own rows of pass 1, last first, so from
+   its cache for all but the largest tensors.
 
 Blocks of at most ROW_CHUNK rows (Adam-mini's heads and rows) do both passes per block while it
 is in L1: one pass over memory. ``size`` and ``ε`` are the fast path's folded scalars (bias
@@ -87,75 +88,11 @@ def _bucket(layouts: tuple[tuple[int, ...], ...]) -> tuple[np.ndarray, np.ndarra
 
 @functools.cache
 def _kernel() -> Any:
-    """The numba kernel, compiled on first call and cached on disk."""
-    import numba
+    """The numba kernel (``numba_kernels.block_adam``), compiled on first call, cached on
+    disk."""
+    from optarena.optim import numba_kernels
 
-    pointer = numba_support.pointer()
-    inner = numba.njit(fastmath=True, cache=True, boundscheck=False, error_model="numpy")
-
-    @inner
-    def momentum_and_sum(g, m, w, lo, hi):  # pragma: no cover - machine code
-        total = 0.0
-        for i in range(lo, hi):
-            gi = g[i]
-            mi = m[i]
-            s = gi[0] * 0  # a zero of g's dtype: the row adds in its vector lanes
-            for j in range(g.shape[1]):
-                x = gi[j]
-                mi[j] += (x - mi[j]) * w
-                s += x * x
-            total += s
-        return total
-
-    @inner
-    def update(p, m, keep, d, lo, hi):  # pragma: no cover - machine code
-        for i in range(lo, hi):
-            pi = p[i]
-            mi = m[i]
-            for j in range(p.shape[1]):
-                pi[j] = pi[j] * keep - mi[j] * d
-
-    @inner
-    def new_v(v, b, total, count, beta2):  # pragma: no cover - machine code
-        # v = β2 v + (1-β2) mean, with (1-β2) rounded once as torch rounds add_'s alpha
-        dtype = v.dtype.type
-        v[b] = v[b] * dtype(beta2) + dtype(total / count) * dtype(1.0 - beta2)
-        return v[b]
-
-    @numba.njit(parallel=True, fastmath=True, cache=True, boundscheck=False, error_model="numpy")
-    def step(table, spans, all_items, sc, w1, beta2):  # pragma: no cover - machine code
-        dtype = sc.dtype.type
-        w = dtype(w1)
-        for t in range(table.shape[0]):
-            n, c = table[t, 4], table[t, 5]
-            g = numba.carray(pointer(table[t, 0], sc), (n, c))
-            m = numba.carray(pointer(table[t, 1], sc), (n, c))
-            p = numba.carray(pointer(table[t, 2], sc), (n, c))
-            v = numba.carray(pointer(table[t, 3], sc), spans[t, 3])
-            items = all_items[spans[t, 0] : spans[t, 1]]
-            size, eps, keep = sc[t, 0], sc[t, 1], sc[t, 2]
-            if spans[t, 2]:  # every block one item: both passes while it is in cache
-                for k in numba.prange(items.shape[0]):
-                    lo, hi, b = items[k, 0], items[k, 1], items[k, 2]
-                    total = momentum_and_sum(g, m, w, lo, hi)
-                    vb = new_v(v, b, total, (hi - lo) * c, beta2)
-                    update(p, m, keep, dtype(size / (np.sqrt(vb) + eps)), lo, hi)
-                continue
-            partial = np.empty(items.shape[0])
-            for k in numba.prange(items.shape[0]):
-                partial[k] = momentum_and_sum(g, m, w, items[k, 0], items[k, 1])
-            totals = np.zeros(v.shape[0])
-            rows = np.zeros(v.shape[0])
-            for k in range(items.shape[0]):
-                totals[items[k, 2]] += partial[k]
-                rows[items[k, 2]] += items[k, 1] - items[k, 0]
-            d = np.empty(v.shape[0], sc.dtype)
-            for b in range(v.shape[0]):
-                d[b] = size / (np.sqrt(new_v(v, b, totals[b], rows[b] * c, beta2)) + eps)
-            for k in numba.prange(items.shape[0]):
-                update(p, m, keep, d[items[k, 2]], items[k, 0], items[k, 1])
-
-    return step
+    return numba_kernels.block_adam
 
 
 def step_(
@@ -181,4 +118,4 @@ def step_(
         table[i] = (g.data_ptr(), ms[i].data_ptr(), ps[i].data_ptr(), vs[i].data_ptr(), *g.shape)
     sc = np.ascontiguousarray(scalars, dtype=numba_support.numpy_dtype(gs[0]))
     with numba_support.threads():
-        _kernel()(table, spans, items, sc, 1.0 - beta1, beta2)
+        _kernel()(table, spans, items, sc, 1.0 - beta1, beta2, numba_support.workers())

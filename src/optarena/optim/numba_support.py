@@ -1,5 +1,5 @@
-"""What the CPU kernels written with numba share: whether numba is here, its threads, and
-the tensors' addresses.
+"""What the CPU kernels written with numba (``numba_kernels.py``) share on the torch side:
+whether numba is here, which tensors it takes, and its threads.
 
 The fast path calls these kernels (``factored_adam.py``, ``block_adam.py``) for the tensors
 where inductor would read a tensor twice, outside its compiled graph. They run only on CPU, for
@@ -10,7 +10,6 @@ keeps the torch expression, which computes the same numbers.
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 from collections.abc import Iterator
 from typing import Any
@@ -41,24 +40,12 @@ def numpy_dtype(t: Tensor) -> Any:
     return np.float32 if t.dtype == torch.float32 else np.float64
 
 
-@functools.cache
-def pointer() -> Any:
-    """A numba intrinsic: ``pointer(address, like)`` is a pointer to ``like``'s dtype at an
-    integer address (``Tensor.data_ptr()``), for ``numba.carray``: a kernel then takes a whole
-    bucket's tensors as one table of addresses, in one call."""
-    from numba.core import types
-    from numba.extending import intrinsic
+def workers() -> int:
+    """numba's thread count, for a kernel that splits its work itself (inside a kernel,
+    ``numba.get_num_threads()`` would keep numba from caching it on disk)."""
+    import numba
 
-    @intrinsic
-    def pointer(typingctx, address, like):
-        ptr = types.CPointer(like.dtype)
-
-        def codegen(context, builder, signature, args):
-            return builder.inttoptr(args[0], context.get_value_type(ptr))
-
-        return ptr(address, like), codegen
-
-    return pointer
+    return numba.get_num_threads()
 
 
 @contextlib.contextmanager
