@@ -206,25 +206,9 @@ class FactoredSecondMoment:
             for i in range(g.dim())
         }
 
-    @staticmethod
-    def stats_from_sums(rows: Tensor, chunks: Tensor, shape: torch.Size) -> dict[str, Tensor]:
-        """The two factors' statistics of a matrix from its sums of g² per row and per chunk of
-        rows (``optarena.optim.square_sums``): the same numbers as :func:`mean_over`'s."""
-        n, c = shape
-        return {
-            "exp_avg_sq_0": (rows.to(torch.float64) / c).to(rows.dtype).unsqueeze(1),
-            "exp_avg_sq_1": (chunks.sum(0, keepdim=True, dtype=torch.float64) / n).to(rows.dtype),
-        }
-
-    def update_(
-        self,
-        state: dict[str, Tensor],
-        g: Tensor,
-        beta2: float,
-        stats: dict[str, Tensor] | None = None,
-    ) -> None:
-        """EMA of the factors' statistics, those of ``g`` unless given (``stats``)."""
-        for key, stat in (stats or self._stats(g, shard_of(state))).items():
+    def update_(self, state: dict[str, Tensor], g: Tensor, beta2: float) -> None:
+        """EMA of the factors' statistics."""
+        for key, stat in self._stats(g, shard_of(state)).items():
             state[key].mul_(beta2).add_(stat, alpha=1.0 - beta2)
 
     def average_(self, state: dict[str, Tensor], g: Tensor, count: int) -> None:
