@@ -4,10 +4,11 @@ against the reference implementations, measured in one process.
 An optimizer step streams parameters, gradients and state through memory once; its floor is
 ``bytes moved / bandwidth``. The bandwidth comes from a probe (in-place add ``θ += g`` over a
 copy of the model's tensors, 12 bytes per element) timed in the same rounds as the optimizers.
-Every candidate of one optimizer (our fast path, our eager path, each reference, the probe) is
-timed alternately, one step each per round (A B C A B C ...), so that the drift of a
-shared machine (±40% between back-to-back runs on the project's 2-core CPU) hits all alike; the
-figures are medians over the rounds after warm-up steps.
+Every candidate of one optimizer (our fast path, our eager path, each reference) is timed
+alternately, one step each per round, with the probe right after each (A P B P C P A P ...), so
+that the drift of a shared machine (±40% between back-to-back runs on the project's 2-core CPU)
+hits all alike; times are medians over the rounds after warm-up steps, ratios medians of the
+ratios within a round (a step over the probe right after it, ours over a reference).
 """
 
 from __future__ import annotations
@@ -99,6 +100,7 @@ class Candidate:
     run: Callable[[], Any]
     optimizer: torch.optim.Optimizer | None = None
     times: list[float] = field(default_factory=list)
+    probe_times: list[float] = field(default_factory=list)  # the probe's, right after each
     first_s: float = 0.0
     compile_s: float = 0.0
     error: str = ""
@@ -206,13 +208,17 @@ def bench_optimizer(
                 c.first_s = time.perf_counter() - t
         c.compile_s = COMPILE_STATS.seconds - before
         log(f"  warmed {c.name} (first step {c.first_s:.2f} s)")
+    others = [c for c in live if c is not probe]
     for _ in range(steps):
-        for c in live:
-            _sync(device)
-            t = time.perf_counter()
-            c.run()
-            _sync(device)
-            c.times.append(time.perf_counter() - t)
+        for c in others or [None]:
+            for timed in (c, probe) if c else (probe,):
+                _sync(device)
+                t = time.perf_counter()
+                timed.run()
+                _sync(device)
+                timed.times.append(time.perf_counter() - t)
+            if c:
+                c.probe_times.append(probe.times[-1])
     bandwidth = probe_bytes / (probe.median_ms / 1e3)
     row: dict[str, Any] = {
         "optimizer": name,
@@ -231,8 +237,9 @@ def bench_optimizer(
     )
     for c in ours:
         row[f"{c.kind}_ms"] = c.median_ms
-        # bound of round r: the model's bytes at the probe's rate in that round
-        row[f"{c.kind}_vs_bound"] = _paired(c, probe) * probe_bytes / (bpp * numel)
+        # the bound of a step: the model's bytes at the rate of the probe right after it
+        per_round = statistics.median(x / y for x, y in zip(c.times, c.probe_times, strict=True))
+        row[f"{c.kind}_vs_bound"] = per_round * probe_bytes / (bpp * numel)
         if c.kind == "fused":
             row["compile_s"] = c.compile_s
             row["first_step_s"] = c.first_s
@@ -257,7 +264,7 @@ def bench_optimizer(
 
 def _paired(a: Candidate, b: Candidate) -> float:
     """The median over rounds of ``a``'s time over ``b``'s in the same round: the two ran
-    back to back, so the VM's drift (up to 2x within a run) hits both alike; a ratio of the
+    close together, so the VM's drift (up to 2x within a run) hits both alike; a ratio of the
     two medians could pair a fast moment of one with a slow moment of the other."""
     return statistics.median(x / y for x, y in zip(a.times, b.times, strict=True))
 
