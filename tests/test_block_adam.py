@@ -17,6 +17,7 @@ CASES = [
     ((50, 8), blocks.tensor_layout((50, 8))),
     ((3 * ROW_CHUNK + 5, 12), blocks.tensor_layout((3 * ROW_CHUNK + 5, 12))),
     ((144, 8), blocks.split_layout((144, 8), 0, [(2 * ROW_CHUNK, 1), (16, 16)])),
+    ((37,), blocks.tensor_layout((37,))),  # a vector with one block (a LayerNorm weight)
 ]
 
 
@@ -60,9 +61,9 @@ def test_row_blocks_only_for_runs_of_rows() -> None:
     assert block_adam.row_blocks(blocks.tensor_layout((6, 4)), (6, 4)) == (0, 6, 1)
     split = blocks.split_layout((6, 4), 0, [(4, 2), (2, 1)])
     assert block_adam.row_blocks(split, (6, 4)) == (0, 2, 2, 4, 2, 1)
-    # a Conv1D weight's neurons are columns; 1-D tensors and per-element moments are not blocks
+    # a Conv1D weight's neurons are columns; per-element moments are not blocks
     assert block_adam.row_blocks(blocks.rows_layout((6, 4), out_dim=1), (6, 4)) is None
-    assert block_adam.row_blocks(blocks.tensor_layout((6,)), (6,)) is None
+    assert block_adam.row_blocks(blocks.tensor_layout((6,)), (6,)) == block_adam.VECTOR
     assert block_adam.row_blocks(blocks.element_layout(), (6, 4)) is None
 
 

@@ -34,11 +34,19 @@ from torch import Tensor
 from optarena.optim import numba_support
 from optarena.optim.blocks import ROW_CHUNK, BlockLayout
 
+VECTOR = (0, 1, 1)  # the blocks of a vector with one second moment: the kernel's one row
 
+
+@functools.lru_cache(maxsize=4096)
 def row_blocks(layout: BlockLayout, shape: tuple[int, ...]) -> tuple[int, ...] | None:
     """The layout's blocks as ``(first row, rows per block, blocks)`` per segment, flattened;
-    None when a block is not a run of whole rows of this 2-D shape."""
-    if len(shape) != 2 or layout.elementwise:
+    None when a block is not a run of whole rows of this 2-D shape. A vector with one block
+    (a LayerNorm weight) is one row: :data:`VECTOR`."""
+    if layout.elementwise:
+        return None
+    if len(shape) == 1:
+        return VECTOR if layout.num_blocks(shape) == 1 else None
+    if len(shape) != 2:
         return None
     out: list[int] = []
     for s in layout.segments:
@@ -95,6 +103,11 @@ def _kernel() -> Any:
     return numba_kernels.block_adam
 
 
+def _rows_cols(g: Tensor) -> tuple[int, int]:
+    """The shape the kernel sees: a matrix as it is, a vector as one row."""
+    return (g.shape[0], g.shape[1]) if g.dim() == 2 else (1, g.numel())
+
+
 def step_(
     ps: list[Tensor],
     gs: list[Tensor],
@@ -113,9 +126,13 @@ def step_(
     cost ~10 µs of dispatch and conversions).
     """
     items, spans = _bucket(tuple(blocks))
-    table = np.empty((len(ps), 6), dtype=np.int64)
-    for i, g in enumerate(gs):
-        table[i] = (g.data_ptr(), ms[i].data_ptr(), ps[i].data_ptr(), vs[i].data_ptr(), *g.shape)
+    table = np.array(
+        [
+            (g.data_ptr(), m.data_ptr(), p.data_ptr(), v.data_ptr(), *_rows_cols(g))
+            for p, g, m, v in zip(ps, gs, ms, vs, strict=True)
+        ],
+        dtype=np.int64,
+    )
     sc = np.ascontiguousarray(scalars, dtype=numba_support.numpy_dtype(gs[0]))
     with numba_support.threads():
         _kernel()(table, spans, items, sc, 1.0 - beta1, beta2, numba_support.workers())

@@ -304,13 +304,11 @@ class AdaptiveMoment(Rule):
     # rows (block_adam.py), factored ones (factored_adam.py)
 
     def kernel_picks(self, p, g, state, group, ctx):
-        if group["precondition_steps"]:
+        if group["precondition_steps"] or group["granularity"] == "element":
             return False
-        if group["granularity"] == "factored":
+        if group["granularity"] == "factored" and p.dim() == 2:
             return _factored(p, g, state)
-        if group["granularity"] in ("layer", "adam-mini") and group["betas"][0] > 0:
-            return _row_blocks(p, g, state, ctx) is not None
-        return False
+        return group["betas"][0] > 0 and _row_blocks(p, g, state, ctx) is not None
 
     def kernel_step(self, params, grads, states, group, ctxs, scalars, names):
         # the tensors and states were checked when the bucket was planned; a gradient may
@@ -320,28 +318,30 @@ class AdaptiveMoment(Rule):
         if not picked:
             return done
         beta1, beta2 = group["betas"]
-        ps, gs = [params[i] for i in picked], [grads[i] for i in picked]
-        sts = [states[i] for i in picked]
-        if group["granularity"] == "factored":
+        factored = [i for i in picked if "exp_avg_sq_0" in states[i]]
+        blocked = [i for i in picked if "exp_avg_sq_0" not in states[i]]
+        if factored:
+            sts = [states[i] for i in factored]
             factored_adam.step_(
-                ps,
-                gs,
+                [params[i] for i in factored],
+                [grads[i] for i in factored],
                 [st["exp_avg"] for st in sts] if beta1 > 0 else None,
                 [st["exp_avg_sq_0"] for st in sts],
                 [st["exp_avg_sq_1"] for st in sts],
-                _columns(scalars[picked], names, ("size", "bc2", "keep")),
+                _columns(scalars[factored], names, ("size", "bc2", "keep")),
                 beta1,
                 beta2,
                 group["eps"],
             )
-        else:
+        if blocked:
+            sts = [states[i] for i in blocked]
             block_adam.step_(
-                ps,
-                gs,
+                [params[i] for i in blocked],
+                [grads[i] for i in blocked],
                 [st["exp_avg"] for st in sts],
                 [st["exp_avg_sq"] for st in sts],
-                _columns(scalars[picked], names, ("folded_size", "folded_eps", "keep")),
-                [block_adam.row_blocks(ctxs[i].layout, tuple(params[i].shape)) for i in picked],
+                _columns(scalars[blocked], names, ("folded_size", "folded_eps", "keep")),
+                [_blocks_of(params[i], ctxs[i]) for i in blocked],
                 beta1,
                 beta2,
             )
@@ -383,9 +383,17 @@ def _factored(p: Tensor, g: Tensor, state: dict) -> bool:
     return factored_adam.applies(p, g, state.get("exp_avg"), rows, cols)
 
 
+def _blocks_of(p: Tensor, ctx: Any) -> tuple[int, ...] | None:
+    """A parameter's blocks as ``block_adam`` takes them: a factored moment keeps one value
+    for a vector (one block), a block moment has its layout."""
+    if isinstance(ctx, FactoredSecondMoment):
+        return block_adam.VECTOR if p.dim() == 1 else None
+    return block_adam.row_blocks(ctx.layout, tuple(p.shape))
+
+
 def _row_blocks(p: Tensor, g: Tensor, state: dict, ctx: Any) -> tuple[int, ...] | None:
     """The blocks ``block_adam``'s kernel takes for this parameter, or None where it cannot."""
-    rows = block_adam.row_blocks(ctx.layout, tuple(p.shape))
+    rows = _blocks_of(p, ctx)
     m, v = state.get("exp_avg"), state.get("exp_avg_sq")
     if m is None or v is None or not block_adam.applies(p, g, m, v, rows):
         return None
