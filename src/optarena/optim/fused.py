@@ -11,7 +11,10 @@ statistics included (Adam-mini rows and heads, Adalayer tensors, Adafactor facto
 two loops over memory. A rule with ``fused_phases() == 2`` (Adafactor) gets two compiled functions
 per bucket: ``fused_prepare`` (its small statistics) and then the update, which reads them.
 Groups that torch's own fused kernels implement exactly (AdamW, SGD on plain CPU tensors) never
-reach this module (``kernels.py``).
+reach this module (``kernels.py``). Tensors that a rule's own CPU kernel updates better than
+inductor would (``Rule.kernel_picks``: Adam-mini, Adalayer and Adafactor, whose statistics made
+inductor read g twice; ``block_adam.py``, ``factored_adam.py``) are stepped by that kernel,
+outside the compiled function (``Rule.kernel_step``); the compiled function takes the rest.
 
 Everything that changes between steps (lr, bias corrections, Sophia's ``rho·bs``, first-step and
 phase flags) is computed on the host, as the eager path computes it, and passed as one small
