@@ -208,17 +208,22 @@ def bench_optimizer(
                 c.first_s = time.perf_counter() - t
         c.compile_s = COMPILE_STATS.seconds - before
         log(f"  warmed {c.name} (first step {c.first_s:.2f} s)")
+
+    def timed(c: Candidate) -> float:
+        _sync(device)
+        t = time.perf_counter()
+        c.run()
+        _sync(device)
+        c.times.append(time.perf_counter() - t)
+        return c.times[-1]
+
     others = [c for c in live if c is not probe]
     for _ in range(steps):
-        for c in others or [None]:
-            for timed in (c, probe) if c else (probe,):
-                _sync(device)
-                t = time.perf_counter()
-                timed.run()
-                _sync(device)
-                timed.times.append(time.perf_counter() - t)
-            if c:
-                c.probe_times.append(probe.times[-1])
+        for c in others:
+            timed(c)
+            c.probe_times.append(timed(probe))
+        if not others:
+            timed(probe)
     bandwidth = probe_bytes / (probe.median_ms / 1e3)
     row: dict[str, Any] = {
         "optimizer": name,
@@ -238,8 +243,9 @@ def bench_optimizer(
     for c in ours:
         row[f"{c.kind}_ms"] = c.median_ms
         # the bound of a step: the model's bytes at the rate of the probe right after it
-        per_round = statistics.median(x / y for x, y in zip(c.times, c.probe_times, strict=True))
-        row[f"{c.kind}_vs_bound"] = per_round * probe_bytes / (bpp * numel)
+        row[f"{c.kind}_vs_bound"] = (
+            _median_ratio(c.times, c.probe_times) * probe_bytes / (bpp * numel)
+        )
         if c.kind == "fused":
             row["compile_s"] = c.compile_s
             row["first_step_s"] = c.first_s
@@ -254,7 +260,7 @@ def bench_optimizer(
             ref["ms"] = c.median_ms
             ref["state_bytes_per_param"] = state_bytes(c.optimizer) / numel
             for o in ours:
-                ref[f"{o.kind}_ratio"] = _paired(o, c)
+                ref[f"{o.kind}_ratio"] = _median_ratio(o.times, c.times)
         refs.append(ref)
     row["references"] = refs
     del cands, live, probe
@@ -262,11 +268,11 @@ def bench_optimizer(
     return row
 
 
-def _paired(a: Candidate, b: Candidate) -> float:
+def _median_ratio(a: Sequence[float], b: Sequence[float]) -> float:
     """The median over rounds of ``a``'s time over ``b``'s in the same round: the two ran
     close together, so the VM's drift (up to 2x within a run) hits both alike; a ratio of the
     two medians could pair a fast moment of one with a slow moment of the other."""
-    return statistics.median(x / y for x, y in zip(a.times, b.times, strict=True))
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))
 
 
 def default_optimizers() -> list[str]:

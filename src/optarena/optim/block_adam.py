@@ -19,8 +19,9 @@ is in L1: one pass over memory. ``size`` and ``ε`` are the fast path's folded s
 corrections included, see ``rules.AdaptiveMoment.fused_scalars``) and ``keep = 1 - lr·λ``: the
 same update as the compiled expression, to float32 rounding. Blocks are runs of consecutive rows
 (``Segment`` along dim 0), which covers every Adalayer and Adam-mini layout of a ``nn.Linear``
-or embedding weight; anything else (per-column blocks, 1-D tensors, bfloat16) keeps the
-compiled expression. A bucket's tensors go to the kernel in one call, as a table of addresses.
+or embedding weight; a vector with one second moment (a LayerNorm weight, Adafactor's
+unfactored vectors) is one row. Anything else (per-column blocks, bfloat16) keeps the compiled
+expression. A bucket's tensors go to the kernel in one call, as a table of addresses.
 """
 
 from __future__ import annotations

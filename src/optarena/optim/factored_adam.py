@@ -21,8 +21,9 @@ outside its compiled graph) takes one matrix at a time:
 Without a momentum (``β1 = 0``) pass 1 only reads ``g`` and pass 3 reads ``g`` again. ``size``
 is the step size with the first bias correction, ``bc2`` the second, ``keep = 1 - lr·λ``: the
 same numbers as the compiled expression, to float32 rounding. CPU, float32/float64, contiguous
-matrices of one dtype, numba installed (``numba_support.py``); anything else (1-D tensors,
-bfloat16 parameters, CUDA) keeps the compiled expression.
+matrices of one dtype, numba installed (``numba_support.py``). Adafactor's vectors (one
+second moment each) go to ``block_adam``'s kernel as one row; anything else (tensors of more
+than two axes, bfloat16 parameters, CUDA) keeps the compiled expression.
 """
 
 from __future__ import annotations
@@ -70,17 +71,14 @@ def step_(
     One kernel call for all of them: their addresses and shapes in a table (a call per matrix
     cost ~10 µs of dispatch and conversions).
     """
-    table = np.empty((len(gs), 7), dtype=np.int64)
-    for i, g in enumerate(gs):
-        m = ms[i].data_ptr() if ms else 0
-        table[i] = (
-            g.data_ptr(),
-            m,
-            ps[i].data_ptr(),
-            rows[i].data_ptr(),
-            cols[i].data_ptr(),
-            *g.shape,
-        )
+    momenta = [m.data_ptr() for m in ms] if ms else [0] * len(gs)  # 0: no momentum
+    table = np.array(
+        [
+            (g.data_ptr(), m, p.data_ptr(), r.data_ptr(), c.data_ptr(), *g.shape)
+            for p, g, m, r, c in zip(ps, gs, momenta, rows, cols, strict=True)
+        ],
+        dtype=np.int64,
+    )
     dtype = numba_support.numpy_dtype(gs[0])
     sc = np.ascontiguousarray(scalars, dtype=dtype)  # in the tensors' dtype, as the graph's
     with numba_support.threads():

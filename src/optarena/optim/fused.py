@@ -223,10 +223,9 @@ def _make_steps(
         sc: Tensor,
         prepared: list | None = None,
     ):
-        unpacked = [unpack(i, grads, states, sc) for i in range(len(params))]
         for i in range(len(params)):
             p = params[i]
-            g, state, row = unpacked[i]
+            g, state, row = unpack(i, grads, states, sc)
             if prepared is None:
                 u, size = rule.fused_direction(g, p, state, constants, row, ctxs[i])
             else:
