@@ -15,6 +15,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 from optarena.optim import REGISTRY, AdamW, block_adam, create, factored_adam, numba_support
+from optarena.optim import fused as fused_module
 from optarena.optim.fused import CPU_MIN_NUMEL, bytes_per_param, compile_available, should_fuse
 from optarena.optim.roles import FusedPart, ParamInfo, Role
 
@@ -176,6 +177,47 @@ def test_cpu_kernels_and_their_fallback(
     _run(eager, named_e, 1, STEPS + 1, torch.float32)
     _run(fused, named_f, 1, STEPS + 1, torch.float32)
     assert bool(calls) == have_numba
+    _assert_close(named_e, eager, named_f, fused, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("contiguous", [True, False])
+@pytest.mark.parametrize("name", ["adafactor", "adalayer", "adam-mini"])
+def test_kernel_parameters_given_new_storage(name: str, contiguous: bool) -> None:
+    """A kernel call is prepared when the bucket is planned, but ``p.data`` may be replaced
+    later: a new contiguous tensor is updated where it now lives, a non-contiguous one goes to
+    the eager path; both as eager."""
+    named_e, eager = _build(name, fused=False)
+    named_f, fused = _build(name, fused=True)
+    for opt, named in ((eager, named_e), (fused, named_f)):
+        _run(opt, named, 1, 3, torch.float32)
+        p = dict(named)["up"]
+        with torch.no_grad():
+            p.data = p.data.clone() if contiguous else p.data.t().contiguous().t()
+        _run(opt, named, 3, STEPS + 1, torch.float32)
+    assert dict(named_f)["up"].is_contiguous() is contiguous
+    _assert_close(named_e, eager, named_f, fused, rtol=1e-5, atol=1e-6)
+
+
+def test_kernels_run_when_the_compiled_part_failed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``fused=None``: a bucket whose compiled function failed steps those tensors eagerly from
+    then on, and its kernel tensors (Adafactor's matrices) still by their kernel."""
+
+    def broken(fn, **options):
+        def raises(*args, **kwargs):
+            raise RuntimeError("no compiler today")
+
+        return raises
+
+    monkeypatch.setenv("OPTARENA_FUSED", "1")
+    monkeypatch.setattr(fused_module, "_COMPILED", {})
+    monkeypatch.setattr(fused_module, "_FAILED", set())
+    monkeypatch.setattr(fused_module.torch, "compile", broken)
+    named_e, eager = _build("adafactor", fused=False)
+    named_f, fused = _build("adafactor", fused=None)
+    _run(eager, named_e, 1, STEPS + 1, torch.float32)
+    with pytest.warns(RuntimeWarning, match="no compiler today"):
+        _run(fused, named_f, 1, STEPS + 1, torch.float32)
+    assert fused_module._FAILED
     _assert_close(named_e, eager, named_f, fused, rtol=1e-5, atol=1e-6)
 
 

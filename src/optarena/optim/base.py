@@ -283,7 +283,8 @@ class RuleOptimizer(torch.optim.Optimizer):
                 f"{type(self).__name__}: fused=True needs torch.compile for {device.type} "
                 "(a C++ compiler on CPU, triton on CUDA); use fused=None or False"
             )
-        return should_fuse(fused, device, sum(p.numel() for p in params))
+        numel = sum(p.numel() for p in params) if fused is None else 0  # only None reads it
+        return should_fuse(fused, device, numel)
 
     def _apply(
         self, p: Tensor, u: Tensor | Ratio, size: float, decay: float, dtype: torch.dtype

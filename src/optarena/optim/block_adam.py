@@ -109,6 +109,36 @@ def _rows_cols(g: Tensor) -> tuple[int, int]:
     return (g.shape[0], g.shape[1]) if g.dim() == 2 else (1, g.numel())
 
 
+class Bucket:
+    """One kernel call for a bucket's tensors, prepared once: the work items and a table of
+    addresses and shapes (a call per tensor cost ~10 µs of dispatch and conversions). Each call
+    fills in the addresses of the gradients (new tensors each step when they are set to None)
+    and of ``θ`` (``p.data`` may be replaced); ``m`` and ``v`` are the optimizer's own state.
+    """
+
+    def __init__(
+        self, ps: list[Tensor], ms: list[Tensor], vs: list[Tensor], blocks: list[tuple[int, ...]]
+    ) -> None:
+        self.ps = ps
+        self.items, self.spans = _bucket(tuple(blocks))
+        self.table = np.array(
+            [
+                (0, m.data_ptr(), 0, v.data_ptr(), *_rows_cols(p))
+                for p, m, v in zip(ps, ms, vs, strict=True)
+            ],
+            dtype=np.int64,
+        ).reshape(-1, 6)
+        self.dtype = numba_support.numpy_dtype(ps[0])
+
+    def __call__(self, gs: list[Tensor], scalars: np.ndarray, beta1: float, beta2: float) -> None:
+        """Update every ``θ`` (and its ``m`` and ``v``) in place; ``scalars`` is ``(n, 3)``:
+        each tensor's folded step size, folded ε and ``keep``."""
+        self.table[:, 0] = [g.data_ptr() for g in gs]
+        self.table[:, 2] = [p.data_ptr() for p in self.ps]
+        sc = np.ascontiguousarray(scalars, dtype=self.dtype)
+        numba_support.run(_kernel(), self.table, self.spans, self.items, sc, 1.0 - beta1, beta2)
+
+
 def step_(
     ps: list[Tensor],
     gs: list[Tensor],
@@ -119,21 +149,6 @@ def step_(
     beta1: float,
     beta2: float,
 ) -> None:
-    """Update every ``θ`` (and its ``m`` and ``v``) in place; ``scalars`` is ``(n, 3)``: each
-    tensor's folded step size, folded ε and ``keep``; ``blocks`` each tensor's
-    :func:`row_blocks` (see :func:`applies` for what the tensors must be).
-
-    One kernel call for all of them: their addresses and shapes in a table (a call per tensor
-    cost ~10 µs of dispatch and conversions).
-    """
-    items, spans = _bucket(tuple(blocks))
-    table = np.array(
-        [
-            (g.data_ptr(), m.data_ptr(), p.data_ptr(), v.data_ptr(), *_rows_cols(g))
-            for p, g, m, v in zip(ps, gs, ms, vs, strict=True)
-        ],
-        dtype=np.int64,
-    )
-    sc = np.ascontiguousarray(scalars, dtype=numba_support.numpy_dtype(gs[0]))
-    with numba_support.threads():
-        _kernel()(table, spans, items, sc, 1.0 - beta1, beta2, numba_support.workers())
+    """One step of every ``θ`` in one call (see :class:`Bucket`; :func:`applies` says what the
+    tensors must be); ``blocks`` is each tensor's :func:`row_blocks`."""
+    Bucket(ps, ms, vs, blocks)(gs, scalars, beta1, beta2)

@@ -53,6 +53,40 @@ def _kernel() -> Any:
     return numba_kernels.factored_adam
 
 
+class Bucket:
+    """One kernel call for a bucket's matrices, prepared once: a table of addresses and shapes
+    (a call per matrix cost ~10 µs of dispatch and conversions). Each call fills in the
+    addresses of the gradients (new tensors each step when they are set to None) and of ``θ``
+    (``p.data`` may be replaced); ``m`` and the factors are the optimizer's own state."""
+
+    def __init__(
+        self, ps: list[Tensor], ms: list[Tensor] | None, rows: list[Tensor], cols: list[Tensor]
+    ) -> None:
+        self.ps = ps
+        momenta = [m.data_ptr() for m in ms] if ms else [0] * len(ps)  # 0: no momentum
+        self.table = np.array(
+            [
+                (0, m, 0, r.data_ptr(), c.data_ptr(), *p.shape)
+                for p, m, r, c in zip(ps, momenta, rows, cols, strict=True)
+            ],
+            dtype=np.int64,
+        ).reshape(-1, 7)
+        self.dtype = numba_support.numpy_dtype(ps[0])
+
+    def __call__(
+        self, gs: list[Tensor], scalars: np.ndarray, beta1: float, beta2: float, eps: float
+    ) -> None:
+        """Update every matrix ``θ`` (its momentum, row factor ``(n, 1)`` and column factor
+        ``(1, c)``) in place; ``scalars`` is ``(k, 3)``: each matrix's step size, second bias
+        correction and ``keep``."""
+        self.table[:, 0] = [g.data_ptr() for g in gs]
+        self.table[:, 2] = [p.data_ptr() for p in self.ps]
+        # in the tensors' dtype, as the graph's
+        sc = np.ascontiguousarray(scalars, dtype=self.dtype)
+        tiny = float(np.finfo(self.dtype).tiny)
+        numba_support.run(_kernel(), self.table, sc, 1.0 - beta1, beta2, eps, tiny)
+
+
 def step_(
     ps: list[Tensor],
     gs: list[Tensor],
@@ -64,23 +98,6 @@ def step_(
     beta2: float,
     eps: float,
 ) -> None:
-    """Update every matrix ``θ`` (its momentum ``m`` unless None, its row factor ``(n, 1)`` and
-    column factor ``(1, c)``) in place; ``scalars`` is ``(k, 3)``: each matrix's step size,
-    second bias correction and ``keep`` (see :func:`applies` for what the tensors must be).
-
-    One kernel call for all of them: their addresses and shapes in a table (a call per matrix
-    cost ~10 µs of dispatch and conversions).
-    """
-    momenta = [m.data_ptr() for m in ms] if ms else [0] * len(gs)  # 0: no momentum
-    table = np.array(
-        [
-            (g.data_ptr(), m, p.data_ptr(), r.data_ptr(), c.data_ptr(), *g.shape)
-            for p, g, m, r, c in zip(ps, gs, momenta, rows, cols, strict=True)
-        ],
-        dtype=np.int64,
-    )
-    dtype = numba_support.numpy_dtype(gs[0])
-    sc = np.ascontiguousarray(scalars, dtype=dtype)  # in the tensors' dtype, as the graph's
-    with numba_support.threads():
-        tiny = float(np.finfo(dtype).tiny)
-        _kernel()(table, sc, 1.0 - beta1, beta2, eps, tiny, numba_support.workers())
+    """One step of every matrix in one call (see :class:`Bucket`; :func:`applies` says what the
+    tensors must be; ``ms`` None: no momentum)."""
+    Bucket(ps, ms, rows, cols)(gs, scalars, beta1, beta2, eps)

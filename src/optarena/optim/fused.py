@@ -14,7 +14,7 @@ Groups that torch's own fused kernels implement exactly (AdamW, SGD on plain CPU
 reach this module (``kernels.py``). Tensors that a rule's own CPU kernel updates better than
 inductor would (``Rule.kernel_picks``: Adam-mini, Adalayer and Adafactor, whose statistics made
 inductor read g twice; ``block_adam.py``, ``factored_adam.py``) are stepped by that kernel,
-outside the compiled function (``Rule.kernel_step``); the compiled function takes the rest.
+outside the compiled function (``Rule.kernel_plan``); the compiled function takes the rest.
 
 Everything that changes between steps (lr, bias corrections, Sophia's ``rho·bs``, first-step and
 phase flags) is computed on the host, as the eager path computes it, and passed as one small
@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from optarena.optim.rules import Rule
+from optarena.optim.rules import KernelCall, Rule
 
 # Below this many elements in a bucket the CPU fast path is not worth its compile time (seconds)
 # under ``fused=None``; override with OPTARENA_FUSED_MIN_NUMEL.
@@ -57,6 +57,9 @@ COMPILE_OPTIONS: dict[str, Any] = {"size_asserts": False}
 _KEY_IDS: dict[tuple, int] = {}
 _COMPILED: dict[int, Callable[..., None]] = {}
 _FAILED: set[int] = set()
+
+# the dtype of a compiled call's scalar table: float64 for float64 buckets, else float32
+_SCALAR_DTYPES = (np.float32, np.float64)
 
 
 @dataclass
@@ -171,19 +174,46 @@ class _Spec:
 
 @dataclass
 class _Plan:
-    """A bucket's call, less its scalars: constants, per-tensor specs, state tensors, which
-    tensors the rule's kernel updates (the others: the compiled function), and the step
-    counts."""
+    """A bucket's call, less its gradients and scalars, prepared once: constants, per-tensor
+    specs and states, which tensors the rule's kernel updates (the others: the compiled
+    function), and the step counts."""
 
     constants: dict[str, Any]
     specs: list[_Spec]
-    lists: list[list[Tensor]]
-    kernel: list[int]  # indices updated by ``Rule.kernel_step``
+    states: list[dict[str, Any]]
+    decays: np.ndarray  # 1.0 where the tensor's role takes weight decay, else 0.0
+    kernel: list[int]  # indices updated by ``kernel_call``
+    kernel_call: KernelCall | None  # ``Rule.kernel_plan``
     compiled: list[int]  # indices updated by the compiled function
+    compiled_params: list[Tensor]
+    compiled_lists: list[list[Tensor]]  # their state tensors, in ``specs``' key order
     counts: Tensor | None  # every tensor's step count; each state's "step" is a view of it
     steps: list[Tensor]  # those views
     keys: dict[tuple[str, ...], int] = field(default_factory=dict)  # scalar names -> key id
     timed: bool = False  # its first call (compilations) is counted in COMPILE_STATS
+
+
+def _scalar_table(
+    rule: Rule, hp: dict[str, Any], plan: _Plan, steps: np.ndarray, decay_lr: float
+) -> tuple[tuple[str, ...], np.ndarray]:
+    """Every tensor's host scalars, a row each (float64, columns ``names``): exactly the numbers
+    the eager path computes, asked of the rule once per distinct step (usually one a bucket)."""
+    first = steps[0]
+    values = [first] if (steps == first).all() else np.unique(steps)
+    table = np.empty(0)
+    names: tuple[str, ...] = ()
+    for value in values:
+        sc = rule.fused_scalars(hp, int(value))
+        if not names:
+            names = tuple(sorted({*sc, "keep"}))
+            table = np.empty((len(steps), len(names)))
+        row = [sc.get(n, 0.0) for n in names]
+        if len(values) == 1:
+            table[:] = row
+        else:
+            table[steps == value] = row
+    table[:, names.index("keep")] = 1.0 - plan.decays * (hp["weight_decay"] * decay_lr)
+    return names, table
 
 
 def _make_steps(
@@ -299,15 +329,17 @@ class FusedStepper:
     def _plan(
         self, group: dict[str, Any], hp: dict[str, Any], rule: Rule, params: list[Tensor]
     ) -> _Plan:
-        """What a bucket's call needs besides scalars; rebuilt only when something changed."""
+        """What a bucket's call needs besides gradients and scalars; rebuilt only when
+        something changed (the group's constants, a state or a step count replaced)."""
         opt = self.optimizer
         constants = {k: _freeze(v) for k, v in _constants(rule, hp).items()}
-        pid = (rule.name, *(id(p) for p in params))
-        plan = self.plans.get(pid)
+        plan = self.plans.get((rule.name, *map(id, params)))
+        states = [opt.state[p] for p in params]
         if (
             plan is not None
             and plan.constants == constants
-            and all(opt.state[p].get("step") is s for p, s in zip(params, plan.steps, strict=True))
+            and all(a is b for a, b in zip(states, plan.states, strict=True))
+            and all(st.get("step") is s for st, s in zip(states, plan.steps, strict=True))
         ):
             return plan
         states = [opt._state_for(p, group, rule) for p in params]
@@ -321,17 +353,36 @@ class FusedStepper:
             )
             for p, state in zip(params, states, strict=True)
         ]
-        lists = [[st[k] for k in sp.state_keys] for st, sp in zip(states, specs, strict=True)]
         picks = [
             rule.kernel_picks(p, p.grad, st, hp, sp.ctx)
             for p, st, sp in zip(params, states, specs, strict=True)
         ]
         kernel = [i for i, pick in enumerate(picks) if pick]
         compiled = [i for i, pick in enumerate(picks) if not pick]
+        kernel_call = None
+        if kernel:
+            kernel_call = rule.kernel_plan(
+                [params[i] for i in kernel],
+                [states[i] for i in kernel],
+                hp,
+                [specs[i].ctx for i in kernel],
+            )
+        decays = np.array([float(opt._infos[id(p)].role not in opt.no_decay_roles) for p in params])
         counts = _shared_counts(states)
-        steps = [st["step"] for st in states]
-        plan = _Plan(constants, specs, lists, kernel, compiled, counts, steps)
-        self.plans[pid] = plan
+        plan = _Plan(
+            constants,
+            specs,
+            states,
+            decays,
+            kernel,
+            kernel_call,
+            compiled,
+            [params[i] for i in compiled],
+            [[states[i][k] for k in specs[i].state_keys] for i in compiled],
+            counts,
+            [st["step"] for st in states],
+        )
+        self.plans[(rule.name, *map(id, params))] = plan
         return plan
 
     def step_group(
@@ -347,12 +398,12 @@ class FusedStepper:
         Returns the parameters it did not update (``fused=None`` and compilation failed, or a
         kernel declined a tensor this step); the caller steps those eagerly.
         """
-        opt = self.optimizer
         buckets: dict[tuple, list[Tensor]] = {}
         for p in params:
-            buckets.setdefault((p.device, p.dtype, opt._dtype(p)), []).append(p)
+            buckets.setdefault((p.device, p.dtype), []).append(p)
         leftover: list[Tensor] = []
-        for (_device, _pdtype, dtype), ps in buckets.items():
+        for ps in buckets.values():
+            dtype = self.optimizer._dtype(ps[0])
             leftover.extend(self._run_bucket(group, hp, rule, ps, dtype, explicit))
         return leftover
 
@@ -365,32 +416,20 @@ class FusedStepper:
         dtype: torch.dtype,
         explicit: bool,
     ) -> list[Tensor]:
-        opt = self.optimizer
         plan = self._plan(group, hp, rule, params)
-        states = [opt.state[p] for p in params]
-        infos = [opt._infos[id(p)] for p in params]
-        # host scalars: exactly the numbers the eager path computes
+        states = plan.states
         if plan.counts is not None:
-            plan.counts.add_(1.0)
-            step_values = plan.counts.tolist()
+            steps = plan.counts.numpy()  # the same memory: a numpy add costs a third of torch's
+            steps += 1.0
         else:
-            steps = [s["step"] for s in states]
-            torch._foreach_add_(steps, 1.0)
-            step_values = [s.item() for s in steps]
-        rows: list[dict[str, float]] = []
-        cache: dict[tuple, dict[str, float]] = {}
-        for p, state, info, step in zip(params, states, infos, step_values, strict=True):
-            decay = 0.0 if info.role in opt.no_decay_roles else hp["weight_decay"]
-            decay *= rule.decay_lr(p, state, hp)
-            ck = (int(step), decay)
-            if ck not in cache:
-                cache[ck] = {**rule.fused_scalars(hp, int(step)), "keep": 1.0 - decay}
-            rows.append(cache[ck])
-        names = tuple(sorted(rows[0]))
-        table = [[r[n] for n in names] for r in rows]
-        scalar_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+            counts = [s["step"] for s in states]
+            torch._foreach_add_(counts, 1.0)
+            steps = np.array([s.item() for s in counts])
+        # a fusable rule's decay_lr depends on the group only (Rule.decay_lr)
+        names, table = _scalar_table(rule, hp, plan, steps, rule.decay_lr(params[0], states[0], hp))
         grads = [p.grad for p in params]
         fn = None
+        leftover: list[Tensor] = []
         if plan.compiled:
             key = plan.keys.get(names)
             if key is None:  # the compile key, hashed once per bucket: it describes every tensor
@@ -407,36 +446,30 @@ class FusedStepper:
                 )
                 key = plan.keys[names] = _KEY_IDS.setdefault(full, len(_KEY_IDS))
             if key in _FAILED and not explicit:
-                return _give_back(params, states, plan.compiled)
-            specs = [plan.specs[i] for i in plan.compiled]
-            fn = _compiled(key, rule, plan.constants, specs, names, dtype)
+                leftover = _give_back(params, states, plan.compiled)
+            else:
+                fn = _COMPILED.get(key) or _compiled(
+                    key, rule, plan.constants, [plan.specs[i] for i in plan.compiled], names, dtype
+                )
         # the first call compiles (inductor, or numba for a kernel), unless another optimizer
         # over the same structure did
         first = not plan.timed and not getattr(fn, "_optarena_done", False)
         start = time.perf_counter()
-        leftover: list[Tensor] = []
-        if plan.kernel:  # outside the compiled graph: no guards to check for these tensors
-            pick = plan.kernel
-            done = rule.kernel_step(
-                [params[i] for i in pick],
-                [grads[i] for i in pick],
-                [states[i] for i in pick],
-                hp,
-                [plan.specs[i].ctx for i in pick],
-                np.array([table[i] for i in pick], dtype=np.float64),
-                names,
-            )
-            declined = [i for i, did in zip(pick, done, strict=True) if not did]
-            leftover = _give_back(params, states, declined)
+        if plan.kernel_call is not None:  # outside the compiled graph: no guards to check
+            done = plan.kernel_call([grads[i] for i in plan.kernel], table[plan.kernel], names)
+            if not all(done):
+                declined = [i for i, did in zip(plan.kernel, done, strict=True) if not did]
+                leftover += _give_back(params, states, declined)
         if fn is not None:
-            pick = plan.compiled
-            sc = torch.tensor([table[i] for i in pick], dtype=scalar_dtype, device=params[0].device)
+            every = len(plan.compiled) == len(params)
+            rows = table if every else table[plan.compiled]
+            sc = torch.from_numpy(rows.astype(_SCALAR_DTYPES[dtype == torch.float64]))
             try:
                 fn(
-                    [params[i] for i in pick],
-                    [grads[i] for i in pick],
-                    [plan.lists[i] for i in pick],
-                    sc,
+                    plan.compiled_params,
+                    grads if every else [grads[i] for i in plan.compiled],
+                    plan.compiled_lists,
+                    sc.to(params[0].device),
                 )
             except Exception as err:
                 if explicit:
@@ -448,10 +481,9 @@ class FusedStepper:
                     RuntimeWarning,
                     stacklevel=4,
                 )
-                return leftover + _give_back(params, states, pick)
-        plan.timed = True
-        if fn is not None:
+                return leftover + _give_back(params, states, plan.compiled)
             fn._optarena_done = True  # type: ignore[attr-defined]
+        plan.timed = True
         if first:
             elapsed = time.perf_counter() - start
             COMPILE_STATS.seconds += elapsed

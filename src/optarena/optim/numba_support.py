@@ -9,9 +9,7 @@ keeps the torch expression, which computes the same numbers.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -35,33 +33,44 @@ def plain_cpu(*tensors: Tensor | None) -> bool:
     return HAVE_NUMBA and dtype in DTYPES
 
 
+def unchanged(
+    params: list[Tensor], grads: list[Tensor], shapes: list[torch.Size], dtype: torch.dtype
+) -> list[bool]:
+    """Per tensor, whether a kernel call prepared for ``θ`` of this shape and dtype still fits:
+    ``θ`` and its gradient of that shape and dtype, both contiguous (a gradient's strides may
+    change from one step to the next, ``p.data`` may be replaced)."""
+    return [
+        p.dtype == dtype
+        and g.dtype == dtype
+        and p.shape == shape
+        and g.shape == shape
+        and p.is_contiguous()
+        and g.is_contiguous()
+        for p, g, shape in zip(params, grads, shapes, strict=True)
+    ]
+
+
 def numpy_dtype(t: Tensor) -> Any:
     """The numpy dtype of a tensor of one of :data:`DTYPES`."""
     return np.float32 if t.dtype == torch.float32 else np.float64
 
 
-def workers() -> int:
-    """numba's thread count, for a kernel that splits its work itself (inside a kernel,
-    ``numba.get_num_threads()`` would keep numba from caching it on disk)."""
-    import numba
+def run(kernel: Any, *args: Any) -> None:
+    """Call a numba kernel with ``args`` and, last, its thread count: torch's, so that numba's
+    parallel loops use as many threads as torch's operators. torch's count is left untouched.
 
-    return numba.get_num_threads()
-
-
-@contextlib.contextmanager
-def threads() -> Iterator[None]:
-    """Run numba's parallel loops on torch's thread count, and leave torch's untouched.
-
-    numba's OpenMP pool may share the OpenMP runtime with torch: starting it sizes the runtime
-    to the cores, which would change ``torch.get_num_threads()`` (and make every compiled step,
-    which guards on it, recompile).
+    The kernel takes its thread count as an argument because one that calls
+    ``numba.get_num_threads()`` is not cached on disk. numba's OpenMP pool may share the
+    OpenMP runtime with torch: starting it sizes the runtime to the cores, which would change
+    ``torch.get_num_threads()`` (and make every compiled step, which guards on it, recompile).
     """
     import numba
 
     count = torch.get_num_threads()
-    numba.set_num_threads(min(count, numba.config.NUMBA_NUM_THREADS))
+    workers = min(count, numba.config.NUMBA_NUM_THREADS)
+    numba.set_num_threads(workers)
     try:
-        yield
+        kernel(*args, workers)
     finally:
         if torch.get_num_threads() != count:
             torch.set_num_threads(count)

@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from optarena.optim import block_adam, blocks, factored_adam
+from optarena.optim import block_adam, blocks, factored_adam, numba_support
 from optarena.optim.roles import ParamInfo
 from optarena.optim.sharding import shard_of
 from optarena.optim.transforms import (
@@ -101,7 +101,8 @@ class Rule:
         raise NotImplementedError
 
     def decay_lr(self, p: Tensor, state: dict, group: dict) -> float:
-        """The learning rate that scales decoupled weight decay (``θ *= 1 - lr·λ``)."""
+        """The learning rate that scales decoupled weight decay (``θ *= 1 - lr·λ``). The fast
+        path asks once per bucket: a fusable rule's may depend on the group only."""
         return group["lr"]
 
     def shard_stats(
@@ -145,24 +146,15 @@ class Rule:
         return 1
 
     def kernel_picks(self, p: Tensor, g: Tensor, state: dict, group: dict, ctx: Any) -> bool:
-        """Whether :meth:`kernel_step` updates this tensor on the fast path (decided when the
-        fast path plans a bucket); the compiled function updates the others."""
+        """Whether :meth:`kernel_plan`'s call updates this tensor on the fast path (decided when
+        the fast path plans a bucket); the compiled function updates the others."""
         return False
 
-    def kernel_step(
-        self,
-        params: list[Tensor],
-        grads: list[Tensor],
-        states: list[dict],
-        group: dict,
-        ctxs: list[Any],
-        scalars: np.ndarray,
-        names: tuple[str, ...],
-    ) -> list[bool]:
-        """Update the picked tensors (parameter and state, in place) with a kernel, outside
-        the compiled graph (no guards to check). ``scalars``: each tensor's host scalars
-        (float64, columns ``names``). False where a tensor no longer qualifies this step (a
-        gradient that is not contiguous): it then takes the eager path."""
+    def kernel_plan(
+        self, params: list[Tensor], states: list[dict], group: dict, ctxs: list[Any]
+    ) -> KernelCall:
+        """The kernel call for the tensors :meth:`kernel_picks` took, prepared when the fast
+        path plans a bucket and made every step."""
         raise NotImplementedError
 
     def fused_prepare(
@@ -310,42 +302,8 @@ class AdaptiveMoment(Rule):
             return _factored(p, g, state)
         return group["betas"][0] > 0 and _row_blocks(p, g, state, ctx) is not None
 
-    def kernel_step(self, params, grads, states, group, ctxs, scalars, names):
-        # the tensors and states were checked when the bucket was planned; a gradient may
-        # have other strides from one step to the next
-        done = [p.is_contiguous() and g.is_contiguous() for p, g in zip(params, grads, strict=True)]
-        picked = [i for i, ok in enumerate(done) if ok]
-        if not picked:
-            return done
-        beta1, beta2 = group["betas"]
-        factored = [i for i in picked if "exp_avg_sq_0" in states[i]]
-        blocked = [i for i in picked if "exp_avg_sq_0" not in states[i]]
-        if factored:
-            sts = [states[i] for i in factored]
-            factored_adam.step_(
-                [params[i] for i in factored],
-                [grads[i] for i in factored],
-                [st["exp_avg"] for st in sts] if beta1 > 0 else None,
-                [st["exp_avg_sq_0"] for st in sts],
-                [st["exp_avg_sq_1"] for st in sts],
-                _columns(scalars[factored], names, ("size", "bc2", "keep")),
-                beta1,
-                beta2,
-                group["eps"],
-            )
-        if blocked:
-            sts = [states[i] for i in blocked]
-            block_adam.step_(
-                [params[i] for i in blocked],
-                [grads[i] for i in blocked],
-                [st["exp_avg"] for st in sts],
-                [st["exp_avg_sq"] for st in sts],
-                _columns(scalars[blocked], names, ("folded_size", "folded_eps", "keep")),
-                [_blocks_of(params[i], ctxs[i]) for i in blocked],
-                beta1,
-                beta2,
-            )
-        return done
+    def kernel_plan(self, params, states, group, ctxs):
+        return _AdaptiveKernels(params, states, group, ctxs)
 
     def fused_prepare(self, g, p, state, group, sc, ctx):
         # Adafactor: the factors and the roots of V in a graph of their own, so that the update
@@ -400,9 +358,75 @@ def _row_blocks(p: Tensor, g: Tensor, state: dict, ctx: Any) -> tuple[int, ...] 
     return rows
 
 
-def _columns(scalars: np.ndarray, names: tuple[str, ...], wanted: tuple[str, ...]) -> np.ndarray:
-    """The ``wanted`` columns of a table of host scalars whose columns are ``names``."""
-    return scalars[:, [names.index(n) for n in wanted]]
+class KernelCall(Protocol):
+    """A bucket's kernel call (:meth:`Rule.kernel_plan`), made every step."""
+
+    def __call__(
+        self, grads: list[Tensor], scalars: np.ndarray, names: tuple[str, ...]
+    ) -> list[bool]:
+        """Update the tensors (parameter and state, in place); ``scalars``: each tensor's host
+        scalars (float64, columns ``names``). False where a tensor no longer qualifies (a
+        gradient that is not contiguous, ``p.data`` replaced): it then takes the eager path."""
+        ...
+
+
+class _AdaptiveKernels:
+    """AdaptiveMoment's kernel tensors of one bucket: its matrices with a factored moment in
+    one ``factored_adam`` call, the rest (row blocks, one-block vectors) in one ``block_adam``
+    call, each prepared once."""
+
+    def __init__(
+        self, params: list[Tensor], states: list[dict], group: dict, ctxs: list[Any]
+    ) -> None:
+        self.params, self.states, self.ctxs = params, states, ctxs
+        (self.beta1, self.beta2), self.eps = group["betas"], group["eps"]
+        self.shapes = [p.shape for p in params]
+        self.dtype = params[0].dtype
+        self.columns: dict[tuple[str, ...], tuple[list[int], list[int]]] = {}
+        self.calls = self._calls(range(len(params)))
+
+    def _calls(self, indices: Iterable[int]) -> tuple[tuple[list[int], Any], ...]:
+        """``(indices, prepared call)`` per kernel, for these tensors."""
+        indices = list(indices)
+        factored = [i for i in indices if "exp_avg_sq_0" in self.states[i]]
+        blocked = [i for i in indices if "exp_avg_sq_0" not in self.states[i]]
+        calls: list[tuple[list[int], Any]] = []
+        if factored:
+            ps = [self.params[i] for i in factored]
+            sts = [self.states[i] for i in factored]
+            moments = [st["exp_avg"] for st in sts] if self.beta1 > 0 else None
+            rows = [st["exp_avg_sq_0"] for st in sts]
+            cols = [st["exp_avg_sq_1"] for st in sts]
+            calls.append((factored, factored_adam.Bucket(ps, moments, rows, cols)))
+        if blocked:
+            ps = [self.params[i] for i in blocked]
+            sts = [self.states[i] for i in blocked]
+            call = block_adam.Bucket(
+                ps,
+                [st["exp_avg"] for st in sts],
+                [st["exp_avg_sq"] for st in sts],
+                [_blocks_of(self.params[i], self.ctxs[i]) for i in blocked],
+            )
+            calls.append((blocked, call))
+        return tuple(calls)
+
+    def __call__(self, grads, scalars, names):
+        done = numba_support.unchanged(self.params, grads, self.shapes, self.dtype)
+        calls = self.calls if all(done) else self._calls(i for i, ok in enumerate(done) if ok)
+        columns = self.columns.get(names)
+        if columns is None:
+            columns = self.columns[names] = (
+                [names.index(n) for n in ("size", "bc2", "keep")],
+                [names.index(n) for n in ("folded_size", "folded_eps", "keep")],
+            )
+        for indices, call in calls:
+            gs = [grads[i] for i in indices]
+            if isinstance(call, factored_adam.Bucket):
+                sc = scalars[np.ix_(indices, columns[0])]
+                call(gs, sc, self.beta1, self.beta2, self.eps)
+            else:
+                call(gs, scalars[np.ix_(indices, columns[1])], self.beta1, self.beta2)
+        return done
 
 
 # --------------------------------------------------------------------------- SGD
