@@ -173,3 +173,29 @@ def test_fast_eager_flag_is_validated_and_reaches_the_optimizer() -> None:
     assert AdamW(params).fast_eager is True
     with pytest.raises(ValueError, match="fast_eager"):
         AdamW(params, fast_eager="no")
+
+
+def test_step_counts_of_a_kernel_bucket(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bucket's step counts live in one tensor (each state's ``step`` a view of it, one add
+    a step), and a count set by hand is honoured as on the rule's path."""
+
+    def make(params):
+        return AdamW(params, lr=3e-2, weight_decay=0.1, partition=partition(params))
+
+    def set_by_hand_and_step(params: list[tuple[str, nn.Parameter]], opt: AdamW) -> None:
+        for state in opt.state.values():
+            state["step"] = torch.tensor(100.0)
+        for t in range(3):
+            for i, (_, p) in enumerate(params):
+                g = synthetic_grad(tuple(p.shape), i, STEPS + t).to(p.dtype)
+                p.grad = g if p.is_contiguous() else g.t().contiguous().t()
+            opt.step()
+
+    kernel = run(make, True, monkeypatch, "_fused_adamw_")
+    shared = {s["step"].untyped_storage().data_ptr() for s in kernel[1].state.values()}
+    assert len(shared) < len(kernel[1].state)  # the float64 buckets share one tensor each
+    rule = run(make, False, monkeypatch, "_fused_adamw_")
+    set_by_hand_and_step(*kernel[:2])
+    set_by_hand_and_step(*rule[:2])
+    assert {float(s["step"]) for s in kernel[1].state.values()} == {103.0}
+    assert_same_run(kernel, rule)

@@ -19,6 +19,7 @@ from optarena.optim import kernels
 from optarena.optim.fused import FusedStepper, compile_available, should_fuse
 from optarena.optim.roles import ParamInfo, Role
 from optarena.optim.rules import POSITIVE, RULES, Rule
+from optarena.optim.step_counts import StepCounts
 from optarena.optim.transforms import Ratio
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -108,6 +109,7 @@ class RuleOptimizer(torch.optim.Optimizer):
         self._infos: dict[int, ParamInfo] = {}
         self._sharded: bool | None = None  # any DTensor parameter (FSDP2); found on first step
         self._fused: FusedStepper | None = None
+        self._counts: dict[tuple[int, ...], StepCounts] = {}  # torch's kernels' buckets
         super().__init__(params, defaults)
         self._index_infos(infos)
         self._is_sharded()  # refuses FSDP1 / ZeRO flattened shards now, not at the first step
@@ -264,6 +266,17 @@ class RuleOptimizer(torch.optim.Optimizer):
                 self._apply(p, u, size, decay, dtype)
         return loss
 
+    def _step_counts(self, params: list[Tensor], states: list[dict[str, Any]]) -> StepCounts:
+        """The step counts of a bucket of torch's kernels (``kernels.py``), kept in one tensor
+        for as long as the bucket stays the same."""
+        key = tuple(map(id, params))
+        counts = self._counts.get(key)
+        if counts is None or not counts.held_by(states):
+            if len(self._counts) > 64:  # buckets that come and go (first steps, decay changes)
+                self._counts.clear()
+            counts = self._counts[key] = StepCounts(states)
+        return counts
+
     def _is_sharded(self) -> bool:
         """Whether parameters are FSDP2 DTensors: then ``optarena.optim.sharding`` steps them."""
         if self._sharded is None:
@@ -339,6 +352,7 @@ class RuleOptimizer(torch.optim.Optimizer):
         """
         fused = [g.get("fused") for g in self.param_groups]
         self._fused = None  # its plans hold references to the state tensors being replaced
+        self._counts = {}
         super().load_state_dict(state_dict)
         # ``fused`` says how this object runs, not what it learnt: keep the receiver's choice
         for group, flag in zip(self.param_groups, fused, strict=True):

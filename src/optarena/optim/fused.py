@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from optarena.optim.rules import KernelCall, Rule
+from optarena.optim.step_counts import StepCounts
 
 # Below this many elements in a bucket the CPU fast path is not worth its compile time (seconds)
 # under ``fused=None``; override with OPTARENA_FUSED_MIN_NUMEL.
@@ -187,8 +188,7 @@ class _Plan:
     compiled: list[int]  # indices updated by the compiled function
     compiled_params: list[Tensor]
     compiled_lists: list[list[Tensor]]  # their state tensors, in ``specs``' key order
-    counts: Tensor | None  # every tensor's step count; each state's "step" is a view of it
-    steps: list[Tensor]  # those views
+    counts: StepCounts
     keys: dict[tuple[str, ...], int] = field(default_factory=dict)  # scalar names -> key id
     timed: bool = False  # its first call (compilations) is counted in COMPILE_STATS
 
@@ -339,7 +339,7 @@ class FusedStepper:
             plan is not None
             and plan.constants == constants
             and all(a is b for a, b in zip(states, plan.states, strict=True))
-            and all(st.get("step") is s for st, s in zip(states, plan.steps, strict=True))
+            and plan.counts.held_by(states)
         ):
             return plan
         states = [opt._state_for(p, group, rule) for p in params]
@@ -368,7 +368,6 @@ class FusedStepper:
                 [specs[i].ctx for i in kernel],
             )
         decays = np.array([float(opt._infos[id(p)].role not in opt.no_decay_roles) for p in params])
-        counts = _shared_counts(states)
         plan = _Plan(
             constants,
             specs,
@@ -379,8 +378,7 @@ class FusedStepper:
             compiled,
             [params[i] for i in compiled],
             [[states[i][k] for k in specs[i].state_keys] for i in compiled],
-            counts,
-            [st["step"] for st in states],
+            StepCounts(states),
         )
         self.plans[(rule.name, *map(id, params))] = plan
         return plan
@@ -418,13 +416,7 @@ class FusedStepper:
     ) -> list[Tensor]:
         plan = self._plan(group, hp, rule, params)
         states = plan.states
-        if plan.counts is not None:
-            steps = plan.counts.numpy()  # the same memory: a numpy add costs a third of torch's
-            steps += 1.0
-        else:
-            counts = [s["step"] for s in states]
-            torch._foreach_add_(counts, 1.0)
-            steps = np.array([s.item() for s in counts])
+        steps = plan.counts.add_one()
         # a fusable rule's decay_lr depends on the group only (Rule.decay_lr)
         names, table = _scalar_table(rule, hp, plan, steps, rule.decay_lr(params[0], states[0], hp))
         grads = [p.grad for p in params]
@@ -490,25 +482,6 @@ class FusedStepper:
             COMPILE_STATS.functions += 1
             COMPILE_STATS.keys.append(f"{rule.name}:{len(params)} tensors")
         return leftover
-
-
-def _shared_counts(states: list[dict[str, Any]]) -> Tensor | None:
-    """One tensor of the bucket's step counts, each state's ``"step"`` made a view of it: a
-    step then adds to it and reads it back in one call each (75 counters one by one cost ~0.2
-    ms). None where the counts are not all 0-d float32 CPU tensors (then one by one)."""
-    steps = [st["step"] for st in states]
-    if not all(
-        isinstance(t, Tensor)
-        and t.dim() == 0
-        and t.dtype == torch.float32
-        and t.device.type == "cpu"
-        for t in steps
-    ):
-        return None
-    counts = torch.stack(steps)
-    for i, st in enumerate(states):
-        st["step"] = counts[i]
-    return counts
 
 
 def _give_back(params: list[Tensor], states: list[dict], indices: list[int]) -> list[Tensor]:
