@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from optarena.optim import block_adam, blocks
+from optarena.optim import block_adam, blocks, numba_kernels
 from optarena.optim.blocks import ROW_CHUNK
 
 # (shape, layout): blocks of one row, of a few rows, one block per tensor in and beyond one
@@ -80,3 +80,41 @@ def test_tensors_that_require_grad() -> None:
     torch.testing.assert_close(m, torch.ones(8, 4))
     torch.testing.assert_close(v, torch.full((8,), 2.0))
     torch.testing.assert_close(p.detach(), torch.full((8, 4), 1 - 0.1 / 2**0.5))
+
+
+def test_threads_take_whole_tensors_unless_too_large() -> None:
+    # 1100 elements on 2 threads: the 1000 is shared, the rest largest first to the least loaded
+    sizes = np.array([1000, 10, 20, 30, 40], dtype=np.int64)
+    assert numba_kernels.owners(sizes, 2).tolist() == [-1, 0, 1, 1, 0]
+    assert numba_kernels.owners(sizes, 1).tolist() == [0] * 5
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_result_does_not_depend_on_the_threads(dtype: torch.dtype) -> None:
+    """One thread takes every tensor whole; two share the large ones: the same bits."""
+    gen = torch.Generator().manual_seed(3)
+    shapes = [shape for shape, _ in CASES]
+    row_blocks = [block_adam.row_blocks(layout, s) for s, layout in CASES]
+    start = [
+        [torch.randn(s, generator=gen, dtype=dtype) for s in shapes],
+        [torch.randn(s, generator=gen, dtype=dtype) for s in shapes],
+        [torch.rand(layout.num_blocks(s), generator=gen, dtype=dtype) for s, layout in CASES],
+    ]
+    gs = [torch.randn(s, generator=gen, dtype=dtype) for s in shapes]
+    scalars = np.array([[1e-2, 1e-8, 1 - 1e-3]] * len(shapes))
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            ps, ms, vs = ([t.clone() for t in ts] for ts in start)
+            for _ in range(3):
+                block_adam.step_(ps, gs, ms, vs, scalars, row_blocks, 0.9, 0.95)
+            results.append(ps + ms + vs)
+    finally:
+        torch.set_num_threads(threads)
+    sizes = np.array([int(np.prod(s)) for s in shapes])
+    assert (numba_kernels.owners(sizes, 2) < 0).any()  # some tensors shared, some whole
+    assert (numba_kernels.owners(sizes, 2) >= 0).any()
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)

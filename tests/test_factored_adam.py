@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from optarena.optim import factored_adam, numba_support
+from optarena.optim import factored_adam, numba_kernels, numba_support
 from optarena.optim.blocks import ROW_CHUNK
 from optarena.optim.transforms import FactoredSecondMoment, ema_
 
@@ -139,3 +139,34 @@ def test_kernels_are_cached_on_disk(tmp_path: Path) -> None:
         assert run.returncode == 0, run.stderr[-2000:]
     assert runs[0].stdout.split() == ["0", "0"]
     assert [int(x) > 0 for x in runs[1].stdout.split()] == [True, True]
+
+
+@pytest.mark.parametrize("beta1", [0.9, 0.0])
+def test_result_does_not_depend_on_the_threads(beta1: float) -> None:
+    """One thread takes every matrix whole; two share the large one (130x700 of the bucket's
+    ~103k elements): the same bits."""
+    gen = torch.Generator().manual_seed(4)
+    start = [
+        [torch.randn(s, generator=gen) for s in SHAPES],
+        [torch.randn(s, generator=gen) for s in SHAPES],
+        [torch.rand(s[0], 1, generator=gen) for s in SHAPES],
+        [torch.rand(1, s[1], generator=gen) for s in SHAPES],
+    ]
+    gs = [torch.randn(s, generator=gen) for s in SHAPES]
+    scalars = np.array([[1e-2, 0.5, 1 - 1e-3]] * len(SHAPES))
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            ps, ms, rows, cols = ([t.clone() for t in ts] for ts in start)
+            for _ in range(3):
+                moments = ms if beta1 else None
+                factored_adam.step_(ps, gs, moments, rows, cols, scalars, beta1, 0.95, 1e-8)
+            results.append(ps + ms + rows + cols)
+    finally:
+        torch.set_num_threads(threads)
+    owner = numba_kernels.owners(np.array([r * c for r, c in SHAPES]), 2)
+    assert (owner < 0).any() and (owner >= 0).any()
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)

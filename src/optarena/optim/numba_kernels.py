@@ -21,6 +21,9 @@ from optarena.optim.blocks import ROW_CHUNK
 _KERNEL = {"fastmath": True, "cache": True, "boundscheck": False, "error_model": "numpy"}
 _inner = numba.njit(**_KERNEL)
 
+# a tensor larger than this share of its bucket's elements, per thread, is shared by the threads
+SHARED_ABOVE = 0.25
+
 
 @intrinsic
 def pointer(typingctx, address, like):  # pragma: no cover - compile time
@@ -33,7 +36,99 @@ def pointer(typingctx, address, like):  # pragma: no cover - compile time
     return ptr(address, like), codegen
 
 
+@_inner
+def owners(sizes, workers):  # pragma: no cover - machine code
+    """The thread that takes each tensor whole (largest first, to the least loaded), or -1
+    for one shared by all threads (larger than SHARED_ABOVE of a thread's share)."""
+    owner = np.full(sizes.shape[0], -1, np.int64)
+    load = np.zeros(workers)
+    limit = SHARED_ABOVE * sizes.sum() / workers
+    for t in np.argsort(-sizes):
+        if workers == 1 or sizes[t] <= limit:
+            k = np.argmin(load)
+            owner[t] = k
+            load[k] += sizes[t]
+    return owner
+
+
 # --------------------------------------------------------------------------- factored_adam
+
+
+@_inner
+def factored_sums(g, m, w, momentum, row_sums, col_sums, first, end):  # pragma: no cover
+    """Pass 1 over chunks ``[first, end)``: momentum, each row's sum of g², each chunk's
+    column sums."""
+    dtype = g.dtype.type
+    n, c = g.shape
+    for k in range(first, end):
+        acc = col_sums[k]
+        for j in range(c):
+            acc[j] = 0
+        for i in range(k * ROW_CHUNK, min(n, (k + 1) * ROW_CHUNK)):
+            gi = g[i]
+            s = dtype(0)  # float32 rows add in float32 vector lanes
+            if momentum:
+                mi = m[i]
+                for j in range(c):
+                    x = gi[j]
+                    mi[j] += (x - mi[j]) * w  # m.lerp_(g, 1-β1), as transforms.ema_
+                    sq = x * x
+                    s += sq
+                    acc[j] += sq
+            else:
+                for j in range(c):
+                    sq = gi[j] * gi[j]
+                    s += sq
+                    acc[j] += sq
+            row_sums[i] = s
+
+
+@_inner
+def factored_roots(f0, f1, row_sums, col_sums, decay, weight, tiny):  # pragma: no cover
+    """The factors' EMAs (statistics: means in float64, as transforms.mean_over) and the
+    column roots."""
+    dtype = f0.dtype.type
+    n, c = f0.shape[0], f1.shape[0]
+    total = 0.0
+    for i in range(n):
+        f0[i] = f0[i] * decay + dtype(row_sums[i] / c) * weight
+        total += f0[i]
+    mean = max(dtype(total / n), dtype(tiny))
+    col = np.zeros(c)
+    for k in range(col_sums.shape[0]):
+        for j in range(c):
+            col[j] += col_sums[k, j]
+    root_col = np.empty(c, f0.dtype)
+    for j in range(c):
+        f1[j] = f1[j] * decay + dtype(col[j] / n) * weight
+        root_col[j] = np.sqrt(f1[j] / mean)
+    return root_col
+
+
+@_inner
+def factored_update(p, m, f0, root_col, bc2, keep, size, e, first, end):  # pragma: no cover
+    """Pass 2 over chunks ``[first, end)``, last first: the rows of m written last are still
+    in this thread's cache."""
+    n, c = p.shape
+    for k in range(end - 1, first - 1, -1):
+        for i in range(k * ROW_CHUNK, min(n, (k + 1) * ROW_CHUNK)):
+            root = np.sqrt(f0[i] / bc2)
+            pi = p[i]
+            mi = m[i]
+            for j in range(c):
+                pi[j] = pi[j] * keep - mi[j] * size / (root * root_col[j] + e)
+
+
+@_inner
+def factored_views(table, sc, t):  # pragma: no cover - machine code
+    """Matrix ``t`` of the table: g, m (g itself without a momentum), θ, the factors."""
+    n, c = table[t, 5], table[t, 6]
+    g = numba.carray(pointer(table[t, 0], sc), (n, c))
+    m = numba.carray(pointer(table[t, 1] if table[t, 1] != 0 else table[t, 0], sc), (n, c))
+    p = numba.carray(pointer(table[t, 2], sc), (n, c))
+    f0 = numba.carray(pointer(table[t, 3], sc), n)
+    f1 = numba.carray(pointer(table[t, 4], sc), c)
+    return g, m, p, f0, f1
 
 
 @numba.njit(parallel=True, **_KERNEL)
@@ -41,67 +136,35 @@ def factored_adam(table, sc, w1, beta2, eps, tiny, workers):  # pragma: no cover
     """Adafactor's step for each matrix of the table (``factored_adam.step_``)."""
     dtype = sc.dtype.type
     w, decay, weight, e = dtype(w1), dtype(beta2), dtype(1.0 - beta2), dtype(eps)
-    for t in range(table.shape[0]):
-        n, c = table[t, 5], table[t, 6]
-        g = numba.carray(pointer(table[t, 0], sc), (n, c))
-        p = numba.carray(pointer(table[t, 2], sc), (n, c))
-        f0 = numba.carray(pointer(table[t, 3], sc), n)
-        f1 = numba.carray(pointer(table[t, 4], sc), c)
+    owner = owners(table[:, 5] * table[:, 6], workers)
+    for t in range(table.shape[0]):  # shared: each thread the same run of chunks in both passes
+        if owner[t] >= 0:
+            continue
+        g, m, p, f0, f1 = factored_views(table, sc, t)
         momentum = table[t, 1] != 0
-        m = numba.carray(pointer(table[t, 1] if momentum else table[t, 0], sc), (n, c))
-        chunks = (n + ROW_CHUNK - 1) // ROW_CHUNK
-        row_sums = np.empty(n, sc.dtype)
-        col_sums = np.empty((chunks, c), sc.dtype)
-        # each thread takes the same run of chunks in both passes
-        # 1. momentum and both sums of g², one pass
+        chunks = (g.shape[0] + ROW_CHUNK - 1) // ROW_CHUNK
+        row_sums = np.empty(g.shape[0], sc.dtype)
+        col_sums = np.empty((chunks, g.shape[1]), sc.dtype)
         for worker in numba.prange(workers):
-            for k in range(worker * chunks // workers, (worker + 1) * chunks // workers):
-                acc = col_sums[k]
-                for j in range(c):
-                    acc[j] = 0
-                for i in range(k * ROW_CHUNK, min(n, (k + 1) * ROW_CHUNK)):
-                    gi = g[i]
-                    s = dtype(0)  # float32 rows add in float32 vector lanes
-                    if momentum:
-                        mi = m[i]
-                        for j in range(c):
-                            x = gi[j]
-                            mi[j] += (x - mi[j]) * w  # m.lerp_(g, 1-β1), as transforms.ema_
-                            sq = x * x
-                            s += sq
-                            acc[j] += sq
-                    else:
-                        for j in range(c):
-                            sq = gi[j] * gi[j]
-                            s += sq
-                            acc[j] += sq
-                    row_sums[i] = s
-        # 2. the factors' EMAs (statistics: means in float64, as transforms.mean_over) and
-        # their roots
-        total = 0.0
-        for i in range(n):
-            f0[i] = f0[i] * decay + dtype(row_sums[i] / c) * weight
-            total += f0[i]
-        mean = max(dtype(total / n), dtype(tiny))
-        col = np.zeros(c)
-        for k in range(chunks):
-            for j in range(c):
-                col[j] += col_sums[k, j]
-        root_col = np.empty(c, sc.dtype)
-        for j in range(c):
-            f1[j] = f1[j] * decay + dtype(col[j] / n) * weight
-            root_col[j] = np.sqrt(f1[j] / mean)
-        # 3. the update, each thread its own chunks, last first (m is g without a momentum)
+            first, end = worker * chunks // workers, (worker + 1) * chunks // workers
+            factored_sums(g, m, w, momentum, row_sums, col_sums, first, end)
+        root_col = factored_roots(f0, f1, row_sums, col_sums, decay, weight, tiny)
         size, bc2, keep = sc[t, 0], sc[t, 1], sc[t, 2]
         for worker in numba.prange(workers):
-            first = worker * chunks // workers
-            for k in range((worker + 1) * chunks // workers - 1, first - 1, -1):
-                for i in range(k * ROW_CHUNK, min(n, (k + 1) * ROW_CHUNK)):
-                    root = np.sqrt(f0[i] / bc2)
-                    pi = p[i]
-                    mi = m[i]
-                    for j in range(c):
-                        pi[j] = pi[j] * keep - mi[j] * size / (root * root_col[j] + e)
+            first, end = worker * chunks // workers, (worker + 1) * chunks // workers
+            factored_update(p, m, f0, root_col, bc2, keep, size, e, first, end)
+    for worker in numba.prange(workers):  # whole: each thread its own matrices
+        for t in range(table.shape[0]):
+            if owner[t] != worker:
+                continue
+            g, m, p, f0, f1 = factored_views(table, sc, t)
+            chunks = (g.shape[0] + ROW_CHUNK - 1) // ROW_CHUNK
+            row_sums = np.empty(g.shape[0], sc.dtype)
+            col_sums = np.empty((chunks, g.shape[1]), sc.dtype)
+            factored_sums(g, m, w, table[t, 1] != 0, row_sums, col_sums, 0, chunks)
+            root_col = factored_roots(f0, f1, row_sums, col_sums, decay, weight, tiny)
+            size, bc2, keep = sc[t, 0], sc[t, 1], sc[t, 2]
+            factored_update(p, m, f0, root_col, bc2, keep, size, e, 0, chunks)
 
 
 # --------------------------------------------------------------------------- block_adam
@@ -139,42 +202,81 @@ def new_v(v, b, total, count, beta2):  # pragma: no cover - machine code
     return v[b]
 
 
+@_inner
+def block_in_cache(g, m, p, v, item, w, beta2, keep, size, eps):  # pragma: no cover
+    """Both passes over a block that is one item (at most ROW_CHUNK rows, in L1)."""
+    lo, hi, b = item[0], item[1], item[2]
+    total = momentum_and_sum(g, m, w, lo, hi)
+    vb = new_v(v, b, total, (hi - lo) * g.shape[1], beta2)
+    update(p, m, keep, g.dtype.type(size / (np.sqrt(vb) + eps)), lo, hi)
+
+
+@_inner
+def block_steps(v, items, partial, size, eps, beta2, c):  # pragma: no cover - machine code
+    """Each block's ``v`` from its items' sums of g² (added in item order), and its step."""
+    totals = np.zeros(v.shape[0])
+    rows = np.zeros(v.shape[0])
+    for k in range(items.shape[0]):
+        totals[items[k, 2]] += partial[k]
+        rows[items[k, 2]] += items[k, 1] - items[k, 0]
+    d = np.empty(v.shape[0], v.dtype)
+    for b in range(v.shape[0]):
+        d[b] = size / (np.sqrt(new_v(v, b, totals[b], rows[b] * c, beta2)) + eps)
+    return d
+
+
+@_inner
+def block_views(table, spans, sc, t):  # pragma: no cover - machine code
+    """Tensor ``t`` of the table as (rows, columns): g, m, θ, and its v."""
+    n, c = table[t, 4], table[t, 5]
+    g = numba.carray(pointer(table[t, 0], sc), (n, c))
+    m = numba.carray(pointer(table[t, 1], sc), (n, c))
+    p = numba.carray(pointer(table[t, 2], sc), (n, c))
+    v = numba.carray(pointer(table[t, 3], sc), spans[t, 3])
+    return g, m, p, v
+
+
 @numba.njit(parallel=True, **_KERNEL)
 def block_adam(table, spans, all_items, sc, w1, beta2, workers):  # pragma: no cover
     """The block-moment Adam step for each tensor of the table (``block_adam.step_``)."""
-    dtype = sc.dtype.type
-    w = dtype(w1)
-    for t in range(table.shape[0]):
-        n, c = table[t, 4], table[t, 5]
-        g = numba.carray(pointer(table[t, 0], sc), (n, c))
-        m = numba.carray(pointer(table[t, 1], sc), (n, c))
-        p = numba.carray(pointer(table[t, 2], sc), (n, c))
-        v = numba.carray(pointer(table[t, 3], sc), spans[t, 3])
+    w = sc.dtype.type(w1)
+    owner = owners(table[:, 4] * table[:, 5], workers)
+    for t in range(table.shape[0]):  # shared by the threads
+        if owner[t] >= 0:
+            continue
+        g, m, p, v = block_views(table, spans, sc, t)
         items = all_items[spans[t, 0] : spans[t, 1]]
         size, eps, keep = sc[t, 0], sc[t, 1], sc[t, 2]
         if spans[t, 2]:  # every block one item: both passes while it is in cache
             for k in numba.prange(items.shape[0]):
-                lo, hi, b = items[k, 0], items[k, 1], items[k, 2]
-                total = momentum_and_sum(g, m, w, lo, hi)
-                vb = new_v(v, b, total, (hi - lo) * c, beta2)
-                update(p, m, keep, dtype(size / (np.sqrt(vb) + eps)), lo, hi)
+                block_in_cache(g, m, p, v, items[k], w, beta2, keep, size, eps)
             continue
-        # each thread takes the same run of items in both passes, the second in reverse:
-        # the rows of m it wrote last are still in its cache
+        # each thread takes the same run of items in both passes, the second in reverse: the
+        # rows of m it wrote last are still in its cache
         count = items.shape[0]
         partial = np.empty(count)
         for worker in numba.prange(workers):
             for k in range(worker * count // workers, (worker + 1) * count // workers):
                 partial[k] = momentum_and_sum(g, m, w, items[k, 0], items[k, 1])
-        totals = np.zeros(v.shape[0])
-        rows = np.zeros(v.shape[0])
-        for k in range(items.shape[0]):
-            totals[items[k, 2]] += partial[k]
-            rows[items[k, 2]] += items[k, 1] - items[k, 0]
-        d = np.empty(v.shape[0], sc.dtype)
-        for b in range(v.shape[0]):
-            d[b] = size / (np.sqrt(new_v(v, b, totals[b], rows[b] * c, beta2)) + eps)
+        d = block_steps(v, items, partial, size, eps, beta2, g.shape[1])
         for worker in numba.prange(workers):
             first = worker * count // workers
             for k in range((worker + 1) * count // workers - 1, first - 1, -1):
+                update(p, m, keep, d[items[k, 2]], items[k, 0], items[k, 1])
+    for worker in numba.prange(workers):  # whole: each thread its own tensors
+        for t in range(table.shape[0]):
+            if owner[t] != worker:
+                continue
+            g, m, p, v = block_views(table, spans, sc, t)
+            items = all_items[spans[t, 0] : spans[t, 1]]
+            size, eps, keep = sc[t, 0], sc[t, 1], sc[t, 2]
+            if spans[t, 2]:
+                for k in range(items.shape[0]):
+                    block_in_cache(g, m, p, v, items[k], w, beta2, keep, size, eps)
+                continue
+            partial = np.empty(items.shape[0])
+            for k in range(items.shape[0]):
+                partial[k] = momentum_and_sum(g, m, w, items[k, 0], items[k, 1])
+            d = block_steps(v, items, partial, size, eps, beta2, g.shape[1])
+            for k in range(items.shape[0] - 1, -1, -1):
                 update(p, m, keep, d[items[k, 2]], items[k, 0], items[k, 1])
