@@ -8,11 +8,17 @@ read-only reductions move bytes at ~0.6x the rate of a read-write stream on the 
 This kernel (numba, called by the fast path outside its compiled graph) takes one tensor at a
 time:
 
-1. ``m = lerp(m, g, 1-β1)`` and each block's sum of ``g²`` (float64), in parallel chunks of
-   rows: one read-write stream over g and m;
+1. ``m = lerp(m, g, 1-β1)`` and each block's sum of ``g²`` (float64), in chunks of rows: one
+   read-write stream over g and m;
 2. ``v_b = β2 v_b + (1-β2) mean``, then ``θ = keep·θ - size · m / (√v_b + ε)``, reading the
-   m it has just written instead of g: each thread its own rows of pass 1, last first, so from
-   its cache for all but the largest tensors.
+   m it has just written instead of g: the rows of pass 1, last first, so from cache for all
+   but the largest tensors.
+
+Each thread takes whole tensors (``numba_kernels.owners``): a tensor's two passes never wait
+for another thread, and the bucket's step is one parallel region (a region per pass and
+tensor cost 5-8% at the benchmark's size). A tensor too large to balance that way is shared,
+each thread taking a run of its rows in both passes; the sums are added chunk by chunk in
+order either way, so the result does not depend on the threads.
 
 Blocks of at most ROW_CHUNK rows (Adam-mini's heads and rows) do both passes per block while it
 is in L1: one pass over memory. ``size`` and ``ε`` are the fast path's folded scalars (bias

@@ -8,15 +8,18 @@ strip at a time), then the update, and every tensor's reductions ran before ever
 update, so each second read came from memory. This kernel (numba, called by the fast path
 outside its compiled graph) takes one matrix at a time:
 
-1. in parallel chunks of :data:`~optarena.optim.blocks.ROW_CHUNK` rows, one read-write stream
-   over ``g`` and ``m``: ``m = lerp(m, g, 1-β1)``, each row's sum of ``g²``, and its squares
-   added into the chunk's column accumulator (which stays in L1);
+1. in chunks of :data:`~optarena.optim.blocks.ROW_CHUNK` rows, one read-write stream over
+   ``g`` and ``m``: ``m = lerp(m, g, 1-β1)``, each row's sum of ``g²``, and its squares added
+   into the chunk's column accumulator (which stays in L1);
 2. the factors' EMAs and their roots (``FactoredSecondMoment.roots``), once per row and column;
-3. ``θ = keep·θ - size · m / (r_i c_j + ε)``, each thread walking the chunks it took in pass
-   1 in reverse, so that the rows of ``m`` it wrote last, still in its cache, are read first (a
-   matrix of a few MB is read wholly from cache; the output layer's 16 MB in part). Paired
-   over the benchmark's matrices, own chunks in reverse ran 1-6% faster than all chunks in
-   reverse, and bit for bit the same.
+3. ``θ = keep·θ - size · m / (r_i c_j + ε)``, walking the chunks of pass 1 in reverse, so
+   that the rows of ``m`` written last, still in cache, are read first (a matrix of a few MB
+   is read wholly from cache; the output layer's 16 MB in part).
+
+Each thread takes whole matrices (``numba_kernels.owners``), so a matrix's passes never wait
+for another thread; one too large to balance that way is shared, each thread taking a run of
+its chunks in both passes. Either way the sums are added chunk by chunk in order: the result
+does not depend on the threads.
 
 Without a momentum (``β1 = 0``) pass 1 only reads ``g`` and pass 3 reads ``g`` again. ``size``
 is the step size with the first bias correction, ``bc2`` the second, ``keep = 1 - lr·λ``: the
