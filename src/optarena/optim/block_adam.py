@@ -16,7 +16,7 @@ time:
 
 Each thread takes whole tensors (``numba_kernels.owners``): a tensor's two passes never wait
 for another thread, and the bucket's step is one parallel region (a region per pass and
-tensor cost 5-8% at the benchmark's size). A tensor too large to balance that way is shared,
+tensor cost 1-8% at the benchmark's size, paired). A tensor too large to balance that way is shared,
 each thread taking a run of its rows in both passes; the sums are added chunk by chunk in
 order either way, so the result does not depend on the threads.
 

@@ -194,10 +194,11 @@ class _Plan:
 
 
 def _scalar_table(
-    rule: Rule, hp: dict[str, Any], plan: _Plan, steps: np.ndarray, decay_lr: float
+    rule: Rule, hp: dict[str, Any], steps: np.ndarray, decays: np.ndarray, decay_lr: float
 ) -> tuple[tuple[str, ...], np.ndarray]:
     """Every tensor's host scalars, a row each (float64, columns ``names``): exactly the numbers
-    the eager path computes, asked of the rule once per distinct step (usually one a bucket)."""
+    the eager path computes, asked of the rule once per distinct step (usually one a bucket).
+    ``decays``: 1.0 where the tensor's role takes weight decay."""
     first = steps[0]
     values = [first] if (steps == first).all() else np.unique(steps)
     table = np.empty(0)
@@ -212,7 +213,7 @@ def _scalar_table(
             table[:] = row
         else:
             table[steps == value] = row
-    table[:, names.index("keep")] = 1.0 - plan.decays * (hp["weight_decay"] * decay_lr)
+    table[:, names.index("keep")] = 1.0 - decays * (hp["weight_decay"] * decay_lr)
     return names, table
 
 
@@ -333,7 +334,8 @@ class FusedStepper:
         something changed (the group's constants, a state or a step count replaced)."""
         opt = self.optimizer
         constants = {k: _freeze(v) for k, v in _constants(rule, hp).items()}
-        plan = self.plans.get((rule.name, *map(id, params)))
+        pid = (rule.name, *map(id, params))
+        plan = self.plans.get(pid)
         states = [opt.state[p] for p in params]
         if (
             plan is not None
@@ -380,7 +382,7 @@ class FusedStepper:
             [[states[i][k] for k in specs[i].state_keys] for i in compiled],
             StepCounts(states),
         )
-        self.plans[(rule.name, *map(id, params))] = plan
+        self.plans[pid] = plan
         return plan
 
     def step_group(
@@ -418,7 +420,8 @@ class FusedStepper:
         states = plan.states
         steps = plan.counts.add_one()
         # a fusable rule's decay_lr depends on the group only (Rule.decay_lr)
-        names, table = _scalar_table(rule, hp, plan, steps, rule.decay_lr(params[0], states[0], hp))
+        decay_lr = rule.decay_lr(params[0], states[0], hp)
+        names, table = _scalar_table(rule, hp, steps, plan.decays, decay_lr)
         grads = [p.grad for p in params]
         fn = None
         leftover: list[Tensor] = []

@@ -60,9 +60,10 @@ def run(kernel: Any, *args: Any) -> None:
     parallel loops use as many threads as torch's operators. torch's count is left untouched.
 
     The kernel takes its thread count as an argument because one that calls
-    ``numba.get_num_threads()`` is not cached on disk. numba's OpenMP pool may share the
-    OpenMP runtime with torch: starting it sizes the runtime to the cores, which would change
-    ``torch.get_num_threads()`` (and make every compiled step, which guards on it, recompile).
+    ``numba.get_num_threads()`` is not cached on disk. Starting numba's OpenMP pool (a second
+    copy of GNU OpenMP here, beside torch's) has reset ``torch.get_num_threads()`` to the cores
+    (tested in a fresh process), which would make every compiled step, which guards on it,
+    recompile.
     """
     import numba
 
