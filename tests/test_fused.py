@@ -198,9 +198,19 @@ def test_kernel_parameters_given_new_storage(name: str, contiguous: bool) -> Non
     _assert_close(named_e, eager, named_f, fused, rtol=1e-5, atol=1e-6)
 
 
-def test_kernels_run_when_the_compiled_part_failed(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("compiled_first", [True, False])
+def test_kernels_run_when_the_compiled_part_failed(
+    monkeypatch: pytest.MonkeyPatch, compiled_first: bool
+) -> None:
     """``fused=None``: a bucket whose compiled function failed steps those tensors eagerly from
-    then on, and its kernel tensors (Adafactor's matrices) still by their kernel."""
+    then on, and its kernel tensors (Adafactor's matrices) still by their kernel, whichever
+    part runs first."""
+    plan_of = fused_module.FusedStepper._plan
+
+    def plan_in_order(self, *args):
+        plan = plan_of(self, *args)
+        plan.compiled_first = compiled_first
+        return plan
 
     def broken(fn, **options):
         def raises(*args, **kwargs):
@@ -212,6 +222,7 @@ def test_kernels_run_when_the_compiled_part_failed(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(fused_module, "_COMPILED", {})
     monkeypatch.setattr(fused_module, "_FAILED", set())
     monkeypatch.setattr(fused_module.torch, "compile", broken)
+    monkeypatch.setattr(fused_module.FusedStepper, "_plan", plan_in_order)
     named_e, eager = _build("adafactor", fused=False)
     named_f, fused = _build("adafactor", fused=None)
     _run(eager, named_e, 1, STEPS + 1, torch.float32)

@@ -20,6 +20,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.optim import optimizer as torch_optimizer
 
 from optarena.optim import (
     SGD,
@@ -349,3 +350,53 @@ def test_signum_zero_gradient_is_sign_zero() -> None:
     p.grad = torch.tensor([0.0, 1.0, -1.0])
     opt.step()
     assert torch.equal(p.detach(), torch.tensor([1.0, 1.5, 3.5]))
+
+
+# --------------------------------------------------------------------------- torch's step protocol
+
+
+@pytest.mark.parametrize("name", ["adamw", "adafactor", "lion"])
+def test_step_hooks_run_once_each_around_the_step(name: str) -> None:
+    p = nn.Parameter(torch.ones(4, 3))
+    p.grad = torch.full((4, 3), 0.5)
+    opt = create(name, [p], lr=0.1)
+    seen: list[tuple[str, torch.Tensor]] = []
+
+    def record(tag: str):
+        return lambda o, args, kwargs: seen.append((tag, p.detach().clone())) if o is opt else None
+
+    handles = [
+        torch_optimizer.register_optimizer_step_pre_hook(record("global-pre")),
+        opt.register_step_pre_hook(record("pre")),
+        opt.register_step_post_hook(record("post")),
+        torch_optimizer.register_optimizer_step_post_hook(record("global-post")),
+    ]
+    try:
+        opt.step()
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert [tag for tag, _ in seen] == ["global-pre", "pre", "post", "global-post"]
+    assert torch.equal(seen[1][1], torch.ones(4, 3))  # before the update
+    assert (seen[2][1] < 1).all()  # after it
+    opt.step()  # hooks removed: nothing more recorded
+    assert len(seen) == 4
+
+
+def test_a_pre_hook_may_replace_the_step_arguments() -> None:
+    p = nn.Parameter(torch.ones(3))
+    p.grad = torch.ones(3)
+    opt = create("adamw", [p], lr=0.1)
+    opt.register_step_pre_hook(lambda o, args, kwargs: (args, {"closure": lambda: 7.0}))
+    assert opt.step() == 7.0
+
+
+@pytest.mark.parametrize("name", ["adamw", "adam-mini"])
+def test_the_profiler_sees_the_step(name: str) -> None:
+    p = nn.Parameter(torch.ones(4, 3))
+    p.grad = torch.ones(4, 3)
+    opt = create(name, [p], lr=0.1)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        opt.step()
+    events = {event.key for event in prof.key_averages()}
+    assert f"Optimizer.step#{type(opt).__name__}.step" in events

@@ -189,6 +189,9 @@ class _Plan:
     compiled_params: list[Tensor]
     compiled_lists: list[list[Tensor]]  # their state tensors, in ``specs``' key order
     counts: StepCounts
+    # the smaller part runs first: the larger one streams through memory and leaves the host's
+    # objects out of the caches for whatever runs after it
+    compiled_first: bool
     keys: dict[tuple[str, ...], int] = field(default_factory=dict)  # scalar names -> key id
     timed: bool = False  # its first call (compilations) is counted in COMPILE_STATS
 
@@ -381,6 +384,7 @@ class FusedStepper:
             [params[i] for i in compiled],
             [[states[i][k] for k in specs[i].state_keys] for i in compiled],
             StepCounts(states),
+            sum(params[i].numel() for i in compiled) < sum(params[i].numel() for i in kernel),
         )
         self.plans[pid] = plan
         return plan
@@ -450,34 +454,19 @@ class FusedStepper:
         # over the same structure did
         first = not plan.timed and not getattr(fn, "_optarena_done", False)
         start = time.perf_counter()
+        if plan.compiled_first and fn is not None:
+            if not self._run_compiled(fn, key, plan, params, grads, table, dtype, explicit):
+                leftover = _give_back(params, states, plan.compiled)
+            fn = None
         if plan.kernel_call is not None:  # outside the compiled graph: no guards to check
             done = plan.kernel_call([grads[i] for i in plan.kernel], table[plan.kernel], names)
             if not all(done):
                 declined = [i for i, did in zip(plan.kernel, done, strict=True) if not did]
                 leftover += _give_back(params, states, declined)
-        if fn is not None:
-            every = len(plan.compiled) == len(params)
-            rows = table if every else table[plan.compiled]
-            sc = torch.from_numpy(rows.astype(_SCALAR_DTYPES[dtype == torch.float64]))
-            try:
-                fn(
-                    plan.compiled_params,
-                    grads if every else [grads[i] for i in plan.compiled],
-                    plan.compiled_lists,
-                    sc.to(params[0].device),
-                )
-            except Exception as err:
-                if explicit:
-                    raise
-                _FAILED.add(key)
-                warnings.warn(
-                    f"optarena: fused step failed to compile ({type(err).__name__}: {err}); "
-                    "using the eager path for these parameters",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
-                return leftover + _give_back(params, states, plan.compiled)
-            fn._optarena_done = True  # type: ignore[attr-defined]
+        if fn is not None and not self._run_compiled(
+            fn, key, plan, params, grads, table, dtype, explicit
+        ):
+            return leftover + _give_back(params, states, plan.compiled)
         plan.timed = True
         if first:
             elapsed = time.perf_counter() - start
@@ -485,6 +474,43 @@ class FusedStepper:
             COMPILE_STATS.functions += 1
             COMPILE_STATS.keys.append(f"{rule.name}:{len(params)} tensors")
         return leftover
+
+    @staticmethod
+    def _run_compiled(
+        fn: Callable[..., None],
+        key: int,
+        plan: _Plan,
+        params: list[Tensor],
+        grads: list[Tensor],
+        table: np.ndarray,
+        dtype: torch.dtype,
+        explicit: bool,
+    ) -> bool:
+        """Run a bucket's compiled function; ``False`` if it failed (then it is never tried
+        again for this key, and its tensors go to the eager path unless ``fused=True``)."""
+        every = len(plan.compiled) == len(params)
+        rows = table if every else table[plan.compiled]
+        sc = torch.from_numpy(rows.astype(_SCALAR_DTYPES[dtype == torch.float64]))
+        try:
+            fn(
+                plan.compiled_params,
+                grads if every else [grads[i] for i in plan.compiled],
+                plan.compiled_lists,
+                sc.to(params[0].device),
+            )
+        except Exception as err:
+            if explicit:
+                raise
+            _FAILED.add(key)
+            warnings.warn(
+                f"optarena: fused step failed to compile ({type(err).__name__}: {err}); "
+                "using the eager path for these parameters",
+                RuntimeWarning,
+                stacklevel=7,  # the caller of opt.step()
+            )
+            return False
+        fn._optarena_done = True  # type: ignore[attr-defined]
+        return True
 
 
 def _give_back(params: list[Tensor], states: list[dict], indices: list[int]) -> list[Tensor]:

@@ -408,6 +408,9 @@ class _AdaptiveKernels:
                 [_blocks_of(self.params[i], self.ctxs[i]) for i in blocked],
             )
             calls.append((blocked, call))
+        # the smaller call first: after the larger one's memory traffic, the host's objects
+        # (tables, tensors, numba's dispatcher) are out of the caches (paired: 2-4% a step)
+        calls.sort(key=lambda c: sum(self.params[i].numel() for i in c[0]))
         return tuple(calls)
 
     def __call__(self, grads, scalars, names):
