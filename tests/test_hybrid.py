@@ -112,3 +112,28 @@ def test_lion_body_adamw_head_equals_two_optimizers() -> None:
     # each group kept its own peak lr under the schedule
     lrs = {g["route"]: g["lr"] for g in hybrid.param_groups}
     assert lrs == {"default": pytest.approx(3e-4 / 21), "output": pytest.approx(3e-3 / 21)}
+
+
+def test_groups_step_smallest_first() -> None:
+    """A step takes the groups with the fewest elements first (their host work then finds its
+    objects still cached); a group added later takes its place by size; results are those of
+    the groups' own order (the test above compares a hybrid with separate optimizers)."""
+    big, mid, small = (torch.nn.Parameter(torch.zeros(n)) for n in (300, 20, 3))
+    opt = AdamW([{"params": [big]}, {"params": [mid]}], lr=0.1)
+    stepped: list[int] = []
+    rule_of = opt.rule_of
+
+    def spy(group):
+        stepped.append(group["params"][0].numel())
+        return rule_of(group)
+
+    opt.rule_of = spy  # type: ignore[method-assign]
+    for p in (big, mid, small):
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert stepped == [20, 300]
+    opt.add_param_group({"params": [small]})
+    stepped.clear()
+    opt.step()
+    assert stepped == [3, 20, 300]
+    assert all((p < 0).all() for p in (big, mid, small))

@@ -124,6 +124,7 @@ class RuleOptimizer(torch.optim.Optimizer):
         self._sharded: bool | None = None  # any DTensor parameter (FSDP2); found on first step
         self._fused: FusedStepper | None = None
         self._counts: dict[tuple[int, ...], StepCounts] = {}  # torch's kernels' buckets
+        self._order: tuple[tuple, list[dict[str, Any]]] = ((), [])  # _groups_small_first
         super().__init__(params, defaults)
         self._index_infos(infos)
         self._is_sharded()  # refuses FSDP1 / ZeRO flattened shards now, not at the first step
@@ -265,7 +266,7 @@ class RuleOptimizer(torch.optim.Optimizer):
 
             sharding.step(self, bs)
             return loss
-        for group in self.param_groups:
+        for group in self._groups_small_first():
             rule = self.rule_of(group)
             hp = group if bs is None or "bs" not in group else {**group, "bs": bs}
             params = [p for p in group["params"] if p.grad is not None]
@@ -293,6 +294,20 @@ class RuleOptimizer(torch.optim.Optimizer):
         return loss
 
     _hooked_step = torch.optim.Optimizer.profile_hook_step(_step)
+
+    def _groups_small_first(self) -> list[dict[str, Any]]:
+        """The param groups, fewest elements first. Groups share no parameter, so the order
+        changes no result; but a group stepped after a larger one's memory traffic finds its
+        host objects out of the caches (a hybrid's 17 LayerNorm vectors: ~0.3 ms)."""
+        groups = self.param_groups
+        if len(groups) == 1:
+            return groups
+        key = tuple((id(g), len(g["params"])) for g in groups)
+        if key != self._order[0]:
+            sizes = [sum(p.numel() for p in g["params"]) for g in groups]
+            order = sorted(range(len(groups)), key=sizes.__getitem__)
+            self._order = (key, [groups[i] for i in order])
+        return self._order[1]
 
     def _step_counts(self, params: list[Tensor], states: list[dict[str, Any]]) -> StepCounts:
         """The step counts of a bucket of torch's kernels (``kernels.py``), kept in one tensor
