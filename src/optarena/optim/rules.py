@@ -745,8 +745,12 @@ class AdafactorClassic(Rule):
         return v.rsqrt() * g
 
     def finish(self, u: Tensor, u_rms: Tensor, state: dict, group: dict) -> tuple[Tensor, float]:
-        """Clip ``u`` to RMS ``clip_threshold`` given its RMS, scale by the lr, add momentum."""
+        """Clip ``u`` to RMS ``clip_threshold`` given its RMS, scale by the lr, add momentum.
+        Without momentum the scale is the step size, applied in the update's own pass (two
+        passes over ``u`` fewer)."""
         lr = float(state["lr"])
+        if group["beta1"] is None:
+            return u, lr / max(1.0, float(u_rms) / group["clip_threshold"])
         clip_by_rms_(u, group["clip_threshold"], u_rms, scale=lr)
         if group["beta1"] is not None:
             u = ema_(state["exp_avg"], u, group["beta1"])
