@@ -115,12 +115,13 @@ def test_torch_keeps_its_thread_count() -> None:
 
 
 def test_kernels_are_cached_on_disk(tmp_path: Path) -> None:
-    """Both CPU kernels compile once and load from numba's disk cache afterwards (a kernel that
+    """The CPU kernels compile once and load from numba's disk cache afterwards (a kernel that
     numba cannot cache, e.g. one calling ``numba.get_num_threads()``, recompiles for seconds in
     every process). A fresh cache directory, a fresh process, twice."""
     code = (
         "import warnings, torch, numpy as np\n"
-        "from optarena.optim import block_adam, blocks, factored_adam\n"
+        "from optarena.optim import block_adam, blocks, classic_adafactor, factored_adam\n"
+        "from optarena.optim.rules import RULES\n"
         "warnings.simplefilter('error')\n"
         "t = lambda *s: torch.zeros(s)\n"
         "rows = block_adam.row_blocks(blocks.tensor_layout((130, 8)), (130, 8))\n"
@@ -128,7 +129,11 @@ def test_kernels_are_cached_on_disk(tmp_path: Path) -> None:
         " [rows], 0.9, 0.95)\n"
         "factored_adam.step_([t(130, 9)], [t(130, 9)], None, [t(130, 1)], [t(1, 9)],"
         " np.ones((1, 3)), 0.0, 0.9, 1e-8)\n"
-        "print(*(sum(m._kernel().stats.cache_hits.values()) for m in (block_adam, factored_adam)))"
+        "rule = RULES['adafactor-classic']; group = {**rule.defaults, 'lr': None}\n"
+        "state = rule.init(t(130, 9), None, group, torch.float32)\n"
+        "classic_adafactor.Bucket([t(130, 9)], [state])([t(130, 9)], np.ones((1, 3)), group)\n"
+        "kernels = (block_adam, factored_adam, classic_adafactor)\n"
+        "print(*(sum(m._kernel().stats.cache_hits.values()) for m in kernels))"
     )
     env = {**os.environ, "PYTHONPATH": str(SRC), "NUMBA_CACHE_DIR": str(tmp_path)}
     runs = [
@@ -137,8 +142,8 @@ def test_kernels_are_cached_on_disk(tmp_path: Path) -> None:
     ]
     for run in runs:
         assert run.returncode == 0, run.stderr[-2000:]
-    assert runs[0].stdout.split() == ["0", "0"]
-    assert [int(x) > 0 for x in runs[1].stdout.split()] == [True, True]
+    assert runs[0].stdout.split() == ["0", "0", "0"]
+    assert [int(x) > 0 for x in runs[1].stdout.split()] == [True, True, True]
 
 
 @pytest.mark.parametrize("beta1", [0.9, 0.0])

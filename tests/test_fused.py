@@ -14,10 +14,19 @@ import torch
 from torch import nn
 from torch._dynamo.utils import counters
 
-from optarena.optim import REGISTRY, AdamW, block_adam, create, factored_adam, numba_support
+from optarena.optim import (
+    REGISTRY,
+    AdamW,
+    block_adam,
+    classic_adafactor,
+    create,
+    factored_adam,
+    numba_support,
+)
 from optarena.optim import fused as fused_module
 from optarena.optim.fused import CPU_MIN_NUMEL, bytes_per_param, compile_available, should_fuse
 from optarena.optim.roles import FusedPart, ParamInfo, Role
+from optarena.optim.rules import RULES
 
 pytestmark = pytest.mark.skipif(
     not compile_available(torch.device("cpu")), reason="torch.compile unavailable (no C++ compiler)"
@@ -75,8 +84,9 @@ HP: dict[str, dict] = {
     "sophia": {"lr": 1e-3, "bs": 64, "rho": 0.05, "weight_decay": 0.1},
     "adam-frozen": {"precondition_steps": 3, "unfrozen_roles": ("output", "norm")},
     "hybrid": {"routes": {"default": "lion", "output": ("adam-mini", {"lr": 3e-3}), "norm": "sgd"}},
+    "adafactor-classic": {"beta1": 0.9, "weight_decay": 0.1},
 }
-FUSABLE = [n for n in REGISTRY if n != "adafactor-classic"]
+FUSABLE = list(REGISTRY)
 
 
 def _named(dtype: torch.dtype = torch.float32, seed: int = 0):
@@ -152,17 +162,50 @@ def test_fused_matches_eager(name: str) -> None:
     _assert_close(named_e, eager, named_f, fused, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "hp",
+    [
+        pytest.param({}, id="relative-scaled"),
+        pytest.param({"lr": 1e-2, "relative_step": False, "weight_decay": 0.1}, id="lr-scaled-wd"),
+        pytest.param(
+            {"scale_parameter": False, "warmup_init": True, "clip_threshold": 0.5},
+            id="warmup-clipped",
+        ),
+    ],
+)
+def test_classic_adafactor_fused_matches_eager(hp: dict) -> None:
+    """Classic Adafactor's fast path (step size from RMS(θ), clipping by RMS(u), weight decay
+    scaled by that step size, all in the graph) in the settings the parametrized test above
+    leaves out: no momentum, an external lr, warm-up, a tighter clip."""
+    built = []
+    for fused in (False, True):
+        named, infos = _named()
+        built.append(
+            (named, create("adafactor-classic", named, partition=infos, fused=fused, **hp))
+        )
+    (named_e, eager), (named_f, fused) = built
+    _run(eager, named_e, 1, STEPS + 1, torch.float32)
+    _run(fused, named_f, 1, STEPS + 1, torch.float32)
+    assert fused._fused is not None and eager._fused is None
+    _assert_close(named_e, eager, named_f, fused, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("have_numba", [True, False])
 @pytest.mark.parametrize(
     ("name", "module"),
-    [("adafactor", factored_adam), ("adalayer", block_adam), ("adam-mini", block_adam)],
+    [
+        ("adafactor", factored_adam),
+        ("adalayer", block_adam),
+        ("adam-mini", block_adam),
+        ("adafactor-classic", classic_adafactor),
+    ],
 )
 def test_cpu_kernels_and_their_fallback(
     name: str, module, have_numba: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Adafactor's, Adalayer's and Adam-mini's matrices are updated by numba kernels on the
-    fast path where numba is installed, by the compiled torch expression where it is not; both
-    match eager."""
+    """Adafactor's, Adalayer's, Adam-mini's and classic Adafactor's matrices are updated by
+    numba kernels on the fast path where numba is installed, by the compiled torch expression
+    where it is not; both match eager."""
     calls = []
     kernel = module._kernel
 
@@ -319,8 +362,10 @@ def test_flag_validation_and_policy(monkeypatch: pytest.MonkeyPatch) -> None:
     named, infos = _named()
     with pytest.raises(ValueError, match="fused"):
         create("adamw", named, partition=infos, fused="yes")
-    with pytest.raises(ValueError, match="no fused path"):
-        create("adafactor-classic", named, partition=infos, fused=True)
+    with monkeypatch.context() as patch:  # every registered rule has a fast path; a new one may not
+        patch.setattr(RULES["adafactor-classic"], "fusable", False)
+        with pytest.raises(ValueError, match="no fused path"):
+            create("adafactor-classic", named, partition=infos, fused=True)
     # fused=None under the suite's OPTARENA_FUSED=0 runs eagerly, classic Adafactor too
     for name in ("adamw", "adafactor-classic"):
         named, infos = _named()

@@ -382,7 +382,7 @@ class FusedStepper:
             kernel_call,
             compiled,
             [params[i] for i in compiled],
-            [[states[i][k] for k in specs[i].state_keys] for i in compiled],
+            [[_writable(states[i][k]) for k in specs[i].state_keys] for i in compiled],
             StepCounts(states),
             sum(params[i].numel() for i in compiled) < sum(params[i].numel() for i in kernel),
         )
@@ -424,7 +424,7 @@ class FusedStepper:
         states = plan.states
         steps = plan.counts.add_one()
         # a fusable rule's decay_lr depends on the group only (Rule.decay_lr)
-        decay_lr = rule.decay_lr(params[0], states[0], hp)
+        decay_lr = 1.0 if rule.decay_in_direction else rule.decay_lr(params[0], states[0], hp)
         names, table = _scalar_table(rule, hp, steps, plan.decays, decay_lr)
         grads = [p.grad for p in params]
         fn = None
@@ -512,6 +512,11 @@ class FusedStepper:
         fn._optarena_done = True  # type: ignore[attr-defined]
         return True
 
+
+def _writable(t: Tensor) -> Tensor:
+    """A state tensor as the compiled call takes it: a 0-d one as a 1-element view of itself,
+    since ``torch.compile`` (2.13, CPU) drops in-place writes to 0-d tensor inputs."""
+    return t.view(1) if t.dim() == 0 else t
 
 def _give_back(params: list[Tensor], states: list[dict], indices: list[int]) -> list[Tensor]:
     """These parameters return to the eager path this step (which counts their step again)."""

@@ -290,3 +290,178 @@ def block_adam(table, spans, all_items, sc, w1, beta2, workers):  # pragma: no c
             d = block_steps(v, items, partial, size, eps, beta2, g.shape[1])
             for k in range(items.shape[0] - 1, -1, -1):
                 update(p, m, keep, d[items[k, 2]], items[k, 0], items[k, 1])
+
+
+# --------------------------------------------------------------------------- classic_adafactor
+
+
+@_inner
+def classic_sums(g, p, row_sums, col_sums, theta_sq, eps1, first, end):  # pragma: no cover
+    """Pass 1 over chunks ``[first, end)``: each row's sum of ``g² + ε1``, each chunk's column
+    sums and its sum of ``θ²`` (for RMS(θ))."""
+    dtype = g.dtype.type
+    e = dtype(eps1)
+    n, c = g.shape
+    for k in range(first, end):
+        acc = col_sums[k]
+        for j in range(c):
+            acc[j] = 0
+        total = 0.0
+        for i in range(k * ROW_CHUNK, min(n, (k + 1) * ROW_CHUNK)):
+            gi = g[i]
+            pi = p[i]
+            s = dtype(0)
+            q = dtype(0)
+            for j in range(c):
+                sq = gi[j] * gi[j] + e
+                s += sq
+                acc[j] += sq
+                q += pi[j] * pi[j]
+            row_sums[i] = s
+            total += q
+        theta_sq[k] = total
+
+
+@_inner
+def classic_roots(row, col, row_sums, col_sums, beta2t, vector):  # pragma: no cover
+    """The factors' EMAs (statistics: means in float64) and ``1/sqrt`` of the normalised row
+    factor and of the column factor; a vector is one row whose columns are its second moment."""
+    dtype = col.dtype.type
+    n, c = row_sums.shape[0], col.shape[0]
+    b, w = dtype(beta2t), dtype(1.0 - beta2t)
+    root_row = np.ones(n, col.dtype)
+    if not vector:
+        total = 0.0
+        for i in range(n):
+            row[i] = row[i] * b + dtype(row_sums[i] / c) * w
+            total += row[i]
+        mean = dtype(total / n)
+        for i in range(n):
+            root_row[i] = 1 / np.sqrt(row[i] / mean)
+    sums = np.zeros(c)
+    for k in range(col_sums.shape[0]):
+        for j in range(c):
+            sums[j] += col_sums[k, j]
+    root_col = np.empty(c, col.dtype)
+    for j in range(c):
+        col[j] = col[j] * b + dtype(sums[j] / n) * w
+        root_col[j] = 1 / np.sqrt(col[j])
+    return root_row, root_col
+
+
+@_inner
+def classic_u_sq(g, root_row, root_col, u_sq, first, end):  # pragma: no cover
+    """Pass 2 over chunks ``[first, end)``, last first (the rows read last are in cache): each
+    chunk's sum of ``u² = (g r_i c_j)²``."""
+    n, c = g.shape
+    for k in range(end - 1, first - 1, -1):
+        total = 0.0
+        for i in range(k * ROW_CHUNK, min(n, (k + 1) * ROW_CHUNK)):
+            gi = g[i]
+            s = gi[0] * 0
+            for j in range(c):
+                u = gi[j] * root_col[j]
+                s += u * u
+            total += s * root_row[i] * root_row[i]
+        u_sq[k] = total
+
+
+@_inner
+def classic_update(
+    p, g, m, momentum, root_row, root_col, scale, keep, w1, first, end
+):  # pragma: no cover
+    """Pass 3 over chunks ``[first, end)``: ``θ = keep·θ - scale·u``, through the momentum
+    ``m = lerp(m, scale·u, 1-β1)`` if there is one."""
+    dtype = p.dtype.type
+    n, c = p.shape
+    w, kp = dtype(w1), dtype(keep)
+    for k in range(first, end):
+        for i in range(k * ROW_CHUNK, min(n, (k + 1) * ROW_CHUNK)):
+            gi = g[i]
+            pi = p[i]
+            f = dtype(scale * root_row[i])
+            if momentum:
+                mi = m[i]
+                for j in range(c):
+                    mi[j] += (gi[j] * root_col[j] * f - mi[j]) * w
+                    pi[j] = pi[j] * kp - mi[j]
+            else:
+                for j in range(c):
+                    pi[j] = pi[j] * kp - gi[j] * root_col[j] * f
+
+
+@_inner
+def classic_views(table, like, t):  # pragma: no cover - machine code
+    """Tensor ``t`` of the table as (rows, columns), in ``like``'s dtype: g, m (g itself without
+    a momentum), θ, the row factor (for a vector the column factor, never written), the column
+    factor."""
+    n, c = table[t, 6], table[t, 7]
+    g = numba.carray(pointer(table[t, 0], like), (n, c))
+    m = numba.carray(pointer(table[t, 1] if table[t, 1] != 0 else table[t, 0], like), (n, c))
+    p = numba.carray(pointer(table[t, 2], like), (n, c))
+    row = numba.carray(pointer(table[t, 3] if table[t, 3] != 0 else table[t, 4], like), n)
+    col = numba.carray(pointer(table[t, 4], like), c)
+    return g, m, p, row, col
+
+
+@_inner
+def classic_scales(table, sc, t, theta_sq, eps2, scale_parameter):  # pragma: no cover
+    """The step size ``lr_t`` (scaled by RMS(θ)), written to the tensor's ``lr`` state."""
+    count = table[t, 6] * table[t, 7]
+    lr = sc[t, 0]
+    if scale_parameter:
+        lr = lr * max(eps2, np.sqrt(theta_sq.sum() / count))
+    numba.carray(pointer(table[t, 5], np.empty(1)), 1)[0] = lr
+    return lr
+
+
+@numba.njit(parallel=True, **_KERNEL)
+def classic_adafactor(
+    table, sc, like, eps1, eps2, clip, w1, scale_parameter, workers
+):  # pragma: no cover
+    """Classic Adafactor's step for each tensor of the table (``classic_adafactor.Bucket``):
+    ``sc`` holds each tensor's base step size, ``β2_t`` and ``keep = 1 - λ`` in float64, the
+    tensors are of ``like``'s dtype."""
+    owner = owners(table[:, 6] * table[:, 7], workers)
+    for t in range(table.shape[0]):  # shared: each thread the same run of chunks in every pass
+        if owner[t] >= 0:
+            continue
+        g, m, p, row, col = classic_views(table, like, t)
+        n, c = g.shape
+        chunks = (n + ROW_CHUNK - 1) // ROW_CHUNK
+        row_sums, col_sums = np.empty(n, like.dtype), np.empty((chunks, c), like.dtype)
+        theta_sq, u_sq = np.empty(chunks), np.empty(chunks)
+        for worker in numba.prange(workers):
+            first, end = worker * chunks // workers, (worker + 1) * chunks // workers
+            classic_sums(g, p, row_sums, col_sums, theta_sq, eps1, first, end)
+        lr = classic_scales(table, sc, t, theta_sq, eps2, scale_parameter)
+        root_row, root_col = classic_roots(row, col, row_sums, col_sums, sc[t, 1], table[t, 3] == 0)
+        for worker in numba.prange(workers):
+            first, end = worker * chunks // workers, (worker + 1) * chunks // workers
+            classic_u_sq(g, root_row, root_col, u_sq, first, end)
+        scale = lr / max(1.0, np.sqrt(u_sq.sum() / (n * c)) / clip)
+        keep = 1.0 - (1.0 - sc[t, 2]) * lr
+        for worker in numba.prange(workers):
+            first, end = worker * chunks // workers, (worker + 1) * chunks // workers
+            classic_update(
+                p, g, m, table[t, 1] != 0, root_row, root_col, scale, keep, w1, first, end
+            )
+    for worker in numba.prange(workers):  # whole: each thread its own tensors
+        for t in range(table.shape[0]):
+            if owner[t] != worker:
+                continue
+            g, m, p, row, col = classic_views(table, like, t)
+            n, c = g.shape
+            chunks = (n + ROW_CHUNK - 1) // ROW_CHUNK
+            row_sums, col_sums = np.empty(n, like.dtype), np.empty((chunks, c), like.dtype)
+            theta_sq, u_sq = np.empty(chunks), np.empty(chunks)
+            classic_sums(g, p, row_sums, col_sums, theta_sq, eps1, 0, chunks)
+            lr = classic_scales(table, sc, t, theta_sq, eps2, scale_parameter)
+            vector = table[t, 3] == 0
+            root_row, root_col = classic_roots(row, col, row_sums, col_sums, sc[t, 1], vector)
+            classic_u_sq(g, root_row, root_col, u_sq, 0, chunks)
+            scale = lr / max(1.0, np.sqrt(u_sq.sum() / (n * c)) / clip)
+            keep = 1.0 - (1.0 - sc[t, 2]) * lr
+            classic_update(
+                p, g, m, table[t, 1] != 0, root_row, root_col, scale, keep, w1, 0, chunks
+            )

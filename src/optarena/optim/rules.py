@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from optarena.optim import block_adam, blocks, factored_adam, numba_support
+from optarena.optim import block_adam, blocks, classic_adafactor, factored_adam, numba_support
 from optarena.optim.roles import ParamInfo
 from optarena.optim.sharding import shard_of
 from optarena.optim.transforms import (
@@ -119,6 +119,9 @@ class Rule:
     # :meth:`fused_scalars`, so a new LR or step never recompiles.
 
     fusable: bool = False
+    # fused_direction applies the weight decay itself (its scale depends on the step's own data);
+    # the driver's ``keep`` is then ``1 - λ`` for it to read
+    decay_in_direction: bool = False
     read_only_state: tuple[str, ...] = ()  # state the step reads but never writes (bytes model)
     host_options: tuple[str, ...] = ("lr",)  # group options read by ``fused_scalars`` only
 
@@ -683,14 +686,20 @@ class AdafactorClassic(Rule):
             state = {"exp_avg_sq": torch.zeros_like(p, dtype=dtype)}
         if group["beta1"] is not None:
             state["exp_avg"] = torch.zeros_like(p, dtype=dtype)
+        state["lr"] = torch.zeros((), dtype=torch.float64)  # this step's size (weight decay)
         return state
+
+    @staticmethod
+    def _base_lr(step: int, group: dict) -> float:
+        """The step size before scaling by RMS(θ): the group's, or the relative step."""
+        if not group["relative_step"]:
+            return group["lr"]
+        min_step = 1e-6 * step if group["warmup_init"] else 1e-2
+        return min(min_step, 1.0 / math.sqrt(step))
 
     def _lr(self, p: Tensor, step: int, group: dict, mean_sq: Tensor | None = None) -> float:
         """The step size; ``mean_sq`` is the mean of ``θ²`` when ``p`` is only a shard of θ."""
-        lr = group["lr"]
-        if group["relative_step"]:
-            min_step = 1e-6 * step if group["warmup_init"] else 1e-2
-            lr = min(min_step, 1.0 / math.sqrt(step))
+        lr = self._base_lr(step, group)
         if not group["scale_parameter"]:
             return lr
         p_rms = rms(p) if mean_sq is None else mean_sq.sqrt()
@@ -721,7 +730,7 @@ class AdafactorClassic(Rule):
         else:
             mean_sq = shard.mean("param_sq") if group["scale_parameter"] else None
             lr = self._lr(p, step, group, mean_sq)
-        state["lr"] = torch.tensor(lr, dtype=torch.float64)
+        state["lr"].fill_(lr)
         beta2t = 1.0 - step ** group["decay_rate"]
         if g.dim() >= 2:
             if shard is None:  # g² + eps1 in one pass
@@ -734,8 +743,7 @@ class AdafactorClassic(Rule):
             row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
             row.mul_(beta2t).add_(row_stat, alpha=1.0 - beta2t)
             col.mul_(beta2t).add_(col_stat, alpha=1.0 - beta2t)
-            r = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
-            c = col.unsqueeze(-2).rsqrt()
+            r, c = self._roots(state)
             if shard is not None:
                 r = shard.rows(r)
                 c = shard.rows(c) if g.dim() > 2 else c
@@ -752,12 +760,95 @@ class AdafactorClassic(Rule):
         if group["beta1"] is None:
             return u, lr / max(1.0, float(u_rms) / group["clip_threshold"])
         clip_by_rms_(u, group["clip_threshold"], u_rms, scale=lr)
-        if group["beta1"] is not None:
-            u = ema_(state["exp_avg"], u, group["beta1"])
-        return u, 1.0
+        return ema_(state["exp_avg"], u, group["beta1"]), 1.0
 
     def decay_lr(self, p, state, group):
         return float(state["lr"])
+
+    @staticmethod
+    def _roots(state: dict) -> tuple[Tensor, Tensor]:
+        """``1/sqrt`` of the factored second moment's row and column factors (rows normalised
+        by their mean), shaped to broadcast over the matrix."""
+        row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+        r = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
+        return r, col.unsqueeze(-2).rsqrt()
+
+    # Fast path: one compiled graph per bucket takes the step's reductions (RMS(θ), the factors'
+    # statistics, RMS(u)) and the update, data-dependent step size and clipping included, with
+    # no host synchronisation; the weight decay, scaled by that step size, too.
+
+    fusable = True
+    decay_in_direction = True
+    host_options = ("lr", "relative_step", "warmup_init", "decay_rate")
+
+    def fused_scalars(self, group, step):
+        return {"size": self._base_lr(step, group), "beta2t": 1.0 - step ** group["decay_rate"]}
+
+    def fused_phases(self, group):
+        return 2
+
+    # On CPU each tensor's whole step is one kernel (classic_adafactor.py)
+
+    def kernel_picks(self, p, g, state, group, ctx):
+        return classic_adafactor.applies(p, g, state)
+
+    def kernel_plan(self, params, states, group, ctxs):
+        return _ClassicKernels(params, states, group)
+
+    def fused_prepare(self, g, p, state, group, sc, ctx):
+        # the step size and the second moment's roots in a graph of their own: the update's
+        # graph then reads one root per row and column
+        lr = sc["size"]
+        if group["scale_parameter"]:
+            lr = lr * torch.clamp(rms(p.to(g.dtype)), min=group["eps"][1])
+        state["lr"].copy_(lr)
+        beta2t = sc["beta2t"]
+        sq = g * g + group["eps"][0]
+        if g.dim() >= 2:
+            row_stat, col_stat = mean_over(sq, [-1]).squeeze(-1), mean_over(sq, [-2]).squeeze(-2)
+            state["exp_avg_sq_row"].mul_(beta2t).add_(row_stat * (1 - beta2t))
+            state["exp_avg_sq_col"].mul_(beta2t).add_(col_stat * (1 - beta2t))
+            return self._roots(state)
+        return (state["exp_avg_sq"].mul_(beta2t).add_(sq * (1 - beta2t)).rsqrt(),)
+
+    def fused_direction(self, g, p, state, group, sc, ctx, prepared=None):
+        u = g
+        for root in prepared:
+            u = u * root
+        lr = state["lr"].to(g.dtype)
+        u = u * (lr / torch.clamp(rms(u) / group["clip_threshold"], min=1.0))
+        if group["beta1"] is not None:
+            u = ema_(state["exp_avg"], u, group["beta1"])
+        # θ·(1 - λ·lr) - u as the driver's θ·keep - u with keep = 1 - λ (``decay_in_direction``)
+        return u + p.to(g.dtype) * ((1 - sc["keep"]) * (lr - 1)), 1.0
+
+
+class _ClassicKernels:
+    """AdafactorClassic's kernel tensors of one bucket in one ``classic_adafactor`` call,
+    prepared once (rebuilt for the tensors still fit where one no longer is)."""
+
+    def __init__(self, params: list[Tensor], states: list[dict], group: dict) -> None:
+        self.params, self.states, self.group = params, states, group
+        self.shapes = [p.shape for p in params]
+        self.dtype = params[0].dtype
+        self.call = classic_adafactor.Bucket(params, states)
+        self.columns: dict[tuple[str, ...], list[int]] = {}
+
+    def __call__(self, grads, scalars, names):
+        done = numba_support.unchanged(self.params, grads, self.shapes, self.dtype)
+        columns = self.columns.get(names)
+        if columns is None:
+            columns = self.columns[names] = [names.index(n) for n in ("size", "beta2t", "keep")]
+        if all(done):
+            self.call(grads, scalars[:, columns], self.group)
+            return done
+        kept = [i for i, ok in enumerate(done) if ok]
+        if kept:
+            call = classic_adafactor.Bucket(
+                [self.params[i] for i in kept], [self.states[i] for i in kept]
+            )
+            call([grads[i] for i in kept], scalars[np.ix_(kept, columns)], self.group)
+        return done
 
 
 RULES: dict[str, Rule] = {
