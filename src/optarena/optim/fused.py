@@ -518,6 +518,7 @@ def _writable(t: Tensor) -> Tensor:
     since ``torch.compile`` (2.13, CPU) drops in-place writes to 0-d tensor inputs."""
     return t.view(1) if t.dim() == 0 else t
 
+
 def _give_back(params: list[Tensor], states: list[dict], indices: list[int]) -> list[Tensor]:
     """These parameters return to the eager path this step (which counts their step again)."""
     for i in indices:
