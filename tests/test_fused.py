@@ -224,7 +224,7 @@ def test_cpu_kernels_and_their_fallback(
 
 
 @pytest.mark.parametrize("contiguous", [True, False])
-@pytest.mark.parametrize("name", ["adafactor", "adalayer", "adam-mini"])
+@pytest.mark.parametrize("name", ["adafactor", "adalayer", "adam-mini", "adafactor-classic"])
 def test_kernel_parameters_given_new_storage(name: str, contiguous: bool) -> None:
     """A kernel call is prepared when the bucket is planned, but ``p.data`` may be replaced
     later: a new contiguous tensor is updated where it now lives, a non-contiguous one goes to

@@ -773,9 +773,10 @@ class AdafactorClassic(Rule):
         r = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
         return r, col.unsqueeze(-2).rsqrt()
 
-    # Fast path: one compiled graph per bucket takes the step's reductions (RMS(θ), the factors'
-    # statistics, RMS(u)) and the update, data-dependent step size and clipping included, with
-    # no host synchronisation; the weight decay, scaled by that step size, too.
+    # Fast path: the step's reductions (RMS(θ), the factors' statistics, RMS(u)) and the update,
+    # data-dependent step size, clipping and the weight decay it scales included, with no host
+    # synchronisation: on CPU one numba kernel per bucket (classic_adafactor.py), elsewhere two
+    # compiled graphs (the step size and roots, then the update).
 
     fusable = True
     decay_in_direction = True
@@ -786,8 +787,6 @@ class AdafactorClassic(Rule):
 
     def fused_phases(self, group):
         return 2
-
-    # On CPU each tensor's whole step is one kernel (classic_adafactor.py)
 
     def kernel_picks(self, p, g, state, group, ctx):
         return classic_adafactor.applies(p, g, state)
@@ -825,7 +824,7 @@ class AdafactorClassic(Rule):
 
 class _ClassicKernels:
     """AdafactorClassic's kernel tensors of one bucket in one ``classic_adafactor`` call,
-    prepared once (rebuilt for the tensors still fit where one no longer is)."""
+    prepared once; a step where one tensor no longer fits calls the others alone."""
 
     def __init__(self, params: list[Tensor], states: list[dict], group: dict) -> None:
         self.params, self.states, self.group = params, states, group
