@@ -99,20 +99,34 @@ def factored_roots(f0, f1, row_sums, col_sums, decay, weight, tiny):  # pragma: 
     column roots."""
     dtype = f0.dtype.type
     n, c = f0.shape[0], f1.shape[0]
-    total = 0.0
-    for i in range(n):
-        f0[i] = f0[i] * decay + dtype(row_sums[i] / c) * weight
-        total += f0[i]
-    mean = max(dtype(total / n), dtype(tiny))
-    col = np.zeros(c)
-    for k in range(col_sums.shape[0]):
-        for j in range(c):
-            col[j] += col_sums[k, j]
+    mean = max(dtype(factor_ema(f0, row_sums, c, decay, weight) / n), dtype(tiny))
+    factor_ema(f1, column_totals(col_sums), n, decay, weight)
     root_col = np.empty(c, f0.dtype)
     for j in range(c):
-        f1[j] = f1[j] * decay + dtype(col[j] / n) * weight
         root_col[j] = np.sqrt(f1[j] / mean)
     return root_col
+
+
+@_inner
+def factor_ema(f, sums, count, decay, weight):  # pragma: no cover - machine code
+    """``f = decay·f + weight·sums/count`` (the means in float64, as transforms.mean_over);
+    returns the sum of the new ``f``, in float64."""
+    dtype = f.dtype.type
+    total = 0.0
+    for i in range(f.shape[0]):
+        f[i] = f[i] * decay + dtype(sums[i] / count) * weight
+        total += f[i]
+    return total
+
+
+@_inner
+def column_totals(col_sums):  # pragma: no cover - machine code
+    """A matrix's column sums from its chunks' (added in chunk order, in float64)."""
+    total = np.zeros(col_sums.shape[1])
+    for k in range(col_sums.shape[0]):
+        for j in range(col_sums.shape[1]):
+            total[j] += col_sums[k, j]
+    return total
 
 
 @_inner
@@ -331,20 +345,12 @@ def classic_roots(row, col, row_sums, col_sums, beta2t, vector):  # pragma: no c
     b, w = dtype(beta2t), dtype(1.0 - beta2t)
     root_row = np.ones(n, col.dtype)
     if not vector:
-        total = 0.0
-        for i in range(n):
-            row[i] = row[i] * b + dtype(row_sums[i] / c) * w
-            total += row[i]
-        mean = dtype(total / n)
+        mean = dtype(factor_ema(row, row_sums, c, b, w) / n)
         for i in range(n):
             root_row[i] = 1 / np.sqrt(row[i] / mean)
-    sums = np.zeros(c)
-    for k in range(col_sums.shape[0]):
-        for j in range(c):
-            sums[j] += col_sums[k, j]
+    factor_ema(col, column_totals(col_sums), n, b, w)
     root_col = np.empty(c, col.dtype)
     for j in range(c):
-        col[j] = col[j] * b + dtype(sums[j] / n) * w
         root_col[j] = 1 / np.sqrt(col[j])
     return root_row, root_col
 
@@ -415,6 +421,21 @@ def classic_scales(table, sc, t, theta_sq, eps2, scale_parameter):  # pragma: no
     return lr
 
 
+@_inner
+def classic_scratch(n, c, like):  # pragma: no cover - machine code
+    """Chunks of a tensor's rows, and the per-row, per-chunk and per-chunk-column sums."""
+    chunks = (n + ROW_CHUNK - 1) // ROW_CHUNK
+    row_sums, col_sums = np.empty(n, like.dtype), np.empty((chunks, c), like.dtype)
+    return chunks, row_sums, col_sums, np.empty(chunks), np.empty(chunks)
+
+
+@_inner
+def classic_clip(lr, u_sq, count, clip, keep):  # pragma: no cover - machine code
+    """The update's scale (the step size over the clipping factor) and ``1 - λ·lr`` from the
+    table's ``keep = 1 - λ``."""
+    return lr / max(1.0, np.sqrt(u_sq.sum() / count) / clip), 1.0 - (1.0 - keep) * lr
+
+
 @numba.njit(parallel=True, **_KERNEL)
 def classic_adafactor(
     table, sc, like, eps1, eps2, clip, w1, scale_parameter, workers
@@ -428,9 +449,7 @@ def classic_adafactor(
             continue
         g, m, p, row, col = classic_views(table, like, t)
         n, c = g.shape
-        chunks = (n + ROW_CHUNK - 1) // ROW_CHUNK
-        row_sums, col_sums = np.empty(n, like.dtype), np.empty((chunks, c), like.dtype)
-        theta_sq, u_sq = np.empty(chunks), np.empty(chunks)
+        chunks, row_sums, col_sums, theta_sq, u_sq = classic_scratch(n, c, like)
         for worker in numba.prange(workers):
             first, end = worker * chunks // workers, (worker + 1) * chunks // workers
             classic_sums(g, p, row_sums, col_sums, theta_sq, eps1, first, end)
@@ -439,8 +458,7 @@ def classic_adafactor(
         for worker in numba.prange(workers):
             first, end = worker * chunks // workers, (worker + 1) * chunks // workers
             classic_u_sq(g, root_row, root_col, u_sq, first, end)
-        scale = lr / max(1.0, np.sqrt(u_sq.sum() / (n * c)) / clip)
-        keep = 1.0 - (1.0 - sc[t, 2]) * lr
+        scale, keep = classic_clip(lr, u_sq, n * c, clip, sc[t, 2])
         for worker in numba.prange(workers):
             first, end = worker * chunks // workers, (worker + 1) * chunks // workers
             classic_update(
@@ -452,16 +470,13 @@ def classic_adafactor(
                 continue
             g, m, p, row, col = classic_views(table, like, t)
             n, c = g.shape
-            chunks = (n + ROW_CHUNK - 1) // ROW_CHUNK
-            row_sums, col_sums = np.empty(n, like.dtype), np.empty((chunks, c), like.dtype)
-            theta_sq, u_sq = np.empty(chunks), np.empty(chunks)
+            chunks, row_sums, col_sums, theta_sq, u_sq = classic_scratch(n, c, like)
             classic_sums(g, p, row_sums, col_sums, theta_sq, eps1, 0, chunks)
             lr = classic_scales(table, sc, t, theta_sq, eps2, scale_parameter)
             vector = table[t, 3] == 0
             root_row, root_col = classic_roots(row, col, row_sums, col_sums, sc[t, 1], vector)
             classic_u_sq(g, root_row, root_col, u_sq, 0, chunks)
-            scale = lr / max(1.0, np.sqrt(u_sq.sum() / (n * c)) / clip)
-            keep = 1.0 - (1.0 - sc[t, 2]) * lr
+            scale, keep = classic_clip(lr, u_sq, n * c, clip, sc[t, 2])
             classic_update(
                 p, g, m, table[t, 1] != 0, root_row, root_col, scale, keep, w1, 0, chunks
             )
