@@ -25,9 +25,10 @@ COMMAND_MODULES = [
 # numba's CPU kernels run on a second copy of GNU OpenMP beside torch's (numba links the system
 # libgomp by file name). After each parallel loop a pool's threads spin for 300,000 pauses
 # (milliseconds) before they sleep, on the cores the other pool needs next: paired on the
-# benchmark model (150 rounds), Adafactor's step read 1.23-1.27x its bandwidth bound with
-# libgomp's default, 1.07-1.09x with 1000 spins in both runtimes, and 1.23-1.24x with either
-# runtime alone throttled. Each runtime reads it when it loads: before torch is imported.
+# benchmark model (150 rounds), Adafactor's step read 1.23x its bandwidth bound with libgomp's
+# default (1.27x with 30,000 spins), 1.07-1.09x with 1000 spins in both runtimes, and
+# 1.23-1.24x with either runtime alone throttled. Each runtime reads it when it loads: before
+# torch is imported.
 OPENMP_SPINS = "1000"
 
 
