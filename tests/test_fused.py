@@ -190,6 +190,26 @@ def test_classic_adafactor_fused_matches_eager(hp: dict) -> None:
     _assert_close(named_e, eager, named_f, fused, rtol=1e-5, atol=1e-6)
 
 
+def test_classic_adafactor_fused_bfloat16() -> None:
+    """bfloat16 parameters (float32 state): numba declines them, the compiled expression
+    takes the whole step, the same as eager to bfloat16 rounding."""
+    built = []
+    for fused in (False, True):
+        named, infos = _named(torch.bfloat16)
+        hp = {"beta1": 0.9, "weight_decay": 0.1}
+        built.append(
+            (named, create("adafactor-classic", named, partition=infos, fused=fused, **hp))
+        )
+    (named_e, eager), (named_f, fused) = built
+    _run(eager, named_e, 1, STEPS + 1, torch.bfloat16)
+    _run(fused, named_f, 1, STEPS + 1, torch.bfloat16)
+    assert all(not plan.kernel for plan in fused._fused.plans.values())
+    start, _ = _named(torch.bfloat16)
+    for (name, a), (_, b), (_, p0) in zip(named_e, named_f, start, strict=True):
+        torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=0.02, msg=name)
+        assert name == NO_GRAD or not torch.equal(b, p0), f"{name} never moved"
+
+
 @pytest.mark.parametrize("have_numba", [True, False])
 @pytest.mark.parametrize(
     ("name", "module"),
