@@ -40,14 +40,8 @@ def applies(p: Tensor, g: Tensor, state: dict[str, Tensor]) -> bool:
     lr = state.get("lr")
     if lr is None or lr.dtype != torch.float64 or lr.device.type != "cpu" or lr.dim():
         return False
-    factors = (
-        [state.get("exp_avg_sq")]
-        if p.dim() == 1
-        else [
-            state.get("exp_avg_sq_row"),
-            state.get("exp_avg_sq_col"),
-        ]
-    )
+    keys = ("exp_avg_sq",) if p.dim() == 1 else ("exp_avg_sq_row", "exp_avg_sq_col")
+    factors = [state.get(k) for k in keys]
     m = state.get("exp_avg")
     if any(f is None for f in factors) or (m is not None and m.shape != p.shape):
         return False

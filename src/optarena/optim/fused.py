@@ -454,18 +454,17 @@ class FusedStepper:
         # over the same structure did
         first = not plan.timed and not getattr(fn, "_optarena_done", False)
         start = time.perf_counter()
-        if plan.compiled_first and fn is not None:
-            if not self._run_compiled(fn, key, plan, params, grads, table, dtype, explicit):
-                leftover = _give_back(params, states, plan.compiled)
-            fn = None
+        compiled_ok = True
+        if fn is not None and plan.compiled_first:
+            compiled_ok = self._run_compiled(fn, key, plan, params, grads, table, dtype, explicit)
         if plan.kernel_call is not None:  # outside the compiled graph: no guards to check
             done = plan.kernel_call([grads[i] for i in plan.kernel], table[plan.kernel], names)
             if not all(done):
                 declined = [i for i, did in zip(plan.kernel, done, strict=True) if not did]
                 leftover += _give_back(params, states, declined)
-        if fn is not None and not self._run_compiled(
-            fn, key, plan, params, grads, table, dtype, explicit
-        ):
+        if fn is not None and not plan.compiled_first:
+            compiled_ok = self._run_compiled(fn, key, plan, params, grads, table, dtype, explicit)
+        if not compiled_ok:
             return leftover + _give_back(params, states, plan.compiled)
         plan.timed = True
         if first:
