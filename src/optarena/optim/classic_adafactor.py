@@ -4,14 +4,15 @@ Its step size and its clipping are reductions of the same step: RMS(θ) scales t
 RMS(u) of the whole update clips it. Compiled by inductor, the step read ``g`` and ``θ`` five
 times and more (4-6x the bandwidth bound on the benchmark model). This kernel (numba, called by
 the fast path outside its compiled graph) takes one tensor at a time, in chunks of
-:data:`~optarena.optim.blocks.ROW_CHUNK` rows:
+:data:`~optarena.optim.blocks.ROW_CHUNK` rows, in two passes:
 
-1. one read of ``g`` and ``θ``: each row's sum of ``g² + ε1``, the chunk's column sums (in
-   L1) and its sum of ``θ²``; then the step size, the factors' EMAs and their roots;
-2. one read of ``g``, last chunk first (the rows read last are still in cache): the sum of
-   ``u² = (g r_i c_j)²``, hence the clipping;
-3. ``θ = (1 - λ·lr_t)·θ - lr_t/clip · u`` (through the momentum when ``beta1`` is set), first
-   chunk first: where pass 2 ended.
+1. one read of ``g`` and ``θ``: the chunk's column sums of ``g² + ε1`` and its sum of ``θ²``;
+   each row's factor ``R_i`` as soon as its row is summed, and (the row still in L1) the
+   chunk's column sums of ``g²/R_i``. Then the step size, the column factor ``C_j`` and the
+   roots. The sum of ``u² = g²·mean(R)/(R_i C_j)``, hence the clipping, is
+   ``mean(R)·Σ_j (Σ_i g²/R_i)/C_j``: no second read of ``g`` for it;
+2. ``θ = (1 - λ·lr_t)·θ - lr_t/clip · u`` (through the momentum when ``beta1`` is set), last
+   chunk first: the rows read last are still in cache.
 
 A tensor held whole by one thread (``numba_kernels.owners``) is read from memory about once: its
 ``g`` and ``θ`` stay in the last-level cache between the passes. Sums are added per chunk, in
