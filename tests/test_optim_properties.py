@@ -122,6 +122,45 @@ def test_inconsistent_options_are_rejected(build) -> None:
         build(tiny_named())
 
 
+TORCH_DEFAULTS = {"maximize": False, "capturable": False, "differentiable": False, "amsgrad": False}
+
+
+@pytest.mark.parametrize("cls", [AdamW, SGD, Lion, AdafactorClassic])
+@pytest.mark.parametrize("foreach", [None, True, False])
+def test_torch_flags_at_their_defaults_change_nothing(cls, foreach) -> None:
+    """Code written for torch.optim passes its flags; at torch's defaults (``foreach`` at any
+    value) the optimizer takes them and steps exactly as without them."""
+    runs = []
+    for flags in ({}, {**TORCH_DEFAULTS, "foreach": foreach}):
+        torch.manual_seed(0)
+        named = tiny_named()
+        opt = cls(named, **flags)
+        for _ in range(3):
+            for _, p in named:
+                p.grad = torch.randn_like(p)
+            opt.step()
+        runs.append([p.detach().clone() for _, p in named])
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "fix"),
+    [
+        ("maximize", True, "loss = -objective"),
+        ("capturable", True, "leave it False"),
+        ("differentiable", True, "leave it False"),
+        ("amsgrad", True, "torch.optim.AdamW"),
+        ("foreach", "yes", "None"),
+    ],
+)
+def test_torch_flags_that_change_the_update_are_rejected(flag, value, fix) -> None:
+    with pytest.raises(ValueError, match=rf"AdamW: {flag}={value!r} is not supported; .*{fix}"):
+        AdamW(tiny_named(), **{flag: value})
+    with pytest.raises(TypeError, match="unexpected keyword argument 'forech'"):
+        AdamW(tiny_named(), forech=True)
+
+
 def test_bad_param_group_is_rejected_when_added() -> None:
     opt = Lion(tiny_named())
     with pytest.raises(ValueError, match=re.escape("invalid lr=-0.1")):

@@ -26,6 +26,28 @@ from optarena.optim.transforms import Ratio
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
+# torch.optim's per-optimizer flags, so that code written for torch's optimizers runs
+# unchanged: each value torch defaults to is accepted (``foreach``, a speed choice, any
+# value: here ``fused`` picks the path); a value that changes the update names what to do.
+_TORCH_FLAGS: dict[str, tuple[tuple[Any, ...], str]] = {
+    "foreach": ((None, True, False), "expected None, True or False (fused= picks the path)"),
+    "maximize": ((False,), "minimise the negated objective instead (loss = -objective)"),
+    "capturable": ((False,), "leave it False (no CUDA-graph capture of the step)"),
+    "differentiable": ((False,), "leave it False (the step is not differentiable)"),
+    "amsgrad": ((False,), "AMSGrad is not among the studied optimizers: use torch.optim.AdamW"),
+}
+
+
+def _check_torch_flags(owner: str, flags: Mapping[str, Any]) -> None:
+    """Accept torch.optim's flags at values that leave the update unchanged; reject the rest
+    with what to do instead."""
+    for name, value in flags.items():
+        if name not in _TORCH_FLAGS:
+            raise TypeError(f"{owner}() got an unexpected keyword argument {name!r}")
+        allowed, fix = _TORCH_FLAGS[name]
+        if not any(value is a for a in allowed):
+            raise ValueError(f"{owner}: {name}={value!r} is not supported; {fix}")
+
 
 def _torch_wrapper_idle(opt: torch.optim.Optimizer) -> bool:
     """Whether torch's step wrapper (step hooks, a profiler range) has nothing to do: no hook
@@ -83,6 +105,9 @@ class RuleOptimizer(torch.optim.Optimizer):
             when ``torch.compile`` works; ``OPTARENA_FUSED=0/1`` overrides). Both paths
             compute the same update; AdamW and SGD groups of plain CPU tensors run torch's
             fused kernels on either path (:mod:`optarena.optim.kernels`).
+        **torch_flags: torch.optim's ``foreach``, ``maximize``, ``capturable``,
+            ``differentiable`` and ``amsgrad``, accepted at torch's defaults (``foreach`` at any
+            value: ``fused`` chooses the path) so that code written for torch runs unchanged.
     """
 
     default_rule = "adaptive"
@@ -97,7 +122,9 @@ class RuleOptimizer(torch.optim.Optimizer):
         no_decay_roles: Iterable[Role | str] = (),
         fused: bool | None = None,
         fast_eager: bool = True,
+        **torch_flags: Any,
     ):
+        _check_torch_flags(type(self).__name__, torch_flags)
         if not isinstance(fast_eager, bool):
             raise ValueError(
                 f"{type(self).__name__}: invalid fast_eager={fast_eager!r}; expected True or False"
