@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import statistics
 import sys
 from pathlib import Path
 
@@ -54,6 +55,9 @@ def test_bench_step_eager_with_references(tmp_path: Path, capsys) -> None:
                     "bandwidth_gbps", "state_bytes_per_param", "references"):  # fmt: skip
             assert key in row, key
         assert "fused_ms" not in row
+        rounds = row["eager_vs_bound_rounds"]  # one ratio a timed round, the row's its median
+        assert len(rounds) == 2 and all(r > 0 for r in rounds)
+        assert row["eager_vs_bound"] == pytest.approx(statistics.median(rounds), rel=1e-3)
     assert rows["adamw"]["bytes_per_param"] == pytest.approx(28.0)
     assert rows["adamw"]["state_bytes_per_param"] == pytest.approx(8.0, rel=1e-2)  # + step counters
     assert [r["name"] for r in rows["adamw"]["references"]] == [

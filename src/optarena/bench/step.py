@@ -242,10 +242,12 @@ def bench_optimizer(
     )
     for c in ours:
         row[f"{c.kind}_ms"] = c.median_ms
-        # the bound of a step: the model's bytes at the rate of the probe right after it
-        row[f"{c.kind}_vs_bound"] = (
-            _median_ratio(c.times, c.probe_times) * probe_bytes / (bpp * numel)
-        )
+        # the bound of a step: the model's bytes at the rate of the probe right after it; every
+        # round's ratio is kept, so that a row's spread (the VM's noise) can be read off
+        scale = probe_bytes / (bpp * numel)
+        rounds = [a / b * scale for a, b in zip(c.times, c.probe_times, strict=True)]
+        row[f"{c.kind}_vs_bound"] = statistics.median(rounds)
+        row[f"{c.kind}_vs_bound_rounds"] = [round(r, 4) for r in rounds]
         if c.kind == "fused":
             row["compile_s"] = c.compile_s
             row["first_step_s"] = c.first_s
