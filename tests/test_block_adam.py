@@ -10,7 +10,10 @@ from optarena.optim import block_adam, blocks, numba_kernels
 from optarena.optim.blocks import ROW_CHUNK
 
 # (shape, layout): blocks of one row, of a few rows, one block per tensor in and beyond one
-# chunk of rows, and two segments with different block sizes (a fused projection)
+# chunk of rows, and two segments with different block sizes (a fused projection); the last
+# three have blocks of at most ROW_CHUNK rows that change size from one block to the next
+# (each block's update runs beside the next block's first pass, row by row), one of them large
+# enough to be shared by the threads
 CASES = [
     ((40, 24), blocks.rows_layout((40, 24))),
     ((48, 16), blocks.heads_layout((48, 16), 3)),
@@ -18,6 +21,9 @@ CASES = [
     ((3 * ROW_CHUNK + 5, 12), blocks.tensor_layout((3 * ROW_CHUNK + 5, 12))),
     ((144, 8), blocks.split_layout((144, 8), 0, [(2 * ROW_CHUNK, 1), (16, 16)])),
     ((37,), blocks.tensor_layout((37,))),  # a vector with one block (a LayerNorm weight)
+    ((40, 8), blocks.split_layout((40, 8), 0, [(24, 3), (16, 16)])),  # 8 rows, then 1
+    ((20, 8), blocks.split_layout((20, 8), 0, [(4, 4), (16, 2)])),  # 1 row, then 8
+    ((72, 40), blocks.split_layout((72, 40), 0, [(48, 6), (24, 24)])),
 ]
 
 
