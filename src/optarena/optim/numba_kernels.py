@@ -360,7 +360,7 @@ def block_adam(table, spans, all_items, sc, w1, beta2, workers):  # pragma: no c
 
 @_inner
 def classic_sums(
-    g, p, row, vector, col_sums, weighted, theta_sq, eps1, b, w, first, end
+    g, p, row, vector, col_sums, weighted, theta_sq, eps1, beta2t, first, end
 ):  # pragma: no cover - machine code
     """Pass 1 over chunks ``[first, end)``: each chunk's column sums of ``g² + ε1``, its sum of
     ``θ²`` (for RMS(θ)) and its column sums of ``g²/R_i``, each row's factor ``R_i`` updated
@@ -368,7 +368,7 @@ def classic_sums(
     of ``u² = g²·mean(R)/(R_i C_j)`` needs no second read of ``g``: it is
     ``mean(R)·Σ_j (Σ_i g²/R_i)/C_j`` (:func:`classic_roots`)."""
     dtype = g.dtype.type
-    e = dtype(eps1)
+    e, b, w = dtype(eps1), dtype(beta2t), dtype(1.0 - beta2t)
     n, c = g.shape
     for k in range(first, end):
         acc, wk = col_sums[k], weighted[k]
@@ -452,14 +452,14 @@ def classic_update(
 def classic_views(table, like, t):  # pragma: no cover - machine code
     """Tensor ``t`` of the table as (rows, columns), in ``like``'s dtype: g, m (g itself without
     a momentum), θ, the row factor (for a vector the column factor, never written), the column
-    factor."""
+    factor, and whether it is a vector."""
     n, c = table[t, 6], table[t, 7]
     g = numba.carray(pointer(table[t, 0], like), (n, c))
     m = numba.carray(pointer(table[t, 1] if table[t, 1] != 0 else table[t, 0], like), (n, c))
     p = numba.carray(pointer(table[t, 2], like), (n, c))
     row = numba.carray(pointer(table[t, 3] if table[t, 3] != 0 else table[t, 4], like), n)
     col = numba.carray(pointer(table[t, 4], like), c)
-    return g, m, p, row, col
+    return g, m, p, row, col, table[t, 3] == 0
 
 
 @_inner
@@ -489,6 +489,18 @@ def classic_clip(lr, u_sq, count, clip, keep):  # pragma: no cover - machine cod
     return lr / max(1.0, np.sqrt(u_sq / count) / clip), 1.0 - (1.0 - keep) * lr
 
 
+@_inner
+def classic_between(
+    table, sc, t, row, col, col_sums, weighted, theta_sq, eps2, clip, scale_parameter
+):  # pragma: no cover - machine code
+    """Between the passes: the step size, the roots and the update's scale and ``keep``."""
+    lr = classic_scales(table, sc, t, theta_sq, eps2, scale_parameter)
+    vector = table[t, 3] == 0
+    root_row, root_col, u_sq = classic_roots(row, col, col_sums, weighted, sc[t, 1], vector)
+    scale, keep = classic_clip(lr, u_sq, table[t, 6] * table[t, 7], clip, sc[t, 2])
+    return root_row, root_col, scale, keep
+
+
 @numba.njit(parallel=True, **_KERNEL)
 def classic_adafactor(
     table, sc, like, eps1, eps2, clip, w1, scale_parameter, workers
@@ -500,17 +512,16 @@ def classic_adafactor(
     for t in range(table.shape[0]):  # shared: each thread the same run of chunks in both passes
         if owner[t] >= 0:
             continue
-        g, m, p, row, col = classic_views(table, like, t)
-        n, c = g.shape
-        vector = table[t, 3] == 0
-        b, w = like.dtype.type(sc[t, 1]), like.dtype.type(1.0 - sc[t, 1])
-        chunks, col_sums, weighted, theta_sq = classic_scratch(n, c, like)
+        g, m, p, row, col, vector = classic_views(table, like, t)
+        chunks, col_sums, weighted, theta_sq = classic_scratch(g.shape[0], g.shape[1], like)
         for worker in numba.prange(workers):
             first, end = worker * chunks // workers, (worker + 1) * chunks // workers
-            classic_sums(g, p, row, vector, col_sums, weighted, theta_sq, eps1, b, w, first, end)
-        lr = classic_scales(table, sc, t, theta_sq, eps2, scale_parameter)
-        root_row, root_col, u_sq = classic_roots(row, col, col_sums, weighted, sc[t, 1], vector)
-        scale, keep = classic_clip(lr, u_sq, n * c, clip, sc[t, 2])
+            classic_sums(
+                g, p, row, vector, col_sums, weighted, theta_sq, eps1, sc[t, 1], first, end
+            )
+        root_row, root_col, scale, keep = classic_between(
+            table, sc, t, row, col, col_sums, weighted, theta_sq, eps2, clip, scale_parameter
+        )
         for worker in numba.prange(workers):
             first, end = worker * chunks // workers, (worker + 1) * chunks // workers
             classic_update(
@@ -520,15 +531,12 @@ def classic_adafactor(
         for t in range(table.shape[0]):
             if owner[t] != worker:
                 continue
-            g, m, p, row, col = classic_views(table, like, t)
-            n, c = g.shape
-            vector = table[t, 3] == 0
-            b, w = like.dtype.type(sc[t, 1]), like.dtype.type(1.0 - sc[t, 1])
-            chunks, col_sums, weighted, theta_sq = classic_scratch(n, c, like)
-            classic_sums(g, p, row, vector, col_sums, weighted, theta_sq, eps1, b, w, 0, chunks)
-            lr = classic_scales(table, sc, t, theta_sq, eps2, scale_parameter)
-            root_row, root_col, u_sq = classic_roots(row, col, col_sums, weighted, sc[t, 1], vector)
-            scale, keep = classic_clip(lr, u_sq, n * c, clip, sc[t, 2])
+            g, m, p, row, col, vector = classic_views(table, like, t)
+            chunks, col_sums, weighted, theta_sq = classic_scratch(g.shape[0], g.shape[1], like)
+            classic_sums(g, p, row, vector, col_sums, weighted, theta_sq, eps1, sc[t, 1], 0, chunks)
+            root_row, root_col, scale, keep = classic_between(
+                table, sc, t, row, col, col_sums, weighted, theta_sq, eps2, clip, scale_parameter
+            )
             classic_update(
                 p, g, m, table[t, 1] != 0, root_row, root_col, scale, keep, w1, 0, chunks
             )
