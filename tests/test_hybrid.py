@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from optarena.optim import AdamW, Hybrid, Lion, Role, create
+from optarena.optim import AdamMini, AdamW, Hybrid, Lion, Role, create
 from optim_cases import clone_params, llama_partition, llama_shapes, make_params, set_grads
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -137,3 +137,76 @@ def test_groups_step_smallest_first() -> None:
     opt.step()
     assert stepped == [3, 20, 300]
     assert all((p < 0).all() for p in (big, mid, small))
+
+
+def test_adam_mini_route_keeps_its_decay_exemptions() -> None:
+    """An "adam-mini" route exempts norms (and biases) from weight decay as ``AdamMini`` does
+    on its own, while an "adamw" route decays everything as ``AdamW`` does: one Hybrid equals
+    the two optimizers run side by side, bitwise."""
+    p_hybrid = make_params(SHAPES)
+    p_split = clone_params(p_hybrid)
+    mini_hp = {"lr": 1e-2, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.5}
+    adamw_hp = {"lr": 3e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.5}
+    hybrid = Hybrid(
+        list(p_hybrid.items()),
+        {"default": ("adam-mini", mini_hp), "output": ("adamw", adamw_hp)},
+        partition=INFOS,
+    )
+    routes = {g["route"]: g["no_decay_roles"] for g in hybrid.param_groups}
+    assert routes == {"default": ("norm", "bias"), "output": ()}
+    head = ["lm_head.weight"]
+    body = [n for n in SHAPES if n not in head]
+    mini = AdamMini([(n, p_split[n]) for n in body], partition=INFOS, **mini_hp)
+    adamw = AdamW([(n, p_split[n]) for n in head], partition=INFOS, **adamw_hp)
+    for t in range(1, 11):
+        set_grads(p_hybrid, t, skip=())
+        set_grads(p_split, t, skip=())
+        for opt in (hybrid, mini, adamw):
+            opt.step()
+    for name in SHAPES:
+        assert torch.equal(p_hybrid[name], p_split[name]), name
+    # a first step with zero gradients moves a parameter by its decay alone
+    fresh = make_params(SHAPES)
+    kept = {n: p.detach().clone() for n, p in fresh.items()}
+    hybrid = Hybrid(
+        list(fresh.items()),
+        {"default": ("adam-mini", mini_hp), "output": ("adamw", adamw_hp)},
+        partition=INFOS,
+    )
+    for p in fresh.values():
+        p.grad = torch.zeros_like(p)
+    hybrid.step()
+    for name, p in fresh.items():
+        hp = adamw_hp if name in head else mini_hp
+        keep = 1.0 if role_of(name) in (Role.NORM, Role.BIAS) else 1 - hp["lr"] * 0.5
+        torch.testing.assert_close(p.detach(), kept[name] * keep, rtol=1e-15, atol=0)
+
+
+def test_decay_exemptions_per_route_and_optimizer_wide() -> None:
+    """``no_decay_roles`` in a route's options wins; the Hybrid's own applies to routes whose
+    optimizer has none; the default route's exemptions do not leak into the others."""
+    params = make_params(SHAPES)
+    opt = Hybrid(
+        list(params.items()),
+        {
+            "default": "adam-mini",
+            "output": ("adamw", {"weight_decay": 0.1}),
+            "norm": ("adam-mini", {"no_decay_roles": ()}),
+            "q": "lion",
+        },
+        partition=INFOS,
+        no_decay_roles=("output",),
+    )
+    routes = {g["route"]: g["no_decay_roles"] for g in opt.param_groups}
+    assert routes == {
+        "default": ("norm", "bias"),
+        "output": ("output",),
+        "norm": (),
+        "q": ("output",),
+    }
+    with pytest.raises(ValueError, match=r"invalid no_decay_roles=.*expected role names from"):
+        Hybrid(
+            list(params.items()),
+            {"default": ("adamw", {"no_decay_roles": ("nrm",)})},
+            partition=INFOS,
+        )

@@ -167,6 +167,47 @@ def test_bad_param_group_is_rejected_when_added() -> None:
         opt.add_param_group({"params": [("extra", nn.Parameter(torch.zeros(2)))], "lr": -0.1})
 
 
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        ("adamw", {"fast_eager": True}),  # torch's fused kernel (kernels.py)
+        ("adamw", {"fast_eager": False}),  # the rules' per-tensor loop
+        ("adam-mini", {"fused": True}),  # the fast path's kernel (fused.py)
+        ("lion", {"fused": False}),
+    ],
+)
+def test_each_param_group_has_its_own_decay_exemptions(name, options) -> None:
+    """A group's ``no_decay_roles`` decides on every path: after a first step with zero
+    gradients (no update, only the decay), the exempt group is untouched and the other shrank
+    by ``1 - lr·λ``; an unknown role is refused with the list of roles."""
+    a, b = (nn.Parameter(torch.randn(8, 16, dtype=torch.float64)) for _ in range(2))
+    start = [a.detach().clone(), b.detach().clone()]
+    opt = create(
+        name,
+        [{"params": [a], "no_decay_roles": ["other"]}, {"params": [b]}],
+        lr=0.01,
+        weight_decay=0.5,
+        **options,
+    )
+    assert opt.param_groups[0]["no_decay_roles"] == ("other",)
+    assert "other" not in opt.param_groups[1]["no_decay_roles"]  # the optimizer's default
+    a.grad, b.grad = torch.zeros_like(a), torch.zeros_like(b)
+    opt.step()
+    assert torch.equal(a.detach(), start[0])
+    torch.testing.assert_close(b.detach(), start[1] * (1 - 0.01 * 0.5), rtol=1e-15, atol=0)
+    with pytest.raises(ValueError, match=r"invalid no_decay_roles=\['norms'\]; expected role"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))], "no_decay_roles": ["norms"]})
+
+
+def test_state_dicts_saved_before_groups_had_exemptions_still_load() -> None:
+    opt = AdamW(tiny_named(), weight_decay=0.1, no_decay_roles=("norm",))
+    saved = opt.state_dict()
+    for group in saved["param_groups"]:
+        del group["no_decay_roles"]
+    opt.load_state_dict(saved)
+    assert [g["no_decay_roles"] for g in opt.param_groups] == [("norm",)]
+
+
 def test_sophia_step_bs_is_validated() -> None:
     params = tiny_named()
     opt = SophiaG(params)

@@ -49,6 +49,20 @@ def _check_torch_flags(owner: str, flags: Mapping[str, Any]) -> None:
             raise ValueError(f"{owner}: {name}={value!r} is not supported; {fix}")
 
 
+def _role_names(owner: str, roles: Any) -> tuple[str, ...]:
+    """``no_decay_roles`` as a tuple of role names (what a param group stores: plain strings
+    survive ``state_dict`` and JSON); an unknown role is a ValueError listing the known ones."""
+    if isinstance(roles, (str, Role)):
+        roles = (roles,)
+    try:
+        return tuple(Role(r).value for r in roles)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"{owner}: invalid no_decay_roles={roles!r}; expected role names from "
+            + ", ".join(r.value for r in Role)
+        ) from None
+
+
 def _torch_wrapper_idle(opt: torch.optim.Optimizer) -> bool:
     """Whether torch's step wrapper (step hooks, a profiler range) has nothing to do: no hook
     registered and no profiler recording. Unknown torch internals count as work."""
@@ -92,7 +106,9 @@ class RuleOptimizer(torch.optim.Optimizer):
         state_dtype: dtype of the optimizer state. ``None``: float32 for float16/bfloat16
             parameters (their updates are computed in float32 and rounded once), the
             parameter's own dtype otherwise; ``"param"``: always the parameter's dtype.
-        no_decay_roles: roles exempt from weight decay (e.g. norms and biases).
+        no_decay_roles: roles exempt from weight decay (e.g. norms and biases): the default
+            of every param group, which may set its own ``no_decay_roles`` (a Hybrid route
+            takes its optimizer's, e.g. Adam-mini's norms and biases).
         fast_eager: on the eager path, run AdamW and SGD groups through torch's fused kernels
             (:mod:`optarena.optim.kernels`) and apply block-preconditioned updates with one
             ``addcdiv_``. ``False``: the rules' plain per-tensor arithmetic, which is what the
@@ -140,9 +156,17 @@ class RuleOptimizer(torch.optim.Optimizer):
                 "expected None, 'param' or a torch.dtype"
             )
         self.state_dtype = state_dtype
-        self.no_decay_roles = frozenset(Role(r) for r in no_decay_roles)
+        self.no_decay_roles = frozenset(
+            Role(r) for r in _role_names(type(self).__name__, no_decay_roles)
+        )
         params, infos = self._resolve(params, partition)
-        defaults = {"rule": self.default_rule, "weight_decay": 0.0, "fused": fused, **defaults}
+        defaults = {
+            "rule": self.default_rule,
+            "weight_decay": 0.0,
+            "fused": fused,
+            "no_decay_roles": _role_names(type(self).__name__, self.no_decay_roles),
+            **defaults,
+        }
         rule = RULES.get(defaults["rule"])
         if rule is None:
             raise ValueError(f"{type(self).__name__}: unknown rule {defaults['rule']!r}")
@@ -212,6 +236,7 @@ class RuleOptimizer(torch.optim.Optimizer):
         self._sharded = None
         group = self.param_groups[-1]
         rule.validate(group, type(self).__name__)
+        group["no_decay_roles"] = _role_names(type(self).__name__, group["no_decay_roles"])
         if group.get("fused") not in (None, True, False):
             raise ValueError(
                 f"{type(self).__name__}: invalid fused={group['fused']!r}; "
@@ -315,7 +340,7 @@ class RuleOptimizer(torch.optim.Optimizer):
                 u, size = rule.direction(g, p, state, hp, step, info)
                 if u is None:
                     continue
-                decay = 0.0 if info.role in self.no_decay_roles else hp["weight_decay"]
+                decay = 0.0 if info.role in hp["no_decay_roles"] else hp["weight_decay"]
                 decay *= rule.decay_lr(p, state, hp)
                 self._apply(p, u, size, decay, dtype)
         return loss
@@ -421,12 +446,14 @@ class RuleOptimizer(torch.optim.Optimizer):
         two optimizers loaded from one live ``state_dict`` would count each other's steps).
         """
         fused = [g.get("fused") for g in self.param_groups]
+        exempt = [g["no_decay_roles"] for g in self.param_groups]
         self._fused = None  # its plans hold references to the state tensors being replaced
         self._counts = {}
         super().load_state_dict(state_dict)
         # ``fused`` says how this object runs, not what it learnt: keep the receiver's choice
-        for group, flag in zip(self.param_groups, fused, strict=True):
+        for group, flag, kept in zip(self.param_groups, fused, exempt, strict=True):
             group["fused"] = flag
+            group.setdefault("no_decay_roles", kept)  # saved before groups carried it
         # saved keys are indices (torch) or parameter names (torch.distributed.checkpoint's
         # get/set_state_dict): like torch, match them to parameters by their group order
         saved_keys = [k for g in state_dict["param_groups"] for k in g["params"]]

@@ -183,6 +183,7 @@ class _Plan:
     specs: list[_Spec]
     states: list[dict[str, Any]]
     decays: np.ndarray  # 1.0 where the tensor's role takes weight decay, else 0.0
+    exempt: tuple[str, ...]  # the group's no_decay_roles that ``decays`` reflects
     kernel: list[int]  # indices updated by ``kernel_call``
     kernel_call: KernelCall | None  # ``Rule.kernel_plan``
     compiled: list[int]  # indices updated by the compiled function
@@ -343,6 +344,7 @@ class FusedStepper:
         if (
             plan is not None
             and plan.constants == constants
+            and plan.exempt == hp["no_decay_roles"]
             and all(a is b for a, b in zip(states, plan.states, strict=True))
             and plan.counts.held_by(states)
         ):
@@ -372,12 +374,14 @@ class FusedStepper:
                 hp,
                 [specs[i].ctx for i in kernel],
             )
-        decays = np.array([float(opt._infos[id(p)].role not in opt.no_decay_roles) for p in params])
+        exempt = hp["no_decay_roles"]
+        decays = np.array([float(opt._infos[id(p)].role not in exempt) for p in params])
         plan = _Plan(
             constants,
             specs,
             states,
             decays,
+            exempt,
             kernel,
             kernel_call,
             compiled,

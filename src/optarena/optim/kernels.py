@@ -61,7 +61,7 @@ def step(
             continue
         state = opt._state_for(p, group, rule)
         role = opt.param_info(p).role
-        decay = 0.0 if role in opt.no_decay_roles else hp["weight_decay"]
+        decay = 0.0 if role in hp["no_decay_roles"] else hp["weight_decay"]
         # torch's SGD kernel seeds the momentum buffer on a whole call's first step; AdamW's
         # reads each tensor's own step counter. Without dampening, seeding (b = g) and the
         # usual update of the zero buffer (b = μ·0 + g) give the same bits: no need to read

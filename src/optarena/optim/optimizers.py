@@ -327,7 +327,10 @@ class Hybrid(RuleOptimizer):
         Hybrid(model, {"default": ("lion", {"lr": 3e-4}), "output": ("adamw", {"lr": 3e-3})})
 
     Each route becomes one param group (named ``group["route"]``); schedules scale every group's
-    own lr. One ``step``, one ``state_dict``.
+    own lr. One ``step``, one ``state_dict``. A route keeps its optimizer's weight-decay
+    exemptions (an ``"adam-mini"`` route: norms and biases, as ``AdamMini``); ``no_decay_roles``
+    in a route's options changes them, ``Hybrid(..., no_decay_roles=...)`` sets them for routes
+    whose optimizer has none.
     """
 
     def __init__(self, params: Params, routes: Mapping[str, Route], **options: Any):
@@ -352,7 +355,10 @@ class Hybrid(RuleOptimizer):
             RULES[spec["rule"]].validate(spec, f"Hybrid (route {key!r})")
         self._pending_routes = dict(roles)
         first = self._route_specs["default"]
-        super().__init__(params, {k: v for k, v in first.items() if k != "params"}, **options)
+        # the default route's own exemptions stay with its group: the optimizer-wide default
+        # (``no_decay_roles=``) is for routes whose optimizer has none
+        shared = {k: v for k, v in first.items() if k not in ("params", "no_decay_roles")}
+        super().__init__(params, shared, **options)
 
     def _needs_structure(self) -> bool:
         return True

@@ -220,12 +220,14 @@ def route_group(role: str, route: Any) -> dict[str, Any]:
     entry = _lookup(name)
     if entry.rule is None:
         raise ValueError(f"Hybrid: route {role!r} names {name!r}, which is not a single optimizer")
+    # the optimizer's own decay exemptions (Adam-mini: norms and biases) travel with the route
     defaults = {
         k: p.default
         for k, p in inspect.signature(entry.build).parameters.items()
-        if p.default is not inspect.Parameter.empty and k != "no_decay_roles"
+        if p.default is not inspect.Parameter.empty
     }
     valid = list(defaults) + [k for k in RULES[entry.rule].checks if k not in defaults]
+    valid += [] if "no_decay_roles" in valid else ["no_decay_roles"]
     unknown = [k for k in hp if k not in valid]
     if unknown:
         raise ValueError(

@@ -400,7 +400,7 @@ def _finish(opt: RuleOptimizer, it: _Item, u: Tensor | None, size: float) -> Non
     if u is None:
         return
     info = opt.param_info(it.p)
-    decay = 0.0 if info.role in opt.no_decay_roles else it.hp["weight_decay"]
+    decay = 0.0 if info.role in it.hp["no_decay_roles"] else it.hp["weight_decay"]
     decay *= it.rule.decay_lr(it.p, it.state, it.hp)
     opt._apply(local(it.p), u, size, decay, it.dtype)
 
