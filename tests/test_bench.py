@@ -103,11 +103,15 @@ def test_bench_train(tmp_path: Path) -> None:
         ["bench", "step", "--optimizers", "nope"],
         ["bench", "step", "--shape", "width=3"],
         ["bench", "step", "--modes", "fast"],
+        ["bench", "step", "--device", "cuda:99", "--optimizers", "sgd"],
+        ["bench", "train", "--device", "cude"],
+        ["bench", "train", "--steps", "0"],
     ],
 )
 def test_bench_errors(argv: list[str], capsys) -> None:
     assert main(argv) == 2
-    assert "optarena: error:" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("optarena: error:") and err.count("\n") == 1, err
 
 
 @pytest.mark.parametrize(("given", "seen"), [(None, "1000"), ("300000", "300000")])

@@ -113,6 +113,14 @@ def test_empty_corpus(capsys, tmp_path: Path) -> None:
     assert "empty" in line
 
 
+def test_unusable_device(capsys, tmp_path: Path) -> None:
+    argv = ["train", "--optimizer", "adamw", *FAST, "--out", str(tmp_path / "run")]
+    line = _one_line_error(capsys, [*argv, "--device", "cuda:99"])
+    assert "device 'cuda:99' is not usable here" in line and "--device cpu or auto" in line
+    assert "device 'cude'" in _one_line_error(capsys, [*argv, "--device", "cude"])
+    assert not (tmp_path / "run").exists()
+
+
 def test_unknown_hyperparameter(capsys) -> None:
     line = _one_line_error(capsys, ["train", "--optimizer", "lion", "--set", "rho=1", *FAST])
     assert "rho" in line

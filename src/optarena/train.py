@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from optarena.devices import resolve_device
 from optarena.errors import UserError
 
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
@@ -232,17 +233,6 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
             seen.add(id(t))
             total += t.numel() * t.element_size()
     return total
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as err:
-        raise UserError(f"device {name!r} is not usable here: {err}") from None
-    return device
 
 
 def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -504,7 +494,7 @@ def _train(config: TrainConfig, par: Any) -> dict[str, Any]:
     if config.threads:
         torch.set_num_threads(config.threads)
     if not par.active:
-        par.device = _resolve_device(config.device)
+        par.device = resolve_device(config.device)
     device = par.device
     dtype = _resolve_dtype(config.dtype, device)
     if config.batch_size % (par.world * config.grad_accum):

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from optarena.devices import resolve_device
 from optarena.errors import UserError
 
 
@@ -53,7 +54,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--steps", type=int, default=15, help="timed steps per candidate")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    parser.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1, ... or auto (default: cuda if present)"
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the report here")
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
@@ -134,6 +137,11 @@ def _modes(args: argparse.Namespace) -> list[str]:
     return modes
 
 
+def _counts(args: argparse.Namespace) -> None:
+    if args.steps < 1 or args.warmup < 1:
+        raise UserError(f"--steps and --warmup must be >= 1, got {args.steps} and {args.warmup}")
+
+
 def run_step(args: argparse.Namespace) -> int:
     import sys
 
@@ -141,8 +149,7 @@ def run_step(args: argparse.Namespace) -> int:
 
     modes = _modes(args)
     _threads(args)
-    if args.steps < 1 or args.warmup < 1:
-        raise UserError("--steps and --warmup must be >= 1")
+    _counts(args)
     shape = _shape(args)
     allocator = _allocator(args)
     report = bench_step(
@@ -150,7 +157,7 @@ def run_step(args: argparse.Namespace) -> int:
         _names(args),
         steps=args.steps,
         warmup=args.warmup,
-        device=args.device,
+        device=resolve_device(args.device),
         modes=modes,
         references=not args.no_references,
         log=lambda s: print(s, file=sys.stderr, flush=True),
@@ -178,13 +185,14 @@ def run_train(args: argparse.Namespace) -> int:
         raise UserError(f"bench train needs the training harness: {err}") from None
     modes = _modes(args)
     _threads(args)
+    _counts(args)
     allocator = _allocator(args)
     report = bench_train(
         _shape(args),
         _names(args) or ["adamw"],
         steps=args.steps,
         warmup=args.warmup,
-        device=args.device,
+        device=resolve_device(args.device),
         batch_size=args.batch_size,
         seq_len=args.seq_len,
         modes=modes,
