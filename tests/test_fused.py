@@ -357,6 +357,35 @@ def test_step_counts_set_by_hand() -> None:
     _assert_close(named_e, eager, named_f, fused, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["adam-mini", "lion"])
+def test_gradients_that_come_and_go_in_turn(name: str) -> None:
+    """A model whose parameters take turns having a gradient (conditional compute, experts):
+    each pattern's bucket is planned once and then kept, every state counts the steps it took
+    part in, and the fast path matches the eager one."""
+    named_e, eager = _build(name, fused=False)
+    named_f, fused = _build(name, fused=True)
+    turns = {"up": 1, "down": 0}  # "up" on odd steps only, "down" on even ones
+
+    def run(opt, named, start: int, stop: int) -> None:
+        for step in range(start, stop):
+            grads = _grads(step, torch.float32)
+            for n, p in named:
+                p.grad = None if turns.get(n, step % 2) != step % 2 else grads[n]
+            opt.step()
+
+    for opt, named in ((eager, named_e), (fused, named_f)):
+        run(opt, named, 1, 5)
+    plans = dict(fused._fused.plans)
+    assert len(plans) == 2
+    for opt, named in ((eager, named_e), (fused, named_f)):
+        run(opt, named, 5, 11)
+    assert fused._fused.plans.keys() == plans.keys()
+    assert all(fused._fused.plans[k] is plan for k, plan in plans.items()), "planned again"
+    counts = {n: float(fused.state[p]["step"]) for n, p in named_f}
+    assert counts == {n: 5.0 if n in turns else 10.0 for n, _ in named_f}
+    _assert_close(named_e, eager, named_f, fused, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("direction", ["fused-to-eager", "eager-to-fused"])
 def test_state_dict_round_trip(direction: str) -> None:
     """A checkpoint from either path resumes exactly in the other; ``fused`` stays the

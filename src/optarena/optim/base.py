@@ -21,7 +21,7 @@ from optarena.optim import kernels
 from optarena.optim.fused import FusedStepper, compile_available, should_fuse
 from optarena.optim.roles import ParamInfo, Role
 from optarena.optim.rules import POSITIVE, RULES, Rule
-from optarena.optim.step_counts import StepCounts
+from optarena.optim.step_counts import CountPool, StepCounts
 from optarena.optim.transforms import Ratio
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -175,6 +175,7 @@ class RuleOptimizer(torch.optim.Optimizer):
         self._sharded: bool | None = None  # any DTensor parameter (FSDP2); found on first step
         self._fused: FusedStepper | None = None
         self._counts: dict[tuple[int, ...], StepCounts] = {}  # torch's kernels' buckets
+        self._count_pool = CountPool()  # every bucket's step counts, a slot per state
         self._order: tuple[tuple, list[dict[str, Any]]] = ((), [])  # _groups_small_first
         super().__init__(params, defaults)
         self._index_infos(infos)
@@ -369,7 +370,7 @@ class RuleOptimizer(torch.optim.Optimizer):
         if counts is None or not counts.held_by(states):
             if len(self._counts) > 64:  # buckets that come and go (first steps, decay changes)
                 self._counts.clear()
-            counts = self._counts[key] = StepCounts(states)
+            counts = self._counts[key] = StepCounts(states, self._count_pool)
         return counts
 
     def _is_sharded(self) -> bool:
@@ -449,6 +450,7 @@ class RuleOptimizer(torch.optim.Optimizer):
         exempt = [g["no_decay_roles"] for g in self.param_groups]
         self._fused = None  # its plans hold references to the state tensors being replaced
         self._counts = {}
+        self._count_pool = CountPool()
         super().load_state_dict(state_dict)
         # ``fused`` says how this object runs, not what it learnt: keep the receiver's choice
         for group, flag, kept in zip(self.param_groups, fused, exempt, strict=True):

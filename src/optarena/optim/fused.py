@@ -387,7 +387,7 @@ class FusedStepper:
             compiled,
             [params[i] for i in compiled],
             [[_writable(states[i][k]) for k in specs[i].state_keys] for i in compiled],
-            StepCounts(states),
+            StepCounts(states, opt._count_pool),
             sum(params[i].numel() for i in compiled) < sum(params[i].numel() for i in kernel),
         )
         self.plans[pid] = plan
