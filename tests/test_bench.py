@@ -31,7 +31,7 @@ def test_ratios_pair_the_rounds() -> None:
     hits both candidates of a round cancels (the ratio of the two medians would read 10)."""
     a = step.Candidate("a", "fused", lambda: None, times=[1.0, 10.0, 10.0])
     b = step.Candidate("b", "probe", lambda: None, times=[1.0, 1.0, 10.0])
-    assert step._median_ratio(a.times, b.times) == 1.0
+    assert step.median_ratio(a.times, b.times) == 1.0
     assert a.median_ms / b.median_ms == 10.0
 
 
@@ -87,14 +87,18 @@ def test_bench_train(tmp_path: Path) -> None:
         ["bench", "train", "--shape", TINY.replace("vocab=256", "vocab=512"),
          "--optimizers", "lion", "--steps", "1",
          "--warmup", "1", "--batch-size", "2", "--seq-len", "16", "--device", "cpu",
-         "--modes", "eager", "--json", str(out)]
+         "--modes", "eager", "--rounds", "3", "--json", str(out)]
     )  # fmt: skip
     assert rc == 0
     report = json.loads(out.read_text())
-    assert report["benchmark"] == "train"
+    assert report["benchmark"] == "train" and report["rounds"] == 3
     (row,) = report["rows"]
     assert row["optimizer"] == "lion" and row["mode"] == "eager"
     assert row["plain_tokens_per_second"] > 0 and row["harness_tokens_per_second"] > 0
+    # each ratio is the median of its rounds' (the three candidates of a round back to back)
+    for key in ("harness_vs_plain", "plain_vs_torch_adamw"):
+        assert len(row[f"{key}_rounds"]) == 3
+        assert row[key] == statistics.median(row[f"{key}_rounds"])
 
 
 @pytest.mark.parametrize(
@@ -106,6 +110,7 @@ def test_bench_train(tmp_path: Path) -> None:
         ["bench", "step", "--device", "cuda:99", "--optimizers", "sgd"],
         ["bench", "train", "--device", "cude"],
         ["bench", "train", "--steps", "0"],
+        ["bench", "train", "--rounds", "0"],
     ],
 )
 def test_bench_errors(argv: list[str], capsys) -> None:

@@ -262,7 +262,7 @@ def bench_optimizer(
             ref["ms"] = c.median_ms
             ref["state_bytes_per_param"] = state_bytes(c.optimizer) / numel
             for o in ours:
-                ref[f"{o.kind}_ratio"] = _median_ratio(o.times, c.times)
+                ref[f"{o.kind}_ratio"] = median_ratio(o.times, c.times)
         refs.append(ref)
     row["references"] = refs
     del cands, live, probe
@@ -270,7 +270,7 @@ def bench_optimizer(
     return row
 
 
-def _median_ratio(a: Sequence[float], b: Sequence[float]) -> float:
+def median_ratio(a: Sequence[float], b: Sequence[float]) -> float:
     """The median over rounds of ``a``'s time over ``b``'s in the same round: the two ran
     close together, so the VM's drift (up to 2x within a run) hits both alike; a ratio of the
     two medians could pair a fast moment of one with a slow moment of the other."""

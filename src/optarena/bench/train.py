@@ -6,6 +6,11 @@ global clipping, ``optimizer.step()``, ``zero_grad`` on random tokens, timed ste
 logging and divergence checks; its figure is its own ``tokens_per_second``. Both use the same
 model, batch and optimizer; the fast path is compiled before either is timed (the process-wide
 cache of :mod:`optarena.optim.fused` then serves both), so compile time is reported apart.
+
+A row runs in rounds, each the reference plain loop (torch's fused AdamW), ours and the
+harness back to back; its ratios are medians of the rounds' ratios, as in ``bench step``: the
+machine's speed drifts by tens of percent between runs of a few seconds, and a ratio of two
+candidates timed minutes apart would measure the drift.
 """
 
 from __future__ import annotations
@@ -145,39 +150,58 @@ def bench_train(
     *,
     steps: int = 10,
     warmup: int = 2,
-    device: str | None = None,
+    rounds: int = 3,
+    device: str | torch.device | None = None,
     batch_size: int = 4,
     seq_len: int = 256,
     modes: Sequence[str] = ("fused", "eager"),
     log: Callable[[str], None] = lambda s: None,
 ) -> dict[str, Any]:
-    """One row per (optimizer, path): plain-loop and harness tokens/s, and the reference
-    plain loop with torch's fused AdamW."""
+    """One row per (optimizer, path): plain-loop and harness tokens/s, against the plain loop
+    with torch's fused AdamW of the same rounds."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     kw = dict(batch_size=batch_size, seq_len=seq_len, device=dev)
-    rows = []
-    base = plain_loop(shape, "torch-adamw-fused", None, steps=steps, warmup=warmup, **kw)
-    log(f"plain loop, torch fused AdamW: {base['tokens_per_second']:.0f} tokens/s")
+    rows, bases = [], []
     for name in optimizers:
         for mode in modes:
             fused = mode == "fused"
-            plain = plain_loop(shape, name, fused, steps=steps, warmup=warmup, **kw)
-            log(f"{name} ({mode}) plain loop: {plain['tokens_per_second']:.0f} tokens/s")
-            loop = harness(shape, name, fused, steps=warmup + steps, **kw)
-            log(f"{name} ({mode}) harness: {loop['tokens_per_second']:.0f} tokens/s")
+            base, plain, loop = [], [], []
+            timed = dict(steps=steps, warmup=warmup, **kw)
+            for r in range(rounds):
+                base.append(plain_loop(shape, "torch-adamw-fused", None, **timed))
+                plain.append(plain_loop(shape, name, fused, **timed))
+                loop.append(harness(shape, name, fused, steps=warmup + steps, **kw))
+                log(
+                    f"{name} ({mode}) round {r + 1}/{rounds}: tokens/s torch fused AdamW "
+                    f"{base[-1]['tokens_per_second']:.0f}, plain loop "
+                    f"{plain[-1]['tokens_per_second']:.0f}, harness "
+                    f"{loop[-1]['tokens_per_second']:.0f}"
+                )
+            bases += base
+            # times per token, so that a ratio of rates is the inverse ratio of times
+            t_base = [1 / x["tokens_per_second"] for x in base]
+            t_plain = [1 / x["tokens_per_second"] for x in plain]
+            t_loop = [1 / x["tokens_per_second"] for x in loop]
+            harness_vs_plain = [p / h for p, h in zip(t_plain, t_loop, strict=True)]
+            plain_vs_torch = [b / p for b, p in zip(t_base, t_plain, strict=True)]
             rows.append(
                 {
                     "optimizer": name,
                     "mode": mode,
-                    "plain_tokens_per_second": plain["tokens_per_second"],
-                    "plain_step_ms": plain["step_ms"],
-                    "optimizer_ms": plain["optimizer_ms"],
-                    "first_step_s": plain["first_step_s"],
-                    "harness_tokens_per_second": loop["tokens_per_second"],
-                    "harness_vs_plain": loop["tokens_per_second"] / plain["tokens_per_second"],
-                    "plain_vs_torch_adamw": plain["tokens_per_second"] / base["tokens_per_second"],
+                    "plain_tokens_per_second": _median(plain, "tokens_per_second"),
+                    "plain_step_ms": _median(plain, "step_ms"),
+                    "optimizer_ms": _median(plain, "optimizer_ms"),
+                    "first_step_s": plain[0]["first_step_s"],
+                    "harness_tokens_per_second": _median(loop, "tokens_per_second"),
+                    "harness_vs_plain": statistics.median(harness_vs_plain),
+                    "plain_vs_torch_adamw": statistics.median(plain_vs_torch),
+                    "harness_vs_plain_rounds": harness_vs_plain,
+                    "plain_vs_torch_adamw_rounds": plain_vs_torch,
                 }
             )
+    base_row = {
+        key: _median(bases, key) for key in ("tokens_per_second", "step_ms", "optimizer_ms")
+    }
     return {
         "benchmark": "train",
         "device": str(dev),
@@ -188,9 +212,14 @@ def bench_train(
         "seq_len": seq_len,
         "steps": steps,
         "warmup": warmup,
-        "torch_adamw_fused_plain": base,
+        "rounds": rounds,
+        "torch_adamw_fused_plain": base_row,
         "rows": rows,
     }
+
+
+def _median(results: list[dict[str, float]], key: str) -> float:
+    return statistics.median(x[key] for x in results)
 
 
 def format_train_table(report: dict[str, Any]) -> list[list[str]]:

@@ -21,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "step",
         help="median step time of every optimizer vs the bandwidth bound and the references",
     )
-    _common(step)
+    _common(step, default_optimizers="all")
     step.add_argument(
         "--modes",
         default="fused,eager",
@@ -32,9 +32,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     step.set_defaults(func=run_step)
     train = sub.add_parser("train", help="tokens/s of the training loop vs a plain torch loop")
-    _common(train)
+    _common(train, default_optimizers="adamw")
     train.add_argument("--batch-size", type=int, default=4, help="sequences per step")
     train.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
+    train.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="rounds per row, each the torch-AdamW loop, ours and the harness back to back; "
+        "ratios are medians of the rounds' (default 3)",
+    )
     train.add_argument(
         "--modes", default="fused,eager", help="our paths to time: fused, eager or both"
     )
@@ -42,7 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+def _common(parser: argparse.ArgumentParser, default_optimizers: str) -> None:
     parser.add_argument(
         "--shape",
         default="llama-34m",
@@ -50,7 +57,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
         "8192; llama-tiny) or key=value pairs, e.g. d_model=256,n_layers=4",
     )
     parser.add_argument(
-        "--optimizers", default="", help="comma-separated registry names (default: all)"
+        "--optimizers",
+        default="",
+        help=f"comma-separated registry names (default: {default_optimizers})",
     )
     parser.add_argument("--steps", type=int, default=15, help="timed steps per candidate")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
@@ -186,12 +195,15 @@ def run_train(args: argparse.Namespace) -> int:
     modes = _modes(args)
     _threads(args)
     _counts(args)
+    if args.rounds < 1:
+        raise UserError(f"--rounds must be >= 1, got {args.rounds}")
     allocator = _allocator(args)
     report = bench_train(
         _shape(args),
         _names(args) or ["adamw"],
         steps=args.steps,
         warmup=args.warmup,
+        rounds=args.rounds,
         device=resolve_device(args.device),
         batch_size=args.batch_size,
         seq_len=args.seq_len,
