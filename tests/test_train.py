@@ -77,7 +77,8 @@ def test_every_optimizer_learns(name: str, data: str, cache_dir: Path, request) 
 
 
 def test_summary_has_the_contract_fields(tmp_path: Path, cache_dir: Path) -> None:
-    summary = train(micro(cache_dir, out=str(tmp_path / "run"), eval_every=8))
+    heard: list[dict] = []
+    summary = train(micro(cache_dir, out=str(tmp_path / "run"), eval_every=8), on_log=heard.append)
     for key in (
         "final_val_loss",
         "diverged",
@@ -104,6 +105,15 @@ def test_summary_has_the_contract_fields(tmp_path: Path, cache_dir: Path) -> Non
     metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "loss" in m] == [10, 20, 24]
     assert [m["step"] for m in metrics if "val_loss" in m] == [8, 16, 24]
+    assert heard == metrics  # on_log hears every record of metrics.jsonl
+
+
+def test_on_log_without_an_output_dir(cache_dir: Path) -> None:
+    heard: list[dict] = []
+    summary = train(micro(cache_dir, steps=3, log_every=1), on_log=heard.append)
+    assert [r["step"] for r in heard if "loss" in r] == [1, 2, 3]
+    assert heard[-1] == {"step": 3, "val_loss": summary["final_val_loss"]}
+    assert all(r["tokens_per_second"] > 0 for r in heard if "loss" in r)
 
 
 def test_adam_mini_keeps_about_half_the_state(cache_dir: Path) -> None:

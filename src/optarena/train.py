@@ -21,7 +21,7 @@ import sys
 import time
 import types
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -342,10 +342,17 @@ def latest_checkpoint(folder: Path) -> tuple[Path, dict[str, Any]] | None:
 class _Loggers:
     """metrics.jsonl, and optionally TensorBoard and Weights & Biases."""
 
-    def __init__(self, config: TrainConfig, out: Path | None, resume_step: int | None):
+    def __init__(
+        self,
+        config: TrainConfig,
+        out: Path | None,
+        resume_step: int | None,
+        listener: Callable[[dict[str, Any]], None] | None = None,
+    ):
         self.jsonl = None
         self.tb = None
         self.wandb_run = None
+        self.listener = listener
         if out is None:
             return
         path = out / "metrics.jsonl"
@@ -382,6 +389,8 @@ class _Loggers:
             )
 
     def log(self, record: dict[str, Any]) -> None:
+        if self.listener:
+            self.listener(dict(record))
         if self.jsonl:
             self.jsonl.write(json.dumps(record) + "\n")
             self.jsonl.flush()
@@ -456,11 +465,17 @@ def _model_config(config: TrainConfig, vocab_size: int):
         raise UserError(f"model {config.model}: {err}") from None
 
 
-def train(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
+def train(
+    config: TrainConfig | dict[str, Any],
+    on_log: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
     """Train one model and return its summary (also written to ``OUT/summary.json``).
 
-    With ``parallel`` set (under torchrun), every rank calls this; rank 0 writes the files and
-    every rank returns the summary."""
+    ``on_log`` receives every record written to ``metrics.jsonl`` (loss, lr, tokens/s every
+    ``log_every`` steps, validation losses), output directory or not: a notebook or a
+    benchmark can follow a run without reading files. With ``parallel`` set (under torchrun),
+    every rank calls this; rank 0 writes the files and calls ``on_log``, and every rank returns
+    the summary."""
     if isinstance(config, dict):
         config = TrainConfig.from_dict(config)
     else:
@@ -470,7 +485,7 @@ def train(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
 
     par = distributed.setup(config.parallel, config.device)
     try:
-        return _train(config, par)
+        return _train(config, par, on_log)
     finally:
         par.close()
 
@@ -487,7 +502,9 @@ def _resume_point(folder: Path) -> tuple[Path, dict[str, Any]] | None:
     return pt
 
 
-def _train(config: TrainConfig, par: Any) -> dict[str, Any]:
+def _train(
+    config: TrainConfig, par: Any, on_log: Callable[[dict[str, Any]], None] | None
+) -> dict[str, Any]:
     from optarena import distributed
 
     start_wall = time.perf_counter()
@@ -587,7 +604,12 @@ def _train(config: TrainConfig, par: Any) -> dict[str, Any]:
     clip = config.grad_clip or 0.0
     micro = config.batch_size // (config.grad_accum * par.world)  # sequences per forward
     tokens_per_step = config.batch_size * config.seq_len
-    loggers = _Loggers(config, out if par.is_main else None, step if resumed is not None else None)
+    loggers = _Loggers(
+        config,
+        out if par.is_main else None,
+        step if resumed is not None else None,
+        on_log if par.is_main else None,
+    )
 
     def evaluate() -> float:
         """Mean validation cross-entropy; ranks share the windows and sum their losses."""

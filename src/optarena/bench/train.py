@@ -3,7 +3,8 @@
 The plain loop is the least a training step can do: forward, z-loss cross-entropy, backward,
 global clipping, ``optimizer.step()``, ``zero_grad`` on random tokens, timed step by step
 (median). The harness (:func:`optarena.train.train`) adds data loading, the LR schedule,
-logging and divergence checks; its figure is its own ``tokens_per_second``. Both use the same
+logging and divergence checks; its figure is also the median step after the warm-up steps,
+read from its log (``on_log``, every step). Both use the same
 model, batch and optimizer; the fast path is compiled before either is timed (the process-wide
 cache of :mod:`optarena.optim.fused` then serves both), so compile time is reported apart.
 
@@ -107,12 +108,22 @@ def harness(
     fused: bool | None,
     *,
     steps: int,
+    warmup: int,
     batch_size: int,
     seq_len: int,
     device: torch.device,
 ) -> dict[str, float]:
-    """Tokens/s that :func:`optarena.train.train` reports for the same model and batch."""
+    """Tokens/s of :func:`optarena.train.train` for the same model and batch, taken as the
+    plain loop's: the median step after ``warmup`` steps. Each step's time comes from the
+    run's own log (every step: its tokens/s so far, so step k ended k·tokens/rate seconds in)."""
     from optarena.train import train
+
+    tokens = batch_size * seq_len
+    ends: dict[int, float] = {}
+
+    def record(r: dict[str, Any]) -> None:
+        if r.get("tokens_per_second"):
+            ends[r["step"]] = r["step"] * tokens / r["tokens_per_second"]
 
     summary = train(
         {
@@ -123,18 +134,20 @@ def harness(
                 k: v for k, v in model_overrides(shape).items() if k != "vocab_size"
             },
             "vocab_size": shape.vocab,
-            "steps": steps,
+            "steps": warmup + steps,
             "batch_size": batch_size,
             "seq_len": seq_len,
             "eval_windows": 1,
-            "log_every": max(steps, 1),
+            "log_every": 1,
             "progress": False,
             "device": device.type,
             "dtype": "float32",
-        }
+        },
+        on_log=record,
     )
+    times = [ends[k] - ends.get(k - 1, 0.0) for k in range(warmup + 1, warmup + steps + 1)]
     return {
-        "tokens_per_second": summary["tokens_per_second"],
+        "tokens_per_second": tokens / statistics.median(times),
         "train_seconds": summary["train_seconds"],
     }
 
@@ -170,7 +183,7 @@ def bench_train(
             for r in range(rounds):
                 base.append(plain_loop(shape, "torch-adamw-fused", None, **timed))
                 plain.append(plain_loop(shape, name, fused, **timed))
-                loop.append(harness(shape, name, fused, steps=warmup + steps, **kw))
+                loop.append(harness(shape, name, fused, **timed))
                 log(
                     f"{name} ({mode}) round {r + 1}/{rounds}: tokens/s torch fused AdamW "
                     f"{base[-1]['tokens_per_second']:.0f}, plain loop "
