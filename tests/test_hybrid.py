@@ -158,6 +158,7 @@ def test_adam_mini_route_keeps_its_decay_exemptions() -> None:
     body = [n for n in SHAPES if n not in head]
     mini = AdamMini([(n, p_split[n]) for n in body], partition=INFOS, **mini_hp)
     adamw = AdamW([(n, p_split[n]) for n in head], partition=INFOS, **adamw_hp)
+    assert mini.param_groups[0]["no_decay_roles"] == ("norm", "bias")  # in the order given
     for t in range(1, 11):
         set_grads(p_hybrid, t, skip=())
         set_grads(p_split, t, skip=())

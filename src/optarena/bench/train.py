@@ -4,9 +4,9 @@ The plain loop is the least a training step can do: forward, z-loss cross-entrop
 global clipping, ``optimizer.step()``, ``zero_grad`` on random tokens, timed step by step
 (median). The harness (:func:`optarena.train.train`) adds data loading, the LR schedule,
 logging and divergence checks; its figure is also the median step after the warm-up steps,
-read from its log (``on_log``, every step). Both use the same
-model, batch and optimizer; the fast path is compiled before either is timed (the process-wide
-cache of :mod:`optarena.optim.fused` then serves both), so compile time is reported apart.
+read from its log (``on_log``, every step). Both use the same model, batch and optimizer; the
+fast path is compiled before either is timed (the process-wide cache of
+:mod:`optarena.optim.fused` then serves both), so compile time is reported apart.
 
 A row runs in rounds, each the reference plain loop (torch's fused AdamW), ours and the
 harness back to back; its ratios are medians of the rounds' ratios, as in ``bench step``: the
@@ -145,11 +145,12 @@ def harness(
         },
         on_log=record,
     )
-    times = [ends[k] - ends.get(k - 1, 0.0) for k in range(warmup + 1, warmup + steps + 1)]
-    return {
-        "tokens_per_second": tokens / statistics.median(times),
-        "train_seconds": summary["train_seconds"],
-    }
+    timed = [k for k in range(warmup + 1, warmup + steps + 1) if k in ends]
+    if not timed:  # the run stopped early (diverged): its own mean is all there is
+        rate = summary["tokens_per_second"]
+    else:
+        rate = tokens / statistics.median(ends[k] - ends.get(k - 1, 0.0) for k in timed)
+    return {"tokens_per_second": rate, "train_seconds": summary["train_seconds"]}
 
 
 def _sync(device: torch.device) -> None:

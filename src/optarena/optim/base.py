@@ -55,7 +55,7 @@ def _role_names(owner: str, roles: Any) -> tuple[str, ...]:
     if isinstance(roles, (str, Role)):
         roles = (roles,)
     try:
-        return tuple(Role(r).value for r in roles)
+        return tuple(dict.fromkeys(Role(r).value for r in roles))  # in order, once each
     except (TypeError, ValueError):
         raise ValueError(
             f"{owner}: invalid no_decay_roles={roles!r}; expected role names from "
@@ -156,15 +156,14 @@ class RuleOptimizer(torch.optim.Optimizer):
                 "expected None, 'param' or a torch.dtype"
             )
         self.state_dtype = state_dtype
-        self.no_decay_roles = frozenset(
-            Role(r) for r in _role_names(type(self).__name__, no_decay_roles)
-        )
+        exempt = _role_names(type(self).__name__, no_decay_roles)
+        self.no_decay_roles = frozenset(Role(r) for r in exempt)
         params, infos = self._resolve(params, partition)
         defaults = {
             "rule": self.default_rule,
             "weight_decay": 0.0,
             "fused": fused,
-            "no_decay_roles": _role_names(type(self).__name__, self.no_decay_roles),
+            "no_decay_roles": exempt,
             **defaults,
         }
         rule = RULES.get(defaults["rule"])
