@@ -24,6 +24,12 @@ def test_shapes() -> None:
     assert parse_shape("d_model=64,n_layers=2").n_layers == 2
     with pytest.raises(ValueError, match="invalid shape"):
         parse_shape("width=3")
+    with pytest.raises(ValueError, match="d_model must be a positive integer, not 'abc'"):
+        parse_shape("d_model=abc")
+    with pytest.raises(ValueError, match="vocab must be a positive integer, not '0'"):
+        parse_shape("vocab=0")
+    with pytest.raises(ValueError, match=r"d_model \(100\) must be a multiple of n_heads \(8\)"):
+        parse_shape("d_model=100")
 
 
 def test_ratios_pair_the_rounds() -> None:
@@ -111,6 +117,10 @@ def test_bench_train(tmp_path: Path) -> None:
         ["bench", "train", "--device", "cude"],
         ["bench", "train", "--steps", "0"],
         ["bench", "train", "--rounds", "0"],
+        ["bench", "train", "--batch-size", "0"],
+        ["bench", "train", "--seq-len", "-3"],
+        ["bench", "step", "--shape", "d_model=abc"],
+        ["bench", "step", "--shape", "d_model=100,n_heads=8"],
     ],
 )
 def test_bench_errors(argv: list[str], capsys) -> None:

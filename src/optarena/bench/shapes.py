@@ -56,8 +56,21 @@ def parse_shape(text: str) -> Shape:
                 f"invalid shape {text!r}: use a preset ({', '.join(SHAPES)}) or key=value pairs "
                 f"with keys {', '.join(fields)}"
             )
-        fields[key] = int(value)
-    return Shape(**fields)
+        try:
+            fields[key] = int(value)
+        except ValueError:
+            fields[key] = 0
+        if fields[key] < 1:
+            raise ValueError(
+                f"invalid shape {text!r}: {key} must be a positive integer, not {value.strip()!r}"
+            )
+    shape = Shape(**fields)
+    if shape.d_model % shape.n_heads or shape.n_heads % shape.n_kv_heads:
+        raise ValueError(
+            f"invalid shape {text!r}: d_model ({shape.d_model}) must be a multiple of n_heads "
+            f"({shape.n_heads}) and n_heads of n_kv_heads ({shape.n_kv_heads})"
+        )
+    return shape
 
 
 def llama_layout(shape: Shape) -> list[tuple[str, tuple[int, ...], ParamInfo]]:

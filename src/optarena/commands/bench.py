@@ -195,8 +195,13 @@ def run_train(args: argparse.Namespace) -> int:
     modes = _modes(args)
     _threads(args)
     _counts(args)
-    if args.rounds < 1:
-        raise UserError(f"--rounds must be >= 1, got {args.rounds}")
+    for flag, value in (
+        ("--rounds", args.rounds),
+        ("--batch-size", args.batch_size),
+        ("--seq-len", args.seq_len),
+    ):
+        if value < 1:
+            raise UserError(f"{flag} must be >= 1, got {value}")
     allocator = _allocator(args)
     report = bench_train(
         _shape(args),
