@@ -51,6 +51,8 @@ BAD = [
     ("adamw", {"betas": (1.0, 0.999)}, "betas", "[0, 1)"),
     ("adamw", {"betas": (0.9, -0.1)}, "betas", "[0, 1)"),
     ("adamw", {"betas": (0.9,)}, "betas", "pair"),
+    ("adamw", {"betas": 0.9}, "betas", "pair"),  # not a bare TypeError from tuple(0.9)
+    ("adafactor", {"betas": 0.9}, "betas", "pair"),
     ("adamw", {"eps": -1e-8}, "eps", ">= 0"),
     ("adamw", {"weight_decay": -0.1}, "weight_decay", ">= 0"),
     ("adam-mini", {"betas": (0.9, 1.5)}, "betas", "[0, 1)"),

@@ -184,6 +184,12 @@ def test_rerun_after_adding_values_runs_only_new_points(swept):
         (["report", "empty"], "holds no sweep results"),
         (["sweep", "demo", "--set", "steps"], "expected KEY=VALUE"),
         (["sweep", "demo", "--workers", "0", "--function", TOY], "--workers 0"),
+        # every run's config and optimizer are checked before any run starts
+        (
+            ["sweep", "demo", "--set", "steps=abc", "--out", "never"],
+            "preset 'demo': run adamw (lr=0.0001): config key 'steps' must be an integer",
+        ),
+        (["sweep", "rho.toml", "--out", "never"], "lion: unknown hyperparameter(s) 'rho'"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, needle):
@@ -192,12 +198,16 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, needle):
     (tmp_path / "range.toml").write_text(
         '[[grid]]\noptimizer = "adamw"\nlr = {from = 1, to = 1e-4, per_decade = 2}\n'
     )
+    (tmp_path / "rho.toml").write_text(
+        '[[grid]]\noptimizer = "lion"\nlr = [1e-4, 1e-3]\nhparams.rho = 0.1\n'
+    )
     (tmp_path / "empty").mkdir()
     proc = cli(*args, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("optarena: error:"), proc.stderr
     assert needle in lines[0]
+    assert not (tmp_path / "never").exists()  # refused before anything was written
 
 
 def test_demo_command_runs_the_demo_preset_and_reports(tmp_path):

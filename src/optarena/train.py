@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import functools
 import hashlib
 import json
 import math
@@ -425,6 +426,27 @@ def _make_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.
         return create(config.optimizer, model, **hp)
     except (ValueError, TypeError) as err:
         raise UserError(f"optimizer {config.optimizer}: {err}") from None
+
+
+def check_config(config: TrainConfig | dict[str, Any], optimizer: bool = True) -> TrainConfig:
+    """What can be checked of a run's config without its data or device: keys, types and
+    ranges, and (``optimizer``) the optimizer's name and hyperparameters, by building it over
+    a stand-in model. A sweep checks every run this way before it starts any."""
+    config = TrainConfig.from_dict(config if isinstance(config, dict) else config.to_dict())
+    _check_optimizer_name(config.optimizer)
+    if optimizer:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _make_optimizer(config, _stand_in_model())
+    return config
+
+
+@functools.cache
+def _stand_in_model() -> torch.nn.Module:
+    """The micro model (every role a real one has), for checking optimizer hyperparameters."""
+    from optarena.model import build_model
+
+    return build_model("micro")
 
 
 def _check_optimizer_name(name: str) -> None:

@@ -133,7 +133,7 @@ def load(args: argparse.Namespace) -> Any:
     from optarena.sweep.spec import parse_spec, read_spec_text
 
     text, source = read_spec_text(args.spec)
-    return parse_spec(
+    spec = parse_spec(
         text,
         source=source,
         config_keys=training_keys(args.function),
@@ -142,6 +142,28 @@ def load(args: argparse.Namespace) -> Any:
         model_widths=model_widths(),
         seeds=args.seeds,
     )
+    if args.function == DEFAULT_FUNCTION:
+        check_runs(spec, source)
+    return spec
+
+
+def check_runs(spec: Any, source: str) -> None:
+    """Every run's config as ``train`` will check it (types, ranges, the optimizer and its
+    hyperparameters), before any run starts: a bad value is one error now, not a failure of
+    every run."""
+    import json
+
+    from optarena.train import check_config
+
+    built: set[str] = set()  # an optimizer and its hyperparameters, built once (lr: a number)
+    for run in spec.runs():
+        key = json.dumps([run.config.get(k) for k in ("optimizer", "hparams")], default=str)
+        try:
+            check_config(run.config, optimizer=key not in built)
+        except UserError as err:
+            point = ", ".join(f"{k}={v}" for k, v in run.point.items())
+            raise UserError(f"{source}: run {run.label} ({point}): {err}") from None
+        built.add(key)
 
 
 def resources_of(args: argparse.Namespace, spec: Any = None) -> Any:

@@ -19,6 +19,12 @@ from optarena.optim.rules import RULES
 Params = nn.Module | Iterable[Any]
 
 
+def pair(betas: Any) -> Any:
+    """``betas`` as a tuple when it is a sequence; anything else as given, for the rule's
+    check to refuse with its message (``tuple(0.9)`` would raise a bare TypeError first)."""
+    return tuple(betas) if isinstance(betas, (tuple, list)) else betas
+
+
 class AdamW(RuleOptimizer):
     """Adam with decoupled weight decay: elementwise second moment (``torch.optim.AdamW``)."""
 
@@ -34,7 +40,7 @@ class AdamW(RuleOptimizer):
         super().__init__(
             params,
             dict(
-                lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, granularity="element"
+                lr=lr, betas=pair(betas), eps=eps, weight_decay=weight_decay, granularity="element"
             ),
             **options,
         )
@@ -63,7 +69,7 @@ class Adalayer(RuleOptimizer):
             params,
             dict(
                 lr=lr,
-                betas=tuple(betas),
+                betas=pair(betas),
                 eps=eps,
                 weight_decay=weight_decay,
                 granularity="layer",
@@ -102,7 +108,7 @@ class AdamMini(RuleOptimizer):
             params,
             dict(
                 lr=lr,
-                betas=tuple(betas),
+                betas=pair(betas),
                 eps=eps,
                 weight_decay=weight_decay,
                 granularity="adam-mini",
@@ -138,7 +144,7 @@ class Adafactor(RuleOptimizer):
             params,
             dict(
                 lr=lr,
-                betas=tuple(betas),
+                betas=pair(betas),
                 eps=eps,
                 weight_decay=weight_decay,
                 granularity="factored",
@@ -254,7 +260,7 @@ class Lion(RuleOptimizer):
         **options: Any,
     ):
         super().__init__(
-            params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay), **options
+            params, dict(lr=lr, betas=pair(betas), weight_decay=weight_decay), **options
         )
 
 
@@ -302,7 +308,7 @@ class SophiaG(RuleOptimizer):
             params,
             dict(
                 lr=lr,
-                betas=tuple(betas),
+                betas=pair(betas),
                 rho=rho,
                 weight_decay=weight_decay,
                 bs=bs,
@@ -394,7 +400,7 @@ def frozen_routes(
 ) -> dict[str, Route]:
     """Routes of the frozen-preconditioner variant: Adam everywhere, ``v`` averaged over the
     first ``precondition_steps`` steps (no update), then frozen except on ``unfrozen_roles``."""
-    common = {"lr": lr, "betas": tuple(betas), "eps": eps, "precondition_steps": precondition_steps}
+    common = {"lr": lr, "betas": pair(betas), "eps": eps, "precondition_steps": precondition_steps}
     routes: dict[str, Route] = {
         "default": ("adamw", {**common, "weight_decay": 0.0, "freeze": True})
     }

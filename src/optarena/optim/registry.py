@@ -52,7 +52,7 @@ def _hybrid(adaptive: str, roles: tuple[str, ...]) -> Callable[..., torch.optim.
                 adaptive,
                 {
                     "lr": adaptive_lr,
-                    "betas": tuple(betas),
+                    "betas": O.pair(betas),
                     "eps": eps,
                     "weight_decay": weight_decay,
                 },
