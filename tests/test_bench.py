@@ -107,6 +107,13 @@ def test_bench_train(tmp_path: Path) -> None:
         assert row[key] == statistics.median(row[f"{key}_rounds"])
 
 
+def test_unwritable_json_is_refused_before_the_benchmark(tmp_path: Path, capsys) -> None:
+    (tmp_path / "afile").write_text("")
+    argv = ["bench", "step", "--optimizers", "nope", "--json", str(tmp_path / "afile" / "x.json")]
+    assert main(argv) == 2  # the path is checked first: the unknown optimizer is not reached
+    assert "cannot write --json" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "argv",
     [

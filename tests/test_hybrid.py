@@ -211,3 +211,9 @@ def test_decay_exemptions_per_route_and_optimizer_wide() -> None:
             {"default": ("adamw", {"no_decay_roles": ("nrm",)})},
             partition=INFOS,
         )
+
+
+def test_hybrid_without_routes_says_what_it_needs() -> None:
+    params = make_params(SHAPES)
+    with pytest.raises(ValueError, match=r"hybrid needs routes.*hybrid-adalayer-last"):
+        create("hybrid", list(params.items()), partition=INFOS)

@@ -190,6 +190,7 @@ def test_rerun_after_adding_values_runs_only_new_points(swept):
             "preset 'demo': run adamw (lr=0.0001): config key 'steps' must be an integer",
         ),
         (["sweep", "rho.toml", "--out", "never"], "lion: unknown hyperparameter(s) 'rho'"),
+        (["sweep", "demo", "--out", "afile/never"], "cannot open the results folder afile/never"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, needle):
@@ -202,6 +203,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, needle):
         '[[grid]]\noptimizer = "lion"\nlr = [1e-4, 1e-3]\nhparams.rho = 0.1\n'
     )
     (tmp_path / "empty").mkdir()
+    (tmp_path / "afile").write_text("")
     proc = cli(*args, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()

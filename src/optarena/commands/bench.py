@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -132,10 +133,24 @@ def _print(title: str, rows: list[list[str]]) -> None:
     Console(width=200).print(table)
 
 
+def _writable(path: Path | None) -> None:
+    """Refuse a --json path that cannot be written before the benchmark runs, not after."""
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot write --json {path}: {err.strerror}") from None
+    if path.is_dir() or not os.access(path.parent, os.W_OK):
+        raise UserError(f"cannot write --json {path}: give a file in a folder you can write to")
+
+
 def _write(path: Path | None, report: dict[str, Any]) -> None:
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2))
+        try:
+            path.write_text(json.dumps(report, indent=2))
+        except OSError as err:  # the table above is all that is left
+            raise UserError(f"cannot write --json {path}: {err.strerror}") from None
         print(f"wrote {path}")
 
 
@@ -159,6 +174,7 @@ def run_step(args: argparse.Namespace) -> int:
     modes = _modes(args)
     _threads(args)
     _counts(args)
+    _writable(args.json)
     shape = _shape(args)
     allocator = _allocator(args)
     report = bench_step(
@@ -195,6 +211,7 @@ def run_train(args: argparse.Namespace) -> int:
     modes = _modes(args)
     _threads(args)
     _counts(args)
+    _writable(args.json)
     for flag, value in (
         ("--rounds", args.rounds),
         ("--batch-size", args.batch_size),

@@ -76,7 +76,16 @@ def _frozen(
     )
 
 
-def _hybrid_custom(params: Any, routes: Mapping[str, Any], **options: Any) -> torch.optim.Optimizer:
+def _hybrid_custom(
+    params: Any, routes: Mapping[str, Any] | None = None, **options: Any
+) -> torch.optim.Optimizer:
+    if routes is None:
+        raise ValueError(
+            "hybrid needs routes, which optimizer for which role, e.g. "
+            "routes={'default': 'sgd-ema', 'output': ('adamw', {'lr': 3e-3})} "
+            "(in a config: [hparams.routes]); or take a registered one: "
+            + ", ".join(n for n in REGISTRY if n.startswith("hybrid-"))
+        )
     return O.Hybrid(params, routes, **options)
 
 

@@ -132,12 +132,19 @@ class Store:
                 f"{self.dir} holds no sweep results ({DB_NAME} missing); run "
                 f"`optarena sweep SPEC --out {self.dir}` first"
             )
-        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._conn = sqlite3.connect(
+                self.path, timeout=60.0, isolation_level=None, check_same_thread=False
+            )
+        except (OSError, sqlite3.OperationalError) as err:
+            reason = getattr(err, "strerror", None) or str(err)
+            raise UserError(
+                f"cannot open the results folder {self.dir}: {reason}; give --out a folder "
+                "you can write to"
+            ) from None
         self.host = socket.gethostname()
         self.pid = os.getpid()
-        self._conn = sqlite3.connect(
-            self.path, timeout=60.0, isolation_level=None, check_same_thread=False
-        )
         self._conn.row_factory = sqlite3.Row
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=NORMAL")
