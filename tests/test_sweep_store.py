@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import multiprocessing as mp
 import sqlite3
+from pathlib import Path
 
 import pytest
 
@@ -119,3 +120,14 @@ def test_release_gives_runs_back(tmp_path):
 def test_missing_store_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="holds no sweep results"):
         Store(tmp_path / "nothing", create=False)
+
+
+def test_a_file_that_is_not_a_database_is_refused_and_kept(tmp_path: Path) -> None:
+    path = tmp_path / "results.sqlite"
+    path.write_bytes(b"not a database\n")
+    with pytest.raises(UserError, match=r"is not a results database.*move it aside"):
+        Store(tmp_path)
+    assert path.read_bytes() == b"not a database\n"
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(UserError, match="cannot open the results folder"):
+        Store(tmp_path / "afile" / "sub")

@@ -146,10 +146,17 @@ class Store:
         self.host = socket.gethostname()
         self.pid = os.getpid()
         self._conn.row_factory = sqlite3.Row
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=NORMAL")
-        self._conn.execute("PRAGMA foreign_keys=ON")
-        self._conn.executescript(_SCHEMA)
+        try:
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._conn.execute("PRAGMA foreign_keys=ON")
+            self._conn.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as err:  # the file is left as it is
+            self._conn.close()
+            raise UserError(
+                f"{self.path} is not a results database ({err}); move it aside or give "
+                "another --out"
+            ) from None
 
     def close(self) -> None:
         self._conn.close()
