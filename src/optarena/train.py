@@ -498,11 +498,7 @@ def train(
     benchmark can follow a run without reading files. With ``parallel`` set (under torchrun),
     every rank calls this; rank 0 writes the files and calls ``on_log``, and every rank returns
     the summary."""
-    if isinstance(config, dict):
-        config = TrainConfig.from_dict(config)
-    else:
-        config = TrainConfig.from_dict(config.to_dict())
-    _check_optimizer_name(config.optimizer)
+    config = check_config(config, optimizer=False)  # the optimizer itself is built below
     from optarena import distributed
 
     par = distributed.setup(config.parallel, config.device)

@@ -192,12 +192,9 @@ def bench_train(
                     f"{loop[-1]['tokens_per_second']:.0f}"
                 )
             bases += base
-            # times per token, so that a ratio of rates is the inverse ratio of times
-            t_base = [1 / x["tokens_per_second"] for x in base]
-            t_plain = [1 / x["tokens_per_second"] for x in plain]
-            t_loop = [1 / x["tokens_per_second"] for x in loop]
-            harness_vs_plain = [p / h for p, h in zip(t_plain, t_loop, strict=True)]
-            plain_vs_torch = [b / p for b, p in zip(t_base, t_plain, strict=True)]
+            rate = "tokens_per_second"
+            harness_vs_plain = [h[rate] / p[rate] for p, h in zip(plain, loop, strict=True)]
+            plain_vs_torch = [p[rate] / b[rate] for b, p in zip(base, plain, strict=True)]
             rows.append(
                 {
                     "optimizer": name,

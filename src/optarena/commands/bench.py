@@ -161,9 +161,11 @@ def _modes(args: argparse.Namespace) -> list[str]:
     return modes
 
 
-def _counts(args: argparse.Namespace) -> None:
-    if args.steps < 1 or args.warmup < 1:
-        raise UserError(f"--steps and --warmup must be >= 1, got {args.steps} and {args.warmup}")
+def _at_least_one(args: argparse.Namespace, *names: str) -> None:
+    for name in names:
+        if getattr(args, name) < 1:
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"{flag} must be >= 1, got {getattr(args, name)}")
 
 
 def run_step(args: argparse.Namespace) -> int:
@@ -173,7 +175,7 @@ def run_step(args: argparse.Namespace) -> int:
 
     modes = _modes(args)
     _threads(args)
-    _counts(args)
+    _at_least_one(args, "steps", "warmup")
     _writable(args.json)
     shape = _shape(args)
     allocator = _allocator(args)
@@ -210,15 +212,8 @@ def run_train(args: argparse.Namespace) -> int:
         raise UserError(f"bench train needs the training harness: {err}") from None
     modes = _modes(args)
     _threads(args)
-    _counts(args)
+    _at_least_one(args, "steps", "warmup", "rounds", "batch_size", "seq_len")
     _writable(args.json)
-    for flag, value in (
-        ("--rounds", args.rounds),
-        ("--batch-size", args.batch_size),
-        ("--seq-len", args.seq_len),
-    ):
-        if value < 1:
-            raise UserError(f"{flag} must be >= 1, got {value}")
     allocator = _allocator(args)
     report = bench_train(
         _shape(args),

@@ -157,7 +157,6 @@ class RuleOptimizer(torch.optim.Optimizer):
             )
         self.state_dtype = state_dtype
         exempt = _role_names(type(self).__name__, no_decay_roles)
-        self.no_decay_roles = frozenset(Role(r) for r in exempt)
         params, infos = self._resolve(params, partition)
         defaults = {
             "rule": self.default_rule,
