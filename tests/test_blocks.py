@@ -107,7 +107,7 @@ def test_small_tensors(shape: tuple[int, ...]) -> None:
 
 
 def test_uneven_splits_are_rejected() -> None:
-    with pytest.raises(ValueError, match="cannot split extent 10 into 4"):
+    with pytest.raises(ValueError, match="cannot split extent 10 of axis 0 into 4"):
         B.heads_layout((10, 3), 4)
     with pytest.raises(ValueError, match="cover 8 of 12"):
         B.split_layout((12, 3), 0, [(4, 1), (4, 1)])

@@ -34,44 +34,42 @@ def test_each_role_gets_its_route() -> None:
     }
     opt = Hybrid(list(params.items()), routes, partition=INFOS)
     expected = {
-        Role.OUTPUT: ("output", "adaptive", 3e-3),
+        Role.OUTPUT: ("output", "adalayer", 3e-3),
         Role.NORM: ("norm", "lion", 1e-4),
-        Role.Q: ("q", "adaptive", 2e-3),
+        Role.Q: ("q", "adam-mini", 2e-3),
     }
     by_param = groups_by_param(opt, params)
     assert set(by_param) == set(SHAPES)
     for name, group in by_param.items():
-        route, rule, lr = expected.get(role_of(name), ("default", "sgd-ema", 0.5))
-        assert (group["route"], group["rule"], group["lr"]) == (route, rule, lr), name
-    assert by_param["lm_head.weight"]["granularity"] == "layer"
-    assert by_param["model.layers.0.self_attn.q_proj.weight"]["granularity"] == "adam-mini"
+        route, optimizer, lr = expected.get(role_of(name), ("default", "sgd-ema", 0.5))
+        assert (group["route"], group["optimizer"], group["lr"]) == (route, optimizer, lr), name
     assert by_param["model.embed_tokens.weight"]["momentum"] == 0.8
     assert len(opt.param_groups) == 4
 
 
 @pytest.mark.parametrize(
-    ("name", "adaptive_roles", "granularity"),
+    ("name", "adaptive_roles", "adaptive"),
     [
-        ("hybrid-adalayer-last-ln", {Role.OUTPUT, Role.NORM}, "layer"),
-        ("hybrid-adalayer-last", {Role.OUTPUT}, "layer"),
-        ("hybrid-adalayer-ln", {Role.NORM}, "layer"),
-        ("hybrid-adafactor-last-ln", {Role.OUTPUT, Role.NORM}, "factored"),
-        ("hybrid-adafactor-last", {Role.OUTPUT}, "factored"),
-        ("hybrid-adafactor-ln", {Role.NORM}, "factored"),
+        ("hybrid-adalayer-last-ln", {Role.OUTPUT, Role.NORM}, "adalayer"),
+        ("hybrid-adalayer-last", {Role.OUTPUT}, "adalayer"),
+        ("hybrid-adalayer-ln", {Role.NORM}, "adalayer"),
+        ("hybrid-adafactor-last-ln", {Role.OUTPUT, Role.NORM}, "adafactor"),
+        ("hybrid-adafactor-last", {Role.OUTPUT}, "adafactor"),
+        ("hybrid-adafactor-ln", {Role.NORM}, "adafactor"),
     ],
 )
-def test_registry_hybrids_route_the_study_way(name, adaptive_roles, granularity) -> None:
+def test_registry_hybrids_route_the_study_way(name, adaptive_roles, adaptive) -> None:
     # Adaptive (own peak lr, study betas/eps) on the last layer and/or norms; EMA-momentum SGD
     # on everything else, embeddings included.
     params = make_params(SHAPES)
     opt = create(name, list(params.items()), partition=INFOS, lr=0.7, adaptive_lr=2e-3)
     for pname, group in groups_by_param(opt, params).items():
         if role_of(pname) in adaptive_roles:
-            assert group["rule"] == "adaptive" and group["granularity"] == granularity, pname
+            assert group["optimizer"] == adaptive, pname
             assert group["lr"] == 2e-3 and group["betas"] == (0.9, 0.95)
             assert group["eps"] == 1e-15
         else:
-            assert group["rule"] == "sgd-ema" and group["lr"] == 0.7, pname
+            assert group["optimizer"] == "sgd-ema" and group["lr"] == 0.7, pname
             assert group["momentum"] == 0.9
 
 
@@ -121,13 +119,13 @@ def test_groups_step_smallest_first() -> None:
     big, mid, small = (torch.nn.Parameter(torch.zeros(n)) for n in (300, 20, 3))
     opt = AdamW([{"params": [big]}, {"params": [mid]}], lr=0.1)
     stepped: list[int] = []
-    rule_of = opt.rule_of
+    step_group = opt._step_group
 
-    def spy(group):
+    def spy(group, hp, params):
         stepped.append(group["params"][0].numel())
-        return rule_of(group)
+        return step_group(group, hp, params)
 
-    opt.rule_of = spy  # type: ignore[method-assign]
+    opt._step_group = spy  # type: ignore[method-assign]
     for p in (big, mid, small):
         p.grad = torch.ones_like(p)
     opt.step()

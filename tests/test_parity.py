@@ -136,17 +136,18 @@ def fresh() -> tuple[dict, dict, dict]:
 
 
 # --------------------------------------------------------------------------- torch AdamW, SGD
-# Eager AdamW and SGD run torch's fused kernels (``optarena.optim.kernels``); both that path and
-# the rules' own per-tensor path are pinned to the reference.
+# AdamW and SGD run torch's fused kernels (``optarena.optim.torch_kernels``) unless fused=False;
+# both that path and the chain's own per-tensor path are pinned to the reference.
 
-KERNEL_PATHS = [pytest.param(True, id="torch-kernel"), pytest.param(False, id="rule")]
+KERNEL_PATHS = [pytest.param(True, id="torch-kernel"), pytest.param(False, id="chain")]
 
 
 def use_path(
     opt: torch.optim.Optimizer, kernel: bool, name: str, monkeypatch: pytest.MonkeyPatch
 ) -> list[int]:
-    """Run ``opt`` on torch's kernel ``name`` or on its rule; the list counts kernel calls."""
-    opt.fast_eager = kernel
+    """Run ``opt`` on torch's kernel ``name`` or on its chain; the list counts kernel calls."""
+    for group in opt.param_groups:
+        group["fused"] = None if kernel else False
     return count_kernel_calls(monkeypatch, name)
 
 
@@ -198,7 +199,13 @@ def test_sgd_decoupled_decay_matches_torch_plus_manual_decay(
     # The study's SGD: θ *= 1 - η_t λ, then torch's heavy ball on the undecayed gradient.
     p_ours, p_ref, init = fresh()
     wd = 0.05
-    ours = SGD(split_groups(p_ours, True, {"lr": 0.05}), lr=0.1, momentum=0.9, weight_decay=wd)
+    ours = SGD(
+        split_groups(p_ours, True, {"lr": 0.05}),
+        lr=0.1,
+        momentum=0.9,
+        weight_decay=wd,
+        decoupled_weight_decay=True,
+    )
     ref = torch.optim.SGD(split_groups(p_ref, False, {"lr": 0.05}), lr=0.1, momentum=0.9)
     calls = use_path(ours, kernel, "_fused_sgd_", monkeypatch)
 

@@ -3,27 +3,25 @@
 >>> from optarena.optim import create
 >>> opt = create("adam-mini", model, lr=1e-3)          # doctest: +SKIP
 
-Each optimizer is one :class:`RuleOptimizer` whose param groups name an update rule; the rules
-are compositions of the pieces in :mod:`optarena.optim.transforms`, and block optimizers read
-the parameter roles found by :mod:`optarena.optim.partition`.
+Each optimizer is a chain of transforms (:mod:`optarena.optim.transforms`) named by one row of
+the registry (:mod:`optarena.optim.registry`), run by one ``torch.optim.Optimizer``
+(:class:`ChainOptimizer`) on the roles the partition (:mod:`optarena.optim.partition`) finds.
 """
 
-from optarena.optim.base import RuleOptimizer, state_bytes
-from optarena.optim.optimizers import (
-    EMASGD,
-    SGD,
-    Adafactor,
-    AdafactorClassic,
-    Adalayer,
-    AdamMini,
-    AdamW,
-    Hybrid,
-    Lion,
-    Signum,
-    SophiaG,
-)
-from optarena.optim.registry import REGISTRY, available, create
+from optarena.optim.optimizer import ChainOptimizer, state_bytes
+from optarena.optim.registry import CLASSES, REGISTRY, Hybrid, available, create, entry
 from optarena.optim.roles import FusedPart, ParamInfo, Role
+
+AdamW = CLASSES["AdamW"]
+AdamMini = CLASSES["AdamMini"]
+Adalayer = CLASSES["Adalayer"]
+Adafactor = CLASSES["Adafactor"]
+AdafactorClassic = CLASSES["AdafactorClassic"]
+SGD = CLASSES["SGD"]
+EMASGD = CLASSES["EMASGD"]
+Lion = CLASSES["Lion"]
+Signum = CLASSES["Signum"]
+SophiaG = CLASSES["SophiaG"]
 
 __all__ = [
     "EMASGD",
@@ -34,15 +32,16 @@ __all__ = [
     "Adalayer",
     "AdamMini",
     "AdamW",
+    "ChainOptimizer",
     "FusedPart",
     "Hybrid",
     "Lion",
     "ParamInfo",
     "Role",
-    "RuleOptimizer",
     "Signum",
     "SophiaG",
     "available",
     "create",
+    "entry",
     "state_bytes",
 ]

@@ -1,7 +1,11 @@
-"""The registry: every optimizer by name, ``create(name, model, **hyperparams)``, ``available()``.
+"""The registry: every optimizer as one row of a table, and everything built from it.
 
-Names are lowercase with dashes. ``create`` takes torch-style hyperparameter names, so a
-Hugging Face ``Trainer(optimizers=(create("adam-mini", model, lr=1e-3), None))`` works as is.
+A row (:class:`Entry`) is a name, a chain of transforms, the constructor's defaults (torch's
+names and order) and a description. The public classes (``AdamW``, ``AdamMini``, ...), ``create``
+and ``available`` are generated from the rows; a hybrid routes parameter roles to rows. The four
+Adams of the studies are one line each that differ only in the second moment:
+
+>>> ADAMS = [adam("element"), adam("layer"), adam("adam-mini"), adam("factored")]  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -13,29 +17,159 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
-from optarena.optim import optimizers as O
-from optarena.optim.roles import Role
-from optarena.optim.rules import RULES
+from optarena.optim.checks import BOOL, POS_INT, Check, validate
+from optarena.optim.engine import Chain, Factory
+from optarena.optim.optimizer import ChainOptimizer
+from optarena.optim.roles import ParamInfo, Role
+from optarena.optim.transforms import (
+    EMA,
+    ClipByRMS,
+    CoupledDecay,
+    DecoupledDecay,
+    Gate,
+    HeavyBall,
+    LionUpdate,
+    RelativeStep,
+    ScaleByLR,
+    ScaleBySecondMoment,
+    Sign,
+    SophiaClip,
+    classic_weights,
+    frozen_weights,
+)
+
+Params = nn.Module | Iterable[Any]
 
 
 @dataclass(frozen=True)
 class Entry:
-    """One registered optimizer: how to build it and what it is."""
+    """One registered optimizer."""
 
+    name: str
+    chain: Factory | None  # the group's options -> its transforms; None: a composite
+    defaults: dict[str, Any]  # the constructor's hyperparameters, in torch's order
     description: str
-    build: Callable[..., torch.optim.Optimizer]
-    rule: str | None = None  # the update rule, for routes inside hybrids
-    fixed: Mapping[str, Any] = field(default_factory=dict)  # group options the name implies
-    family: str = ""
+    family: str
+    class_name: str | None = None
+    reference: str = ""  # what it is checked against (docs/optimizers.md)
+    structured: bool = False  # cuts blocks or routes by role: roles must be known
+    no_decay_roles: tuple[str, ...] = ()
+    torch_kernel: str | None = None  # "adamw" | "sgd": torch's fused kernel is this chain
+    checks: Mapping[str, Check] = field(default_factory=dict)  # options no transform reads
+    consistent: Callable[[str, Mapping[str, Any]], None] | None = None
+    build: Callable[..., torch.optim.Optimizer] | None = None  # composites (hybrids)
+
+    def check_group(self, owner: str, group: Mapping[str, Any]) -> None:
+        validate(owner, {"maximize": BOOL}, group)
+        if self.consistent is not None:
+            self.consistent(owner, group)
 
 
-def _hybrid(adaptive: str, roles: tuple[str, ...]) -> Callable[..., torch.optim.Optimizer]:
-    """The study's "adaptivity only where it matters" optimizers: EMA-momentum SGD on the body,
+# --------------------------------------------------------------------------- chains
+
+
+def adam(granularity: str) -> Factory:
+    """Adam with its second moment at one granularity: element (Adam), layer (Adalayer),
+    adam-mini (Adam-mini), factored (the study's Adafactor)."""
+
+    def chain(o: Mapping[str, Any]) -> Chain:
+        moment = ScaleBySecondMoment(granularity, amsgrad=bool(o.get("amsgrad")))
+        return Chain((EMA(debias=True), moment, DecoupledDecay(), ScaleByLR()))
+
+    return chain
+
+
+def frozen(o: Mapping[str, Any]) -> Chain:
+    """Adam whose second moment is a uniform mean over the first steps, then frozen."""
+    moment = ScaleBySecondMoment("element", frozen_weights)
+    return Chain((EMA(debias=True), moment, DecoupledDecay(), ScaleByLR(), Gate()))
+
+
+def sgd(o: Mapping[str, Any]) -> Chain:
+    """torch's SGD: coupled decay, heavy ball; decoupled decay on request."""
+    if o.get("decoupled_weight_decay"):
+        return Chain((HeavyBall(), DecoupledDecay(), ScaleByLR()))
+    return Chain((CoupledDecay(), HeavyBall(), ScaleByLR()))
+
+
+def sgd_ema(o: Mapping[str, Any]) -> Chain:
+    return Chain((EMA(beta=("momentum", None), debias=True), DecoupledDecay(), ScaleByLR()))
+
+
+def signum(o: Mapping[str, Any]) -> Chain:
+    return Chain((EMA(beta=("momentum", None)), Sign(), DecoupledDecay(), ScaleByLR()))
+
+
+def lion(o: Mapping[str, Any]) -> Chain:
+    return Chain((LionUpdate(), DecoupledDecay(), ScaleByLR()))
+
+
+def sophia(o: Mapping[str, Any]) -> Chain:
+    return Chain((EMA(beta=("betas", 0)), SophiaClip(), DecoupledDecay(), ScaleByLR()))
+
+
+def adafactor_classic(o: Mapping[str, Any]) -> Chain:
+    """Shazeer & Stern: the factored moment (last two axes, β2 schedule), update clipping, the
+    relative step (which scales the decay), momentum on the scaled update."""
+    moment = ScaleBySecondMoment("factored-classic", classic_weights)
+    return Chain(
+        (moment, ClipByRMS(), DecoupledDecay(), RelativeStep(), EMA("exp_avg", ("beta1", None)))
+    )
+
+
+# --------------------------------------------------------------------------- consistency checks
+
+
+def _sgd_consistent(owner: str, g: Mapping[str, Any]) -> None:
+    if g["nesterov"] and (g["momentum"] <= 0 or g["dampening"]):
+        raise ValueError(f"{owner}: nesterov=True needs momentum > 0 and dampening = 0")
+
+
+def _amsgrad_consistent(owner: str, g: Mapping[str, Any]) -> None:
+    if g.get("amsgrad") not in (True, False):
+        raise ValueError(f"{owner}: invalid amsgrad={g.get('amsgrad')!r}; expected True or False")
+    if g.get("amsgrad") and g["optimizer"] == "adafactor":
+        raise ValueError(
+            f"{owner}: amsgrad=True has no meaning for a factored second moment; use adamw, "
+            "adalayer or adam-mini"
+        )
+
+
+def _classic_consistent(owner: str, g: Mapping[str, Any]) -> None:
+    if g["lr"] is None and not g["relative_step"]:
+        raise ValueError(f"{owner}: lr=None needs relative_step=True; give an lr")
+    if g["lr"] is not None and g["relative_step"]:
+        raise ValueError(
+            f"{owner}: lr={g['lr']!r} with relative_step=True would be ignored (the step size "
+            "is min(1e-2, 1/sqrt(t))); pass lr=None or relative_step=False"
+        )
+    if g["warmup_init"] and not g["relative_step"]:
+        raise ValueError(f"{owner}: warmup_init=True needs relative_step=True")
+
+
+# --------------------------------------------------------------------------- composites
+# (hybrids of routes; ``Hybrid`` is defined below and looked up when they run)
+
+
+def _hybrid_custom(params: Params, routes: Mapping[str, Route] | None = None, **options: Any):
+    if routes is None:
+        raise ValueError(
+            "hybrid needs routes, which optimizer for which role, e.g. "
+            "routes={'default': 'sgd-ema', 'output': ('adamw', {'lr': 3e-3})} "
+            "(in a config: [hparams.routes]); or take a registered one: "
+            + ", ".join(n for n in REGISTRY if n.startswith("hybrid-"))
+        )
+    return Hybrid(params, routes, **options)
+
+
+def _study_hybrid(adaptive: str, roles: tuple[str, ...]) -> Callable[..., torch.optim.Optimizer]:
+    """The study's "adaptivity only where it matters": EMA-momentum SGD on the body,
     ``adaptive`` (Adalayer or Adafactor) on ``roles``, each with its own peak LR."""
 
     def build(
-        params: Any,
+        params: Params,
         lr: float = 1.0,
         momentum: float = 0.9,
         adaptive_lr: float = 3.16e-3,
@@ -44,152 +178,115 @@ def _hybrid(adaptive: str, roles: tuple[str, ...]) -> Callable[..., torch.optim.
         weight_decay: float = 0.0,
         **options: Any,
     ) -> torch.optim.Optimizer:
-        routes: dict[str, Any] = {
-            "default": ("sgd-ema", {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
+        body = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
+        head = {
+            "lr": adaptive_lr,
+            "betas": _as_pair(betas),
+            "eps": eps,
+            "weight_decay": weight_decay,
         }
-        for role in roles:
-            routes[role] = (
-                adaptive,
-                {
-                    "lr": adaptive_lr,
-                    "betas": O.pair(betas),
-                    "eps": eps,
-                    "weight_decay": weight_decay,
-                },
-            )
-        return O.Hybrid(params, routes, **options)
+        routes: dict[str, Route] = {"default": ("sgd-ema", body)}
+        routes |= {role: (adaptive, head) for role in roles}
+        return Hybrid(params, routes, **options)
 
     return build
 
 
-def _frozen(
-    params: Any,
+def _frozen_build(
+    params: Params,
     lr: float = 1e-3,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
+    weight_decay: float = 0.0,
     precondition_steps: int = 1000,
+    freeze: bool = True,
     unfrozen_roles: Iterable[str] = (),
     **options: Any,
 ) -> torch.optim.Optimizer:
-    return O.Hybrid(
-        params, O.frozen_routes(lr, betas, eps, precondition_steps, unfrozen_roles), **options
-    )
+    """The frozen preconditioner, with ``v`` kept updating on ``unfrozen_roles``."""
+    hp = {
+        "lr": lr,
+        "betas": _as_pair(betas),
+        "eps": eps,
+        "weight_decay": weight_decay,
+        "precondition_steps": precondition_steps,
+    }
+    routes: dict[str, Route] = {"default": ("adam-frozen", {**hp, "freeze": freeze})}
+    routes |= {str(role): ("adam-frozen", {**hp, "freeze": False}) for role in unfrozen_roles}
+    return Hybrid(params, routes, **options)
 
 
-def _hybrid_custom(
-    params: Any, routes: Mapping[str, Any] | None = None, **options: Any
-) -> torch.optim.Optimizer:
-    if routes is None:
-        raise ValueError(
-            "hybrid needs routes, which optimizer for which role, e.g. "
-            "routes={'default': 'sgd-ema', 'output': ('adamw', {'lr': 3e-3})} "
-            "(in a config: [hparams.routes]); or take a registered one: "
-            + ", ".join(n for n in REGISTRY if n.startswith("hybrid-"))
-        )
-    return O.Hybrid(params, routes, **options)
+# --------------------------------------------------------------------------- the table
 
-
-REGISTRY: dict[str, Entry] = {
-    "adamw": Entry(
-        "Adam with decoupled weight decay (elementwise second moment)",
-        O.AdamW,
-        "adaptive",
-        {"granularity": "element"},
-        "adam",
-    ),
-    "adam-mini": Entry(
-        "Adam-mini: one second moment per head / neuron / token block (~half AdamW's state)",
-        O.AdamMini,
-        "adaptive",
-        {"granularity": "adam-mini"},
-        "adam",
-    ),
-    "adalayer": Entry(
-        "Adalayer: one second-moment scalar per layer (QKV split, per-row last layer)",
-        O.Adalayer,
-        "adaptive",
-        {"granularity": "layer"},
-        "adam",
-    ),
-    "adafactor": Entry(
-        "Adafactor as in the Deconstructing study: Adam with a factored second moment",
-        O.Adafactor,
-        "adaptive",
-        {"granularity": "factored"},
-        "adam",
-    ),
-    "adafactor-classic": Entry(
-        "Adafactor of Shazeer & Stern: relative step, update clipping, beta2 schedule",
-        O.AdafactorClassic,
-        "adafactor-classic",
-        {},
-        "adam",
-    ),
-    "sgd": Entry(
-        "SGD with heavy-ball momentum (torch.optim.SGD; the study's baseline)",
-        O.SGD,
-        "sgd",
-        {},
-        "sgd",
-    ),
-    "sgd-ema": Entry(
-        "SGD with bias-corrected EMA momentum (the hybrids' body optimizer)",
-        O.EMASGD,
-        "sgd-ema",
-        {},
-        "sgd",
-    ),
-    "lion": Entry("Lion: sign of an interpolated momentum", O.Lion, "lion", {}, "sign"),
-    "signum": Entry("Signum: sign of EMA momentum", O.Signum, "signum", {}, "sign"),
-    "sophia": Entry(
-        "Sophia-G: momentum clipped by a Gauss-Newton-Bartlett Hessian estimate",
-        O.SophiaG,
-        "sophia",
-        {},
-        "sign",
-    ),
-    "adam-frozen": Entry(
-        "Adam whose second moment is averaged for the first steps, then frozen",
-        _frozen,
-        None,
-        {},
-        "adam",
-    ),
-    "hybrid": Entry(
-        "Any mix: routes={role: optimizer name or (name, hyperparameters)}",
-        _hybrid_custom,
-        None,
-        {},
-        "hybrid",
-    ),
+ADAM = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "amsgrad": False}
+CLASSIC = {
+    "lr": None,
+    "eps": (1e-30, 1e-3),
+    "clip_threshold": 1.0,
+    "decay_rate": -0.8,
+    "beta1": None,
+    "weight_decay": 0.0,
+    "scale_parameter": True,
+    "relative_step": True,
+    "warmup_init": False,
 }
-for _adaptive in ("adalayer", "adafactor"):
-    for _suffix, _roles in (
-        ("last-ln", ("output", "norm")),
-        ("last", ("output",)),
-        ("ln", ("norm",)),
-    ):
-        _where = {
-            "last-ln": "the last layer and LayerNorms",
-            "last": "the last layer",
-            "ln": "the LayerNorms",
-        }[_suffix]
-        REGISTRY[f"hybrid-{_adaptive}-{_suffix}"] = Entry(
-            f"SGD (EMA momentum) everywhere, {_adaptive.capitalize()} on {_where}",
-            _hybrid(_adaptive, _roles),
-            None,
-            {},
-            "hybrid",
-        )
+
+# fmt: off
+ENTRIES: list[Entry] = [
+    Entry("adamw", adam("element"), ADAM | {"weight_decay": 1e-2},
+          "Adam with decoupled weight decay (elementwise second moment)", "adam", "AdamW",
+          "torch.optim.AdamW", torch_kernel="adamw", consistent=_amsgrad_consistent),
+    Entry("adam-mini", adam("adam-mini"), ADAM | {"single_block_value": False},
+          "Adam-mini: one second moment per head / neuron / token block (~half AdamW's state)",
+          "adam", "AdamMini", "adam-mini 1.1.1", structured=True,
+          no_decay_roles=("norm", "bias"), consistent=_amsgrad_consistent),
+    Entry("adalayer", adam("layer"), ADAM | {"split_qkv": True, "per_row_output": True},
+          "Adalayer: one second-moment scalar per layer (QKV split, per-row last layer)",
+          "adam", "Adalayer", "the study's formula", structured=True,
+          consistent=_amsgrad_consistent),
+    Entry("adafactor", adam("factored"), ADAM,
+          "Adafactor as in the Deconstructing study: Adam with a factored second moment",
+          "adam", "Adafactor", "the study's formula", consistent=_amsgrad_consistent),
+    Entry("adafactor-classic", adafactor_classic, CLASSIC,
+          "Adafactor of Shazeer & Stern: relative step, update clipping, beta2 schedule",
+          "adam", "AdafactorClassic", "transformers.optimization.Adafactor",
+          consistent=_classic_consistent),
+    Entry("sgd", sgd, {"lr": 1e-3, "momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0,
+                       "nesterov": False, "decoupled_weight_decay": False},
+          "SGD with heavy-ball momentum (torch.optim.SGD; the study's baseline)", "sgd", "SGD",
+          "torch.optim.SGD", torch_kernel="sgd", consistent=_sgd_consistent),
+    Entry("sgd-ema", sgd_ema, {"lr": 1e-3, "momentum": 0.9, "weight_decay": 0.0},
+          "SGD with bias-corrected EMA momentum (the hybrids' body optimizer)", "sgd", "EMASGD",
+          "the study's formula"),
+    Entry("lion", lion, {"lr": 1e-4, "betas": (0.9, 0.99), "weight_decay": 0.0},
+          "Lion: sign of an interpolated momentum", "sign", "Lion", "lion-pytorch 0.2.5"),
+    Entry("signum", signum, {"lr": 1e-3, "momentum": 0.9, "weight_decay": 0.0},
+          "Signum: sign of EMA momentum", "sign", "Signum", "pytorch-optimizer SignSGD"),
+    Entry("sophia", sophia, {"lr": 1e-4, "betas": (0.965, 0.99), "rho": 0.04,
+                             "weight_decay": 0.1, "bs": 5120, "hessian_interval": 10},
+          "Sophia-G: momentum clipped by a Gauss-Newton-Bartlett Hessian estimate", "sign",
+          "SophiaG", "sophia-opt 0.2.2", checks={"hessian_interval": POS_INT}),
+    Entry("adam-frozen", frozen, {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8,
+                                  "weight_decay": 0.0, "precondition_steps": 1000,
+                                  "freeze": True},
+          "Adam whose second moment is averaged for the first steps, then frozen", "adam",
+          reference="the study's formula", build=_frozen_build),
+]
+# fmt: on
+
+# --------------------------------------------------------------------------- lookup
+
+REGISTRY: dict[str, Entry] = {}
 
 
-def available() -> dict[str, str]:
-    """Registry name -> one-line description, in registry order."""
-    return {name: entry.description for name, entry in REGISTRY.items()}
+def register(e: Entry) -> Entry:
+    REGISTRY[e.name] = e
+    return e
 
 
-def _lookup(name: str) -> Entry:
-    key = name.strip().lower().replace("_", "-")
+def entry(name: str) -> Entry:
+    """The entry called ``name`` (case, ``_`` and ``-`` are not told apart)."""
+    key = str(name).strip().lower().replace("_", "-")
     if key not in REGISTRY:
         close = difflib.get_close_matches(key, REGISTRY, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -197,25 +294,79 @@ def _lookup(name: str) -> Entry:
     return REGISTRY[key]
 
 
-def create(name: str, model_or_params: Any, **hyperparams: Any) -> torch.optim.Optimizer:
-    """Build the optimizer ``name`` for a model (structure-aware roles), ``named_parameters()``
-    or param groups, with torch-style hyperparameter names."""
-    entry = _lookup(name)
-    signature = inspect.signature(entry.build)
-    known = [p for p in signature.parameters if p not in ("params", "self", "options")]
-    extra = {"partition", "state_dtype", "no_decay_roles", "fused", "fast_eager"}
-    unknown = [k for k in hyperparams if k not in known and k not in extra]
-    if unknown:
-        raise ValueError(
-            f"{name}: unknown hyperparameter(s) {', '.join(map(repr, unknown))}; "
-            f"valid: {', '.join(known + sorted(extra))}"
-        )
-    return entry.build(model_or_params, **hyperparams)
+def available() -> dict[str, str]:
+    """Registry name -> one-line description, in registry order."""
+    return {name: e.description for name, e in REGISTRY.items()}
 
 
-def route_group(role: str, route: Any) -> dict[str, Any]:
-    """A hybrid route (``"lion"``, ``("adamw", {"lr": 3e-3})`` or ``{"optimizer": ...}``)
-    as the param-group options of the rule it names."""
+# --------------------------------------------------------------------------- the classes
+
+_OPTIONS = {  # keyword-only options every class takes, torch's flags among them
+    "model": None,
+    "partition": None,
+    "state_dtype": None,
+    "no_decay_roles": None,
+    "fused": None,
+    "maximize": False,
+    "foreach": None,
+    "capturable": False,
+    "differentiable": False,
+}
+
+
+def _as_pair(value: Any) -> Any:
+    """``betas`` as a tuple when it is a sequence; anything else as given, for the check to
+    refuse with its message."""
+    return tuple(value) if isinstance(value, (tuple, list)) else value
+
+
+def _hyper(defaults: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _as_pair(given[k]) if k in given else v for k, v in defaults.items()}
+
+
+def signature_of(e: Entry) -> inspect.Signature:
+    kind = inspect.Parameter
+    params = [kind("self", kind.POSITIONAL_ONLY), kind("params", kind.POSITIONAL_OR_KEYWORD)]
+    params += [kind(k, kind.POSITIONAL_OR_KEYWORD, default=v) for k, v in e.defaults.items()]
+    params += [kind(k, kind.KEYWORD_ONLY, default=v) for k, v in _OPTIONS.items()]
+    return inspect.Signature(params)
+
+
+def make_class(e: Entry) -> type[ChainOptimizer]:
+    """The public class of an entry: torch's constructor conventions (positional
+    hyperparameters in torch's order, its flags), a real signature and a docstring."""
+    sig = signature_of(e)
+
+    def __init__(self, params: Params, *args: Any, **kwargs: Any) -> None:
+        bound = sig.bind(self, params, *args, **kwargs).arguments
+        options = {k: bound[k] for k in _OPTIONS if k in bound}
+        maximize = options.pop("maximize", False)
+        hp = {**_hyper(e.defaults, bound), "optimizer": e.name, "maximize": maximize}
+        ChainOptimizer.__init__(self, params, hp, **options)
+
+    __init__.__signature__ = sig  # type: ignore[attr-defined]
+    defaults = ", ".join(f"{k}={v!r}" for k, v in e.defaults.items())
+    doc = f"{e.description}.\n\nDefaults ({e.reference or 'the study'}): {defaults}."
+    cls = type(e.class_name, (ChainOptimizer,), {"__init__": __init__, "__doc__": doc})
+    cls.__module__ = "optarena.optim"
+    return cls
+
+
+CLASSES: dict[str, type[ChainOptimizer]] = {}
+for _entry in ENTRIES:
+    register(_entry)
+    if _entry.class_name:
+        CLASSES[_entry.class_name] = make_class(_entry)
+
+
+# --------------------------------------------------------------------------- hybrids
+
+Route = str | tuple[str, Mapping[str, Any]] | Mapping[str, Any]
+
+
+def route_group(role: str, route: Route) -> dict[str, Any]:
+    """A hybrid route (``"lion"``, ``("adamw", {"lr": 3e-3})`` or ``{"optimizer": ...}``) as
+    the param-group options of the entry it names."""
     if isinstance(route, str):
         name, hp = route, {}
     elif isinstance(route, Mapping):
@@ -226,28 +377,161 @@ def route_group(role: str, route: Any) -> dict[str, Any]:
     else:
         name, hp = route
         hp = dict(hp)
-    entry = _lookup(name)
-    if entry.rule is None:
+    e = entry(name)
+    if e.chain is None:
         raise ValueError(f"Hybrid: route {role!r} names {name!r}, which is not a single optimizer")
-    # the optimizer's own decay exemptions (Adam-mini: norms and biases) travel with the route
-    defaults = {
-        k: p.default
-        for k, p in inspect.signature(entry.build).parameters.items()
-        if p.default is not inspect.Parameter.empty
-    }
-    valid = list(defaults) + [k for k in RULES[entry.rule].checks if k not in defaults]
-    valid += [] if "no_decay_roles" in valid else ["no_decay_roles"]
+    valid = [*e.defaults, "no_decay_roles", "maximize"]
     unknown = [k for k in hp if k not in valid]
     if unknown:
         raise ValueError(
             f"Hybrid: route {role!r} ({name}) got unknown hyperparameter(s) "
             f"{', '.join(map(repr, unknown))}; valid: {', '.join(valid)}"
         )
-    group = {**defaults, **hp, **entry.fixed, "rule": entry.rule}
-    for key in ("betas", "eps"):
-        if isinstance(group.get(key), list):
-            group[key] = tuple(group[key])
+    group = {**_hyper(e.defaults, hp), "optimizer": e.name, "route": role}
+    if "no_decay_roles" in hp:
+        group["no_decay_roles"] = hp["no_decay_roles"]
+    elif e.no_decay_roles:
+        group["no_decay_roles"] = e.no_decay_roles
+    if "maximize" in hp:
+        group["maximize"] = hp["maximize"]
     return group
 
 
-__all__ = ["REGISTRY", "Entry", "Role", "available", "create", "route_group"]
+class Hybrid(ChainOptimizer):
+    """Different optimizers on different parameter roles, in one optimizer object.
+
+    ``routes`` maps a role (``"output"``, ``"norm"``, ``"embedding"``, ``"q"``, ...; see
+    :class:`~optarena.optim.roles.Role`) or ``"default"`` to a registry name, optionally with
+    its own hyperparameters (its own peak ``lr`` included)::
+
+        Hybrid(model, {"default": ("lion", {"lr": 3e-4}), "output": ("adamw", {"lr": 3e-3})})
+
+    Each route becomes one param group (``group["route"]``); schedules scale every group's own
+    lr. A route keeps its optimizer's weight-decay exemptions (``"adam-mini"``: norms and
+    biases); ``no_decay_roles`` in a route's options changes them, ``Hybrid(...,
+    no_decay_roles=...)`` sets them for routes whose optimizer has none. A tied embedding is
+    the last layer too: an ``"output"`` route takes it.
+    """
+
+    def __init__(self, params: Params, routes: Mapping[str, Route], **options: Any):
+        if "default" not in routes:
+            raise ValueError("Hybrid: routes need a 'default' entry for unrouted parameters")
+        roles = {}
+        for key in routes:
+            if key == "default":
+                continue
+            try:
+                roles[key] = Role(key)
+            except ValueError:
+                raise ValueError(
+                    f"Hybrid: unknown role {key!r} in routes; expected 'default' or one of "
+                    + ", ".join(r.value for r in Role)
+                ) from None
+        self._route_roles = roles
+        self._routes = {key: route_group(key, value) for key, value in routes.items()}
+        for key, group in self._routes.items():  # a route no parameter takes is checked too
+            e = entry(group["optimizer"])
+            validate(f"Hybrid (route {key!r})", {**e.chain(group).hyper, **e.checks}, group)
+        first = {k: v for k, v in self._routes["default"].items() if k != "no_decay_roles"}
+        options.setdefault("no_decay_roles", ())  # for routes whose optimizer has none
+        super().__init__(params, first, **options)
+        self._structured = True
+
+    def _resolve(self, params: Any, partition: Mapping[str, ParamInfo] | None):
+        self._structured = True
+        named, infos = super()._resolve(params, partition)
+        if not named or not isinstance(named[0], tuple):
+            raise TypeError("Hybrid needs a model or named_parameters to find parameter roles")
+        routed = set(self._route_roles.values())
+        by_route: dict[str, list] = {key: [] for key in self._routes}
+        for name, p in named:
+            info = infos.get(name) if infos is not None else None
+            key = "default"
+            if info is not None:
+                role = Role.OUTPUT if info.tied and Role.OUTPUT in routed else info.role
+                key = next((k for k, r in self._route_roles.items() if r is role), "default")
+            by_route[key].append((name, p))
+        groups = [
+            {**self._routes[key], "params": by_route[key]} for key in self._routes if by_route[key]
+        ]
+        return groups, infos
+
+
+register(
+    Entry(
+        "hybrid",
+        None,
+        {},
+        "Any mix: routes={role: optimizer name or (name, hyperparameters)}",
+        "hybrid",
+        build=_hybrid_custom,
+    )
+)
+for _adaptive in ("adalayer", "adafactor"):
+    for _suffix, _roles, _where in (
+        ("last-ln", ("output", "norm"), "the last layer and LayerNorms"),
+        ("last", ("output",), "the last layer"),
+        ("ln", ("norm",), "the LayerNorms"),
+    ):
+        register(
+            Entry(
+                f"hybrid-{_adaptive}-{_suffix}",
+                None,
+                {},
+                f"SGD (EMA momentum) everywhere, {_adaptive.capitalize()} on {_where}",
+                "hybrid",
+                build=_study_hybrid(_adaptive, _roles),
+            )
+        )
+
+
+# --------------------------------------------------------------------------- create
+
+
+def create(name: str, model_or_params: Any, **hyperparams: Any) -> torch.optim.Optimizer:
+    """Build the optimizer ``name`` for a model (structure-aware roles), ``named_parameters()``
+    or param groups, with the hyperparameters its class takes (torch's names and flags)."""
+    e = entry(name)
+    if e.build is not None:
+        build: Callable[..., torch.optim.Optimizer] = e.build
+        target = inspect.unwrap(build)
+        known = [
+            k
+            for k, p in inspect.signature(target).parameters.items()
+            if p.kind is p.POSITIONAL_OR_KEYWORD and k != "params"
+        ]
+        known += [k for k in _OPTIONS if k not in known]
+    else:
+        build = CLASSES[e.class_name or ""]
+        known = [*e.defaults, *_OPTIONS]
+    unknown = [k for k in hyperparams if k not in known]
+    if unknown:
+        raise ValueError(
+            f"{e.name}: unknown hyperparameter(s) {', '.join(map(repr, unknown))}; "
+            f"valid: {', '.join(known)}"
+        )
+    return build(model_or_params, **hyperparams)
+
+
+# --------------------------------------------------------------------------- earlier versions
+
+_LEGACY_ADAPTIVE = {
+    "element": "adamw",
+    "layer": "adalayer",
+    "adam-mini": "adam-mini",
+    "factored": "adafactor",
+}
+LEGACY_STATE_KEYS = {"adafactor-classic": ("lr",)}
+
+
+def legacy_name(group: Mapping[str, Any]) -> str | None:
+    """The entry a param group saved by an earlier optarena (which named a "rule") ran."""
+    rule = group.get("rule")
+    if rule == "adaptive":
+        if group.get("precondition_steps"):
+            return "adam-frozen"
+        return _LEGACY_ADAPTIVE.get(group.get("granularity", "element"))
+    return rule if rule in REGISTRY else None
+
+
+__all__ = ["CLASSES", "ENTRIES", "REGISTRY", "Entry", "Hybrid", "available", "create", "entry"]

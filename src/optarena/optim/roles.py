@@ -49,6 +49,9 @@ class ParamInfo:
     (rows), 1 for GPT-2's ``Conv1D`` which stores weights as (in, out). ``heads`` is the number of
     attention heads laid out along ``out_dim`` (q: query heads, k/v: key/value heads under GQA).
     ``parts`` describes a fused tensor (QKV) as consecutive slices along ``out_dim``.
+    ``experts`` is the number of experts stacked along axis 0 of a fused mixture-of-experts
+    tensor (``(experts, out, in)``, as transformers' ``gate_up_proj``): each index of axis 0 is
+    a matrix of its own, with ``out_dim`` counted in the stacked tensor.
     """
 
     name: str
@@ -58,6 +61,7 @@ class ParamInfo:
     heads: int | None = None
     parts: tuple[FusedPart, ...] = field(default=())
     tied: bool = False  # shared between embedding and output (weight tying)
+    experts: int | None = None  # matrices stacked along axis 0 (fused MoE experts)
     source: str = "structure"  # how the role was found: "structure", "name", "override"
 
     @property

@@ -1,303 +1,684 @@
-"""The shared pieces every optimizer here is built from.
+"""The transforms every optimizer here is a chain of, each piece of math written once.
 
-Each optimizer in ``optarena.optim`` is a short composition of these transforms (in the spirit of
-optax): a momentum (EMA or heavy ball), optionally a second moment at some block granularity
-(per element, per block, factored), and a final map (preconditioning, sign, clipping). Reading
-``rules.py`` with this module beside it shows Adam, Adalayer, Adam-mini and Adafactor as one
-algorithm with different second moments, and Lion, Signum and Sophia as sign-like updates of an
-EMA momentum.
+An optimizer is a short chain (optax's model): each transform takes the update built so far and
+returns the next, keeping its own entries in the parameter's ``state``:
+
+* momentum: :class:`EMA` (Adam's, Signum's, Sophia's, bias-corrected or not; classic Adafactor's
+  on the scaled update) and :class:`HeavyBall` (torch's SGD);
+* :class:`ScaleBySecondMoment` over a :class:`Moment` at some granularity: per element (Adam),
+  per block (Adalayer, Adam-mini: :mod:`~optarena.optim.blocks`), factored (Adafactor, the
+  study's and the classic one), with Adam's, the frozen preconditioner's or classic Adafactor's
+  averaging weights;
+* :class:`Sign`, :class:`LionUpdate`, :class:`SophiaClip`, classic Adafactor's
+  :class:`ClipByRMS` and :class:`RelativeStep`;
+* weight decay (:class:`DecoupledDecay`, :class:`CoupledDecay`), :class:`ScaleByLR`, and the
+  frozen preconditioner's :class:`Gate`.
+
+An :class:`Update` carries its scalar factors beside the tensor (``θ ← θ·(1 - decay) -
+scale·tensor/den``), so a learning rate or a bias correction never costs a pass over the entries.
+
+Numbers that change between steps (lr, betas, bias corrections, phase flags) come from each
+transform's ``scalars(hp, step)``, computed on the host. ``update`` receives them as Python
+floats when it runs eagerly and as 0-d tensors inside a compiled step, and uses them only through
+operations that take either: one function serves both, and a schedule never recompiles.
+
+Statistics that span the rows of a tensor (block sums, factor means, RMS) come from
+``statistics``: sums over the slot's local entries. On a sharded parameter the engine adds them
+over the shards (one collective for every transform at the same place in its chain) before
+``update`` reads them; on one process they are read as they are.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterable
-from typing import NamedTuple, Protocol
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
 
-from optarena.optim.blocks import (
-    BlockLayout,
-    block_mean_square,
-    blockwise,
-    covers,
-    sharding_invariant_sum,
+from optarena.optim import blocks
+from optarena.optim.blocks import BlockLayout, Rows
+from optarena.optim.checks import (
+    BETAS,
+    BOOL,
+    NEGATIVE,
+    NONNEG,
+    NONNEG_INT,
+    POSITIVE,
+    UNIT,
+    Check,
+    number,
+    optional,
+    pair,
 )
-from optarena.optim.sharding import LocalShard, shard_of
+from optarena.optim.roles import ParamInfo
+
+Scalar = float | Tensor
 
 
-class Ratio(NamedTuple):
-    """A preconditioned update left as ``num / den`` (``den`` broadcasts against ``num``): the
-    eager driver applies it with one ``addcdiv_`` over the parameter viewed as ``num``'s shape,
-    instead of materialising the quotient and adding it (two full-size passes fewer)."""
+# --------------------------------------------------------------------------- arithmetic on scalars
+# Scalars are Python floats (eager) or 0-d tensors (compiled). These compute one formula for both;
+# with a float they use torch's scalar arguments, which save a temporary.
 
-    num: Tensor
-    den: Tensor
+
+def times(t: Tensor, s: Scalar) -> Tensor:
+    """``s·t`` (``t`` itself when ``s`` is the float 1)."""
+    if isinstance(s, float) and s == 1.0:
+        return t
+    return t * s
+
+
+def axpy(a: Tensor, b: Tensor, s: Scalar) -> Tensor:
+    """``a + s·b``."""
+    return torch.add(a, b, alpha=s) if isinstance(s, float) else a + b * s
+
+
+def axpy_(a: Tensor, b: Tensor, s: Scalar) -> Tensor:
+    """``a += s·b`` in place."""
+    return a.add_(b, alpha=s) if isinstance(s, float) else a.add_(b * s)
+
+
+def is_zero(s: Scalar) -> bool:
+    """Whether ``s`` is the float 0 (a tensor is never assumed to be)."""
+    return isinstance(s, float) and s == 0.0
+
+
+# --------------------------------------------------------------------------- the update and a slot
+
+
+class Update(NamedTuple):
+    """The step a chain builds: ``θ ← θ·(1 - decay) - scale·tensor/den``.
+
+    ``tensor`` may be a view of the parameter (one row per block, see ``Rows.per_block``) and may
+    be state: it is never modified in place. ``den`` is None or broadcasts against ``tensor``.
+    """
+
+    tensor: Tensor
+    scale: Scalar = 1.0
+    den: Tensor | None = None
+    decay: Scalar = 0.0
+
+    def scaled(self, s: Scalar) -> Update:
+        """The whole step times ``s`` (the learning rate, a phase gate)."""
+        return Update(self.tensor, self.scale * s, self.den, self.decay * s)
+
+
+@dataclass
+class Slot:
+    """One parameter as a transform sees it during a step: its entries held here (``p``, ``g``,
+    ``state``: local rows of a sharded parameter), in the dtype its state is computed in."""
+
+    p: Tensor
+    g: Tensor
+    state: dict[str, Tensor]
+    info: ParamInfo
+    rows: Rows
+    const: Mapping[str, Any]  # the group's options that are not numbers
+    decays: bool = True  # its role takes weight decay
+
+    def direction(self, x: Update) -> Tensor:
+        """``tensor / den`` in the parameter's shape."""
+        t = x.tensor if x.den is None else x.tensor / x.den
+        return t.reshape(self.p.shape)
+
+    def value(self, x: Update) -> Tensor:
+        """``scale·tensor/den`` in the parameter's shape (``decay`` left aside)."""
+        if x.den is None and isinstance(x.scale, float) and x.scale == 1.0:
+            return x.tensor.reshape(self.p.shape)
+        return times(self.direction(x), x.scale)
+
+
+def apply_(p: Tensor, x: Update) -> None:
+    """``p ← p·(1 - decay) - scale·tensor/den`` in place, in one pass where torch has the op."""
+    if not is_zero(x.decay):
+        p.mul_(1.0 - x.decay)
+    t, den, target = x.tensor, x.den, p
+    if t.shape != p.shape:  # a block view: view the parameter alike
+        if p.is_contiguous():
+            target = p.view(t.shape)
+        else:
+            t, den = (t if den is None else t / den).reshape(p.shape), None
+    if not isinstance(x.scale, float):
+        target.sub_((t if den is None else t / den) * x.scale)
+    elif den is None:
+        target.add_(t, alpha=-x.scale)
+    else:
+        target.addcdiv_(t, den, value=-x.scale)
+
+
+# --------------------------------------------------------------------------- the protocol
+
+
+class Transform:
+    """One step of a chain. Subclasses override what they need."""
+
+    hyper: ClassVar[dict[str, Check]] = {}  # hyperparameters read, with their ranges
+    whole: ClassVar[bool] = False  # needs the whole tensor (gathered from shards)
+    read_only: ClassVar[tuple[str, ...]] = ()  # state read but not written by a step
+
+    def init(self, p: Tensor, info: ParamInfo, hp: Mapping[str, Any], dtype: torch.dtype) -> dict:
+        """The state entries of a new parameter (``p``: the whole parameter)."""
+        return {}
+
+    def scalars(self, hp: Mapping[str, Any], step: int) -> dict[str, float]:
+        """The numbers of this step, on the host; the same keys at every step."""
+        return {}
+
+    def statistics(self, x: Update, slot: Slot, sc: Mapping[str, Scalar]) -> dict[str, Tensor]:
+        """Sums over the slot's entries that ``update`` needs over the whole tensor."""
+        return {}
+
+    def update(
+        self, x: Update, slot: Slot, sc: Mapping[str, Scalar], stats: Mapping[str, Tensor]
+    ) -> Update:
+        raise NotImplementedError
+
+    def hessian(self, slot: Slot, hp: Mapping[str, Any]) -> None:
+        """Fold the gradient in ``slot.g`` into a curvature estimate (Sophia); others: nothing."""
+
+
+def hp_value(hp: Mapping[str, Any], key: str, index: int | None = None) -> float:
+    """A number from the hyperparameters (``betas[index]``); tensors as floats."""
+    value = hp[key] if index is None else hp[key][index]
+    v = number(value)
+    if v is None:
+        raise ValueError(f"invalid {key}={hp[key]!r}")
+    return v
 
 
 # --------------------------------------------------------------------------- momentum
 
 
-def ema_(avg: Tensor, x: Tensor, beta: float) -> Tensor:
-    """``avg = β avg + (1-β) x`` in place (Adam's first moment, Lion's and Signum's momentum)."""
-    return avg.lerp_(x, 1.0 - beta)
+class EMA(Transform):
+    """``m ← β m + (1-β) u``; the update becomes ``m``, divided by ``1-β^t`` when ``debias``.
+    With ``β = 0`` at creation no state is kept and ``u`` passes through."""
+
+    def __init__(
+        self,
+        key: str = "exp_avg",
+        beta: tuple[str, int | None] = ("betas", 0),
+        debias: bool = False,
+    ):
+        self.key, self.beta, self.debias = key, beta, debias
+        check = BETAS if beta[1] is not None else optional(UNIT) if beta[0] == "beta1" else UNIT
+        self.hyper = {beta[0]: check}
+
+    def _beta(self, hp: Mapping[str, Any]) -> float:
+        value = hp[self.beta[0]]
+        return 0.0 if value is None else hp_value(hp, *self.beta)
+
+    def init(self, p, info, hp, dtype):
+        return {self.key: torch.zeros_like(p, dtype=dtype)} if self._beta(hp) else {}
+
+    def scalars(self, hp, step):
+        beta = self._beta(hp)
+        return {"w": 1.0 - beta, "bc": 1.0 / (1.0 - beta**step) if self.debias else 1.0}
+
+    def update(self, x, slot, sc, stats):
+        m = slot.state.get(self.key)
+        if m is None:
+            return x
+        m.lerp_(slot.value(x), sc["w"])
+        return Update(m, sc["bc"], None, x.decay)
 
 
-def heavy_ball_(buf: Tensor, g: Tensor, momentum: float, dampening: float) -> Tensor:
-    """``buf = μ buf + (1-dampening) g`` in place (torch SGD; the caller seeds ``buf = g``)."""
-    return buf.mul_(momentum).add_(g, alpha=1.0 - dampening)
+class HeavyBall(Transform):
+    """torch's SGD momentum: ``b_1 = g``, ``b ← μ b + (1-dampening) g``; the update is ``b``, or
+    ``g + μ b`` with Nesterov."""
 
+    hyper = {"momentum": UNIT, "dampening": UNIT, "nesterov": BOOL}
 
-def bias_correction(beta: float, step: int) -> float:
-    """``1 - β^t``: undoes the zero initialisation of an EMA after ``t`` updates."""
-    return 1.0 - beta**step
+    def init(self, p, info, hp, dtype):
+        return {"momentum_buffer": torch.zeros_like(p, dtype=dtype)} if hp["momentum"] else {}
+
+    def scalars(self, hp, step):
+        # the buffer starts at zero, so b_1 = μ·0 + c·g with c = 1 seeds it with g
+        c = 1.0 if step == 1 else 1.0 - hp_value(hp, "dampening")
+        return {"mu": hp_value(hp, "momentum"), "c": c}
+
+    def update(self, x, slot, sc, stats):
+        b = slot.state.get("momentum_buffer")
+        if b is None:
+            return x
+        g = slot.value(x)
+        axpy_(b.mul_(sc["mu"]), g, sc["c"])
+        return Update(axpy(g, b, sc["mu"]) if slot.const["nesterov"] else b, 1.0, None, x.decay)
 
 
 # --------------------------------------------------------------------------- second moments
 
 
-class SecondMoment(Protocol):
-    """A running estimate of ``E[g²]`` at some granularity, and the division by its root.
+class Moment(Protocol):
+    """A running estimate of ``E[g²]`` at one granularity, for one parameter."""
 
-    On a sharded parameter (``optarena.optim.sharding``) ``g`` and ``m`` are this rank's rows,
-    ``state`` carries the shard, and :meth:`shard_stats` asks, before the step's one collective,
-    for the partial sums of every statistic that spans rows.
-    """
+    keys: tuple[str, ...]
 
     def init(self, p: Tensor, dtype: torch.dtype) -> dict[str, Tensor]: ...
 
-    def shard_stats(self, g: Tensor, shard: LocalShard) -> None: ...
+    def statistics(self, sq: Callable[[], Tensor], slot: Slot) -> dict[str, Tensor]: ...
 
-    def update_(self, state: dict[str, Tensor], g: Tensor, beta2: float) -> None: ...
-
-    def average_(self, state: dict[str, Tensor], g: Tensor, count: int) -> None: ...
-
-    def average_weighted_(self, state: dict[str, Tensor], g: Tensor, weight: Tensor) -> None:
-        """:meth:`average_` with ``1/count`` as a tensor (traced by the fast path)."""
+    def estimates(
+        self, sq: Callable[[], Tensor], slot: Slot, stats: Mapping[str, Tensor]
+    ) -> dict[str, Tensor]:
+        """This step's statistic for every state entry (``sq()``: ``g²`` of the local entries)."""
         ...
 
-    def precondition(
-        self,
-        m: Tensor,
-        state: dict[str, Tensor],
-        bc2: float | Tensor,
-        eps: float,
-        lazy: bool = False,
-    ) -> Tensor | Ratio:
-        """``m / (sqrt(v / bc2) + eps)`` with ``v`` broadcast from its blocks (``lazy``: may
-        be a :class:`Ratio` for the eager driver to apply)."""
+    def per_entry(self, values: dict[str, Tensor], x: Tensor, slot: Slot) -> tuple[Tensor, Tensor]:
+        """``(x', r')``: ``x`` and ``sqrt(v)`` in shapes that broadcast entry by entry."""
         ...
 
 
-class BlockSecondMoment:
-    """One second-moment value per block of a :class:`BlockLayout`.
+class ElementMoment:
+    """One value per entry: Adam."""
 
-    Per element this is Adam; per tensor, Adalayer; per head/row, Adam-mini. The state is
-    ``exp_avg_sq``: the parameter's shape when per element, else ``(num_blocks,)``.
-    """
+    keys = ("exp_avg_sq",)
 
-    def __init__(self, layout: BlockLayout):
-        self.layout = layout
+    def init(self, p, dtype):
+        return {"exp_avg_sq": torch.zeros_like(p, dtype=dtype)}
 
-    def init(self, p: Tensor, dtype: torch.dtype) -> dict[str, Tensor]:
-        if self.layout.elementwise:
-            return {"exp_avg_sq": torch.zeros_like(p, dtype=dtype)}
+    def statistics(self, sq, slot):
+        return {}
+
+    def estimates(self, sq, slot, stats):
+        return {"exp_avg_sq": sq()}
+
+    def per_entry(self, values, x, slot):
+        return x, values["exp_avg_sq"].sqrt()
+
+
+@dataclass(frozen=True)
+class BlockMoment:
+    """One value per block of a :class:`~optarena.optim.blocks.BlockLayout`: the mean of ``g²``
+    over the block (Adalayer per tensor, Adam-mini per head and row)."""
+
+    layout: BlockLayout
+    keys: tuple[str, ...] = ("exp_avg_sq",)
+
+    def init(self, p, dtype):
         n = self.layout.num_blocks(p.shape)
         return {"exp_avg_sq": torch.zeros(n, dtype=dtype, device=p.device)}
 
-    def shard_stats(self, g: Tensor, shard: LocalShard) -> None:
-        if not self.layout.elementwise:
-            shard.request_blocks("block_mean_square", g * g, self.layout)
+    def statistics(self, sq, slot):
+        return {"exp_avg_sq": slot.rows.block_sums(sq(), self.layout)}
 
-    def _stat(self, state: dict[str, Tensor], g: Tensor) -> Tensor:
-        shard = shard_of(state)
-        if shard is None or self.layout.elementwise:
-            return block_mean_square(g, self.layout)
-        return shard.mean("block_mean_square").clone()
+    def estimates(self, sq, slot, stats):
+        return {"exp_avg_sq": slot.rows.block_means(stats["exp_avg_sq"], self.layout)}
 
-    def update_(self, state: dict[str, Tensor], g: Tensor, beta2: float) -> None:
-        v = state["exp_avg_sq"]
-        if self.layout.elementwise:
-            v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+    def per_entry(self, values, x, slot):
+        return slot.rows.per_block(x, values["exp_avg_sq"].sqrt(), self.layout)
+
+
+@dataclass(frozen=True)
+class Factor:
+    """One factor of a factored moment: the mean of ``g²`` over every axis but ``keep``."""
+
+    key: str
+    keep: tuple[int, ...]
+    stored: tuple[int, ...]  # the state's shape
+    broadcast: tuple[int, ...]  # the parameter's rank, 1 on averaged axes
+
+
+@dataclass(frozen=True)
+class FactoredMoment:
+    """Adafactor's second moment: per factored axis, the mean of ``g²`` over the other factored
+    axes (``V = r cᵀ / mean(r)`` for a matrix). The study factors every axis
+    (``exp_avg_sq_{i}``); the classic algorithm the last two, each leading index a matrix of its
+    own (``exp_avg_sq_row``, ``exp_avg_sq_col``). ``V = f_0 · Π_{i≥1} f_i / mean(f_0)``: every
+    factor has the mean of ``g²``, so nothing underflows and an all-zero history gives 0."""
+
+    factors: tuple[Factor, ...]
+    norm_axes: tuple[int, ...]  # axes of f_0 averaged into mean(f_0)
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return tuple(f.key for f in self.factors)
+
+    @classmethod
+    def study(cls, shape: tuple[int, ...]) -> FactoredMoment:
+        n = len(shape)
+        factors = tuple(
+            Factor(f"exp_avg_sq_{i}", (i,), b, b)
+            for i in range(n)
+            for b in [tuple(s if d == i else 1 for d, s in enumerate(shape))]
+        )
+        return cls(factors, tuple(range(n)))
+
+    @classmethod
+    def classic(cls, shape: tuple[int, ...]) -> FactoredMoment:
+        n = len(shape)
+        row = Factor("exp_avg_sq_row", tuple(range(n - 1)), shape[:-1], (*shape[:-1], 1))
+        col_keep = (*range(n - 2), n - 1)
+        col = Factor(
+            "exp_avg_sq_col", col_keep, shape[:-2] + shape[-1:], (*shape[:-2], 1, shape[-1])
+        )
+        return cls((row, col), (n - 2,))
+
+    def init(self, p, dtype):
+        return {f.key: torch.zeros(f.stored, dtype=dtype, device=p.device) for f in self.factors}
+
+    def statistics(self, sq, slot):
+        x = sq()
+        out = {}
+        for f in self.factors:
+            reduce = [d for d in range(x.dim()) if d not in f.keep]
+            s = x.sum(reduce, keepdim=True)
+            out[f.key] = slot.rows.scatter(s) if 0 in f.keep else s
+        return out
+
+    def estimates(self, sq, slot, stats):
+        shape = slot.rows.shape
+        return {
+            f.key: (stats[f.key] / (math.prod(shape) // math.prod(f.broadcast))).reshape(f.stored)
+            for f in self.factors
+        }
+
+    def per_entry(self, values, x, slot):
+        f = [values[k.key].view(k.broadcast) for k in self.factors]
+        mean = f[0].mean(self.norm_axes, keepdim=True).clamp_min(torch.finfo(f[0].dtype).tiny)
+        root = slot.rows.rows(f[0].sqrt())
+        for fi in f[1:]:
+            root = root * slot.rows.rows((fi / mean).sqrt())
+        return x, root
+
+
+@functools.lru_cache(maxsize=8192)
+def moment_for(info: ParamInfo, granularity: str, options: tuple[tuple[str, Any], ...]) -> Moment:
+    """The second moment a granularity gives one parameter (``options``: the group's)."""
+    o = dict(options)
+    shape = info.shape
+    if granularity == "element":
+        return ElementMoment()
+    if granularity in ("layer", "adam-mini"):
+        if granularity == "layer":
+            layout = blocks.adalayer_layout(info, o["split_qkv"], o["per_row_output"])
         else:
-            v.mul_(beta2).add_(self._stat(state, g), alpha=1.0 - beta2)
-
-    def average_(self, state: dict[str, Tensor], g: Tensor, count: int) -> None:
-        """Uniform running mean of the block statistic (the frozen-preconditioner phase)."""
-        v = state["exp_avg_sq"]
-        v.add_(self._stat(state, g).sub_(v), alpha=1.0 / count)
-
-    def average_weighted_(self, state: dict[str, Tensor], g: Tensor, weight: Tensor) -> None:
-        v = state["exp_avg_sq"]
-        v.add_((block_mean_square(g, self.layout) - v) * weight)
-
-    def precondition(
-        self,
-        m: Tensor,
-        state: dict[str, Tensor],
-        bc2: float | Tensor,
-        eps: float,
-        lazy: bool = False,
-    ) -> Tensor | Ratio:
-        """``m / (sqrt(v / bc2) + eps)``; ``lazy``: a :class:`Ratio` where the blocks tile ``m``
-        in one reshape (one segment, whole tensor, one process)."""
-        # a tensor ``bc2`` comes from the fast path (no recompilation when the step changes)
-        root_bc2 = bc2.sqrt() if isinstance(bc2, Tensor) else math.sqrt(bc2)
-
-        def den(v: Tensor) -> Tensor:
-            if isinstance(root_bc2, float) and root_bc2 == 1.0:  # x / 1 == x: skip the pass
-                return v.sqrt() + eps
-            return v.sqrt() / root_bc2 + eps
-
-        def fn(x: Tensor, v: Tensor) -> Tensor:
-            return x / den(v)
-
-        v = state["exp_avg_sq"]
-        shard = shard_of(state)
-        if shard is not None and not self.layout.elementwise:
-            return shard.blockwise(fn, m, v, self.layout)
-        segs = self.layout.segments
-        if lazy and not self.layout.elementwise and len(segs) == 1 and m.is_contiguous():
-            s = segs[0]
-            if covers(m, s):
-                return Ratio(m.view(s.shape), den(v).reshape(s.stat_shape))
-        return blockwise(fn, m, v, self.layout)
+            layout = blocks.adam_mini_layout(info, o["single_block_value"])
+        return ElementMoment() if layout.elementwise else BlockMoment(layout)
+    if granularity == "factored":  # the study's: a vector is one block
+        return (
+            FactoredMoment.study(shape)
+            if len(shape) >= 2
+            else BlockMoment(blocks.tensor_layout(shape))
+        )
+    if granularity == "factored-classic":  # Shazeer & Stern's: a vector is elementwise
+        return FactoredMoment.classic(shape) if len(shape) >= 2 else ElementMoment()
+    raise ValueError(f"unknown granularity {granularity!r}")
 
 
-class FactoredSecondMoment:
-    """Adafactor's second moment: one EMA per tensor axis of the mean of ``g²`` over the others.
+GRANULARITY_OPTIONS = ("split_qkv", "per_row_output", "single_block_value")
 
-    For a matrix ``V = r cᵀ / mean(r)``; for ``N`` axes ``V = Π_i r_i / mean^(N-1)``. The state
-    is ``exp_avg_sq_{i}`` for every axis ``i`` (shape: 1 everywhere but axis ``i``), i.e. the sum
-    of the dimensions instead of their product. Tensors with fewer than two axes are not
-    factored: they keep one scalar (the study's choice).
+
+# Averaging weights of a second moment: ``v ← v + w (stat - v)``, the root divided by
+# ``sqrt(bc2)``. Each returns the step's scalars: w, root_bc2, the folded epsilon and eps1 (added
+# to g² before averaging), and for the frozen preconditioner its phase flags.
+
+
+def adam_weights(hp: Mapping[str, Any], step: int) -> dict[str, float]:
+    """Adam: an EMA of rate ``1-β2``, bias-corrected by ``1-β2^t``."""
+    beta2 = hp_value(hp, "betas", 1)
+    root = math.sqrt(1.0 - beta2**step)
+    return {"w": 1.0 - beta2, "root_bc2": root, "eps": hp_value(hp, "eps") * root, "eps1": 0.0}
+
+
+def frozen_weights(hp: Mapping[str, Any], step: int) -> dict[str, float]:
+    """The study's frozen preconditioner: the uniform mean of the statistic over the first
+    ``precondition_steps`` steps (``w = 1/t``; a uniform mean is unbiased), then frozen
+    (``w = 0``), or an EMA with ``freeze=False``."""
+    k = hp["precondition_steps"]
+    beta2 = hp_value(hp, "betas", 1)
+    w = 1.0 / step if step <= k else (0.0 if hp["freeze"] else 1.0 - beta2)
+    fill = float(step == k + 1 and hp["freeze"])
+    return {"w": w, "root_bc2": 1.0, "eps": hp_value(hp, "eps"), "eps1": 0.0, "fill": fill}
+
+
+def classic_weights(hp: Mapping[str, Any], step: int) -> dict[str, float]:
+    """Classic Adafactor: ``β2_t = 1 - t^decay_rate`` (so ``w = t^decay_rate``), ``eps1`` added
+    to ``g²``, no bias correction, no epsilon outside the root."""
+    return {
+        "w": float(step) ** hp_value(hp, "decay_rate"),
+        "root_bc2": 1.0,
+        "eps": 0.0,
+        "eps1": hp_value(hp, "eps", 0),
+    }
+
+
+class ScaleBySecondMoment(Transform):
+    """``v ← v + w (mean_b(g²) - v)``; ``u ← u / (sqrt(v / bc2) + ε)`` with ``v`` broadcast from
+    its blocks, computed as ``√bc2 · u / (sqrt(v) + ε√bc2)`` (the bias correction in the update's
+    scale). ``amsgrad`` divides by the running maximum of ``v``.
+
+    Frozen preconditioner: where ``v`` is still zero when the averaging ends (an embedding row of a
+    token never seen), it takes the tensor's mean over its non-zero entries, so nothing is divided
+    by a bare epsilon; a tensor whose ``v`` is zero throughout is not updated.
     """
 
-    def init(self, p: Tensor, dtype: torch.dtype) -> dict[str, Tensor]:
-        if p.dim() < 2:
-            return {"exp_avg_sq": torch.zeros(1, dtype=dtype, device=p.device)}
-        return {
-            f"exp_avg_sq_{i}": torch.zeros(_axis_shape(p.shape, i), dtype=dtype, device=p.device)
-            for i in range(p.dim())
-        }
-
-    @staticmethod
-    def shard_stats(g: Tensor, shard: LocalShard) -> None:
-        sq = g * g
-        if g.dim() < 2:
-            shard.request_sum("exp_avg_sq", sq)
-            return
-        for i in range(g.dim()):
-            shard.request_sum(f"exp_avg_sq_{i}", sq, keep=(i,))
-
-    @staticmethod
-    def _stats(g: Tensor, shard: LocalShard | None = None) -> dict[str, Tensor]:
-        if shard is not None:  # the global means, identical on every rank like the factors
-            if g.dim() < 2:
-                return {"exp_avg_sq": shard.mean("exp_avg_sq").reshape(1).clone()}
-            keys = [f"exp_avg_sq_{i}" for i in range(g.dim())]
-            return {k: shard.mean(k).clone() for k in keys}
-        if g.dim() < 2:
-            return {"exp_avg_sq": mean_over(g * g, range(g.dim())).reshape(1)}
-        sq = g * g
-        return {
-            f"exp_avg_sq_{i}": mean_over(sq, [d for d in range(g.dim()) if d != i])
-            for i in range(g.dim())
-        }
-
-    def update_(self, state: dict[str, Tensor], g: Tensor, beta2: float) -> None:
-        """EMA of the factors' statistics."""
-        for key, stat in self._stats(g, shard_of(state)).items():
-            state[key].mul_(beta2).add_(stat, alpha=1.0 - beta2)
-
-    def average_(self, state: dict[str, Tensor], g: Tensor, count: int) -> None:
-        for key, stat in self._stats(g, shard_of(state)).items():
-            state[key].add_(stat.sub_(state[key]), alpha=1.0 / count)
-
-    def average_weighted_(self, state: dict[str, Tensor], g: Tensor, weight: Tensor) -> None:
-        for key, stat in self._stats(g).items():
-            state[key].add_((stat - state[key]) * weight)
-
-    def precondition(
+    def __init__(
         self,
-        m: Tensor,
-        state: dict[str, Tensor],
-        bc2: float | Tensor,
-        eps: float,
-        lazy: bool = False,
-    ) -> Tensor:
-        return self.precondition_by_roots(m, self.roots(state, m.dim(), bc2), eps)
+        granularity: str,
+        weights: Callable[[Mapping[str, Any], int], dict[str, float]] = adam_weights,
+        amsgrad: bool = False,
+    ):
+        self.granularity, self.weights, self.amsgrad = granularity, weights, amsgrad
+        self.frozen = weights is frozen_weights
+        self.hyper = {"eps": NONNEG, "betas": BETAS}
+        if weights is classic_weights:
+            self.hyper = {"eps": pair(NONNEG, "(eps1, eps2)"), "decay_rate": NEGATIVE}
+        if self.frozen:
+            self.hyper = {**self.hyper, "precondition_steps": NONNEG_INT, "freeze": BOOL}
 
-    @staticmethod
-    def precondition_by_roots(m: Tensor, roots: list[Tensor], eps: float) -> Tensor:
-        """``m / (Π roots + eps)``: only the product of the small roots is full-size."""
-        if len(roots) == 1:
-            return m / (roots[0] + eps)
-        root = roots[0] * roots[1]
-        for r in roots[2:]:
-            root = root * r
-        return m / root.add_(eps)  # a fresh product: adding in place saves a full-size copy
+    def moment(self, info: ParamInfo, const: Mapping[str, Any]) -> Moment:
+        options = tuple((k, const[k]) for k in GRANULARITY_OPTIONS if k in const)
+        if torch.compiler.is_compiling():  # traced once: the cache is for the eager path
+            return moment_for.__wrapped__(info, self.granularity, options)
+        return moment_for(info, self.granularity, options)
 
-    @staticmethod
-    def roots(state: dict[str, Tensor], ndim: int, bc2: float | Tensor) -> list[Tensor]:
-        """Small tensors whose broadcast product is ``sqrt(V / bc2)`` (on a sharded parameter:
-        its local rows; the factors themselves are replicated).
+    def init(self, p, info, hp, dtype):
+        state = self.moment(info, hp).init(p, dtype)
+        if self.amsgrad:
+            state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg_sq"])
+        return state
 
-        Every factor has the same mean (that of g²), so ``V = f_0 · Π_{i≥1} (f_i / mean)``: no
-        mean^(N-1) to underflow, and an all-zero gradient history gives V = 0, not 0/0. The root
-        of a rank-one tensor is rank one: square roots are taken of the factors, once per row
-        and column, never per entry.
-        """
-        if ndim < 2:
-            # a 0-d scalar broadcasts against 0-d and 1-D parameters alike
-            return [(state["exp_avg_sq"].reshape(()) / bc2).sqrt()]
-        factors = [state[f"exp_avg_sq_{i}"] for i in range(ndim)]
-        mean = factors[0].mean().clamp_min(torch.finfo(factors[0].dtype).tiny)
-        shard = shard_of(state)
-        first = (factors[0] / bc2).sqrt()
-        roots = [first if shard is None else shard.rows(first)]
-        for f in factors[1:]:
-            roots.append((f / mean).sqrt())
-        return roots
+    def scalars(self, hp, step):
+        return self.weights(hp, step)
 
+    def _square(self, slot: Slot, sc: Mapping[str, Scalar]) -> Callable[[], Tensor]:
+        def sq() -> Tensor:
+            g2 = slot.g * slot.g
+            return g2 if is_zero(sc["eps1"]) else g2 + sc["eps1"]
 
-def _axis_shape(shape: torch.Size, axis: int) -> tuple[int, ...]:
-    return tuple(s if i == axis else 1 for i, s in enumerate(shape))
+        return sq
 
+    def statistics(self, x, slot, sc):
+        moment = self.moment(slot.info, slot.const)
+        stats = moment.statistics(self._square(slot, sc), slot)
+        if self.frozen and isinstance(moment, ElementMoment):  # v is sharded like θ
+            stats["nonzero"] = _nonzero(slot.state["exp_avg_sq"])
+        return stats
 
-# --------------------------------------------------------------------------- final maps
+    def update(self, x, slot, sc, stats):
+        moment = self.moment(slot.info, slot.const)
+        for key, est in moment.estimates(self._square(slot, sc), slot, stats).items():
+            slot.state[key].lerp_(est, sc["w"])
+        values = {k: slot.state[k] for k in moment.keys}
+        if self.amsgrad:
+            top = slot.state["max_exp_avg_sq"]
+            values["exp_avg_sq"] = torch.maximum(top, values["exp_avg_sq"], out=top)
+        base = x.tensor if x.den is None else slot.direction(x)
+        if self.frozen:
+            return self._frozen(x, base, moment, values, slot, sc, stats)
+        t, root = moment.per_entry(values, base, slot)
+        return Update(t, x.scale * sc["root_bc2"], root + sc["eps"], x.decay)
 
-
-def mean_over(x: Tensor, dims: Iterable[int]) -> Tensor:
-    """``x.mean(dims, keepdim=True)``, the same on one process and on row shards (see
-    :func:`~optarena.optim.blocks.sharding_invariant_sum`)."""
-    dims = list(dims)
-    count = 1
-    for d in dims:  # no generator expressions: torch.compile traces this (fused.py)
-        count *= x.shape[d]
-    return (sharding_invariant_sum(x, dims) / max(count, 1)).to(x.dtype)
-
-
-def rms(x: Tensor) -> Tensor:
-    """Root mean square of all entries, in one read of ``x`` (torch's norm sums in cascade,
-    accurate in float32; a float64 accumulation of float32 input is several times slower)."""
-    return torch.linalg.vector_norm(x) / math.sqrt(max(x.numel(), 1))
-
-
-def clip_by_rms_(
-    u: Tensor, threshold: float, u_rms: Tensor | None = None, scale: float = 1.0
-) -> Tensor:
-    """Scale ``u`` down so that its RMS is at most ``threshold`` (classic Adafactor), and by
-    ``scale`` (its step size) in the same pass; ``u_rms`` is given when ``u`` is one shard."""
-    factor = ((rms(u) if u_rms is None else u_rms) / threshold).clamp_(min=1.0)
-    return u.mul_(scale / factor)
+    def _frozen(self, x, base, moment, values, slot, sc, stats) -> Update:
+        v = values["exp_avg_sq"]
+        total, count = stats["nonzero"] if "nonzero" in stats else _nonzero(v)  # replicated v
+        fill = total / count.clamp_min(1.0)
+        filled = torch.where(v > 0, v, fill)
+        if isinstance(sc["fill"], Tensor):
+            v.copy_(torch.where(sc["fill"] > 0, filled, v))
+        elif sc["fill"]:
+            v.copy_(filled)
+        t, root = moment.per_entry(values, base, slot)
+        known = moment.per_entry({"exp_avg_sq": (v > 0).to(v.dtype)}, base, slot)[1]
+        return Update(t / (root + sc["eps"]) * known, x.scale * sc["root_bc2"], None, x.decay)
 
 
-def clipped_ratio(m: Tensor, h: Tensor, scale: float, floor: float = 1e-15) -> Tensor:
-    """Sophia's ``sign(m) · min(|m| / (scale·h + floor), 1)``.
+def _nonzero(v: Tensor) -> Tensor:
+    """``[sum, count]`` of the non-zero entries of ``v`` (which is >= 0)."""
+    return torch.stack([v.sum(), (v > 0).sum().to(v.dtype)])
 
-    Computed as ``clamp(m / (scale·h + floor), -1, 1)``: the denominator is positive, so this is
-    the same number bit for bit (IEEE division is sign-symmetric), in four passes instead of seven.
-    """
-    return m.div(h.mul(scale).add_(floor)).clamp_(-1.0, 1.0)
+
+# --------------------------------------------------------------------------- sign-like maps
+
+
+class Sign(Transform):
+    """``u ← sign(u)`` (Signum; ``sign(0) = 0``)."""
+
+    def update(self, x, slot, sc, stats):
+        return Update(torch.sign(slot.direction(x)), 1.0, None, x.decay)
+
+
+class LionUpdate(Transform):
+    """Lion: ``u = sign(β1 m + (1-β1) g)``, then ``m ← β2 m + (1-β2) g``."""
+
+    hyper = {"betas": BETAS}
+
+    def init(self, p, info, hp, dtype):
+        return {"exp_avg": torch.zeros_like(p, dtype=dtype)}
+
+    def scalars(self, hp, step):
+        return {"w1": 1.0 - hp_value(hp, "betas", 0), "w2": 1.0 - hp_value(hp, "betas", 1)}
+
+    def update(self, x, slot, sc, stats):
+        g, m = slot.value(x), slot.state["exp_avg"]
+        u = m.lerp(g, sc["w1"]).sign_()
+        m.lerp_(g, sc["w2"])
+        return Update(u, 1.0, None, x.decay)
+
+
+class SophiaClip(Transform):
+    """Sophia-G: ``u ← sign(u) · min(|u| / (ρ·bs·h + 1e-15), 1)``, ``h`` an EMA of
+    Gauss-Newton-Bartlett estimates fed by :meth:`hessian`. Until the first estimate ``h = 0``
+    and the update is ``sign(u)``.
+
+    Computed as ``clamp(u / (ρ·bs·h + 1e-15), -1, 1)``: the denominator is positive, so this is
+    the same number bit for bit (IEEE division is sign-symmetric) in fewer passes."""
+
+    hyper = {"rho": NONNEG, "bs": POSITIVE, "betas": BETAS}
+    read_only = ("hessian",)
+
+    def init(self, p, info, hp, dtype):
+        return {"hessian": torch.zeros_like(p, dtype=dtype)}
+
+    def scalars(self, hp, step):
+        return {"scale": hp_value(hp, "rho") * hp_value(hp, "bs")}
+
+    def update(self, x, slot, sc, stats):
+        h = slot.state["hessian"]
+        u = slot.value(x).div(h.mul(sc["scale"]).add_(1e-15)).clamp_(-1.0, 1.0)
+        return Update(u, 1.0, None, x.decay)
+
+    def hessian(self, slot, hp):
+        slot.state["hessian"].lerp_(slot.g * slot.g, 1.0 - hp_value(hp, "betas", 1))
+
+
+class ClipByRMS(Transform):
+    """Classic Adafactor's update clipping: ``u ← u / max(1, RMS(u) / clip_threshold)``."""
+
+    hyper = {"clip_threshold": POSITIVE}
+
+    def scalars(self, hp, step):
+        return {"threshold": hp_value(hp, "clip_threshold")}
+
+    def statistics(self, x, slot, sc):
+        u = slot.direction(x)
+        return {"sq": (u * u).sum()}
+
+    def update(self, x, slot, sc, stats):
+        rms = (stats["sq"] / slot.rows.numel).sqrt()
+        return Update(x.tensor, x.scale / (rms / sc["threshold"]).clamp(min=1.0), x.den, x.decay)
+
+
+class RelativeStep(Transform):
+    """Classic Adafactor's step size: ``lr``, or with ``relative_step`` ``min(1e-2, 1/√t)``
+    (``1e-6·t`` with ``warmup_init``), times ``max(eps2, RMS(θ))`` with ``scale_parameter``.
+    It scales the decay too: ``θ ← θ - λ·step·θ``."""
+
+    hyper = {
+        "lr": optional(NONNEG),
+        "relative_step": BOOL,
+        "warmup_init": BOOL,
+        "scale_parameter": BOOL,
+    }
+
+    def scalars(self, hp, step):
+        if not hp["relative_step"]:
+            size = hp_value(hp, "lr")
+        else:
+            size = min(1e-6 * step if hp["warmup_init"] else 1e-2, 1.0 / math.sqrt(step))
+        return {"size": size, "eps2": hp_value(hp, "eps", 1)}
+
+    def statistics(self, x, slot, sc):
+        return {"p_sq": (slot.p * slot.p).sum()} if slot.const["scale_parameter"] else {}
+
+    def update(self, x, slot, sc, stats):
+        if not slot.const["scale_parameter"]:
+            return x.scaled(sc["size"])
+        rms = (stats["p_sq"] / slot.rows.numel).sqrt()
+        return x.scaled(rms.clamp(min=sc["eps2"]) * sc["size"])
+
+
+# --------------------------------------------------------------------------- decay, lr, gates
+
+
+class DecoupledDecay(Transform):
+    """``θ ← θ·(1 - λ·lr)``, where the role takes decay (put before the learning rate, which
+    scales it)."""
+
+    hyper = {"weight_decay": NONNEG}
+
+    def scalars(self, hp, step):
+        return {"wd": hp_value(hp, "weight_decay")}
+
+    def update(self, x, slot, sc, stats):
+        return Update(x.tensor, x.scale, x.den, x.decay + sc["wd"]) if slot.decays else x
+
+
+class CoupledDecay(Transform):
+    """torch's coupled decay: ``g ← g + λθ`` before everything else (``torch.optim.SGD``)."""
+
+    hyper = {"weight_decay": NONNEG}
+
+    def scalars(self, hp, step):
+        return {"wd": hp_value(hp, "weight_decay")}
+
+    def update(self, x, slot, sc, stats):
+        if not slot.decays or is_zero(sc["wd"]):
+            return x
+        return Update(axpy(slot.value(x), slot.p, sc["wd"]), 1.0, None, x.decay)
+
+
+class ScaleByLR(Transform):
+    """The learning rate: ``u ← lr·u`` (the decay before it too)."""
+
+    hyper = {"lr": NONNEG}
+
+    def scalars(self, hp, step):
+        return {"lr": hp_value(hp, "lr")}
+
+    def update(self, x, slot, sc, stats):
+        return x.scaled(sc["lr"])
+
+
+class Gate(Transform):
+    """The frozen preconditioner's measuring phase: no update for the first
+    ``precondition_steps`` steps (momentum and ``v`` still accumulate)."""
+
+    def scalars(self, hp, step):
+        return {"active": float(step > hp["precondition_steps"])}
+
+    def update(self, x, slot, sc, stats):
+        return x.scaled(sc["active"])

@@ -1,0 +1,316 @@
+"""The compiled path: one ``torch.compile``\\ d step per bucket of parameters.
+
+An optimizer step is memory-bound: it should read and write parameters, gradients and state
+once. The eager path runs each transform tensor by tensor, so it reads the same memory several
+times and pays Python overhead per tensor. Here the parameters of one param group are bucketed
+by (device, dtype) and each bucket gets one function that runs the group's chain on every tensor
+(:func:`~optarena.optim.engine.step_slot`, the eager code itself), traced and compiled with
+``torch.compile(fullgraph=True, dynamic=False)``: inductor fuses each tensor's transforms, block
+statistics included, into a few loops over memory.
+
+The step's numbers (lr, betas, bias corrections, phase flags) are computed on the host by the
+transforms' ``scalars`` and passed as one small tensor, a row per parameter: a new learning rate,
+beta (OneCycleLR cycles ``betas``/``momentum``) or step never recompiles. The compiled functions
+are keyed by the bucket's structure (chain, options, shapes, dtypes, roles) and shared by every
+optimizer of the process; inductor's own caches keep them across processes
+(``TORCHINDUCTOR_CACHE_DIR``).
+
+``fused=None`` decides per bucket (:func:`wanted`): compiled on CUDA, and on CPU for buckets of
+at least :data:`CPU_MIN_NUMEL` entries (a CPU compile costs seconds), when torch.compile works
+here; ``OPTARENA_FUSED=0/1`` overrides that choice.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import time
+import types
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from optarena.optim.blocks import Rows
+from optarena.optim.engine import Chain, real, step_slot
+from optarena.optim.roles import ParamInfo
+from optarena.optim.transforms import Slot
+
+if TYPE_CHECKING:
+    from optarena.optim.optimizer import ChainOptimizer, Plan
+
+CPU_MIN_NUMEL = 4_000_000
+
+# inductor checks every input's sizes and strides before each call; dynamo's guards already did
+COMPILE_OPTIONS: dict[str, Any] = {"size_asserts": False}
+
+
+@dataclass
+class CompileStats:
+    """Wall time of first calls of compiled steps in this process (compilation or cache load)."""
+
+    seconds: float = 0.0
+    functions: int = 0
+    keys: list[str] = field(default_factory=list)
+
+
+COMPILE_STATS = CompileStats()
+_FUNCTIONS: dict[tuple, Callable[..., None]] = {}
+_FAILED: set[tuple] = set()
+
+
+# --------------------------------------------------------------------------- policy
+
+
+@functools.cache
+def compile_available(device_type: str) -> bool:
+    """Whether ``torch.compile`` can build kernels for this device type here."""
+    try:
+        import torch._dynamo
+
+        if not torch._dynamo.is_dynamo_supported():
+            return False
+    except Exception:  # pragma: no cover - stripped builds
+        return False
+    if device_type == "cuda":
+        try:
+            from torch.utils._triton import has_triton
+
+            return has_triton()
+        except Exception:  # pragma: no cover
+            return False
+    if device_type == "cpu":
+        return any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++", "c++"))
+    return False
+
+
+def wanted(fused: bool | None, params: Sequence[Tensor], owner: str) -> bool:
+    """Whether a group's tensors take the compiled path this step (``fused`` resolved)."""
+    if fused is False:
+        return False
+    device = params[0].device
+    if fused is True:
+        if not compile_available(device.type):
+            raise RuntimeError(
+                f"{owner}: fused=True needs torch.compile for {device.type} (a C++ compiler on "
+                "CPU, triton on CUDA); use fused=None or False"
+            )
+        return True
+    env = os.environ.get("OPTARENA_FUSED", "").strip().lower()
+    if env in ("0", "false", "no", "off"):
+        return False
+    if not compile_available(device.type):
+        return False
+    if env in ("1", "true", "yes", "on") or device.type == "cuda":
+        return True
+    least = int(os.environ.get("OPTARENA_FUSED_MIN_NUMEL", CPU_MIN_NUMEL))
+    return sum(p.numel() for p in params) >= least
+
+
+# --------------------------------------------------------------------------- buckets
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What a bucket's compiled function is specialised on, per tensor."""
+
+    shape: tuple[int, ...]
+    param_dtype: torch.dtype
+    grad_dtype: torch.dtype
+    keys: tuple[str, ...]  # state entries, in the order their tensors are passed
+    info: ParamInfo
+    decays: bool
+
+
+def _make_step(
+    chain: Chain,
+    const: Mapping[str, Any],
+    specs: Sequence[Spec],
+    columns: Sequence[Sequence[tuple[str, int]]],
+    dtype: torch.dtype,
+    maximize: bool,
+    tag: int,
+) -> Callable[..., None]:
+    """The bucket's step: the eager chain over every tensor, with its scalars read from the
+    table. Each bucket gets code objects of its own, so dynamo never counts one bucket as a
+    recompilation of another."""
+
+    def step(params: list[Tensor], grads: list[Tensor], states: list[list[Tensor]], table: Tensor):
+        for i in range(len(params)):
+            p, spec = params[i], specs[i]
+            g = grads[i] if grads[i].dtype == dtype else grads[i].to(dtype)
+            if maximize:
+                g = -g
+            target = p if p.dtype == dtype else p.to(dtype)
+            state = dict(zip(spec.keys, states[i], strict=True))
+            slot = Slot(target, g, state, spec.info, Rows.whole(spec.shape), const, spec.decays)
+            scalars = [{name: table[i, j] for name, j in cols} for cols in columns]
+            step_slot(chain, slot, scalars, p)
+
+    code = step.__code__.replace(co_name=f"optarena_compiled_step_{tag}")
+    return types.FunctionType(code, step.__globals__, code.co_name, None, step.__closure__)
+
+
+@dataclass
+class Bucket:
+    """A bucket's call less its gradients and scalars, prepared once."""
+
+    key: tuple
+    params: list[Tensor]  # real views
+    states: list[dict[str, Any]]
+    lists: list[list[Tensor]]  # state tensors in ``Spec.keys`` order
+    columns: list[list[tuple[str, int]]]  # per transform: (scalar name, table column)
+
+
+class CompiledSteps:
+    """The compiled path of one optimizer: a prepared bucket per parameter set."""
+
+    def __init__(self) -> None:
+        self.buckets: dict[tuple, Bucket] = {}
+
+    def step(
+        self,
+        opt: ChainOptimizer,
+        group: dict[str, Any],
+        hp: Mapping[str, Any],
+        plan: Plan,
+        params: list[Tensor],
+        explicit: bool,
+    ) -> list[Tensor]:
+        """Update ``params`` (all with gradients) of one group; return those it did not
+        (``fused=None`` and the compilation failed: they take the eager path)."""
+        by_kind: dict[tuple, list[Tensor]] = {}
+        for p in params:
+            by_kind.setdefault((p.device, real(p).dtype), []).append(p)
+        leftover: list[Tensor] = []
+        for ps in by_kind.values():
+            if not self._run(opt, group, hp, plan, ps, explicit):
+                leftover += ps
+        return leftover
+
+    def _bucket(self, opt, group, hp, plan, params: list[Tensor]) -> Bucket:
+        pid = (plan.key, group["no_decay_roles"], group["maximize"], *map(id, params))
+        states = [opt.state_for(p, group, plan) for p in params]
+        bucket = self.buckets.get(pid)
+        if bucket is not None and all(a is b for a, b in zip(states, bucket.states, strict=True)):
+            if all(_same(bucket.lists[i], st) for i, st in enumerate(states)):
+                return bucket
+        dtype = opt._dtype(params[0])
+        specs = []
+        for p, st in zip(params, states, strict=True):
+            info = opt.real_info(p)
+            keys = tuple(sorted(k for k in st if k != "step"))
+            decays = info.role.value not in group["no_decay_roles"]
+            specs.append(
+                Spec(tuple(real(p).shape), real(p).dtype, real(p.grad).dtype, keys, info, decays)
+            )
+        probe = plan.chain.scalars(hp, 1)
+        columns, j = [], 0
+        for sc in probe:
+            columns.append([(name, j + k) for k, name in enumerate(sorted(sc))])
+            j += len(sc)
+        key = (plan.key, params[0].device.type, dtype, bool(group["maximize"]), tuple(specs))
+        lists = [[real(st[k]) for k in s.keys] for st, s in zip(states, specs, strict=True)]
+        bucket = Bucket(key, [real(p) for p in params], states, lists, columns)
+        self.buckets[pid] = bucket
+        if key not in _FUNCTIONS:
+            raw = _make_step(
+                plan.chain,
+                plan.const,
+                specs,
+                columns,
+                dtype,
+                bool(group["maximize"]),
+                len(_FUNCTIONS),
+            )
+            _FUNCTIONS[key] = torch.compile(
+                raw, fullgraph=True, dynamic=False, options=COMPILE_OPTIONS
+            )
+        return bucket
+
+    def _run(self, opt, group, hp, plan, params: list[Tensor], explicit: bool) -> bool:
+        bucket = self._bucket(opt, group, hp, plan, params)
+        if bucket.key in _FAILED and not explicit:
+            return False
+        steps = opt._counter.advance(bucket.states)
+        table = _table(plan.chain, hp, steps, bucket.columns, opt._dtype(params[0]))
+        fn = _FUNCTIONS[bucket.key]
+        first = not getattr(fn, "_optarena_ran", False)
+        start = time.perf_counter()
+        try:
+            fn(
+                bucket.params,
+                [real(p.grad) for p in params],
+                bucket.lists,
+                table.to(params[0].device),
+            )
+        except Exception as err:
+            if explicit:
+                raise
+            _FAILED.add(bucket.key)
+            opt._counter.take_back(bucket.states)
+            warnings.warn(
+                f"optarena: the compiled step failed ({type(err).__name__}: {err}); these "
+                "parameters take the eager path",
+                RuntimeWarning,
+                stacklevel=6,
+            )
+            return False
+        if first:
+            fn._optarena_ran = True  # type: ignore[attr-defined]
+            COMPILE_STATS.seconds += time.perf_counter() - start
+            COMPILE_STATS.functions += 1
+            COMPILE_STATS.keys.append(f"{group['optimizer']}:{len(params)} tensors")
+        return True
+
+
+def _same(tensors: list[Tensor], state: Mapping[str, Tensor]) -> bool:
+    """Whether the prepared state tensors are still the state's (a load replaces them)."""
+    values = [real(v) for k, v in sorted(state.items()) if k != "step"]
+    return len(values) == len(tensors) and all(
+        a.data_ptr() == b.data_ptr() and a.shape == b.shape
+        for a, b in zip(values, tensors, strict=True)
+    )
+
+
+def _table(
+    chain: Chain,
+    hp: Mapping[str, Any],
+    steps: Sequence[int],
+    columns: Sequence[Sequence[tuple[str, int]]],
+    dtype: torch.dtype,
+) -> Tensor:
+    """Every tensor's scalars, a row each, computed once per distinct step count."""
+    width = sum(len(c) for c in columns)
+    rows: dict[int, list[float]] = {}
+    for t in set(steps):
+        row = [0.0] * width
+        for sc, cols in zip(chain.scalars(hp, t), columns, strict=True):
+            for name, j in cols:
+                row[j] = sc[name]
+        rows[t] = row
+    table = np.array(
+        [rows[t] for t in steps], dtype=np.float64 if dtype == torch.float64 else np.float32
+    )
+    return torch.from_numpy(table)
+
+
+def reset_cache() -> None:
+    """Forget this process's compiled functions (inductor's disk cache is kept)."""
+    _FUNCTIONS.clear()
+    _FAILED.clear()
+
+
+__all__ = [
+    "COMPILE_STATS",
+    "CPU_MIN_NUMEL",
+    "CompiledSteps",
+    "compile_available",
+    "reset_cache",
+    "wanted",
+]
