@@ -137,10 +137,10 @@ def test_torch_flags_at_their_defaults_change_nothing(cls, foreach) -> None:
     flags = {**TORCH_DEFAULTS, "foreach": foreach}
     if cls is AdamW:
         flags["amsgrad"] = False
-    for given in ({}, flags):
+    for passed in ({}, flags):
         torch.manual_seed(0)
         named = tiny_named()
-        opt = cls(named, **given)
+        opt = cls(named, **passed)
         for _ in range(3):
             for _, p in named:
                 p.grad = torch.randn_like(p)

@@ -127,6 +127,7 @@ class ChainOptimizer(torch.optim.Optimizer):
             dtype; or a torch.dtype.
         no_decay_roles: roles exempt from weight decay: the default of every param group,
             which may set its own.
+        maximize: maximise the objective (the gradient's sign flipped), as torch's flag.
         fused: ``False``: the eager chain; ``True``: torch's kernel where the chain is exactly
             torch's AdamW or SGD, else the compiled chain; ``None``: torch's kernel where it
             applies, else compiled on CUDA (and on CPU for groups of at least
@@ -145,6 +146,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         state_dtype: torch.dtype | str | None = None,
         no_decay_roles: Iterable[Role | str] | None = None,
         fused: bool | None = None,
+        maximize: bool | None = None,
         **torch_flags: Any,
     ):
         from optarena.optim.registry import entry
@@ -169,6 +171,8 @@ class ChainOptimizer(torch.optim.Optimizer):
             "no_decay_roles": role_names(owner, exempt),
             **defaults,
         }
+        if maximize is not None:
+            defaults["maximize"] = maximize
         self._runtime()
         self._infos: dict[int, ParamInfo] = {}
         self._model_infos = self._infos_of(model)
@@ -368,7 +372,10 @@ class ChainOptimizer(torch.optim.Optimizer):
 
         ``bs`` (tokens per batch) overrides Sophia's ``bs`` for this step, as ``sophia-opt``'s
         ``step(bs=...)`` does. Step hooks and profiler ranges run as in torch (its wrapper runs
-        them); without either the wrapper is skipped.
+        them); without either the wrapper is skipped. A user's ``torch.compile`` around a
+        function that calls this does not trace it: the step runs as it does outside (on the
+        path ``fused`` chooses, its own compiled one included) and the compiled code resumes
+        after it, so the update is the eager one.
         """
         if not _hooks_idle(self):
             args = () if closure is None else (closure,)
@@ -377,6 +384,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         self._optimizer_step_code()  # where torch's profiler looks for optimizers
         return loss
 
+    step = torch.compiler.disable(step)
     step.hooked = True  # type: ignore[attr-defined]  # torch's __init__ leaves it unwrapped
 
     @torch.no_grad()
@@ -410,10 +418,9 @@ class ChainOptimizer(torch.optim.Optimizer):
     def _step_group(self, group: dict[str, Any], hp: Mapping[str, Any], params: list[Tensor]):
         plan = self._plan(group)
         fused = group.get("fused")
-        tracing = torch.compiler.is_compiling()  # a user's torch.compile around step()
-        if fused is not False and plan.entry.torch_kernel and not tracing:
+        if fused is not False and plan.entry.torch_kernel:
             params = torch_kernels.step(self, group, hp, plan, params)
-        if params and not tracing and compiled.wanted(fused, params, type(self).__name__):
+        if params and compiled.wanted(fused, params, type(self).__name__):
             params = self._compiled.step(self, group, hp, plan, params, explicit=fused is True)
         if params:
             self._step_eager(group, hp, plan, params)
@@ -457,7 +464,10 @@ class ChainOptimizer(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 self.state_for(p, group, plan)
-                slot = sharding.local_slot(self, p, group, plan)
+                if sharding.is_dtensor(p):
+                    slot = sharding.local_slot(self, p, group, plan, sharding.DTensorPlacement())
+                else:
+                    slot = self.slot(p, group, plan)
                 for t in plan.chain:
                     t.hessian(slot, group)
 
@@ -485,17 +495,19 @@ class ChainOptimizer(torch.optim.Optimizer):
                     f"runs {mine['optimizer']!r}; load it into the optimizer that saved it"
                 )
             saved["optimizer"] = name
-            for key in ("rule", "granularity", "fast_eager"):
+            for key in ("rule", "granularity"):
                 saved.pop(key, None)
+            for key, value in mine.items():  # options added since the state was saved
+                if key != "params":
+                    saved.setdefault(key, value)
             if not mine["optimizer"].startswith("adam-frozen"):
                 saved.pop("precondition_steps", None)
                 saved.pop("freeze", None)
-        kept = [(g.get("fused"), g["no_decay_roles"]) for g in self.param_groups]
+        kept = [g.get("fused") for g in self.param_groups]
         self._runtime()
         super().load_state_dict(state_dict)
-        for group, (flag, exempt) in zip(self.param_groups, kept, strict=True):
+        for group, flag in zip(self.param_groups, kept, strict=True):
             group["fused"] = flag  # how this object runs, not what it learnt
-            group.setdefault("no_decay_roles", exempt)
             group["no_decay_roles"] = role_names(owner, group["no_decay_roles"])
         saved_keys = [k for g in state_dict["param_groups"] for k in g["params"]]
         current = [p for g in self.param_groups for p in g["params"]]

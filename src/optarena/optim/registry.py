@@ -340,8 +340,7 @@ def make_class(e: Entry) -> type[ChainOptimizer]:
     def __init__(self, params: Params, *args: Any, **kwargs: Any) -> None:
         bound = sig.bind(self, params, *args, **kwargs).arguments
         options = {k: bound[k] for k in _OPTIONS if k in bound}
-        maximize = options.pop("maximize", False)
-        hp = {**_hyper(e.defaults, bound), "optimizer": e.name, "maximize": maximize}
+        hp = {**_hyper(e.defaults, bound), "optimizer": e.name}
         ChainOptimizer.__init__(self, params, hp, **options)
 
     __init__.__signature__ = sig  # type: ignore[attr-defined]

@@ -107,24 +107,48 @@ def shard_group(p: Tensor) -> Any | None:
     return group
 
 
-def local_slot(opt: ChainOptimizer, p: Tensor, group: dict[str, Any], plan: Plan) -> Slot:
-    """``p`` as the chain sees it here: its local rows (a plain tensor: all of it)."""
-    if not is_dtensor(p):
-        return opt.slot(p, group, plan)
+class Placement(Protocol):
+    """Where a parameter's entries live: its rows here, the group holding the others, and this
+    rank's part of a tensor laid out like it (the parameter, its gradient, its state)."""
+
+    def rows(self, p: Tensor) -> Rows: ...
+
+    def group(self, p: Tensor) -> Any: ...
+
+    def local(self, t: Tensor, p: Tensor) -> Tensor: ...
+
+
+class DTensorPlacement:
+    """FSDP2's: DTensor parameters, DTensor state sharded alike, plain tensors replicated."""
+
+    def rows(self, p: Tensor) -> Rows:
+        return geometry(p)[0]
+
+    def group(self, p: Tensor) -> Any:
+        return shard_group(p)
+
+    def local(self, t: Tensor, p: Tensor) -> Tensor:
+        return local(t)
+
+
+def local_slot(
+    opt: ChainOptimizer, p: Tensor, group: dict[str, Any], plan: Plan, where: Placement
+) -> Slot:
+    """``p`` as the chain sees it here: its local rows, in its compute dtype."""
     grad = p.grad
     if is_dtensor(grad) and grad.placements != p.placements:
         grad = grad.redistribute(p.device_mesh, p.placements)
     dtype = opt._dtype(p)
-    g = local(grad)
+    g = where.local(grad, p)
     g = g if g.dtype == dtype else g.to(dtype)
     if group["maximize"]:
         g = -g
-    mine = local(p)
+    mine = where.local(p, p)
     target = mine if mine.dtype == dtype else mine.to(dtype)
     info = opt.param_info(p)
     decays = info.role.value not in group["no_decay_roles"]
-    state = {k: local(v) for k, v in opt.state[p].items()}
-    return Slot(target, g, state, info, geometry(p)[0], plan.const, decays)
+    state = {k: where.local(v, p) for k, v in opt.state[p].items()}
+    return Slot(target, g, state, info, where.rows(p), plan.const, decays)
 
 
 # --------------------------------------------------------------------------- the staged step
@@ -139,7 +163,7 @@ class Staged:
     scalars: Scalars
     group: Any  # the process group of the other shards, None if whole here
     param: Tensor  # the tensor written at the end (the local view)
-    source: Tensor | None = None  # the DTensor parameter (for gathers)
+    source: Tensor | None = None  # the parameter (a DTensor on FSDP2), for gathers
     x: Update | None = None
 
 
@@ -230,18 +254,23 @@ def _run_whole(it: Staged, i: int, comm: Collectives) -> None:
     it.x = Update(mine, 1.0, None, x.decay + done.decay)
 
 
-def step(opt: ChainOptimizer, jobs: Sequence[tuple[dict, Any, list[Tensor]]]) -> None:
-    """``ChainOptimizer.step`` for groups with DTensor parameters (always eager)."""
+def step(
+    opt: ChainOptimizer,
+    jobs: Sequence[tuple[dict, Any, list[Tensor]]],
+    where: Placement | None = None,
+    comm: Collectives | None = None,
+) -> None:
+    """``ChainOptimizer.step`` for groups of sharded parameters (always eager)."""
+    where = where or DTensorPlacement()
     items = []
     for group, hp, params in jobs:
         plan = opt._plan(group)
         states = [opt.state_for(p, group, plan) for p in params]
         scalars = ScalarCache(plan.chain, hp)
         for p, t in zip(params, opt._counter.advance(states), strict=True):
-            slot = local_slot(opt, p, group, plan)
-            source = p if is_dtensor(p) else None
-            items.append(Staged(plan.chain, slot, scalars(t), geometry(p)[1], local(p), source))
-    run_staged(items, TorchCollectives())
+            slot = local_slot(opt, p, group, plan, where)
+            items.append(Staged(plan.chain, slot, scalars(t), where.group(p), where.local(p, p), p))
+    run_staged(items, comm or TorchCollectives())
 
 
 __all__ = [

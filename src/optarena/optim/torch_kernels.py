@@ -4,9 +4,8 @@
 ``torch._fused_sgd_``: one vectorised pass over each tensor, on CPU and on CUDA. The math is the
 chain's (the parity suite holds the two to each other and to torch's optimizers); tensors the
 kernels do not take (DTensor shards, state in another dtype than the parameter, layouts they do
-not stride through) take the chain. Not used while a user's ``torch.compile`` traces ``step()``:
-the kernels mutate their inputs in a way functionalization refuses, and the traced chain
-computes the same update.
+not stride through) take the chain. A user's ``torch.compile`` never traces them: the step runs
+outside the user's graphs (``ChainOptimizer.step``).
 """
 
 from __future__ import annotations
