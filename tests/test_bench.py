@@ -13,7 +13,7 @@ import pytest
 from optarena.bench import step
 from optarena.bench.shapes import Shape, num_params, parse_shape
 from optarena.cli import main
-from optarena.optim.fused import compile_available
+from optarena.optim.compiled import compile_available
 
 TINY = "d_model=32,n_layers=1,n_heads=2,n_kv_heads=1,d_ff=64,vocab=256"
 
@@ -134,33 +134,3 @@ def test_bench_errors(argv: list[str], capsys) -> None:
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("optarena: error:") and err.count("\n") == 1, err
-
-
-@pytest.mark.parametrize(("given", "seen"), [(None, "1000"), ("300000", "300000")])
-def test_commands_throttle_openmp_spinning_before_torch_loads(given, seen) -> None:
-    """The ``optarena`` command sets ``GOMP_SPINCOUNT`` (unless the user did) before torch, and
-    so its OpenMP runtime, is imported: torch's and numba's thread pools otherwise spin on the
-    cores the other needs (cli.OPENMP_SPINS)."""
-    import os
-    import subprocess
-
-    code = (
-        "import builtins, os, sys\n"
-        "real = builtins.__import__\n"
-        "def spy(name, *args, **kwargs):\n"
-        "    if name == 'torch' and 'torch' not in sys.modules:\n"
-        "        print('at torch import:', os.environ.get('GOMP_SPINCOUNT'))\n"
-        "    return real(name, *args, **kwargs)\n"
-        "builtins.__import__ = spy\n"
-        "from optarena.cli import main\n"
-        "main(['list'])\n"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
-    if given is not None:
-        env["GOMP_SPINCOUNT"] = given
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    out = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
-    )
-    assert f"at torch import: {seen}" in out.stdout.splitlines()

@@ -92,7 +92,7 @@ def test_a_copy_steps_as_the_original(name: str, how: str) -> None:
     ]
 
 
-# --------------------------------------------------------------------------- torch.compile around step
+# --------------------------------------------------------------------------- a user's torch.compile
 
 
 class Little(nn.Module):
@@ -333,7 +333,8 @@ def test_state_dicts_of_the_previous_release_continue_its_trajectory(name: str) 
     ``fixtures/make_legacy_states.py``): loaded here, 4 more steps land on the same numbers."""
     from fixtures.make_legacy_states import HYPER as OLD_HYPER
     from fixtures.make_legacy_states import INFOS as OLD_INFOS
-    from fixtures.make_legacy_states import N, M, train as old_train
+    from fixtures.make_legacy_states import M, N
+    from fixtures.make_legacy_states import train as old_train
 
     saved = torch.load(LEGACY, weights_only=True)[name]
     params = {n: nn.Parameter(p.clone()) for n, p in saved["params"].items()}

@@ -13,11 +13,11 @@ in the same two halves as the two ranks, whose gradients are averaged as ``(g_a 
 be one mean over 8 rows, which rounds differently; Adam (where the halves' gradients nearly
 cancel) and above all the sign methods amplify such float32 noise chaotically over 20 steps (we
 measured relative differences up to 2e-2 for Signum), which says nothing about the distributed
-code. With the same halves and ``fast_eager=False`` (the rules' plain arithmetic, which the shards
-use; by default one process runs AdamW and SGD through torch's fused kernels and applies block
-updates with ``addcdiv_``, which round differently), the runs are the same computation: block
-statistics and the clipping norm are sharding-invariant (float64 sums of per-row sums), so on
-CPU the parameters come out bitwise equal. The tolerance, relative 1e-5 per tensor
+code. With the same halves and ``fused=False`` (the eager chain, which the shards run; by default
+one process runs AdamW and SGD through torch's fused kernels, which round differently), the runs
+are the same computation but for block statistics, which the shards add in another order (float32
+rounding), and the clipping norm is sharding-invariant (float64 sums of per-row sums). The
+tolerance, relative 1e-5 per tensor
 (``‖a - b‖ / ‖b‖``, float32), is the issue's; a wrong block, a missing rank or a double count
 moves parameters by 1e-3 and more.
 """
@@ -71,8 +71,8 @@ def runs() -> dict[str, dict[str, Any]]:
     configs = {}
     for name in available():
         lr = 1.0 if name.startswith("hybrid-") else LR.get(name, 3e-3)
-        # fast_eager=False: one process computes what the shards compute (bitwise, see above)
-        hparams = {**EXTRA.get(name, {}), "fast_eager": False}
+        # fused=False: one process computes what the shards compute (see above)
+        hparams = {**EXTRA.get(name, {}), "fused": False}
         configs[name] = dict(optimizer=name, lr=lr, hparams=hparams)
     for name in BLOCK_OPTIMIZERS:
         configs[f"{name}@uneven"] = {**configs[name], "model_overrides": UNEVEN}

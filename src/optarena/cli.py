@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 from collections.abc import Sequence
 
@@ -22,15 +21,6 @@ COMMAND_MODULES = [
     "optarena.commands.reproduce",
 ]
 
-# numba's CPU kernels run on a second copy of GNU OpenMP beside torch's (numba links the system
-# libgomp by file name). After each parallel loop a pool's threads spin for 300,000 pauses
-# (milliseconds) before they sleep, on the cores the other pool needs next: paired on the
-# benchmark model (150 rounds), Adafactor's step read 1.23x its bandwidth bound with libgomp's
-# default (1.27x with 30,000 spins), 1.07-1.09x with 1000 spins in both runtimes, and
-# 1.23-1.24x with either runtime alone throttled. Each runtime reads it when it loads: before
-# torch is imported.
-OPENMP_SPINS = "1000"
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -45,7 +35,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    os.environ.setdefault("GOMP_SPINCOUNT", OPENMP_SPINS)  # a user's own setting wins
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -137,9 +137,8 @@ class Parallel:
 def clip_grad_norm_(params: list[nn.Parameter], max_norm: float) -> Tensor:
     """Global gradient-norm clipping with ``torch.nn.utils.clip_grad_norm_``'s semantics
     (``g *= min(1, max_norm / (norm + 1e-6))``), whose norm is the same on one process and on
-    FSDP2 shards: float64 sums of per-row sums (``sharding_invariant_sum``), all-reduced over
-    each shard group. Returns the norm before clipping (float32)."""
-    from optarena.optim.blocks import sharding_invariant_sum
+    FSDP2 shards: float64 sums of per-row sums (FSDP2 shards whole rows), all-reduced over each
+    shard group. Returns the norm before clipping (float32)."""
     from optarena.optim.sharding import local, shard_group
 
     grads = [p.grad for p in params if p.grad is not None]
@@ -152,7 +151,7 @@ def clip_grad_norm_(params: list[nn.Parameter], max_norm: float) -> Tensor:
         if p.grad is None:
             continue
         g = local(p.grad)
-        sq = sharding_invariant_sum(g * g, range(g.dim())).reshape(())
+        sq = _sum_of_squares(g)
         group = shard_group(p)
         if group is None:  # whole on every rank (one process, DDP)
             total += sq
@@ -169,6 +168,14 @@ def clip_grad_norm_(params: list[nn.Parameter], max_norm: float) -> Tensor:
     for g in grads:
         local(g).mul_(coef.to(g.dtype))
     return norm.float()
+
+
+def _sum_of_squares(g: Tensor) -> Tensor:
+    """``Σ g²`` as float64: each row summed in ``g``'s dtype, the rows added in float64, so the
+    sum does not depend on how rows are split over shards."""
+    sq = g * g
+    rows = sq.reshape(sq.shape[0], -1).sum(1) if sq.dim() >= 2 else sq.reshape(-1)
+    return rows.sum(dtype=torch.float64)
 
 
 def launched_world() -> int:

@@ -25,7 +25,8 @@ from torch import Tensor
 
 from optarena.bench.shapes import Shape, llama_params
 from optarena.optim import REGISTRY, create, state_bytes
-from optarena.optim.fused import COMPILE_STATS, bytes_per_param
+from optarena.optim.compiled import COMPILE_STATS
+from optarena.optim.optimizer import ChainOptimizer
 
 # Hyperparameters for the benchmark: the studies' settings where the default is a no-op
 # (SGD without momentum would move less memory than anyone uses).
@@ -146,8 +147,6 @@ def _candidates(
 
     hp = BENCH_HP.get(name, {})
     for mode in modes:
-        if mode == "fused" and not _fusable(name):
-            continue
         named, infos = fresh()
         opt = create(name, named, partition=infos, fused=(mode == "fused"), **hp)
         out.append(Candidate(f"{name} ({mode})", mode, opt.step, opt))
@@ -166,13 +165,29 @@ def _candidates(
     return out
 
 
-def _fusable(name: str) -> bool:
-    from optarena.optim.rules import RULES
+def bytes_per_param(optimizer: torch.optim.Optimizer) -> float:
+    """Compulsory memory traffic of one step, in bytes per parameter (the bandwidth model).
 
-    entry = REGISTRY[name]
-    if entry.rule is not None:
-        return RULES[entry.rule].fusable
-    return True
+    Each parameter is read and written once, its gradient read once, each state tensor read and
+    written once (read only where the chain only reads it, e.g. Sophia's Hessian): the tensors
+    a step streams through memory, nothing else. Any torch optimizer whose state exists (run one
+    step first)."""
+    total = 0.0
+    count = 0
+    for group in optimizer.param_groups:
+        read_only: tuple[str, ...] = ()
+        if isinstance(optimizer, ChainOptimizer):
+            read_only = optimizer._plan(group).chain.read_only
+        for p in group["params"]:
+            count += p.numel()
+            grad_size = p.grad.element_size() if p.grad is not None else p.element_size()
+            total += p.numel() * (2 * p.element_size() + grad_size)
+            for key, value in optimizer.state.get(p, {}).items():
+                if not isinstance(value, Tensor) or key == "step" or value.dim() == 0:
+                    continue
+                passes = 1 if key in read_only else 2
+                total += passes * value.numel() * value.element_size()
+    return total / max(count, 1)
 
 
 def bench_optimizer(

@@ -188,7 +188,7 @@ class Rows:
     def block_sums(self, x: Tensor, layout: BlockLayout) -> Tensor:
         """Sums of the local entries of ``x`` in every block, ``(num_blocks,)``; blocks this
         shard does not reach get 0, so the sums of all shards are the whole tensor's."""
-        x = x.reshape(self.length, -1) if x.dim() < 2 else x
+        x = x.reshape(self.length, 1) if x.dim() < 2 else x
         sums = [self._segment_sums(x, s) for s in layout.segments]
         return sums[0] if len(sums) == 1 else torch.cat(sums)
 
@@ -250,7 +250,7 @@ class Rows:
 
     def expand(self, values: Tensor, layout: BlockLayout, like: Tensor) -> Tensor:
         """Each block's value at every local entry, in the shape of ``like``."""
-        like2 = like.reshape(self.length, -1) if like.dim() < 2 else like
+        like2 = like.reshape(self.length, 1) if like.dim() < 2 else like
         out = torch.empty(like2.shape, dtype=values.dtype, device=like.device)
         offset = 0
         for s in layout.segments:

@@ -197,9 +197,12 @@ class CompiledSteps:
         pid = (plan.key, group["no_decay_roles"], group["maximize"], *map(id, params))
         states = [opt.state_for(p, group, plan) for p in params]
         bucket = self.buckets.get(pid)
-        if bucket is not None and all(a is b for a, b in zip(states, bucket.states, strict=True)):
-            if all(_same(bucket.lists[i], st) for i, st in enumerate(states)):
-                return bucket
+        if (
+            bucket is not None
+            and all(a is b for a, b in zip(states, bucket.states, strict=True))
+            and all(_same(bucket.lists[i], st) for i, st in enumerate(states))
+        ):
+            return bucket
         dtype = opt._dtype(params[0])
         specs = []
         for p, st in zip(params, states, strict=True):

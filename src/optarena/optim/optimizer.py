@@ -14,7 +14,7 @@ compiled chain, the eager chain, or the staged chain on FSDP2 shards.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -241,8 +241,10 @@ class ChainOptimizer(torch.optim.Optimizer):
         infos = self._given_infos
         if isinstance(params, nn.Module):
             named = [(n, p) for n, p in params.named_parameters() if p.requires_grad]
-            infos = {**(infos or {}), **self._partition_of(params)}
-            param_group["params"] = named
+            found = self._partition_of(params)
+            self._model_infos.update({id(p): found[n] for n, p in named})  # found by identity
+            unnamed = self.param_groups and "param_names" not in self.param_groups[0]
+            param_group["params"] = [p for _, p in named] if unnamed else named
         elif not isinstance(params, Tensor):
             param_group["params"] = list(params)
             if infos is None and _is_named(param_group["params"]) and self._model_infos == {}:
@@ -269,11 +271,22 @@ class ChainOptimizer(torch.optim.Optimizer):
         self._index(group, infos, spec.structured)
 
     def _partition_of(self, module: nn.Module) -> dict[str, ParamInfo]:
+        """Roles of a module's parameters: the model's where the optimizer knows them (a
+        submodule seen alone has lost its context, e.g. that a Linear is the output layer),
+        else the module's own partition."""
+        named = dict(module.named_parameters())
+        known = {
+            n: self._model_infos[id(p)] for n, p in named.items() if id(p) in self._model_infos
+        }
+        if len(known) == len(named):
+            return known
         from optarena.optim.partition import partition
 
         found = partition(module)
-        self._model_infos.update({id(found.params[n]): i for n, i in found.items()})
-        return dict(found.items())
+        self._model_infos.update(
+            {id(found.params[n]): i for n, i in found.items() if n not in known}
+        )
+        return {**found, **known}
 
     def _index(
         self, group: dict[str, Any], infos: Mapping[str, ParamInfo] | None, structured: bool
@@ -398,13 +411,7 @@ class ChainOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         shards = []
-        for group in self._groups_small_first():
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            if any(p.grad.is_sparse for p in params):
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-            hp = group if bs is None or "bs" not in group else {**group, "bs": bs}
+        for group, hp, params in self.jobs(bs):
             if sharding.is_sharded(params):
                 shards.append((group, hp, params))
             else:
@@ -412,6 +419,16 @@ class ChainOptimizer(torch.optim.Optimizer):
         if shards:
             sharding.step(self, shards)
         return loss
+
+    def jobs(self, bs: float | None = None) -> Iterator[tuple[dict[str, Any], Mapping, list]]:
+        """``(group, hyperparameters, parameters with a gradient)`` of this step, per group."""
+        for group in self._groups_small_first():
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            if any(p.grad.is_sparse for p in params):
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            yield group, (group if bs is None or "bs" not in group else {**group, "bs": bs}), params
 
     _hooked_step = torch.optim.Optimizer.profile_hook_step(_step)
 

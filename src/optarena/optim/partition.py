@@ -19,6 +19,11 @@ Here roles come from what the modules *are*:
   (``o_proj``, ``out_proj``, ``c_proj``, ``wo``, ``o``, ...; BERT's sibling ``output.dense``);
 * dense layers inside an MLP-like module (``mlp``, ``ffn``, ``feed_forward``, ``intermediate``)
   and the other dense layers of a transformer block outside its attention -> MLP;
+* fused mixture-of-experts tensors (transformers' ``gate_up_proj`` / ``down_proj`` of shape
+  ``(experts, out, in)`` on a module whose ``num_experts`` is their first extent) -> MLP with
+  ``experts`` set, each expert's matrix cut on its own (``(experts, in, out)`` storage is read
+  from the module's ``hidden_dim``/``hidden_size``); their 2-D biases -> BIAS; a router's
+  ``(experts, hidden)`` weight -> MLP (a row per expert);
 * biases of dense layers and attention modules -> BIAS.
 
 Dense layers are ``nn.Linear`` (``out_dim=0``) and Hugging Face ``Conv1D`` (weights stored
@@ -87,6 +92,10 @@ _NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._NormBase,
 )
 _MLP_RE = re.compile(r"mlp|ffn|ffw|feed_?forward|intermediate", re.IGNORECASE)
+_EXPERTS_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+_HIDDEN_ATTRS = ("hidden_dim", "hidden_size")
+_EXPERT_INPUT = ("gate_up_proj", "up_proj", "gate_proj", "w1", "w3")  # hidden -> intermediate
+_EXPERT_OUTPUT = ("down_proj", "w2")  # intermediate -> hidden
 _ATTN_RE = re.compile(r"attn|attention", re.IGNORECASE)
 
 
@@ -197,6 +206,7 @@ class _Claim:
     out_dim: int = 0
     heads: int | None = None
     parts: tuple[FusedPart, ...] = ()
+    experts: int | None = None
 
 
 def _dense_of(module: object) -> _Dense | None:
@@ -423,6 +433,7 @@ class _Walker:
         output = self._output_layer(embeddings)
         if output is not None:
             self.claim(output.weight, _Claim(Role.OUTPUT, output.out_dim))
+        self._experts()
         self._mlp()
         attn = {id(self.modules[n]) for n in self.attn_names}
         for m in self.modules.values():
@@ -476,6 +487,26 @@ class _Walker:
         if dense and dense[-1].width in vocab:
             return dense[-1]
         return None
+
+    def _experts(self) -> None:
+        """Fused MoE tensors: 3-D parameters whose first extent is the module's expert count."""
+        for m in self.modules.values():
+            experts = _int_attr((m,), _EXPERTS_ATTRS)
+            if experts is None:
+                continue
+            hidden = _int_attr((m, self.config), _HIDDEN_ATTRS)
+            for attr, p in m.named_parameters(recurse=False):
+                if p.dim() == 2 and p.shape[0] == experts:  # a router's (E, d) or a bias
+                    self.claim(p, _Claim(Role.BIAS if "bias" in attr else Role.MLP))
+                if p.dim() != 3 or p.shape[0] != experts:
+                    continue
+                if attr in _EXPERT_INPUT:  # (E, out=intermediate, in=hidden) unless transposed
+                    out_dim = 2 if hidden and p.shape[1] == hidden != p.shape[2] else 1
+                elif attr in _EXPERT_OUTPUT:  # (E, out=hidden, in=intermediate)
+                    out_dim = 2 if hidden and p.shape[2] == hidden != p.shape[1] else 1
+                else:
+                    continue
+                self.claim(p, _Claim(Role.MLP, out_dim, experts=experts))
 
     def _mlp(self) -> None:
         """Dense layers in MLP-like modules, and the non-attention dense layers of each block."""
@@ -549,6 +580,8 @@ class Partition(Mapping[str, ParamInfo]):
 
     def _notes(self, info: ParamInfo) -> str:
         notes = []
+        if info.experts:
+            notes.append(f"{info.experts} experts")
         if info.parts:
             notes.append(" ".join(f"{p.role.value}:{p.size}/{p.heads}h" for p in info.parts))
         elif info.heads is not None:
@@ -704,7 +737,9 @@ def _from_module(
             infos[name] = ParamInfo(name, shape, role_from_name(name, shape), source="name")
         else:
             tied = id(p) in walker.tied and c.role is Role.EMBEDDING
-            infos[name] = ParamInfo(name, shape, c.role, c.out_dim, c.heads, c.parts, tied)
+            infos[name] = ParamInfo(
+                name, shape, c.role, c.out_dim, c.heads, c.parts, tied, experts=c.experts
+            )
     notes = []
     if walker.unknown_heads:
         notes.append(

@@ -13,7 +13,7 @@ from __future__ import annotations
 import difflib
 import inspect
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -204,6 +204,11 @@ def _frozen_build(
     **options: Any,
 ) -> torch.optim.Optimizer:
     """The frozen preconditioner, with ``v`` kept updating on ``unfrozen_roles``."""
+    if not unfrozen_roles:
+        cls = _private_class("adam-frozen", "AdamFrozen")
+        return cls(
+            params, lr, _as_pair(betas), eps, weight_decay, precondition_steps, freeze, **options
+        )
     hp = {
         "lr": lr,
         "betas": _as_pair(betas),
@@ -352,6 +357,16 @@ def make_class(e: Entry) -> type[ChainOptimizer]:
 
 
 CLASSES: dict[str, type[ChainOptimizer]] = {}
+_PRIVATE: dict[str, type[ChainOptimizer]] = {}
+
+
+def _private_class(name: str, class_name: str) -> type[ChainOptimizer]:
+    """The class of an entry offered through ``create`` only (made on first use)."""
+    if name not in _PRIVATE:
+        _PRIVATE[name] = make_class(replace(REGISTRY[name], class_name=class_name))
+    return _PRIVATE[name]
+
+
 for _entry in ENTRIES:
     register(_entry)
     if _entry.class_name:

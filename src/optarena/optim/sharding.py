@@ -199,7 +199,7 @@ def reduce_stats(items: Sequence[Staged], stats: list[dict[str, Tensor]], comm: 
     buffers: sums of any order agree). Returns the number of collectives."""
     by_group: dict[Any, list[Tensor]] = {}
     for item, st in zip(items, stats, strict=True):
-        if item.group is not None:
+        if item.group is not None and st:
             by_group.setdefault(item.group, []).extend(st.values())
     for group, tensors in by_group.items():
         buf = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])
@@ -254,6 +254,7 @@ def _run_whole(it: Staged, i: int, comm: Collectives) -> None:
     it.x = Update(mine, 1.0, None, x.decay + done.decay)
 
 
+@torch.no_grad()
 def step(
     opt: ChainOptimizer,
     jobs: Sequence[tuple[dict, Any, list[Tensor]]],

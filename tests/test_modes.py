@@ -1,0 +1,296 @@
+"""Every execution mode of every registered optimizer equals the eager float64 chain.
+
+The modes: torch's fused kernels (AdamW, SGD), the compiled chain (``fused=True``), and the
+staged chain on row shards (``optarena.optim.sharding``), here on simulated ranks: one thread per
+rank, each holding its own copy of the parameters and optimizer, the statistics added over the
+threads as ``all_reduce`` would, on cuts that split heads, fused parts and rows of every kind.
+Everything runs in float64, so that any difference beyond the order of additions (~1e-16) shows.
+The real 2-process FSDP2 run is ``test_sharding.py``.
+
+The compiled mode runs under OneCycleLR with cycled momentum (the learning rate and beta1 change
+every step) with recompilation made an error: a schedule compiles once.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from optarena.optim import REGISTRY, available, create, sharding
+from optarena.optim.blocks import Rows
+from optarena.optim.compiled import compile_available
+from optim_cases import count_kernel_calls, make_params, set_grads
+from sharded_worker import partition as toy_partition
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+INFOS = toy_partition()
+SHAPES = {n: i.shape for n, i in INFOS.items()}
+SKIP = ("qkv_out.weight",)  # never has a gradient
+STEPS = 8
+NAMES = list(available())
+
+# Hyperparameters that make each transform do its work within STEPS.
+HYPER: dict[str, dict[str, Any]] = {
+    "adamw": {"lr": 1e-2, "weight_decay": 0.1},
+    "adam-mini": {"lr": 1e-2, "weight_decay": 0.1},
+    "adalayer": {"lr": 1e-2},
+    "adafactor": {"lr": 1e-2, "weight_decay": 0.1},
+    "adafactor-classic": {"lr": None, "beta1": 0.9, "weight_decay": 0.1},
+    "sgd": {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.1, "dampening": 0.1},
+    "sgd-ema": {"lr": 0.1},
+    "lion": {"lr": 1e-3, "weight_decay": 0.1},
+    "signum": {"lr": 1e-3},
+    "sophia": {"lr": 1e-3, "bs": 20, "hessian_interval": 3},
+    "adam-frozen": {"lr": 1e-2, "precondition_steps": 3, "unfrozen_roles": ["output", "norm"]},
+    "hybrid": {
+        "routes": {
+            "default": ("signum", {}),
+            "output": ("sophia", {"hessian_interval": 3}),
+            "norm": ("adafactor-classic", {"beta1": 0.9}),
+            "embedding": ("adam-mini", {}),
+        }
+    },
+    "hybrid-adalayer-last-ln": {"lr": 0.1},
+    "hybrid-adafactor-last-ln": {"lr": 0.1},
+}
+
+
+def build(name: str, params: dict[str, nn.Parameter], **extra: Any) -> torch.optim.Optimizer:
+    hp = {**HYPER.get(name, {}), **extra}
+    return create(name, list(params.items()), partition=INFOS, **hp)
+
+
+def step_all(opt, params, t: int, step=None) -> None:
+    set_grads(params, t, skip=SKIP)
+    (step or opt.step)()
+    interval = opt.hessian_interval
+    if interval and t % interval == 0:
+        set_grads(params, t, seed=2, skip=SKIP)
+        opt.update_hessian()
+
+
+def reference(name: str, schedule: bool = False, shapes=SHAPES) -> dict[str, nn.Parameter]:
+    params = make_params(shapes)
+    opt = build(name, params, fused=False)
+    sched = one_cycle(opt) if schedule else None
+    for t in range(1, STEPS + 1):
+        step_all(opt, params, t)
+        if sched is not None:
+            sched.step()
+    return params
+
+
+def one_cycle(opt: torch.optim.Optimizer):
+    """OneCycleLR, cycling beta1 or momentum where the optimizer has one (None: an optimizer
+    that sets its own step size, classic Adafactor's relative step)."""
+    peaks = [g["lr"] for g in opt.param_groups]
+    if any(lr is None for lr in peaks):
+        return None
+    cycle = "momentum" in opt.defaults or "betas" in opt.defaults
+    return torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=peaks, total_steps=STEPS + 1, cycle_momentum=cycle, base_momentum=0.8
+    )
+
+
+def assert_close(got: dict, want: dict) -> None:
+    for n in want:
+        torch.testing.assert_close(
+            got[n], want[n], rtol=1e-10, atol=1e-12, msg=lambda m, n=n: f"{n}: {m}"
+        )
+
+
+# --------------------------------------------------------------------------- torch's kernels
+
+
+@pytest.mark.parametrize("name", [n for n, e in REGISTRY.items() if e.torch_kernel])
+def test_torch_kernels_equal_the_chain(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    kernel = {"adamw": "_fused_adamw_", "sgd": "_fused_sgd_"}[name]
+    calls = count_kernel_calls(monkeypatch, kernel)
+    params = make_params(SHAPES)
+    opt = build(name, params, fused=None)
+    for t in range(1, STEPS + 1):
+        step_all(opt, params, t)
+    assert sum(calls) == STEPS * (len(SHAPES) - len(SKIP))
+    assert_close(params, reference(name))
+
+
+# --------------------------------------------------------------------------- compiled
+
+
+@contextmanager
+def no_recompilation():
+    import torch._dynamo
+
+    before = torch._dynamo.config.error_on_recompile
+    torch._dynamo.config.error_on_recompile = True
+    try:
+        yield
+    finally:
+        torch._dynamo.config.error_on_recompile = before
+
+
+# One tensor of every kind the compiled chain must cut right (rows, heads cut by GQA, fused
+# parts, a vector, blocks along axis 1, a single entry); compiling all fourteen of the toy model
+# costs three times as long and covers nothing more.
+COMPILED_SHAPES = {
+    n: SHAPES[n]
+    for n in ("tok_emb.weight", "k_proj.weight", "qkv.weight", "norm", "conv1d", "gain")
+}
+# every chain once (the study's hybrids are groups of these), and one hybrid: two groups
+COMPILED = [n for n, e in REGISTRY.items() if e.chain is not None] + ["hybrid-adalayer-last-ln"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not compile_available("cpu"), reason="torch.compile needs a C++ compiler")
+@pytest.mark.parametrize("name", COMPILED)
+def test_compiled_equals_eager_and_a_schedule_compiles_once(name: str) -> None:
+    params = make_params(COMPILED_SHAPES)
+    opt = build(name, params, fused=True)
+    sched = one_cycle(opt)
+    with no_recompilation():
+        for t in range(1, STEPS + 1):
+            step_all(opt, params, t)
+            if sched is not None:
+                sched.step()
+    assert_close(params, reference(name, schedule=True, shapes=COMPILED_SHAPES))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not compile_available("cpu"), reason="torch.compile needs a C++ compiler")
+def test_bfloat16_compiled_matches_eager_to_its_rounding() -> None:
+    """Low-precision parameters: float32 state, the update computed in float32 and rounded
+    once, on both paths."""
+    runs = []
+    for fused in (False, True):
+        params = {
+            n: nn.Parameter(p.detach().to(torch.bfloat16)) for n, p in make_params(SHAPES).items()
+        }
+        opt = build("adam-mini", params, fused=fused)
+        for t in range(1, 4):
+            step_all(opt, params, t)
+        assert all(
+            v.dtype == torch.float32
+            for st in opt.state.values()
+            for k, v in st.items()
+            if k != "step"
+        )
+        runs.append(params)
+    for n in SHAPES:
+        torch.testing.assert_close(runs[1][n].float(), runs[0][n].float(), rtol=1e-2, atol=1e-2)
+
+
+# --------------------------------------------------------------------------- sharded (simulated)
+
+
+def chunk_cuts(n: int, world: int) -> list[tuple[int, int]]:
+    """``(offset, rows)`` per rank as FSDP2 (``torch.chunk``) cuts ``n`` rows."""
+    size = math.ceil(n / world) if n else 0
+    return [(min(r * size, n), max(0, min(size, n - r * size))) for r in range(world)]
+
+
+class Hub:
+    """The ranks' collectives, between threads: every rank deposits, all wait, each reads."""
+
+    def __init__(self, world: int) -> None:
+        self.world = world
+        self.barrier = threading.Barrier(world)
+        self.slots: list[Any] = [None] * world
+        self.calls = [0] * world
+
+    def rank(self, r: int) -> RankComm:
+        return RankComm(self, r)
+
+
+class RankComm:
+    def __init__(self, hub: Hub, r: int) -> None:
+        self.hub, self.r = hub, r
+
+    def _exchange(self, value: torch.Tensor) -> list[torch.Tensor]:
+        self.hub.slots[self.r] = value.clone()
+        self.hub.barrier.wait()
+        got = list(self.hub.slots)
+        self.hub.barrier.wait()
+        return got
+
+    def all_reduce(self, buf: torch.Tensor, group: Any) -> None:
+        self.hub.calls[self.r] += 1
+        buf.copy_(torch.stack(self._exchange(buf)).sum(0))
+
+    def gather(self, item: Any, rows: torch.Tensor) -> torch.Tensor:
+        return torch.cat(self._exchange(rows))
+
+
+class Simulated:
+    """Rank ``r``'s rows of every parameter; its tensors are views of the full copies."""
+
+    def __init__(self, cuts: dict[int, tuple[int, int]]) -> None:
+        self.cuts = cuts
+
+    def rows(self, p: torch.Tensor) -> Rows:
+        offset, length = self.cuts[id(p)]
+        return Rows(tuple(p.shape), offset, length)
+
+    def group(self, p: torch.Tensor) -> str:
+        return "ranks"
+
+    def local(self, t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        if t.shape != p.shape:  # replicated state (blocks, factors)
+            return t
+        offset, length = self.cuts[id(p)]
+        return t.narrow(0, offset, length)
+
+
+def run_sharded(name: str, world: int) -> tuple[dict[str, torch.Tensor], list[int]]:
+    ranks = [make_params(SHAPES) for _ in range(world)]
+    opts = [build(name, params, fused=False) for params in ranks]
+    places = [
+        Simulated(
+            {id(p): chunk_cuts(p.shape[0] if p.dim() else 1, world)[r] for p in params.values()}
+        )
+        for r, params in enumerate(ranks)
+    ]
+    hub = Hub(world)
+
+    def rank_step(r: int) -> None:
+        sharding.step(opts[r], list(opts[r].jobs()), where=places[r], comm=hub.rank(r))
+
+    errors: list[BaseException] = []
+
+    def run(r: int, t: int) -> None:
+        try:
+            step_all(opts[r], ranks[r], t, step=lambda: rank_step(r))
+        except BaseException as err:  # re-raised in the main thread
+            errors.append(err)
+            hub.barrier.abort()
+
+    for t in range(1, STEPS + 1):
+        threads = [threading.Thread(target=run, args=(r, t)) for r in range(world)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        if errors:
+            raise errors[0]
+    merged = {}
+    for n in SHAPES:
+        pieces = []
+        for r in range(world):
+            offset, length = places[r].cuts[id(ranks[r][n])]
+            pieces.append(ranks[r][n].detach().narrow(0, offset, length))
+        merged[n] = torch.cat(pieces)
+    return merged, hub.calls
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("name", NAMES)
+def test_shards_equal_one_process(name: str, world: int) -> None:
+    merged, calls = run_sharded(name, world)
+    assert_close(merged, reference(name))
+    assert len(set(calls)) == 1  # every rank issued the same collectives
