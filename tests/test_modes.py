@@ -25,6 +25,9 @@ from torch import nn
 from optarena.optim import REGISTRY, available, create, sharding
 from optarena.optim.blocks import Rows
 from optarena.optim.compiled import compile_available
+from optarena.optim.engine import Chain
+from optarena.optim.registry import CLASSES, Entry, make_class
+from optarena.optim.transforms import EMA, DecoupledDecay, ScaleByLR, Transform, Update
 from optim_cases import count_kernel_calls, make_params, set_grads
 from sharded_worker import partition as toy_partition
 
@@ -294,3 +297,35 @@ def test_shards_equal_one_process(name: str, world: int) -> None:
     merged, calls = run_sharded(name, world)
     assert_close(merged, reference(name))
     assert len(set(calls)) == 1  # every rank issued the same collectives
+
+
+class UnitFrobenius(Transform):
+    """A transform that needs the whole matrix: ``u / ‖u‖_F`` (what a shard cannot compute)."""
+
+    whole = True
+
+    def update(self, x, slot, sc, stats):
+        u = slot.direction(x)
+        return Update(u / u.norm().clamp_min(1e-30), x.scale, None, x.decay)
+
+
+@pytest.fixture
+def whole_matrix_entry():
+    def chain(o):
+        return Chain((EMA(beta=("momentum", None)), UnitFrobenius(), DecoupledDecay(), ScaleByLR()))
+
+    name = "test-whole-matrix"
+    REGISTRY[name] = Entry(
+        name, chain, {"lr": 1e-2, "momentum": 0.9, "weight_decay": 0.1}, "test", "test", "TestWhole"
+    )
+    CLASSES["TestWhole"] = make_class(REGISTRY[name])
+    yield name
+    del REGISTRY[name], CLASSES["TestWhole"]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_a_transform_that_needs_the_whole_matrix_is_given_it(whole_matrix_entry, world) -> None:
+    """Shards gather the update before such a transform and keep their rows of its result."""
+    name = whole_matrix_entry
+    merged, _ = run_sharded(name, world)
+    assert_close(merged, reference(name))

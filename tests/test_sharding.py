@@ -1,8 +1,9 @@
 """Optimizers on FSDP2 DTensor shards compute what one process computes.
 
-Two levels: the shard arithmetic on simulated uneven shards (no processes, every cut), and a real
-2-process ``fully_shard`` run under gloo of every registered optimizer, compared with the
-single-process run of the same model and batches, and its DCP checkpoint read back in one process.
+Two levels: the shard arithmetic of block statistics on every cut (no processes; whole optimizer
+steps on simulated ranks are ``test_modes.py``), and a real 2-process ``fully_shard`` run under
+gloo of every registered optimizer, compared with the single-process run of the same model and
+batches, and its DCP checkpoint read back in one process.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 
 from optarena.optim import FusedPart, ParamInfo, Role
 from optarena.optim.blocks import (
+    Rows,
     adalayer_layout,
     adam_mini_layout,
     block_mean_square,
@@ -28,13 +30,12 @@ from optarena.optim.blocks import (
     rows_layout,
     tensor_layout,
 )
-from optarena.optim.sharding import LocalShard, reduce_requests
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 TESTS = Path(__file__).resolve().parent
 
-# --------------------------------------------------------------------------- simulated shards
+# --------------------------------------------------------------------------- shard arithmetic
 
 
 def chunk_cuts(n: int, world: int) -> list[tuple[int, int]]:
@@ -53,21 +54,8 @@ def all_cuts(n: int) -> list[list[tuple[int, int]]]:
     return cuts
 
 
-def simulate(shape, cuts, request) -> list[LocalShard]:
-    """Each simulated rank calls ``request(shard, rows)``; the partial buffers are summed as an
-    all-reduce would and every rank receives the means."""
-    shards = [LocalShard(tuple(shape), off, n) for off, n in cuts]
-    for s in shards:
-        request(s)
-    pending = [list(s._requests) for s in shards]
-    buffers: list[torch.Tensor] = []
-    for s in shards:
-        reduce_requests([s], all_reduce=lambda buf, group: buffers.append(buf.clone()))
-    total = torch.stack(buffers).sum(0)
-    for s, reqs in zip(shards, pending, strict=True):
-        s._requests = reqs
-        assert reduce_requests([s], all_reduce=lambda buf, group: buf.copy_(total)) == 1
-    return shards
+def _qkv(shape, parts) -> ParamInfo:
+    return ParamInfo("qkv", shape, Role.QKV, parts=tuple(FusedPart(r, n, h) for r, n, h in parts))
 
 
 LAYOUTS = {
@@ -78,95 +66,59 @@ LAYOUTS = {
     "heads 3 of 4 rows": ((12, 3), heads_layout((12, 3), 3)),
     "columns (Conv1D)": ((5, 6), rows_layout((5, 6), out_dim=1)),
     "heads on dim 1": ((3, 8), heads_layout((3, 8), 2, out_dim=1)),
+    "experts x rows": ((3, 4, 5), rows_layout((3, 4, 5), out_dim=1, experts=True)),
+    "experts x tensors": ((3, 4, 5), tensor_layout((3, 4, 5), experts=True)),
     "fused qkv (mini)": (
         (18, 4),
-        adam_mini_layout(
-            ParamInfo(
-                "qkv",
-                (18, 4),
-                Role.QKV,
-                parts=(FusedPart(Role.Q, 6, 3), FusedPart(Role.K, 6, 3), FusedPart(Role.V, 6, 3)),
-            )
-        ),
+        adam_mini_layout(_qkv((18, 4), [(Role.Q, 6, 3), (Role.K, 6, 3), (Role.V, 6, 3)])),
     ),
     "fused qkv (adalayer)": (
         (10, 3),
-        adalayer_layout(
-            ParamInfo(
-                "qkv",
-                (10, 3),
-                Role.QKV,
-                parts=(FusedPart(Role.Q, 4, 2), FusedPart(Role.K, 2, 1), FusedPart(Role.V, 4, 2)),
-            )
-        ),
+        adalayer_layout(_qkv((10, 3), [(Role.Q, 4, 2), (Role.K, 2, 1), (Role.V, 4, 2)])),
     ),
 }
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_block_statistic_on_any_cut_equals_the_whole_tensor(name):
-    """float32 and bitwise: per-row sums in float32, float64 across rows, whatever the cut."""
+def test_block_sums_of_the_shards_add_up_to_the_whole_tensor(name):
+    """On every cut, the shards' block sums add up to the whole tensor's (they are the plain
+    block means of g² once divided), and each shard's broadcast of the block values is its rows
+    of the whole tensor's."""
     shape, layout = LAYOUTS[name]
-    g = torch.randn(shape)
+    g = torch.randn(shape, dtype=torch.float64)
+    whole = Rows.whole(shape)
     want = block_mean_square(g, layout)
-    torch.testing.assert_close(  # and it is the plain mean of each block
-        want.double(), block_mean_square(g.double(), layout), rtol=1e-6, atol=0
-    )
-    m = torch.randn(shape)
+    m = torch.randn(shape, dtype=torch.float64)
     want_pre = blockwise(lambda x, v: x / (v.sqrt() + 0.1), m, want, layout)
     for cuts in all_cuts(shape[0]):
-        shards = simulate(
-            shape,
-            cuts,
-            lambda s: s.request_blocks("b", g.narrow(0, s.offset, s.length).square(), layout),
-        )
+        shards = [Rows(shape, off, n) for off, n in cuts]
+        total = sum(s.block_sums((g * g).narrow(0, s.offset, s.length), layout) for s in shards)
+        torch.testing.assert_close(whole.block_means(total, layout), want, rtol=1e-12, atol=0)
         for s in shards:
-            assert torch.equal(s.mean("b"), want), (cuts, s.mean("b") - want)
-            got = s.blockwise(
-                lambda x, v: x / (v.sqrt() + 0.1), m.narrow(0, s.offset, s.length), want, layout
-            )
+            local = m.narrow(0, s.offset, s.length)
+            x, v = s.per_block(local, want, layout)
+            got = (x / (v.sqrt() + 0.1)).reshape(local.shape)
             torch.testing.assert_close(got, want_pre.narrow(0, s.offset, s.length), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("shape", [(7,), (6, 5), (5, 3, 4)])
-def test_axis_means_on_any_cut_equal_the_whole_tensor(shape):
-    """Adafactor's factors: the mean of g² over every axis but one, on rows held by any rank;
-    float32 and bitwise equal to one process (``mean_over``), close to the plain mean."""
-    from optarena.optim.transforms import mean_over
+def test_one_collective_per_process_group_whatever_the_statistics():
+    from optarena.optim.sharding import Staged, reduce_stats
 
-    g = torch.randn(shape)
-    sq = g * g
-    for cuts in all_cuts(shape[0]):
-
-        def request(s: LocalShard) -> None:
-            local = sq.narrow(0, s.offset, s.length)
-            s.request_sum("all", local)
-            for i in range(len(shape)):
-                s.request_sum(f"keep{i}", local, keep=(i,))
-            s.request_sum("last", local, keep=range(len(shape) - 1))
-
-        for s in simulate(shape, cuts, request):
-            assert torch.equal(s.mean("all"), mean_over(sq, range(len(shape))))
-            torch.testing.assert_close(s.mean("all").reshape(()), sq.mean(), rtol=1e-6, atol=0)
-            for i in range(len(shape)):
-                others = [d for d in range(len(shape)) if d != i]
-                assert torch.equal(s.mean(f"keep{i}"), mean_over(sq, others))
-                want = sq.mean(others, keepdim=True) if others else sq
-                torch.testing.assert_close(s.mean(f"keep{i}"), want, rtol=1e-6, atol=0)
-            assert torch.equal(s.mean("last"), mean_over(sq, [-1]))
-
-
-def test_one_collective_per_process_group_whatever_the_requests():
     calls = []
-    shards = [LocalShard((4, 2), 0, 2, group="g1"), LocalShard((3,), 0, 0, group="g1")]
-    shards.append(LocalShard((5, 2), 0, 3, group="g2"))
-    for s in shards:
-        s.request_sum("a", torch.ones(s.length, *s.shape[1:]))
-        s.request_sum("b", torch.ones(s.length, *s.shape[1:]), keep=(0,))
-    n = reduce_requests(shards, all_reduce=lambda buf, group: calls.append((group, buf.numel())))
-    assert n == 2
-    # g1: (1 + 4) + (1 + 3) entries, in parameter order; g2: 1 + 5
-    assert calls == [("g1", 9), ("g2", 6)]
+
+    class Count:
+        def all_reduce(self, buf, group):
+            calls.append((group, buf.numel()))
+
+    items = [Staged(None, None, None, g, None) for g in ("g1", "g1", None, "g2")]
+    stats = [
+        {"a": torch.ones(4), "b": torch.ones(())},
+        {"a": torch.ones(3)},
+        {"a": torch.ones(5)},  # whole here: not reduced
+        {"a": torch.ones(2, 3)},
+    ]
+    assert reduce_stats(items, stats, Count()) == 2
+    assert calls == [("g1", 8), ("g2", 6)]  # in parameter order
 
 
 @pytest.mark.slow
