@@ -27,6 +27,7 @@ from optarena.optim import compiled, sharding, torch_kernels
 from optarena.optim.blocks import Rows
 from optarena.optim.checks import POSITIVE, number, validate
 from optarena.optim.engine import Chain, ScalarCache, StepCounter, real, step_slot
+from optarena.optim.partition import Roles
 from optarena.optim.roles import ParamInfo, Role
 from optarena.optim.transforms import Slot
 
@@ -162,7 +163,7 @@ class ChainOptimizer(torch.optim.Optimizer):
             )
         self.state_dtype = state_dtype
         first = entry(defaults["optimizer"])
-        self._structured = first.structured
+        self._structured = first.structured or type(self).__name__ == "Hybrid"
         exempt = first.no_decay_roles if no_decay_roles is None else no_decay_roles
         defaults = {
             **first.defaults,
@@ -175,11 +176,10 @@ class ChainOptimizer(torch.optim.Optimizer):
             defaults["maximize"] = maximize
         self._runtime()
         self._infos: dict[int, ParamInfo] = {}
-        self._model_infos = self._infos_of(model)
-        params, infos = self._resolve(params, partition)
-        self._given_infos = infos
-        super().__init__(params, defaults)
-        self._given_infos = None
+        self._roles = Roles(partition)
+        if model is not None:
+            self._roles.learn_model(model)
+        super().__init__(self._resolve(params), defaults)
         sharding.refuse_flattened(p for g in self.param_groups for p in g["params"])
 
     def _runtime(self) -> None:
@@ -192,65 +192,38 @@ class ChainOptimizer(torch.optim.Optimizer):
 
     # ----------------------------------------------------------------- parameters and roles
 
-    @staticmethod
-    def _infos_of(model: nn.Module | None) -> dict[int, ParamInfo]:
-        if model is None:
-            return {}
-        from optarena.optim.partition import partition
-
-        found = partition(model)
-        return {id(found.params[name]): info for name, info in found.items()}
-
-    def _resolve(self, params: Any, partition: Mapping[str, ParamInfo] | None) -> tuple[list, Any]:
-        """Materialise ``params``; the roles found from a model or from names."""
+    def _resolve(self, params: Any) -> list:
+        """``params`` as torch takes them, the roles of a model learnt."""
+        owner = type(self).__name__
         if isinstance(params, nn.Module):
-            from optarena.optim.partition import partition as partition_model
-
-            found = partition_model(params)
-            self._model_infos = {id(found.params[n]): i for n, i in found.items()}
-            named = [(n, p) for n, p in found.params.items() if p.requires_grad]
-            return named, partition or found
+            found = self._roles.learn_model(params)
+            return [(n, p) for n, p in found.params.items() if p.requires_grad]
         if isinstance(params, Tensor):
             raise TypeError(
-                f"{type(self).__name__}: params must be an iterable of Tensors, named "
-                "parameters or param groups, or a model; got a single Tensor"
+                f"{owner}: params must be an iterable of Tensors, named parameters or param "
+                "groups, or a model; got a single Tensor"
             )
         if isinstance(params, (int, float, str, bool)) or params is None:
             raise TypeError(
-                f"{type(self).__name__}: params must be a model, named_parameters(), "
-                f"parameters or param groups; got {type(params).__name__} {params!r}"
+                f"{owner}: params must be a model, named_parameters(), parameters or param "
+                f"groups; got {type(params).__name__} {params!r}"
             )
-        params = list(params)
-        pairs = params if _is_named(params) else []
-        for item in params:
-            if isinstance(item, dict):
-                item["params"] = list(item["params"])
-                if _is_named(item["params"]):
-                    pairs = pairs + item["params"]
-        if partition is None and pairs and self._structured:
-            from optarena.optim.partition import partition as partition_named
-
-            partition = partition_named(pairs)
-        return params, partition
+        return list(params)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         from optarena.optim.registry import entry
 
         owner = type(self).__name__
         params = param_group["params"]
-        infos = self._given_infos
         if isinstance(params, nn.Module):
+            self._roles.learn_module(params)
             named = [(n, p) for n, p in params.named_parameters() if p.requires_grad]
-            found = self._partition_of(params)
-            self._model_infos.update({id(p): found[n] for n, p in named})  # found by identity
             unnamed = self.param_groups and "param_names" not in self.param_groups[0]
             param_group["params"] = [p for _, p in named] if unnamed else named
         elif not isinstance(params, Tensor):
             param_group["params"] = list(params)
-            if infos is None and _is_named(param_group["params"]) and self._model_infos == {}:
-                from optarena.optim.partition import partition as partition_named
-
-                infos = partition_named(param_group["params"], warn=False)
+            if _is_named(param_group["params"]):  # roles from names (decay exemptions too)
+                self._roles.learn_names(param_group["params"], warn=self._structured)
         name = param_group.setdefault("optimizer", self.defaults.get("optimizer", "adamw"))
         spec = entry(name)
         if name != self.defaults.get("optimizer"):
@@ -268,40 +241,17 @@ class ChainOptimizer(torch.optim.Optimizer):
         plan = self._plan(group)
         validate(owner, {**plan.chain.hyper, **spec.checks}, group)
         spec.check_group(owner, group)
-        self._index(group, infos, spec.structured)
+        self._index(group, spec.structured)
 
-    def _partition_of(self, module: nn.Module) -> dict[str, ParamInfo]:
-        """Roles of a module's parameters: the model's where the optimizer knows them (a
-        submodule seen alone has lost its context, e.g. that a Linear is the output layer),
-        else the module's own partition."""
-        named = dict(module.named_parameters())
-        known = {
-            n: self._model_infos[id(p)] for n, p in named.items() if id(p) in self._model_infos
-        }
-        if len(known) == len(named):
-            return known
-        from optarena.optim.partition import partition
-
-        found = partition(module)
-        self._model_infos.update(
-            {id(found.params[n]): i for n, i in found.items() if n not in known}
-        )
-        return {**found, **known}
-
-    def _index(
-        self, group: dict[str, Any], infos: Mapping[str, ParamInfo] | None, structured: bool
-    ):
+    def _index(self, group: dict[str, Any], structured: bool) -> None:
         names = group.get("param_names", [None] * len(group["params"]))
         unknown = []
         for p, name in zip(group["params"], names, strict=True):
-            info = infos.get(name) if infos is not None and name else None
+            info = self._roles.of(p, name)
             if info is None:
-                info = self._model_infos.get(id(p))
-            if info is None:
-                info = ParamInfo(
-                    name or f"param{len(self._infos)}", tuple(p.shape), Role.OTHER, source="none"
-                )
-                unknown.append(info.name)
+                label = name or f"param{len(self._infos)}"
+                info = ParamInfo(label, tuple(p.shape), Role.OTHER, source="none")
+                unknown.append(label)
             self._infos[id(p)] = info
         if unknown and structured and not self._warned_structure:
             self._warned_structure = True
@@ -560,7 +510,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         if infos is None:
             return
         self._runtime()
-        self._model_infos, self._given_infos = {}, None
+        self._roles = Roles()
         self._infos = {}
         for group, group_infos in zip(self.param_groups, infos, strict=True):
             for p, info in zip(group["params"], group_infos, strict=True):

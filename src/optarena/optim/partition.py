@@ -64,7 +64,7 @@ from optarena.optim.roles import FusedPart, ParamInfo, Role
 
 LayoutPolicy = Callable[[ParamInfo], "BlockLayout | None"]
 
-__all__ = ["LayoutPolicy", "Partition", "partition", "print_partition", "role_from_name"]
+__all__ = ["LayoutPolicy", "Partition", "Roles", "partition", "print_partition", "role_from_name"]
 
 # Attribute names that carry head counts, on attention modules and on model configs.
 _HEADS_ATTRS = ("n_heads", "num_heads", "num_attention_heads", "n_head")
@@ -776,3 +776,38 @@ def _from_named(pairs: Iterable[tuple[str, nn.Parameter]]) -> _Parts:
 def print_partition(model: nn.Module, layout: LayoutPolicy | None = None) -> None:
     """Print the partition table of ``model`` (with the blocks of ``layout``, if given)."""
     print(partition(model).table(layout))
+
+
+class Roles:
+    """What an optimizer knows of its parameters' roles: an explicit partition (by name), the
+    partition of the model they belong to (by identity: the same tensor whatever it is called
+    in a param group), and the name rules for named parameters of neither."""
+
+    def __init__(self, explicit: Mapping[str, ParamInfo] | None = None) -> None:
+        self.by_name: dict[str, ParamInfo] = dict(explicit or {})
+        self.by_id: dict[int, ParamInfo] = {}
+
+    def learn_model(self, model: nn.Module) -> Partition:
+        found = partition(model)
+        self.by_id.update({id(found.params[n]): info for n, info in found.items()})
+        return found
+
+    def learn_module(self, module: nn.Module) -> None:
+        """A module added later: its parameters the model's where known (a submodule seen
+        alone has lost its context, e.g. that its Linear is the output layer)."""
+        if any(id(p) not in self.by_id for p in module.parameters()):
+            found = partition(module)
+            for name, info in found.items():
+                self.by_id.setdefault(id(found.params[name]), info)
+
+    def learn_names(self, pairs: list[tuple[str, nn.Parameter]], warn: bool = True) -> None:
+        """Name rules for named parameters that neither the explicit partition nor a model
+        gives (one warning lists the guesses)."""
+        rest = [(n, p) for n, p in pairs if n not in self.by_name and id(p) not in self.by_id]
+        if rest:
+            for name, info in partition(rest, warn=warn).items():
+                self.by_name.setdefault(name, info)
+
+    def of(self, p: nn.Parameter, name: str | None) -> ParamInfo | None:
+        found = self.by_name.get(name) if name else None
+        return found if found is not None else self.by_id.get(id(p))

@@ -22,7 +22,7 @@ from torch import nn
 from optarena.optim.checks import BOOL, POS_INT, Check, validate
 from optarena.optim.engine import Chain, Factory
 from optarena.optim.optimizer import ChainOptimizer
-from optarena.optim.roles import ParamInfo, Role
+from optarena.optim.roles import Role
 from optarena.optim.transforms import (
     EMA,
     ClipByRMS,
@@ -449,26 +449,24 @@ class Hybrid(ChainOptimizer):
         first = {k: v for k, v in self._routes["default"].items() if k != "no_decay_roles"}
         options.setdefault("no_decay_roles", ())  # for routes whose optimizer has none
         super().__init__(params, first, **options)
-        self._structured = True
 
-    def _resolve(self, params: Any, partition: Mapping[str, ParamInfo] | None):
-        self._structured = True
-        named, infos = super()._resolve(params, partition)
+    def _resolve(self, params: Any) -> list:
+        named = super()._resolve(params)
         if not named or not isinstance(named[0], tuple):
             raise TypeError("Hybrid needs a model or named_parameters to find parameter roles")
+        self._roles.learn_names(named)
         routed = set(self._route_roles.values())
         by_route: dict[str, list] = {key: [] for key in self._routes}
         for name, p in named:
-            info = infos.get(name) if infos is not None else None
+            info = self._roles.of(p, name)
             key = "default"
             if info is not None:
                 role = Role.OUTPUT if info.tied and Role.OUTPUT in routed else info.role
                 key = next((k for k, r in self._route_roles.items() if r is role), "default")
             by_route[key].append((name, p))
-        groups = [
+        return [
             {**self._routes[key], "params": by_route[key]} for key in self._routes if by_route[key]
         ]
-        return groups, infos
 
 
 register(
