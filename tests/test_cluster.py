@@ -199,7 +199,7 @@ def test_slurm_runs_go_out_as_one_job_array_and_a_rerun_reattaches(tmp_path, moc
     assert first.wait(0) == []  # submitted, all running
     (script,) = _sbatch_scripts(folder)
     assert "#SBATCH --array=0-2%2" in script
-    jobs = {task.run_id: job for job, task in first._jobs.items()}
+    jobs = {task.run_id: job for job, (task, _) in first._jobs.items()}
     array = jobs["run0"].job_id.split("_")[0]
     assert [jobs[t.run_id].job_id for t in tasks] == [f"{array}_{i}" for i in range(3)]
 
@@ -217,13 +217,13 @@ def test_slurm_runs_go_out_as_one_job_array_and_a_rerun_reattaches(tmp_path, moc
     assert outcomes[0].summary["final_val_loss"] == pytest.approx(toy.expected_loss("adamw", 1e-4))
     scripts = _sbatch_scripts(folder)
     assert len(scripts) == 2 and "--array" not in scripts[1]
-    reattached = {task.run_id: job for job, task in second._jobs.items()}
+    reattached = {task.run_id: job for job, (task, _) in second._jobs.items()}
     assert reattached["run1"].job_id == jobs["run1"].job_id
     assert reattached["run2"].job_id != jobs["run2"].job_id
     _run_job(mocked_slurm, reattached["run1"])
     assert [o.task.run_id for o in second.wait(0)] == ["run1"]
     # collected results are forgotten: retrying a run later submits a fresh job
-    assert set(second._records()) == {"run2"}
+    assert set(second.records.all()) == {"run2"}
 
 
 def test_slurm_distributed_run_asks_for_nodes_tasks_and_gpus(tmp_path, mocked_slurm):

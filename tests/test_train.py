@@ -174,11 +174,19 @@ def test_resume_skips_a_corrupt_newest_checkpoint(tmp_path: Path, cache_dir: Pat
         summary = train({**config, "resume": True})
     assert summary["resumed_from"].endswith("step-00000004.pt") and summary["steps"] == 8
 
-    # a torn write (checkpoint without its checksum) is skipped too; none valid -> user error
+    # a checkpoint without its checksum (torn) is skipped too; with none valid the run starts
+    # from scratch (never wedged) and ends where the uninterrupted run ended
     for path in (run / "checkpoints").glob("*.sha256"):
         path.unlink()
-    with pytest.warns(UserWarning), pytest.raises(UserError, match="no valid checkpoint"):
-        latest_checkpoint(run / "checkpoints")
+    (run / "summary.json").unlink()
+    with pytest.warns(UserWarning, match="no valid checkpoint"):
+        assert latest_checkpoint(run / "checkpoints") is None
+    with pytest.warns(UserWarning, match="starting from scratch"):
+        fresh = train({**config, "resume": True})
+    assert fresh["resumed_from"] is None
+    assert fresh["final_val_loss"] == summary["final_val_loss"]
+    path, payload = latest_checkpoint(run / "checkpoints")
+    assert path.name == "step-00000008.pt" and payload["step"] == 8  # rewritten, valid
 
 
 def test_resume_refuses_a_different_config(tmp_path: Path, cache_dir: Path) -> None:

@@ -135,19 +135,39 @@ def test_config_file_with_unknown_key(capsys, tmp_path: Path) -> None:
     assert "not valid TOML" in _one_line_error(capsys, ["train", "--config", str(config)])
 
 
-def test_corrupt_checkpoint(capsys, tmp_path: Path) -> None:
+def _files(folder: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_resume_of_a_finished_run_is_a_no_op(capsys, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    assert main(["train", "--optimizer", "adamw", *FAST, "--out", str(out)]) == 0
+    argv = ["train", "--optimizer", "adamw", *FAST, "--out", str(out)]
+    assert main(argv) == 0
     capsys.readouterr()
-    summary_before = (out / "summary.json").read_bytes()
+    before = _files(out)
+    assert main([*argv, "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "already finished (4 steps); nothing to resume" in err, err
+    assert _files(out) == before  # not a byte rewritten: no second val_loss, same summary
+
+
+def test_corrupt_checkpoints_start_the_run_afresh(capsys, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    argv = ["train", "--optimizer", "adamw", *FAST, "--out", str(out), "--checkpoint-every", "2"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    summary = json.loads((out / "summary.json").read_text())
+    (out / "summary.json").unlink()  # as if killed before the summary
     for ckpt in (out / "checkpoints").glob("*.pt"):
         ckpt.write_bytes(ckpt.read_bytes()[:1000])  # truncated
-    code = main(["train", "--optimizer", "adamw", *FAST, "--out", str(out), "--resume"])
+    assert main([*argv, "--resume"]) == 0
     err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
-    assert code == 2
-    assert err[-1].startswith("optarena: error: no valid checkpoint")
-    assert all(x.startswith("optarena: ") for x in err)  # warnings are one line too
-    assert (out / "summary.json").read_bytes() == summary_before  # nothing lost
+    assert all(x.startswith("optarena: ") for x in err), err  # warnings are one line too
+    assert any("skipping checkpoint" in x and "step-00000004.pt" in x for x in err), err
+    assert any("no valid checkpoint" in x and "starting from scratch" in x for x in err), err
+    again = json.loads((out / "summary.json").read_text())
+    assert again["resumed_from"] is None
+    assert again["final_val_loss"] == summary["final_val_loss"]
 
 
 def test_config_file_and_flags(tmp_path: Path, capsys) -> None:

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from optarena import __version__
-from optarena.errors import UserError
+from optarena.errors import Interrupted, UserError
 
 # Each module defines ``register(subparsers)``; the parser it adds sets ``func(args) -> int``.
 COMMAND_MODULES = [
@@ -45,6 +45,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as err:
         print(f"optarena: error: {err}", file=sys.stderr)
         return err.exit_code
+    except Interrupted as err:
+        print(f"optarena: interrupted: {err}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("optarena: interrupted; everything finished so far is saved.", file=sys.stderr)
         return 130

@@ -18,7 +18,9 @@ reads the same with one process or many:
 from __future__ import annotations
 
 import contextlib
+import io
 import os
+import pickle
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -290,15 +292,26 @@ def save_dcp(
 
 
 def load_meta(path: Path) -> dict[str, Any]:
+    """The ``meta.pt`` of a DCP checkpoint (tensors and plain values only), once the rest of
+    the checkpoint has been checked (:func:`verify_dcp`); ValueError if anything is missing,
+    unreadable, not ours, or would run code."""
+    from optarena.checkpoints import check_payload
+
     try:
-        return torch.load(path / META_FILE, map_location="cpu", weights_only=True)
+        meta = torch.load(path / META_FILE, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"no {META_FILE} (an incomplete checkpoint)") from None
     except Exception as err:
-        raise UserError(f"checkpoint {path} is unreadable ({type(err).__name__})") from None
+        raise ValueError(f"unreadable {META_FILE} ({type(err).__name__})") from None
+    verify_dcp(path)
+    return check_payload(meta)
 
 
 def load_dcp(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Load a DCP checkpoint into ``model`` and ``optimizer`` whatever their sharding (FSDP2 at
-    any world size, DDP, or a plain module in one process)."""
+    any world size, DDP, or a plain module in one process). Nothing in the checkpoint is
+    unpickled beyond DCP's metadata classes and plain values (see below); a checkpoint that
+    holds anything else is refused with :class:`~optarena.errors.UserError`."""
     import warnings
 
     import torch.distributed.checkpoint as dcp
@@ -307,10 +320,141 @@ def load_dcp(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> 
     state = _state(model, optimizer)
     with warnings.catch_warnings():  # one process without a group: DCP says it assumes so
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single")
-        dcp.load(state, checkpoint_id=path)
+        try:
+            verify_dcp(path)
+        except ValueError as err:
+            raise UserError(f"checkpoint {path}: {err}; it was not written by optarena") from None
+        dcp.load(state, storage_reader=_safe_reader(path), planner=_safe_planner())
     set_state_dict(
         model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
     )
+
+
+# --------------------------------------------------------------------------- loading safely
+# DCP reads ``.metadata`` with ``pickle.load`` and non-tensor entries (the optimizer's
+# hyperparameters) with ``torch.load(weights_only=False)``: either would run code from a crafted
+# checkpoint. A checkpoint folder is data (docs/trust.md), so both go through restricted readers:
+# the metadata through an unpickler that builds DCP's own metadata classes and nothing else,
+# the entries through ``torch.load(weights_only=True)``.
+
+_METADATA_CLASSES = {
+    ("torch.distributed.checkpoint.metadata", name)
+    for name in (
+        "Metadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "TensorProperties",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "_MEM_FORMAT_ENCODING",
+    )
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.serialization", "_get_layout"),
+    ("torch", "Size"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PurePosixPath"),
+    ("collections", "OrderedDict"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds only the classes of a DCP ``.metadata`` file (and torch dtypes)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _METADATA_CLASSES:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
+
+
+def read_dcp_metadata(path: Path) -> Any:
+    """A DCP checkpoint's ``.metadata``, read without running anything from it; ValueError
+    when it holds anything but DCP's metadata, or points at files outside ``path``."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    try:
+        with (path / ".metadata").open("rb") as fh:
+            metadata = _MetadataUnpickler(fh).load()
+    except FileNotFoundError:
+        raise ValueError("no .metadata (an incomplete checkpoint)") from None
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, TypeError) as err:
+        raise ValueError(f"refused .metadata: {err}") from None
+    if not isinstance(metadata, Metadata) or not isinstance(metadata.storage_data, dict):
+        raise ValueError("refused .metadata: not a checkpoint's metadata")
+    for info in metadata.storage_data.values():
+        name = getattr(info, "relative_path", None)
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            raise ValueError(f"refused .metadata: data file {name!r} is not inside the checkpoint")
+        if getattr(info, "transform_descriptors", None):
+            raise ValueError("refused .metadata: transformed (compressed) data is not supported")
+    return metadata
+
+
+def verify_dcp(path: Path) -> None:
+    """Check a DCP checkpoint without running anything from it: its metadata
+    (:func:`read_dcp_metadata`) and every non-tensor entry, read with ``weights_only=True``
+    (tensors are read that way by DCP itself). ValueError says what was refused."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    metadata = read_dcp_metadata(path)
+    for index, info in metadata.storage_data.items():
+        if not isinstance(metadata.state_dict_metadata.get(index.fqn), BytesStorageMetadata):
+            continue
+        try:
+            with (path / info.relative_path).open("rb") as fh:
+                fh.seek(info.offset)
+                data = fh.read(info.length)
+            torch.load(io.BytesIO(data), weights_only=True)
+        except Exception as err:
+            raise ValueError(f"refused entry {index.fqn!r}: {_why_refused(err)}") from None
+
+
+def _why_refused(err: Exception) -> str:
+    """The line of torch's weights-only error that names what was refused."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    for line in lines:
+        if "GLOBAL" in line or "Unsupported" in line:
+            return line.removeprefix("WeightsUnpickler error:").strip()
+    return lines[0] if lines else type(err).__name__
+
+
+def _safe_reader(path: Path) -> Any:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            from torch.distributed.checkpoint.metadata import StorageMeta
+
+            metadata = read_dcp_metadata(Path(self.path))
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(path)
+
+
+def _safe_planner() -> Any:
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class SafePlanner(DefaultLoadPlanner):
+        """Non-tensor entries are read with ``weights_only=True`` first: only plain values
+        (numbers, strings, tuples, dicts, tensors) get as far as DCP's own reader."""
+
+        def load_bytes(self, read_item: Any, value: Any) -> None:
+            data = value.read()
+            try:
+                torch.load(io.BytesIO(data), weights_only=True)
+            except Exception as err:
+                fqn = read_item.dest_index.fqn
+                raise ValueError(f"refused entry {fqn!r}: {_why_refused(err)}") from None
+            super().load_bytes(read_item, io.BytesIO(data))
+
+    return SafePlanner()
 
 
 def load_full(
@@ -350,6 +494,8 @@ __all__ = [
     "load_dcp",
     "load_full",
     "load_meta",
+    "read_dcp_metadata",
     "save_dcp",
     "setup",
+    "verify_dcp",
 ]

@@ -11,3 +11,13 @@ class UserError(Exception):
     """
 
     exit_code = 2
+
+
+class StorageError(UserError):
+    """A file could not be written: the disk is full, a quota is spent, or the location is
+    read-only. What was written before is kept; the message names the path and the fix."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by SIGINT or SIGTERM after saving what it could; the message says at
+    which step and where (the CLI prints it and exits with 130)."""

@@ -4,8 +4,12 @@ One run: build (or load from cache) the token ids, the model and the optimizer; 
 warmup + cosine schedule (or constant / linear / WSD), global gradient clipping, gradient
 accumulation, z-loss and bf16 autocast where supported; drive Sophia's Hessian estimates at the
 optimizer's interval; evaluate on fixed validation windows; stop and mark a run ``diverged`` when
-its loss is non-finite or far above its initial value; write atomic checkpoints that resume
-bit-exactly, ``metrics.jsonl`` and ``summary.json``.
+its loss is non-finite or far above its initial value; write checkpoints that resume
+bit-exactly (:mod:`optarena.checkpoints`), ``metrics.jsonl`` (:mod:`optarena.run_log`) and
+``summary.json``, every file atomically (:mod:`optarena.atomic`).
+
+:class:`Run` is the loop every task shares (set-up, step, evaluation, checkpoints, resume,
+signals, summary); :class:`LanguageModelRun` is pre-training, what :func:`train` runs.
 """
 
 from __future__ import annotations
@@ -14,11 +18,11 @@ import contextlib
 import dataclasses
 import difflib
 import functools
-import hashlib
 import json
 import math
-import os
+import signal
 import sys
+import threading
 import time
 import types
 import warnings
@@ -31,11 +35,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from optarena import atomic, checkpoints, distributed
+from optarena.checkpoints import CHECKPOINT_VERSION
 from optarena.devices import resolve_device
-from optarena.errors import UserError
+from optarena.errors import Interrupted, UserError
+from optarena.run_log import RunLog
 
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
-CHECKPOINT_VERSION = 1
+SUMMARY_FILE = "summary.json"
 # Keys that may differ between a run and its resumption without changing its trajectory.
 RESUMABLE_CHANGES = {
     "out",
@@ -56,24 +63,62 @@ RESUMABLE_CHANGES = {
 }
 
 
+def _check_keys(values: dict[str, Any], known: set[str], what: str, listed: bool = False) -> None:
+    """Unknown keys are one-line errors with the closest known one (and, ``listed``, all)."""
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            every = f"; known: {', '.join(sorted(known))}" if listed else ""
+            raise UserError(f"unknown {what} {key!r}{hint}{every}")
+
+
+def _check_types(config: Any, ints: tuple[str, ...], floats: tuple[str, ...]) -> None:
+    """Integers are integers; numbers are finite numbers (stored as float). ``None`` passes
+    for keys whose default is None."""
+    for key in ints:
+        value = getattr(config, key)
+        if value is None and key in _OPTIONAL:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"config key {key!r} must be an integer, not {value!r}")
+    for key in floats:
+        value = getattr(config, key)
+        if value is None and key in _OPTIONAL:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"config key {key!r} must be a number, not {value!r}")
+        if not math.isfinite(value):
+            raise UserError(f"config key {key!r} must be a finite number, not {value!r}")
+        setattr(config, key, float(value))
+
+
+def _check_range(
+    key: str, value: float, low: float, high: float | None = None, hint: str = ""
+) -> None:
+    """``low <= value`` (and ``<= high``), or a one-line error naming the key and the range."""
+    if value < low or (high is not None and value > high):
+        allowed = f"between {low:g} and {high:g}" if high is not None else f"at least {low:g}"
+        raise UserError(f"{key} must be {allowed}, not {value:g}{hint}")
+
+
+# Keys whose value may be None (their default): "not given".
+_OPTIONAL = {"lr", "grad_clip", "vocab_size", "threads", "wandb", "out", "cache_dir"}
+
+
 @dataclass
-class TrainConfig:
-    """Everything that defines a run. A run's identity is this dict (see ``to_dict``)."""
+class RunConfig:
+    """What every training loop reads (:class:`Run`): optimizer, schedule, batch, clipping,
+    precision, intervals, output and logging. A task's config extends it with its data and
+    model (:class:`TrainConfig` for pre-training). A run's identity is its dict (``to_dict``)."""
 
     optimizer: str = "adamw"
     lr: float | None = None  # None: the optimizer's default
     hparams: dict[str, Any] = field(default_factory=dict)  # any optimizer hyperparameter
-    model: str = "micro"
-    model_overrides: dict[str, Any] = field(default_factory=dict)  # GPTConfig fields
     steps: int = 200
     batch_size: int = 16  # sequences per optimizer step (split over grad_accum micro-batches)
     seq_len: int = 128
     grad_accum: int = 1
-    data: str = "builtin"  # builtin | c4 | file, directory or glob
-    tokenizer: str = "bpe"  # bpe | tokenizer.json | SentencePiece .model | hub name
-    vocab_size: int | None = None  # BPE vocabulary; None: the preset's
-    val_fraction: float = 0.05
-    max_documents: int = 200_000  # for --data c4 (streamed)
     seed: int = 0
     schedule: str = "cosine"
     warmup: float = 0.1  # fraction of steps if < 1, else a number of steps
@@ -81,11 +126,9 @@ class TrainConfig:
     final_lr_fraction: float = 0.1  # cosine / linear / WSD end at this fraction of the peak
     decay_fraction: float = 0.2  # WSD: the last fraction of steps decays
     grad_clip: float | None = 1.0  # global norm; None or 0 disables
-    z_loss: float = 1e-4
     dtype: str = "auto"  # auto (bf16 where supported, CPU excepted) | float32 | bfloat16
     device: str = "auto"
     eval_every: int = 0  # 0: only at the end
-    eval_windows: int = 64  # fixed validation windows of seq_len tokens
     checkpoint_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
     log_every: int = 10
@@ -96,19 +139,37 @@ class TrainConfig:
     wandb: str | None = None  # None | "online" | "offline"
     wandb_project: str = "optarena"
     progress: bool = True
-    cache_dir: str | None = None  # None: $OPTARENA_CACHE or ~/.cache/optarena
     threads: int | None = None
     parallel: str = "none"  # none | ddp | fsdp (under torchrun; see optarena.distributed)
 
+    _INTS = (
+        "steps",
+        "batch_size",
+        "seq_len",
+        "grad_accum",
+        "seed",
+        "eval_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "log_every",
+        "threads",
+    )
+    _FLOATS = (
+        "lr",
+        "grad_clip",
+        "warmup",
+        "warmup_start",
+        "final_lr_fraction",
+        "decay_fraction",
+        "divergence_factor",
+    )
+
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+    def from_dict(cls, values: dict[str, Any]) -> Any:
         """A validated config from a dict (TOML, JSON, a sweep); unknown keys are errors."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        for key in values:
-            if key not in known:
-                close = difflib.get_close_matches(key, known, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise UserError(f"unknown config key {key!r}{hint}")
+        if not isinstance(values, dict):
+            raise UserError(f"a run's config must be a table of key = value, not {values!r}")
+        _check_keys(values, {f.name for f in dataclasses.fields(cls)}, "config key")
         config = cls(**values)
         config.validate()
         return config
@@ -117,52 +178,31 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def validate(self) -> None:
-        """Types and ranges, with one-line errors that name the key."""
-        ints = (
-            "steps",
-            "batch_size",
-            "seq_len",
-            "grad_accum",
-            "seed",
-            "eval_every",
-            "eval_windows",
-            "checkpoint_every",
-            "keep_checkpoints",
-            "log_every",
-            "max_documents",
-        )
-        floats = (
-            "val_fraction",
-            "warmup",
-            "warmup_start",
-            "final_lr_fraction",
-            "decay_fraction",
-            "z_loss",
-            "divergence_factor",
-        )
-        for key in ints:
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise UserError(f"config key {key!r} must be an integer, not {value!r}")
-        for key in (*floats, "lr", "grad_clip"):
-            value = getattr(self, key)
-            if value is None and key in ("lr", "grad_clip"):
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise UserError(f"config key {key!r} must be a number, not {value!r}")
-            setattr(self, key, float(value))
-        for key in ("steps", "batch_size", "seq_len", "grad_accum", "eval_windows", "log_every"):
-            if getattr(self, key) < 1:
-                raise UserError(f"{key} must be at least 1, not {getattr(self, key)}")
-        for key in ("eval_every", "checkpoint_every", "keep_checkpoints"):
-            if getattr(self, key) < 0:
-                raise UserError(f"{key} must be 0 or more, not {getattr(self, key)}")
+        """Types and ranges, with one-line errors that name the key; every value that would
+        train something else than asked (a negative clip, a negative warmup) is refused."""
+        _check_types(self, self._INTS, self._FLOATS)
+        for key in ("steps", "batch_size", "seq_len", "grad_accum", "log_every"):
+            _check_range(key, getattr(self, key), 1)
+        for key in ("seed", "eval_every", "checkpoint_every", "keep_checkpoints"):
+            _check_range(key, getattr(self, key), 0)
+        _check_range("warmup", self.warmup, 0, hint=" (a fraction of the steps, or steps)")
+        for key in ("warmup_start", "final_lr_fraction", "decay_fraction"):
+            _check_range(key, getattr(self, key), 0, 1)
+        if self.threads is not None:
+            _check_range("threads", self.threads, 1, hint=" (omit it for torch's default)")
+        if self.lr is not None:
+            _check_range("lr", self.lr, 0)
+        if self.grad_clip is not None:  # 0 (like None) disables clipping
+            _check_range("grad_clip", self.grad_clip, 0, hint=" (0 disables clipping)")
+        if not self.divergence_factor > 1:
+            raise UserError(
+                f"divergence_factor must be more than 1, not {self.divergence_factor:g} (a run "
+                "is diverged when its loss exceeds this many times its first loss)"
+            )
         if self.batch_size % self.grad_accum:
             raise UserError(
                 f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}"
             )
-        if self.lr is not None and not self.lr >= 0:
-            raise UserError(f"lr must be non-negative, not {self.lr}")
         if self.schedule not in SCHEDULES:
             raise UserError(f"unknown schedule {self.schedule!r}; choose one of {SCHEDULES}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
@@ -173,18 +213,64 @@ class TrainConfig:
             raise UserError(f"wandb must be 'online' or 'offline', not {self.wandb!r}")
         if self.resume and not self.out:
             raise UserError("--resume needs --out (the run directory to resume)")
-        if not isinstance(self.hparams, dict) or not isinstance(self.model_overrides, dict):
-            raise UserError("hparams and model_overrides must be tables of key = value")
+        if not isinstance(self.hparams, dict):
+            raise UserError("hparams must be a table of key = value")
+        for key in ("optimizer", "device", "wandb_project"):
+            if not isinstance(getattr(self, key), str):
+                raise UserError(f"config key {key!r} must be a string, not {getattr(self, key)!r}")
+        for key in ("out", "cache_dir"):
+            value = getattr(self, key, None)
+            if value is not None and not isinstance(value, str):
+                raise UserError(f"config key {key!r} must be a path, not {value!r}")
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    """A pre-training run (:func:`train`): the loop's settings, the model and the data."""
+
+    model: str = "micro"
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # GPTConfig fields
+    data: str = "builtin"  # builtin | c4 | file, directory or glob
+    tokenizer: str = "bpe"  # bpe | tokenizer.json | SentencePiece .model | hub name
+    vocab_size: int | None = None  # BPE vocabulary; None: the preset's
+    val_fraction: float = 0.05
+    max_documents: int = 200_000  # for --data c4 (streamed)
+    z_loss: float = 1e-4
+    eval_windows: int = 64  # fixed validation windows of seq_len tokens
+    cache_dir: str | None = None  # None: $OPTARENA_CACHE or ~/.cache/optarena
+
+    _INTS = (*RunConfig._INTS, "vocab_size", "max_documents", "eval_windows")
+    _FLOATS = (*RunConfig._FLOATS, "val_fraction", "z_loss")
+
+    def validate(self) -> None:
+        super().validate()
+        _check_range("eval_windows", self.eval_windows, 1)
+        _check_range("max_documents", self.max_documents, 1)
+        _check_range("z_loss", self.z_loss, 0, hint=" (0 disables the z-loss)")
+        if not 0 < self.val_fraction < 1:
+            raise UserError(f"val_fraction must be between 0 and 1, not {self.val_fraction:g}")
+        if self.vocab_size is not None and self.tokenizer == "bpe":
+            _check_range("vocab_size", self.vocab_size, MIN_BPE_VOCAB)
+        for key in ("data", "tokenizer"):
+            if not isinstance(getattr(self, key), str) or not getattr(self, key).strip():
+                raise UserError(f"config key {key!r} must be a non-empty string")
+        if not isinstance(self.model_overrides, dict):
+            raise UserError("model_overrides must be a table of key = value")
         from optarena.model import PRESETS
 
         if self.model not in PRESETS:
             raise UserError(f"unknown model {self.model!r}; choose one of: {', '.join(PRESETS)}")
+        _model_config(self, PRESETS[self.model]["vocab_size"])  # field names, types, shapes
+
+
+# A byte-level BPE holds the 256 bytes and end-of-text before it learns any merge.
+MIN_BPE_VOCAB = 257
 
 
 # --------------------------------------------------------------------------- schedule
 
 
-def lr_multiplier(config: TrainConfig, step: int) -> float:
+def lr_multiplier(config: RunConfig, step: int) -> float:
     """Multiplier of each group's peak LR for the update at 0-based ``step``.
 
     Warmup rises linearly from ``warmup_start`` to 1; cosine and linear then fall to
@@ -263,159 +349,7 @@ def _finite_or_none(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-def _checkpoint_files(folder: Path) -> list[Path]:
-    """Checkpoints in ``folder``, newest (highest step) first."""
-    return sorted(folder.glob("step-*.pt"), reverse=True)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def save_checkpoint(folder: Path, step: int, payload: dict[str, Any], keep: int) -> Path:
-    """Write ``step-N.pt`` atomically, then its ``.sha256``; a checkpoint without a matching
-    checksum file is torn and never loaded. Keeps the newest ``keep`` (0 keeps all)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"step-{step:08d}.pt"
-    tmp = folder / f".{path.name}.tmp{os.getpid()}"
-    with tmp.open("wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _atomic_write_text(path.with_suffix(".sha256"), _sha256(path) + "\n")
-    if keep:
-        for old in _checkpoint_files(folder)[keep:]:
-            old.unlink(missing_ok=True)
-            old.with_suffix(".sha256").unlink(missing_ok=True)
-    return path
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """A checkpoint's payload if its checksum matches; :class:`ValueError` says why not."""
-    sums = path.with_suffix(".sha256")
-    if not sums.is_file():
-        raise ValueError("no checksum file (torn write)")
-    if sums.read_text().strip() != _sha256(path):
-        raise ValueError("checksum mismatch (corrupt)")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"unreadable ({type(err).__name__})") from None
-    if not isinstance(payload, dict) or payload.get("version") != CHECKPOINT_VERSION:
-        raise ValueError("not an optarena checkpoint of this version")
-    return payload
-
-
-def latest_checkpoint(folder: Path) -> tuple[Path, dict[str, Any]] | None:
-    """The newest valid checkpoint, skipping torn or corrupt ones with a warning.
-
-    ``None`` if there are none; :class:`UserError` if there are some and none is valid."""
-    files = _checkpoint_files(folder) if folder.is_dir() else []
-    reasons = []
-    for path in files:
-        try:
-            return path, load_checkpoint(path)
-        except ValueError as err:
-            reasons.append(f"{path.name}: {err}")
-            warnings.warn(f"skipping checkpoint {path}: {err}", stacklevel=2)
-    if files:
-        raise UserError(f"no valid checkpoint in {folder} ({'; '.join(reasons)})")
-    return None
-
-
-# --------------------------------------------------------------------------- loggers
-
-
-class _Loggers:
-    """metrics.jsonl, and optionally TensorBoard and Weights & Biases."""
-
-    def __init__(
-        self,
-        config: TrainConfig,
-        out: Path | None,
-        resume_step: int | None,
-        listener: Callable[[dict[str, Any]], None] | None = None,
-    ):
-        self.jsonl = None
-        self.tb = None
-        self.wandb_run = None
-        self.listener = listener
-        if out is None:
-            return
-        path = out / "metrics.jsonl"
-        if resume_step is not None and path.exists():
-            # drop what the interrupted run logged after its checkpoint; it is redone now
-            kept = [
-                line
-                for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step
-            ]
-            _atomic_write_text(path, "".join(line + "\n" for line in kept))
-        # a fresh run starts a fresh log (a leftover one had no checkpoint or summary)
-        self.jsonl = path.open("a" if resume_step is not None else "w")
-        if config.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise UserError(
-                    "--tensorboard needs tensorboard: pip install tensorboard"
-                ) from None
-            self.tb = SummaryWriter(str(out / "tensorboard"))
-        if config.wandb:
-            try:
-                import wandb
-            except ImportError:
-                raise UserError("--wandb needs Weights & Biases: pip install wandb") from None
-            self.wandb_run = wandb.init(
-                project=config.wandb_project,
-                dir=str(out),
-                mode=config.wandb,
-                config=config.to_dict(),
-                name=out.name,
-                resume="allow",
-            )
-
-    def log(self, record: dict[str, Any]) -> None:
-        if self.listener:
-            self.listener(dict(record))
-        if self.jsonl:
-            self.jsonl.write(json.dumps(record) + "\n")
-            self.jsonl.flush()
-        step = record["step"]
-        values = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
-        if self.tb:
-            for key, value in values.items():
-                self.tb.add_scalar(key, value, step)
-        if self.wandb_run:
-            self.wandb_run.log(values, step=step)
-
-    def close(self) -> None:
-        if self.jsonl:
-            self.jsonl.close()
-        if self.tb:
-            self.tb.close()
-        if self.wandb_run:
-            self.wandb_run.finish()
-
-
-# --------------------------------------------------------------------------- the run
-
-
-def _make_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+def _make_optimizer(config: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     """The named optimizer through the registry; its complaints become one-line user errors."""
     from optarena.optim import create
 
@@ -458,33 +392,690 @@ def _check_optimizer_name(name: str) -> None:
         raise UserError(f"unknown optimizer {name!r}{hint}; `optarena list` shows them all")
 
 
-def _prepare_out(config: TrainConfig) -> Path | None:
-    if not config.out:
-        return None
-    out = Path(config.out).expanduser()
-    if not config.resume and (
-        (out / "summary.json").exists() or any((out / "checkpoints").glob("step-*"))
-    ):
-        raise UserError(f"{out} already holds a run; pass --resume or choose another --out")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot create output directory {out}: {err.strerror}") from None
-    return out
-
-
 def _model_config(config: TrainConfig, vocab_size: int):
+    """The model's GPTConfig: the preset, ``model_overrides`` (names and types checked against
+    GPTConfig's fields: ``model.n_layers`` or ``model.d_model=abc`` is a one-line error), the
+    vocabulary and room for ``seq_len``."""
     from optarena.model import PRESETS, GPTConfig
 
+    known = {f.name: str(f.type) for f in dataclasses.fields(GPTConfig)}
+    _check_keys(config.model_overrides, set(known) - {"vocab_size"}, "model field", listed=True)
+    for key, value in config.model_overrides.items():
+        if value is None and "None" in known[key]:
+            continue
+        kind = next(k for k in (bool, int, float, str) if k.__name__ in known[key])
+        ok = isinstance(value, kind) or (kind is float and isinstance(value, int))
+        if not ok or (kind is not bool and isinstance(value, bool)):
+            expected = {bool: "true or false", int: "an integer", float: "a number"}
+            raise UserError(f"model.{key} must be {expected.get(kind, 'a string')}, not {value!r}")
     fields = {**PRESETS[config.model], **config.model_overrides}
     fields["vocab_size"] = vocab_size
     fields["max_seq_len"] = max(fields.get("max_seq_len", 512), config.seq_len)
     try:
         return GPTConfig(**fields)
-    except TypeError as err:
-        raise UserError(f"model option: {err}") from None
-    except ValueError as err:
+    except (TypeError, ValueError) as err:
         raise UserError(f"model {config.model}: {err}") from None
+
+
+def _json_round_trip(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Throughput:
+    """Tokens and time of the steps this process ran (a resumed run counts only its own)."""
+
+    tokens: int = 0
+    seconds: float = 0.0
+    cpu_seconds: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+class Run:
+    """One training run: set up, step, evaluate, checkpoint, resume, finish.
+
+    ``Run(config, par).run()`` trains and returns the summary. Everything that is not about the
+    task lives here once: the output folder and its temporary files, resuming bit-exactly from
+    the newest valid checkpoint (and refusing a changed config), the LR schedule, gradient
+    clipping, Sophia's ``bs``, divergence, ``metrics.jsonl`` and ``on_log``, evaluation and
+    checkpoints at their intervals, SIGINT/SIGTERM (a checkpoint at the current step), the
+    progress bar, and ``summary.json``.
+
+    A task (pre-training here, :class:`LanguageModelRun`; fine-tuning or RLHF elsewhere)
+    subclasses it and provides:
+
+    * :meth:`build` — data, ``self.model`` (unwrapped, on ``self.device``) and anything else;
+      the optimizer is made by :meth:`make_optimizer` over the wrapped model;
+    * :meth:`next_batch` and :meth:`forward_backward` — one optimizer step's batch, and its loss
+      back-propagated (accumulating over micro-batches as the task likes);
+    * :meth:`evaluate` — the validation loss;
+    * :meth:`data_state` / :meth:`load_data_state` — what the checkpoint needs beyond the model,
+      optimizer and torch RNG to redraw the same batches;
+    * optionally :meth:`step_tokens`, :meth:`is_diverged`, :meth:`hessian_update`,
+      :meth:`log_fields` and :meth:`summary_fields`.
+    """
+
+    # config keys that may change between a run and its resumption
+    resumable_changes: frozenset[str] = frozenset(RESUMABLE_CHANGES)
+
+    def __init__(
+        self,
+        config: RunConfig,
+        par: Any = None,
+        on_log: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        from optarena import distributed
+
+        self.config = config
+        self.par = par if par is not None else distributed.Parallel()
+        self.on_log = on_log
+        self.requested = _json_round_trip(config.to_dict())  # as given, before defaults resolve
+        self.start_wall = time.perf_counter()
+        self.out: Path | None = None
+        self.model: torch.nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.step = 0
+        self.tokens = 0
+        self.initial_loss: float | None = None
+        self.last_loss: float | None = None
+        self.train_seconds = 0.0
+        self.eval_curve: list[dict[str, Any]] = []
+        self.session = Throughput()
+        self.diverged_at: int | None = None
+        self.resumed_from: Path | None = None
+        self.last_checkpoint = -1
+        self.last_checkpoint_path: Path | None = None
+        self.final_val: float | None = None
+        self.grad_norm: Tensor | None = None
+        self.log: RunLog | None = None
+        self.stop_signal: str | None = None
+        self._resumed: dict[str, Any] | None = None
+        self._earlier_session: dict[str, Any] | None = None
+        self._wall_before = 0.0
+
+    @property
+    def diverged(self) -> bool:
+        return self.diverged_at is not None
+
+    # ----------------------------------------------------------------- the whole run
+
+    def run(self) -> dict[str, Any]:
+        """Set up, train to ``config.steps`` (or divergence, or a signal), finish; the summary.
+
+        A run whose folder already holds its summary is not run again: ``--resume`` of a
+        finished run returns the stored summary."""
+        finished = self.setup()
+        if finished is not None:
+            return finished
+        self.bar = self.progress_bar()
+        try:
+            with self.stop_on_signals():
+                while self.step < self.config.steps and not self.diverged:
+                    self.train_step()
+                    self.bar.update(1)
+                    self.after_step()
+                    if self.should_stop():
+                        self.interrupt()
+        except BaseException:
+            self.log.close()
+            raise
+        finally:
+            self.bar.close()
+        return self.finish()
+
+    # ----------------------------------------------------------------- set-up
+
+    def setup(self) -> dict[str, Any] | None:
+        """Threads, device, output folder, resume point, :meth:`build`, the optimizer, the
+        restored state and the log. Returns the stored summary of a finished run instead."""
+        config, par = self.config, self.par
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        if not par.active:
+            par.device = resolve_device(config.device)
+        self.device = par.device
+        self.dtype = _resolve_dtype(config.dtype, self.device)
+        if config.batch_size % (par.world * config.grad_accum):
+            raise UserError(
+                f"batch_size {config.batch_size} is not divisible by {par.world} processes x "
+                f"grad_accum {config.grad_accum}"
+            )
+        self.out = self.prepare_out()
+        if config.resume and self.out is not None:
+            finished = self.finished_summary()
+            if finished is not None:
+                return finished
+            self.find_resume_point()  # before any work, so that a changed config fails fast
+        self.build()
+        assert self.model is not None, "build() must set self.model"
+        self.model = par.wrap(self.model)
+        self.optimizer = self.make_optimizer()
+        for group in self.optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+        self.hessian_interval = getattr(self.optimizer, "hessian_interval", None)
+        if self._resumed is not None:
+            self.restore(self._resumed)
+        self.autocast = (
+            torch.autocast(self.device.type, dtype=self.dtype)
+            if self.dtype != torch.float32
+            else contextlib.nullcontext()
+        )
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.log = RunLog(
+            self.out if par.is_main else None,
+            self.step if self._resumed is not None else None,
+            self.on_log if par.is_main else None,
+            tensorboard=config.tensorboard,
+            wandb=config.wandb,
+            wandb_project=config.wandb_project,
+            wandb_config=config.to_dict(),
+        )
+        self.model.train()
+        return None
+
+    def prepare_out(self) -> Path | None:
+        """The output folder, created; temporary files of dead writers removed. A folder that
+        holds a run is refused unless resuming."""
+        config = self.config
+        if not config.out:
+            return None
+        out = Path(config.out).expanduser()
+        if not config.resume and (
+            (out / SUMMARY_FILE).exists() or any((out / "checkpoints").glob("step-*"))
+        ):
+            raise UserError(f"{out} already holds a run; pass --resume or choose another --out")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            converted = atomic.storage_error(out, err)
+            if converted is not None:
+                raise converted from None
+            raise UserError(f"cannot create output directory {out}: {err.strerror}") from None
+        if self.par.is_main:
+            atomic.clean_temp_files(out)
+            checkpoints.clean_folder(out / "checkpoints")
+        return out
+
+    def finished_summary(self) -> dict[str, Any] | None:
+        """The summary of a run this folder finished with the same config, or None."""
+        assert self.out is not None
+        path = self.out / SUMMARY_FILE
+        try:
+            summary = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None  # none, or torn by an older writer: the run is redone from a checkpoint
+        if not isinstance(summary, dict) or "requested_config" not in summary:
+            return None
+        self.check_resumable(summary["requested_config"], path)
+        if self.par.is_main:
+            print(
+                f"optarena: {self.out} already finished ({summary.get('steps')} steps"
+                f"{', diverged' if summary.get('diverged') else ''}); nothing to resume, "
+                f"the summary is {path}",
+                file=sys.stderr,
+            )
+        return summary
+
+    def check_resumable(self, saved: dict[str, Any], where: Path) -> None:
+        changed = sorted(
+            k
+            for k in set(saved) | set(self.requested)
+            if k not in self.resumable_changes and saved.get(k) != self.requested.get(k)
+        )
+        if changed:
+            raise UserError(
+                f"cannot resume {self.out}: the config differs in {', '.join(changed)} from "
+                f"{where} (resume with the same settings, or use another --out)"
+            )
+
+    def find_resume_point(self) -> None:
+        """The newest valid checkpoint, its config checked; newer unusable ones removed."""
+        assert self.out is not None
+        folder = self.out / "checkpoints"
+        found = checkpoints.resume_point(folder)
+        if found is None:
+            if self.par.is_main:
+                print(f"optarena: no checkpoint in {self.out}; starting fresh", file=sys.stderr)
+            return
+        self.check_resumable(json.loads(found.payload["requested_config"]), found.path)
+        if self.par.is_main:
+            for stale in found.skipped:  # the resumed run writes these steps again
+                checkpoints.remove_checkpoint(stale)
+            print(f"optarena: resuming from step {found.step} ({found.path})", file=sys.stderr)
+        self.resumed_from, self._resumed = found.path, found.payload
+
+    def build(self) -> None:
+        """Data and ``self.model`` (unwrapped, on ``self.device``). Subclasses implement it."""
+        raise NotImplementedError
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        return _make_optimizer(self.config, self.par.unwrap(self.model))
+
+    # ----------------------------------------------------------------- one step
+
+    def train_step(self) -> None:
+        """One optimizer step: schedule, batch, loss and gradients, clipping, update."""
+        config, optimizer = self.config, self.optimizer
+        t0, c0 = time.perf_counter(), time.process_time()
+        multiplier = lr_multiplier(config, self.step)
+        for group in optimizer.param_groups:
+            if group["initial_lr"] is not None:  # None: the optimizer sets its own step
+                group["lr"] = group["initial_lr"] * multiplier
+        batch = self.next_batch()
+        loss = self.forward_backward(batch)
+        clip = config.grad_clip or 0.0
+        self.grad_norm = distributed.clip_grad_norm_(self.params, clip) if clip else None
+        step_tokens = self.step_tokens(batch)
+        if self.hessian_interval is not None:
+            optimizer.step(bs=step_tokens)
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens += step_tokens
+        if self.hessian_interval and self.step % self.hessian_interval == 0:
+            self.hessian_update(batch)
+        self.last_loss = self.par.mean(loss).item()  # the same on every rank
+        dt = time.perf_counter() - t0
+        self.train_seconds += dt
+        self.session.seconds += dt
+        self.session.cpu_seconds += time.process_time() - c0
+        self.session.tokens += step_tokens
+        if self.initial_loss is None:
+            self.initial_loss = self.last_loss
+
+    def after_step(self) -> None:
+        """Divergence, the log line, evaluation and checkpoint at their intervals."""
+        config, step = self.config, self.step
+        if self.is_diverged(self.last_loss):
+            self.diverged_at = step
+            self.log.log({"step": step, "loss": _finite_or_none(self.last_loss), "diverged": True})
+            return
+        if step % config.log_every == 0 or step == config.steps:
+            record = {
+                "step": step,
+                "loss": self.last_loss,
+                "lr": self.optimizer.param_groups[0]["lr"],
+                "tokens": self.tokens,
+                "tokens_per_second": self.session.tokens / max(self.session.seconds, 1e-9),
+            }
+            if self.grad_norm is not None:
+                record["grad_norm"] = self.grad_norm.item()
+            record.update(self.log_fields())
+            self.log.log(record)
+            tok_s = f"{record['tokens_per_second']:,.0f}"
+            self.bar.set_postfix(loss=f"{self.last_loss:.3f}", tok_s=tok_s, refresh=False)
+        if config.eval_every and step % config.eval_every == 0 and step < config.steps:
+            metrics = self.eval_metrics()
+            self.eval_curve.append({"step": step, **metrics})
+            self.log.log({"step": step, **metrics})
+        # the last step's checkpoint is written by finish(), after the final evaluation
+        if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
+            self.checkpoint()
+
+    def is_diverged(self, loss: float) -> bool:
+        """Non-finite, or more than ``divergence_factor`` times the first step's loss."""
+        return not math.isfinite(loss) or loss > self.config.divergence_factor * self.initial_loss
+
+    # ----------------------------------------------------------------- task hooks
+
+    def next_batch(self) -> Any:
+        raise NotImplementedError
+
+    def forward_backward(self, batch: Any) -> Tensor:
+        """Back-propagate the step's loss; return it (0-d, detached, this rank's mean)."""
+        raise NotImplementedError
+
+    def evaluate(self) -> float | dict[str, float]:
+        """The validation loss, or a dict of named metrics with at least ``val_loss``."""
+        raise NotImplementedError
+
+    def eval_metrics(self) -> dict[str, Any]:
+        """:meth:`evaluate` as a dict that holds ``val_loss``."""
+        result = self.evaluate()
+        metrics = dict(result) if isinstance(result, dict) else {"val_loss": result}
+        if "val_loss" not in metrics:
+            raise TypeError(f"{type(self).__name__}.evaluate() returned no 'val_loss'")
+        return metrics
+
+    def step_tokens(self, batch: Any) -> int:
+        """Tokens one optimizer step trains on (all ranks): throughput and Sophia's ``bs``."""
+        return self.config.batch_size * self.config.seq_len
+
+    def hessian_update(self, batch: Any) -> None:
+        name = type(self).__name__
+        raise UserError(f"{name} has no Hessian estimate for {self.config.optimizer}")
+
+    def data_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_data_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def log_fields(self) -> dict[str, float]:
+        """Extra numbers for each training record of the log (e.g. a reward)."""
+        return {}
+
+    def summary_fields(self) -> dict[str, Any]:
+        """Extra entries of the summary (e.g. the data's description)."""
+        return {}
+
+    # ----------------------------------------------------------------- checkpoints
+
+    def state(self) -> dict[str, Any]:
+        """Everything a checkpoint holds besides the model and optimizer."""
+        return {
+            "version": checkpoints.CHECKPOINT_VERSION,
+            "step": self.step,
+            "tokens": self.tokens,
+            "initial_loss": self.initial_loss,
+            "last_loss": self.last_loss,
+            "train_seconds": self.train_seconds,
+            "train_cpu_seconds": self.session.cpu_seconds,  # this session's steps (less noisy)
+            "session": json.dumps(
+                {**dataclasses.asdict(self.session), "wall": self.wall_seconds()}
+            ),
+            "torch_rng": torch.get_rng_state(),
+            "eval_curve": json.dumps(self.eval_curve),
+            "config": json.dumps(self.config.to_dict()),
+            "requested_config": json.dumps(self.requested),
+            **self.data_state(),
+        }
+
+    def checkpoint(self) -> Path | None:
+        """A checkpoint of the current step (every rank takes part when parallel)."""
+        if self.out is None:
+            return None
+        payload = self.state()
+        folder, keep = self.out / "checkpoints", self.config.keep_checkpoints
+        if self.par.active:  # every rank writes its shards (DCP); rank 0 the rest
+            model, optimizer, step = self.model, self.optimizer, self.step
+            path = distributed.save_dcp(self.par, folder, step, model, optimizer, payload, keep)
+        else:
+            payload["model"] = self.model.state_dict()
+            payload["optimizer"] = self.optimizer.state_dict()
+            path = checkpoints.save_checkpoint(folder, self.step, payload, keep)
+        self.last_checkpoint, self.last_checkpoint_path = self.step, path
+        return path
+
+    def restore(self, payload: dict[str, Any]) -> None:
+        """Model, optimizer, data position, RNG and counters from a checkpoint."""
+        model, optimizer = self.model, self.optimizer
+        if "model" not in payload:  # a DCP checkpoint, at any world size
+            distributed.load_dcp(self.resumed_from, model, optimizer)
+        elif self.par.mode == "fsdp":  # a single-process checkpoint onto shards
+            distributed.load_full(payload["model"], payload["optimizer"], model, optimizer)
+        else:
+            self.par.unwrap(model).load_state_dict(payload["model"])
+            optimizer.load_state_dict(payload["optimizer"])
+        self.load_data_state(payload)
+        torch.set_rng_state(payload["torch_rng"])
+        self.step, self.tokens = int(payload["step"]), int(payload["tokens"])
+        self.initial_loss = payload["initial_loss"]
+        self.last_loss = payload.get("last_loss")
+        self.eval_curve = json.loads(payload["eval_curve"])
+        self.train_seconds = float(payload["train_seconds"])
+        self.last_checkpoint, self.last_checkpoint_path = self.step, self.resumed_from
+        if "session" in payload:
+            self._earlier_session = json.loads(payload["session"])
+
+    # ----------------------------------------------------------------- signals
+
+    @contextlib.contextmanager
+    def stop_on_signals(self) -> Iterator[None]:
+        """SIGINT and SIGTERM stop the run at the end of the current step, with a checkpoint
+        of that step (:meth:`interrupt`); a second signal stops at once. Handlers someone set
+        on purpose (a sweep worker ignores SIGINT) and other threads are left alone."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous: dict[int, Any] = {}
+
+        def handler(signum: int, frame: Any) -> None:
+            if self.stop_signal:
+                raise KeyboardInterrupt
+            self.stop_signal = signal.Signals(signum).name
+
+        defaults = ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL))
+        for sig, default in defaults:
+            if signal.getsignal(sig) is default:
+                previous[sig] = signal.signal(sig, handler)
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+    def should_stop(self) -> bool:
+        """Whether a signal asked to stop, agreed by every rank (they stop at the same step)."""
+        if not (self.par.active and self.par.world > 1):
+            return self.stop_signal is not None
+        flag = torch.tensor(float(self.stop_signal is not None), device=self.device)
+        if self.par.sum(flag).item() > 0:
+            self.stop_signal = self.stop_signal or "SIGTERM"
+            return True
+        return False
+
+    def interrupt(self) -> None:
+        """Checkpoint the current step and stop with :class:`~optarena.errors.Interrupted`."""
+        if self.last_checkpoint != self.step:
+            self.checkpoint()
+        if self.last_checkpoint_path is None:
+            where = "no --out: nothing saved"
+        else:
+            where = f"checkpoint {self.last_checkpoint_path}; continue with --resume"
+        steps = f"step {self.step} of {self.config.steps}"
+        raise Interrupted(f"{self.stop_signal} at {steps} ({where})")
+
+    # ----------------------------------------------------------------- the end
+
+    def progress_bar(self) -> Any:
+        from tqdm import tqdm
+
+        return tqdm(
+            total=self.config.steps,
+            initial=self.step,
+            unit="step",
+            dynamic_ncols=True,
+            disable=not self.config.progress or not self.par.is_main,
+            desc=self.config.optimizer,
+        )
+
+    def wall_seconds(self) -> float:
+        """Seconds of this session (of the one that trained, when this one only finished)."""
+        return self._wall_before + time.perf_counter() - self.start_wall
+
+    def finish(self) -> dict[str, Any]:
+        """The final evaluation, the last checkpoint, ``summary.json``; returns the summary."""
+        step = self.step
+        if self.eval_curve and self.eval_curve[-1]["step"] == step and self.last_checkpoint == step:
+            # resumed from the last checkpoint, written after the final evaluation
+            self.final_val = self.eval_curve[-1]["val_loss"]
+        else:
+            metrics = self.eval_metrics()
+            metrics["val_loss"] = self.final_val = _finite_or_none(metrics["val_loss"])
+            if not self.eval_curve or self.eval_curve[-1]["step"] != step:
+                self.eval_curve.append({"step": step, **metrics})
+            self.log.log({"step": step, **metrics})
+        self.log.close()
+        if not self.diverged and self.out is not None and self.last_checkpoint != step:
+            self.checkpoint()
+        earlier = self._earlier_session
+        if earlier is not None and self.session.tokens == 0:  # the session that trained
+            self.session = Throughput(earlier["tokens"], earlier["seconds"], earlier["cpu_seconds"])
+            self._wall_before = earlier["wall"]
+        summary = self.summary()
+        if self.out is not None and self.par.is_main:
+            atomic.fault_point("before-summary")
+            atomic.write_json(self.out / SUMMARY_FILE, summary)
+            atomic.fault_point("after-summary")
+        self.par.barrier()
+        return summary
+
+    def summary(self) -> dict[str, Any]:
+        optimizer = self.optimizer
+        groups = optimizer.param_groups
+        peaks = {float(g["initial_lr"]) for g in groups if g["initial_lr"] is not None}
+        return {
+            "final_val_loss": self.final_val,
+            "diverged": self.diverged,
+            "diverged_at": self.diverged_at,
+            "steps": self.step,
+            "tokens": self.tokens,
+            "tokens_per_second": self.session.tokens_per_second,
+            "params": sum(p.numel() for p in self.model.parameters()),  # global under FSDP
+            "optimizer_state_bytes": optimizer_state_bytes(optimizer),
+            "peak_memory_bytes": _peak_memory(self.device),
+            "wall_seconds": self.wall_seconds(),
+            "train_seconds": self.train_seconds,
+            "train_cpu_seconds": self.session.cpu_seconds,  # this session's steps (less noisy)
+            "initial_loss": _finite_or_none(self.initial_loss),
+            "final_train_loss": _finite_or_none(self.last_loss),
+            "eval_curve": self.eval_curve,
+            "optimizer": self.config.optimizer,
+            "peak_lrs": sorted(peaks),
+            "resumed_from": str(self.resumed_from) if self.resumed_from else None,
+            "device": str(self.device),
+            "parallel": {"mode": self.par.mode, "world_size": self.par.world},
+            "dtype": str(self.dtype).removeprefix("torch."),
+            **self.summary_fields(),
+            "config": self.config.to_dict(),
+            "requested_config": self.requested,
+        }
+
+
+class LanguageModelRun(Run):
+    """Pre-training the study's transformer on a corpus: random windows of ``seq_len`` tokens,
+    next-token cross-entropy with z-loss, fixed validation windows, Sophia's Gauss-Newton-Bartlett
+    Hessian estimate."""
+
+    def build(self) -> None:
+        from optarena.data import RandomWindows, prepare_data, validation_windows
+        from optarena.model import GPT, PRESETS
+
+        config, par = self.config, self.par
+        vocab = config.vocab_size or PRESETS[config.model]["vocab_size"]
+        self.data = prepare_data(
+            config.data,
+            config.tokenizer,
+            vocab,
+            config.cache_dir,
+            config.val_fraction,
+            config.max_documents,
+            config.progress,
+        )
+        config.vocab_size = vocab if config.tokenizer == "bpe" else self.data.tokenizer.vocab_size
+        # pad the embedding to a multiple of 64 like the study (32,100 -> 32,128)
+        padded_vocab = 64 * math.ceil(self.data.tokenizer.vocab_size / 64)
+        self.batches = RandomWindows(
+            self.data.train, config.batch_size, config.seq_len, config.seed, (par.rank, par.world)
+        )
+        val_x, val_y = validation_windows(self.data.val, config.eval_windows, config.seq_len)
+        self.val_x, self.val_y = val_x.to(self.device), val_y.to(self.device)
+        self.model_config = _model_config(config, padded_vocab)
+        torch.manual_seed(config.seed)
+        self.model = GPT(self.model_config).to(self.device)
+        self.hessian_rng = torch.Generator(device=self.device).manual_seed(config.seed + 1)
+        # sequences per forward pass on this rank
+        self.micro = config.batch_size // (config.grad_accum * par.world)
+
+    def data_state(self) -> dict[str, Any]:
+        return {"batches": self.batches.state_dict(), "hessian_rng": self.hessian_rng.get_state()}
+
+    def load_data_state(self, state: dict[str, Any]) -> None:
+        self.batches.load_state_dict(state["batches"])
+        self.hessian_rng.set_state(state["hessian_rng"])
+
+    def next_batch(self) -> tuple[Tensor, Tensor]:
+        x, y = self.batches.next()
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def micro_batches(self, x: Tensor) -> Iterator[tuple[int, slice]]:
+        for m in range(self.config.grad_accum):
+            yield m, slice(m * self.micro, (m + 1) * self.micro)
+
+    def forward_backward(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+        from optarena.model import lm_loss
+
+        x_all, y_all = batch
+        accum = self.config.grad_accum
+        ce_sum = torch.zeros((), device=self.device)
+        for m, rows in self.micro_batches(x_all):
+            with self.par.accumulating(self.model, last=m == accum - 1):
+                with self.autocast:
+                    logits = self.model(x_all[rows])
+                loss, ce = lm_loss(logits, y_all[rows], self.config.z_loss)
+                (loss / accum if accum > 1 else loss).backward()
+            ce_sum += ce.detach()
+        return ce_sum.double() / accum  # float64: the mean rounds once, as a Python float
+
+    def evaluate(self) -> float:
+        """Mean validation cross-entropy; ranks share the windows and sum their losses."""
+        model, par, device = self.model, self.par, self.device
+        model.eval()
+        total = torch.zeros((), device=device)
+        rows, weight = par.eval_indices(len(self.val_x))
+        rows, weight = rows.to(device), weight.to(device)
+        size = max(1, self.config.batch_size // par.world)
+        with torch.no_grad(), self.autocast:
+            for i in range(0, len(rows), size):
+                x, y = self.val_x[rows[i : i + size]], self.val_y[rows[i : i + size]]
+                logits = model(x).float()
+                ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
+                total += (ce.view(len(x), -1).sum(1) * weight[i : i + size]).sum()
+        model.train()
+        return (par.sum(total) / self.val_y.numel()).item()
+
+    def hessian_update(self, batch: tuple[Tensor, Tensor]) -> None:
+        """Sophia's Gauss-Newton-Bartlett estimate: back-propagate the loss on labels sampled
+        from the model's own softmax (same clipping), then ``update_hessian()``.
+
+        As in the official Sophia loop, the estimate uses the whole batch of the step, micro-batch
+        by micro-batch. Each label is drawn by inverting the softmax CDF at one uniform number per
+        token of the global batch, so a token gets the same label whatever the world size and
+        micro-batching."""
+        x_local = batch[0]
+        par, accum = self.par, self.config.grad_accum
+        tokens_local = x_local.numel()
+        with torch.no_grad():
+            u = torch.rand(tokens_local * par.world, generator=self.hessian_rng, device=self.device)
+            u = u[par.rank * tokens_local : (par.rank + 1) * tokens_local]
+        for m, rows in self.micro_batches(x_local):
+            with par.accumulating(self.model, last=m == accum - 1):
+                with self.autocast:
+                    logits = self.model(x_local[rows])
+                flat = logits.float().flatten(0, 1)
+                with torch.no_grad():
+                    cdf = flat.softmax(-1).cumsum(-1)
+                    mine = u[m * flat.shape[0] : (m + 1) * flat.shape[0]]
+                    labels = torch.searchsorted(cdf, mine.unsqueeze(-1)).squeeze(-1)
+                    labels = labels.clamp_(max=flat.shape[-1] - 1)
+                loss = F.cross_entropy(flat, labels)
+                (loss / accum if accum > 1 else loss).backward()
+        if self.config.grad_clip:
+            distributed.clip_grad_norm_(self.params, self.config.grad_clip)
+        self.optimizer.update_hessian()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def summary_fields(self) -> dict[str, Any]:
+        data = self.data
+        return {
+            "data": {
+                "corpus": data.corpus.name,
+                "tokenizer": data.tokenizer.name,
+                "tokenizer_vocab": data.tokenizer.vocab_size,
+                "train_tokens": len(data.train),
+                "val_tokens": len(data.val),
+                "val_windows": len(self.val_x),
+            },
+            "model_config": self.model_config.to_dict(),
+        }
 
 
 def train(
@@ -497,339 +1088,19 @@ def train(
     ``log_every`` steps, validation losses), output directory or not: a notebook or a
     benchmark can follow a run without reading files. With ``parallel`` set (under torchrun),
     every rank calls this; rank 0 writes the files and calls ``on_log``, and every rank returns
-    the summary."""
+    the summary. ``resume`` of a run that already finished returns its stored summary."""
     config = check_config(config, optimizer=False)  # the optimizer itself is built below
-    from optarena import distributed
-
     par = distributed.setup(config.parallel, config.device)
     try:
-        return _train(config, par, on_log)
+        return LanguageModelRun(config, par, on_log).run()
     finally:
         par.close()
 
 
-def _resume_point(folder: Path) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint: a single-process ``step-N.pt`` or a parallel ``step-N.dcp`` (its
-    ``meta.pt``: everything but the model and optimizer, which DCP loads in place)."""
-    from optarena.distributed import checkpoint_dirs, load_meta
-
-    pt = latest_checkpoint(folder) if any(folder.glob("step-*.pt")) else None
-    dirs = checkpoint_dirs(folder)
-    if dirs and (pt is None or load_meta(dirs[0])["step"] > int(pt[1]["step"])):
-        return dirs[0], load_meta(dirs[0])
-    return pt
-
-
-def _train(
-    config: TrainConfig, par: Any, on_log: Callable[[dict[str, Any]], None] | None
-) -> dict[str, Any]:
-    from optarena import distributed
-
-    start_wall = time.perf_counter()
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    if not par.active:
-        par.device = resolve_device(config.device)
-    device = par.device
-    dtype = _resolve_dtype(config.dtype, device)
-    if config.batch_size % (par.world * config.grad_accum):
-        raise UserError(
-            f"batch_size {config.batch_size} is not divisible by {par.world} processes x "
-            f"grad_accum {config.grad_accum}"
-        )
-    out = _prepare_out(config)
-    requested = json.loads(json.dumps(config.to_dict()))  # as given, before defaults resolve
-
-    # ---- resume point (read before any work, so a bad checkpoint fails fast)
-    resumed: dict[str, Any] | None = None
-    resumed_from = None
-    if config.resume and out is not None:
-        found = _resume_point(out / "checkpoints")
-        if found is None:
-            if par.is_main:
-                print(f"optarena: no checkpoint in {out}; starting from scratch", file=sys.stderr)
-        else:
-            resumed_from, resumed = found
-            saved = json.loads(resumed["requested_config"])
-            changed = sorted(
-                k
-                for k in set(saved) | set(requested)
-                if k not in RESUMABLE_CHANGES and saved.get(k) != requested.get(k)
-            )
-            if changed:
-                raise UserError(
-                    f"cannot resume {out}: the config differs in {', '.join(changed)} "
-                    "(resume with the same settings, or use another --out)"
-                )
-
-    # ---- data
-    from optarena.data import RandomWindows, prepare_data, validation_windows
-    from optarena.model import GPT, PRESETS, lm_loss
-
-    vocab = config.vocab_size or PRESETS[config.model]["vocab_size"]
-    data = prepare_data(
-        config.data,
-        config.tokenizer,
-        vocab,
-        config.cache_dir,
-        config.val_fraction,
-        config.max_documents,
-        config.progress,
-    )
-    config.vocab_size = vocab if config.tokenizer == "bpe" else data.tokenizer.vocab_size
-    # pad the embedding to a multiple of 64 like the study (32,100 -> 32,128)
-    padded_vocab = 64 * math.ceil(data.tokenizer.vocab_size / 64)
-    batches = RandomWindows(
-        data.train, config.batch_size, config.seq_len, config.seed, (par.rank, par.world)
-    )
-    val_x, val_y = validation_windows(data.val, config.eval_windows, config.seq_len)
-    val_x, val_y = val_x.to(device), val_y.to(device)
-
-    # ---- model and optimizer
-    model_config = _model_config(config, padded_vocab)
-    torch.manual_seed(config.seed)
-    model = par.wrap(GPT(model_config).to(device))
-    optimizer = _make_optimizer(config, par.unwrap(model))
-    for group in optimizer.param_groups:
-        group.setdefault("initial_lr", group["lr"])
-    hessian_interval = getattr(optimizer, "hessian_interval", None)
-    hessian_rng = torch.Generator(device=device).manual_seed(config.seed + 1)
-
-    step, tokens, initial_loss, train_seconds = 0, 0, None, 0.0
-    eval_curve: list[dict[str, Any]] = []
-    if resumed is not None:
-        if "model" not in resumed:  # a DCP checkpoint, at any world size
-            distributed.load_dcp(resumed_from, model, optimizer)
-        elif par.mode == "fsdp":  # a single-process checkpoint onto shards
-            distributed.load_full(resumed["model"], resumed["optimizer"], model, optimizer)
-        else:
-            par.unwrap(model).load_state_dict(resumed["model"])
-            optimizer.load_state_dict(resumed["optimizer"])
-        batches.load_state_dict(resumed["batches"])
-        hessian_rng.set_state(resumed["hessian_rng"])
-        torch.set_rng_state(resumed["torch_rng"])
-        step, tokens = int(resumed["step"]), int(resumed["tokens"])
-        initial_loss = resumed["initial_loss"]
-        eval_curve = json.loads(resumed["eval_curve"])
-        train_seconds = float(resumed["train_seconds"])
-
-    autocast = (
-        torch.autocast(device.type, dtype=dtype)
-        if dtype != torch.float32
-        else contextlib.nullcontext()
-    )
-    params = [p for p in model.parameters() if p.requires_grad]
-    clip = config.grad_clip or 0.0
-    micro = config.batch_size // (config.grad_accum * par.world)  # sequences per forward
-    tokens_per_step = config.batch_size * config.seq_len
-    loggers = _Loggers(
-        config,
-        out if par.is_main else None,
-        step if resumed is not None else None,
-        on_log if par.is_main else None,
-    )
-
-    def evaluate() -> float:
-        """Mean validation cross-entropy; ranks share the windows and sum their losses."""
-        model.eval()
-        total = torch.zeros((), device=device)
-        rows, weight = par.eval_indices(len(val_x))
-        rows, weight = rows.to(device), weight.to(device)
-        size = max(1, config.batch_size // par.world)
-        with torch.no_grad(), autocast:
-            for i in range(0, len(rows), size):
-                x, y = val_x[rows[i : i + size]], val_y[rows[i : i + size]]
-                logits = model(x).float()
-                ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
-                total += (ce.view(len(x), -1).sum(1) * weight[i : i + size]).sum()
-        model.train()
-        return (par.sum(total) / val_y.numel()).item()
-
-    last_checkpoint = step if resumed is not None else -1
-
-    def checkpoint() -> None:
-        nonlocal last_checkpoint
-        if out is None:
-            return
-        last_checkpoint = step
-        payload = {
-            "version": CHECKPOINT_VERSION,
-            "step": step,
-            "tokens": tokens,
-            "initial_loss": initial_loss,
-            "train_seconds": train_seconds,
-            "train_cpu_seconds": session_cpu,  # CPU time of this session's steps (less noisy)
-            "batches": batches.state_dict(),
-            "hessian_rng": hessian_rng.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "eval_curve": json.dumps(eval_curve),
-            "config": json.dumps(config.to_dict()),
-            "requested_config": json.dumps(requested),
-        }
-        if par.active:  # every rank writes its shards (DCP); rank 0 the rest
-            folder = out / "checkpoints"
-            distributed.save_dcp(
-                par, folder, step, model, optimizer, payload, config.keep_checkpoints
-            )
-            return
-        payload["model"] = model.state_dict()
-        payload["optimizer"] = optimizer.state_dict()
-        save_checkpoint(out / "checkpoints", step, payload, config.keep_checkpoints)
-
-    def hessian_update(x_local: Tensor) -> None:
-        """Sophia's Gauss-Newton-Bartlett estimate: back-propagate the loss on labels sampled
-        from the model's own softmax (same clipping), then ``update_hessian()``.
-
-        As in the official Sophia loop, the estimate uses the whole batch of the step, micro-batch
-        by micro-batch. Each label is drawn by inverting the softmax CDF at one uniform number per
-        token of the global batch, so a token gets the same label whatever the world size and
-        micro-batching."""
-        tokens_local = x_local.numel()
-        with torch.no_grad():
-            u = torch.rand(tokens_local * par.world, generator=hessian_rng, device=device)
-            u = u[par.rank * tokens_local : (par.rank + 1) * tokens_local]
-        for m in range(config.grad_accum):
-            x = x_local[m * micro : (m + 1) * micro]
-            with par.accumulating(model, last=m == config.grad_accum - 1):
-                with autocast:
-                    logits = model(x)
-                flat = logits.float().flatten(0, 1)
-                with torch.no_grad():
-                    cdf = flat.softmax(-1).cumsum(-1)
-                    mine = u[m * flat.shape[0] : (m + 1) * flat.shape[0]]
-                    labels = torch.searchsorted(cdf, mine.unsqueeze(-1)).squeeze(-1)
-                    labels = labels.clamp_(max=flat.shape[-1] - 1)
-                loss = F.cross_entropy(flat, labels)
-                (loss / config.grad_accum if config.grad_accum > 1 else loss).backward()
-        if clip:
-            distributed.clip_grad_norm_(params, clip)
-        optimizer.update_hessian()
-        optimizer.zero_grad(set_to_none=True)
-
-    from tqdm import tqdm
-
-    bar = tqdm(
-        total=config.steps,
-        initial=step,
-        unit="step",
-        dynamic_ncols=True,
-        disable=not config.progress or not par.is_main,
-        desc=config.optimizer,
-    )
-    diverged, diverged_at, last_loss = False, None, None
-    session_tokens, session_seconds, session_cpu = 0, 0.0, 0.0
-    model.train()
-    try:
-        while step < config.steps:
-            t0, c0 = time.perf_counter(), time.process_time()
-            mult = lr_multiplier(config, step)
-            for group in optimizer.param_groups:
-                if group["initial_lr"] is not None:  # None: the optimizer sets its own step
-                    group["lr"] = group["initial_lr"] * mult
-            x_all, y_all = batches.next()
-            x_all, y_all = x_all.to(device, non_blocking=True), y_all.to(device, non_blocking=True)
-            ce_sum = torch.zeros((), device=device)
-            for m in range(config.grad_accum):
-                x, y = x_all[m * micro : (m + 1) * micro], y_all[m * micro : (m + 1) * micro]
-                with par.accumulating(model, last=m == config.grad_accum - 1):
-                    with autocast:
-                        logits = model(x)
-                    loss, ce = lm_loss(logits, y, config.z_loss)
-                    (loss / config.grad_accum if config.grad_accum > 1 else loss).backward()
-                ce_sum += ce.detach()
-            grad_norm = distributed.clip_grad_norm_(params, clip) if clip else None
-            if hessian_interval is not None:
-                optimizer.step(bs=tokens_per_step)
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens += tokens_per_step
-            if hessian_interval and step % hessian_interval == 0:
-                hessian_update(x_all)
-            last_loss = par.mean(ce_sum).item() / config.grad_accum  # same on every rank
-            dt = time.perf_counter() - t0
-            train_seconds += dt
-            session_seconds += dt
-            session_cpu += time.process_time() - c0
-            session_tokens += tokens_per_step
-            bar.update(1)
-
-            if initial_loss is None:
-                initial_loss = last_loss
-            if not math.isfinite(last_loss) or last_loss > config.divergence_factor * initial_loss:
-                diverged, diverged_at = True, step
-                loggers.log({"step": step, "loss": _finite_or_none(last_loss), "diverged": True})
-                break
-            if step % config.log_every == 0 or step == config.steps:
-                tps = session_tokens / max(session_seconds, 1e-9)
-                record = {
-                    "step": step,
-                    "loss": last_loss,
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "tokens": tokens,
-                    "tokens_per_second": tps,
-                }
-                if grad_norm is not None:
-                    record["grad_norm"] = grad_norm.item()
-                loggers.log(record)
-                bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
-            if config.eval_every and step % config.eval_every == 0 and step < config.steps:
-                val = evaluate()
-                eval_curve.append({"step": step, "val_loss": val})
-                loggers.log({"step": step, "val_loss": val})
-            if config.checkpoint_every and step % config.checkpoint_every == 0:
-                checkpoint()
-    finally:
-        bar.close()
-
-    final_val = evaluate()
-    if not eval_curve or eval_curve[-1]["step"] != step:
-        eval_curve.append({"step": step, "val_loss": _finite_or_none(final_val)})
-    loggers.log({"step": step, "val_loss": _finite_or_none(final_val)})
-    loggers.close()
-    if not diverged and out is not None and last_checkpoint != step:
-        checkpoint()
-
-    summary = {
-        "final_val_loss": _finite_or_none(final_val),
-        "diverged": diverged,
-        "diverged_at": diverged_at,
-        "steps": step,
-        "tokens": tokens,
-        "tokens_per_second": session_tokens / session_seconds if session_seconds else 0.0,
-        "params": par.unwrap(model).num_params(),
-        "optimizer_state_bytes": optimizer_state_bytes(optimizer),
-        "peak_memory_bytes": _peak_memory(device),
-        "wall_seconds": time.perf_counter() - start_wall,
-        "train_seconds": train_seconds,
-        "train_cpu_seconds": session_cpu,  # CPU time of this session's steps (less noisy)
-        "initial_loss": _finite_or_none(initial_loss),
-        "final_train_loss": _finite_or_none(last_loss),
-        "eval_curve": eval_curve,
-        "optimizer": config.optimizer,
-        "peak_lrs": sorted(
-            {float(g["initial_lr"]) for g in optimizer.param_groups if g["initial_lr"] is not None}
-        ),
-        "resumed_from": str(resumed_from) if resumed_from else None,
-        "device": str(device),
-        "parallel": {"mode": par.mode, "world_size": par.world},
-        "dtype": str(dtype).removeprefix("torch."),
-        "data": {
-            "corpus": data.corpus.name,
-            "tokenizer": data.tokenizer.name,
-            "tokenizer_vocab": data.tokenizer.vocab_size,
-            "train_tokens": len(data.train),
-            "val_tokens": len(data.val),
-            "val_windows": len(val_x),
-        },
-        "model_config": model_config.to_dict(),
-        "config": config.to_dict(),
-    }
-    if out is not None and par.is_main:
-        _atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    par.barrier()
-    return summary
+# kept importable from here: the checkpoint API predates optarena.checkpoints
+latest_checkpoint = checkpoints.latest_checkpoint
+load_checkpoint = checkpoints.load_checkpoint
+save_checkpoint = checkpoints.save_checkpoint
 
 
 class _CallableModule(types.ModuleType):
@@ -841,4 +1112,17 @@ class _CallableModule(types.ModuleType):
 
 sys.modules[__name__].__class__ = _CallableModule
 
-__all__ = ["TrainConfig", "latest_checkpoint", "lr_multiplier", "optimizer_state_bytes", "train"]
+__all__ = [
+    "CHECKPOINT_VERSION",
+    "SUMMARY_FILE",
+    "LanguageModelRun",
+    "Run",
+    "RunConfig",
+    "Throughput",
+    "TrainConfig",
+    "check_config",
+    "latest_checkpoint",
+    "lr_multiplier",
+    "optimizer_state_bytes",
+    "train",
+]

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from optarena import atomic
 from optarena.data.corpus import SPLITS, Corpus
 from optarena.data.tokenizer import TextTokenizer
 
@@ -131,9 +132,22 @@ def load_tokens(
 
 
 def _build(corpus: Corpus, tokenizer: TextTokenizer, folder: Path, progress: bool) -> dict:
-    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    """Encode both splits into a temporary folder beside ``folder``, then move the files in
+    with ``meta.json`` (their checksums) last: a cache without a matching meta is rebuilt."""
+    atomic.clean_temp_files(folder.parent)  # the folders of builds that were killed
+    tmp = atomic.temp_name(folder)
+    with atomic.storage_errors(folder):
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            return _build_into(corpus, tokenizer, folder, tmp, progress)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _build_into(
+    corpus: Corpus, tokenizer: TextTokenizer, folder: Path, tmp: Path, progress: bool
+) -> dict:
     dtype = _dtype(tokenizer.vocab_size)
     splits = {
         s: _write_split(corpus, tokenizer, s, tmp / f"{s}.bin", dtype, progress) for s in SPLITS
@@ -151,9 +165,7 @@ def _build(corpus: Corpus, tokenizer: TextTokenizer, folder: Path, progress: boo
     (folder / "meta.json").unlink(missing_ok=True)  # invalid until the new meta lands
     for s in SPLITS:
         os.replace(tmp / f"{s}.bin", folder / f"{s}.bin")
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    os.replace(tmp / "meta.json", folder / "meta.json")
-    shutil.rmtree(tmp, ignore_errors=True)
+    atomic.write_json(folder / "meta.json", meta, indent=1)
     return meta
 
 

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from optarena import atomic
 from optarena.errors import UserError
 
 SPLITS = ("train", "val")
@@ -165,12 +166,11 @@ def builtin_corpus(cache_dir: Path, val_fraction: float) -> Corpus:
             docs = None  # torn or corrupt: rebuild below
     if not docs:
         docs = build_builtin_documents()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        with tmp.open("w", encoding="utf-8") as f:
+        with atomic.storage_errors(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic.atomic_open(path) as f:
             for d in docs:
                 f.write(json.dumps(d) + "\n")
-        os.replace(tmp, path)
     digest = hashlib.sha256("\x1e".join(docs).encode("utf-8")).hexdigest()
     fp = _fingerprint("builtin", digest, repr(val_fraction))
     return _from_lists("builtin", fp, split_documents(docs, val_fraction))

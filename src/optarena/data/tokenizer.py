@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from optarena import atomic
 from optarena.data.corpus import Corpus
 from optarena.errors import UserError
 
@@ -86,10 +87,9 @@ def train_bpe(corpus: Corpus, vocab_size: int, cache_dir: Path, progress: bool =
     if not first:
         raise UserError(f"the corpus {corpus.name} is empty: no training documents")
     tok.train_from_iterator(itertools.chain(first, docs), trainer=trainer)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tok.save(str(tmp))
-    os.replace(tmp, path)
+    with atomic.storage_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(path, tok.to_str(pretty=True))
     return tok
 
 

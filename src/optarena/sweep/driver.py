@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from optarena import atomic
 from optarena.sweep.executors import Executor, Outcome, Task
 from optarena.sweep.progress import SweepProgress
 from optarena.sweep.spec import Run
@@ -56,6 +57,7 @@ def run_sweep(
 ) -> SweepResult:
     """Run every run of ``runs`` that has no result in ``store``; never raises for a bad run."""
     register_runs(store, runs, sweep)
+    executor.attach(store)
     unique = list({r.id: r for r in runs}.values())
     records = {rec.id: rec for rec in store.runs()}
     finished_before = [r for r in unique if records[r.id].status in FINISHED]
@@ -147,4 +149,4 @@ def _write_error_file(run_dir: Path, text: str | None) -> None:
         path.unlink(missing_ok=True)
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
+        atomic.write_text(path, text)

@@ -194,6 +194,10 @@ class Executor(ABC):
     @abstractmethod
     def close(self, cancel: bool = False) -> None: ...
 
+    def attach(self, store: Any) -> None:  # noqa: B027 (a hook: most backends need nothing)
+        """Called by the sweep driver with its results store before the first task; backends
+        that record what they submitted keep those records there."""
+
     def __enter__(self) -> Executor:
         return self
 
@@ -432,16 +436,78 @@ _SLURM_LIVE = {
 }
 
 
+class JobRecords:
+    """Which Slurm job runs which run, and the nonce its result must carry: ``FOLDER/jobs.json``
+    for an executor on its own; the results store (:meth:`Executor.attach`) under a sweep."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def all(self) -> dict[str, dict[str, str]]:
+        import json
+
+        try:
+            records = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(records, dict):
+            return {}
+        return {k: v for k, v in records.items() if isinstance(v, dict) and "job" in v}
+
+    def get(self, run_id: str) -> dict[str, str] | None:
+        return self.all().get(run_id)
+
+    def record(self, jobs: list[tuple[str, str, str]]) -> None:
+        records = self.all()
+        records.update({run_id: {"job": job, "nonce": nonce} for run_id, job, nonce in jobs})
+        self._write(records)
+
+    def forget(self, run_ids: list[str]) -> None:
+        records = self.all()
+        for run_id in run_ids:
+            records.pop(run_id, None)
+        self._write(records)
+
+    def _write(self, records: dict[str, Any]) -> None:
+        from optarena import atomic
+
+        with atomic.storage_errors(self.path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic.write_json(self.path, records, indent=1)
+
+
+def slurm_entry(
+    function: str, config: dict[str, Any], threads: int, result: str, distributed: bool
+) -> None:
+    """What a Slurm job runs: the run (:func:`execute`, or :func:`~optarena.sweep.launch.
+    slurm_task` for each task of a distributed run), its outcome written as JSON to ``result``
+    by rank 0. The driver reads that file and never unpickles what submitit keeps."""
+    from optarena import atomic
+
+    if distributed:
+        from optarena.sweep.launch import slurm_task
+
+        payload = slurm_task(function, config, threads)
+    else:
+        payload = execute(function, config, threads)
+    if int(os.environ.get("RANK", "0")) == 0:
+        atomic.write_json(result, {"config_out": config.get("out"), **payload}, default=str)
+
+
 class SlurmExecutor(Executor):
     """Runs as Slurm jobs through submitit; ``cluster="local"`` runs them as local processes
     (submitit's own local executor), which is how the tests run this path end to end.
 
     Runs submitted together go out as one job array (at most ``workers`` of its jobs at once,
-    ``--array=...%workers``). The job of every run is recorded in ``FOLDER/jobs.json``; a
-    sweep started again (after its driver was killed, a login node rebooted...) re-attaches to
-    the jobs that are still queued or running and collects the results of those that finished,
-    so only runs without a live or finished job are submitted again. A distributed run
-    (``resources``) is one job of ``nodes`` x ``procs_per_node`` tasks, one per GPU.
+    ``--array=...%workers``). The job of every run is recorded with a random nonce (in the
+    results store under a sweep, else ``FOLDER/jobs.json``); a sweep started again (after its
+    driver was killed, a login node rebooted...) re-attaches to the recorded jobs that are still
+    queued or running and collects the results of those that finished, so only runs without a
+    live or finished job are submitted again. A job's result is the JSON file
+    ``FOLDER/results/RUN-NONCE.json`` it writes, taken only when it names the recorded run; the
+    pickles submitit keeps are never read (a results folder is data, see docs/trust.md). A
+    distributed run (``resources``) is one job of ``nodes`` x ``procs_per_node`` tasks, one per
+    GPU.
     """
 
     def __init__(
@@ -484,59 +550,35 @@ class SlurmExecutor(Executor):
         params.update(parameters or {})
         self._executor.update_parameters(**params)
         self._tasks_per_job = int(params["nodes"]) * int(params["tasks_per_node"])
-        self._jobs: dict[Any, Task] = {}
+        self._jobs: dict[Any, tuple[Task, str]] = {}  # job -> (task, nonce)
         self._pending: list[Task] = []
-        self._registry = self.folder / "jobs.json"
+        self.records: Any = JobRecords(self.folder / "jobs.json")
 
-    # ----------------------------------------------------------------- job records
+    def attach(self, store: Any) -> None:
+        """Keep the job records in the sweep's results store."""
+        self.records = store.slurm_jobs()
 
-    def _records(self) -> dict[str, str]:
-        import json
+    def _result_path(self, run_id: str, nonce: str) -> Path:
+        return self.folder / "results" / f"{run_id}-{nonce}.json"
 
-        try:
-            return dict(json.loads(self._registry.read_text(encoding="utf-8")))
-        except (OSError, ValueError):
-            return {}
-
-    def _record(self, jobs: list[tuple[str, str]]) -> None:
-        import json
-
-        records = {**self._records(), **dict(jobs)}
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self._registry.with_name(f".{self._registry.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(records, indent=1), encoding="utf-8")
-        os.replace(tmp, self._registry)
-
-    def _forget(self, run_ids: list[str]) -> None:
-        import json
-
-        records = self._records()
-        for run_id in run_ids:
-            records.pop(run_id, None)
-        tmp = self._registry.with_name(f".{self._registry.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(records, indent=1), encoding="utf-8")
-        os.replace(tmp, self._registry)
-
-    def _reattach(self, job_id: str) -> Any | None:
+    def _reattach(self, job_id: str, run_id: str, nonce: str) -> Any | None:
         """The job of an earlier driver, if it finished with a result or may still make one."""
         tasks = list(range(self._tasks_per_job))
+        if self._result_path(run_id, nonce).is_file():
+            return self._submitit.LocalJob(folder=self.folder, job_id=job_id, tasks=tasks)
         if self.cluster == "slurm":
             job = self._submitit.SlurmJob(folder=self.folder, job_id=job_id, tasks=tasks)
-            if job.paths.result_pickle.exists():
-                return job
             state = job.watcher.get_state(job_id, mode="force").split(" ")[0]
             return job if state in _SLURM_LIVE else None
-        # local / debug jobs die with their driver's session: only their results outlive it
-        job = self._submitit.LocalJob(folder=self.folder, job_id=job_id, tasks=tasks)
-        return job if job.paths.result_pickle.exists() else None
+        return None  # local / debug jobs die with their driver's session
 
     # ----------------------------------------------------------------- executor
 
     def submit(self, task: Task) -> None:
-        known = self._records().get(task.run_id)
-        job = self._reattach(known) if known else None
+        known = self.records.get(task.run_id)
+        job = self._reattach(known["job"], task.run_id, known["nonce"]) if known else None
         if job is not None:
-            self._jobs[job] = task
+            self._jobs[job] = (task, known["nonce"])
         else:
             self._pending.append(task)
 
@@ -544,48 +586,75 @@ class SlurmExecutor(Executor):
         """Submit the pending runs, together: one job array on Slurm."""
         if not self._pending:
             return
-        from optarena.sweep.launch import slurm_task
+        import secrets
 
         pending, self._pending = self._pending, []
         distributed = self.resources.distributed
+        nonces = [secrets.token_hex(8) for _ in pending]
+        (self.folder / "results").mkdir(parents=True, exist_ok=True)
         old = os.environ.get("PYTHONPATH")
         os.environ["PYTHONPATH"] = package_pythonpath()  # local jobs inherit the environment
         try:
             with self._executor.batch():
                 jobs = []
-                for task in pending:
-                    fn, config = execute, task.config
+                for task, nonce in zip(pending, nonces, strict=True):
+                    config = task.config
                     if distributed:
-                        fn, config = slurm_task, {**config, "parallel": self.resources.parallel}
-                    jobs.append(self._executor.submit(fn, self.function, config, self.threads))
+                        config = {**config, "parallel": self.resources.parallel}
+                    result = str(self._result_path(task.run_id, nonce))
+                    jobs.append(
+                        self._executor.submit(
+                            slurm_entry, self.function, config, self.threads, result, distributed
+                        )
+                    )
         finally:
             if old is None:
                 os.environ.pop("PYTHONPATH", None)
             else:
                 os.environ["PYTHONPATH"] = old
-        self._record([(task.run_id, job.job_id) for task, job in zip(pending, jobs, strict=True)])
-        for task, job in zip(pending, jobs, strict=True):
-            self._jobs[job] = task
+        records = zip(pending, jobs, nonces, strict=True)
+        self.records.record([(task.run_id, job.job_id, nonce) for task, job, nonce in records])
+        for task, job, nonce in zip(pending, jobs, nonces, strict=True):
+            self._jobs[job] = (task, nonce)
+
+    def _finished(self, job: Any) -> bool:
+        task, nonce = self._jobs[job]
+        return self._result_path(task.run_id, nonce).is_file() or job.done()
+
+    def _outcome(self, job: Any) -> Outcome:
+        """The run's result from the JSON its job wrote, or why there is none."""
+        import json
+
+        task, nonce = self._jobs[job]
+        path = self._result_path(task.run_id, nonce)
+        try:
+            payload = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            state = getattr(job, "state", "UNKNOWN")
+            return Outcome(
+                task,
+                error=f"slurm job {job.job_id} ended without a result (state {state}); its "
+                f"output is in {self.folder}/{job.job_id}_*",
+            )
+        except (OSError, ValueError) as err:
+            return Outcome(task, error=f"slurm job {job.job_id}: unreadable result {path}: {err}")
+        if not isinstance(payload, dict) or payload.get("config_out") != task.config.get("out"):
+            return Outcome(task, error=f"slurm job {job.job_id}: {path} is not this run's result")
+        return _outcome(task, payload)
 
     def wait(self, timeout: float) -> list[Outcome]:
         self._flush()
         deadline = time.monotonic() + timeout
         while True:
-            done = [job for job in self._jobs if job.done()]
+            done = [job for job in self._jobs if self._finished(job)]
             if done or not self._jobs or time.monotonic() >= deadline:
                 break
             time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
-        outcomes = []
-        if done:  # the driver stores these now: a later sweep must not collect them again
-            self._forget([self._jobs[job].run_id for job in done])
+        outcomes = [self._outcome(job) for job in done]
+        # the driver stores these now: a later sweep must not collect them again
+        self.records.forget([self._jobs[job][0].run_id for job in done])
         for job in done:
-            task = self._jobs.pop(job)
-            try:
-                results = job.results()  # one per task; rank 0 first
-                outcomes.append(_outcome(task, results[0]))
-            except Exception as err:
-                message = f"slurm job {job.job_id}: {type(err).__name__}: {err}"
-                outcomes.append(Outcome(task, error=message.splitlines()[0][:500]))
+            del self._jobs[job]
         return outcomes
 
     def close(self, cancel: bool = False) -> None:

@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from optarena import atomic
+
 
 def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
@@ -27,10 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
     payload = execute(function, config, threads)
     if _rank() == 0:
-        out = Path(result_path)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps(payload, default=str), encoding="utf-8")
-        os.replace(tmp, out)
+        atomic.write_json(result_path, payload, indent=None, default=str)
     return 0 if "summary" in payload else 1
 
 

@@ -10,6 +10,7 @@ An ``events`` table keeps the history of every claim and finish, for audits and 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -22,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from optarena import atomic
+from optarena.atomic import pid_alive
 from optarena.errors import UserError
 
 STATUSES = ("pending", "running", "done", "diverged", "failed")
@@ -29,6 +32,8 @@ FINISHED = ("done", "diverged")  # a result: never rerun
 DB_NAME = "results.sqlite"
 # A running run whose heartbeat is older than this is presumed dead (other hosts).
 STALE_SECONDS = 120.0
+# Summary entries the store keeps elsewhere (the curve, the run's config) or not at all.
+_NOT_IN_SUMMARY = ("eval_curve", "config", "requested_config")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -68,6 +73,12 @@ CREATE TABLE IF NOT EXISTS events (
     host TEXT,
     detail TEXT
 );
+CREATE TABLE IF NOT EXISTS slurm_jobs (
+    run_id TEXT PRIMARY KEY,
+    job_id TEXT NOT NULL,
+    nonce TEXT NOT NULL,
+    submitted REAL NOT NULL
+);
 CREATE INDEX IF NOT EXISTS runs_status ON runs(status);
 """
 
@@ -106,57 +117,86 @@ class Member:
     sweep: str
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this pid exists on this host (zombies count as dead)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
 class Store:
     """A handle on ``DIR/results.sqlite``; cheap to open, safe to share across threads."""
 
     def __init__(self, directory: str | Path, *, create: bool = True) -> None:
+        """``create=False`` opens an existing store read-only (``report``): nothing in the
+        folder is written, a schema is never added to a file that lacks one."""
         self.dir = Path(directory)
         self.path = self.dir / DB_NAME
-        if not create and not self.path.is_file():
-            raise UserError(
-                f"{self.dir} holds no sweep results ({DB_NAME} missing); run "
-                f"`optarena sweep SPEC --out {self.dir}` first"
-            )
+        self.host = socket.gethostname()
+        self.pid = os.getpid()
+        if create:
+            self._conn = self._open_for_writing()
+        else:
+            self._conn = self._open_read_only()
+        self._conn.row_factory = sqlite3.Row
+
+    def _open_for_writing(self) -> sqlite3.Connection:
+        if self.dir.exists() and not self.dir.is_dir():
+            raise UserError(f"{self.dir} is a file, not a folder; give --out a folder")
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            self._conn = sqlite3.connect(
-                self.path, timeout=60.0, isolation_level=None, check_same_thread=False
-            )
+            with atomic.storage_errors(self.path):
+                self.dir.mkdir(parents=True, exist_ok=True)
+                conn = sqlite3.connect(
+                    self.path, timeout=60.0, isolation_level=None, check_same_thread=False
+                )
         except (OSError, sqlite3.OperationalError) as err:
             reason = getattr(err, "strerror", None) or str(err)
             raise UserError(
                 f"cannot open the results folder {self.dir}: {reason}; give --out a folder "
                 "you can write to"
             ) from None
-        self.host = socket.gethostname()
-        self.pid = os.getpid()
-        self._conn.row_factory = sqlite3.Row
         try:
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=NORMAL")
-            self._conn.execute("PRAGMA foreign_keys=ON")
-            self._conn.executescript(_SCHEMA)
+            with atomic.storage_errors(self.path):
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                conn.execute("PRAGMA foreign_keys=ON")
+                conn.executescript(_SCHEMA)
         except sqlite3.DatabaseError as err:  # the file is left as it is
-            self._conn.close()
+            conn.close()
             raise UserError(
                 f"{self.path} is not a results database ({err}); move it aside or give "
                 "another --out"
             ) from None
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _open_read_only(self) -> sqlite3.Connection:
+        if not self.path.is_file():
+            raise UserError(
+                f"{self.dir} holds no sweep results ({DB_NAME} missing); run "
+                f"`optarena sweep SPEC --out {self.dir}` first"
+            )
+        if self.path.stat().st_size == 0:
+            raise UserError(
+                f"{self.path} is empty (0 bytes): no sweep has written there yet; run "
+                f"`optarena sweep SPEC --out {self.dir}` first"
+            )
+        uri = self.path.resolve().as_uri()
+        # on a read-only medium SQLite cannot make the WAL index: read the file as it is
+        mode = "mode=ro" if os.access(self.dir, os.W_OK) else "immutable=1"
+        try:
+            conn = sqlite3.connect(
+                f"{uri}?{mode}",
+                uri=True,
+                timeout=60.0,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+        except sqlite3.DatabaseError as err:
+            raise UserError(
+                f"{self.path} is not a results database ({err}); move it aside or give "
+                "another folder"
+            ) from None
+        if not {"runs", "members"} <= tables:
+            conn.close()
+            raise UserError(f"{self.path} is an SQLite file but not an optarena results store")
+        return conn
 
     def close(self) -> None:
         self._conn.close()
@@ -173,13 +213,17 @@ class Store:
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        self._conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._conn
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
-        self._conn.execute("COMMIT")
+        """One write transaction; a full disk or read-only store becomes a StorageError (the
+        transaction rolled back, the store as it was)."""
+        with atomic.storage_errors(self.path):
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
 
     def _event(self, run_id: str, event: str, detail: str | None = None) -> None:
         self._conn.execute(
@@ -279,7 +323,7 @@ class Store:
         loss = _finite_or_none(summary.get("final_val_loss"))
         status = "diverged" if diverged or loss is None else "done"
         curve = normalize_curve(summary.get("eval_curve") or [])
-        slim = {k: v for k, v in summary.items() if k not in ("eval_curve", "config")}
+        slim = {k: v for k, v in summary.items() if k not in _NOT_IN_SUMMARY}
         with self._transaction() as db:
             row = db.execute("SELECT status FROM runs WHERE id=?", (run_id,)).fetchone()
             if row is None:
@@ -328,6 +372,10 @@ class Store:
                 if cur.rowcount:
                     self._event(run_id, "release")
 
+    def slurm_jobs(self) -> SlurmJobs:
+        """The Slurm jobs this store's sweeps submitted (the Slurm backend keeps them here)."""
+        return SlurmJobs(self)
+
     # ------------------------------------------------------------------------------ reads
 
     def runs(self, *, status: str | Iterable[str] | None = None) -> list[RunRecord]:
@@ -360,6 +408,39 @@ class Store:
         if run_id is not None:
             sql, args = sql + " WHERE run_id=?", (run_id,)
         return [dict(r) for r in self._conn.execute(sql + " ORDER BY seq", args)]
+
+
+class SlurmJobs:
+    """The ``slurm_jobs`` table: run id -> the job that runs it and the nonce its result file
+    carries. Only the driver's process writes it (the executor lives there)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def get(self, run_id: str) -> dict[str, str] | None:
+        row = self.store._conn.execute(
+            "SELECT job_id, nonce FROM slurm_jobs WHERE run_id=?", (run_id,)
+        ).fetchone()
+        return {"job": row["job_id"], "nonce": row["nonce"]} if row else None
+
+    def all(self) -> dict[str, dict[str, str]]:
+        rows = self.store._conn.execute("SELECT run_id, job_id, nonce FROM slurm_jobs")
+        return {r["run_id"]: {"job": r["job_id"], "nonce": r["nonce"]} for r in rows}
+
+    def record(self, jobs: list[tuple[str, str, str]]) -> None:
+        now = time.time()
+        with self.store._transaction() as db:
+            db.executemany(
+                "INSERT OR REPLACE INTO slurm_jobs(run_id, job_id, nonce, submitted)"
+                " VALUES (?,?,?,?)",
+                [(run_id, job, nonce, now) for run_id, job, nonce in jobs],
+            )
+            for run_id, job, _ in jobs:
+                self.store._event(run_id, "submit", f"slurm job {job}")
+
+    def forget(self, run_ids: list[str]) -> None:
+        with self.store._transaction() as db:
+            db.executemany("DELETE FROM slurm_jobs WHERE run_id=?", [(r,) for r in run_ids])
 
 
 def normalize_curve(curve: Iterable[Any]) -> list[list[float | None]]:

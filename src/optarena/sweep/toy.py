@@ -9,12 +9,13 @@ deterministic per-seed offset; LRs far above the optimum diverge.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import time
 from pathlib import Path
 from typing import Any
+
+from optarena import atomic
 
 # log10 of the optimal LR and the loss reached there, per optimizer (others: adamw's).
 OPTIMA = {
@@ -83,5 +84,5 @@ def train(config: dict[str, Any]) -> dict[str, Any]:
     if config.get("out"):
         out = Path(config["out"])
         out.mkdir(parents=True, exist_ok=True)
-        (out / "summary.json").write_text(json.dumps(summary, default=str))
+        atomic.write_json(out / "summary.json", summary, default=str)
     return summary
