@@ -6,7 +6,7 @@ global clipping, ``optimizer.step()``, ``zero_grad`` on random tokens, timed ste
 logging and divergence checks; its figure is also the median step after the warm-up steps,
 read from its log (``on_log``, every step). Both use the same model, batch and optimizer; the
 fast path is compiled before either is timed (the process-wide cache of
-:mod:`optarena.optim.fused` then serves both), so compile time is reported apart.
+:mod:`optarena.optim.compiled` then serves both), so compile time is reported apart.
 
 A row runs in rounds, each the reference plain loop (torch's fused AdamW), ours and the
 harness back to back; its ratios are medians of the rounds' ratios, as in ``bench step``: the
