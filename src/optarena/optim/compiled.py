@@ -29,7 +29,7 @@ import time
 import types
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -197,17 +197,17 @@ class CompiledSteps:
         pid = (plan.key, group["no_decay_roles"], group["maximize"], *map(id, params))
         states = [opt.state_for(p, group, plan) for p in params]
         bucket = self.buckets.get(pid)
-        if (
-            bucket is not None
-            and all(a is b for a, b in zip(states, bucket.states, strict=True))
-            and all(_same(bucket.lists[i], st) for i, st in enumerate(states))
-        ):
+        if bucket is not None and all(
+            a is b and _same(t, a)
+            for a, b, t in zip(states, bucket.states, bucket.lists, strict=True)
+        ):  # the same state dicts holding the same tensors
             return bucket
         dtype = opt._dtype(params[0])
         specs = []
         for p, st in zip(params, states, strict=True):
             info = opt.real_info(p)
             keys = tuple(sorted(k for k in st if k != "step"))
+            info = replace(info, name="", source="")  # the structure, not what it is called
             decays = info.role.value not in group["no_decay_roles"]
             specs.append(
                 Spec(tuple(real(p).shape), real(p).dtype, real(p.grad).dtype, keys, info, decays)

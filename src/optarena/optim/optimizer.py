@@ -302,6 +302,11 @@ class ChainOptimizer(torch.optim.Optimizer):
         state = self.state[p]
         if not state:
             plan = plan or self._plan(group)
+            if p.is_complex() and not plan.entry.complex_ok:
+                raise ValueError(
+                    f"{type(self).__name__}: {plan.entry.name} has no meaning for complex "
+                    f"parameters ({self._infos[id(p)].name}); use adamw, or a real view"
+                )
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
             info = self.real_info(p)
             state.update(plan.chain.init(real(p), info, group, self._dtype(p)))

@@ -60,6 +60,7 @@ class Entry:
     checks: Mapping[str, Check] = field(default_factory=dict)  # options no transform reads
     consistent: Callable[[str, Mapping[str, Any]], None] | None = None
     build: Callable[..., torch.optim.Optimizer] | None = None  # composites (hybrids)
+    complex_ok: bool = True  # complex parameters as their real view; False: refused
 
     def check_group(self, owner: str, group: Mapping[str, Any]) -> None:
         validate(owner, {"maximize": BOOL}, group)
