@@ -187,7 +187,7 @@ def test_rerun_after_adding_values_runs_only_new_points(swept):
         # every run's config and optimizer are checked before any run starts
         (
             ["sweep", "demo", "--set", "steps=abc", "--out", "never"],
-            "preset 'demo': run adamw (lr=0.0001): config key 'steps' must be an integer",
+            "preset 'demo': run adamw (lr=0.000316): config key 'steps' must be an integer",
         ),
         (["sweep", "rho.toml", "--out", "never"], "lion: unknown hyperparameter(s) 'rho'"),
         (["sweep", "demo", "--out", "afile/never"], "cannot open the results folder afile/never"),

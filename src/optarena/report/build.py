@@ -10,8 +10,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from optarena import atomic
 from optarena.analysis import DEFAULT_TAUS, Analysis, analyze, observations_from_store
-from optarena.report import figures, tables
+from optarena.report import figures, story, tables
 from optarena.sweep.store import Store
 
 _CSS = """
@@ -42,37 +43,53 @@ def write_report(
         members = store.members()
         counts = store.counts()
     analysis = analyze(observations_from_store(directory), taus)
+    by_id = {r.id: r for r in runs}
+    told = story.tell(analysis, by_id)
     out = directory / "report"
     out.mkdir(parents=True, exist_ok=True)
 
-    summary = tables.summary_rows(analysis)
+    summary = tables.summary_rows(analysis, told.speedups)
     tables.write_csv(out / "summary.csv", summary)
     tables.write_json(out / "summary.json", summary)
+    atomic.write_json(out / "story.json", story_json(told))
     run_rows = tables.run_rows(runs, members)
     tables.write_csv(out / "runs.csv", run_rows)
 
-    rendered = figures.all_figures(analysis, {r.id: r for r in runs})
+    rendered = figures.all_figures(analysis, by_id, directory, told.speedups)
     for fig in rendered:
-        (out / f"{fig.name}.png").write_bytes(fig.png)
-        (out / f"{fig.name}.svg").write_bytes(fig.svg)
+        atomic.write_bytes(out / f"{fig.name}.png", fig.png)
+        atomic.write_bytes(out / f"{fig.name}.svg", fig.svg)
 
     page = out / "index.html"
-    page.write_text(
-        _page(directory, analysis, rendered, run_rows, counts, sections), encoding="utf-8"
-    )
+    atomic.write_text(page, _page(directory, analysis, told, rendered, run_rows, counts, sections))
     return page
+
+
+def story_json(told: story.Story) -> dict[str, Any]:
+    """What the page says in words, for tools and tests: setup, conclusions, caveats."""
+    noise = told.noise
+    return {
+        "setup": [{"what": k, "value": v} for k, v in told.setup],
+        "conclusions": told.conclusions,
+        "caveats": told.caveats,
+        "best_group": told.best_group,
+        "noise": None
+        if noise is None
+        else {"sd": noise.sd, "band": noise.band, "measured": noise.measured},
+    }
 
 
 def _page(
     directory: Path,
     analysis: Analysis,
+    told: story.Story,
     rendered: Sequence[figures.Rendered],
     run_rows: Sequence[dict[str, Any]],
     counts: dict[str, int],
     sections: Sequence[tuple[str, str]] = (),
 ) -> str:
     e = html.escape
-    header, cells = tables.display_rows(analysis)
+    header, cells = tables.display_rows(analysis, told.speedups)
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -88,6 +105,21 @@ def _page(
         )
         + "</p>",
         *(f"<h2>{e(heading)}</h2>\n{body}" for heading, body in sections),
+        "<h2>Setup</h2>",
+        _table(["", ""], told.setup, left=2, css_id="setup"),
+        '<h2>Conclusions</h2><div id="conclusions">',
+        *(f"<p>{e(text)}</p>" for text in told.conclusions),
+        "</div>",
+        '<p class="muted">' + e("Noise model: " + told.noise.describe() + ".") + "</p>"
+        if told.noise
+        else "",
+        *(
+            ['<h3>Caveats</h3><ul id="caveats">']
+            + [f"<li>{e(c)}</li>" for c in told.caveats]
+            + ["</ul>"]
+            if told.caveats
+            else []
+        ),
         "<h2>Summary</h2>",
         _table(header, cells, left=2, css_id="summary"),
         '<p class="muted">'
@@ -96,7 +128,11 @@ def _page(
             "95% Student-t interval when there are several seeds). Basin τ: decades of LR around "
             "the optimum whose loss stays within τ nats of the best, interpolated on log10 LR "
             "(≥: the basin reaches the edge of the grid). Diverged: share of runs that diverged. "
-            "State B/param: optimizer state bytes per model parameter."
+            "State B/param: optimizer state bytes per model parameter. × AdamW tokens: AdamW's "
+            "tokens to reach the same loss (from the power law L(D) = a·D^−b + c fitted to its "
+            "best run's eval curve) divided by the optimizer's tokens, with the 16–84% range over "
+            "the fit's uncertainty. Steps to target: first evaluation step at or below AdamW's "
+            "best final loss. Rows are sorted by best loss."
         )
         + "</p>",
     ]
