@@ -197,7 +197,7 @@ def speedup_figure(speedups: Sequence[Speedup], name: str, title: str) -> Render
     shown = [s for s in speedups if s.token_speedup is not None]
     for i, s in enumerate(shown):
         ax.plot([s.token_speedup], [i], marker="o", color=f"C{i % 10}")
-        if s.interval is not None:
+        if s.interval is not None and math.isfinite(s.interval[0]):
             hi = s.interval[1] if math.isfinite(s.interval[1]) else s.token_speedup * 10
             ax.plot([s.interval[0], hi], [i, i], color=f"C{i % 10}", linewidth=2)
     ax.set_yticks(range(len(shown)), [mpl_text(s.label) for s in shown])

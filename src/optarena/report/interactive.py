@@ -127,9 +127,12 @@ def speedup(speedups: Sequence[Speedup], ident: str, title: str) -> str | None:
     shown = [s for s in speedups if s.token_speedup is not None]
     if not shown:
         return None
-    low = [s.token_speedup - s.interval[0] if s.interval else 0.0 for s in shown]
+    low = [
+        s.token_speedup - s.interval[0] if s.interval and math.isfinite(s.interval[0]) else 0.0
+        for s in shown
+    ]
     high = [
-        (s.interval[1] - s.token_speedup if math.isfinite(s.interval[1]) else 0.0)
+        (s.interval[1] - s.token_speedup if math.isfinite(s.interval[0] + s.interval[1]) else 0.0)
         if s.interval
         else 0.0
         for s in shown

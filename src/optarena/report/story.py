@@ -94,6 +94,16 @@ def tell(analysis: Analysis, runs: dict[str, RunRecord]) -> Story:
         story.speedups.update(speedups(series, runs))
         _conclude(story, model, series, len(analysis.models()) > 1)
     story.caveats = caveats(analysis, list(runs.values()))
+    loose = [
+        s.label for s in story.speedups.values() if s.interval and not math.isfinite(s.interval[0])
+    ]
+    if loose:
+        story.caveats.append(
+            "The power law fitted to AdamW's eval curve is poorly constrained (few evaluations, "
+            "and a decaying LR bends the curve's end), so the token-equivalent speedups of "
+            f"{', '.join(loose)} have unbounded ranges: read them as indicative only; more "
+            "evaluations (eval_every) or AdamW runs of several lengths constrain the fit."
+        )
     return story
 
 
@@ -174,6 +184,8 @@ def _conclude(story: Story, model: str, series: list[SeriesResult], several: boo
 def _interval(v: Speedup) -> str:
     if v.interval is None:
         return ""
+    if not math.isfinite(v.interval[0]):
+        return " (range unbounded)"
     hi = "∞" if not math.isfinite(v.interval[1]) else f"{v.interval[1]:.2f}"
     return f" [{v.interval[0]:.2f}, {hi}]"
 

@@ -142,7 +142,9 @@ def _speedup_text(sp: Speedup | None) -> str:
     if sp is None or sp.token_speedup is None:
         return "—"
     text = f"{sp.token_speedup:.2f}"
-    if sp.interval:
+    if sp.interval and not math.isfinite(sp.interval[0]):
+        text += " [fit too uncertain]"
+    elif sp.interval:
         hi = sp.interval[1]
         text += (
             f" [{sp.interval[0]:.2f}–{hi:.2f}]"
