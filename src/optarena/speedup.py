@@ -120,7 +120,9 @@ def token_speedup(
         return value, None
     with np.errstate(over="ignore", invalid="ignore"):  # extreme draws: inf, as they should be
         ratios = np.sort(
-            np.nan_to_num([fit.tokens_for(loss, *d) / tokens for d in draws], nan=np.inf)
+            np.nan_to_num(
+                [fit.tokens_for(loss, *d) / tokens for d in draws], nan=np.inf, posinf=np.inf
+            )
         )
     # order statistics, not np.percentile: draws past AdamW's floor are inf and stay inf
     lo, hi = ratios[int(0.16 * (DRAWS - 1))], ratios[int(0.84 * (DRAWS - 1))]

@@ -199,9 +199,8 @@ def speedups(series: Sequence[SeriesResult], runs: dict[str, RunRecord]) -> dict
     if base_run is None:
         return {}
     per_step = _tokens_per_step(base_run)
-    fit = fit_power_law(
-        [p[0] * per_step for p in base_run.eval_curve], [p[1] for p in base_run.eval_curve]
-    )
+    curve = _mean_curve([runs[r] for r in base.best_run_ids if r in runs])
+    fit = fit_power_law([p[0] * per_step for p in curve], [p[1] for p in curve])
     target = base.best_loss
     base_steps = first_step_at_or_below(base_run.eval_curve, target)
     out = {}
@@ -217,6 +216,17 @@ def speedups(series: Sequence[SeriesResult], runs: dict[str, RunRecord]) -> dict
         ratio = base_steps / steps if steps and base_steps else None
         out[s.name] = Speedup(s.name, s.best_loss, tokens, value, interval, steps, ratio)
     return out
+
+
+def _mean_curve(group: Sequence[RunRecord]) -> list[list[float]]:
+    """The eval curve averaged over the seeds of one point (steps every seed evaluated), so
+    that the fit describes the same mean loss the best loss is."""
+    by_step: dict[float, list[float]] = {}
+    for run in group:
+        for step, loss in run.eval_curve:
+            if loss is not None and math.isfinite(loss):
+                by_step.setdefault(step, []).append(loss)
+    return [[st, statistics.fmean(v)] for st, v in sorted(by_step.items()) if len(v) == len(group)]
 
 
 def _best_run(s: SeriesResult, runs: dict[str, RunRecord]) -> RunRecord | None:
