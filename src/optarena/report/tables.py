@@ -101,8 +101,19 @@ def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     writer = csv.DictWriter(buffer, fieldnames=columns)
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: "" if v is None else v for k, v in row.items()})
+        writer.writerow({k: csv_cell(v) for k, v in row.items()})
     atomic.write_text(path, buffer.getvalue())
+
+
+def csv_cell(value: Any) -> Any:
+    """A value as a spreadsheet reads it safely: a text cell starting with ``= + - @`` (or a
+    tab or carriage return) would be taken for a formula, so it gets a leading apostrophe;
+    numbers are left as they are."""
+    if value is None:
+        return ""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
 
 
 def write_json(path: Path, rows: Sequence[dict[str, Any]]) -> None:
