@@ -20,6 +20,7 @@ AdafactorClassic = CLASSES["AdafactorClassic"]
 SGD = CLASSES["SGD"]
 EMASGD = CLASSES["EMASGD"]
 Lion = CLASSES["Lion"]
+Muon = CLASSES["Muon"]
 Signum = CLASSES["Signum"]
 SophiaG = CLASSES["SophiaG"]
 
@@ -36,6 +37,7 @@ __all__ = [
     "FusedPart",
     "Hybrid",
     "Lion",
+    "Muon",
     "ParamInfo",
     "Role",
     "Signum",

@@ -31,6 +31,7 @@ from optarena.optim.transforms import (
     Gate,
     HeavyBall,
     LionUpdate,
+    Orthogonalize,
     RelativeStep,
     ScaleByLR,
     ScaleBySecondMoment,
@@ -61,6 +62,9 @@ class Entry:
     consistent: Callable[[str, Mapping[str, Any]], None] | None = None
     build: Callable[..., torch.optim.Optimizer] | None = None  # composites (hybrids)
     complex_ok: bool = True  # complex parameters as their real view; False: refused
+    static: tuple[
+        str, ...
+    ] = ()  # numbers that shape the chain (loop counts): compiled as constants
 
     def check_group(self, owner: str, group: Mapping[str, Any]) -> None:
         validate(owner, {"maximize": BOOL}, group)
@@ -109,6 +113,13 @@ def lion(o: Mapping[str, Any]) -> Chain:
 
 def sophia(o: Mapping[str, Any]) -> Chain:
     return Chain((EMA(beta=("betas", 0)), SophiaClip(), DecoupledDecay(), ScaleByLR()))
+
+
+def muon(o: Mapping[str, Any]) -> Chain:
+    """torch.optim.Muon: EMA momentum (Nesterov's look-ahead by default), Newton-Schulz on each
+    matrix, decoupled decay."""
+    momentum = EMA("momentum_buffer", ("momentum", None), nesterov=bool(o.get("nesterov")))
+    return Chain((momentum, Orthogonalize(), DecoupledDecay(), ScaleByLR()))
 
 
 def adafactor_classic(o: Mapping[str, Any]) -> Chain:
@@ -222,6 +233,60 @@ def _frozen_build(
     return Hybrid(params, routes, **options)
 
 
+MUON = {
+    "lr": 1e-3,
+    "weight_decay": 0.1,
+    "momentum": 0.95,
+    "nesterov": True,
+    "ns_coefficients": (3.4445, -4.7750, 2.0315),
+    "eps": 1e-7,
+    "ns_steps": 5,
+    "adjust_lr_fn": None,
+    "ns_dtype": "bfloat16",
+    "per_head": False,
+}
+MUON_ADAMW_ROLES = ("embedding", "output", "norm", "bias", "other")
+
+
+def _muon_build(
+    params: Params,
+    lr: float = MUON["lr"],
+    weight_decay: float = MUON["weight_decay"],
+    momentum: float = MUON["momentum"],
+    nesterov: bool = MUON["nesterov"],
+    ns_coefficients: tuple[float, float, float] = MUON["ns_coefficients"],
+    eps: float = MUON["eps"],
+    ns_steps: int = MUON["ns_steps"],
+    adjust_lr_fn: str | None = MUON["adjust_lr_fn"],
+    ns_dtype: str = MUON["ns_dtype"],
+    per_head: bool = MUON["per_head"],
+    adamw_lr: float = 3e-4,
+    adamw_betas: tuple[float, float] = (0.9, 0.95),
+    adamw_eps: float = 1e-8,
+    adamw_weight_decay: float = 0.0,
+    **options: Any,
+) -> torch.optim.Optimizer:
+    """Muon on the hidden matrices of a model (or named parameters), AdamW with its own
+    ``adamw_*`` hyperparameters on the embeddings, output layer, norms, biases and parameters of
+    no known role; plain parameters are all given to Muon, as torch's."""
+    hp = {k: v for k, v in locals().items() if k in MUON}
+    named = isinstance(params, nn.Module)
+    if not named:
+        params = list(params)
+        named = bool(params) and isinstance(params[0], tuple) and isinstance(params[0][0], str)
+    if not named:
+        return CLASSES["Muon"](params, **hp, **options)
+    adam = {
+        "lr": adamw_lr,
+        "betas": _as_pair(adamw_betas),
+        "eps": adamw_eps,
+        "weight_decay": adamw_weight_decay,
+    }
+    routes: dict[str, Route] = {"default": ("muon", hp)}
+    routes |= {role: ("adamw", adam) for role in MUON_ADAMW_ROLES}
+    return MatrixHybrid(params, routes, **options)
+
+
 # --------------------------------------------------------------------------- the table
 
 ADAM = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "amsgrad": False}
@@ -272,6 +337,10 @@ ENTRIES: list[Entry] = [
                              "weight_decay": 0.1, "bs": 5120, "hessian_interval": 10},
           "Sophia-G: momentum clipped by a Gauss-Newton-Bartlett Hessian estimate", "sign",
           "SophiaG", "sophia-opt 0.2.2", checks={"hessian_interval": POS_INT}),
+    Entry("muon", muon, MUON,
+          "Muon: Newton-Schulz-orthogonalised momentum on each hidden matrix (AdamW on the rest)",
+          "matrix", "Muon", "torch.optim.Muon", checks={"nesterov": BOOL}, complex_ok=False,
+          static=("ns_steps",), build=_muon_build),
     Entry("adam-frozen", frozen, {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8,
                                   "weight_decay": 0.0, "precondition_steps": 1000,
                                   "freeze": True},
@@ -468,6 +537,32 @@ class Hybrid(ChainOptimizer):
         return [
             {**self._routes[key], "params": by_route[key]} for key in self._routes if by_route[key]
         ]
+
+
+class MatrixHybrid(Hybrid):
+    """A hybrid whose ``default`` route takes matrices only (Muon): a parameter of a hidden
+    role that is not a matrix (nor a stack of MoE expert matrices) goes to the ``other``
+    route."""
+
+    def _resolve(self, params: Any) -> list:
+        groups = super()._resolve(params)
+        body = next((g for g in groups if g["route"] == "default"), None)
+        if body is None:
+            return groups
+        odd = [(n, p) for n, p in body["params"] if not self._is_matrix(n, p)]
+        if not odd:
+            return groups
+        moved = {n for n, _ in odd}
+        body["params"] = [(n, p) for n, p in body["params"] if n not in moved]
+        rest = next((g for g in groups if g["route"] == "other"), None)
+        if rest is None:
+            groups.append(rest := {**self._routes["other"], "params": []})
+        rest["params"] += odd
+        return [g for g in groups if g["params"]]
+
+    def _is_matrix(self, name: str, p: torch.Tensor) -> bool:
+        info = self._roles.of(p, name)
+        return p.dim() == 2 or (p.dim() == 3 and info is not None and bool(info.experts))
 
 
 register(

@@ -9,6 +9,7 @@ returns the next, keeping its own entries in the parameter's ``state``:
   per block (Adalayer, Adam-mini: :mod:`~optarena.optim.blocks`), factored (Adafactor, the
   study's and the classic one), with Adam's, the frozen preconditioner's or classic Adafactor's
   averaging weights;
+* :class:`Orthogonalize` (Muon: Newton-Schulz on each matrix the partition finds);
 * :class:`Sign`, :class:`LionUpdate`, :class:`SophiaClip`, classic Adafactor's
   :class:`ClipByRMS` and :class:`RelativeStep`;
 * weight decay (:class:`DecoupledDecay`, :class:`CoupledDecay`), :class:`ScaleByLR`, and the
@@ -51,6 +52,7 @@ from optarena.optim.checks import (
     UNIT,
     Check,
     number,
+    one_of,
     optional,
     pair,
 )
@@ -201,8 +203,9 @@ class EMA(Transform):
         key: str = "exp_avg",
         beta: tuple[str, int | None] = ("betas", 0),
         debias: bool = False,
+        nesterov: bool = False,
     ):
-        self.key, self.beta, self.debias = key, beta, debias
+        self.key, self.beta, self.debias, self.nesterov = key, beta, debias, nesterov
         check = BETAS if beta[1] is not None else optional(UNIT) if beta[0] == "beta1" else UNIT
         self.hyper = {beta[0]: check}
 
@@ -215,13 +218,17 @@ class EMA(Transform):
 
     def scalars(self, hp, step):
         beta = self._beta(hp)
-        return {"w": 1.0 - beta, "bc": 1.0 / (1.0 - beta**step) if self.debias else 1.0}
+        out = {"w": 1.0 - beta, "bc": 1.0 / (1.0 - beta**step) if self.debias else 1.0}
+        return out | {"beta": beta} if self.nesterov else out
 
     def update(self, x, slot, sc, stats):
         m = slot.state.get(self.key)
         if m is None:
             return x
-        m.lerp_(slot.value(x), sc["w"])
+        u = slot.value(x)
+        m.lerp_(u, sc["w"])
+        if self.nesterov:  # u + β(m - u), torch's Muon's look-ahead
+            return Update(u.lerp(m, sc["beta"]), sc["bc"], None, x.decay)
         return Update(m, sc["bc"], None, x.decay)
 
 
@@ -529,6 +536,137 @@ class ScaleBySecondMoment(Transform):
 def _nonzero(v: Tensor) -> Tensor:
     """``[sum, count]`` of the non-zero entries of ``v`` (which is >= 0)."""
     return torch.stack([v.sum(), (v > 0).sum().to(v.dtype)])
+
+
+# --------------------------------------------------------------------------- orthogonalisation
+
+NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
+
+
+def matrices(info: ParamInfo, shape: tuple[int, ...], per_head: bool) -> list[tuple[tuple, int]]:
+    """The matrices one parameter holds, as ``(index, out_dim)``: ``x[index]`` is one matrix
+    whose output axis is ``out_dim``. Each expert of a fused MoE tensor; each part of a fused
+    QKV; with ``per_head`` each head of a query, key or value projection."""
+    out, mshape = info.out_dim, shape
+    leads: list[tuple] = [()]
+    if info.experts and len(shape) == 3:
+        out, mshape = out - 1, shape[1:]
+        leads = [(e,) for e in range(shape[0])]
+    parts = info.parts or (_Part(info.role, mshape[out], info.heads),)
+    found = []
+    for lead in leads:
+        start = 0
+        for part in parts:
+            qkv = part.role.value in ("q", "k", "v")
+            cut = part.heads if per_head and part.heads and qkv else 1
+            size = part.size // cut
+            for i in range(cut):
+                index = [slice(None), slice(None)]
+                index[out] = slice(start + i * size, start + (i + 1) * size)
+                found.append(((*lead, *index), out))
+            start += part.size
+    return found
+
+
+class _Part(NamedTuple):
+    """An unfused parameter as the one part of itself."""
+
+    role: Any
+    size: int
+    heads: int | None
+
+
+def newton_schulz(
+    g: Tensor,
+    coefficients: tuple[Scalar, Scalar, Scalar],
+    steps: int,
+    eps: Scalar,
+    dtype: torch.dtype,
+) -> Tensor:
+    """torch.optim.Muon's orthogonalisation: ``X ← aX + (bA + cA²)X``, ``A = XXᵀ``, for
+    ``steps`` steps from ``X = G/‖G‖_F`` in ``dtype``, on the wide orientation of ``G``."""
+    a, b, c = coefficients
+    x = g.to(dtype)
+    tall = g.size(0) > g.size(1)
+    if tall:
+        x = x.T
+    x = x.div(x.norm().clamp(min=eps))
+    for _ in range(steps):
+        gram = x @ x.T
+        if isinstance(b, float):
+            x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+        else:
+            x = x * a + (gram * b + (gram @ gram) * c) @ x
+    return x.T if tall else x
+
+
+def lr_ratio(rule: str | None, out: int, inp: int) -> float:
+    """torch's ``adjust_lr_fn``: ``sqrt(max(1, out/in))`` (Keller Jordan's, ``None``/"original")
+    or ``0.2·sqrt(max(out, in))`` ("match_rms_adamw", Moonshot's)."""
+    if rule == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(out, inp))
+    return math.sqrt(max(1.0, out / inp))
+
+
+class Orthogonalize(Transform):
+    """Muon: each matrix of the update (see :func:`matrices`) replaced by its Newton-Schulz
+    orthogonalisation times ``lr_ratio`` of its shape. Needs the whole matrix (gathered on
+    FSDP2 shards)."""
+
+    hyper = {
+        "ns_coefficients": Check(
+            lambda x: (
+                isinstance(x, (tuple, list))
+                and len(x) == 3
+                and all(number(v) is not None for v in x)
+            ),
+            "three finite numbers (a, b, c)",
+        ),
+        "ns_steps": Check(
+            lambda x: isinstance(x, int) and not isinstance(x, bool) and 0 < x < 100,
+            "an int in [1, 99]",
+        ),
+        "eps": POSITIVE,
+        "adjust_lr_fn": one_of(None, "original", "match_rms_adamw"),
+        "ns_dtype": one_of(*NS_DTYPES),
+        "per_head": BOOL,
+    }
+    whole = True
+
+    def init(self, p, info, hp, dtype):
+        if p.dim() != 2 and not (p.dim() == 3 and info.experts):
+            raise ValueError(
+                f"muon: {info.name} of shape {tuple(p.shape)} is not a matrix; give Muon the "
+                "hidden matrices only, or the model: create('muon', model) routes the rest to AdamW"
+            )
+        return {}
+
+    def scalars(self, hp, step):
+        a, b, c = (hp_value(hp, "ns_coefficients", i) for i in range(3))
+        return {"a": a, "b": b, "c": c, "eps": hp_value(hp, "eps")}
+
+    def update(self, x, slot, sc, stats):
+        u = slot.direction(x)
+        const = slot.const
+        blocks = matrices(slot.info, tuple(u.shape), const["per_head"])
+        ratios = []
+        for index, out in blocks:
+            m = u[index]
+            ratios.append(lr_ratio(const["adjust_lr_fn"], m.size(out), m.size(1 - out)))
+        ns = functools.partial(
+            newton_schulz,
+            coefficients=(sc["a"], sc["b"], sc["c"]),
+            steps=const["ns_steps"],
+            eps=sc["eps"],
+            dtype=NS_DTYPES[const["ns_dtype"]],
+        )
+        if len(blocks) == 1:  # the ratio in the scale: torch's rounding
+            o = ns(u[blocks[0][0]]).to(u.dtype)
+            return Update(o.reshape(u.shape), x.scale * ratios[0], None, x.decay)
+        o = torch.empty_like(u)
+        for (index, _), ratio in zip(blocks, ratios, strict=True):
+            o[index] = ns(u[index]).to(u.dtype) * ratio
+        return Update(o, x.scale, None, x.decay)
 
 
 # --------------------------------------------------------------------------- sign-like maps
