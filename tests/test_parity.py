@@ -40,6 +40,7 @@ from optarena.optim import (
     FusedPart,
     Lion,
     Muon,
+    NAdamW,
     ParamInfo,
     Role,
     Signum,
@@ -767,3 +768,22 @@ def test_muon_refuses_a_vector_and_names_the_route() -> None:
     opt.param_groups[0]["params"][0].grad = torch.ones(3)
     with pytest.raises(ValueError, match=r"not a matrix.*create\('muon', model\)"):
         opt.step()
+
+
+# --------------------------------------------------------------------------- NAdamW
+# torch keeps NAdam's running product of μ_t in a 0-d tensor of the default dtype (float32
+# unless it is float64); ours is computed on the host in float64, so the reference runs with
+# float64 as the default dtype, where the two are the same numbers.
+
+
+def test_nadamw_matches_torch_nadam_decoupled(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch, "get_default_dtype", lambda: torch.float64)
+    p_ours, p_ref, init = fresh()
+    b = {"betas": (0.8, 0.99), "weight_decay": 0.2, "momentum_decay": 1e-2}
+    hp = {"lr": 1e-2, "weight_decay": 0.1}
+    ours = NAdamW(split_groups(p_ours, True, b), **hp, fused=False)
+    ref = torch.optim.NAdam(split_groups(p_ref, False, b), **hp, decoupled_weight_decay=True)
+    run_pair(ours, ref, p_ours, p_ref)
+    compare(ours, ref, p_ours, p_ref, {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}, init)
+    mu = next(iter(ref.state.values()))["mu_product"]
+    assert mu.dtype == torch.float64  # the reference really ran in float64

@@ -21,6 +21,7 @@ SGD = CLASSES["SGD"]
 EMASGD = CLASSES["EMASGD"]
 Lion = CLASSES["Lion"]
 Muon = CLASSES["Muon"]
+NAdamW = CLASSES["NAdamW"]
 Signum = CLASSES["Signum"]
 SophiaG = CLASSES["SophiaG"]
 
@@ -38,6 +39,7 @@ __all__ = [
     "Hybrid",
     "Lion",
     "Muon",
+    "NAdamW",
     "ParamInfo",
     "Role",
     "Signum",

@@ -31,6 +31,7 @@ from optarena.optim.transforms import (
     Gate,
     HeavyBall,
     LionUpdate,
+    NAdamMomentum,
     Orthogonalize,
     RelativeStep,
     ScaleByLR,
@@ -113,6 +114,11 @@ def lion(o: Mapping[str, Any]) -> Chain:
 
 def sophia(o: Mapping[str, Any]) -> Chain:
     return Chain((EMA(beta=("betas", 0)), SophiaClip(), DecoupledDecay(), ScaleByLR()))
+
+
+def nadamw(o: Mapping[str, Any]) -> Chain:
+    """torch's NAdam with decoupled decay: Nesterov's momentum schedule, Adam's second moment."""
+    return Chain((NAdamMomentum(), ScaleBySecondMoment("element"), DecoupledDecay(), ScaleByLR()))
 
 
 def muon(o: Mapping[str, Any]) -> Chain:
@@ -337,6 +343,10 @@ ENTRIES: list[Entry] = [
                              "weight_decay": 0.1, "bs": 5120, "hessian_interval": 10},
           "Sophia-G: momentum clipped by a Gauss-Newton-Bartlett Hessian estimate", "sign",
           "SophiaG", "sophia-opt 0.2.2", checks={"hessian_interval": POS_INT}),
+    Entry("nadamw", nadamw, {"lr": 2e-3, "betas": (0.9, 0.999), "eps": 1e-8,
+                             "weight_decay": 1e-2, "momentum_decay": 4e-3},
+          "NAdamW: Adam with Nesterov momentum (torch's schedule) and decoupled weight decay",
+          "adam", "NAdamW", "torch.optim.NAdam(decoupled_weight_decay=True)"),
     Entry("muon", muon, MUON,
           "Muon: Newton-Schulz-orthogonalised momentum on each hidden matrix (AdamW on the rest)",
           "matrix", "Muon", "torch.optim.Muon", checks={"nesterov": BOOL}, complex_ok=False,

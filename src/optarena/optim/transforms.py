@@ -232,6 +232,46 @@ class EMA(Transform):
         return Update(m, sc["bc"], None, x.decay)
 
 
+@functools.lru_cache(maxsize=64)
+def _mu_products(beta1: float, decay: float) -> list[float]:
+    """NAdam's running products ``Π_{i≤t} μ_i`` (index ``t``), extended on demand."""
+    return [1.0]
+
+
+def nadam_mu(beta1: float, decay: float, step: int) -> float:
+    """NAdam's momentum schedule ``μ_t = β1 (1 - 0.5·0.96^(t·ψ))``."""
+    return beta1 * (1.0 - 0.5 * (0.96 ** (step * decay)))
+
+
+class NAdamMomentum(Transform):
+    """NAdam (torch's, Dozat 2016): ``m ← β1 m + (1-β1) g``; the update is
+    ``(1-μ_t)/(1-Π_{i≤t}μ_i)·g + μ_{t+1}/(1-Π_{i≤t+1}μ_i)·m`` (divided by Adam's root after it).
+    The products are computed on the host in float64."""
+
+    hyper = {"betas": BETAS, "momentum_decay": NONNEG}
+
+    def init(self, p, info, hp, dtype):
+        return {"exp_avg": torch.zeros_like(p, dtype=dtype)}
+
+    def scalars(self, hp, step):
+        beta1, decay = hp_value(hp, "betas", 0), hp_value(hp, "momentum_decay")
+        products = _mu_products(beta1, decay)
+        while len(products) <= step + 1:
+            products.append(products[-1] * nadam_mu(beta1, decay, len(products)))
+        mu, mu_next = nadam_mu(beta1, decay, step), nadam_mu(beta1, decay, step + 1)
+        prod = products[step]
+        return {
+            "w": 1.0 - beta1,
+            "cg": (1.0 - mu) / (1.0 - prod),
+            "cm": mu_next / (1.0 - prod * mu_next),
+        }
+
+    def update(self, x, slot, sc, stats):
+        g, m = slot.value(x), slot.state["exp_avg"]
+        m.lerp_(g, sc["w"])
+        return Update(axpy(times(g, sc["cg"]), m, sc["cm"]), 1.0, None, x.decay)
+
+
 class HeavyBall(Transform):
     """torch's SGD momentum: ``b_1 = g``, ``b ← μ b + (1-dampening) g``; the update is ``b``, or
     ``g + μ b`` with Nesterov."""
