@@ -30,6 +30,7 @@ import transformers.optimization as hf_optim
 from torch import Tensor, nn
 
 from optarena.optim import (
+    ADOPT,
     EMASGD,
     SGD,
     Adafactor,
@@ -37,6 +38,7 @@ from optarena.optim import (
     Adalayer,
     AdamMini,
     AdamW,
+    AdEMAMix,
     FusedPart,
     Lion,
     Muon,
@@ -787,3 +789,37 @@ def test_nadamw_matches_torch_nadam_decoupled(monkeypatch: pytest.MonkeyPatch) -
     compare(ours, ref, p_ours, p_ref, {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}, init)
     mu = next(iter(ref.state.values()))["mu_product"]
     assert mu.dtype == torch.float64  # the reference really ran in float64
+
+
+# --------------------------------------------------------------------------- ADOPT
+
+
+@pytest.mark.parametrize("clip", [0.25, None], ids=["clipped", "unclipped"])
+def test_adopt_matches_pytorch_optimizer(clip: float | None) -> None:
+    p_ours, p_ref, init = fresh()
+    b = {"betas": (0.8, 0.99), "weight_decay": 0.2}
+    hp = {"lr": 1e-2, "weight_decay": 0.1, "eps": 1e-6}
+    ours = ADOPT(split_groups(p_ours, True, b), **hp, clip_exponent=clip, fused=False)
+    lam = None if clip is None else (lambda t: t**clip)
+    ref = pytorch_optimizer.ADOPT(
+        split_groups(p_ref, False, b), **hp, weight_decouple=True, clip_lambda=lam, foreach=False
+    )
+    run_pair(ours, ref, p_ours, p_ref)
+    compare(ours, ref, p_ours, p_ref, {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}, init)
+
+
+# --------------------------------------------------------------------------- AdEMAMix
+
+
+@pytest.mark.parametrize("horizon", [None, 20], ids=["constant", "warmup"])
+def test_ademamix_matches_pytorch_optimizer(horizon: int | None) -> None:
+    p_ours, p_ref, init = fresh()
+    b = {"betas": (0.8, 0.99, 0.999), "weight_decay": 0.2, "alpha": 2.0}
+    hp = {"lr": 1e-2, "weight_decay": 0.1, "t_alpha_beta3": horizon}
+    ours = AdEMAMix(split_groups(p_ours, True, b), **hp, fused=False)
+    ref = pytorch_optimizer.AdEMAMix(
+        split_groups(p_ref, False, b), **hp, weight_decouple=True, foreach=False
+    )
+    run_pair(ours, ref, p_ours, p_ref)
+    keys = {k: k for k in ("exp_avg", "exp_avg_sq", "exp_avg_slow")}
+    compare(ours, ref, p_ours, p_ref, keys, init)

@@ -21,14 +21,18 @@ SGD = CLASSES["SGD"]
 EMASGD = CLASSES["EMASGD"]
 Lion = CLASSES["Lion"]
 Muon = CLASSES["Muon"]
+AdEMAMix = CLASSES["AdEMAMix"]
+ADOPT = CLASSES["ADOPT"]
 NAdamW = CLASSES["NAdamW"]
 Signum = CLASSES["Signum"]
 SophiaG = CLASSES["SophiaG"]
 
 __all__ = [
+    "ADOPT",
     "EMASGD",
     "REGISTRY",
     "SGD",
+    "AdEMAMix",
     "Adafactor",
     "AdafactorClassic",
     "Adalayer",

@@ -19,12 +19,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from optarena.optim.checks import BOOL, POS_INT, Check, validate
+from optarena.optim.checks import BETAS3, BOOL, POS_INT, Check, validate
 from optarena.optim.engine import Chain, Factory
 from optarena.optim.optimizer import ChainOptimizer
 from optarena.optim.roles import Role
 from optarena.optim.transforms import (
     EMA,
+    ADOPTUpdate,
     ClipByRMS,
     CoupledDecay,
     DecoupledDecay,
@@ -37,6 +38,7 @@ from optarena.optim.transforms import (
     ScaleByLR,
     ScaleBySecondMoment,
     Sign,
+    SlowEMA,
     SophiaClip,
     classic_weights,
     frozen_weights,
@@ -119,6 +121,16 @@ def sophia(o: Mapping[str, Any]) -> Chain:
 def nadamw(o: Mapping[str, Any]) -> Chain:
     """torch's NAdam with decoupled decay: Nesterov's momentum schedule, Adam's second moment."""
     return Chain((NAdamMomentum(), ScaleBySecondMoment("element"), DecoupledDecay(), ScaleByLR()))
+
+
+def ademamix(o: Mapping[str, Any]) -> Chain:
+    """Adam whose numerator adds a slow EMA: ``(m̂ + α s) / (√v̂ + ε)``."""
+    moment = ScaleBySecondMoment("element")
+    return Chain((EMA(debias=True), SlowEMA(), moment, DecoupledDecay(), ScaleByLR()))
+
+
+def adopt(o: Mapping[str, Any]) -> Chain:
+    return Chain((ADOPTUpdate(), DecoupledDecay(), ScaleByLR()))
 
 
 def muon(o: Mapping[str, Any]) -> Chain:
@@ -347,6 +359,15 @@ ENTRIES: list[Entry] = [
                              "weight_decay": 1e-2, "momentum_decay": 4e-3},
           "NAdamW: Adam with Nesterov momentum (torch's schedule) and decoupled weight decay",
           "adam", "NAdamW", "torch.optim.NAdam(decoupled_weight_decay=True)"),
+    Entry("ademamix", ademamix, {"lr": 1e-3, "betas": (0.9, 0.999, 0.9999), "eps": 1e-8,
+                                 "weight_decay": 0.0, "alpha": 5.0, "t_alpha_beta3": None},
+          "AdEMAMix: Adam plus a slow EMA of gradients (alpha, beta3 warm-up)", "adam",
+          "AdEMAMix", "pytorch-optimizer 4.1.0 AdEMAMix(weight_decouple=True)",
+          checks={"betas": BETAS3}),
+    Entry("adopt", adopt, {"lr": 1e-3, "betas": (0.9, 0.9999), "eps": 1e-6,
+                           "weight_decay": 0.0, "clip_exponent": 0.25},
+          "ADOPT: momentum of the gradient normalised by the previous second moment, clipped",
+          "adam", "ADOPT", "pytorch-optimizer 4.1.0 ADOPT(weight_decouple=True)"),
     Entry("muon", muon, MUON,
           "Muon: Newton-Schulz-orthogonalised momentum on each hidden matrix (AdamW on the rest)",
           "matrix", "Muon", "torch.optim.Muon", checks={"nesterov": BOOL}, complex_ok=False,

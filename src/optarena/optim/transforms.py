@@ -272,6 +272,66 @@ class NAdamMomentum(Transform):
         return Update(axpy(times(g, sc["cg"]), m, sc["cm"]), 1.0, None, x.decay)
 
 
+class ADOPTUpdate(Transform):
+    """ADOPT (Taniguchi et al. 2024, pytorch-optimizer's): step 1 only sets ``v = g²``; then
+    ``m ← β1 m + (1-β1) clip(g / max(√v, ε), ±t^clip_exponent)``, the update is ``m``, and
+    ``v ← β2 v + (1-β2) g²`` after it (the current gradient never divides itself)."""
+
+    hyper = {"betas": BETAS, "eps": NONNEG, "clip_exponent": optional(NONNEG)}
+
+    def init(self, p, info, hp, dtype):
+        return {k: torch.zeros_like(p, dtype=dtype) for k in ("exp_avg", "exp_avg_sq")}
+
+    def scalars(self, hp, step):
+        first = float(step == 1)
+        exponent = hp["clip_exponent"]
+        clip = math.inf if exponent is None else float(step) ** hp_value(hp, "clip_exponent")
+        return {
+            "first": first,
+            "w1": (1.0 - hp_value(hp, "betas", 0)) * (1.0 - first),
+            "w2": (1.0 - hp_value(hp, "betas", 1)) * (1.0 - first),
+            "eps": hp_value(hp, "eps"),
+            "clip": clip,
+        }
+
+    def update(self, x, slot, sc, stats):
+        g, m, v = slot.value(x), slot.state["exp_avg"], slot.state["exp_avg_sq"]
+        g2 = g * g
+        axpy_(v, g2, sc["first"])  # v is zero before the first step
+        normed = g / v.sqrt().clamp(min=sc["eps"])
+        if not (isinstance(sc["clip"], float) and math.isinf(sc["clip"])):
+            normed = normed.clamp(min=-sc["clip"], max=sc["clip"])
+        m.lerp_(normed, sc["w1"])
+        v.lerp_(g2, sc["w2"])
+        return Update(m, 1.0 - sc["first"], None, x.decay)
+
+
+class SlowEMA(Transform):
+    """AdEMAMix's second, slow momentum: ``s ← β3_t s + (1-β3_t) g`` (no bias correction); the
+    update ``u + α_t s``. With ``t_alpha_beta3`` both warm up (Pagliardini et al. 2024):
+    ``α_t = min(tα/T, α)``, ``β3_t = min(exp(ln β1 ln β3 / ((1-t/T) ln β3 + (t/T) ln β1)), β3)``."""
+
+    hyper = {"alpha": NONNEG, "t_alpha_beta3": optional(POSITIVE)}
+
+    def init(self, p, info, hp, dtype):
+        return {"exp_avg_slow": torch.zeros_like(p, dtype=dtype)}
+
+    def scalars(self, hp, step):
+        alpha, horizon = hp_value(hp, "alpha"), hp["t_alpha_beta3"]
+        beta1, beta3 = hp_value(hp, "betas", 0), hp_value(hp, "betas", 2)
+        if horizon is not None:
+            r = step / float(horizon)
+            alpha = min(step * alpha / float(horizon), alpha)
+            lb1, lb3 = math.log(beta1), math.log(beta3)
+            beta3 = min(math.exp(lb1 * lb3 / ((1.0 - r) * lb3 + r * lb1)), beta3)
+        return {"alpha": alpha, "w3": 1.0 - beta3}
+
+    def update(self, x, slot, sc, stats):
+        s = slot.state["exp_avg_slow"]
+        s.lerp_(slot.g, sc["w3"])
+        return Update(axpy(slot.value(x), s, sc["alpha"]), 1.0, None, x.decay)
+
+
 class HeavyBall(Transform):
     """torch's SGD momentum: ``b_1 = g``, ``b ← μ b + (1-dampening) g``; the update is ``b``, or
     ``g + μ b`` with Nesterov."""
