@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from optarena.optim import (
     ADOPT,
     EMASGD,
+    MARS,
     SGD,
     Adafactor,
     AdafactorClassic,
@@ -822,4 +823,28 @@ def test_ademamix_matches_pytorch_optimizer(horizon: int | None) -> None:
     )
     run_pair(ours, ref, p_ours, p_ref)
     keys = {k: k for k in ("exp_avg", "exp_avg_sq", "exp_avg_slow")}
+    compare(ours, ref, p_ours, p_ref, keys, init)
+
+
+# --------------------------------------------------------------------------- MARS
+# The reference gives 1-D tensors plain AdamW unless optimize_1d=True (ours: a route, see
+# docs). It adds 1e-15 to v under the root (ours: nothing), which moves an entry whose v is
+# tiny by ~1e-10: the reference runs with that constant at 0.
+
+
+def test_mars_matches_pytorch_optimizer(monkeypatch: pytest.MonkeyPatch) -> None:
+    base = pytorch_optimizer.base.optimizer.BaseOptimizer
+    bound = base.apply_ams_bound
+    monkeypatch.setattr(
+        base, "apply_ams_bound", staticmethod(lambda *a, **k: bound(*a, **k, exp_avg_sq_eps=0.0))
+    )
+    p_ours, p_ref, init = fresh()
+    b = {"betas": (0.9, 0.95), "weight_decay": 0.2, "gamma": 0.05}
+    hp = {"lr": 1e-2, "weight_decay": 0.1}
+    ours = MARS(split_groups(p_ours, True, b), **hp, fused=False)
+    ref = pytorch_optimizer.MARS(
+        split_groups(p_ref, False, b), **hp, mars_type="adamw", optimize_1d=True, foreach=False
+    )
+    run_pair(ours, ref, p_ours, p_ref)
+    keys = {k: k for k in ("exp_avg", "exp_avg_sq", "last_grad")}
     compare(ours, ref, p_ours, p_ref, keys, init)

@@ -21,6 +21,7 @@ SGD = CLASSES["SGD"]
 EMASGD = CLASSES["EMASGD"]
 Lion = CLASSES["Lion"]
 Muon = CLASSES["Muon"]
+MARS = CLASSES["MARS"]
 AdEMAMix = CLASSES["AdEMAMix"]
 ADOPT = CLASSES["ADOPT"]
 NAdamW = CLASSES["NAdamW"]
@@ -30,6 +31,7 @@ SophiaG = CLASSES["SophiaG"]
 __all__ = [
     "ADOPT",
     "EMASGD",
+    "MARS",
     "REGISTRY",
     "SGD",
     "AdEMAMix",

@@ -32,6 +32,7 @@ from optarena.optim.transforms import (
     Gate,
     HeavyBall,
     LionUpdate,
+    MarsCorrection,
     NAdamMomentum,
     Orthogonalize,
     RelativeStep,
@@ -42,6 +43,7 @@ from optarena.optim.transforms import (
     SophiaClip,
     classic_weights,
     frozen_weights,
+    unfolded_weights,
 )
 
 Params = nn.Module | Iterable[Any]
@@ -127,6 +129,12 @@ def ademamix(o: Mapping[str, Any]) -> Chain:
     """Adam whose numerator adds a slow EMA: ``(m̂ + α s) / (√v̂ + ε)``."""
     moment = ScaleBySecondMoment("element")
     return Chain((EMA(debias=True), SlowEMA(), moment, DecoupledDecay(), ScaleByLR()))
+
+
+def mars(o: Mapping[str, Any]) -> Chain:
+    """MARS-AdamW: AdamW on the variance-reduced gradient."""
+    moment = ScaleBySecondMoment("element", unfolded_weights)
+    return Chain((MarsCorrection(), EMA(debias=True), moment, DecoupledDecay(), ScaleByLR()))
 
 
 def adopt(o: Mapping[str, Any]) -> Chain:
@@ -364,6 +372,10 @@ ENTRIES: list[Entry] = [
           "AdEMAMix: Adam plus a slow EMA of gradients (alpha, beta3 warm-up)", "adam",
           "AdEMAMix", "pytorch-optimizer 4.1.0 AdEMAMix(weight_decouple=True)",
           checks={"betas": BETAS3}),
+    Entry("mars", mars, {"lr": 3e-3, "betas": (0.95, 0.99), "eps": 1e-8, "weight_decay": 0.0,
+                         "gamma": 0.025},
+          "MARS-AdamW: AdamW on a variance-reduced (gradient-difference) gradient", "adam",
+          "MARS", "pytorch-optimizer 4.1.0 MARS(mars_type='adamw', optimize_1d=True)"),
     Entry("adopt", adopt, {"lr": 1e-3, "betas": (0.9, 0.9999), "eps": 1e-6,
                            "weight_decay": 0.0, "clip_exponent": 0.25},
           "ADOPT: momentum of the gradient normalised by the previous second moment, clipped",

@@ -332,6 +332,35 @@ class SlowEMA(Transform):
         return Update(axpy(slot.value(x), s, sc["alpha"]), 1.0, None, x.decay)
 
 
+class MarsCorrection(Transform):
+    """MARS's variance-reduced gradient (Yuan et al. 2024, pytorch-optimizer's):
+    ``c = g + γ·β1/(1-β1)·(g - g_prev)``, divided by ``max(1, ‖c‖)``; ``c`` is the gradient of
+    every transform after it (their second moments included)."""
+
+    hyper = {"gamma": NONNEG, "betas": BETAS}
+
+    def init(self, p, info, hp, dtype):
+        return {"last_grad": torch.zeros_like(p, dtype=dtype)}
+
+    def scalars(self, hp, step):
+        beta1 = hp_value(hp, "betas", 0)
+        return {"k": hp_value(hp, "gamma") * (beta1 / (1.0 - beta1))}
+
+    def _corrected(self, slot: Slot, sc: Mapping[str, Scalar]) -> Tensor:
+        g = slot.g
+        return times(g - slot.state["last_grad"], sc["k"]).add_(g)
+
+    def statistics(self, x, slot, sc):
+        c = self._corrected(slot, sc)
+        return {"sq": (c * c).sum()}
+
+    def update(self, x, slot, sc, stats):
+        c = self._corrected(slot, sc) / stats["sq"].sqrt().clamp(min=1.0)
+        slot.state["last_grad"].copy_(slot.g)
+        slot.g = c
+        return Update(c, 1.0, None, x.decay)
+
+
 class HeavyBall(Transform):
     """torch's SGD momentum: ``b_1 = g``, ``b ← μ b + (1-dampening) g``; the update is ``b``, or
     ``g + μ b`` with Nesterov."""
@@ -528,6 +557,12 @@ def adam_weights(hp: Mapping[str, Any], step: int) -> dict[str, float]:
     beta2 = hp_value(hp, "betas", 1)
     root = math.sqrt(1.0 - beta2**step)
     return {"w": 1.0 - beta2, "root_bc2": root, "eps": hp_value(hp, "eps") * root, "eps1": 0.0}
+
+
+def unfolded_weights(hp: Mapping[str, Any], step: int) -> dict[str, float]:
+    """Adam's, with ``ε`` added to ``√v`` before the bias correction (MARS's convention):
+    ``u·√bc2 / (√v + ε)``."""
+    return adam_weights(hp, step) | {"eps": hp_value(hp, "eps")}
 
 
 def frozen_weights(hp: Mapping[str, Any], step: int) -> dict[str, float]:
