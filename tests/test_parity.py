@@ -848,3 +848,33 @@ def test_mars_matches_pytorch_optimizer(monkeypatch: pytest.MonkeyPatch) -> None
     run_pair(ours, ref, p_ours, p_ref)
     keys = {k: k for k in ("exp_avg", "exp_avg_sq", "last_grad")}
     compare(ours, ref, p_ours, p_ref, keys, init)
+
+
+# --------------------------------------------------------------------------- cautious
+
+
+@pytest.mark.parametrize("name", ["ademamix", "adopt"])
+def test_cautious_matches_pytorch_optimizer(name: str) -> None:
+    """``cautious=True``: pytorch-optimizer's ``apply_cautious`` on the momentum."""
+    p_ours, p_ref, init = fresh()
+    hp = {"lr": 1e-2, "weight_decay": 0.1, "cautious": True}
+    reference = {"ademamix": pytorch_optimizer.AdEMAMix, "adopt": pytorch_optimizer.ADOPT}[name]
+    ours = create(name, split_groups(p_ours, True, {}), **hp, fused=False)
+    ref = reference(split_groups(p_ref, False, {}), **hp, weight_decouple=True, foreach=False)
+    run_pair(ours, ref, p_ours, p_ref)
+    compare(ours, ref, p_ours, p_ref, {"exp_avg": "exp_avg"}, init)
+    plain = create(name, split_groups(p_ref, True, {}), lr=1e-2, weight_decay=0.1)
+    assert any(type(t).__name__ == "Cautious" for t in ours._plan(ours.param_groups[0]).chain)
+    assert not any(type(t).__name__ == "Cautious" for t in plain._plan(plain.param_groups[0]).chain)
+
+
+def test_cautious_zeroes_entries_against_the_gradient() -> None:
+    """The property itself: no entry moves against its gradient's descent direction."""
+    p = make_params({"w": (6, 5)})
+    opt = create("sgd", list(p.items()), lr=0.1, momentum=0.9, cautious=True)
+    for t in range(1, 6):
+        set_grads(p, t, skip=())
+        before = p["w"].detach().clone()
+        opt.step()
+        moved = p["w"].detach() - before
+        assert (moved * p["w"].grad <= 0).all()

@@ -26,6 +26,7 @@ from optarena.optim.roles import Role
 from optarena.optim.transforms import (
     EMA,
     ADOPTUpdate,
+    Cautious,
     ClipByRMS,
     CoupledDecay,
     DecoupledDecay,
@@ -72,12 +73,17 @@ class Entry:
     ] = ()  # numbers that shape the chain (loop counts): compiled as constants
 
     def check_group(self, owner: str, group: Mapping[str, Any]) -> None:
-        validate(owner, {"maximize": BOOL}, group)
+        validate(owner, {"maximize": BOOL, "cautious": BOOL}, group)
         if self.consistent is not None:
             self.consistent(owner, group)
 
 
 # --------------------------------------------------------------------------- chains
+
+
+def caution(o: Mapping[str, Any]) -> tuple[Cautious, ...]:
+    """``cautious=True``: the mask after a chain's momentum."""
+    return (Cautious(),) if o.get("cautious") else ()
 
 
 def adam(granularity: str) -> Factory:
@@ -86,7 +92,7 @@ def adam(granularity: str) -> Factory:
 
     def chain(o: Mapping[str, Any]) -> Chain:
         moment = ScaleBySecondMoment(granularity, amsgrad=bool(o.get("amsgrad")))
-        return Chain((EMA(debias=True), moment, DecoupledDecay(), ScaleByLR()))
+        return Chain((EMA(debias=True), *caution(o), moment, DecoupledDecay(), ScaleByLR()))
 
     return chain
 
@@ -100,45 +106,49 @@ def frozen(o: Mapping[str, Any]) -> Chain:
 def sgd(o: Mapping[str, Any]) -> Chain:
     """torch's SGD: coupled decay, heavy ball; decoupled decay on request."""
     if o.get("decoupled_weight_decay"):
-        return Chain((HeavyBall(), DecoupledDecay(), ScaleByLR()))
-    return Chain((CoupledDecay(), HeavyBall(), ScaleByLR()))
+        return Chain((HeavyBall(), *caution(o), DecoupledDecay(), ScaleByLR()))
+    return Chain((CoupledDecay(), HeavyBall(), *caution(o), ScaleByLR()))
 
 
 def sgd_ema(o: Mapping[str, Any]) -> Chain:
-    return Chain((EMA(beta=("momentum", None), debias=True), DecoupledDecay(), ScaleByLR()))
+    momentum = EMA(beta=("momentum", None), debias=True)
+    return Chain((momentum, *caution(o), DecoupledDecay(), ScaleByLR()))
 
 
 def signum(o: Mapping[str, Any]) -> Chain:
-    return Chain((EMA(beta=("momentum", None)), Sign(), DecoupledDecay(), ScaleByLR()))
+    return Chain((EMA(beta=("momentum", None)), *caution(o), Sign(), DecoupledDecay(), ScaleByLR()))
 
 
 def lion(o: Mapping[str, Any]) -> Chain:
-    return Chain((LionUpdate(), DecoupledDecay(), ScaleByLR()))
+    return Chain((LionUpdate(), *caution(o), DecoupledDecay(), ScaleByLR()))
 
 
 def sophia(o: Mapping[str, Any]) -> Chain:
-    return Chain((EMA(beta=("betas", 0)), SophiaClip(), DecoupledDecay(), ScaleByLR()))
+    momentum = EMA(beta=("betas", 0))
+    return Chain((momentum, *caution(o), SophiaClip(), DecoupledDecay(), ScaleByLR()))
 
 
 def nadamw(o: Mapping[str, Any]) -> Chain:
     """torch's NAdam with decoupled decay: Nesterov's momentum schedule, Adam's second moment."""
-    return Chain((NAdamMomentum(), ScaleBySecondMoment("element"), DecoupledDecay(), ScaleByLR()))
+    moment = ScaleBySecondMoment("element")
+    return Chain((NAdamMomentum(), *caution(o), moment, DecoupledDecay(), ScaleByLR()))
 
 
 def ademamix(o: Mapping[str, Any]) -> Chain:
     """Adam whose numerator adds a slow EMA: ``(m̂ + α s) / (√v̂ + ε)``."""
     moment = ScaleBySecondMoment("element")
-    return Chain((EMA(debias=True), SlowEMA(), moment, DecoupledDecay(), ScaleByLR()))
+    return Chain((EMA(debias=True), *caution(o), SlowEMA(), moment, DecoupledDecay(), ScaleByLR()))
 
 
 def mars(o: Mapping[str, Any]) -> Chain:
     """MARS-AdamW: AdamW on the variance-reduced gradient."""
     moment = ScaleBySecondMoment("element", unfolded_weights)
-    return Chain((MarsCorrection(), EMA(debias=True), moment, DecoupledDecay(), ScaleByLR()))
+    steps = (MarsCorrection(), EMA(debias=True), *caution(o), moment)
+    return Chain((*steps, DecoupledDecay(), ScaleByLR()))
 
 
 def adopt(o: Mapping[str, Any]) -> Chain:
-    return Chain((ADOPTUpdate(), DecoupledDecay(), ScaleByLR()))
+    return Chain((ADOPTUpdate(), *caution(o), DecoupledDecay(), ScaleByLR()))
 
 
 def muon(o: Mapping[str, Any]) -> Chain:
@@ -316,6 +326,7 @@ def _muon_build(
 # --------------------------------------------------------------------------- the table
 
 ADAM = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "amsgrad": False}
+CAUTIOUS = {"cautious": False}  # every momentum optimizer's option (after torch's arguments)
 CLASSIC = {
     "lr": None,
     "eps": (1e-30, 1e-3),
@@ -391,6 +402,27 @@ ENTRIES: list[Entry] = [
           reference="the study's formula", build=_frozen_build),
 ]
 # fmt: on
+# ``cautious=True`` (a mask after the momentum) on every optimizer with a momentum; Muon's update
+# is an orthogonalisation, which a mask would undo, and the classic Adafactor's momentum is off
+# by default.
+CAUTIOUS_ENTRIES = (
+    "adamw",
+    "adam-mini",
+    "adalayer",
+    "adafactor",
+    "sgd",
+    "sgd-ema",
+    "lion",
+    "signum",
+    "sophia",
+    "nadamw",
+    "ademamix",
+    "mars",
+    "adopt",
+)  # fmt: skip
+ENTRIES = [
+    replace(e, defaults=e.defaults | CAUTIOUS) if e.name in CAUTIOUS_ENTRIES else e for e in ENTRIES
+]
 
 # --------------------------------------------------------------------------- lookup
 

@@ -361,6 +361,22 @@ class MarsCorrection(Transform):
         return Update(c, 1.0, None, x.decay)
 
 
+class Cautious(Transform):
+    """Cautious optimizers (Liang et al. 2024): entries of the update whose sign disagrees with
+    the gradient's are zeroed, the rest scaled by ``numel / (kept + 1)`` (pytorch-optimizer's
+    ``apply_cautious``). Put right after the momentum."""
+
+    def _mask(self, x: Update, slot: Slot) -> Tensor:
+        return (slot.direction(x) * slot.g > 0).to(slot.g.dtype)
+
+    def statistics(self, x, slot, sc):
+        return {"kept": self._mask(x, slot).sum()}
+
+    def update(self, x, slot, sc, stats):
+        keep = slot.rows.numel / (stats["kept"] + 1.0)
+        return Update(slot.direction(x) * self._mask(x, slot), x.scale * keep, None, x.decay)
+
+
 class HeavyBall(Transform):
     """torch's SGD momentum: ``b_1 = g``, ``b ← μ b + (1-dampening) g``; the update is ``b``, or
     ``g + μ b`` with Nesterov."""
