@@ -45,3 +45,23 @@ def test_labels_with_markup_and_mathtext_are_shown_literally(tmp_path):
     # as maths "$\\frac{$" does not parse (write_report would raise): shown as plain text
     assert (tmp_path / "report" / "loss-vs-lr.svg").stat().st_size > 1000
     assert (tmp_path / "report" / "sensitivity-hparams-momentum.png").is_file()
+
+
+def test_csv_cells_that_a_spreadsheet_would_run_are_neutralised(tmp_path):
+    import csv
+
+    from optarena.report.tables import write_csv
+
+    rows = [
+        {"label": '=HYPERLINK("http://x","y")', "n": -1.5, "note": "+1", "at": "@SUM(A1)"},
+        {"label": "-cmd", "n": 2, "note": "plain", "at": None},
+    ]
+    write_csv(tmp_path / "t.csv", rows)
+    got = list(csv.DictReader((tmp_path / "t.csv").open()))
+    assert got[0] == {
+        "label": '\'=HYPERLINK("http://x","y")',
+        "n": "-1.5",
+        "note": "'+1",
+        "at": "'@SUM(A1)",
+    }
+    assert got[1] == {"label": "'-cmd", "n": "2", "note": "plain", "at": ""}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from html.parser import HTMLParser
@@ -87,6 +88,7 @@ def test_report_files_and_html(swept):
                 False,
                 None,
             )
+            self.scripts = []
 
         def handle_starttag(self, tag, attrs):
             attrs = dict(attrs)
@@ -97,6 +99,8 @@ def test_report_files_and_html(swept):
                 self._cell = ""
             if tag == "img":
                 self.images.append(attrs["src"])
+            if tag == "script":
+                self.scripts.append(attrs)
 
         def handle_endtag(self, tag):
             if tag == "table":
@@ -115,12 +119,16 @@ def test_report_files_and_html(swept):
     for name in ("Adam <b>&amp; co</b>", "lion (toy_fail=False)", "lion (toy_fail=True)"):
         assert name in parser.cells
     assert "<b>" not in text  # the user's markup was escaped, never interpreted
-    assert "script" not in parser.tags
-    # self-contained: figures are inline data, nothing is fetched
-    assert len(parser.images) >= 4 and all(
+    # self-contained: scripts are inline (plotly.js once, the figures' data), images are inline
+    # data, nothing outside the scripts' own code points at the network
+    assert parser.scripts and all("src" not in attrs for attrs in parser.scripts)
+    assert text.count("<script") == text.count("</script>")
+    assert text.count("Plotly.newPlot(") >= 3  # loss vs LR, aligned, curves
+    assert len(parser.images) >= 1 and all(
         s.startswith("data:image/png;base64,") for s in parser.images
     )
-    assert "http://" not in text and "https://" not in text
+    outside = re.sub(r"<script.*?</script>", "", text, flags=re.S)
+    assert "http://" not in outside and "https://" not in outside
     for stem in (
         "loss-vs-lr",
         "loss-vs-lr-aligned",
@@ -187,7 +195,7 @@ def test_rerun_after_adding_values_runs_only_new_points(swept):
         # every run's config and optimizer are checked before any run starts
         (
             ["sweep", "demo", "--set", "steps=abc", "--out", "never"],
-            "preset 'demo': run adamw (lr=0.0001): config key 'steps' must be an integer",
+            "preset 'demo': run adamw (lr=0.000316): config key 'steps' must be an integer",
         ),
         (["sweep", "rho.toml", "--out", "never"], "lion: unknown hyperparameter(s) 'rho'"),
         (["sweep", "demo", "--out", "afile/never"], "cannot open the results folder afile/never"),

@@ -232,3 +232,16 @@ def test_missing_file_and_unknown_preset(tmp_path):
         UserError, match=r"no sweep spec file or preset named 'nope'; presets: .*demo"
     ):
         load_spec("nope")
+
+
+@pytest.mark.parametrize("name", ["../../x", "/tmp/x", "a/b", "..", ".", "", "a\\b"])
+def test_sweep_name_that_is_not_one_folder_is_refused(name):
+    text = BASIC.replace('name = "basic"', f"name = {name!r}".replace("'", '"'))
+    text = text.replace('"a\\b"', "'a\\b'")  # a TOML literal string keeps the backslash
+    with pytest.raises(UserError, match=r"\[sweep\] name .* must be one folder name"):
+        parse(text)
+
+
+def test_sweep_name_of_one_folder_is_kept():
+    spec = parse(BASIC.replace('name = "basic"', 'name = "lr sweep.v2_b-1"'))
+    assert spec.name == "lr sweep.v2_b-1"

@@ -38,6 +38,7 @@ from torch import Tensor
 from optarena import atomic, checkpoints, distributed
 from optarena.checkpoints import CHECKPOINT_VERSION
 from optarena.devices import resolve_device
+from optarena.environment import run_environment
 from optarena.errors import Interrupted, UserError
 from optarena.run_log import RunLog
 
@@ -537,6 +538,8 @@ class Run:
         config, par = self.config, self.par
         if config.threads:
             torch.set_num_threads(config.threads)
+        else:  # the number used, not None: results depend on it
+            config.threads = torch.get_num_threads()
         if not par.active:
             par.device = resolve_device(config.device)
         self.device = par.device
@@ -944,6 +947,7 @@ class Run:
             "device": str(self.device),
             "parallel": {"mode": self.par.mode, "world_size": self.par.world},
             "dtype": str(self.dtype).removeprefix("torch."),
+            "environment": run_environment(),
             **self.summary_fields(),
             "config": self.config.to_dict(),
             "requested_config": self.requested,

@@ -1,7 +1,8 @@
 """``optarena demo``: the ``demo`` sweep preset end to end, then its report.
 
-Seven optimizers x five learning rates on the micro model and the built-in corpus: a few
-minutes on a laptop CPU, and the shortest path from install to the study's loss-vs-LR figure.
+Seven optimizers x five half-decade learning rates around each one's basin, on the micro model
+and the built-in corpus: a few minutes on a laptop CPU, and the shortest path from install to the
+study's loss-vs-LR figure.
 """
 
 from __future__ import annotations
@@ -28,6 +29,14 @@ def run(args: argparse.Namespace) -> int:
     start = time.monotonic()
     spec = sweep_command.load(args)
     out = Path(args.out)
+    estimate = sum(sweep_command.estimated_cpu_seconds(r.config) or 0.0 for r in spec.runs())
+    from optarena.sweep.progress import format_seconds
+
+    print(
+        f"demo: {len(spec.runs())} runs, about {format_seconds(estimate)} of CPU-core time "
+        "(less on several idle cores, more on a loaded machine)",
+        flush=True,
+    )
     # micro-model runs use one core well and two poorly: one run per core
     code = sweep_command.execute(args, spec, out, default_threads=1)
     from optarena.report import write_report

@@ -53,10 +53,15 @@ def print_table(directory: Path, taus: tuple[float, ...]) -> None:
     from rich.table import Table
 
     from optarena.analysis import analyze_store
+    from optarena.report.story import tell
     from optarena.report.tables import display_rows
+    from optarena.sweep.store import Store
 
     analysis = analyze_store(directory, taus)
-    header, rows = display_rows(analysis)
+    with Store(directory, create=False) as store:
+        runs = {r.id: r for r in store.runs()}
+    told = tell(analysis, runs)
+    header, rows = display_rows(analysis, told.speedups)
     table = Table(title=f"optarena sweep: {directory}")
     for i, name in enumerate(header):
         table.add_column(name, justify="left" if i < 2 else "right", no_wrap=i < 2)
@@ -66,3 +71,5 @@ def print_table(directory: Path, taus: tuple[float, ...]) -> None:
     if not console.is_terminal:  # a pipe or a file: do not squeeze columns to 80 characters
         console = Console(width=200)
     console.print(table)
+    for text in told.conclusions + [f"caveat: {c}" for c in told.caveats]:
+        console.print(text, highlight=False, markup=False, soft_wrap=True)

@@ -284,10 +284,45 @@ def run(args: argparse.Namespace) -> int:
     return code
 
 
+# Training FLOPs per CPU-core second on a small transformer, measured on the demo's micro
+# model (6 x params x tokens over ``train_cpu_seconds``, one thread): rough, for estimates only.
+CPU_FLOPS_PER_SECOND = 5e10
+
+
+def estimated_cpu_seconds(config: dict[str, Any]) -> float | None:
+    """CPU seconds one run of ``config`` needs, from its model preset's size and its tokens
+    (6 x params x training tokens plus 2 x params x evaluation tokens), or None for a model
+    this cannot size."""
+    try:
+        from optarena.model import PRESETS
+    except ImportError:  # pragma: no cover - the model ships with the package
+        return None
+    shape = {
+        **PRESETS.get(str(config.get("model", "micro")), {}),
+        **config.get("model_overrides", {}),
+    }
+    if not {"d_model", "n_layer", "vocab_size"} <= set(shape):
+        return None
+    d, layers, vocab = shape["d_model"], shape["n_layer"], shape.get("vocab_size")
+    vocab = config.get("vocab_size") or vocab
+    params = 2 * vocab * d + 12 * layers * d * d
+    steps, batch, seq = (
+        config.get("steps", 200),
+        config.get("batch_size", 16),
+        config.get("seq_len", 128),
+    )
+    every = config.get("eval_every", 0) or steps
+    evals = steps // every + 1
+    tokens = steps * batch * seq
+    eval_tokens = evals * config.get("eval_windows", 64) * seq
+    return (6 * params * tokens + 2 * params * eval_tokens) / CPU_FLOPS_PER_SECOND
+
+
 def dry_run(spec: Any, out: Path) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from optarena.sweep.progress import format_seconds, short_value
     from optarena.sweep.store import DB_NAME, Store
 
     runs = spec.runs()
@@ -295,14 +330,31 @@ def dry_run(spec: Any, out: Path) -> int:
     if (out / DB_NAME).is_file():
         with Store(out) as store:
             status = {r.id: r.status for r in store.runs()}
-    table = Table(title=f"sweep {spec.name}: {len(runs)} runs -> {out}")
-    for column in ("id", "optimizer", "swept values", "seed", "status"):
-        table.add_column(column)
-    for r in runs:
-        point = ", ".join(f"{k}={v}" for k, v in r.point.items())
-        table.add_row(r.id, r.label, point, str(r.config["seed"]), status.get(r.id, "new"))
     console = Console(file=sys.stdout)
     if not console.is_terminal:
         console = Console(file=sys.stdout, width=200)
+    base = ", ".join(f"{k}={short_value(v)}" for k, v in sorted(spec.base.items()))
+    console.print(f"base config: {base}", highlight=False, markup=False, soft_wrap=True)
+    varying = sorted({k for r in runs for k in r.point})
+    table = Table(title=f"sweep {spec.name}: {len(runs)} runs -> {out}")
+    for column in ("id", "optimizer", *varying, "seed", "status", "est. CPU"):
+        table.add_column(column)
+    todo = 0.0
+    for r in runs:
+        cost = estimated_cpu_seconds(r.config)
+        state = status.get(r.id, "new")
+        if cost is not None and state not in ("done", "diverged"):
+            todo += cost
+        cells = [short_value(r.point[k]) if k in r.point else "" for k in varying]
+        est = "?" if cost is None else format_seconds(cost)
+        table.add_row(r.id, r.label, *cells, str(r.config["seed"]), state, est)
     console.print(table)
+    console.print(
+        f"estimated CPU time of the runs without a result: {format_seconds(todo)} core-time "
+        f"(6 x params x tokens at {CPU_FLOPS_PER_SECOND:.0e} FLOP/s per core; divide by the "
+        "cores in use; a loaded machine is slower)",
+        highlight=False,
+        markup=False,
+        soft_wrap=True,
+    )
     return 0

@@ -237,8 +237,13 @@ class Rows:
         if len(segs) == 1 and x.is_contiguous():
             s = segs[0]
             if s.dim == 0 and self.is_whole and s.size == self.length:
-                shape = (s.groups, -1)
-                return x.reshape(shape), values.reshape(s.groups, 1)
+                # x keeps its shape and each row gets its block's value: a (blocks, entries)
+                # view of x would send inductor's update loop through a gather indexed by
+                # nested modulos (a scalar loop) when a block spans several rows (heads)
+                per = s.size // s.groups
+                v = values if per == 1 else values.repeat_interleave(per)
+                x = x.reshape(1) if x.dim() == 0 else x
+                return x, v.reshape((self.length,) + (1,) * (x.dim() - 1))
             if s.dim > 0 and s.start == 0 and s.size == x.shape[s.dim]:
                 if s.batched:
                     view = s.view(self.length, s.lead)

@@ -110,24 +110,12 @@ _NAME_V = {"v_proj", "wv", "value", "v", "to_v"}
 _NAME_QKV = {"c_attn", "qkv", "qkv_proj", "wqkv", "query_key_value", "in_proj"}
 _NAME_O = {"o_proj", "wo", "out_proj", "o", "to_out"}
 _NAME_O_IN_ATTN = {"c_proj", "dense", "proj"}
+# fmt: off
 _NAME_MLP = {
-    "fc1",
-    "fc2",
-    "c_fc",
-    "up_proj",
-    "gate_proj",
-    "down_proj",
-    "w1",
-    "w2",
-    "w3",
-    "wi",
-    "wi_0",
-    "wi_1",
-    "linear1",
-    "linear2",
-    "dense_h_to_4h",
-    "dense_4h_to_h",
+    "fc1", "fc2", "c_fc", "up_proj", "gate_proj", "down_proj", "w1", "w2", "w3", "wi", "wi_0",
+    "wi_1", "linear1", "linear2", "dense_h_to_4h", "dense_4h_to_h",
 }
+# fmt: on
 
 
 def role_from_name(name: str, shape: tuple[int, ...] | torch.Size) -> Role:

@@ -10,9 +10,32 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from optarena import atomic
 from optarena.analysis import DEFAULT_TAUS, Analysis, analyze, observations_from_store
-from optarena.report import figures, tables
+from optarena.report import figures, interactive, story, tables
 from optarena.sweep.store import Store
+
+# After load, the page records on <body> how many interactive figures drew a non-empty plot
+# and how many script errors happened: a browser (tests/test_report_browser.py) reads them.
+_SELF_CHECK = """<script>
+(function () {
+  var errors = 0;
+  window.addEventListener("error", function () { errors += 1; });
+  window.addEventListener("load", function () {
+    var plots = document.querySelectorAll(".js-plotly-plot");
+    var drawn = 0;
+    plots.forEach(function (p) {
+      var svg = p.querySelector("svg.main-svg");
+      var marks = p.querySelectorAll(".scatterlayer .trace path, .scatterlayer .point");
+      if (svg && svg.getBoundingClientRect().width > 0 && marks.length > 0) { drawn += 1; }
+    });
+    document.body.setAttribute("data-figures", String(document.querySelectorAll(
+      "figure.interactive").length));
+    document.body.setAttribute("data-drawn", String(drawn));
+    document.body.setAttribute("data-errors", String(errors));
+  });
+})();
+</script>"""
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;
@@ -42,43 +65,66 @@ def write_report(
         members = store.members()
         counts = store.counts()
     analysis = analyze(observations_from_store(directory), taus)
+    by_id = {r.id: r for r in runs}
+    told = story.tell(analysis, by_id)
     out = directory / "report"
     out.mkdir(parents=True, exist_ok=True)
 
-    summary = tables.summary_rows(analysis)
+    summary = tables.summary_rows(analysis, told.speedups)
     tables.write_csv(out / "summary.csv", summary)
     tables.write_json(out / "summary.json", summary)
+    atomic.write_json(out / "story.json", story_json(told))
     run_rows = tables.run_rows(runs, members)
     tables.write_csv(out / "runs.csv", run_rows)
 
-    rendered = figures.all_figures(analysis, {r.id: r for r in runs})
+    rendered = figures.all_figures(analysis, by_id, directory, told.speedups)
     for fig in rendered:
-        (out / f"{fig.name}.png").write_bytes(fig.png)
-        (out / f"{fig.name}.svg").write_bytes(fig.svg)
+        atomic.write_bytes(out / f"{fig.name}.png", fig.png)
+        atomic.write_bytes(out / f"{fig.name}.svg", fig.svg)
 
+    divs = dict(interactive.all_divs(analysis, by_id, directory, told.speedups))
     page = out / "index.html"
-    page.write_text(
-        _page(directory, analysis, rendered, run_rows, counts, sections), encoding="utf-8"
+    atomic.write_text(
+        page, _page(directory, analysis, told, rendered, divs, run_rows, counts, sections)
     )
     return page
+
+
+def story_json(told: story.Story) -> dict[str, Any]:
+    """What the page says in words, for tools and tests: setup, conclusions, caveats."""
+    noise = told.noise
+    return {
+        "setup": [{"what": k, "value": v} for k, v in told.setup],
+        "conclusions": told.conclusions,
+        "caveats": told.caveats,
+        "best_group": told.best_group,
+        "noise": None
+        if noise is None
+        else {"sd": noise.sd, "band": noise.band, "measured": noise.measured},
+    }
 
 
 def _page(
     directory: Path,
     analysis: Analysis,
+    told: story.Story,
     rendered: Sequence[figures.Rendered],
+    divs: dict[str, str],
     run_rows: Sequence[dict[str, Any]],
     counts: dict[str, int],
     sections: Sequence[tuple[str, str]] = (),
 ) -> str:
     e = html.escape
-    header, cells = tables.display_rows(analysis)
+    header, cells = tables.display_rows(analysis, told.speedups)
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>optarena report: {e(directory.resolve().name)}</title>",
-        f"<style>{_CSS}</style></head><body>",
+        f"<style>{_CSS}</style>",
+        interactive.script() if divs else "",
+        "</head><body>",
+        _SELF_CHECK,
         f"<h1>optarena sweep report: <code>{e(directory.resolve().name)}</code></h1>",
         '<p class="muted">'
         + e(
@@ -88,6 +134,21 @@ def _page(
         )
         + "</p>",
         *(f"<h2>{e(heading)}</h2>\n{body}" for heading, body in sections),
+        "<h2>Setup</h2>",
+        _table(["", ""], told.setup, left=2, css_id="setup"),
+        '<h2>Conclusions</h2><div id="conclusions">',
+        *(f"<p>{e(text)}</p>" for text in told.conclusions),
+        "</div>",
+        '<p class="muted">' + e("Noise model: " + told.noise.describe() + ".") + "</p>"
+        if told.noise
+        else "",
+        *(
+            ['<h3>Caveats</h3><ul id="caveats">']
+            + [f"<li>{e(c)}</li>" for c in told.caveats]
+            + ["</ul>"]
+            if told.caveats
+            else []
+        ),
         "<h2>Summary</h2>",
         _table(header, cells, left=2, css_id="summary"),
         '<p class="muted">'
@@ -96,18 +157,31 @@ def _page(
             "95% Student-t interval when there are several seeds). Basin τ: decades of LR around "
             "the optimum whose loss stays within τ nats of the best, interpolated on log10 LR "
             "(≥: the basin reaches the edge of the grid). Diverged: share of runs that diverged. "
-            "State B/param: optimizer state bytes per model parameter."
+            "State B/param: optimizer state bytes per model parameter. × AdamW tokens: AdamW's "
+            "tokens to reach the same loss (from the power law L(D) = a·D^−b + c fitted to its "
+            "best run's eval curve) divided by the optimizer's tokens, with the 16–84% range over "
+            "the fit's uncertainty. Steps to target: first evaluation step at or below AdamW's "
+            "best final loss. Rows are sorted by best loss."
         )
         + "</p>",
     ]
     if not rendered:
         parts.append("<p>No finished runs yet: the figures appear as runs finish.</p>")
     for fig in rendered:
+        files = (
+            f'(static: <a href="{e(fig.name)}.png">{e(fig.name)}.png</a>, '
+            f'<a href="{e(fig.name)}.svg">{e(fig.name)}.svg</a>)'
+        )
+        if fig.name in divs:  # interactive: hover, click a legend entry to hide it, zoom
+            parts.append(
+                f'<figure class="interactive">{divs[fig.name]}'
+                f"<figcaption>{e(fig.title)} {files}</figcaption></figure>"
+            )
+            continue
         data = base64.b64encode(fig.png).decode("ascii")
         parts.append(
             f'<figure><img alt="{e(fig.title)}" src="data:image/png;base64,{data}">'
-            f"<figcaption>{e(fig.title)} (<code>{e(fig.name)}.png</code>, "
-            f"<code>{e(fig.name)}.svg</code>)</figcaption></figure>"
+            f"<figcaption>{e(fig.title)} {files}</figcaption></figure>"
         )
     if analysis.comparisons:
         parts.append("<h2>Pairwise comparisons at the best LR</h2>")
@@ -159,21 +233,43 @@ def _page(
         parts.append(f"<h2>Runs</h2><details><summary>{len(run_rows)} runs</summary>")
         columns = [k for k in run_rows[0] if k != "error"] + ["error"]
         body = [[_fmt(row.get(k)) for k in columns] for row in run_rows]
-        parts.append(_table(columns, body, left=len(columns)))
+        for cells in body:  # each run's id opens its logged curves (train/val loss, LR, ...)
+            ident = e(cells[0])
+            cells[0] = f'<a href="../runs/{ident}/metrics.jsonl" id="run-{ident}">{ident}</a>'
+        parts.append(_table(columns, body, left=len(columns), html_columns={0}))
+        parts.append(
+            '<p class="muted">'
+            + e(
+                "Each id links to that run's metrics.jsonl (every logged step: training loss, "
+                "LR, gradient norm, tokens; every evaluation); the best run of each series is "
+                "drawn in the curves figure above."
+            )
+            + "</p>"
+        )
         parts.append("</details>")
     parts.append("</body></html>")
     return "\n".join(parts)
 
 
 def _table(
-    header: Sequence[str], rows: Sequence[Sequence[Any]], *, left: int, css_id: str | None = None
+    header: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    *,
+    left: int,
+    css_id: str | None = None,
+    html_columns: frozenset[int] | set[int] = frozenset(),
 ) -> str:
+    """An HTML table; cells are escaped except in ``html_columns`` (trusted markup)."""
     e = html.escape
     ident = f' id="{e(css_id)}"' if css_id else ""
     cls = [' class="l"' if i < left else "" for i in range(len(header))]
     head = "".join(f"<th{cls[i]}>{e(str(h))}</th>" for i, h in enumerate(header))
     body = "".join(
-        "<tr>" + "".join(f"<td{cls[i]}>{e(str(c))}</td>" for i, c in enumerate(row)) + "</tr>"
+        "<tr>"
+        + "".join(
+            f"<td{cls[i]}>{c if i in html_columns else e(str(c))}</td>" for i, c in enumerate(row)
+        )
+        + "</tr>"
         for row in rows
     )
     return f"<table{ident}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"

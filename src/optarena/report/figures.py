@@ -9,11 +9,14 @@ import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
 
 from optarena.analysis import Analysis, Sensitivity, SeriesResult
+from optarena.run_log import METRICS_FILE, read_records
+from optarena.speedup import Speedup
 from optarena.sweep.store import RunRecord
 
 _MARKERS = "osD^v<>ph*"
@@ -41,7 +44,12 @@ def mpl_text(text: str) -> str:
     return text.replace("\\", "\\\\").replace("$", r"\$")
 
 
-def all_figures(analysis: Analysis, runs: dict[str, RunRecord]) -> list[Rendered]:
+def all_figures(
+    analysis: Analysis,
+    runs: dict[str, RunRecord],
+    directory: Path,
+    speedups: dict[str, Speedup] | None = None,
+) -> list[Rendered]:
     out = []
     models = analysis.models()
     for model in models:
@@ -56,8 +64,15 @@ def all_figures(analysis: Analysis, runs: dict[str, RunRecord]) -> list[Rendered
                 )
             )
             out.append(
-                best_curves(series, runs, f"curves-at-best-lr{suffix}", f"At best LR{where}")
+                best_curves(
+                    series, runs, directory, f"curves-at-best-lr{suffix}", f"At best LR{where}"
+                )
             )
+            mine = [speedups[s.name] for s in series if speedups and s.name in speedups]
+            if any(s.token_speedup is not None for s in mine):
+                out.append(
+                    speedup_figure(mine, f"speedup-vs-adamw{suffix}", f"Speedup vs AdamW{where}")
+                )
         keys = sorted({s.key for s in analysis.sensitivities if s.model == model})
         for key in keys:
             group = [
@@ -80,11 +95,14 @@ def loss_vs_lr(
     for i, s in enumerate(series):
         scale = s.best_lr if aligned and s.best_lr else 1.0
         xs = [p.x / scale for p in s.curve]
-        _plot_with_divergence(ax, xs, [p.loss for p in s.curve], s.name, i, top)
+        counts = [p.n_diverged for p in s.curve]
+        _plot_with_divergence(
+            ax, xs, [p.loss for p in s.curve], s.name, i, _row(finite, top, i), counts, log_x=True
+        )
     ax.set_xscale("log")
     ax.set_xlabel("LR / best LR" if aligned else "peak learning rate")
     ax.set_ylabel("final validation loss (nats)")
-    _ylim(ax, finite, top)
+    _ylim(ax, finite, _row(finite, top, len(series) - 1))
     if aligned:
         ax.axvline(1.0, color="0.6", linewidth=0.8, linestyle=":")
     ax.set_title(
@@ -100,35 +118,94 @@ def loss_vs_lr(
     return render(fig, name, title)
 
 
+PANELS = (
+    ("loss", "training loss (nats)", "linear"),
+    ("val_loss", "validation loss (nats)", "linear"),
+    ("lr", "learning rate", "log"),
+    ("grad_norm", "gradient norm (before clipping)", "log"),
+)
+
+
+def run_curves(directory: Path, run: RunRecord) -> dict[str, tuple[list[float], list[float]]]:
+    """``key -> (tokens, values)`` from the run's ``metrics.jsonl`` (the store's eval curve when
+    the file is gone): training loss, validation loss, LR and gradient norm."""
+    records = read_records(directory / "runs" / run.id / METRICS_FILE)
+    summary = run.summary or {}
+    per_step = (summary.get("tokens") or 0) / (summary.get("steps") or 1) or float(
+        run.config.get("batch_size", 16) * run.config.get("seq_len", 128)
+    )
+    out: dict[str, tuple[list[float], list[float]]] = {key: ([], []) for key, _, _ in PANELS}
+    for record in records:
+        tokens = record.get("tokens", record.get("step", 0) * per_step)
+        for key, _, _ in PANELS:
+            value = record.get(key)
+            if _finite(value):
+                out[key][0].append(tokens)
+                out[key][1].append(value)
+    if not out["val_loss"][0]:
+        for step, loss in run.eval_curve:
+            if _finite(loss):
+                out["val_loss"][0].append(step * per_step)
+                out["val_loss"][1].append(loss)
+    return out
+
+
 def best_curves(
-    series: Sequence[SeriesResult], runs: dict[str, RunRecord], name: str, title: str
+    series: Sequence[SeriesResult],
+    runs: dict[str, RunRecord],
+    directory: Path,
+    name: str,
+    title: str,
 ) -> Rendered:
-    """Validation loss against step for each optimizer's best run (first seed)."""
-    fig = Figure(figsize=(8.5, 4.6))
-    ax = fig.add_subplot()
-    finite: list[float] = []
+    """Training loss, validation loss, LR and gradient norm against tokens for each series'
+    best run (its first seed), axes unclipped: every logged point is inside them."""
+    fig = Figure(figsize=(11, 7.5))
+    axes = fig.subplots(2, 2).flatten()
     for i, s in enumerate(series):
-        run = next((runs[r] for r in s.best_run_ids if r in runs and runs[r].eval_curve), None)
+        run = next((runs[r] for r in s.best_run_ids if r in runs), None)
         if run is None:
             continue
-        steps = [p[0] for p in run.eval_curve if _finite(p[1])]
-        losses = [p[1] for p in run.eval_curve if _finite(p[1])]
-        finite += losses
-        ax.plot(
-            steps,
-            losses,
-            marker=_MARKERS[i % len(_MARKERS)],
-            markersize=3,
-            label=mpl_text(f"{s.name} @ {s.best_lr:.3g}"),
-        )
-    ax.set_xlabel("step")
-    ax.set_ylabel("validation loss (nats)")
-    if finite:
-        low = min(finite)
-        ax.set_ylim(low - 0.05, low + 1.5 * (sorted(finite)[len(finite) // 2] - low) + 0.1)
+        curves = run_curves(directory, run)
+        for ax, (key, _, _) in zip(axes, PANELS, strict=True):
+            xs, ys = curves[key]
+            if xs:
+                ax.plot(
+                    xs,
+                    ys,
+                    marker=_MARKERS[i % len(_MARKERS)] if key == "val_loss" else None,
+                    markersize=3,
+                    linewidth=1.1,
+                    color=f"C{i % 10}",
+                    label=mpl_text(f"{s.name} @ {s.best_lr:.3g}"),
+                )
+    for ax, (_, label, scale) in zip(axes, PANELS, strict=True):
+        ax.set_xlabel("training tokens")
+        ax.set_ylabel(label)
+        if ax.lines and scale == "log":
+            ax.set_yscale("log")
+        ax.grid(True, alpha=0.3)
+    if axes[1].get_legend_handles_labels()[0]:
+        axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.suptitle(mpl_text(title))
+    return render(fig, name, title)
+
+
+def speedup_figure(speedups: Sequence[Speedup], name: str, title: str) -> Rendered:
+    """Token-equivalent speedup over AdamW per optimizer, with its 16-84% interval."""
+    fig = Figure(figsize=(8.5, 0.5 + 0.45 * max(len(speedups), 1)))
+    ax = fig.add_subplot()
+    shown = [s for s in speedups if s.token_speedup is not None]
+    for i, s in enumerate(shown):
+        ax.plot([s.token_speedup], [i], marker="o", color=f"C{i % 10}")
+        if s.interval is not None and math.isfinite(s.interval[0]):
+            hi = s.interval[1] if math.isfinite(s.interval[1]) else s.token_speedup * 10
+            ax.plot([s.interval[0], hi], [i, i], color=f"C{i % 10}", linewidth=2)
+    ax.set_yticks(range(len(shown)), [mpl_text(s.label) for s in shown])
+    ax.axvline(1.0, color="0.5", linestyle=":", linewidth=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("token-equivalent speedup over AdamW (AdamW tokens for the same loss / tokens)")
     ax.set_title(mpl_text(title))
-    ax.grid(True, alpha=0.3)
-    _legend(ax)
+    ax.grid(True, which="both", alpha=0.3)
     return render(fig, name, title)
 
 
@@ -148,10 +225,13 @@ def sensitivity(group: Sequence[Sensitivity], name: str, title: str) -> Rendered
     ax = fig.add_subplot()
     finite = [p.loss for s in group for p in s.curve if math.isfinite(p.loss)]
     top = _top(finite)
-    _ylim(ax, finite, top)
+    _ylim(ax, finite, _row(finite, top, len(group) - 1))
     for i, s in enumerate(group):
         xs = [index[str(p.x)] for p in s.curve]
-        _plot_with_divergence(ax, xs, [p.loss for p in s.curve], s.label, i, top)
+        counts = [p.n_diverged for p in s.curve]
+        _plot_with_divergence(
+            ax, xs, [p.loss for p in s.curve], s.label, i, _row(finite, top, i), counts
+        )
     ax.set_xticks(
         range(len(values)), [mpl_text(f"{v:g}" if isinstance(v, float) else str(v)) for v in values]
     )
@@ -164,9 +244,18 @@ def sensitivity(group: Sequence[Sensitivity], name: str, title: str) -> Rendered
 
 
 def _plot_with_divergence(
-    ax: Any, xs: Sequence[float], losses: Sequence[float], label: str, index: int, top: float
+    ax: Any,
+    xs: Sequence[float],
+    losses: Sequence[float],
+    label: str,
+    index: int,
+    row: float,
+    counts: Sequence[int] | None = None,
+    log_x: bool = False,
 ) -> None:
-    """One series: a line through its finished points, an x at ``top`` for each diverged one."""
+    """One series: a line through its finished points and, on its own row ``row`` above the
+    losses, one x per diverged run (several runs at one x side by side), so markers of
+    different series or seeds never hide each other."""
     ok = [(x, y) for x, y in zip(xs, losses, strict=True) if math.isfinite(y)]
     (line,) = ax.plot(
         [x for x, _ in ok],
@@ -174,17 +263,30 @@ def _plot_with_divergence(
         marker=_MARKERS[index % len(_MARKERS)],
         label=mpl_text(label),
     )
-    bad = [x for x, y in zip(xs, losses, strict=True) if not math.isfinite(y)]
-    if bad:
+    counts = counts or [1] * len(xs)
+    bad_x: list[float] = []
+    for x, y, n in zip(xs, losses, counts, strict=True):
+        if math.isfinite(y) and not n:
+            continue
+        for k in range(max(n, 1)):
+            shift = (k - (max(n, 1) - 1) / 2) * 0.04
+            bad_x.append(x * 10**shift if log_x else x + shift * 2)
+    if bad_x:
         ax.plot(
-            bad,
-            [top] * len(bad),
+            bad_x,
+            [row] * len(bad_x),
             linestyle="none",
             marker="x",
-            markersize=9,
+            markersize=8,
             markeredgewidth=2,
             color=line.get_color(),
         )
+
+
+def _row(finite: Sequence[float], top: float, index: int) -> float:
+    """The divergence row of series ``index``: stacked above the worst finite loss."""
+    span = (max(finite) - min(finite) + 0.1) if finite else 1.0
+    return top + 0.045 * span * index
 
 
 def _legend(ax: Any) -> None:

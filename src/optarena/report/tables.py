@@ -7,13 +7,16 @@ three always show the same numbers.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from optarena import atomic
 from optarena.analysis import Analysis, SeriesResult
+from optarena.speedup import Speedup
 from optarena.sweep.store import Member, RunRecord
 
 
@@ -21,10 +24,20 @@ def tau_column(tau: float) -> str:
     return f"basin_decades_tau_{tau:g}"
 
 
-def summary_rows(analysis: Analysis) -> list[dict[str, Any]]:
-    """One row per series (optimizer x model size x other swept values)."""
+def by_loss(analysis: Analysis) -> list[SeriesResult]:
+    """Series per model size, best loss first (series without a finished run last)."""
+    return sorted(
+        analysis.series,
+        key=lambda s: (s.model, math.inf if s.best_loss is None else s.best_loss, s.name),
+    )
+
+
+def summary_rows(
+    analysis: Analysis, speedups: Mapping[str, Speedup] | None = None
+) -> list[dict[str, Any]]:
+    """One row per series (optimizer x model size x other swept values), best loss first."""
     rows = []
-    for s in analysis.series:
+    for s in by_loss(analysis):
         row: dict[str, Any] = {
             "model": s.model,
             "optimizer": s.name,
@@ -46,6 +59,7 @@ def summary_rows(analysis: Analysis) -> list[dict[str, Any]]:
             state_bytes_per_param=s.state_bytes_per_param,
             tokens_per_second=s.tokens_per_second,
         )
+        row.update(speedup_fields((speedups or {}).get(s.name)))
         rows.append(row)
     return rows
 
@@ -83,25 +97,72 @@ def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]
-    with path.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: "" if v is None else v for k, v in row.items()})
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: csv_cell(v) for k, v in row.items()})
+    atomic.write_text(path, buffer.getvalue())
+
+
+def csv_cell(value: Any) -> Any:
+    """A value as a spreadsheet reads it safely: a text cell starting with ``= + - @`` (or a
+    tab or carriage return) would be taken for a formula, so it gets a leading apostrophe;
+    numbers are left as they are."""
+    if value is None:
+        return ""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
 
 
 def write_json(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     clean = [{k: _json_number(v) for k, v in row.items()} for row in rows]
-    path.write_text(json.dumps(clean, indent=2) + "\n", encoding="utf-8")
+    atomic.write_text(path, json.dumps(clean, indent=2) + "\n")
 
 
-def display_rows(analysis: Analysis) -> tuple[list[str], list[list[str]]]:
-    """Header and formatted cells of the summary table, as people read it."""
+def speedup_fields(sp: Speedup | None) -> dict[str, Any]:
+    """The speedup columns of a summary row (all None without an AdamW series to compare)."""
+    return {
+        "token_speedup_vs_adamw": sp.token_speedup if sp else None,
+        "token_speedup_low": sp.interval[0] if sp and sp.interval else None,
+        "token_speedup_high": sp.interval[1] if sp and sp.interval else None,
+        "steps_to_target": sp.steps_to_target if sp else None,
+        "step_speedup_vs_adamw": sp.step_speedup if sp else None,
+    }
+
+
+def display_rows(
+    analysis: Analysis, speedups: Mapping[str, Speedup] | None = None
+) -> tuple[list[str], list[list[str]]]:
+    """Header and formatted cells of the summary table, as people read it, best loss first."""
     header = ["model", "optimizer", "best loss", "best LR"]
     header += [f"basin τ={tau:g}" for tau in analysis.taus]
-    header += ["diverged", "state B/param", "tokens/s"]
-    cells = [_display(s, analysis.taus) for s in analysis.series]
+    header += ["diverged", "state B/param", "tokens/s", "× AdamW tokens", "steps to target"]
+    cells = []
+    for s in by_loss(analysis):
+        sp = (speedups or {}).get(s.name)
+        row = _display(s, analysis.taus)
+        row.append(_speedup_text(sp))
+        row.append("—" if sp is None or sp.steps_to_target is None else str(sp.steps_to_target))
+        cells.append(row)
     return header, cells
+
+
+def _speedup_text(sp: Speedup | None) -> str:
+    if sp is None or sp.token_speedup is None:
+        return "—"
+    text = f"{sp.token_speedup:.2f}"
+    if sp.interval and not math.isfinite(sp.interval[0]):
+        text += " [fit too uncertain]"
+    elif sp.interval:
+        hi = sp.interval[1]
+        text += (
+            f" [{sp.interval[0]:.2f}–{hi:.2f}]"
+            if math.isfinite(hi)
+            else f" [≥{sp.interval[0]:.2f}]"
+        )
+    return text
 
 
 def _display(s: SeriesResult, taus: Sequence[float]) -> list[str]:

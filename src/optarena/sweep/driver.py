@@ -18,7 +18,7 @@ from pathlib import Path
 
 from optarena import atomic
 from optarena.sweep.executors import Executor, Outcome, Task
-from optarena.sweep.progress import SweepProgress
+from optarena.sweep.progress import SweepProgress, point_text
 from optarena.sweep.spec import Run
 from optarena.sweep.store import FINISHED, Store
 
@@ -115,7 +115,7 @@ def _record(
     store: Store, run: Run, outcome: Outcome, result: SweepResult, progress: SweepProgress
 ) -> None:
     lr = run.config.get("lr")
-    where = f"{run.label} lr={lr:.3g} seed={run.config.get('seed')}" if lr else run.label
+    where = point_text(run.label, run.point, run.config.get("seed"))
     if outcome.summary is not None:
         status = store.finish(run.id, outcome.summary)
         loss = outcome.summary.get("final_val_loss")

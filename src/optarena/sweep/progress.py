@@ -17,6 +17,24 @@ from rich.table import Table
 from rich.text import Text
 
 
+def short_value(value: Any) -> str:
+    """A swept value as people read it: ``0.00316`` not ``0.00316227766017``."""
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, (list, tuple)):
+        return "(" + ", ".join(short_value(v) for v in value) + ")"
+    return str(value)
+
+
+def point_text(label: str, point: dict[str, Any], seed: Any = None) -> str:
+    """``adamw lr=0.00316 beta2=0.95 seed=0``: the series and every value its grid varies
+    (dotted keys by their last part: ``hparams.beta2`` is ``beta2``)."""
+    parts = [label, *(f"{key.rsplit('.', 1)[-1]}={short_value(v)}" for key, v in point.items())]
+    if seed is not None:
+        parts.append(f"seed={seed}")
+    return " ".join(parts)
+
+
 def format_seconds(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"

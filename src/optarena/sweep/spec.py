@@ -330,7 +330,9 @@ def parse_spec(
         for grid in grids:
             grid.seeds = chosen
     spec = SweepSpec(
-        name=str(meta.get("name", Path(source).stem if source.endswith(".toml") else "sweep")),
+        name=_folder_name(
+            meta.get("name", Path(source).stem if source.endswith(".toml") else "sweep"), source
+        ),
         description=str(meta.get("description", "")),
         base=base,
         grids=grids,
@@ -340,6 +342,18 @@ def parse_spec(
     )
     spec.runs()  # resolve once so beta folding errors surface now
     return spec
+
+
+def _folder_name(value: Any, source: str) -> str:
+    """``[sweep] name``: it names the default output folder ``runs/NAME``, so it must be one
+    plain folder name (no separators, not ``.`` or ``..``)."""
+    name = str(value)
+    if name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise UserError(
+            f"{source}: [sweep] name {name!r} must be one folder name (no '/', not '..'): it "
+            "names the output folder runs/NAME; pass --out to write elsewhere"
+        )
+    return name
 
 
 def _where(grid: Grid | int, optimizer: str | None = None) -> str:

@@ -1,0 +1,321 @@
+"""What the page says in words: the setup, the conclusions and the caveats, from the analysis.
+
+Every sentence here is computed from the store; nothing is written by hand per sweep. The noise
+model (``noise``) and every rule are in ``docs/analysis.md``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from optarena.analysis import Analysis, SeriesResult
+from optarena.speedup import (
+    BASELINE,
+    Speedup,
+    first_step_at_or_below,
+    fit_power_law,
+    token_speedup,
+)
+from optarena.sweep.store import RunRecord
+
+# Seed-to-seed standard deviation of a final loss assumed when no point has two seeds.
+ASSUMED_SEED_SD = 0.02
+HALF_DECADE = 0.5 + 1e-3
+
+
+@dataclass
+class Noise:
+    """The standard deviation of one run's final loss over seeds, and where it came from."""
+
+    sd: float
+    measured: bool
+    points: int  # points with two or more seeds that it was pooled over
+
+    @property
+    def band(self) -> float:
+        """Two results closer than this are indistinguishable at ~95%: 1.96 * sqrt(2) * sd."""
+        return 1.96 * math.sqrt(2.0) * self.sd
+
+    def describe(self) -> str:
+        if self.measured:
+            return (
+                f"seed-to-seed standard deviation {self.sd:.4f} nats, pooled over {self.points} "
+                f"LRs with several seeds; two results closer than 1.96·√2·sd = {self.band:.3f} "
+                "nats are indistinguishable at ~95%"
+            )
+        return (
+            f"one seed per LR, so seed noise is not measured: assumed standard deviation "
+            f"{self.sd:.3f} nats (typical of these small runs; rerun with --seeds 0 1 2 to measure "
+            f"it); two results closer than {self.band:.3f} nats are treated as indistinguishable"
+        )
+
+
+def noise(analysis: Analysis) -> Noise:
+    """Pooled within-point variance of every point with >= 2 seeds that all trained."""
+    num, dof, points = 0.0, 0, 0
+    for s in analysis.series:
+        for p in s.curve:
+            if len(p.losses) >= 2 and not p.diverged:
+                num += statistics.variance(p.losses) * (len(p.losses) - 1)
+                dof += len(p.losses) - 1
+                points += 1
+    if dof:
+        return Noise(math.sqrt(num / dof), True, points)
+    return Noise(ASSUMED_SEED_SD, False, 0)
+
+
+@dataclass
+class Story:
+    setup: list[tuple[str, str]] = field(default_factory=list)
+    conclusions: list[str] = field(default_factory=list)
+    caveats: list[str] = field(default_factory=list)
+    speedups: dict[str, Speedup] = field(default_factory=dict)  # series name -> speedup
+    best_group: dict[str, list[str]] = field(default_factory=dict)  # model -> names
+    noise: Noise | None = None
+
+
+def ranked(series: Sequence[SeriesResult]) -> list[SeriesResult]:
+    return sorted(series, key=lambda s: (s.model, math.inf if s.best_loss is None else s.best_loss))
+
+
+def tell(analysis: Analysis, runs: dict[str, RunRecord]) -> Story:
+    story = Story(noise=noise(analysis))
+    story.setup = setup(list(runs.values()))
+    for model in analysis.models():
+        series = [
+            s for s in ranked(analysis.series) if s.model == model and s.best_loss is not None
+        ]
+        if not series:
+            continue
+        story.speedups.update(speedups(series, runs))
+        _conclude(story, model, series, len(analysis.models()) > 1)
+    story.caveats = caveats(analysis, list(runs.values()))
+    loose = [
+        s.label for s in story.speedups.values() if s.interval and not math.isfinite(s.interval[0])
+    ]
+    if loose:
+        story.caveats.append(
+            "The power law fitted to AdamW's eval curve is poorly constrained (few evaluations, "
+            "and a decaying LR bends the curve's end), so the token-equivalent speedups of "
+            f"{', '.join(loose)} have unbounded ranges: read them as indicative only; more "
+            "evaluations (eval_every) or AdamW runs of several lengths constrain the fit."
+        )
+    return story
+
+
+def _conclude(story: Story, model: str, series: list[SeriesResult], several: bool) -> None:
+    assert story.noise is not None
+    where = f" ({model})" if several else ""
+    best = series[0]
+    group = [s for s in series if s.best_loss - best.best_loss <= story.noise.band]
+    story.best_group[model] = [s.name for s in group]
+    others = [s.name for s in group if s is not best]
+    text = (
+        f"Best final validation loss{where}: {best.name}, {best.best_loss:.4f} at LR "
+        f"{best.best_lr:.3g}. "
+    )
+    if others:
+        text += (
+            f"Within the noise band ({story.noise.band:.3f} nats) of it, and so not "
+            f"distinguishable from it by this sweep: {', '.join(others)}. "
+        )
+    else:
+        text += f"No other optimizer is within the noise band ({story.noise.band:.3f} nats). "
+    rest = [s for s in series if s not in group]
+    if rest:
+        text += (
+            "Worse by more than the noise: "
+            + ", ".join(f"{s.name} (+{s.best_loss - best.best_loss:.3f})" for s in rest)
+            + "."
+        )
+    story.conclusions.append(text.strip())
+
+    taus = sorted({t for s in series for t in s.basins})
+    if taus:
+        tau = taus[len(taus) // 2]
+        widths = [(s.basins[tau].width, s) for s in series if tau in s.basins]
+        widths.sort(key=lambda ws: ws[0])
+        lo, hi = widths[0], widths[-1]
+        mark = "≥" if hi[1].basins[tau].censored else ""
+        story.conclusions.append(
+            f"Most stable{where} (widest LR basin within {tau:g} nats of its own best): "
+            f"{hi[1].name}, {mark}{hi[0]:.2f} decades; least stable: {lo[1].name}, "
+            f"{lo[0]:.2f} decades."
+        )
+    diverged = [s for s in series if s.divergence_rate > 0]
+    if diverged:
+        story.conclusions.append(
+            f"Diverged{where}: "
+            + ", ".join(
+                f"{s.name} at {sum(p.n_diverged for p in s.curve)} of {s.n_runs} runs "
+                f"(LR ≥ {min(p.x for p in s.curve if p.diverged):.3g})"
+                for s in diverged
+            )
+            + "."
+        )
+    else:
+        story.conclusions.append(f"No run diverged{where}.")
+    memory = [s for s in series if s.state_bytes_per_param is not None]
+    base = next((s for s in memory if s.optimizer == BASELINE), None)
+    if memory:
+        low = min(memory, key=lambda s: s.state_bytes_per_param)
+        text = (
+            f"Optimizer state{where}: least {low.name} ({low.state_bytes_per_param:.2f} "
+            "bytes/parameter)"
+        )
+        if base is not None and base.state_bytes_per_param:
+            text += f", {low.state_bytes_per_param / base.state_bytes_per_param:.0%} of AdamW's"
+        story.conclusions.append(text + ".")
+    sp = [(s.name, story.speedups.get(s.name)) for s in series if s.optimizer != BASELINE]
+    sp = [(n, v) for n, v in sp if v is not None and v.token_speedup is not None]
+    if sp:
+        story.conclusions.append(
+            f"Token-equivalent speedup over AdamW{where} (AdamW's tokens for the same loss ÷ "
+            "the optimizer's tokens): "
+            + ", ".join(f"{n} {v.token_speedup:.2f}×{_interval(v)}" for n, v in sp)
+            + "."
+        )
+
+
+def _interval(v: Speedup) -> str:
+    if v.interval is None:
+        return ""
+    if not math.isfinite(v.interval[0]):
+        return " (range unbounded)"
+    hi = "∞" if not math.isfinite(v.interval[1]) else f"{v.interval[1]:.2f}"
+    return f" [{v.interval[0]:.2f}, {hi}]"
+
+
+def speedups(series: Sequence[SeriesResult], runs: dict[str, RunRecord]) -> dict[str, Speedup]:
+    """Every series of one model against its AdamW series (the first one named adamw)."""
+    base = next((s for s in series if s.optimizer == BASELINE), None)
+    if base is None:
+        return {}
+    base_run = _best_run(base, runs)
+    if base_run is None:
+        return {}
+    per_step = _tokens_per_step(base_run)
+    curve = _mean_curve([runs[r] for r in base.best_run_ids if r in runs])
+    fit = fit_power_law([p[0] * per_step for p in curve], [p[1] for p in curve])
+    target = base.best_loss
+    base_steps = first_step_at_or_below(base_run.eval_curve, target)
+    out = {}
+    for s in series:
+        run = _best_run(s, runs)
+        if run is None or s.best_loss is None:
+            continue
+        tokens = float((run.summary or {}).get("tokens") or 0) or math.nan
+        value, interval = (None, None)
+        if fit is not None and math.isfinite(tokens):
+            value, interval = token_speedup(fit, s.best_loss, tokens)
+        steps = first_step_at_or_below(run.eval_curve, target)
+        ratio = base_steps / steps if steps and base_steps else None
+        out[s.name] = Speedup(s.name, s.best_loss, tokens, value, interval, steps, ratio)
+    return out
+
+
+def _mean_curve(group: Sequence[RunRecord]) -> list[list[float]]:
+    """The eval curve averaged over the seeds of one point (steps every seed evaluated), so
+    that the fit describes the same mean loss the best loss is."""
+    by_step: dict[float, list[float]] = {}
+    for run in group:
+        for step, loss in run.eval_curve:
+            if loss is not None and math.isfinite(loss):
+                by_step.setdefault(step, []).append(loss)
+    return [[st, statistics.fmean(v)] for st, v in sorted(by_step.items()) if len(v) == len(group)]
+
+
+def _best_run(s: SeriesResult, runs: dict[str, RunRecord]) -> RunRecord | None:
+    return next((runs[r] for r in s.best_run_ids if r in runs and runs[r].eval_curve), None)
+
+
+def _tokens_per_step(run: RunRecord) -> float:
+    summary = run.summary or {}
+    if summary.get("tokens") and summary.get("steps"):
+        return summary["tokens"] / summary["steps"]
+    return float(run.config.get("batch_size", 16) * run.config.get("seq_len", 128))
+
+
+def setup(runs: Sequence[RunRecord]) -> list[tuple[str, str]]:
+    """``(what, value)`` rows: the config every run shares, what varies, the environment."""
+    if not runs:
+        return []
+    configs = [r.config for r in runs]
+    keys = sorted({k for c in configs for k in c} - {"hparams", "seed", "lr", "optimizer"})
+    shared = {
+        k: configs[0].get(k) for k in keys if all(c.get(k) == configs[0].get(k) for c in configs)
+    }
+    rows = [("shared config", ", ".join(f"{k}={v}" for k, v in shared.items()) or "—")]
+    params = sorted({(r.summary or {}).get("params") for r in runs} - {None})
+    if params:
+        rows.append(("model parameters", ", ".join(f"{p:,}" for p in params)))
+    tokens = sorted({(r.summary or {}).get("tokens") for r in runs if r.status == "done"} - {None})
+    if tokens:
+        rows.append(("training tokens per run", ", ".join(f"{t:,}" for t in tokens)))
+    per_label: dict[str, set[str]] = {}
+    for r in runs:
+        hp = ", ".join(f"{k}={v}" for k, v in sorted((r.config.get("hparams") or {}).items()))
+        per_label.setdefault(r.optimizer, set()).add(hp or "defaults")
+    for name, hps in sorted(per_label.items()):
+        rows.append((f"{name} hyperparameters", " | ".join(sorted(hps))))
+    seeds = sorted({r.seed for r in runs if r.seed is not None})
+    rows.append(("seeds", ", ".join(map(str, seeds))))
+    envs = [(r.summary or {}).get("environment") or {} for r in runs if r.summary]
+    for key in ("threads", "torch", "optarena", "python"):
+        values = sorted({str(e[key]) for e in envs if key in e})
+        rows.append(
+            (key if key != "optarena" else "code version", ", ".join(values) or "not recorded")
+        )
+    rows.append(("unlisted keys", "optarena's TrainConfig defaults of the code version above"))
+    return rows
+
+
+def caveats(analysis: Analysis, runs: Sequence[RunRecord]) -> list[str]:
+    out = []
+    seeds = max((len(s.best_losses) for s in analysis.series), default=0)
+    if analysis.series and seeds <= 1:
+        out.append(
+            "One seed per LR: seed noise is assumed, not measured, and a difference smaller "
+            "than the noise band may flip with another seed (run with --seeds 0 1 2)."
+        )
+    for s in analysis.series:
+        lrs = [p.x for p in s.curve]
+        if s.best_lr is not None and len(lrs) > 1 and s.best_lr in (min(lrs), max(lrs)):
+            side = "lowest" if s.best_lr == min(lrs) else "highest"
+            out.append(
+                f"{s.name}: the best LR {s.best_lr:.3g} is the {side} of its grid, so its true "
+                "optimum may lie beyond it and its best loss is an upper bound "
+                "(`optarena sweep SPEC --refine` extends the grid)."
+            )
+        gaps = [math.log10(b / a) for a, b in itertools.pairwise(lrs) if a > 0]
+        if gaps and max(gaps) > HALF_DECADE:
+            out.append(
+                f"{s.name}: its LR grid has gaps of up to {max(gaps):.2f} decades, coarser "
+                "than half a decade: its best LR and basin widths are interpolation between "
+                "far points, and rankings against other optimizers can be grid artifacts."
+            )
+    threads = {
+        ((r.summary or {}).get("environment") or {}).get("threads") for r in runs if r.summary
+    }
+    counts = sorted(threads - {None})
+    if len(counts) > 1:
+        out.append(
+            f"Runs used different torch thread counts ({', '.join(map(str, counts))}); "
+            "losses of the same config differ slightly between thread counts."
+        )
+    if _concurrent(runs):
+        out.append(
+            "Timings (tokens/s) come from runs that ran at the same time on shared cores: they "
+            "describe this machine under that load, not the optimizers; use `optarena bench` "
+            "for speed."
+        )
+    return out
+
+
+def _concurrent(runs: Sequence[RunRecord]) -> bool:
+    spans = sorted((r.started, r.finished) for r in runs if r.started and r.finished)
+    return any(b[0] < a[1] for a, b in itertools.pairwise(spans))

@@ -1,0 +1,136 @@
+"""Speedup against AdamW: how many of AdamW's tokens another optimizer's result is worth.
+
+Token-equivalent speedup (defined in ``docs/analysis.md``): fit AdamW's validation loss against
+training tokens with the power law ``L(D) = a * D**-b + c`` (its best run's eval curve, and the
+best run of every length when the store holds several), read off the tokens ``D_A`` AdamW needs
+to reach an optimizer's final loss, and divide by the tokens ``D`` that optimizer used:
+``speedup = D_A / D`` (above 1: it needs fewer tokens than AdamW for the same loss). The
+uncertainty comes from the fit's covariance: parameters are drawn from the normal distribution
+it describes and the 16th-84th percentiles of the resulting speedups are reported.
+
+Steps-to-target: the first evaluation step at or below a target loss (AdamW's best final loss),
+and AdamW's steps divided by the optimizer's.
+
+Plain numbers in, plain numbers out (numpy and scipy, no torch).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.optimize
+
+BASELINE = "adamw"
+DRAWS = 2000
+
+
+@dataclass
+class PowerLaw:
+    """``L(D) = a D^-b + c`` with the covariance of ``(a, b, c)`` (None: not estimable)."""
+
+    a: float
+    b: float
+    c: float
+    cov: np.ndarray | None
+    points: int
+
+    def loss(self, tokens: float) -> float:
+        return self.a * tokens ** (-self.b) + self.c
+
+    def tokens_for(
+        self, loss: float, a: float | None = None, b: float | None = None, c: float | None = None
+    ) -> float:
+        """Tokens at which the curve reaches ``loss``; inf at or below the floor ``c``."""
+        a, b, c = (
+            (self.a if a is None else a),
+            (self.b if b is None else b),
+            (self.c if c is None else c),
+        )
+        if loss <= c or a <= 0 or b <= 0:
+            return math.inf
+        return ((loss - c) / a) ** (-1.0 / b)
+
+
+def fit_power_law(tokens: Sequence[float], losses: Sequence[float]) -> PowerLaw | None:
+    """Least-squares fit of ``a D^-b + c`` to finite points with ``D > 0``; None when fewer
+    than four points or the fit fails. ``D`` is scaled to millions internally."""
+    pts = sorted(
+        (float(d), float(y))
+        for d, y in zip(tokens, losses, strict=True)
+        if d and d > 0 and y is not None and math.isfinite(y)
+    )
+    if len(pts) < 4:
+        return None
+    scale = 1e6
+    x = np.array([d / scale for d, _ in pts])
+    y = np.array([v for _, v in pts])
+    low = float(y.min())
+    try:
+        params, cov = scipy.optimize.curve_fit(
+            lambda d, a, b, c: a * d ** (-b) + c,
+            x,
+            y,
+            p0=(max(float(y[0] - low), 1e-3) * x[0] ** 0.5, 0.5, low - 0.1),
+            bounds=([0.0, 1e-3, -np.inf], [np.inf, 5.0, low]),
+            maxfev=20000,
+        )
+    except (RuntimeError, ValueError):
+        return None
+    a, b, c = (float(v) for v in params)
+    # back to raw tokens: a (D/s)^-b = a s^b D^-b
+    factor = scale**b
+    ok = np.all(np.isfinite(cov)) and len(pts) > 3
+    if ok:
+        jac = np.diag([factor, 1.0, 1.0])
+        jac[0, 1] = a * factor * math.log(scale)  # d(a s^b)/db
+        cov = jac @ cov @ jac.T
+    return PowerLaw(a * factor, b, c, cov if ok else None, len(pts))
+
+
+@dataclass
+class Speedup:
+    """One optimizer against the baseline's fitted curve."""
+
+    label: str
+    final_loss: float
+    tokens: float
+    token_speedup: float | None  # None: its loss is below AdamW's fitted floor (beyond reach)
+    interval: tuple[float, float] | None  # 16th-84th percentile over the fit's uncertainty
+    steps_to_target: int | None
+    step_speedup: float | None
+
+
+def token_speedup(
+    fit: PowerLaw, loss: float, tokens: float, seed: int = 0
+) -> tuple[float | None, tuple[float, float] | None]:
+    """``D_A(loss) / tokens`` and its 16-84% interval under the fit's covariance."""
+    central = fit.tokens_for(loss)
+    value = central / tokens if math.isfinite(central) else None
+    if fit.cov is None:
+        return value, None
+    rng = np.random.default_rng(seed)
+    try:
+        draws = rng.multivariate_normal(
+            [fit.a, fit.b, fit.c], fit.cov, size=DRAWS, check_valid="ignore"
+        )
+    except (ValueError, np.linalg.LinAlgError):
+        return value, None
+    with np.errstate(over="ignore", invalid="ignore"):  # extreme draws: inf, as they should be
+        ratios = np.sort(
+            np.nan_to_num(
+                [fit.tokens_for(loss, *d) / tokens for d in draws], nan=np.inf, posinf=np.inf
+            )
+        )
+    # order statistics, not np.percentile: draws past AdamW's floor are inf and stay inf
+    lo, hi = ratios[int(0.16 * (DRAWS - 1))], ratios[int(0.84 * (DRAWS - 1))]
+    return value, (float(lo), float(hi))
+
+
+def first_step_at_or_below(curve: Sequence[Sequence[float | None]], target: float) -> int | None:
+    for step, loss in curve:
+        if loss is not None and math.isfinite(loss) and loss <= target:
+            return int(step)
+    return None

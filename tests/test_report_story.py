@@ -1,0 +1,156 @@
+"""The report's words and numbers: speedup vs AdamW, conclusions, caveats, sorting, markers."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from matplotlib.figure import Figure
+
+from optarena.analysis import Observation, analyze
+from optarena.report import write_report
+from optarena.report.figures import _plot_with_divergence
+from optarena.report.story import ASSUMED_SEED_SD, caveats, noise, tell
+from optarena.speedup import first_step_at_or_below, fit_power_law, token_speedup
+from optarena.sweep.store import Store
+
+A, B, C = 40.0, 0.5, 3.0  # L(D) = A D^-B + C
+
+
+def law(tokens):
+    return A * np.asarray(tokens, dtype=float) ** -B + C
+
+
+def test_power_law_fit_recovers_known_parameters_and_speedup():
+    tokens = np.linspace(1e3, 5e4, 12)
+    fit = fit_power_law(tokens, law(tokens))
+    assert fit is not None
+    assert fit.a == pytest.approx(A, rel=1e-4) and fit.b == pytest.approx(B, rel=1e-4)
+    assert fit.c == pytest.approx(C, abs=1e-4)
+    # an optimizer that reaches AdamW's loss at 40k tokens in 10k tokens: 4x
+    value, _ = token_speedup(fit, float(law(4e4)), 1e4)
+    assert value == pytest.approx(4.0, rel=1e-3)
+    # a loss below AdamW's floor is beyond reach: no finite speedup
+    assert token_speedup(fit, C - 0.01, 1e4)[0] is None
+
+
+def test_speedup_interval_covers_the_truth_under_noise():
+    rng = np.random.default_rng(1)
+    tokens = np.linspace(1e3, 5e4, 20)
+    fit = fit_power_law(tokens, law(tokens) + rng.normal(0, 0.003, tokens.size))
+    value, interval = token_speedup(fit, float(law(2e4)), 1e4)
+    assert interval is not None and interval[0] < value < interval[1]
+    assert interval[0] < 2.0 < interval[1]
+    assert fit_power_law([1, 2, 3], [3, 2, 1]) is None  # too few points to fit three numbers
+
+
+def test_steps_to_target_is_the_first_eval_at_or_below():
+    curve = [[10, 5.0], [20, None], [30, 4.0], [40, 3.9]]
+    assert first_step_at_or_below(curve, 4.0) == 30
+    assert first_step_at_or_below(curve, 3.0) is None
+
+
+def obs(label, lr, loss, seed=0, status="done"):
+    return Observation(
+        f"{label}-{lr}-{seed}",
+        label,
+        "m",
+        label,
+        {"lr": lr},
+        seed,
+        status,
+        None if status == "diverged" else loss,
+    )
+
+
+def test_conclusions_group_within_noise_and_caveats():
+    grid = [1e-3, 3.16e-3, 1e-2, 3.16e-2]
+    observations = (
+        [obs("adamw", lr, y) for lr, y in zip(grid, [5.5, 5.40, 5.45, 5.6], strict=True)]
+        + [obs("adafactor", lr, y) for lr, y in zip(grid, [5.5, 5.42, 5.46, 5.7], strict=True)]
+        + [obs("sgd", lr, y) for lr, y in zip(grid, [6.5, 6.3, 6.1, 6.0], strict=True)]
+        + [obs("lion", 1e-4, 5.9), obs("lion", 1e-2, 0, status="diverged")]
+    )
+    analysis = analyze(observations)
+    n = noise(analysis)
+    assert not n.measured and n.sd == ASSUMED_SEED_SD
+    story = tell(analysis, {})
+    assert story.best_group["m"] == ["adamw", "adafactor"]  # 0.02 apart < band 0.055
+    first = story.conclusions[0]
+    assert first.startswith("Best final validation loss: adamw, 5.4000")
+    assert "sgd (+0.600)" in first and "lion (+0.500)" in first
+    assert any(c.startswith("Diverged: lion at 1 of 2 runs (LR ≥ 0.01)") for c in story.conclusions)
+    notes = caveats(analysis, [])
+    assert any(c.startswith("One seed per LR") for c in notes)
+    assert any(c.startswith("sgd: the best LR 0.0316 is the highest") for c in notes)
+    assert any(c.startswith("lion: its LR grid has gaps of up to 2.00 decades") for c in notes)
+    assert not any(c.startswith("adamw: its LR grid") for c in notes)  # half decades
+
+
+def test_noise_is_measured_when_points_have_seeds():
+    observations = [obs("adamw", 1e-3, y, seed=s) for s, y in enumerate([5.0, 5.1, 4.9])]
+    observations += [obs("adamw", 1e-2, y, seed=s) for s, y in enumerate([5.3, 5.3, 5.3])]
+    n = noise(analyze(observations))
+    assert n.measured and n.points == 2
+    assert n.sd == pytest.approx(math.sqrt((0.02 + 0.0) / 4))  # pooled over 4 dof
+
+
+def test_one_marker_per_diverged_run_on_rows_of_their_own():
+    fig = Figure()
+    ax = fig.add_subplot()
+    _plot_with_divergence(ax, [1, 2, 3], [5.0, math.inf, math.inf], "a", 0, 6.0, [0, 3, 1], True)
+    _plot_with_divergence(ax, [1, 2, 3], [5.1, math.inf, 5.2], "b", 1, 6.1, [0, 2, 0], True)
+    crosses = [line for line in ax.lines if line.get_marker() == "x"]
+    assert sum(len(line.get_xdata()) for line in crosses) == 6  # 4 + 2 diverged runs
+    rows = {float(y) for line in crosses for y in line.get_ydata()}
+    assert rows == {6.0, 6.1}  # each series on its own row: never hidden by another
+    xs = [float(x) for x in crosses[0].get_xdata()]
+    assert len(set(xs)) == 4  # three runs at one LR side by side
+
+
+def test_report_sorted_by_loss_with_story_and_speedup(tmp_path):
+    store = Store(tmp_path)
+    per_step = 1000
+    specs = {"sgd": (1.0, 0.8), "adamw": (1e-3, 1.0), "lion": (1e-4, 2.0)}  # label: lr, speed
+    rows = []
+    for label, (lr, _) in specs.items():
+        config = {"optimizer": label, "lr": lr, "seed": 0, "batch_size": 10, "seq_len": 100}
+        rows.append((label, config, {"lr": lr}))
+    store.add_runs([(f"id-{label}", c, label, p) for label, c, p in rows])
+    for label, (_, speed) in specs.items():
+        steps = list(range(10, 101, 10))
+        curve = [[s, float(law(s * per_step * speed))] for s in steps]
+        assert store.claim(f"id-{label}")
+        store.finish(
+            f"id-{label}",
+            {
+                "final_val_loss": curve[-1][1],
+                "diverged": False,
+                "eval_curve": curve,
+                "tokens": 100 * per_step,
+                "steps": 100,
+                "params": 10,
+                "optimizer_state_bytes": 80,
+                "environment": {"threads": 2, "torch": "x"},
+            },
+        )
+    store.close()
+    page = write_report(tmp_path)
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert [r["optimizer"] for r in summary] == ["lion", "adamw", "sgd"]
+    speed = {r["optimizer"]: r["token_speedup_vs_adamw"] for r in summary}
+    assert speed["lion"] == pytest.approx(2.0, rel=1e-3)
+    assert speed["sgd"] == pytest.approx(0.8, rel=1e-3)
+    assert speed["adamw"] == pytest.approx(1.0, rel=1e-6)
+    steps = {r["optimizer"]: r["steps_to_target"] for r in summary}
+    assert steps == {"lion": 50, "adamw": 100, "sgd": None}
+    told = json.loads((tmp_path / "report" / "story.json").read_text())
+    text = page.read_text()
+    for sentence in told["conclusions"]:
+        assert sentence.replace("'", "&#x27;") in text
+    assert "lion 2.00×" in told["conclusions"][-1]
+    setup = {row["what"]: row["value"] for row in told["setup"]}
+    assert setup["threads"] == "2" and setup["torch"] == "x"
+    assert (tmp_path / "report" / "speedup-vs-adamw.svg").is_file()
