@@ -32,6 +32,11 @@ HYPER: dict[str, dict[str, Any]] = {
     "sophia": {"lr": 1e-3, "rho": 0.05, "bs": BATCH * SEQ, "hessian_interval": 5},
     "adam-frozen": {"lr": 1e-2, "precondition_steps": 20},
     "hybrid": {"routes": {"default": ("lion", {"lr": 1e-3}), "output": ("adamw", {"lr": 1e-2})}},
+    "muon": {"lr": 2e-2, "adamw_lr": 1e-2},
+    "nadamw": {"lr": 1e-2},
+    "ademamix": {"lr": 1e-2},
+    "mars": {"lr": 1e-2},
+    "adopt": {"lr": 1e-2},
 }
 HYBRID_DEFAULTS = {"lr": 0.5, "adaptive_lr": 1e-2}
 

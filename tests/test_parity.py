@@ -15,6 +15,7 @@ the same formula in another rounding order: they differ by a few ulps per step.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -26,18 +27,23 @@ import pytorch_optimizer
 import sophia_opt
 import torch
 import transformers.optimization as hf_optim
-from torch import Tensor
+from torch import Tensor, nn
 
 from optarena.optim import (
+    ADOPT,
     EMASGD,
+    MARS,
     SGD,
     Adafactor,
     AdafactorClassic,
     Adalayer,
     AdamMini,
     AdamW,
+    AdEMAMix,
     FusedPart,
     Lion,
+    Muon,
+    NAdamW,
     ParamInfo,
     Role,
     Signum,
@@ -48,6 +54,7 @@ from optim_cases import (
     GROUP_A,
     GROUP_B,
     NO_GRAD,
+    TinyLM,
     assert_close,
     clone_params,
     count_kernel_calls,
@@ -650,3 +657,224 @@ def test_adam_frozen_matches_transcription(unfrozen: tuple[str, ...]) -> None:
     check_study(opt, p_ours, p_ref, init)
     out = p_ours["b.mat"]
     assert_close(opt.state[out]["exp_avg_sq"], states["b.mat"]["v"], "v of the output layer")
+
+
+# --------------------------------------------------------------------------- Muon
+# torch.optim.Muon takes plain 2-D parameters; ours, given the same, runs the same bfloat16
+# Newton-Schulz and must equal it. Tall, wide and square matrices in two groups.
+
+MUON_SHAPES = {"a.tall": (12, 5), "a.wide": (4, 10), "b.square": (6, 6), NO_GRAD: (3, 2)}
+MUON_A = ("a.tall", "a.wide")
+
+
+@pytest.mark.parametrize(
+    "hp",
+    [
+        {"lr": 2e-2},
+        {"lr": 1e-2, "nesterov": False, "momentum": 0.9, "adjust_lr_fn": "match_rms_adamw"},
+        {"lr": 1e-2, "ns_coefficients": (3.0, -3.2, 1.2), "ns_steps": 3, "eps": 1e-5},
+    ],
+    ids=["defaults", "no-nesterov-moonshot", "coefficients"],
+)
+def test_muon_matches_torch(hp: dict[str, Any]) -> None:
+    p_ours = make_params(MUON_SHAPES)
+    p_ref, init = clone_params(p_ours), {n: p.detach().clone() for n, p in p_ours.items()}
+    b = {"weight_decay": 0.3, "momentum": 0.8}
+
+    def groups(params: Mapping[str, Tensor]) -> Groups:
+        a = [p for n, p in params.items() if n in MUON_A]
+        return [{"params": a}, {"params": [p for n, p in params.items() if n not in MUON_A], **b}]
+
+    ours = Muon(groups(p_ours), **hp, fused=False)
+    ref = torch.optim.Muon(groups(p_ref), **hp)
+    run_pair(ours, ref, p_ours, p_ref)
+    compare(ours, ref, p_ours, p_ref, {"momentum_buffer": "momentum_buffer"}, init)
+
+
+def test_muon_orthogonalises_each_part_expert_and_head_alone() -> None:
+    """A fused QKV is three matrices (per head with ``per_head``), a stacked MoE tensor one per
+    expert, a Conv1D weight (in, out) its transpose: each equals torch.optim.Muon on that piece
+    as an (out, in) parameter of its own (its own ``adjust_lr_fn`` ratio too)."""
+    parts = (FusedPart(Role.Q, 8, 2), FusedPart(Role.K, 4, 1), FusedPart(Role.V, 4, 1))
+    infos = {
+        "qkv": ParamInfo("qkv", (16, 6), Role.QKV, parts=parts),
+        "experts": ParamInfo("experts", (3, 5, 7), Role.MLP, out_dim=1, experts=3),
+        "conv1d": ParamInfo("conv1d", (4, 9), Role.MLP, out_dim=1),
+    }
+    heads = [(slice(4 * h, 4 * h + 4),) for h in range(4)]  # q's two heads, k, v
+    pieces: dict[str, list[Callable[[Tensor], Tensor]]] = {
+        "qkv": [lambda x, i=i: x[i] for i in heads],
+        "experts": [lambda x, e=e: x[e] for e in range(3)],
+        "conv1d": [lambda x: x.T],
+    }
+    params = make_params({n: i.shape for n, i in infos.items()})
+    refs = [nn.Parameter(cut(params[n].detach()).clone()) for n in infos for cut in pieces[n]]
+    ours = create("muon", list(params.items()), partition=infos, per_head=True, lr=2e-2)
+    ref = torch.optim.Muon(refs, lr=2e-2)
+    assert [g["optimizer"] for g in ours.param_groups] == ["muon"]
+    for t in range(1, 9):
+        set_grads(params, t, skip=())
+        grads = [cut(params[n].grad) for n in infos for cut in pieces[n]]
+        for r, g in zip(refs, grads, strict=True):
+            r.grad = g.clone()
+        ours.step()
+        ref.step()
+    got = [cut(params[n].detach()) for n in infos for cut in pieces[n]]
+    for k, (a, b) in enumerate(zip(got, refs, strict=True)):
+        assert_close(a, b.detach(), f"piece {k}")
+
+
+def test_muon_on_a_model_routes_the_rest_to_adamw() -> None:
+    """create("muon", model): hidden matrices to Muon, embeddings, the head and norms to AdamW
+    with its own lr, which then equals torch.optim.AdamW on those parameters."""
+    model = TinyLM().double()
+    ref_model = copy.deepcopy(model)
+    opt = create("muon", model, partition=model.partition(), lr=2e-2, adamw_lr=3e-3)
+    by = {g["optimizer"]: {n for n in g["param_names"]} for g in opt.param_groups}
+    hidden = {n for n, p in model.named_parameters() if p.dim() == 2} - {
+        "embed_tokens.weight",
+        "lm_head.weight",
+    }
+    assert by["muon"] == hidden
+    named = dict(ref_model.named_parameters())
+    rest = [named[n] for n in named if n not in hidden]
+    ref = torch.optim.AdamW(rest, lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    for t in range(1, 6):
+        set_grads(dict(model.named_parameters()), t, skip=())
+        set_grads(named, t, skip=())
+        opt.step()
+        ref.step()
+    mine = dict(model.named_parameters())
+    for n in named:
+        if n not in hidden:
+            assert_close(mine[n].detach(), named[n].detach(), n)
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"ns_steps": 0}, "ns_steps"),
+        ({"adjust_lr_fn": "rms"}, "adjust_lr_fn"),
+        ({"ns_coefficients": (1.0, 2.0)}, "ns_coefficients"),
+        ({"ns_dtype": "float16"}, "ns_dtype"),
+        ({"momentum": 1.0}, "momentum"),
+    ],
+)
+def test_muon_refuses_bad_hyperparameters_in_one_line(bad: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=f"invalid {message}=") as caught:
+        Muon([nn.Parameter(torch.zeros(3, 2))], **bad)
+    assert "\n" not in str(caught.value)
+
+
+def test_muon_refuses_a_vector_and_names_the_route() -> None:
+    opt = Muon([nn.Parameter(torch.zeros(3))])
+    opt.param_groups[0]["params"][0].grad = torch.ones(3)
+    with pytest.raises(ValueError, match=r"not a matrix.*create\('muon', model\)"):
+        opt.step()
+
+
+# --------------------------------------------------------------------------- NAdamW
+# torch keeps NAdam's running product of μ_t in a 0-d tensor of the default dtype (float32
+# unless it is float64); ours is computed on the host in float64, so the reference runs with
+# float64 as the default dtype, where the two are the same numbers.
+
+
+def test_nadamw_matches_torch_nadam_decoupled(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch, "get_default_dtype", lambda: torch.float64)
+    p_ours, p_ref, init = fresh()
+    b = {"betas": (0.8, 0.99), "weight_decay": 0.2, "momentum_decay": 1e-2}
+    hp = {"lr": 1e-2, "weight_decay": 0.1}
+    ours = NAdamW(split_groups(p_ours, True, b), **hp, fused=False)
+    ref = torch.optim.NAdam(split_groups(p_ref, False, b), **hp, decoupled_weight_decay=True)
+    run_pair(ours, ref, p_ours, p_ref)
+    compare(ours, ref, p_ours, p_ref, {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}, init)
+    mu = next(iter(ref.state.values()))["mu_product"]
+    assert mu.dtype == torch.float64  # the reference really ran in float64
+
+
+# --------------------------------------------------------------------------- ADOPT
+
+
+@pytest.mark.parametrize("clip", [0.25, None], ids=["clipped", "unclipped"])
+def test_adopt_matches_pytorch_optimizer(clip: float | None) -> None:
+    p_ours, p_ref, init = fresh()
+    b = {"betas": (0.8, 0.99), "weight_decay": 0.2}
+    hp = {"lr": 1e-2, "weight_decay": 0.1, "eps": 1e-6}
+    ours = ADOPT(split_groups(p_ours, True, b), **hp, clip_exponent=clip, fused=False)
+    lam = None if clip is None else (lambda t: t**clip)
+    ref = pytorch_optimizer.ADOPT(
+        split_groups(p_ref, False, b), **hp, weight_decouple=True, clip_lambda=lam, foreach=False
+    )
+    run_pair(ours, ref, p_ours, p_ref)
+    compare(ours, ref, p_ours, p_ref, {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}, init)
+
+
+# --------------------------------------------------------------------------- AdEMAMix
+
+
+@pytest.mark.parametrize("horizon", [None, 20], ids=["constant", "warmup"])
+def test_ademamix_matches_pytorch_optimizer(horizon: int | None) -> None:
+    p_ours, p_ref, init = fresh()
+    b = {"betas": (0.8, 0.99, 0.999), "weight_decay": 0.2, "alpha": 2.0}
+    hp = {"lr": 1e-2, "weight_decay": 0.1, "t_alpha_beta3": horizon}
+    ours = AdEMAMix(split_groups(p_ours, True, b), **hp, fused=False)
+    ref = pytorch_optimizer.AdEMAMix(
+        split_groups(p_ref, False, b), **hp, weight_decouple=True, foreach=False
+    )
+    run_pair(ours, ref, p_ours, p_ref)
+    keys = {k: k for k in ("exp_avg", "exp_avg_sq", "exp_avg_slow")}
+    compare(ours, ref, p_ours, p_ref, keys, init)
+
+
+# --------------------------------------------------------------------------- MARS
+# The reference gives 1-D tensors plain AdamW unless optimize_1d=True (ours: a route, see
+# docs). It adds 1e-15 to v under the root (ours: nothing), which moves an entry whose v is
+# tiny by ~1e-10: the reference runs with that constant at 0.
+
+
+def test_mars_matches_pytorch_optimizer(monkeypatch: pytest.MonkeyPatch) -> None:
+    base = pytorch_optimizer.base.optimizer.BaseOptimizer
+    bound = base.apply_ams_bound
+    monkeypatch.setattr(
+        base, "apply_ams_bound", staticmethod(lambda *a, **k: bound(*a, **k, exp_avg_sq_eps=0.0))
+    )
+    p_ours, p_ref, init = fresh()
+    b = {"betas": (0.9, 0.95), "weight_decay": 0.2, "gamma": 0.05}
+    hp = {"lr": 1e-2, "weight_decay": 0.1}
+    ours = MARS(split_groups(p_ours, True, b), **hp, fused=False)
+    ref = pytorch_optimizer.MARS(
+        split_groups(p_ref, False, b), **hp, mars_type="adamw", optimize_1d=True, foreach=False
+    )
+    run_pair(ours, ref, p_ours, p_ref)
+    keys = {k: k for k in ("exp_avg", "exp_avg_sq", "last_grad")}
+    compare(ours, ref, p_ours, p_ref, keys, init)
+
+
+# --------------------------------------------------------------------------- cautious
+
+
+@pytest.mark.parametrize("name", ["ademamix", "adopt"])
+def test_cautious_matches_pytorch_optimizer(name: str) -> None:
+    """``cautious=True``: pytorch-optimizer's ``apply_cautious`` on the momentum."""
+    p_ours, p_ref, init = fresh()
+    hp = {"lr": 1e-2, "weight_decay": 0.1, "cautious": True}
+    reference = {"ademamix": pytorch_optimizer.AdEMAMix, "adopt": pytorch_optimizer.ADOPT}[name]
+    ours = create(name, split_groups(p_ours, True, {}), **hp, fused=False)
+    ref = reference(split_groups(p_ref, False, {}), **hp, weight_decouple=True, foreach=False)
+    run_pair(ours, ref, p_ours, p_ref)
+    compare(ours, ref, p_ours, p_ref, {"exp_avg": "exp_avg"}, init)
+    plain = create(name, split_groups(p_ref, True, {}), lr=1e-2, weight_decay=0.1)
+    assert any(type(t).__name__ == "Cautious" for t in ours._plan(ours.param_groups[0]).chain)
+    assert not any(type(t).__name__ == "Cautious" for t in plain._plan(plain.param_groups[0]).chain)
+
+
+def test_cautious_zeroes_entries_against_the_gradient() -> None:
+    """The property itself: no entry moves against its gradient's descent direction."""
+    p = make_params({"w": (6, 5)})
+    opt = create("sgd", list(p.items()), lr=0.1, momentum=0.9, cautious=True)
+    for t in range(1, 6):
+        set_grads(p, t, skip=())
+        before = p["w"].detach().clone()
+        opt.step()
+        moved = p["w"].detach() - before
+        assert (moved * p["w"].grad <= 0).all()

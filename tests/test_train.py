@@ -22,12 +22,14 @@ from optarena.train import TrainConfig, latest_checkpoint, lr_multiplier, train
 # Peak LRs for a 24-step micro run: the study's optima, raised for the sign methods (whose
 # study optimum, 3e-4, barely moves a model in 24 steps) and lowered for heavy-ball SGD.
 LR = {"sgd": 0.3, "sgd-ema": 1.0, "lion": 1e-3, "signum": 1e-3, "sophia": 1e-3, "hybrid": None}
+LR["muon"] = 2e-2  # its own scale (orthogonalised updates); AdamW on the rest at adamw_lr
 EXTRA: dict[str, dict[str, Any]] = {
     "adam-frozen": {"precondition_steps": 4},
     # external LR (transformers' recipe): a relative step barely moves a model in 24 steps
     "adafactor-classic": {"relative_step": False, "scale_parameter": False},
     "hybrid": {"routes": {"default": ("sgd-ema", {"lr": 1.0}), "output": ("adamw", {"lr": 3e-3})}},
     "sophia": {"hessian_interval": 5},
+    "muon": {"adamw_lr": 3e-3},
 }
 
 

@@ -20,13 +20,21 @@ AdafactorClassic = CLASSES["AdafactorClassic"]
 SGD = CLASSES["SGD"]
 EMASGD = CLASSES["EMASGD"]
 Lion = CLASSES["Lion"]
+Muon = CLASSES["Muon"]
+MARS = CLASSES["MARS"]
+AdEMAMix = CLASSES["AdEMAMix"]
+ADOPT = CLASSES["ADOPT"]
+NAdamW = CLASSES["NAdamW"]
 Signum = CLASSES["Signum"]
 SophiaG = CLASSES["SophiaG"]
 
 __all__ = [
+    "ADOPT",
     "EMASGD",
+    "MARS",
     "REGISTRY",
     "SGD",
+    "AdEMAMix",
     "Adafactor",
     "AdafactorClassic",
     "Adalayer",
@@ -36,6 +44,8 @@ __all__ = [
     "FusedPart",
     "Hybrid",
     "Lion",
+    "Muon",
+    "NAdamW",
     "ParamInfo",
     "Role",
     "Signum",

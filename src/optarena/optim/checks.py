@@ -52,6 +52,10 @@ BETAS = Check(
     lambda x: isinstance(x, (tuple, list)) and len(x) == 2 and all(UNIT.test(b) for b in x),
     "a pair (beta1, beta2) with each in [0, 1)",
 )
+BETAS3 = Check(
+    lambda x: isinstance(x, (tuple, list)) and len(x) == 3 and all(UNIT.test(b) for b in x),
+    "a triple (beta1, beta2, beta3) with each in [0, 1)",
+)
 BOOL = Check(lambda x: isinstance(x, bool), "True or False")
 POS_INT = Check(lambda x: isinstance(x, int) and not isinstance(x, bool) and x > 0, "an int > 0")
 NONNEG_INT = Check(

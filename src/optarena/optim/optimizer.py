@@ -86,12 +86,15 @@ def _is_named(items: list) -> bool:
     return bool(items) and isinstance(items[0], tuple) and isinstance(items[0][0], str)
 
 
-def _constants(group: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
-    """The group's options that shape its chain: every value that is not a number."""
+def _constants(
+    group: Mapping[str, Any], static: tuple[str, ...] = ()
+) -> tuple[tuple[str, Any], ...]:
+    """The group's options that shape its chain: every value that is not a number, and the
+    numbers its entry names ``static`` (loop counts such as Muon's ``ns_steps``)."""
     out = []
     for key in sorted(group):
         value = group[key]
-        if key in _NOT_MATH or number(value) is not None:
+        if key in _NOT_MATH or (number(value) is not None and key not in static):
             continue
         if isinstance(value, (list, tuple)):
             if all(number(v) is not None for v in value):
@@ -281,10 +284,10 @@ class ChainOptimizer(torch.optim.Optimizer):
     def _plan(self, group: Mapping[str, Any]) -> Plan:
         from optarena.optim.registry import entry
 
-        key = (group["optimizer"], _constants(group))
+        spec = entry(group["optimizer"])
+        key = (group["optimizer"], _constants(group, spec.static))
         plan = self._plans.get(key)
         if plan is None:
-            spec = entry(group["optimizer"])
             const = dict(key[1])
             plan = self._plans[key] = Plan(spec, spec.chain(const), const, key)
         return plan

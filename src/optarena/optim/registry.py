@@ -19,25 +19,32 @@ from typing import Any
 import torch
 from torch import nn
 
-from optarena.optim.checks import BOOL, POS_INT, Check, validate
+from optarena.optim.checks import BETAS3, BOOL, POS_INT, Check, validate
 from optarena.optim.engine import Chain, Factory
 from optarena.optim.optimizer import ChainOptimizer
 from optarena.optim.roles import Role
 from optarena.optim.transforms import (
     EMA,
+    ADOPTUpdate,
+    Cautious,
     ClipByRMS,
     CoupledDecay,
     DecoupledDecay,
     Gate,
     HeavyBall,
     LionUpdate,
+    MarsCorrection,
+    NAdamMomentum,
+    Orthogonalize,
     RelativeStep,
     ScaleByLR,
     ScaleBySecondMoment,
     Sign,
+    SlowEMA,
     SophiaClip,
     classic_weights,
     frozen_weights,
+    unfolded_weights,
 )
 
 Params = nn.Module | Iterable[Any]
@@ -61,14 +68,22 @@ class Entry:
     consistent: Callable[[str, Mapping[str, Any]], None] | None = None
     build: Callable[..., torch.optim.Optimizer] | None = None  # composites (hybrids)
     complex_ok: bool = True  # complex parameters as their real view; False: refused
+    static: tuple[
+        str, ...
+    ] = ()  # numbers that shape the chain (loop counts): compiled as constants
 
     def check_group(self, owner: str, group: Mapping[str, Any]) -> None:
-        validate(owner, {"maximize": BOOL}, group)
+        validate(owner, {"maximize": BOOL, "cautious": BOOL}, group)
         if self.consistent is not None:
             self.consistent(owner, group)
 
 
 # --------------------------------------------------------------------------- chains
+
+
+def caution(o: Mapping[str, Any]) -> tuple[Cautious, ...]:
+    """``cautious=True``: the mask after a chain's momentum."""
+    return (Cautious(),) if o.get("cautious") else ()
 
 
 def adam(granularity: str) -> Factory:
@@ -77,7 +92,7 @@ def adam(granularity: str) -> Factory:
 
     def chain(o: Mapping[str, Any]) -> Chain:
         moment = ScaleBySecondMoment(granularity, amsgrad=bool(o.get("amsgrad")))
-        return Chain((EMA(debias=True), moment, DecoupledDecay(), ScaleByLR()))
+        return Chain((EMA(debias=True), *caution(o), moment, DecoupledDecay(), ScaleByLR()))
 
     return chain
 
@@ -91,24 +106,56 @@ def frozen(o: Mapping[str, Any]) -> Chain:
 def sgd(o: Mapping[str, Any]) -> Chain:
     """torch's SGD: coupled decay, heavy ball; decoupled decay on request."""
     if o.get("decoupled_weight_decay"):
-        return Chain((HeavyBall(), DecoupledDecay(), ScaleByLR()))
-    return Chain((CoupledDecay(), HeavyBall(), ScaleByLR()))
+        return Chain((HeavyBall(), *caution(o), DecoupledDecay(), ScaleByLR()))
+    return Chain((CoupledDecay(), HeavyBall(), *caution(o), ScaleByLR()))
 
 
 def sgd_ema(o: Mapping[str, Any]) -> Chain:
-    return Chain((EMA(beta=("momentum", None), debias=True), DecoupledDecay(), ScaleByLR()))
+    momentum = EMA(beta=("momentum", None), debias=True)
+    return Chain((momentum, *caution(o), DecoupledDecay(), ScaleByLR()))
 
 
 def signum(o: Mapping[str, Any]) -> Chain:
-    return Chain((EMA(beta=("momentum", None)), Sign(), DecoupledDecay(), ScaleByLR()))
+    return Chain((EMA(beta=("momentum", None)), *caution(o), Sign(), DecoupledDecay(), ScaleByLR()))
 
 
 def lion(o: Mapping[str, Any]) -> Chain:
-    return Chain((LionUpdate(), DecoupledDecay(), ScaleByLR()))
+    return Chain((LionUpdate(), *caution(o), DecoupledDecay(), ScaleByLR()))
 
 
 def sophia(o: Mapping[str, Any]) -> Chain:
-    return Chain((EMA(beta=("betas", 0)), SophiaClip(), DecoupledDecay(), ScaleByLR()))
+    momentum = EMA(beta=("betas", 0))
+    return Chain((momentum, *caution(o), SophiaClip(), DecoupledDecay(), ScaleByLR()))
+
+
+def nadamw(o: Mapping[str, Any]) -> Chain:
+    """torch's NAdam with decoupled decay: Nesterov's momentum schedule, Adam's second moment."""
+    moment = ScaleBySecondMoment("element")
+    return Chain((NAdamMomentum(), *caution(o), moment, DecoupledDecay(), ScaleByLR()))
+
+
+def ademamix(o: Mapping[str, Any]) -> Chain:
+    """Adam whose numerator adds a slow EMA: ``(m̂ + α s) / (√v̂ + ε)``."""
+    moment = ScaleBySecondMoment("element")
+    return Chain((EMA(debias=True), *caution(o), SlowEMA(), moment, DecoupledDecay(), ScaleByLR()))
+
+
+def mars(o: Mapping[str, Any]) -> Chain:
+    """MARS-AdamW: AdamW on the variance-reduced gradient."""
+    moment = ScaleBySecondMoment("element", unfolded_weights)
+    steps = (MarsCorrection(), EMA(debias=True), *caution(o), moment)
+    return Chain((*steps, DecoupledDecay(), ScaleByLR()))
+
+
+def adopt(o: Mapping[str, Any]) -> Chain:
+    return Chain((ADOPTUpdate(), *caution(o), DecoupledDecay(), ScaleByLR()))
+
+
+def muon(o: Mapping[str, Any]) -> Chain:
+    """torch.optim.Muon: EMA momentum (Nesterov's look-ahead by default), Newton-Schulz on each
+    matrix, decoupled decay."""
+    momentum = EMA("momentum_buffer", ("momentum", None), nesterov=bool(o.get("nesterov")))
+    return Chain((momentum, Orthogonalize(), DecoupledDecay(), ScaleByLR()))
 
 
 def adafactor_classic(o: Mapping[str, Any]) -> Chain:
@@ -222,9 +269,64 @@ def _frozen_build(
     return Hybrid(params, routes, **options)
 
 
+MUON = {
+    "lr": 1e-3,
+    "weight_decay": 0.1,
+    "momentum": 0.95,
+    "nesterov": True,
+    "ns_coefficients": (3.4445, -4.7750, 2.0315),
+    "eps": 1e-7,
+    "ns_steps": 5,
+    "adjust_lr_fn": None,
+    "ns_dtype": "bfloat16",
+    "per_head": False,
+}
+MUON_ADAMW_ROLES = ("embedding", "output", "norm", "bias", "other")
+
+
+def _muon_build(
+    params: Params,
+    lr: float = MUON["lr"],
+    weight_decay: float = MUON["weight_decay"],
+    momentum: float = MUON["momentum"],
+    nesterov: bool = MUON["nesterov"],
+    ns_coefficients: tuple[float, float, float] = MUON["ns_coefficients"],
+    eps: float = MUON["eps"],
+    ns_steps: int = MUON["ns_steps"],
+    adjust_lr_fn: str | None = MUON["adjust_lr_fn"],
+    ns_dtype: str = MUON["ns_dtype"],
+    per_head: bool = MUON["per_head"],
+    adamw_lr: float = 3e-4,
+    adamw_betas: tuple[float, float] = (0.9, 0.95),
+    adamw_eps: float = 1e-8,
+    adamw_weight_decay: float = 0.0,
+    **options: Any,
+) -> torch.optim.Optimizer:
+    """Muon on the hidden matrices of a model (or named parameters), AdamW with its own
+    ``adamw_*`` hyperparameters on the embeddings, output layer, norms, biases and parameters of
+    no known role; plain parameters are all given to Muon, as torch's."""
+    hp = {k: v for k, v in locals().items() if k in MUON}
+    named = isinstance(params, nn.Module)
+    if not named:
+        params = list(params)
+        named = bool(params) and isinstance(params[0], tuple) and isinstance(params[0][0], str)
+    if not named:
+        return CLASSES["Muon"](params, **hp, **options)
+    adam = {
+        "lr": adamw_lr,
+        "betas": _as_pair(adamw_betas),
+        "eps": adamw_eps,
+        "weight_decay": adamw_weight_decay,
+    }
+    routes: dict[str, Route] = {"default": ("muon", hp)}
+    routes |= {role: ("adamw", adam) for role in MUON_ADAMW_ROLES}
+    return MatrixHybrid(params, routes, **options)
+
+
 # --------------------------------------------------------------------------- the table
 
 ADAM = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "amsgrad": False}
+CAUTIOUS = {"cautious": False}  # every momentum optimizer's option (after torch's arguments)
 CLASSIC = {
     "lr": None,
     "eps": (1e-30, 1e-3),
@@ -272,6 +374,27 @@ ENTRIES: list[Entry] = [
                              "weight_decay": 0.1, "bs": 5120, "hessian_interval": 10},
           "Sophia-G: momentum clipped by a Gauss-Newton-Bartlett Hessian estimate", "sign",
           "SophiaG", "sophia-opt 0.2.2", checks={"hessian_interval": POS_INT}),
+    Entry("nadamw", nadamw, {"lr": 2e-3, "betas": (0.9, 0.999), "eps": 1e-8,
+                             "weight_decay": 1e-2, "momentum_decay": 4e-3},
+          "NAdamW: Adam with Nesterov momentum (torch's schedule) and decoupled weight decay",
+          "adam", "NAdamW", "torch.optim.NAdam(decoupled_weight_decay=True)"),
+    Entry("ademamix", ademamix, {"lr": 1e-3, "betas": (0.9, 0.999, 0.9999), "eps": 1e-8,
+                                 "weight_decay": 0.0, "alpha": 5.0, "t_alpha_beta3": None},
+          "AdEMAMix: Adam plus a slow EMA of gradients (alpha, beta3 warm-up)", "adam",
+          "AdEMAMix", "pytorch-optimizer 4.1.0 AdEMAMix(weight_decouple=True)",
+          checks={"betas": BETAS3}),
+    Entry("mars", mars, {"lr": 3e-3, "betas": (0.95, 0.99), "eps": 1e-8, "weight_decay": 0.0,
+                         "gamma": 0.025},
+          "MARS-AdamW: AdamW on a variance-reduced (gradient-difference) gradient", "adam",
+          "MARS", "pytorch-optimizer 4.1.0 MARS(mars_type='adamw', optimize_1d=True)"),
+    Entry("adopt", adopt, {"lr": 1e-3, "betas": (0.9, 0.9999), "eps": 1e-6,
+                           "weight_decay": 0.0, "clip_exponent": 0.25},
+          "ADOPT: momentum of the gradient normalised by the previous second moment, clipped",
+          "adam", "ADOPT", "pytorch-optimizer 4.1.0 ADOPT(weight_decouple=True)"),
+    Entry("muon", muon, MUON,
+          "Muon: Newton-Schulz-orthogonalised momentum on each hidden matrix (AdamW on the rest)",
+          "matrix", "Muon", "torch.optim.Muon", checks={"nesterov": BOOL}, complex_ok=False,
+          static=("ns_steps",), build=_muon_build),
     Entry("adam-frozen", frozen, {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8,
                                   "weight_decay": 0.0, "precondition_steps": 1000,
                                   "freeze": True},
@@ -279,6 +402,27 @@ ENTRIES: list[Entry] = [
           reference="the study's formula", build=_frozen_build),
 ]
 # fmt: on
+# ``cautious=True`` (a mask after the momentum) on every optimizer with a momentum; Muon's update
+# is an orthogonalisation, which a mask would undo, and the classic Adafactor's momentum is off
+# by default.
+CAUTIOUS_ENTRIES = (
+    "adamw",
+    "adam-mini",
+    "adalayer",
+    "adafactor",
+    "sgd",
+    "sgd-ema",
+    "lion",
+    "signum",
+    "sophia",
+    "nadamw",
+    "ademamix",
+    "mars",
+    "adopt",
+)  # fmt: skip
+ENTRIES = [
+    replace(e, defaults=e.defaults | CAUTIOUS) if e.name in CAUTIOUS_ENTRIES else e for e in ENTRIES
+]
 
 # --------------------------------------------------------------------------- lookup
 
@@ -468,6 +612,32 @@ class Hybrid(ChainOptimizer):
         return [
             {**self._routes[key], "params": by_route[key]} for key in self._routes if by_route[key]
         ]
+
+
+class MatrixHybrid(Hybrid):
+    """A hybrid whose ``default`` route takes matrices only (Muon): a parameter of a hidden
+    role that is not a matrix (nor a stack of MoE expert matrices) goes to the ``other``
+    route."""
+
+    def _resolve(self, params: Any) -> list:
+        groups = super()._resolve(params)
+        body = next((g for g in groups if g["route"] == "default"), None)
+        if body is None:
+            return groups
+        odd = [(n, p) for n, p in body["params"] if not self._is_matrix(n, p)]
+        if not odd:
+            return groups
+        moved = {n for n, _ in odd}
+        body["params"] = [(n, p) for n, p in body["params"] if n not in moved]
+        rest = next((g for g in groups if g["route"] == "other"), None)
+        if rest is None:
+            groups.append(rest := {**self._routes["other"], "params": []})
+        rest["params"] += odd
+        return [g for g in groups if g["params"]]
+
+    def _is_matrix(self, name: str, p: torch.Tensor) -> bool:
+        info = self._roles.of(p, name)
+        return p.dim() == 2 or (p.dim() == 3 and info is not None and bool(info.experts))
 
 
 register(

@@ -47,6 +47,8 @@ def step(
     opt: ChainOptimizer, group: dict[str, Any], hp: Mapping[str, Any], plan: Plan, params: list
 ) -> list[Tensor]:
     """Update what the kernel can of ``params`` (all with gradients); return the rest."""
+    if hp.get("cautious"):  # the mask is not in torch's kernels
+        return params
     kind = plan.entry.torch_kernel
     keys = ("exp_avg", "exp_avg_sq") if kind == "adamw" else ()
     if kind == "adamw" and hp.get("amsgrad"):

@@ -9,6 +9,7 @@ returns the next, keeping its own entries in the parameter's ``state``:
   per block (Adalayer, Adam-mini: :mod:`~optarena.optim.blocks`), factored (Adafactor, the
   study's and the classic one), with Adam's, the frozen preconditioner's or classic Adafactor's
   averaging weights;
+* :class:`Orthogonalize` (Muon: Newton-Schulz on each matrix the partition finds);
 * :class:`Sign`, :class:`LionUpdate`, :class:`SophiaClip`, classic Adafactor's
   :class:`ClipByRMS` and :class:`RelativeStep`;
 * weight decay (:class:`DecoupledDecay`, :class:`CoupledDecay`), :class:`ScaleByLR`, and the
@@ -51,6 +52,7 @@ from optarena.optim.checks import (
     UNIT,
     Check,
     number,
+    one_of,
     optional,
     pair,
 )
@@ -201,8 +203,9 @@ class EMA(Transform):
         key: str = "exp_avg",
         beta: tuple[str, int | None] = ("betas", 0),
         debias: bool = False,
+        nesterov: bool = False,
     ):
-        self.key, self.beta, self.debias = key, beta, debias
+        self.key, self.beta, self.debias, self.nesterov = key, beta, debias, nesterov
         check = BETAS if beta[1] is not None else optional(UNIT) if beta[0] == "beta1" else UNIT
         self.hyper = {beta[0]: check}
 
@@ -215,14 +218,163 @@ class EMA(Transform):
 
     def scalars(self, hp, step):
         beta = self._beta(hp)
-        return {"w": 1.0 - beta, "bc": 1.0 / (1.0 - beta**step) if self.debias else 1.0}
+        out = {"w": 1.0 - beta, "bc": 1.0 / (1.0 - beta**step) if self.debias else 1.0}
+        return out | {"beta": beta} if self.nesterov else out
 
     def update(self, x, slot, sc, stats):
         m = slot.state.get(self.key)
         if m is None:
             return x
-        m.lerp_(slot.value(x), sc["w"])
+        u = slot.value(x)
+        m.lerp_(u, sc["w"])
+        if self.nesterov:  # u + β(m - u), torch's Muon's look-ahead
+            return Update(u.lerp(m, sc["beta"]), sc["bc"], None, x.decay)
         return Update(m, sc["bc"], None, x.decay)
+
+
+@functools.lru_cache(maxsize=64)
+def _mu_products(beta1: float, decay: float) -> list[float]:
+    """NAdam's running products ``Π_{i≤t} μ_i`` (index ``t``), extended on demand."""
+    return [1.0]
+
+
+def nadam_mu(beta1: float, decay: float, step: int) -> float:
+    """NAdam's momentum schedule ``μ_t = β1 (1 - 0.5·0.96^(t·ψ))``."""
+    return beta1 * (1.0 - 0.5 * (0.96 ** (step * decay)))
+
+
+class NAdamMomentum(Transform):
+    """NAdam (torch's, Dozat 2016): ``m ← β1 m + (1-β1) g``; the update is
+    ``(1-μ_t)/(1-Π_{i≤t}μ_i)·g + μ_{t+1}/(1-Π_{i≤t+1}μ_i)·m`` (divided by Adam's root after it).
+    The products are computed on the host in float64."""
+
+    hyper = {"betas": BETAS, "momentum_decay": NONNEG}
+
+    def init(self, p, info, hp, dtype):
+        return {"exp_avg": torch.zeros_like(p, dtype=dtype)}
+
+    def scalars(self, hp, step):
+        beta1, decay = hp_value(hp, "betas", 0), hp_value(hp, "momentum_decay")
+        products = _mu_products(beta1, decay)
+        while len(products) <= step + 1:
+            products.append(products[-1] * nadam_mu(beta1, decay, len(products)))
+        mu, mu_next = nadam_mu(beta1, decay, step), nadam_mu(beta1, decay, step + 1)
+        prod = products[step]
+        return {
+            "w": 1.0 - beta1,
+            "cg": (1.0 - mu) / (1.0 - prod),
+            "cm": mu_next / (1.0 - prod * mu_next),
+        }
+
+    def update(self, x, slot, sc, stats):
+        g, m = slot.value(x), slot.state["exp_avg"]
+        m.lerp_(g, sc["w"])
+        return Update(axpy(times(g, sc["cg"]), m, sc["cm"]), 1.0, None, x.decay)
+
+
+class ADOPTUpdate(Transform):
+    """ADOPT (Taniguchi et al. 2024, pytorch-optimizer's): step 1 only sets ``v = g²``; then
+    ``m ← β1 m + (1-β1) clip(g / max(√v, ε), ±t^clip_exponent)``, the update is ``m``, and
+    ``v ← β2 v + (1-β2) g²`` after it (the current gradient never divides itself)."""
+
+    hyper = {"betas": BETAS, "eps": NONNEG, "clip_exponent": optional(NONNEG)}
+
+    def init(self, p, info, hp, dtype):
+        return {k: torch.zeros_like(p, dtype=dtype) for k in ("exp_avg", "exp_avg_sq")}
+
+    def scalars(self, hp, step):
+        first = float(step == 1)
+        exponent = hp["clip_exponent"]
+        clip = math.inf if exponent is None else float(step) ** hp_value(hp, "clip_exponent")
+        return {
+            "first": first,
+            "w1": (1.0 - hp_value(hp, "betas", 0)) * (1.0 - first),
+            "w2": (1.0 - hp_value(hp, "betas", 1)) * (1.0 - first),
+            "eps": hp_value(hp, "eps"),
+            "clip": clip,
+        }
+
+    def update(self, x, slot, sc, stats):
+        g, m, v = slot.value(x), slot.state["exp_avg"], slot.state["exp_avg_sq"]
+        g2 = g * g
+        axpy_(v, g2, sc["first"])  # v is zero before the first step
+        normed = g / v.sqrt().clamp(min=sc["eps"])
+        if not (isinstance(sc["clip"], float) and math.isinf(sc["clip"])):
+            normed = normed.clamp(min=-sc["clip"], max=sc["clip"])
+        m.lerp_(normed, sc["w1"])
+        v.lerp_(g2, sc["w2"])
+        return Update(m, 1.0 - sc["first"], None, x.decay)
+
+
+class SlowEMA(Transform):
+    """AdEMAMix's second, slow momentum: ``s ← β3_t s + (1-β3_t) g`` (no bias correction); the
+    update ``u + α_t s``. With ``t_alpha_beta3`` both warm up (Pagliardini et al. 2024):
+    ``α_t = min(tα/T, α)``, ``β3_t = min(exp(ln β1 ln β3 / ((1-t/T) ln β3 + (t/T) ln β1)), β3)``."""
+
+    hyper = {"alpha": NONNEG, "t_alpha_beta3": optional(POSITIVE)}
+
+    def init(self, p, info, hp, dtype):
+        return {"exp_avg_slow": torch.zeros_like(p, dtype=dtype)}
+
+    def scalars(self, hp, step):
+        alpha, horizon = hp_value(hp, "alpha"), hp["t_alpha_beta3"]
+        beta1, beta3 = hp_value(hp, "betas", 0), hp_value(hp, "betas", 2)
+        if horizon is not None:
+            r = step / float(horizon)
+            alpha = min(step * alpha / float(horizon), alpha)
+            lb1, lb3 = math.log(beta1), math.log(beta3)
+            beta3 = min(math.exp(lb1 * lb3 / ((1.0 - r) * lb3 + r * lb1)), beta3)
+        return {"alpha": alpha, "w3": 1.0 - beta3}
+
+    def update(self, x, slot, sc, stats):
+        s = slot.state["exp_avg_slow"]
+        s.lerp_(slot.g, sc["w3"])
+        return Update(axpy(slot.value(x), s, sc["alpha"]), 1.0, None, x.decay)
+
+
+class MarsCorrection(Transform):
+    """MARS's variance-reduced gradient (Yuan et al. 2024, pytorch-optimizer's):
+    ``c = g + γ·β1/(1-β1)·(g - g_prev)``, divided by ``max(1, ‖c‖)``; ``c`` is the gradient of
+    every transform after it (their second moments included)."""
+
+    hyper = {"gamma": NONNEG, "betas": BETAS}
+
+    def init(self, p, info, hp, dtype):
+        return {"last_grad": torch.zeros_like(p, dtype=dtype)}
+
+    def scalars(self, hp, step):
+        beta1 = hp_value(hp, "betas", 0)
+        return {"k": hp_value(hp, "gamma") * (beta1 / (1.0 - beta1))}
+
+    def _corrected(self, slot: Slot, sc: Mapping[str, Scalar]) -> Tensor:
+        g = slot.g
+        return times(g - slot.state["last_grad"], sc["k"]).add_(g)
+
+    def statistics(self, x, slot, sc):
+        c = self._corrected(slot, sc)
+        return {"sq": (c * c).sum()}
+
+    def update(self, x, slot, sc, stats):
+        c = self._corrected(slot, sc) / stats["sq"].sqrt().clamp(min=1.0)
+        slot.state["last_grad"].copy_(slot.g)
+        slot.g = c
+        return Update(c, 1.0, None, x.decay)
+
+
+class Cautious(Transform):
+    """Cautious optimizers (Liang et al. 2024): entries of the update whose sign disagrees with
+    the gradient's are zeroed, the rest scaled by ``numel / (kept + 1)`` (pytorch-optimizer's
+    ``apply_cautious``). Put right after the momentum."""
+
+    def _mask(self, x: Update, slot: Slot) -> Tensor:
+        return (slot.direction(x) * slot.g > 0).to(slot.g.dtype)
+
+    def statistics(self, x, slot, sc):
+        return {"kept": self._mask(x, slot).sum()}
+
+    def update(self, x, slot, sc, stats):
+        keep = slot.rows.numel / (stats["kept"] + 1.0)
+        return Update(slot.direction(x) * self._mask(x, slot), x.scale * keep, None, x.decay)
 
 
 class HeavyBall(Transform):
@@ -423,6 +575,12 @@ def adam_weights(hp: Mapping[str, Any], step: int) -> dict[str, float]:
     return {"w": 1.0 - beta2, "root_bc2": root, "eps": hp_value(hp, "eps") * root, "eps1": 0.0}
 
 
+def unfolded_weights(hp: Mapping[str, Any], step: int) -> dict[str, float]:
+    """Adam's, with ``ε`` added to ``√v`` before the bias correction (MARS's convention):
+    ``u·√bc2 / (√v + ε)``."""
+    return adam_weights(hp, step) | {"eps": hp_value(hp, "eps")}
+
+
 def frozen_weights(hp: Mapping[str, Any], step: int) -> dict[str, float]:
     """The study's frozen preconditioner: the uniform mean of the statistic over the first
     ``precondition_steps`` steps (``w = 1/t``; a uniform mean is unbiased), then frozen
@@ -529,6 +687,137 @@ class ScaleBySecondMoment(Transform):
 def _nonzero(v: Tensor) -> Tensor:
     """``[sum, count]`` of the non-zero entries of ``v`` (which is >= 0)."""
     return torch.stack([v.sum(), (v > 0).sum().to(v.dtype)])
+
+
+# --------------------------------------------------------------------------- orthogonalisation
+
+NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
+
+
+def matrices(info: ParamInfo, shape: tuple[int, ...], per_head: bool) -> list[tuple[tuple, int]]:
+    """The matrices one parameter holds, as ``(index, out_dim)``: ``x[index]`` is one matrix
+    whose output axis is ``out_dim``. Each expert of a fused MoE tensor; each part of a fused
+    QKV; with ``per_head`` each head of a query, key or value projection."""
+    out, mshape = info.out_dim, shape
+    leads: list[tuple] = [()]
+    if info.experts and len(shape) == 3:
+        out, mshape = out - 1, shape[1:]
+        leads = [(e,) for e in range(shape[0])]
+    parts = info.parts or (_Part(info.role, mshape[out], info.heads),)
+    found = []
+    for lead in leads:
+        start = 0
+        for part in parts:
+            qkv = part.role.value in ("q", "k", "v")
+            cut = part.heads if per_head and part.heads and qkv else 1
+            size = part.size // cut
+            for i in range(cut):
+                index = [slice(None), slice(None)]
+                index[out] = slice(start + i * size, start + (i + 1) * size)
+                found.append(((*lead, *index), out))
+            start += part.size
+    return found
+
+
+class _Part(NamedTuple):
+    """An unfused parameter as the one part of itself."""
+
+    role: Any
+    size: int
+    heads: int | None
+
+
+def newton_schulz(
+    g: Tensor,
+    coefficients: tuple[Scalar, Scalar, Scalar],
+    steps: int,
+    eps: Scalar,
+    dtype: torch.dtype,
+) -> Tensor:
+    """torch.optim.Muon's orthogonalisation: ``X ← aX + (bA + cA²)X``, ``A = XXᵀ``, for
+    ``steps`` steps from ``X = G/‖G‖_F`` in ``dtype``, on the wide orientation of ``G``."""
+    a, b, c = coefficients
+    x = g.to(dtype)
+    tall = g.size(0) > g.size(1)
+    if tall:
+        x = x.T
+    x = x.div(x.norm().clamp(min=eps))
+    for _ in range(steps):
+        gram = x @ x.T
+        if isinstance(b, float):
+            x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+        else:
+            x = x * a + (gram * b + (gram @ gram) * c) @ x
+    return x.T if tall else x
+
+
+def lr_ratio(rule: str | None, out: int, inp: int) -> float:
+    """torch's ``adjust_lr_fn``: ``sqrt(max(1, out/in))`` (Keller Jordan's, ``None``/"original")
+    or ``0.2·sqrt(max(out, in))`` ("match_rms_adamw", Moonshot's)."""
+    if rule == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(out, inp))
+    return math.sqrt(max(1.0, out / inp))
+
+
+class Orthogonalize(Transform):
+    """Muon: each matrix of the update (see :func:`matrices`) replaced by its Newton-Schulz
+    orthogonalisation times ``lr_ratio`` of its shape. Needs the whole matrix (gathered on
+    FSDP2 shards)."""
+
+    hyper = {
+        "ns_coefficients": Check(
+            lambda x: (
+                isinstance(x, (tuple, list))
+                and len(x) == 3
+                and all(number(v) is not None for v in x)
+            ),
+            "three finite numbers (a, b, c)",
+        ),
+        "ns_steps": Check(
+            lambda x: isinstance(x, int) and not isinstance(x, bool) and 0 < x < 100,
+            "an int in [1, 99]",
+        ),
+        "eps": POSITIVE,
+        "adjust_lr_fn": one_of(None, "original", "match_rms_adamw"),
+        "ns_dtype": one_of(*NS_DTYPES),
+        "per_head": BOOL,
+    }
+    whole = True
+
+    def init(self, p, info, hp, dtype):
+        if p.dim() != 2 and not (p.dim() == 3 and info.experts):
+            raise ValueError(
+                f"muon: {info.name} of shape {tuple(p.shape)} is not a matrix; give Muon the "
+                "hidden matrices only, or the model: create('muon', model) routes the rest to AdamW"
+            )
+        return {}
+
+    def scalars(self, hp, step):
+        a, b, c = (hp_value(hp, "ns_coefficients", i) for i in range(3))
+        return {"a": a, "b": b, "c": c, "eps": hp_value(hp, "eps")}
+
+    def update(self, x, slot, sc, stats):
+        u = slot.direction(x)
+        const = slot.const
+        blocks = matrices(slot.info, tuple(u.shape), const["per_head"])
+        ratios = []
+        for index, out in blocks:
+            m = u[index]
+            ratios.append(lr_ratio(const["adjust_lr_fn"], m.size(out), m.size(1 - out)))
+        ns = functools.partial(
+            newton_schulz,
+            coefficients=(sc["a"], sc["b"], sc["c"]),
+            steps=const["ns_steps"],
+            eps=sc["eps"],
+            dtype=NS_DTYPES[const["ns_dtype"]],
+        )
+        if len(blocks) == 1:  # the ratio in the scale: torch's rounding
+            o = ns(u[blocks[0][0]]).to(u.dtype)
+            return Update(o.reshape(u.shape), x.scale * ratios[0], None, x.decay)
+        o = torch.empty_like(u)
+        for (index, _), ratio in zip(blocks, ratios, strict=True):
+            o[index] = ns(u[index]).to(u.dtype) * ratio
+        return Update(o, x.scale, None, x.decay)
 
 
 # --------------------------------------------------------------------------- sign-like maps
