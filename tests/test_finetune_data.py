@@ -24,7 +24,6 @@ from optarena.posttrain.data import (
     read_jsonl,
     tokenize,
 )
-from optarena.posttrain.generate import generate
 from optarena.posttrain.pretrained import default_chat_prompt, load_pretrained
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -57,6 +56,17 @@ def reference_logits(model: GPT, idx: torch.Tensor) -> torch.Tensor:
     return model.lm_head(model.final_norm(x))
 
 
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids left-padded to the longest row, and the padding mask (True at real tokens)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = torch.tensor(r)
+        mask[i, width - len(r) :] = True
+    return ids, mask
+
+
 # --------------------------------------------------------------------------- model
 
 
@@ -81,9 +91,7 @@ def test_all_true_mask_matches_no_mask() -> None:
 def test_left_padded_rows_give_the_unpadded_outputs() -> None:
     model = tiny_gpt(n_kv_head=2)
     rows = [torch.randint(1, 97, (n,)) for n in (5, 11, 8)]
-    from optarena.posttrain.generate import left_pad
-
-    ids, mask = left_pad([r.tolist() for r in rows], 0, torch.device("cpu"))
+    ids, mask = left_pad([r.tolist() for r in rows], 0)
     with torch.no_grad():
         logits, feats = model(ids, mask), model.features(ids, mask)
         # the rotary table is float32: other absolute positions round their angles otherwise
@@ -94,34 +102,6 @@ def test_left_padded_rows_give_the_unpadded_outputs() -> None:
             torch.testing.assert_close(logits[i, -n:], alone, rtol=0, atol=1e-7)
             torch.testing.assert_close(feats[i, -n:], model.features(r[None])[0], rtol=0, atol=1e-6)
             assert torch.isfinite(logits[i]).all()
-
-
-def test_generate_greedy_matches_one_row_at_a_time_and_sampling_is_seeded() -> None:
-    model = tiny_gpt()
-    prompts = [[3, 4, 5], [7], [9, 10, 11, 12, 13]]
-    batched = generate(model, prompts, 6, eos_id=2, pad_id=0)
-    for p, out in zip(prompts, batched, strict=True):
-        assert generate(model, [p], 6, eos_id=2, pad_id=0)[0] == out
-        ids = list(p)  # greedy by hand
-        for token in out:
-            assert model(torch.tensor([ids]))[0, -1].argmax().item() == token
-            ids.append(token)
-    draws = [
-        generate(
-            model, prompts, 5, 2, 0, temperature=1.0, generator=torch.Generator().manual_seed(7)
-        )
-        for _ in range(2)
-    ]
-    assert draws[0] == draws[1]
-
-
-def test_generate_stops_at_end_of_sequence() -> None:
-    model = tiny_gpt()
-    with torch.no_grad():
-        model.lm_head.weight.zero_()
-        model.lm_head.weight[5] = 1.0  # token 5 always wins (features are normalized, > 0 sum)
-    eos_first = generate(model, [[1, 2]], 4, eos_id=5, pad_id=0)
-    assert eos_first == [[5]] or eos_first[0][-1] == 5
 
 
 # --------------------------------------------------------------------------- JSONL
@@ -415,9 +395,7 @@ def test_load_a_hugging_face_folder(hf_folder: Path) -> None:
     assert pre.description["architecture"] == "GPT2LMHeadModel"
     model = pre.model.double()
     rows = [[5, 6, 7, 8, 9], [10, 11]]
-    from optarena.posttrain.generate import left_pad
-
-    ids, mask = left_pad(rows, pre.tokenizer.pad_id, torch.device("cpu"))
+    ids, mask = left_pad(rows, pre.tokenizer.pad_id)
     with torch.no_grad():
         logits, feats = model(ids, mask), model.features(ids, mask)
         for i, r in enumerate(rows):

@@ -8,6 +8,7 @@
 * :mod:`optarena.posttrain.builtin` — the built-in offline task (one answer per prompt) and
   its preference pairs;
 * :mod:`optarena.posttrain.generate` — batched greedy decoding and seeded sampling;
+* :mod:`optarena.posttrain.remax` — the ReMax loss;
 * :mod:`optarena.posttrain.sft` — :class:`~optarena.posttrain.sft.FinetuneRun`, the
   harness's :class:`~optarena.train.Run` for SFT, and :func:`~optarena.posttrain.sft.finetune`.
 """
