@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "optarena.commands.list_optimizers",
     "optarena.commands.train",
     "optarena.commands.sweep",
+    "optarena.commands.tune",
     "optarena.commands.report",
     "optarena.commands.demo",
     "optarena.commands.bench",
