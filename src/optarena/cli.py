@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "optarena.commands.demo",
     "optarena.commands.bench",
     "optarena.commands.reproduce",
+    "optarena.commands.rlhf",
 ]
 
 

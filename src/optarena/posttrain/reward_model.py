@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,11 +57,15 @@ def _pair(record: Any, where: str, line: int) -> Pair:
         raise UserError(f"{where}: {expected}, not {type(record).__name__}")
     if "messages" in record and "prompt" not in record:
         messages = record["messages"]
-        ok = isinstance(messages, list) and messages and all(
-            isinstance(m, dict)
-            and m.get("role") in ("system", "user", "assistant")
-            and isinstance(m.get("content"), str)
-            for m in messages
+        ok = (
+            isinstance(messages, list)
+            and messages
+            and all(
+                isinstance(m, dict)
+                and m.get("role") in ("system", "user", "assistant")
+                and isinstance(m.get("content"), str)
+                for m in messages
+            )
         )
         if not ok or messages[-1]["role"] == "assistant":
             raise UserError(
@@ -198,8 +203,12 @@ class RewardConfig(RunConfig):
 class RewardRun(Run):
     """Bradley-Terry training of a :class:`RewardModel` on preference pairs."""
 
-    def build(self) -> None:
-        from optarena.posttrain.data import ExampleSampler
+    def prepare_out(self) -> Path | None:
+        self.load_inputs()  # a bad input fails before anything is written
+        return super().prepare_out()
+
+    def load_inputs(self) -> None:
+        """The model and the pairs, each checked (one-line errors)."""
         from optarena.posttrain.pretrained import load_pretrained
 
         config = self.config
@@ -213,11 +222,23 @@ class RewardRun(Run):
         self.train_pairs = encode_pairs(train_pairs, tok, context, source)
         self.val_pairs = encode_pairs(held_out[: config.eval_pairs], tok, context, source)
         self.pad_id = tok.pad_id
+
+    def build(self) -> None:
+        from optarena.posttrain.data import ExampleSampler
+
+        config = self.config
         torch.manual_seed(config.seed)
         self.model = RewardModel(self.pretrained.model).to(self.device)
         self.sampler = ExampleSampler(len(self.train_pairs), config.batch_size, config.seed)
         self.micro = config.batch_size // config.grad_accum
         self._tokens = 0
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        # the partition guesses the head's role ("other") and the backbone's unused output
+        # layer's from their names, rightly: no warning about it
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "optarena partition", UserWarning)
+            return super().make_optimizer()
 
     def data_state(self) -> dict[str, Any]:
         return {"sampler": self.sampler.state_dict(), "task": TASK}
@@ -292,7 +313,19 @@ def train_reward_model(config: RewardConfig | dict[str, Any]) -> dict[str, Any]:
     """Train a reward model and return its summary (also ``OUT/summary.json``)."""
     values = config if isinstance(config, dict) else config.to_dict()
     checked = RewardConfig.from_dict(values)
+    check_optimizer(checked)
     return RewardRun(checked).run()
+
+
+def check_optimizer(config: RunConfig) -> None:
+    """The optimizer's name and hyperparameters, checked over a stand-in model before any
+    input is read or anything written (as ``optarena train`` does)."""
+    from optarena.train import _check_optimizer_name, _make_optimizer, _stand_in_model
+
+    _check_optimizer_name(config.optimizer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _make_optimizer(config, _stand_in_model())
 
 
 # --------------------------------------------------------------------------- loading
