@@ -292,39 +292,14 @@ def test_preference_pairs_are_right_and_plausibly_wrong() -> None:
 # --------------------------------------------------------------------------- pretrained
 
 
-@pytest.fixture(scope="module")
-def train_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real `optarena train` folder: a tiny model on a small text corpus."""
-    from optarena.train import train
-
-    root = tmp_path_factory.mktemp("pre")
-    corpus = root / "corpus.txt"
-    words = [builtin.examples("train")[i].messages[-1][1] for i in range(400)]
-    corpus.write_text("\n\n".join(words), encoding="utf-8")
-    out = root / "run"
-    train(
-        {
-            "optimizer": "adamw",
-            "model": "micro",
-            "model_overrides": {"d_model": 32, "n_layer": 1},
-            "vocab_size": 300,
-            "data": str(corpus),
-            "steps": 2,
-            "batch_size": 2,
-            "seq_len": 32,
-            "eval_windows": 2,
-            "progress": False,
-            "threads": 1,
-            "out": str(out),
-            "cache_dir": str(root / "cache"),
-        }
-    )
-    return out
+@pytest.fixture
+def train_run(pretrained_run: Path) -> Path:
+    return pretrained_run
 
 
 def test_load_an_optarena_train_folder(train_run: Path) -> None:
     pre = load_pretrained(train_run)
-    assert pre.kind == "optarena" and pre.context_length == 32
+    assert pre.kind == "optarena" and pre.context_length == 48
     state = torch.load(next((train_run / "checkpoints").glob("*.pt")), weights_only=True)
     for name, p in pre.model.state_dict().items():
         assert torch.equal(p, state["model"][name]), name
@@ -369,24 +344,9 @@ def test_not_a_model_is_a_one_line_error(tmp_path: Path, train_run: Path) -> Non
         load_pretrained(train_run / "summary.json")
 
 
-@pytest.fixture(scope="module")
-def hf_folder(tmp_path_factory: pytest.TempPathFactory, train_run: Path) -> Path:
-    """A randomly initialised GPT-2 with a real fast tokenizer, saved like a hub download."""
-    transformers = pytest.importorskip("transformers")
-    from tokenizers import Tokenizer
-
-    folder = tmp_path_factory.mktemp("hf") / "gpt2-tiny"
-    backend = Tokenizer.from_file(str(train_run / "tokenizer.json"))
-    tok = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
-    )
-    config = transformers.GPT2Config(
-        vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=4
-    )
-    torch.manual_seed(0)
-    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+@pytest.fixture
+def hf_folder(hf_pretrained: Path) -> Path:
+    return hf_pretrained
 
 
 def test_load_a_hugging_face_folder(hf_folder: Path) -> None:
