@@ -359,8 +359,9 @@ def _comparisons(series: Sequence[SeriesResult]) -> list[Comparison]:
 
 
 def observations_from_store(directory: str | Path) -> list[Observation]:
-    """Every (run, series membership) pair of a store as analysis input."""
-    from optarena.sweep.store import Store
+    """Every (run, series membership) pair of a store as analysis input; runs that only a
+    tuning path holds (members of ``tune:NAME`` sweeps) are the report's tuning section."""
+    from optarena.sweep.store import TUNE_PREFIX, Store
 
     with Store(directory, create=False) as store:
         runs = {r.id: r for r in store.runs()}
@@ -372,6 +373,8 @@ def observations_from_store(directory: str | Path) -> list[Observation]:
         if run is None:
             continue
         seen.add(run.id)
+        if m.sweep.startswith(TUNE_PREFIX):  # a tuning path, shown as such, not a series
+            continue
         out.append(_observation(run, m.label, m.point))
     for run in runs.values():  # runs added without a membership: their LR is the swept value
         if run.id not in seen:

@@ -375,6 +375,11 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--refine-rounds needs --refine; add --refine or drop --refine-rounds")
     if args.refine_rounds is not None and args.refine_rounds < 0:
         raise UserError(f"--refine-rounds {args.refine_rounds}: give 0 or more")
+    if spec.extra.get("tune") is not None and not args.dry_run:
+        raise UserError(
+            f"{spec.source} has a [tune] table: it is a tuning spec; run it with "
+            "`optarena tune` (a sweep would run the whole product of its axes)"
+        )
     if args.dry_run:
         return dry_run(spec, out, refine=args.refine)
     code = refine(args, spec, out) if args.refine else execute(args, spec, out)
