@@ -46,6 +46,7 @@ class Stager:
     stages: list[StageReport] = field(default_factory=list)
     default_threads: int = 1
     seed: int = 0  # the seed of every stage's runs (repeats name their own)
+    function: str | None = None  # the runs' function (None: --function, i.e. pre-training)
 
     def grid(
         self,
@@ -81,7 +82,10 @@ class Stager:
             self.stages.append(report)
             return report
         store = Store(self.out)
-        executor = make_executor(self.args, self.out, self.default_threads)
+        args = self.args
+        if self.function is not None:
+            args = argparse.Namespace(**{**vars(args), "function": self.function})
+        executor = make_executor(args, self.out, self.default_threads)
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
             result = run_sweep(store, runs, executor, sweep=spec.name, retry_failed=True)
