@@ -259,6 +259,11 @@ class TrainConfig(RunConfig):
             raise UserError("model_overrides must be a table of key = value")
         from optarena.model import PRESETS
 
+        if not isinstance(self.model, str):
+            raise UserError(
+                f"model must be a preset name, not {self.model!r}; a model's fields go in "
+                "model_overrides (e.g. model_overrides.n_layer = 4)"
+            )
         if self.model not in PRESETS:
             raise UserError(f"unknown model {self.model!r}; choose one of: {', '.join(PRESETS)}")
         _model_config(self, PRESETS[self.model]["vocab_size"])  # field names, types, shapes
@@ -367,7 +372,7 @@ def check_config(config: TrainConfig | dict[str, Any], optimizer: bool = True) -
     """What can be checked of a run's config without its data or device: keys, types and
     ranges, and (``optimizer``) the optimizer's name and hyperparameters, by building it over
     a stand-in model. A sweep checks every run this way before it starts any."""
-    config = TrainConfig.from_dict(config if isinstance(config, dict) else config.to_dict())
+    config = TrainConfig.from_dict(config.to_dict() if isinstance(config, RunConfig) else config)
     _check_optimizer_name(config.optimizer)
     if optimizer:
         with warnings.catch_warnings():
@@ -559,6 +564,7 @@ class Run:
         assert self.model is not None, "build() must set self.model"
         self.model = par.wrap(self.model)
         self.optimizer = self.make_optimizer()
+        self.make_out()  # once the data and the optimizer are good: bad input writes nothing
         for group in self.optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])
         self.hessian_interval = getattr(self.optimizer, "hessian_interval", None)
@@ -583,8 +589,8 @@ class Run:
         return None
 
     def prepare_out(self) -> Path | None:
-        """The output folder, created; temporary files of dead writers removed. A folder that
-        holds a run is refused unless resuming."""
+        """The output folder (not made yet: :meth:`make_out`). A folder that holds a run is
+        refused unless resuming, and so is a path that cannot be a folder."""
         config = self.config
         if not config.out:
             return None
@@ -593,6 +599,18 @@ class Run:
             (out / SUMMARY_FILE).exists() or any((out / "checkpoints").glob("step-*"))
         ):
             raise UserError(f"{out} already holds a run; pass --resume or choose another --out")
+        blocked = next((p for p in (out, *out.parents) if p.exists()), None)
+        if blocked is not None and not blocked.is_dir():
+            raise UserError(
+                f"cannot use {out} as the run directory: {blocked} is a file; choose another --out"
+            )
+        return out
+
+    def make_out(self) -> None:
+        """The output folder, created; temporary files of dead writers removed."""
+        out = self.out
+        if out is None:
+            return
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -603,7 +621,6 @@ class Run:
         if self.par.is_main:
             atomic.clean_temp_files(out)
             checkpoints.clean_folder(out / "checkpoints")
-        return out
 
     def finished_summary(self) -> dict[str, Any] | None:
         """The summary of a run this folder finished with the same config, or None."""
