@@ -14,11 +14,13 @@ from optarena.errors import Interrupted, UserError
 COMMAND_MODULES = [
     "optarena.commands.list_optimizers",
     "optarena.commands.train",
+    "optarena.commands.finetune",
     "optarena.commands.sweep",
     "optarena.commands.report",
     "optarena.commands.demo",
     "optarena.commands.bench",
     "optarena.commands.reproduce",
+    "optarena.commands.rlhf",
 ]
 
 

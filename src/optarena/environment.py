@@ -15,6 +15,14 @@ from pathlib import Path
 from typing import Any
 
 
+def _git(root: Path, *args: str) -> str:
+    """The stripped output of ``git -C root ARGS`` (raises when git fails or is missing)."""
+    done = subprocess.run(
+        ["git", "-C", str(root), *args], capture_output=True, text=True, timeout=5, check=True
+    )
+    return done.stdout.strip()
+
+
 @functools.cache
 def code_version() -> str:
     """``optarena <version>`` plus the git commit of this checkout (``+dirty`` when it has
@@ -23,20 +31,8 @@ def code_version() -> str:
 
     root = Path(__file__).resolve().parents[2]
     try:
-        commit = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        ).stdout.strip()
+        commit = _git(root, "rev-parse", "--short=12", "HEAD")
+        dirty = _git(root, "status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
         return __version__
     if not commit:

@@ -127,7 +127,7 @@ class Attention(nn.Module):
         self.q_norm = make_norm(config, d) if config.qk_norm else nn.Identity()
         self.k_norm = make_norm(config, kv_width) if config.qk_norm else nn.Identity()
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None) -> Tensor:
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x)).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_norm(self.k_proj(x)).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -136,7 +136,10 @@ class Attention(nn.Module):
         if self.n_kv_heads != self.n_heads:
             repeat = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -167,13 +170,29 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(config, config.d_model)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
+def attention_mask(padding: Tensor) -> Tensor:
+    """The boolean attention mask (batch, 1, T, T) of a padding mask (batch, T), True at real
+    tokens: causal, and no query attends to a padding key. A padding query attends to itself
+    alone, so that no row is empty (its output is never used)."""
+    T = padding.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=padding.device).tril()
+    allowed = causal & padding.bool()[:, None, None, :]
+    return allowed | torch.eye(T, dtype=torch.bool, device=padding.device)
+
+
 class GPT(nn.Module):
-    """Token embedding, ``n_layer`` blocks, final norm, output layer: ``forward(idx) -> logits``."""
+    """Token embedding, ``n_layer`` blocks, final norm, output layer: ``forward(idx) -> logits``.
+
+    ``forward(idx, mask)`` and :meth:`features` take an optional padding mask (batch, T), True
+    at real tokens, for left-padded batches (generation, a reward model's last token). Without
+    one, attention is the plain causal kernel; right padding needs none (no real token attends
+    to a later one). Rotary embeddings are relative, so a left-padded row gives its real tokens
+    the outputs of the unpadded row."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -222,7 +241,12 @@ class GPT(nn.Module):
                 roles[name] = "mlp"
         return roles
 
-    def forward(self, idx: Tensor) -> Tensor:
+    def forward(self, idx: Tensor, mask: Tensor | None = None) -> Tensor:
+        return self.lm_head(self.features(idx, mask))
+
+    def features(self, idx: Tensor, mask: Tensor | None = None) -> Tensor:
+        """The final hidden states (batch, T, d_model), after the final norm: what the output
+        layer (or a reward head) reads."""
         T = idx.shape[1]
         if self.rope_cos.shape[0] >= T:
             cos, sin = self.rope_cos[:T], self.rope_sin[:T]
@@ -231,9 +255,10 @@ class GPT(nn.Module):
             cos, sin = cos.to(idx.device), sin.to(idx.device)
         x = self.tok_emb(idx)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        attn_mask = attention_mask(mask) if mask is not None else None
         for block in self.blocks:
-            x = block(x, cos, sin)
-        return self.lm_head(self.final_norm(x))
+            x = block(x, cos, sin, attn_mask)
+        return self.final_norm(x)
 
 
 def lm_loss(logits: Tensor, targets: Tensor, z_loss: float = 0.0) -> tuple[Tensor, Tensor]:

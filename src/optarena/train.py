@@ -44,6 +44,7 @@ from optarena.run_log import RunLog
 
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
 SUMMARY_FILE = "summary.json"
+TOKENIZER_FILE = "tokenizer.json"  # a run's tokenizer, beside its checkpoints
 # Keys that may differ between a run and its resumption without changing its trajectory.
 RESUMABLE_CHANGES = {
     "out",
@@ -992,6 +993,9 @@ class LanguageModelRun(Run):
             config.progress,
         )
         config.vocab_size = vocab if config.tokenizer == "bpe" else self.data.tokenizer.vocab_size
+        if self.out is not None and par.is_main and self.data.tokenizer.definition is not None:
+            # the run's folder is a self-contained pretrained model (optarena.posttrain)
+            atomic.write_text(self.out / TOKENIZER_FILE, self.data.tokenizer.definition)
         # pad the embedding to a multiple of 64 like the study (32,100 -> 32,128)
         padded_vocab = 64 * math.ceil(self.data.tokenizer.vocab_size / 64)
         self.batches = RandomWindows(

@@ -26,6 +26,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--dry-run", action="store_true", help="list the runs and their status, run nothing"
     )
+    parser.add_argument(
+        "--refine",
+        action="store_true",
+        help="after the grid, add half-steps (in log LR) around each series' optimum, round "
+        "by round, until it is interior with neighbours half a step away (docs/sweeps.md)",
+    )
+    parser.add_argument(
+        "--refine-rounds",
+        type=int,
+        default=None,
+        metavar="N",
+        help="at most N refinement rounds per invocation (default 8; re-running continues)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -354,6 +367,77 @@ def execute(args: argparse.Namespace, spec: Any, out: Path, default_threads: int
 INCOMPLETE = 3
 
 
+def refine(args: argparse.Namespace, spec: Any, out: Path) -> int:
+    """The sweep, then refinement rounds (``--refine``); exit code 1 when some run failed, 3
+    while another live driver holds runs."""
+    from rich.console import Console
+
+    from optarena.sweep import refine as refinement
+    from optarena.sweep.store import Store
+
+    console = Console(stderr=True, soft_wrap=True)
+    executor = make_executor(args, out, 2, spec)
+    store = Store(out)
+    rounds = refinement.DEFAULT_ROUNDS if args.refine_rounds is None else args.refine_rounds
+    console.print(
+        f"sweep [bold]{spec.name}[/] with refinement (at most {rounds} rounds) into {out} "
+        f"({args.backend}, {executor.capacity} at a time)",
+        highlight=False,
+    )
+
+    def on_round(number: int, plan: refinement.Plan) -> None:
+        for addition in plan.additions:
+            console.print(
+                f"refine round {number}: {refinement.describe(addition)}",
+                highlight=False,
+                markup=False,
+            )
+
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        result = refinement.refine_sweep(
+            store,
+            spec,
+            executor,
+            max_rounds=rounds,
+            retry_failed=args.retry_failed,
+            on_round=on_round,
+        )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        store.close()
+    for name, why in result.plan.blocked:
+        console.print(f"not refined: {name} {why}", highlight=False, markup=False)
+    if result.plan.settled:
+        console.print(
+            f"refined: {result.added} runs added in {result.rounds} rounds; every series' "
+            "optimum is interior with neighbours half a step away.",
+            highlight=False,
+        )
+    else:
+        console.print(
+            f"stopped after {result.rounds} rounds ({result.added} runs added) with series "
+            "still to refine; run the same command again to continue.",
+            highlight=False,
+        )
+    if result.failed:
+        console.print(
+            f"[red]{result.failed} runs failed[/]: errors in `optarena report {out}`; "
+            "re-running retries them.",
+            highlight=False,
+        )
+        return 1
+    held = result.sweeps[-1].held_elsewhere if result.sweeps else 0
+    if held:
+        console.print(
+            f"another driver still holds {held} runs of this sweep (no result yet); run the "
+            "same command again once it has finished.",
+            highlight=False,
+        )
+        return INCOMPLETE
+    return 0
+
+
 def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
@@ -361,9 +445,13 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     spec = load(args)
     out = Path(args.out) if args.out else Path("runs") / spec.name
+    if args.refine_rounds is not None and not args.refine:
+        raise UserError("--refine-rounds needs --refine; add --refine or drop --refine-rounds")
+    if args.refine_rounds is not None and args.refine_rounds < 0:
+        raise UserError(f"--refine-rounds {args.refine_rounds}: give 0 or more")
     if args.dry_run:
-        return dry_run(spec, out)
-    code = execute(args, spec, out)
+        return dry_run(spec, out, refine=args.refine)
+    code = refine(args, spec, out) if args.refine else execute(args, spec, out)
     print(f"results: {out / 'results.sqlite'}; report: optarena report {out}")
     return code
 
@@ -402,18 +490,23 @@ def estimated_cpu_seconds(config: dict[str, Any]) -> float | None:
     return (6 * params * tokens + 2 * params * eval_tokens) / CPU_FLOPS_PER_SECOND
 
 
-def dry_run(spec: Any, out: Path) -> int:
+def dry_run(spec: Any, out: Path, refine: bool = False) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from optarena.sweep import refine as refinement
     from optarena.sweep.progress import format_seconds, short_value
     from optarena.sweep.store import DB_NAME, Store
 
     runs = spec.runs()
     status: dict[str, str] = {}
+    planned: list[str] = []
     if (out / DB_NAME).is_file():
         with Store(out) as store:
             status = {r.id: r.status for r in store.runs()}
+            if refine:
+                runs = refinement.all_runs(spec, refinement.series_of(spec, store))
+                planned = [refinement.describe(a) for a in refinement.plan(spec, store).additions]
     console = Console(file=sys.stdout)
     if not console.is_terminal:
         console = Console(file=sys.stdout, width=200)
@@ -441,4 +534,7 @@ def dry_run(spec: Any, out: Path) -> int:
         markup=False,
         soft_wrap=True,
     )
+    if refine:
+        text = "; ".join(planned) if planned else "nothing (every series settled or not run yet)"
+        console.print(f"next refinement round adds: {text}", highlight=False, markup=False)
     return 0

@@ -33,6 +33,7 @@ class TextTokenizer:
     vocab_size: int
     eos_id: int | None
     encode_batch: Callable[[list[str]], list[list[int]]]
+    definition: str | None = None  # the full tokenizer.json, for a Hugging Face tokenizers one
 
 
 def _sha(text: str | bytes) -> str:
@@ -47,7 +48,8 @@ def _wrap_hf(tok, name: str) -> TextTokenizer:  # tok: tokenizers.Tokenizer
         return [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
 
     size = max(tok.get_vocab_size(with_added_tokens=True), max(vocab.values(), default=0) + 1)
-    return TextTokenizer(name, _sha(tok.to_str()), size, eos, encode_batch)
+    definition = tok.to_str()
+    return TextTokenizer(name, _sha(definition), size, eos, encode_batch, definition)
 
 
 def _sample(corpus: Corpus, max_bytes: int) -> Iterator[str]:

@@ -212,6 +212,11 @@ def _hybrid_custom(params: Params, routes: Mapping[str, Route] | None = None, **
     return Hybrid(params, routes, **options)
 
 
+def _adam_hyper(lr: float, betas: Any, eps: float, weight_decay: float) -> dict[str, Any]:
+    """An Adam-family route's hyperparameters, as the hybrids hand them to their routes."""
+    return {"lr": lr, "betas": _as_pair(betas), "eps": eps, "weight_decay": weight_decay}
+
+
 def _study_hybrid(adaptive: str, roles: tuple[str, ...]) -> Callable[..., torch.optim.Optimizer]:
     """The study's "adaptivity only where it matters": EMA-momentum SGD on the body,
     ``adaptive`` (Adalayer or Adafactor) on ``roles``, each with its own peak LR."""
@@ -227,12 +232,7 @@ def _study_hybrid(adaptive: str, roles: tuple[str, ...]) -> Callable[..., torch.
         **options: Any,
     ) -> torch.optim.Optimizer:
         body = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
-        head = {
-            "lr": adaptive_lr,
-            "betas": _as_pair(betas),
-            "eps": eps,
-            "weight_decay": weight_decay,
-        }
+        head = _adam_hyper(adaptive_lr, betas, eps, weight_decay)
         routes: dict[str, Route] = {"default": ("sgd-ema", body)}
         routes |= {role: (adaptive, head) for role in roles}
         return Hybrid(params, routes, **options)
@@ -257,13 +257,7 @@ def _frozen_build(
         return cls(
             params, lr, _as_pair(betas), eps, weight_decay, precondition_steps, freeze, **options
         )
-    hp = {
-        "lr": lr,
-        "betas": _as_pair(betas),
-        "eps": eps,
-        "weight_decay": weight_decay,
-        "precondition_steps": precondition_steps,
-    }
+    hp = {**_adam_hyper(lr, betas, eps, weight_decay), "precondition_steps": precondition_steps}
     routes: dict[str, Route] = {"default": ("adam-frozen", {**hp, "freeze": freeze})}
     routes |= {str(role): ("adam-frozen", {**hp, "freeze": False}) for role in unfrozen_roles}
     return Hybrid(params, routes, **options)
@@ -312,12 +306,7 @@ def _muon_build(
         named = bool(params) and isinstance(params[0], tuple) and isinstance(params[0][0], str)
     if not named:
         return CLASSES["Muon"](params, **hp, **options)
-    adam = {
-        "lr": adamw_lr,
-        "betas": _as_pair(adamw_betas),
-        "eps": adamw_eps,
-        "weight_decay": adamw_weight_decay,
-    }
+    adam = _adam_hyper(adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay)
     routes: dict[str, Route] = {"default": ("muon", hp)}
     routes |= {role: ("adamw", adam) for role in MUON_ADAMW_ROLES}
     return MatrixHybrid(params, routes, **options)

@@ -289,8 +289,8 @@ def caveats(analysis: Analysis, runs: Sequence[RunRecord]) -> list[str]:
             out.append(
                 f"{s.name}: the best LR {s.best_lr:.3g} is the {side} of its grid, so its true "
                 "optimum may lie beyond it and its best loss is an upper bound "
-                "(extend its lr grid past that end in the spec and run the sweep again: "
-                "runs already in the store are not repeated)."
+                "(`optarena sweep SPEC --out DIR --refine` adds half-steps past that end "
+                "until the optimum is interior; runs already in the store are not repeated)."
             )
         gaps = [math.log10(b / a) for a, b in itertools.pairwise(lrs) if a > 0]
         if gaps and max(gaps) > HALF_DECADE:

@@ -54,8 +54,12 @@ def run_sweep(
     sweep: str = "",
     retry_failed: bool = True,
     progress: SweepProgress | None = None,
+    close_executor: bool = True,
 ) -> SweepResult:
-    """Run every run of ``runs`` that has no result in ``store``; never raises for a bad run."""
+    """Run every run of ``runs`` that has no result in ``store``; never raises for a bad run.
+
+    ``close_executor=False`` leaves the executor open for another call (refinement and tuning
+    run several batches through one executor and close it themselves)."""
     register_runs(store, runs, sweep)
     executor.attach(store)
     unique = list({r.id: r for r in runs}.values())
@@ -92,8 +96,8 @@ def run_sweep(
                         "progress": False,  # the sweep shows progress; workers stay quiet
                     }
                     run_dir.mkdir(parents=True, exist_ok=True)
+                    in_flight[run.id] = run  # first: an interrupted submit releases it too
                     executor.submit(Task(run.id, config))
-                    in_flight[run.id] = run
                     progress.running = len(in_flight)
                     progress.refresh()
                 for outcome in executor.wait(timeout=1.0):
@@ -107,7 +111,8 @@ def run_sweep(
             executor.close(cancel=True)
             store.release(in_flight)
             raise
-    executor.close()
+    if close_executor:
+        executor.close()
     # what the other driver has finished meanwhile has its result; the rest is still its
     result.held_elsewhere = sum(store.get(run_id).status not in FINISHED for run_id in held)
     return result

@@ -186,13 +186,17 @@ class SweepSpec:
             keys = list(grid.swept)
             for values in itertools.product(*(grid.swept[k] for k in keys)):
                 point = dict(zip(keys, values, strict=True))
-                for seed in grid.seeds:
-                    config = _merge_dotted(self.base, {**grid.fixed, **point})
-                    config["optimizer"] = grid.optimizer
-                    config["seed"] = seed
-                    _fold_betas(config, where=f"{self.source}: {_where(grid)}")
-                    out.append(Run(config=config, label=grid.label, point=point, grid=grid.index))
+                out.extend(self.run_at(grid, point, seed) for seed in grid.seeds)
         return out
+
+    def run_at(self, grid: Grid, point: Mapping[str, Any], seed: int) -> Run:
+        """The run of ``grid`` at ``point`` (its swept keys -> values) and ``seed``, built as
+        :meth:`runs` builds each of its runs; refinement and tuning add runs through it."""
+        config = _merge_dotted(self.base, {**grid.fixed, **point})
+        config["optimizer"] = grid.optimizer
+        config["seed"] = seed
+        _fold_betas(config, where=f"{self.source}: {_where(grid)}")
+        return Run(config=config, label=grid.label, point=dict(point), grid=grid.index)
 
 
 def run_id(config: Mapping[str, Any]) -> str:
@@ -622,6 +626,11 @@ def _merge_dotted(base: Mapping[str, Any], dotted: Mapping[str, Any]) -> dict[st
             node = node.setdefault(part, {})
         node[parts[-1]] = value
     return config
+
+
+def rounded(value: Any) -> Any:
+    """A generated float as the spec stores it (12 significant digits): stable run ids."""
+    return _round(value)
 
 
 def _round(value: Any) -> Any:

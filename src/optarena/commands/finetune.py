@@ -1,0 +1,180 @@
+"""``optarena finetune``: supervised fine-tuning of a pretrained model from flags or a TOML
+config (the CLI face of :func:`optarena.posttrain.sft.finetune`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+from optarena.commands.train import _one_line_warning, load_toml, parse_sets
+from optarena.errors import UserError
+
+# flag dest -> FinetuneConfig key, for flags whose default is None ("not given")
+_FLAG_KEYS = (
+    "pretrained",
+    "data",
+    "val_data",
+    "optimizer",
+    "lr",
+    "steps",
+    "batch_size",
+    "seq_len",
+    "grad_accum",
+    "seed",
+    "schedule",
+    "warmup",
+    "grad_clip",
+    "dtype",
+    "device",
+    "eval_every",
+    "eval_examples",
+    "eval_generate",
+    "exact_match",
+    "checkpoint_every",
+    "log_every",
+    "out",
+    "wandb",
+    "threads",
+    "parallel",
+)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "finetune",
+        help="fine-tune a pretrained model (SFT) with one optimizer and write DIR/summary.json",
+        description="Supervised fine-tuning from an `optarena train` output folder or a local "
+        "Hugging Face model folder, on the built-in task or a JSONL file, with the loss on the "
+        "response tokens only. Flags override --config. See docs/finetuning.md.",
+    )
+    p.add_argument(
+        "--from",
+        dest="pretrained",
+        metavar="DIR",
+        help="the model: an `optarena train` (or finetune) output folder, one of its "
+        "checkpoints/step-N.pt, or a Hugging Face causal-LM folder",
+    )
+    p.add_argument(
+        "--data",
+        help='builtin (default: the built-in task) or a JSONL file of {"prompt", "response"} '
+        'or {"messages": [...]} lines',
+    )
+    p.add_argument("--val-data", help="validation JSONL (default: 1 in 20 examples of --data)")
+    p.add_argument("--optimizer", help="registry name (see `optarena list`)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: the optimizer's)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int, help="examples per optimizer step")
+    p.add_argument("--seq-len", type=int, help="longest example in tokens (prompt + response)")
+    p.add_argument("--grad-accum", type=int, help="micro-batches per step")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--schedule", help="cosine (default), linear, constant or wsd")
+    p.add_argument("--warmup", type=float, help="warmup: fraction of steps (<1) or steps")
+    p.add_argument("--grad-clip", type=float, help="global gradient-norm clip (0 disables)")
+    p.add_argument("--dtype", help="auto, float32 or bfloat16")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--eval-every", type=int, help="evaluate every N steps (0: at the end only)")
+    p.add_argument("--eval-examples", type=int, help="validation examples for the loss")
+    p.add_argument(
+        "--eval-generate", type=int, help="validation prompts decoded for exact match (0: none)"
+    )
+    p.add_argument(
+        "--exact-match",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="score greedy responses by exact match (default: when the task has one answer)",
+    )
+    p.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--log-every", type=int)
+    p.add_argument("--threads", type=int, help="CPU threads for torch")
+    p.add_argument(
+        "--parallel",
+        choices=["none", "ddp", "fsdp"],
+        help="under torchrun: DistributedDataParallel or FSDP2 (see docs/scaling.md)",
+    )
+    p.add_argument("--out", help="run directory (checkpoints/, metrics.jsonl, summary.json)")
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the newest valid checkpoint"
+    )
+    p.add_argument("--tensorboard", action="store_true", help="also log to DIR/tensorboard")
+    p.add_argument(
+        "--wandb",
+        nargs="?",
+        const="online",
+        choices=["online", "offline"],
+        help="also log to Weights & Biases (offline mode works without network)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="optimizer hyperparameter, e.g. betas=0.9,0.95",
+    )
+    p.add_argument("--config", type=Path, help="TOML file of FinetuneConfig keys ([hparams])")
+    p.set_defaults(func=run)
+
+
+def build_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The config dict: TOML file, then flags, then ``--set`` on top."""
+    values: dict[str, Any] = load_toml(args.config) if args.config else {}
+    for key in _FLAG_KEYS:
+        value = getattr(args, key)
+        if value is not None:
+            values[key] = value
+    if args.resume:
+        values["resume"] = True
+    if args.tensorboard:
+        values["tensorboard"] = True
+    if args.no_progress:
+        values["progress"] = False
+    if values.get("grad_clip") == 0:
+        values["grad_clip"] = None
+    hparams, model = parse_sets(args.sets)
+    if model:
+        raise UserError("fine-tuning keeps the pretrained model's shape: no --set model.FIELD")
+    if hparams:
+        values["hparams"] = {**values.get("hparams", {}), **hparams}
+    if not values.get("pretrained"):
+        raise UserError("which model? pass --from DIR (an `optarena train` output folder)")
+    if "optimizer" not in values:
+        raise UserError("which optimizer? pass --optimizer NAME (see `optarena list`)")
+    return values
+
+
+def run(args: argparse.Namespace) -> int:
+    from optarena.posttrain.sft import FinetuneConfig, finetune
+
+    config = FinetuneConfig.from_dict(build_config(args))
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.showwarning = _one_line_warning
+        summary = finetune(config)
+    if summary["parallel"]["world_size"] > 1 and int(os.environ.get("RANK", "0")) != 0:
+        return 0  # rank 0 reports
+    status = "DIVERGED" if summary["diverged"] else "done"
+
+    def number(value: float | None, spec: str = ".4f") -> str:
+        return format(value, spec) if value is not None else "n/a"
+
+    match = ""
+    if summary.get("final_exact_match") is not None:
+        match = (
+            f", exact match {number(summary['pretrained_exact_match'], '.1%')} -> "
+            f"{number(summary['final_exact_match'], '.1%')}"
+        )
+    where = f"; {Path(config.out) / 'summary.json'}" if config.out else ""
+    print(
+        f"{status}: {config.optimizer} {summary['steps']} steps, response val loss "
+        f"{number(summary['pretrained_val_loss'])} -> {number(summary['final_val_loss'])}"
+        f"{match}, {summary['tokens_per_second']:,.0f} tokens/s{where}"
+    )
+    if not config.out:
+        keys = ("final_val_loss", "pretrained_val_loss", "final_exact_match", "diverged", "steps")
+        print(json.dumps({k: summary.get(k) for k in keys}))
+    return 0

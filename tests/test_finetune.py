@@ -1,0 +1,234 @@
+"""``optarena finetune``: the SFT run (loss on responses, evaluation, bit-exact resume,
+divergence, summary) and its command line (one-line errors, exit 2, nothing written)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from optarena.cli import main
+from optarena.errors import UserError
+from optarena.posttrain.data import IGNORE, ExampleSampler, collate
+from optarena.posttrain.pretrained import load_pretrained
+from optarena.posttrain.sft import FinetuneConfig, finetune, load_examples, prepare
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def config(pretrained: Path, **kw) -> dict:
+    base = dict(
+        pretrained=str(pretrained),
+        optimizer="adamw",
+        lr=3e-3,
+        steps=6,
+        batch_size=4,
+        seq_len=48,
+        eval_examples=16,
+        eval_generate=8,
+        progress=False,
+        threads=1,
+        log_every=1,
+    )
+    return {**base, **kw}
+
+
+def records(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_finetune_trains_on_responses_and_reports_the_start(pretrained_run, tmp_path) -> None:
+    out = tmp_path / "sft"
+    heard: list[dict] = []
+    from optarena.posttrain.sft import FinetuneRun
+
+    summary = FinetuneRun(
+        FinetuneConfig.from_dict(config(pretrained_run, steps=30, out=str(out), eval_every=15)),
+        on_log=heard.append,
+    ).run()
+    assert summary["task"] == "finetune" and summary["steps"] == 30 and not summary["diverged"]
+    curve = summary["eval_curve"]
+    assert [p["step"] for p in curve] == [0, 15, 30]
+    assert curve[0]["val_loss"] == summary["pretrained_val_loss"]
+    assert summary["final_val_loss"] == curve[-1]["val_loss"] < curve[0]["val_loss"]
+    assert summary["val_loss_gain"] == pytest.approx(curve[0]["val_loss"] - curve[-1]["val_loss"])
+    assert all(0 <= p["exact_match"] <= 1 for p in curve)
+    assert summary["pretrained"]["kind"] == "optarena"
+    assert summary["data"]["source"].startswith("builtin") and summary["data"]["exact_match"]
+    assert json.loads((out / "summary.json").read_text())["final_val_loss"] == curve[-1]["val_loss"]
+    assert records(out) == heard
+    assert (out / "checkpoints" / "step-00000030.pt").is_file()
+    # the run's folder is itself a model: the fine-tuned weights on the pretrained architecture
+    tuned = load_pretrained(out)
+    final = torch.load(out / "checkpoints" / "step-00000030.pt", weights_only=True)["model"]
+    for name, p in tuned.model.state_dict().items():
+        assert torch.equal(p, final[name])
+    assert tuned.tokenizer.fingerprint == load_pretrained(pretrained_run).tokenizer.fingerprint
+
+
+def test_the_loss_is_the_mean_over_the_batchs_response_tokens(pretrained_run) -> None:
+    """The first step's loss, recomputed by hand from the same examples and model; micro-batches
+    and padding change nothing."""
+    cfg = FinetuneConfig.from_dict(config(pretrained_run, steps=1, batch_size=4))
+    pre = load_pretrained(pretrained_run)
+    data = prepare(cfg, pre)
+    rows = ExampleSampler(len(data.train), 4, cfg.seed).next_global()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for r in rows:  # one example at a time, no padding
+            x, y = collate(data.train, [r], pre.tokenizer.pad_id)
+            ce = F.cross_entropy(pre.model(x)[0], y[0], ignore_index=IGNORE, reduction="sum")
+            total, count = total + ce.item(), count + int((y != IGNORE).sum())
+    for accum in (1, 2):
+        summary = finetune(config(pretrained_run, steps=1, grad_accum=accum, eval_generate=0))
+        assert summary["initial_loss"] == pytest.approx(total / count, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["adamw", "sophia"])
+def test_resume_is_bit_exact(name: str, pretrained_run, tmp_path) -> None:
+    run = tmp_path / "run"
+    hp = {"hessian_interval": 2} if name == "sophia" else {}
+    cfg = config(
+        pretrained_run,
+        optimizer=name,
+        lr=1e-3,
+        steps=8,
+        out=str(run),
+        checkpoint_every=3,
+        keep_checkpoints=0,
+        eval_every=4,
+        hparams=hp,
+    )
+    full = finetune(cfg)
+    losses = {r["step"]: r["loss"] for r in records(run) if "loss" in r}
+    final = torch.load(run / "checkpoints" / "step-00000008.pt", weights_only=True)
+    for path in (run / "checkpoints").glob("step-0000000[68].*"):  # died after step 6's
+        path.unlink()
+    (run / "summary.json").unlink()
+    resumed = finetune({**cfg, "resume": True})
+    assert resumed["resumed_from"].endswith("step-00000003.pt")
+    assert {r["step"]: r["loss"] for r in records(run) if "loss" in r} == losses
+    assert resumed["eval_curve"] == full["eval_curve"]
+    assert resumed["pretrained_val_loss"] == full["pretrained_val_loss"]
+    again = torch.load(run / "checkpoints" / "step-00000008.pt", weights_only=True)
+    for key, value in final["model"].items():
+        assert torch.equal(again["model"][key], value), key
+    with pytest.raises(UserError, match="differs in lr"):
+        finetune({**cfg, "resume": True, "lr": 1e-2})
+
+
+def test_divergence_is_recorded(pretrained_run, tmp_path) -> None:
+    summary = finetune(
+        config(pretrained_run, optimizer="sgd", lr=1e4, grad_clip=None, steps=5, warmup=0)
+    )
+    assert summary["diverged"] and summary["diverged_at"] is not None
+    assert summary["steps"] == summary["diverged_at"] < 5
+
+
+def test_jsonl_chat_data_with_a_held_out_split(pretrained_run, tmp_path) -> None:
+    from optarena.posttrain import builtin
+
+    path = tmp_path / "chat.jsonl"
+    lines = []
+    for e in builtin.examples("train")[:200]:
+        chat = [
+            {"role": "system", "content": "Answer."},
+            {"role": "user", "content": e.messages[0][1]},
+        ]
+        lines.append(
+            json.dumps({"messages": [*chat, {"role": "assistant", "content": e.response}]})
+        )
+    path.write_text("\n".join(lines) + "\n")
+    cfg = FinetuneConfig.from_dict(
+        config(pretrained_run, data=str(path), exact_match=True, seq_len=96)
+    )
+    source, train, val, exact = load_examples(cfg)
+    assert (
+        source == str(path) and exact and 0 < len(val) < len(train) and len(train) + len(val) == 200
+    )
+    assert all(v.answer == v.response for v in val)
+    summary = finetune(config(pretrained_run, data=str(path), steps=2, seq_len=96))
+    assert summary["data"]["exact_match"] is False and summary["final_exact_match"] is None
+    assert summary["data"]["train_examples"] == len(train)
+
+
+def test_finetune_a_hugging_face_model(hf_pretrained, tmp_path) -> None:
+    out = tmp_path / "hf-sft"
+    summary = finetune(config(hf_pretrained, steps=3, out=str(out)))
+    assert summary["pretrained"]["kind"] == "huggingface"
+    assert summary["final_val_loss"] < summary["pretrained_val_loss"]
+    tuned = load_pretrained(out)
+    assert tuned.kind == "huggingface" and tuned.description["base"] == str(hf_pretrained)
+    with pytest.raises(UserError, match="longer than the model's context of 64"):
+        finetune(config(hf_pretrained, seq_len=65))
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+def one_line_error(capsys, argv: list[str]) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("optarena: error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_cli_runs_and_prints_the_gain(pretrained_run, tmp_path, capsys) -> None:
+    out = tmp_path / "cli"
+    argv = ["finetune", "--from", str(pretrained_run), "--optimizer", "adamw", "--lr", "3e-3"]
+    argv += ["--steps", "2", "--batch-size", "4", "--seq-len", "48", "--eval-examples", "8"]
+    argv += ["--eval-generate", "4", "--threads", "1", "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    line = capsys.readouterr().out
+    assert "response val loss" in line and "exact match" in line and "summary.json" in line
+    assert main([*argv, "--resume"]) == 0
+    assert "already finished" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        (
+            ['{"prompt": "a", "response": "b"}', '{"prompt": "a"}'],
+            r"bad\.jsonl:2: no string response",
+        ),
+        ([], r"bad\.jsonl has no examples"),
+        (['{"prompt": "' + "word " * 80 + '", "response": "b"}'], r"bad\.jsonl:1: the prompt is"),
+    ],
+)
+def test_bad_data_is_one_line_and_writes_nothing(
+    pretrained_run, tmp_path, capsys, lines, message
+) -> None:
+    data = tmp_path / "bad.jsonl"
+    data.write_text("\n".join(lines) + ("\n" if lines else ""))
+    out = tmp_path / "out"
+    argv = ["finetune", "--from", str(pretrained_run), "--optimizer", "adamw", "--data", str(data)]
+    argv += ["--val-data", str(data), "--seq-len", "48", "--out", str(out), "--no-progress"]
+    import re
+
+    assert re.search(message, one_line_error(capsys, argv))
+    assert not out.exists()
+
+
+def test_not_a_model_is_one_line_and_writes_nothing(pretrained_run, tmp_path, capsys) -> None:
+    out = tmp_path / "out"
+    fake = tmp_path / "fake"
+    (fake / "checkpoints").mkdir(parents=True)
+    shutil.copy(pretrained_run / "summary.json", fake / "checkpoints" / "step-00000001.pt")
+    for source, message in [
+        (tmp_path, "not a model"),
+        (fake / "checkpoints" / "step-00000001.pt", "not a usable checkpoint"),
+    ]:
+        argv = ["finetune", "--from", str(source), "--optimizer", "adamw", "--out", str(out)]
+        assert message in one_line_error(capsys, argv)
+        assert not out.exists()
+    assert "pass --from DIR" in one_line_error(capsys, ["finetune", "--optimizer", "adamw"])
+    assert "model.FIELD" in one_line_error(
+        capsys, ["finetune", "--from", "x", "--optimizer", "adamw", "--set", "model.d_model=8"]
+    )
+    argv = ["finetune", "--from", str(pretrained_run), "--optimizer", "adamz"]
+    assert "unknown optimizer 'adamz'" in one_line_error(capsys, argv)

@@ -1,0 +1,266 @@
+"""Reward-model training and RLHF runs end to end on a tiny model: the reward model beats chance
+on held-out pairs, ReMax raises the held-out reward, a resumed run is bit-exact, and bad input
+is one line, exit 2, with nothing written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from optarena import atomic
+from optarena.cli import main
+from optarena.posttrain import builtin
+from optarena.posttrain.reward_model import load_pairs, load_reward_model, train_reward_model
+from optarena.posttrain.rlhf import paired_gain, rlhf
+from optarena.run_log import read_records
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("rlhf")
+
+
+@pytest.fixture(scope="module")
+def pretrained(root: Path) -> Path:
+    """A tiny `optarena train` folder, pre-trained on the built-in task's dialogues."""
+    from optarena.train import train
+
+    torch.set_num_threads(1)
+    corpus = root / "corpus.txt"
+    lines = [
+        f"User: {e.messages[-1][1]}\nAssistant: {e.answer}"
+        for e in builtin.examples("train")[:2000]
+    ]
+    corpus.write_text("\n\n".join(lines), encoding="utf-8")
+    out = root / "pre"
+    train(
+        {
+            "optimizer": "adamw",
+            "lr": 3e-3,
+            "model": "micro",
+            "model_overrides": {"d_model": 32, "n_layer": 1},
+            "vocab_size": 300,
+            "data": str(corpus),
+            "steps": 200,
+            "batch_size": 16,
+            "seq_len": 48,
+            "eval_windows": 4,
+            "progress": False,
+            "threads": 1,
+            "out": str(out),
+            "cache_dir": str(root / "cache"),
+        }
+    )
+    return out
+
+
+def reward_config(pretrained: Path, out: Path, **kw) -> dict:
+    return {
+        "optimizer": "adamw",
+        "lr": 1e-3,
+        "pretrained": str(pretrained),
+        "steps": 80,
+        "batch_size": 32,
+        "eval_pairs": 256,
+        "progress": False,
+        "threads": 1,
+        "out": str(out),
+        **kw,
+    }
+
+
+@pytest.fixture(scope="module")
+def reward_dir(root: Path, pretrained: Path) -> Path:
+    out = root / "reward"
+    train_reward_model(reward_config(pretrained, out))
+    return out
+
+
+def rlhf_config(pretrained: Path, reward: Path, out: Path, **kw) -> dict:
+    return {
+        "optimizer": "adamw",
+        "lr": 1e-3,
+        "pretrained": str(pretrained),
+        "reward_model": str(reward),
+        "steps": 30,
+        "batch_size": 16,
+        "max_new_tokens": 8,
+        "eval_prompts": 64,
+        "progress": False,
+        "threads": 1,
+        "log_every": 1,
+        "out": str(out),
+        **kw,
+    }
+
+
+def test_reward_model_beats_chance_on_held_out_pairs(reward_dir: Path) -> None:
+    summary = json.loads((reward_dir / "summary.json").read_text())
+    held_out = summary["pairs"]["held_out"]
+    assert held_out == 256 and summary["pairs"]["train"] > 1000
+    # chance is 1/2; 0.6 is 3.2 binomial standard deviations above it at 256 pairs
+    assert summary["accuracy"] >= 0.6
+    # the loaded model scores the held-out pairs as the run did
+    loaded = load_reward_model(reward_dir, None)
+    from optarena.posttrain.pretrained import load_pretrained
+    from optarena.posttrain.reward_model import encode_pairs
+
+    tok = load_pretrained(summary["pretrained"]["path"]).tokenizer
+    _, val = load_pairs("builtin", 0)
+    pairs = encode_pairs(val[:held_out], tok, 48, "builtin")
+    tokens, lengths = pairs.batch(range(held_out), tok.pad_id)
+    with torch.no_grad():
+        chosen, rejected = loaded.model.eval()(tokens, lengths).chunk(2)
+    assert float((chosen > rejected).double().mean()) == summary["accuracy"]
+
+
+def test_rlhf_raises_the_held_out_reward(root: Path, pretrained: Path, reward_dir: Path) -> None:
+    summary = rlhf(rlhf_config(pretrained, reward_dir, root / "rl"))
+    gain = summary["reward_gain"]
+    assert gain["low"] > 0, gain  # the whole 95% interval above zero
+    assert summary["final_reward"] == pytest.approx(summary["initial"]["reward"] + gain["mean"])
+    records = read_records(root / "rl" / "metrics.jsonl")
+    steps = [r for r in records if "baseline_reward" in r]
+    assert len(steps) == 30
+    assert all(r["kl"] == r["kl"] and r["response_length"] >= 1 for r in steps)
+    assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the policy is the reference
+    assert summary["reward"]["held_out_accuracy"] >= 0.6
+    assert summary["final"]["accuracy"] >= 0.0 and summary["final"]["kl"] > 0
+
+
+def untimed(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "tokens_per_second"} for r in records]
+
+
+def test_rlhf_resume_is_bit_exact(root: Path, pretrained: Path, reward_dir: Path) -> None:
+    out = root / "resume"
+    config = rlhf_config(
+        pretrained, reward_dir, out, steps=6, checkpoint_every=3, keep_checkpoints=0
+    )
+    full = rlhf(config)
+    before = untimed(read_records(out / "metrics.jsonl"))
+    final = torch.load(out / "checkpoints" / "step-00000006.pt", weights_only=True)
+    for path in (out / "checkpoints").glob("step-00000006.*"):
+        path.unlink()
+    (out / "summary.json").unlink()
+    resumed = rlhf({**config, "resume": True})
+    assert resumed["resumed_from"].endswith("step-00000003.pt")
+    assert untimed(read_records(out / "metrics.jsonl")) == before  # every number but the time
+    again = torch.load(out / "checkpoints" / "step-00000006.pt", weights_only=True)
+    for key, value in final["model"].items():
+        assert torch.equal(again["model"][key], value), key
+    assert resumed["eval_rewards"] == full["eval_rewards"]
+    assert resumed["initial"] == full["initial"]
+
+
+def test_exact_match_reward_runs_on_the_builtin_task(root: Path, pretrained: Path) -> None:
+    config = rlhf_config(pretrained, root, root / "em", steps=2, eval_prompts=8)
+    del config["reward_model"]
+    summary = rlhf({**config, "reward": "exact-match"})
+    assert summary["reward"] == {"kind": "exact-match"}
+    # the exact-match reward of a greedy response is its accuracy
+    assert summary["final"]["reward"] == summary["final"]["accuracy"]
+
+
+def test_paired_gain_interval() -> None:
+    gain = paired_gain([0.0, 1.0, 0.0, 1.0], [1.0, 1.0, 1.0, 2.0])
+    # differences 1, 0, 1, 1: mean 0.75, sd 0.5, t(0.975, 3) = 3.182
+    assert gain["mean"] == 0.75
+    assert gain["high"] - gain["mean"] == pytest.approx(3.182446 * 0.5 / 2, rel=1e-6)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def cli(argv: list[str], capsys) -> tuple[int, str]:
+    code = main(argv)
+    return code, capsys.readouterr().err.strip()
+
+
+def test_bad_input_is_one_line_and_writes_nothing(
+    root: Path, pretrained: Path, reward_dir: Path, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "out"
+    base = ["--optimizer", "adamw", "--out", str(out), "--no-progress", "--steps", "1"]
+
+    # a reward model that is not one
+    code, err = cli(
+        ["rlhf", "--from", str(pretrained), "--reward-model", str(pretrained), *base], capsys
+    )
+    assert code == 2 and "not a reward model" in err and len(err.splitlines()) == 1
+
+    # a checkpoint that is not a model
+    bogus = tmp_path / "bogus"
+    (bogus / "checkpoints").mkdir(parents=True)
+    atomic.save_torch(
+        bogus / "checkpoints" / "step-00000001.pt",
+        {"step": 1, "version": 1, "requested_config": "{}"},
+    )
+    code, err = cli(["rlhf", "--from", str(bogus), "--reward", "exact-match", *base], capsys)
+    assert code == 2 and "--from" in err and len(err.splitlines()) == 1
+
+    # a pairs file whose line lacks a field: the line is named
+    pairs = tmp_path / "pairs.jsonl"
+    good = json.dumps({"prompt": "Add 1 and 2.", "chosen": "3", "rejected": "4"})
+    pairs.write_text(good + "\n" + good + "\n" + json.dumps({"prompt": "x", "chosen": "y"}) + "\n")
+    code, err = cli(["reward", "--from", str(pretrained), "--pairs", str(pairs), *base], capsys)
+    assert code == 2 and f"{pairs}:3" in err and "rejected" in err
+
+    # a prompt longer than the context
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        json.dumps({"prompt": "short", "answer": "1"})
+        + "\n"
+        + json.dumps({"prompt": "word " * 60, "answer": "1"})
+        + "\n"
+    )
+    code, err = cli(
+        [
+            "rlhf",
+            "--from",
+            str(pretrained),
+            "--reward",
+            "exact-match",
+            "--prompts",
+            str(prompts),
+            *base,
+        ],
+        capsys,
+    )
+    assert code == 2 and f"{prompts}:2" in err and "context" in err
+
+    # a reward model for a different tokenizer
+    other = make_other_tokenizer_reward_model(tmp_path, reward_dir)
+    code, err = cli(
+        ["rlhf", "--from", str(pretrained), "--reward-model", str(other), *base], capsys
+    )
+    assert code == 2 and "another tokenizer" in err and len(err.splitlines()) == 1
+
+    assert not out.exists()
+
+
+def make_other_tokenizer_reward_model(tmp_path: Path, reward_dir: Path) -> Path:
+    """A copy of the reward model whose base model carries another tokenizer.json."""
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    summary = json.loads((reward_dir / "summary.json").read_text())
+    base = Path(summary["pretrained"]["path"])
+    other_base = tmp_path / "other-base"
+    shutil.copytree(base, other_base)
+    tok = Tokenizer(models.WordLevel({"<|endoftext|>": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    (other_base / "tokenizer.json").write_text(tok.to_str())
+    other = tmp_path / "other-reward"
+    shutil.copytree(reward_dir, other)
+    ckpt = next((other / "checkpoints").glob("step-*.pt"))
+    payload = torch.load(ckpt, weights_only=True)
+    payload["config"] = json.dumps({**json.loads(payload["config"]), "pretrained": str(other_base)})
+    atomic.save_torch(ckpt, payload)
+    return other
