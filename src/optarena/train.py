@@ -993,9 +993,6 @@ class LanguageModelRun(Run):
             config.progress,
         )
         config.vocab_size = vocab if config.tokenizer == "bpe" else self.data.tokenizer.vocab_size
-        if self.out is not None and par.is_main and self.data.tokenizer.definition is not None:
-            # the run's folder is a self-contained pretrained model (optarena.posttrain)
-            atomic.write_text(self.out / TOKENIZER_FILE, self.data.tokenizer.definition)
         # pad the embedding to a multiple of 64 like the study (32,100 -> 32,128)
         padded_vocab = 64 * math.ceil(self.data.tokenizer.vocab_size / 64)
         self.batches = RandomWindows(
@@ -1009,6 +1006,14 @@ class LanguageModelRun(Run):
         self.hessian_rng = torch.Generator(device=self.device).manual_seed(config.seed + 1)
         # sequences per forward pass on this rank
         self.micro = config.batch_size // (config.grad_accum * par.world)
+
+    def make_out(self) -> None:
+        """The folder, with the run's tokenizer in it: the folder is a self-contained pretrained
+        model (:mod:`optarena.posttrain`)."""
+        super().make_out()
+        definition = self.data.tokenizer.definition
+        if self.out is not None and self.par.is_main and definition is not None:
+            atomic.write_text(self.out / TOKENIZER_FILE, definition)
 
     def data_state(self) -> dict[str, Any]:
         return {"batches": self.batches.state_dict(), "hessian_rng": self.hessian_rng.get_state()}
