@@ -110,26 +110,40 @@ def add_sweep_options(parser: argparse.ArgumentParser, default_out: str | None =
         "--function",
         default=DEFAULT_FUNCTION,
         metavar="MODULE:FN",
-        help="training function taking the run's config dict (default: optarena.train:train; "
+        help="training function taking the run's config dict (default: the spec's [sweep] task: "
+        "optarena.train:train, or optarena.posttrain.sft:finetune for task = 'finetune'; "
         "optarena.sweep.toy:train checks a backend in seconds)",
     )
 
 
 def training_keys(function: str) -> set[str] | None:
-    """Keys a run config may set: ``TrainConfig``'s fields for the default function."""
-    if function != DEFAULT_FUNCTION:
-        return None
-    from optarena.train import TrainConfig
+    """Keys a run config may set: the config fields of the task whose function it is."""
+    from optarena.tasks import task_of_function
 
-    return {f.name for f in fields(TrainConfig)}
+    task = task_of_function(function)
+    if task is None:
+        return None
+    return {f.name for f in fields(task.config_class())}
 
 
 def optimizer_names(function: str) -> set[str] | None:
-    if function != DEFAULT_FUNCTION:
+    from optarena.tasks import task_of_function
+
+    if task_of_function(function) is None:
         return None
     from optarena.optim import available
 
     return set(available())
+
+
+def choose_function(args: argparse.Namespace, text: str) -> None:
+    """``[sweep] task`` picks the function unless ``--function`` names another one."""
+    from optarena.sweep.spec import peek_task
+    from optarena.tasks import TASKS
+
+    task = peek_task(text)
+    if task in TASKS and args.function == DEFAULT_FUNCTION:
+        args.function = TASKS[task].function
 
 
 def model_widths() -> dict[str, int]:
@@ -146,6 +160,7 @@ def load(args: argparse.Namespace) -> Any:
     from optarena.sweep.spec import parse_spec, read_spec_text
 
     text, source = read_spec_text(args.spec)
+    choose_function(args, text)
     spec = parse_spec(
         text,
         source=source,
@@ -155,19 +170,23 @@ def load(args: argparse.Namespace) -> Any:
         model_widths=model_widths(),
         seeds=args.seeds,
     )
-    if args.function == DEFAULT_FUNCTION:
-        check_runs(spec, source)
+    from optarena.tasks import task_of_function
+
+    task = task_of_function(args.function)
+    if task is not None:
+        check_runs(spec, source, task)
     return spec
 
 
-def check_runs(spec: Any, source: str) -> None:
+def check_runs(spec: Any, source: str, task: Any = None) -> None:
     """Every run's config as ``train`` will check it (types, ranges, the optimizer and its
     hyperparameters), before any run starts: a bad value is one error now, not a failure of
     every run."""
     import json
 
-    from optarena.train import check_config
+    from optarena.tasks import DEFAULT_TASK, TASKS
 
+    check_config = (task or TASKS[DEFAULT_TASK]).check_config
     built: set[str] = set()  # an optimizer and its hyperparameters, built once (lr: a number)
     datasets: dict[str, list[tuple[Any, Any]]] = {}  # the runs of each data set, checked
     for run in spec.runs():
@@ -449,6 +468,11 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--refine-rounds needs --refine; add --refine or drop --refine-rounds")
     if args.refine_rounds is not None and args.refine_rounds < 0:
         raise UserError(f"--refine-rounds {args.refine_rounds}: give 0 or more")
+    if spec.extra.get("tune") is not None and not args.dry_run:
+        raise UserError(
+            f"{spec.source} has a [tune] table: it is a tuning spec; run it with "
+            "`optarena tune` (a sweep would run the whole product of its axes)"
+        )
     if args.dry_run:
         return dry_run(spec, out, refine=args.refine)
     code = refine(args, spec, out) if args.refine else execute(args, spec, out)

@@ -13,8 +13,9 @@ from typing import Any
 from optarena import atomic
 from optarena.analysis import DEFAULT_TAUS, Analysis, analyze, observations_from_store
 from optarena.errors import StorageError
-from optarena.report import figures, interactive, story, tables
+from optarena.report import figures, interactive, story, tables, tuning
 from optarena.sweep.store import Store
+from optarena.sweep.tune import read_paths
 
 # After load, the page records on <body> how many interactive figures drew a non-empty plot
 # and how many script errors happened: a browser (tests/test_report_browser.py) reads them.
@@ -226,6 +227,10 @@ def _page(
             )
             + "</p>"
         )
+    paths = read_paths(directory)
+    if paths:
+        parts.append("<h2>Tuning paths</h2>")
+        parts.append(tuning.section(paths, _table))
     if analysis.sensitivities:
         parts.append("<h2>1-D sensitivity</h2>")
         rows = [
