@@ -45,7 +45,7 @@ EXECUTION_KEYS = RESERVED_KEYS | {
 }
 # Keys of a [[grid]] table that are not training-config keys.
 GRID_META_KEYS = frozenset({"optimizer", "label", "seeds", "start"})
-SWEEP_KEYS = frozenset({"name", "description", "seeds", "lr_reference_width"})
+SWEEP_KEYS = frozenset({"name", "description", "seeds", "lr_reference_width", "task"})
 RESOURCE_KEYS = frozenset({"gpus_per_run", "nodes", "procs_per_node", "parallel"})
 RANGE_KEYS = frozenset({"from", "to", "per_decade", "num"})
 # Significant digits kept for generated values: stable ids across platforms and float noise.
@@ -180,6 +180,7 @@ class SweepSpec:
     lr_scale: float = 1.0
     extra: dict[str, Any] = field(default_factory=dict)
     resources: Resources = field(default_factory=Resources)
+    task: str = "train"  # the kind of run (optarena.tasks): train | finetune | ...
 
     def runs(self) -> list[Run]:
         out: list[Run] = []
@@ -348,9 +349,30 @@ def parse_spec(
         lr_scale=lr_scale,
         resources=resources,
         extra={} if tune is None else {"tune": dict(tune)},
+        task=spec_task(meta, source),
     )
     spec.runs()  # resolve once so beta folding errors surface now
     return spec
+
+
+def spec_task(meta: Mapping[str, Any], source: str) -> str:
+    """``[sweep] task``: the kind of every run (``train`` unless given), a known one."""
+    from optarena.tasks import DEFAULT_TASK, TASKS
+
+    task = meta.get("task", DEFAULT_TASK)
+    if task not in TASKS:
+        raise UserError(f"{source}: [sweep] task {task!r} is not one of {', '.join(TASKS)}")
+    return task
+
+
+def peek_task(text: str) -> str | None:
+    """The ``[sweep] task`` of spec text without validating the rest (None: unreadable)."""
+    try:
+        meta = tomllib.loads(text).get("sweep", {})
+    except tomllib.TOMLDecodeError:
+        return None
+    task = meta.get("task") if isinstance(meta, dict) else None
+    return task if isinstance(task, str) else None
 
 
 def _folder_name(value: Any, source: str) -> str:
@@ -536,6 +558,8 @@ def _parse_seeds(value: Any, where: str, source: str) -> list[int]:
         raise UserError(f"{source}: {where}: seeds must be a list of integers, e.g. seeds = [0, 1]")
     if len(set(value)) != len(value):
         raise UserError(f"{source}: {where}: seeds lists a seed twice; remove the duplicate")
+    if any(s < 0 for s in value):
+        raise UserError(f"{source}: {where}: seeds must be 0 or more, not {min(value)}")
     return list(value)
 
 
