@@ -283,6 +283,7 @@ lr = [3e-3]
     [
         ('task = "finetune"\n[base]\nmodel = "micro"', "unknown training key 'model'"),
         ('task = "pretrain"\n[base]', "task 'pretrain' is not one of"),
+        ('task = "finetune"\n[base]\npretrained = "/nonexistent"', "no such file or directory"),
     ],
 )
 def test_finetune_spec_errors(tmp_path, capsys, body, message) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 from optarena import atomic
 from optarena.analysis import DEFAULT_TAUS, Analysis, analyze, observations_from_store
+from optarena.errors import StorageError
 from optarena.report import figures, interactive, story, tables, tuning
 from optarena.sweep.store import Store
 from optarena.sweep.tune import read_paths
@@ -61,6 +62,8 @@ def write_report(
     ``sections``: ``(heading, HTML)`` pairs shown first (``optarena reproduce`` puts its claim
     verdicts there); the HTML is trusted, callers escape what they put in it."""
     directory = Path(directory)
+    out = directory / "report"
+    _check_outputs(out)  # before the store is opened: a refused report leaves DIR as it was
     with Store(directory, create=False) as store:
         runs = store.runs()
         members = store.members()
@@ -68,8 +71,8 @@ def write_report(
     analysis = analyze(observations_from_store(directory), taus)
     by_id = {r.id: r for r in runs}
     told = story.tell(analysis, by_id)
-    out = directory / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    with atomic.storage_errors(out):
+        out.mkdir(parents=True, exist_ok=True)
 
     summary = tables.summary_rows(analysis, told.speedups)
     tables.write_csv(out / "summary.csv", summary)
@@ -89,6 +92,24 @@ def write_report(
         page, _page(directory, analysis, told, rendered, divs, run_rows, counts, sections)
     )
     return page
+
+
+# what the report writes into DIR/report/: a folder in the way of one of these is refused first
+_OUTPUT_SUFFIXES = (".html", ".csv", ".json", ".png", ".svg")
+
+
+def _check_outputs(out: Path) -> None:
+    """A file where ``DIR/report`` goes, or a folder where one of its files goes, is refused
+    before anything is written, so a report is never half replaced by a failed ``report``."""
+    if out.exists() and not out.is_dir():
+        raise StorageError(
+            f"cannot write the report into {out}: it is a file, not a folder; move it away"
+        )
+    if not out.is_dir():
+        return
+    for entry in out.iterdir():
+        if entry.name.endswith(_OUTPUT_SUFFIXES) and entry.is_dir():
+            atomic.refuse_folder(entry)
 
 
 def story_json(told: story.Story) -> dict[str, Any]:
@@ -160,7 +181,8 @@ def _page(
             "(≥: the basin reaches the edge of the grid). Diverged: share of runs that diverged. "
             "State B/param: optimizer state bytes per model parameter. × AdamW tokens: AdamW's "
             "tokens to reach the same loss (from the power law L(D) = a·D^−b + c fitted to its "
-            "best run's eval curve) divided by the optimizer's tokens, with the 16–84% range over "
+            "best run's eval curve, or to its best runs at several training lengths: see the "
+            "conclusions) divided by the optimizer's tokens, with the 16–84% range over "
             "the fit's uncertainty. Steps to target: first evaluation step at or below AdamW's "
             "best final loss. Rows are sorted by best loss."
         )

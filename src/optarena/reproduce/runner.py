@@ -64,14 +64,22 @@ class Stager:
         self, number: int, total: int, title: str, base: dict[str, Any], grids: list[Grid]
     ) -> StageReport:
         """Run one stage (every run without a result), print what it did, return the counts."""
-        from optarena.commands.sweep import make_executor
+        from optarena.commands.sweep import check_runs, make_executor
         from optarena.sweep.driver import run_sweep
         from optarena.sweep.store import Store
+        from optarena.tasks import task_of_function
 
         for i, g in enumerate(grids):
             g.index = i
         spec = SweepSpec(f"{self.prefix}-{number}", title, base, grids)
         runs = spec.runs()
+        args = self.args
+        if self.function is not None:
+            args = argparse.Namespace(**{**vars(args), "function": self.function})
+        executor = make_executor(args, self.out, self.default_threads)
+        task = task_of_function(args.function)
+        if runs and task is not None:
+            check_runs(spec, f"stage {number}", task)  # bad values: one line, nothing stored
         start = time.monotonic()
         self.console.print(
             f"[bold]stage {number}/{total}[/]: {title} ({len({r.id for r in runs})} runs)",
@@ -82,10 +90,6 @@ class Stager:
             self.stages.append(report)
             return report
         store = Store(self.out)
-        args = self.args
-        if self.function is not None:
-            args = argparse.Namespace(**{**vars(args), "function": self.function})
-        executor = make_executor(args, self.out, self.default_threads)
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
             result = run_sweep(store, runs, executor, sweep=spec.name, retry_failed=True)

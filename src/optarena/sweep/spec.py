@@ -558,6 +558,8 @@ def _parse_seeds(value: Any, where: str, source: str) -> list[int]:
         raise UserError(f"{source}: {where}: seeds must be a list of integers, e.g. seeds = [0, 1]")
     if len(set(value)) != len(value):
         raise UserError(f"{source}: {where}: seeds lists a seed twice; remove the duplicate")
+    if any(s < 0 for s in value):
+        raise UserError(f"{source}: {where}: seeds must be 0 or more, not {min(value)}")
     return list(value)
 
 
