@@ -264,3 +264,21 @@ def make_other_tokenizer_reward_model(tmp_path: Path, reward_dir: Path) -> Path:
     payload["config"] = json.dumps({**json.loads(payload["config"]), "pretrained": str(other_base)})
     atomic.save_torch(ckpt, payload)
     return other
+
+
+def test_a_hugging_face_policy_and_reward_model(hf_pretrained: Path, tmp_path: Path) -> None:
+    reward = tmp_path / "reward"
+    summary = train_reward_model(
+        reward_config(hf_pretrained, reward, steps=2, batch_size=4, eval_pairs=8)
+    )
+    assert summary["pretrained"]["kind"] == "huggingface" and summary["accuracy"] is not None
+    config = rlhf_config(hf_pretrained, reward, tmp_path / "rl", steps=2, batch_size=4)
+    summary = rlhf({**config, "eval_prompts": 4, "max_new_tokens": 4})
+    assert summary["steps"] == 2 and summary["reward"]["pretrained"] == str(hf_pretrained)
+    # the RLHF folder loads as a model again (for a next stage), with the trained weights
+    from optarena.posttrain.pretrained import load_pretrained
+
+    again = load_pretrained(tmp_path / "rl")
+    ckpt = torch.load(next((tmp_path / "rl" / "checkpoints").glob("step-*.pt")), weights_only=True)
+    for name, value in again.model.state_dict().items():
+        assert torch.equal(value, ckpt["model"][name]), name

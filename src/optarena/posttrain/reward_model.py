@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -309,12 +309,16 @@ class RewardRun(Run):
         }
 
 
-def train_reward_model(config: RewardConfig | dict[str, Any]) -> dict[str, Any]:
-    """Train a reward model and return its summary (also ``OUT/summary.json``)."""
+def train_reward_model(
+    config: RewardConfig | dict[str, Any],
+    on_log: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Train a reward model and return its summary (also ``OUT/summary.json``); ``on_log``
+    receives every record of ``metrics.jsonl``."""
     values = config if isinstance(config, dict) else config.to_dict()
     checked = RewardConfig.from_dict(values)
     check_optimizer(checked)
-    return RewardRun(checked).run()
+    return RewardRun(checked, None, on_log).run()
 
 
 def check_optimizer(config: RunConfig) -> None:

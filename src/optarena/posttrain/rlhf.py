@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -393,11 +393,15 @@ def paired_gain(before: Sequence[float], after: Sequence[float]) -> dict[str, fl
     return {"mean": mean, "low": mean - half, "high": mean + half, "n": n}
 
 
-def rlhf(config: RLHFConfig | dict[str, Any]) -> dict[str, Any]:
-    """Run ReMax and return the summary (also ``OUT/summary.json``)."""
+def rlhf(
+    config: RLHFConfig | dict[str, Any],
+    on_log: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Run ReMax and return the summary (also ``OUT/summary.json``); ``on_log`` receives
+    every record of ``metrics.jsonl``."""
     from optarena.posttrain.reward_model import check_optimizer
 
     values = config if isinstance(config, dict) else config.to_dict()
     checked = RLHFConfig.from_dict(values)
     check_optimizer(checked)
-    return RLHFRun(checked).run()
+    return RLHFRun(checked, None, on_log).run()
