@@ -232,3 +232,62 @@ def test_not_a_model_is_one_line_and_writes_nothing(pretrained_run, tmp_path, ca
     )
     argv = ["finetune", "--from", str(pretrained_run), "--optimizer", "adamz"]
     assert "unknown optimizer 'adamz'" in one_line_error(capsys, argv)
+
+
+# --------------------------------------------------------------------------- sweeps
+
+
+def test_a_finetune_sweep_and_its_report(pretrained_run, tmp_path, capsys) -> None:
+    spec = tmp_path / "ft.toml"
+    spec.write_text(
+        f"""
+[sweep]
+name = "ft"
+task = "finetune"
+[base]
+pretrained = "{pretrained_run}"
+steps = 3
+batch_size = 4
+seq_len = 48
+eval_examples = 8
+eval_generate = 4
+[[grid]]
+optimizer = "adamw"
+lr = [3e-3]
+seeds = [0, 1]
+"""
+    )
+    out = tmp_path / "out"
+    assert main(["sweep", str(spec), "--out", str(out), "--workers", "1", "--threads", "1"]) == 0
+    capsys.readouterr()
+    from optarena.sweep.store import Store
+
+    with Store(out) as store:
+        runs = store.runs()
+    assert len(runs) == 2 and all(r.status == "done" for r in runs)
+    assert all(r.summary["task"] == "finetune" for r in runs)
+    assert main(["report", str(out), "--format", "table"]) == 0
+    table = capsys.readouterr().out
+    assert "best response loss" in table and "exact match" in table and "start loss" in table
+    from optarena.analysis import analyze_store
+    from optarena.report.tables import summary_rows
+
+    (row,) = summary_rows(analyze_store(out))  # the rows of summary.csv and the page
+    assert row["best_final_val_loss"] == pytest.approx(sum(r.final_val_loss for r in runs) / 2)
+    mean_match = sum(r.summary["final_exact_match"] for r in runs) / 2
+    assert row["exact_match_at_best"] == pytest.approx(mean_match)
+    assert row["start_val_loss"] == runs[0].summary["pretrained_val_loss"]
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ('task = "finetune"\n[base]\nmodel = "micro"', "unknown training key 'model'"),
+        ('task = "pretrain"\n[base]', "task 'pretrain' is not one of"),
+    ],
+)
+def test_finetune_spec_errors(tmp_path, capsys, body, message) -> None:
+    spec = tmp_path / "bad.toml"
+    spec.write_text(f'[sweep]\n{body}\n[[grid]]\noptimizer = "adamw"\nlr = [1e-3]\n')
+    assert message in one_line_error(capsys, ["sweep", str(spec), "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()

@@ -203,3 +203,26 @@ def test_sweep_refine_command(tmp_path):
     bad = cli("sweep", *common, "--refine-rounds", "2")
     assert bad.returncode == 2 and "--refine-rounds needs --refine" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_lr_preset_sweeps_weight_decay_jointly_with_the_lr(tmp_path):
+    from optarena.report import story
+    from optarena.sweep.driver import run_sweep
+    from optarena.sweep.spec import load_spec
+
+    spec = load_spec("lr")
+    for grid in spec.grids:
+        assert len(grid.swept["lr"]) >= 9, grid.label
+        decays = grid.swept["hparams.weight_decay"]
+        assert decays[0] == 0.0 and len(decays) == 2 and decays[1] > 0, grid.label
+    store = Store(tmp_path)
+    run_sweep(store, spec.runs(), InProcess())
+    analysis = analyze_store(tmp_path)
+    # one LR series per (optimizer, decay), each over the whole LR grid
+    names = {(s.label, s.extra["hparams.weight_decay"]) for s in analysis.series}
+    assert names == {(g.label, d) for g in spec.grids for d in g.swept["hparams.weight_decay"]}
+    assert all(len(s.curve) == len(spec.grids[0].swept["lr"]) for s in analysis.series[:1])
+    assert len(refine.series_of(spec, store)) == len(names)
+    # the page's conclusions and speedups compute with two AdamW series
+    told = story.tell(analysis, {r.id: r for r in store.runs()})
+    assert told.conclusions and "adamw (hparams.weight_decay=0" in " ".join(told.conclusions)

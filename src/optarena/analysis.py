@@ -107,6 +107,10 @@ class SeriesResult:
     n_failed: int
     state_bytes_per_param: float | None
     tokens_per_second: float | None
+    # fine-tuning runs: exact-match accuracy at the best LR (mean over its seeds), and the
+    # validation loss of the model they started from
+    exact_match: float | None = None
+    start_loss: float | None = None
 
     @property
     def name(self) -> str:
@@ -304,6 +308,12 @@ def _series(group: list[Observation], taus: tuple[float, ...]) -> SeriesResult:
             if o.summary.get("optimizer_state_bytes") is not None and o.summary.get("params")
         ),
         tokens_per_second=_median(o.summary.get("tokens_per_second") for o in done),
+        exact_match=_mean(
+            o.summary.get("final_exact_match")
+            for o in done
+            if best is not None and o.run_id in best.run_ids
+        ),
+        start_loss=_median(o.summary.get("pretrained_val_loss") for o in done),
     )
 
 
@@ -349,8 +359,9 @@ def _comparisons(series: Sequence[SeriesResult]) -> list[Comparison]:
 
 
 def observations_from_store(directory: str | Path) -> list[Observation]:
-    """Every (run, series membership) pair of a store as analysis input."""
-    from optarena.sweep.store import Store
+    """Every (run, series membership) pair of a store as analysis input; runs that only a
+    tuning path holds (members of ``tune:NAME`` sweeps) are the report's tuning section."""
+    from optarena.sweep.store import TUNE_PREFIX, Store
 
     with Store(directory, create=False) as store:
         runs = {r.id: r for r in store.runs()}
@@ -362,6 +373,8 @@ def observations_from_store(directory: str | Path) -> list[Observation]:
         if run is None:
             continue
         seen.add(run.id)
+        if m.sweep.startswith(TUNE_PREFIX):  # a tuning path, shown as such, not a series
+            continue
         out.append(_observation(run, m.label, m.point))
     for run in runs.values():  # runs added without a membership: their LR is the swept value
         if run.id not in seen:
@@ -406,6 +419,11 @@ def _sort_key(value: Any) -> tuple[int, Any]:
 def _median(values: Iterable[Any]) -> float | None:
     numbers = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
     return statistics.median(numbers) if numbers else None
+
+
+def _mean(values: Iterable[Any]) -> float | None:
+    numbers = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    return statistics.fmean(numbers) if numbers else None
 
 
 def _fmt(value: Any) -> str:

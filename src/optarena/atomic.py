@@ -137,6 +137,16 @@ def storage_errors(path: str | Path) -> Iterator[None]:
 # --------------------------------------------------------------------------- writes
 
 
+def refuse_folder(path: Path) -> None:
+    """A file's path that is a folder (or a link to one) cannot be replaced by a rename: a
+    one-line error before anything is written."""
+    if path.is_dir():
+        raise StorageError(
+            f"cannot write {path}: it is a folder, not a file; move it away (or give another "
+            "output folder) and run the same command again"
+        )
+
+
 def temp_name(path: Path) -> Path:
     """The temporary file a write of ``path`` uses (same folder; host and pid in the name)."""
     return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
@@ -151,6 +161,7 @@ def atomic_open(
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_open writes whole files: mode 'w' or 'wb', not {mode!r}")
     path = Path(path)
+    refuse_folder(path)
     tmp = temp_name(path)
     binary = mode == "wb"
     try:
@@ -208,6 +219,7 @@ def save_torch(path: str | Path, payload: Any) -> str:
     import torch
 
     path = Path(path)
+    refuse_folder(path)
     tmp = temp_name(path)
     try:
         with storage_errors(path):
@@ -309,6 +321,7 @@ __all__ = [
     "clean_temp_files",
     "fault_point",
     "pid_alive",
+    "refuse_folder",
     "save_torch",
     "sha256_of",
     "storage_error",

@@ -9,11 +9,14 @@ plain containers only and never runs code from the file.
 :func:`resume_point` picks the newest checkpoint that loads. One that does not (a torn write of
 an older version, a flipped bit, a file cut short) is skipped with a warning naming it, and the
 run resumes from the one before; with none left it starts from scratch. A run is never wedged by
-a bad checkpoint.
+a bad checkpoint. A checkpoint whose checksum matches but that is not an optarena checkpoint of
+this version (a file someone put there, another tool's) is not skipped but refused
+(:class:`~optarena.errors.UserError`): starting fresh would overwrite it.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import warnings
 from dataclasses import dataclass
@@ -21,9 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from optarena import atomic
+from optarena.errors import UserError
 
 CHECKPOINT_VERSION = 1
 _STEP = re.compile(r"^step-(\d+)\.(pt|dcp)$")
+
+
+class NotACheckpoint(ValueError):
+    """A whole file that is not an optarena checkpoint of this version (not a torn write)."""
 
 
 @dataclass
@@ -94,10 +102,18 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 def check_payload(payload: Any) -> dict[str, Any]:
     """``payload`` if it is an optarena checkpoint of this version, else ValueError."""
     if not isinstance(payload, dict) or payload.get("version") != CHECKPOINT_VERSION:
-        raise ValueError("not an optarena checkpoint of this version")
+        raise NotACheckpoint("not an optarena checkpoint of this version")
     missing = [k for k in ("step", "requested_config") if k not in payload]
     if missing:
-        raise ValueError(f"not an optarena checkpoint (no {', '.join(missing)})")
+        raise NotACheckpoint(f"not an optarena checkpoint (no {', '.join(missing)})")
+    try:
+        config = json.loads(payload["requested_config"])
+    except (TypeError, ValueError):
+        config = None
+    if not isinstance(config, dict) or isinstance(payload["step"], bool):
+        raise NotACheckpoint("not an optarena checkpoint (requested_config is not a JSON table)")
+    if not isinstance(payload["step"], int) or payload["step"] < 0:
+        raise NotACheckpoint(f"not an optarena checkpoint (step {payload['step']!r})")
     return payload
 
 
@@ -123,6 +139,11 @@ def resume_point(folder: Path, parallel: bool = True) -> Found | None:
     for path in candidates:
         try:
             payload = load_meta(path) if path.suffix == ".dcp" else load_checkpoint(path)
+        except NotACheckpoint as err:
+            raise UserError(
+                f"{path} is {err}; move it out of {folder} (or choose another --out): a fresh "
+                "start would overwrite it"
+            ) from None
         except ValueError as err:
             warnings.warn(f"skipping checkpoint {path}: {err}", stacklevel=2)
             skipped.append(path)
@@ -145,6 +166,7 @@ def clean_folder(folder: Path) -> None:
 __all__ = [
     "CHECKPOINT_VERSION",
     "Found",
+    "NotACheckpoint",
     "check_payload",
     "checkpoint_path",
     "clean_folder",

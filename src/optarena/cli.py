@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "optarena.commands.train",
     "optarena.commands.finetune",
     "optarena.commands.sweep",
+    "optarena.commands.tune",
     "optarena.commands.report",
     "optarena.commands.demo",
     "optarena.commands.bench",

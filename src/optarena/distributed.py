@@ -188,10 +188,11 @@ def launched_world() -> int:
 def setup(mode: str, device_name: str) -> Parallel:
     """Join the process group for ``mode`` and choose this rank's device.
 
-    Without torchrun a one-process group is made (``--parallel fsdp`` on one process resumes a
-    multi-rank checkpoint, and tests exercise the wrapped model). torchrun with several
-    processes and no ``--parallel`` would train the same model N times into one directory: an
-    error, on every rank.
+    ``--parallel ddp|fsdp`` needs a launcher (torchrun, or an initialised process group): run
+    without one it would train in a single process while the user asked for several, so it is
+    an error (a multi-rank checkpoint resumes in one process without ``--parallel``). torchrun
+    with several processes and no ``--parallel`` would train the same model N times into one
+    directory: an error, on every rank.
     """
     if mode not in MODES:
         raise UserError(f"--parallel {mode!r}: choose one of {', '.join(MODES)}")
@@ -207,16 +208,19 @@ def setup(mode: str, device_name: str) -> Parallel:
 
     if not dist.is_available():
         raise UserError(f"--parallel {mode} needs torch.distributed, which this torch lacks")
+    if not dist.is_initialized() and "MASTER_ADDR" not in os.environ:
+        raise UserError(
+            f"--parallel {mode} needs several processes, but this is one process without "
+            f"torchrun: launch it as `torchrun --nproc_per_node=N -m optarena train --parallel "
+            f"{mode} ...`, or drop --parallel (a sharded checkpoint resumes in one process too)"
+        )
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = _device(device_name, local_rank)
     owns = False
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        if "MASTER_ADDR" in os.environ:
-            kwargs: dict[str, Any] = {"device_id": device} if device.type == "cuda" else {}
-            dist.init_process_group(backend, **kwargs)
-        else:  # one process, no launcher: a private store, nothing to rendezvous with
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        kwargs: dict[str, Any] = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(backend, **kwargs)
         owns = True
     return Parallel(mode, dist.get_rank(), dist.get_world_size(), local_rank, device, owns)
 

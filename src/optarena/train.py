@@ -260,6 +260,11 @@ class TrainConfig(RunConfig):
             raise UserError("model_overrides must be a table of key = value")
         from optarena.model import PRESETS
 
+        if not isinstance(self.model, str):
+            raise UserError(
+                f"model must be a preset name, not {self.model!r}; a model's fields go in "
+                "model_overrides (e.g. model_overrides.n_layer = 4)"
+            )
         if self.model not in PRESETS:
             raise UserError(f"unknown model {self.model!r}; choose one of: {', '.join(PRESETS)}")
         _model_config(self, PRESETS[self.model]["vocab_size"])  # field names, types, shapes
@@ -368,7 +373,7 @@ def check_config(config: TrainConfig | dict[str, Any], optimizer: bool = True) -
     """What can be checked of a run's config without its data or device: keys, types and
     ranges, and (``optimizer``) the optimizer's name and hyperparameters, by building it over
     a stand-in model. A sweep checks every run this way before it starts any."""
-    config = TrainConfig.from_dict(config if isinstance(config, dict) else config.to_dict())
+    config = TrainConfig.from_dict(config.to_dict() if isinstance(config, RunConfig) else config)
     _check_optimizer_name(config.optimizer)
     if optimizer:
         with warnings.catch_warnings():
@@ -560,6 +565,7 @@ class Run:
         assert self.model is not None, "build() must set self.model"
         self.model = par.wrap(self.model)
         self.optimizer = self.make_optimizer()
+        self.make_out()  # once the data and the optimizer are good: bad input writes nothing
         for group in self.optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])
         self.hessian_interval = getattr(self.optimizer, "hessian_interval", None)
@@ -584,8 +590,8 @@ class Run:
         return None
 
     def prepare_out(self) -> Path | None:
-        """The output folder, created; temporary files of dead writers removed. A folder that
-        holds a run is refused unless resuming."""
+        """The output folder (not made yet: :meth:`make_out`). A folder that holds a run is
+        refused unless resuming, and so is a path that cannot be a folder."""
         config = self.config
         if not config.out:
             return None
@@ -594,6 +600,18 @@ class Run:
             (out / SUMMARY_FILE).exists() or any((out / "checkpoints").glob("step-*"))
         ):
             raise UserError(f"{out} already holds a run; pass --resume or choose another --out")
+        blocked = next((p for p in (out, *out.parents) if p.exists()), None)
+        if blocked is not None and not blocked.is_dir():
+            raise UserError(
+                f"cannot use {out} as the run directory: {blocked} is a file; choose another --out"
+            )
+        return out
+
+    def make_out(self) -> None:
+        """The output folder, created; temporary files of dead writers removed."""
+        out = self.out
+        if out is None:
+            return
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -604,7 +622,6 @@ class Run:
         if self.par.is_main:
             atomic.clean_temp_files(out)
             checkpoints.clean_folder(out / "checkpoints")
-        return out
 
     def finished_summary(self) -> dict[str, Any] | None:
         """The summary of a run this folder finished with the same config, or None."""
@@ -976,9 +993,6 @@ class LanguageModelRun(Run):
             config.progress,
         )
         config.vocab_size = vocab if config.tokenizer == "bpe" else self.data.tokenizer.vocab_size
-        if self.out is not None and par.is_main and self.data.tokenizer.definition is not None:
-            # the run's folder is a self-contained pretrained model (optarena.posttrain)
-            atomic.write_text(self.out / TOKENIZER_FILE, self.data.tokenizer.definition)
         # pad the embedding to a multiple of 64 like the study (32,100 -> 32,128)
         padded_vocab = 64 * math.ceil(self.data.tokenizer.vocab_size / 64)
         self.batches = RandomWindows(
@@ -992,6 +1006,14 @@ class LanguageModelRun(Run):
         self.hessian_rng = torch.Generator(device=self.device).manual_seed(config.seed + 1)
         # sequences per forward pass on this rank
         self.micro = config.batch_size // (config.grad_accum * par.world)
+
+    def make_out(self) -> None:
+        """The folder, with the run's tokenizer in it: the folder is a self-contained pretrained
+        model (:mod:`optarena.posttrain`)."""
+        super().make_out()
+        definition = self.data.tokenizer.definition
+        if self.out is not None and self.par.is_main and definition is not None:
+            atomic.write_text(self.out / TOKENIZER_FILE, definition)
 
     def data_state(self) -> dict[str, Any]:
         return {"batches": self.batches.state_dict(), "hessian_rng": self.hessian_rng.get_state()}

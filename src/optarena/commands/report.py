@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from optarena.errors import UserError
@@ -35,8 +36,11 @@ def run(args: argparse.Namespace) -> int:
     from optarena.analysis import DEFAULT_TAUS
 
     taus = tuple(args.tau) if args.tau else DEFAULT_TAUS
-    if any(t <= 0 for t in taus):
-        raise UserError("--tau must be positive (a loss tolerance in nats, e.g. --tau 0.05)")
+    for tau in taus:
+        if not (math.isfinite(tau) and tau > 0):
+            raise UserError(
+                f"--tau {tau:g}: give a positive finite loss tolerance in nats, e.g. --tau 0.05"
+            )
     directory = Path(args.dir)
     if args.format == "table":
         print_table(directory, taus)

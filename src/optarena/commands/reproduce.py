@@ -4,6 +4,7 @@ its claims, write the report. A staged sweep: re-running resumes where it stoppe
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 
@@ -49,16 +50,15 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--seeds {' '.join(map(str, seeds))}: give distinct seeds >= 0")
     args.seeds = seeds
     tol = Tolerances()
-    if args.delta is not None:
-        if not args.delta > 0:
-            raise UserError(f"--delta {args.delta}: give a positive number of nats")
-        tol = Tolerances(**{**tol.__dict__, "delta": args.delta})
-    if args.tau is not None:
-        if not args.tau > 0:
-            raise UserError(f"--tau {args.tau}: give a positive number of nats")
-        tol = Tolerances(**{**tol.__dict__, "tau": args.tau})
+    for flag in ("delta", "tau"):
+        value = getattr(args, flag)
+        if value is not None:
+            if not (math.isfinite(value) and value > 0):
+                raise UserError(f"--{flag} {value:g}: give a positive finite number of nats")
+            tol = Tolerances(**{**tol.__dict__, flag: value})
     if args.overrides:
         scale = _with_overrides(scale, args.overrides)
+    _check_model(scale)
     out = Path(args.out) if args.out else Path("runs") / f"reproduce-{args.study}-{scale.name}"
     if args.workers is None and scale.workers is not None:
         args.workers = scale.workers
@@ -96,6 +96,20 @@ def _with_overrides(scale, overrides):
     direct = {k: v for k, v in extra.items() if k in fields and k not in ("extra", "name")}
     rest = {k: v for k, v in extra.items() if k not in direct}
     return dataclasses.replace(scale, **direct, extra=rest)
+
+
+def _check_model(scale) -> None:
+    """The scale's models are presets (``--set model=...`` may name any)."""
+    from optarena.model import PRESETS
+
+    models = scale.adam_mini_models
+    if isinstance(models, str):
+        models = (models,)
+    for key, model in [("model", scale.model), *(("adam_mini_models", m) for m in models)]:
+        if not isinstance(model, str) or model not in PRESETS:
+            raise UserError(
+                f"--set {key}={model}: unknown model; choose one of: {', '.join(PRESETS)}"
+            )
 
 
 def _stager(args: argparse.Namespace, out: Path, prefix: str):

@@ -110,26 +110,40 @@ def add_sweep_options(parser: argparse.ArgumentParser, default_out: str | None =
         "--function",
         default=DEFAULT_FUNCTION,
         metavar="MODULE:FN",
-        help="training function taking the run's config dict (default: optarena.train:train; "
+        help="training function taking the run's config dict (default: the spec's [sweep] task: "
+        "optarena.train:train, or optarena.posttrain.sft:finetune for task = 'finetune'; "
         "optarena.sweep.toy:train checks a backend in seconds)",
     )
 
 
 def training_keys(function: str) -> set[str] | None:
-    """Keys a run config may set: ``TrainConfig``'s fields for the default function."""
-    if function != DEFAULT_FUNCTION:
-        return None
-    from optarena.train import TrainConfig
+    """Keys a run config may set: the config fields of the task whose function it is."""
+    from optarena.tasks import task_of_function
 
-    return {f.name for f in fields(TrainConfig)}
+    task = task_of_function(function)
+    if task is None:
+        return None
+    return {f.name for f in fields(task.config_class())}
 
 
 def optimizer_names(function: str) -> set[str] | None:
-    if function != DEFAULT_FUNCTION:
+    from optarena.tasks import task_of_function
+
+    if task_of_function(function) is None:
         return None
     from optarena.optim import available
 
     return set(available())
+
+
+def choose_function(args: argparse.Namespace, text: str) -> None:
+    """``[sweep] task`` picks the function unless ``--function`` names another one."""
+    from optarena.sweep.spec import peek_task
+    from optarena.tasks import TASKS
+
+    task = peek_task(text)
+    if task in TASKS and args.function == DEFAULT_FUNCTION:
+        args.function = TASKS[task].function
 
 
 def model_widths() -> dict[str, int]:
@@ -146,6 +160,7 @@ def load(args: argparse.Namespace) -> Any:
     from optarena.sweep.spec import parse_spec, read_spec_text
 
     text, source = read_spec_text(args.spec)
+    choose_function(args, text)
     spec = parse_spec(
         text,
         source=source,
@@ -155,28 +170,108 @@ def load(args: argparse.Namespace) -> Any:
         model_widths=model_widths(),
         seeds=args.seeds,
     )
-    if args.function == DEFAULT_FUNCTION:
-        check_runs(spec, source)
+    from optarena.tasks import task_of_function
+
+    task = task_of_function(args.function)
+    if task is not None:
+        check_runs(spec, source, task)
     return spec
 
 
-def check_runs(spec: Any, source: str) -> None:
+def check_runs(spec: Any, source: str, task: Any = None) -> None:
     """Every run's config as ``train`` will check it (types, ranges, the optimizer and its
     hyperparameters), before any run starts: a bad value is one error now, not a failure of
     every run."""
     import json
 
-    from optarena.train import check_config
+    from optarena.tasks import DEFAULT_TASK, TASKS
 
+    check_config = (task or TASKS[DEFAULT_TASK]).check_config
     built: set[str] = set()  # an optimizer and its hyperparameters, built once (lr: a number)
+    datasets: dict[str, list[tuple[Any, Any]]] = {}  # the runs of each data set, checked
     for run in spec.runs():
         key = json.dumps([run.config.get(k) for k in ("optimizer", "hparams")], default=str)
         try:
-            check_config(run.config, optimizer=key not in built)
+            config = check_config(run.config, optimizer=key not in built)
         except UserError as err:
-            point = ", ".join(f"{k}={v}" for k, v in run.point.items())
-            raise UserError(f"{source}: run {run.label} ({point}): {err}") from None
+            raise UserError(f"{source}: run {_run_text(run)}: {err}") from None
         built.add(key)
+        data_key = json.dumps([getattr(config, k) for k in _DATA_KEYS], default=str)
+        datasets.setdefault(data_key, []).append((run, config))
+    for runs in datasets.values():
+        check_data(runs, source)
+
+
+# What decides a run's token ids: runs that agree on these share a data set.
+_DATA_KEYS = (
+    "data",
+    "tokenizer",
+    "vocab_size",
+    "model",
+    "val_fraction",
+    "max_documents",
+    "cache_dir",
+)
+
+
+def _run_text(run: Any) -> str:
+    point = ", ".join(f"{k}={v}" for k, v in run.point.items())
+    return f"{run.label} ({point})"
+
+
+def check_data(runs: list[tuple[Any, Any]], source: str) -> None:
+    """The data of these runs (one data set) exists, is text, and holds a window of every
+    run's ``seq_len`` in both splits, checked before any run starts. The token ids are made
+    here as each run would make them (and cached for the runs); ``c4`` from the hub and hub
+    tokenizers are left to the runs (they need a network)."""
+    from optarena.data import load_corpus, prepare_data
+    from optarena.data.cache import default_cache_dir
+    from optarena.model import PRESETS
+
+    run, config = max(runs, key=lambda rc: rc[1].seq_len)
+    cache = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+    if config.data == "c4":
+        return
+    try:
+        local_tokenizer = config.tokenizer == "bpe" or Path(config.tokenizer).expanduser().is_file()
+        if not local_tokenizer:
+            load_corpus(config.data, cache, config.val_fraction, config.max_documents)
+            return
+        vocab = config.vocab_size or PRESETS[config.model]["vocab_size"]
+        data = prepare_data(
+            config.data, config.tokenizer, vocab, cache, config.val_fraction, config.max_documents
+        )
+    except UserError as err:
+        raise UserError(f"{source}: run {_run_text(run)}: {err}") from None
+    train, val = len(data.train), len(data.val)
+    if train < config.seq_len + 2 or val < config.seq_len + 1:
+        raise UserError(
+            f"{source}: run {_run_text(run)}: seq_len {config.seq_len} is longer than the data "
+            f"{config.data} allows ({train} training and {val} validation tokens); use more "
+            "data or a shorter seq_len"
+        )
+
+
+def check_function(args: argparse.Namespace) -> None:
+    """``--function`` names a function before any run starts: the local backend imports it as
+    its workers will; Ray and Slurm workers may have more on their path, so for them only the
+    module must be found here."""
+    from optarena.sweep.executors import resolve_function
+
+    if args.backend == "local":
+        resolve_function(args.function)
+        return
+    import importlib.util
+
+    module, sep, attr = args.function.partition(":")
+    if not sep or not module or not attr:
+        raise UserError(f"--function {args.function!r}: expected 'package.module:function'")
+    try:
+        found = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        found = None
+    if found is None:
+        raise UserError(f"--function {args.function!r}: no module {module!r} on this path")
 
 
 def resources_of(args: argparse.Namespace, spec: Any = None) -> Any:
@@ -201,6 +296,7 @@ def make_executor(
     ``--workers``/``--threads`` say otherwise. ``spec`` gives the runs' ``[resources]``."""
     from optarena.sweep import executors
 
+    check_function(args)
     resources = resources_of(args, spec)
     if args.backend == "ray":
         return executors.RayExecutor(
@@ -241,7 +337,8 @@ def _given(value: int | None, default: int) -> int:
 
 
 def execute(args: argparse.Namespace, spec: Any, out: Path, default_threads: int = 2) -> int:
-    """Run the sweep into ``out``; exit code 1 when some run failed (its error is stored)."""
+    """Run the sweep into ``out``; exit code 1 when some run failed (its error is stored), 3
+    (:data:`INCOMPLETE`) when another live driver still holds runs, else 0."""
     from rich.console import Console
 
     from optarena.sweep.driver import run_sweep
@@ -267,24 +364,31 @@ def execute(args: argparse.Namespace, spec: Any, out: Path, default_threads: int
         f"finished: {counts} now; {result.already_finished} had results already.",
         highlight=False,
     )
-    if result.held_elsewhere:
-        console.print(
-            f"{result.held_elsewhere} runs are being run by another live sweep process; "
-            "re-run later to pick up what it leaves.",
-            highlight=False,
-        )
     if result.failed:
         console.print(
             f"[red]{result.failed} runs failed[/]: errors in `optarena report {out}` and "
             f"{out}/runs/<id>/error.txt; re-running the sweep retries them.",
             highlight=False,
         )
+    if result.held_elsewhere:
+        console.print(
+            f"another driver still holds {result.held_elsewhere} runs of this sweep (no result "
+            "yet); run the sweep again once it has finished to check that every run has one.",
+            highlight=False,
+        )
+    if result.failed:
         return 1
-    return 0
+    return INCOMPLETE if result.held_elsewhere else 0
+
+
+# The exit code of a sweep whose every run of this driver has a result, while another live
+# driver still holds some runs (they have no result yet).
+INCOMPLETE = 3
 
 
 def refine(args: argparse.Namespace, spec: Any, out: Path) -> int:
-    """The sweep, then refinement rounds (``--refine``); exit code 1 when some run failed."""
+    """The sweep, then refinement rounds (``--refine``); exit code 1 when some run failed, 3
+    while another live driver holds runs."""
     from rich.console import Console
 
     from optarena.sweep import refine as refinement
@@ -342,6 +446,14 @@ def refine(args: argparse.Namespace, spec: Any, out: Path) -> int:
             highlight=False,
         )
         return 1
+    held = result.sweeps[-1].held_elsewhere if result.sweeps else 0
+    if held:
+        console.print(
+            f"another driver still holds {held} runs of this sweep (no result yet); run the "
+            "same command again once it has finished.",
+            highlight=False,
+        )
+        return INCOMPLETE
     return 0
 
 
@@ -356,6 +468,11 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--refine-rounds needs --refine; add --refine or drop --refine-rounds")
     if args.refine_rounds is not None and args.refine_rounds < 0:
         raise UserError(f"--refine-rounds {args.refine_rounds}: give 0 or more")
+    if spec.extra.get("tune") is not None and not args.dry_run:
+        raise UserError(
+            f"{spec.source} has a [tune] table: it is a tuning spec; run it with "
+            "`optarena tune` (a sweep would run the whole product of its axes)"
+        )
     if args.dry_run:
         return dry_run(spec, out, refine=args.refine)
     code = refine(args, spec, out) if args.refine else execute(args, spec, out)

@@ -55,7 +55,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, help="sequences per optimizer step")
     p.add_argument("--seq-len", type=int)
     p.add_argument("--grad-accum", type=int, help="micro-batches per step")
-    p.add_argument("--data", help="builtin (default), c4, or a text/JSONL file, directory or glob")
+    p.add_argument(
+        "--data",
+        nargs="+",
+        help="builtin (default), c4, or a text/JSONL file, directory or glob (quote a glob: "
+        "--data 'texts/*.txt')",
+    )
     p.add_argument(
         "--tokenizer", help="bpe (default), a tokenizer.json or .model file, or a hub name"
     )
@@ -153,6 +158,8 @@ def load_toml(path: Path) -> dict[str, Any]:
 def build_config(args: argparse.Namespace) -> dict[str, Any]:
     """The config dict: TOML file, then flags, then ``--set`` on top."""
     values: dict[str, Any] = load_toml(args.config) if args.config else {}
+    if args.data is not None:
+        args.data = one_data_path(args.data)
     for key in _FLAG_KEYS:
         value = getattr(args, key)
         if value is not None:
@@ -173,6 +180,18 @@ def build_config(args: argparse.Namespace) -> dict[str, Any]:
     if "optimizer" not in values:
         raise UserError("which optimizer? pass --optimizer NAME (see `optarena list`)")
     return values
+
+
+def one_data_path(paths: list[str]) -> str:
+    """``--data`` takes one path or pattern; several are a glob the shell expanded."""
+    if len(paths) == 1:
+        return paths[0]
+    first = Path(paths[0])
+    pattern = f"{first.parent}/*{first.suffix}"
+    raise UserError(
+        f"--data got {len(paths)} paths ({paths[0]} ...): the shell expanded a glob; quote "
+        f"it so that optarena reads every file, e.g. --data '{pattern}', or give the folder"
+    )
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -199,4 +218,9 @@ def run(args: argparse.Namespace) -> int:
     )
     if not config.out:
         print(json.dumps({k: summary[k] for k in ("final_val_loss", "diverged", "steps")}))
-    return 0
+    return DIVERGED if summary["diverged"] else 0
+
+
+# The exit code of a run that diverged: it ran, its summary is written (``diverged: true``),
+# but its model is not one to use; a script can tell it from success (0) and bad input (2).
+DIVERGED = 3

@@ -3,7 +3,9 @@
 A :class:`Corpus` yields documents for a split (``"train"`` or ``"val"``) and has a fingerprint
 (a hash of its content and split rule), which keys the tokenizer and token caches. Splits are by
 document: a document lands in validation when a hash of its text falls below ``val_fraction``, so
-the split is stable however the files are ordered and never cuts a document in two.
+the split is stable however the files are ordered and never cuts a document in two. Local files
+must be UTF-8 text: a byte that is not UTF-8 (latin-1, random bytes) or a NUL byte (binary) is a
+one-line error naming the file and the byte's offset, never replaced and trained on.
 """
 
 from __future__ import annotations
@@ -192,6 +194,11 @@ def _expand(spec: str) -> list[Path]:
         return files
     if path.is_file():
         return [path]
+    if path.exists():
+        raise UserError(
+            f"data path {spec} is not a regular file (a device, a pipe or a socket); give a "
+            "text file, a folder of them or a glob"
+        )
     if glob.has_magic(spec):
         files = [Path(p) for p in sorted(glob.glob(os.path.expanduser(spec), recursive=True))]
         files = [p for p in files if p.is_file()]
@@ -219,12 +226,44 @@ def _text_documents(text: str) -> list[str]:
     return ["".join(lines[i : i + 50]) for i in range(0, len(lines), 50)]
 
 
+def _decode(data: bytes, path: Path, offset: int = 0) -> str:
+    """``data`` (read from ``path`` at byte ``offset``) as UTF-8 text. Bytes that are not UTF-8
+    (latin-1, random bytes) or a NUL byte (a binary file) are a one-line error naming the byte
+    and its offset in the file: training on replacement characters would be silent garbage."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(
+            f"data file {path} is not UTF-8 text: byte 0x{data[err.start]:02x} at offset "
+            f"{offset + err.start}; convert it (e.g. iconv -f latin1 -t utf-8) or give UTF-8 files"
+        ) from None
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise UserError(
+            f"data file {path} holds a NUL byte at offset {offset + nul}: it is binary, not "
+            "text; give text files or C4-style JSON lines"
+        )
+    return text
+
+
+def _read_text(path: Path) -> str:
+    """A text file's content (UTF-8, a leading byte-order mark dropped); see :func:`_decode`."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise UserError(f"cannot read data file {path}: {err.strerror}") from None
+    return _decode(data, path).removeprefix("\ufeff")
+
+
 def _read_jsonl(path: Path) -> Iterator[str]:
     """Documents of a C4-style shard (JSON lines with a ``text`` field), streamed."""
     opener = gzip.open if path.name.endswith(".gz") else open
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        with opener(path, "rb") as f:
+            offset = 0
+            for lineno, raw in enumerate(f, 1):
+                line = _decode(raw, path, offset)
+                offset += len(raw)
                 if not line.strip():
                     continue
                 try:
@@ -267,10 +306,7 @@ def file_corpus(spec: str, val_fraction: float) -> Corpus:
     if not jsonl:
         docs: list[str] = []
         for p in text:
-            try:
-                docs.extend(_text_documents(p.read_text(encoding="utf-8", errors="replace")))
-            except OSError as err:
-                raise UserError(f"cannot read data file {p}: {err.strerror}") from None
+            docs.extend(_text_documents(_read_text(p)))
         if not any(d.strip() for d in docs):
             raise UserError(f"the corpus {spec} is empty (no text in {len(text)} file(s))")
         return _from_lists(name, fp, split_documents(docs, val_fraction))
@@ -280,7 +316,7 @@ def file_corpus(spec: str, val_fraction: float) -> Corpus:
 
     def documents(split: str) -> Iterator[str]:
         for p in text:
-            for d in _text_documents(p.read_text(encoding="utf-8", errors="replace")):
+            for d in _text_documents(_read_text(p)):
                 if split_of(d, val_fraction) == split:
                     yield d
         if val_files and train_files:

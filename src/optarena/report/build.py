@@ -12,8 +12,10 @@ from typing import Any
 
 from optarena import atomic
 from optarena.analysis import DEFAULT_TAUS, Analysis, analyze, observations_from_store
-from optarena.report import figures, interactive, story, tables
+from optarena.errors import StorageError
+from optarena.report import figures, interactive, story, tables, tuning
 from optarena.sweep.store import Store
+from optarena.sweep.tune import read_paths
 
 # After load, the page records on <body> how many interactive figures drew a non-empty plot
 # and how many script errors happened: a browser (tests/test_report_browser.py) reads them.
@@ -60,6 +62,8 @@ def write_report(
     ``sections``: ``(heading, HTML)`` pairs shown first (``optarena reproduce`` puts its claim
     verdicts there); the HTML is trusted, callers escape what they put in it."""
     directory = Path(directory)
+    out = directory / "report"
+    _check_outputs(out)  # before the store is opened: a refused report leaves DIR as it was
     with Store(directory, create=False) as store:
         runs = store.runs()
         members = store.members()
@@ -67,8 +71,8 @@ def write_report(
     analysis = analyze(observations_from_store(directory), taus)
     by_id = {r.id: r for r in runs}
     told = story.tell(analysis, by_id)
-    out = directory / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    with atomic.storage_errors(out):
+        out.mkdir(parents=True, exist_ok=True)
 
     summary = tables.summary_rows(analysis, told.speedups)
     tables.write_csv(out / "summary.csv", summary)
@@ -88,6 +92,24 @@ def write_report(
         page, _page(directory, analysis, told, rendered, divs, run_rows, counts, sections)
     )
     return page
+
+
+# what the report writes into DIR/report/: a folder in the way of one of these is refused first
+_OUTPUT_SUFFIXES = (".html", ".csv", ".json", ".png", ".svg")
+
+
+def _check_outputs(out: Path) -> None:
+    """A file where ``DIR/report`` goes, or a folder where one of its files goes, is refused
+    before anything is written, so a report is never half replaced by a failed ``report``."""
+    if out.exists() and not out.is_dir():
+        raise StorageError(
+            f"cannot write the report into {out}: it is a file, not a folder; move it away"
+        )
+    if not out.is_dir():
+        return
+    for entry in out.iterdir():
+        if entry.name.endswith(_OUTPUT_SUFFIXES) and entry.is_dir():
+            atomic.refuse_folder(entry)
 
 
 def story_json(told: story.Story) -> dict[str, Any]:
@@ -205,6 +227,10 @@ def _page(
             )
             + "</p>"
         )
+    paths = read_paths(directory)
+    if paths:
+        parts.append("<h2>Tuning paths</h2>")
+        parts.append(tuning.section(paths, _table))
     if analysis.sensitivities:
         parts.append("<h2>1-D sensitivity</h2>")
         rows = [

@@ -32,6 +32,12 @@ def by_loss(analysis: Analysis) -> list[SeriesResult]:
     )
 
 
+def finetuned(analysis: Analysis) -> bool:
+    """Whether the sweep holds fine-tuning runs (their loss is the responses'; they have a
+    starting loss and, for one-answer tasks, an exact-match accuracy)."""
+    return any(s.start_loss is not None for s in analysis.series)
+
+
 def summary_rows(
     analysis: Analysis, speedups: Mapping[str, Speedup] | None = None
 ) -> list[dict[str, Any]]:
@@ -59,6 +65,8 @@ def summary_rows(
             state_bytes_per_param=s.state_bytes_per_param,
             tokens_per_second=s.tokens_per_second,
         )
+        if finetuned(analysis):
+            row.update(exact_match_at_best=s.exact_match, start_val_loss=s.start_loss)
         row.update(speedup_fields((speedups or {}).get(s.name)))
         rows.append(row)
     return rows
@@ -82,13 +90,10 @@ def run_rows(runs: Sequence[RunRecord], members: Sequence[Member]) -> list[dict[
             "model": r.model,
         }
         row.update({k: _cell(point.get(k)) for k in swept})
-        row.update(
-            seed=r.seed,
-            status=r.status,
-            final_val_loss=r.final_val_loss,
-            wall_seconds=r.wall_seconds,
-            error=r.error,
-        )
+        row.update(seed=r.seed, status=r.status, final_val_loss=r.final_val_loss)
+        if r.summary and "final_exact_match" in r.summary:
+            row["final_exact_match"] = r.summary["final_exact_match"]
+        row.update(wall_seconds=r.wall_seconds, error=r.error)
         rows.append(row)
     return rows
 
@@ -136,13 +141,21 @@ def display_rows(
     analysis: Analysis, speedups: Mapping[str, Speedup] | None = None
 ) -> tuple[list[str], list[list[str]]]:
     """Header and formatted cells of the summary table, as people read it, best loss first."""
-    header = ["model", "optimizer", "best loss", "best LR"]
+    tuned = finetuned(analysis)
+    header = ["model", "optimizer", "best response loss" if tuned else "best loss", "best LR"]
     header += [f"basin τ={tau:g}" for tau in analysis.taus]
     header += ["diverged", "state B/param", "tokens/s", "× AdamW tokens", "steps to target"]
+    if tuned:
+        header[4:4] = ["exact match", "start loss"]
     cells = []
     for s in by_loss(analysis):
         sp = (speedups or {}).get(s.name)
         row = _display(s, analysis.taus)
+        if tuned:
+            row[4:4] = [
+                "—" if s.exact_match is None else f"{s.exact_match:.1%}",
+                "—" if s.start_loss is None else f"{s.start_loss:.4f}",
+            ]
         row.append(_speedup_text(sp))
         row.append("—" if sp is None or sp.steps_to_target is None else str(sp.steps_to_target))
         cells.append(row)

@@ -63,7 +63,7 @@ class Stager:
         self, number: int, total: int, title: str, base: dict[str, Any], grids: list[Grid]
     ) -> StageReport:
         """Run one stage (every run without a result), print what it did, return the counts."""
-        from optarena.commands.sweep import make_executor
+        from optarena.commands.sweep import check_runs, make_executor
         from optarena.sweep.driver import run_sweep
         from optarena.sweep.store import Store
 
@@ -71,6 +71,9 @@ class Stager:
             g.index = i
         spec = SweepSpec(f"{self.prefix}-{number}", title, base, grids)
         runs = spec.runs()
+        executor = make_executor(self.args, self.out, self.default_threads)
+        if runs and self.args.function == DEFAULT_FUNCTION:
+            check_runs(spec, f"stage {number}")  # bad values: one line, nothing stored
         start = time.monotonic()
         self.console.print(
             f"[bold]stage {number}/{total}[/]: {title} ({len({r.id for r in runs})} runs)",
@@ -81,7 +84,6 @@ class Stager:
             self.stages.append(report)
             return report
         store = Store(self.out)
-        executor = make_executor(self.args, self.out, self.default_threads)
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
             result = run_sweep(store, runs, executor, sweep=spec.name, retry_failed=True)

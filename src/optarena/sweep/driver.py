@@ -76,6 +76,7 @@ def run_sweep(
                 progress.best[r.label] = (rec.final_val_loss, rec.lr or math.nan)
 
     result = SweepResult(len(unique), len(finished_before), 0, 0, 0, 0)
+    held: list[str] = []  # runs another live driver holds
     in_flight: dict[str, Run] = {}
     queue = list(todo)
     last_beat = time.monotonic()
@@ -85,8 +86,7 @@ def run_sweep(
                 while queue and len(in_flight) < executor.capacity:
                     run = queue.pop(0)
                     if not store.claim(run.id, retry_failed=retry_failed):
-                        result.held_elsewhere += store.get(run.id).status == "running"
-                        progress.total -= 1
+                        _not_claimed(store.get(run.id).status, run.id, held, result, progress)
                         continue
                     run_dir = store.run_dir(run.id)
                     config = {
@@ -113,7 +113,25 @@ def run_sweep(
             raise
     if close_executor:
         executor.close()
+    # what the other driver has finished meanwhile has its result; the rest is still its
+    result.held_elsewhere = sum(store.get(run_id).status not in FINISHED for run_id in held)
     return result
+
+
+def _not_claimed(
+    status: str, run_id: str, held: list[str], result: SweepResult, progress: SweepProgress
+) -> None:
+    """A run another driver got first: held by it (``running``), or finished by it since
+    this invocation started. The totals stay; the run is counted where it is."""
+    if status == "running":
+        held.append(run_id)
+        progress.elsewhere += 1
+    elif status in FINISHED:
+        result.already_finished += 1
+        progress.already += 1
+    else:  # failed before, and --no-retry-failed leaves it
+        progress.already += 1
+    progress.refresh()
 
 
 def _record(

@@ -58,6 +58,9 @@ def resolve_function(path: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
         module = importlib.import_module(module_name)
     except ImportError as err:
         raise UserError(f"--function {path!r}: cannot import {module_name!r} ({err})") from None
+    except Exception as err:  # the module itself is broken: say how, in one line
+        first = f"{type(err).__name__}: {err}".splitlines()[0]
+        raise UserError(f"--function {path!r}: importing {module_name!r} fails: {first}") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise UserError(f"--function {path!r}: {module_name} has no function {attr!r}")

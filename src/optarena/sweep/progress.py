@@ -55,6 +55,7 @@ class SweepProgress:
     diverged: int = 0
     failed: int = 0
     running: int = 0
+    elsewhere: int = 0  # runs another live driver holds
     best: dict[str, tuple[float, float]] = field(default_factory=dict)  # label -> (loss, lr)
     start: float = field(default_factory=time.monotonic)
     _live: Live | None = None
@@ -65,7 +66,8 @@ class SweepProgress:
 
     @property
     def left(self) -> int:
-        return max(0, self.total - self.already - self.finished_now - self.running)
+        used = self.already + self.finished_now + self.running + self.elsewhere
+        return max(0, self.total - used)
 
     def eta(self) -> float:
         """Remaining runs times the observed time per finished run of this invocation."""
@@ -123,7 +125,9 @@ class SweepProgress:
                 f"{self.already} before) ",
                 "dim",
             ),
-            f"| {self.running} running | {self.left} left | "
+            f"| {self.running} running | "
+            + (f"{self.elsewhere} held by another driver | " if self.elsewhere else "")
+            + f"{self.left} left | "
             f"ETA {format_seconds(self.eta())} | {format_seconds(time.monotonic() - self.start)}"
             " elapsed",
         )

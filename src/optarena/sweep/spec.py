@@ -44,8 +44,8 @@ EXECUTION_KEYS = RESERVED_KEYS | {
     "cache_dir",
 }
 # Keys of a [[grid]] table that are not training-config keys.
-GRID_META_KEYS = frozenset({"optimizer", "label", "seeds"})
-SWEEP_KEYS = frozenset({"name", "description", "seeds", "lr_reference_width"})
+GRID_META_KEYS = frozenset({"optimizer", "label", "seeds", "start"})
+SWEEP_KEYS = frozenset({"name", "description", "seeds", "lr_reference_width", "task"})
 RESOURCE_KEYS = frozenset({"gpus_per_run", "nodes", "procs_per_node", "parallel"})
 RANGE_KEYS = frozenset({"from", "to", "per_decade", "num"})
 # Significant digits kept for generated values: stable ids across platforms and float noise.
@@ -80,6 +80,7 @@ class Grid:
     fixed: dict[str, Any]  # dotted key -> value
     swept: dict[str, list[Any]]  # dotted key -> values (order kept)
     seeds: list[int]
+    start: dict[str, Any] = field(default_factory=dict)  # tuning: first incumbent's values
 
     def size(self) -> int:
         return math.prod(len(v) for v in self.swept.values()) * len(self.seeds)
@@ -179,6 +180,7 @@ class SweepSpec:
     lr_scale: float = 1.0
     extra: dict[str, Any] = field(default_factory=dict)
     resources: Resources = field(default_factory=Resources)
+    task: str = "train"  # the kind of run (optarena.tasks): train | finetune | ...
 
     def runs(self) -> list[Run]:
         out: list[Run] = []
@@ -292,13 +294,16 @@ def parse_spec(
     except tomllib.TOMLDecodeError as err:
         raise UserError(f"{source}: not valid TOML ({err}); fix the syntax there") from None
 
-    unknown_top = set(data) - {"sweep", "base", "grid", "resources"}
+    unknown_top = set(data) - {"sweep", "base", "grid", "resources", "tune"}
     if unknown_top:
         key = sorted(unknown_top)[0]
         raise UserError(
             f"{source}: unknown top-level table or key {key!r}; a spec has [sweep], [base], "
-            "[resources] and [[grid]] tables"
+            "[resources], [tune] and [[grid]] tables"
         )
+    tune = data.get("tune")
+    if tune is not None and not isinstance(tune, dict):
+        raise UserError(f"{source}: 'tune' must be a table: [tune]")
     resources = parse_resources(data.get("resources", {}), source)
     meta = data.get("sweep", {})
     if not isinstance(meta, dict):
@@ -343,9 +348,31 @@ def parse_spec(
         source=source,
         lr_scale=lr_scale,
         resources=resources,
+        extra={} if tune is None else {"tune": dict(tune)},
+        task=spec_task(meta, source),
     )
     spec.runs()  # resolve once so beta folding errors surface now
     return spec
+
+
+def spec_task(meta: Mapping[str, Any], source: str) -> str:
+    """``[sweep] task``: the kind of every run (``train`` unless given), a known one."""
+    from optarena.tasks import DEFAULT_TASK, TASKS
+
+    task = meta.get("task", DEFAULT_TASK)
+    if task not in TASKS:
+        raise UserError(f"{source}: [sweep] task {task!r} is not one of {', '.join(TASKS)}")
+    return task
+
+
+def peek_task(text: str) -> str | None:
+    """The ``[sweep] task`` of spec text without validating the rest (None: unreadable)."""
+    try:
+        meta = tomllib.loads(text).get("sweep", {})
+    except tomllib.TOMLDecodeError:
+        return None
+    task = meta.get("task") if isinstance(meta, dict) else None
+    return task if isinstance(task, str) else None
 
 
 def _folder_name(value: Any, source: str) -> str:
@@ -415,7 +442,41 @@ def _parse_grid(
     for key in fixed:
         if _is_lr_key(key):
             fixed[key] = _scale(fixed[key], lr_scale)
-    return Grid(index, optimizer, label, fixed, swept, seeds)
+    start = _parse_start(raw.get("start", {}), swept, lr_scale, where, source)
+    return Grid(index, optimizer, label, fixed, swept, seeds, start)
+
+
+def _parse_start(
+    raw: Any, swept: Mapping[str, list[Any]], lr_scale: float, where: str, source: str
+) -> dict[str, Any]:
+    """``start = {lr = 1e-3, "hparams.weight_decay" = 0.1}``: where tuning begins, each value
+    one of its key's swept values."""
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: {where}: start must be a table, e.g. start = {{lr = 1e-3}}")
+    start: dict[str, Any] = {}
+    for key, value in _flatten(raw):
+        if key not in swept:
+            raise UserError(
+                f"{source}: {where}: start sets {key!r}, which the grid does not sweep; "
+                f"swept: {', '.join(swept) or 'nothing'}"
+            )
+        value = _scale(_round(value), lr_scale) if _is_lr_key(key) else _round(value)
+        match = next((v for v in swept[key] if _same_value(v, value)), None)
+        if match is None:
+            raise UserError(
+                f"{source}: {where}: start {key} = {value!r} is not one of its values "
+                f"({', '.join(map(str, swept[key]))}); pick one of them"
+            )
+        start[key] = match
+    return start
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Equal, or numbers within 1% (``3.16e-3`` names the range's ``3.16227766017e-3``)."""
+    numbers = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b))
+    if numbers:
+        return a == b or abs(a - b) <= 0.01 * max(abs(a), abs(b))
+    return _hashable(a) == _hashable(b)
 
 
 def _flatten(table: Mapping[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:
@@ -497,6 +558,8 @@ def _parse_seeds(value: Any, where: str, source: str) -> list[int]:
         raise UserError(f"{source}: {where}: seeds must be a list of integers, e.g. seeds = [0, 1]")
     if len(set(value)) != len(value):
         raise UserError(f"{source}: {where}: seeds lists a seed twice; remove the duplicate")
+    if any(s < 0 for s in value):
+        raise UserError(f"{source}: {where}: seeds must be 0 or more, not {min(value)}")
     return list(value)
 
 

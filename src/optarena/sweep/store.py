@@ -30,6 +30,9 @@ from optarena.errors import UserError
 STATUSES = ("pending", "running", "done", "diverged", "failed")
 FINISHED = ("done", "diverged")  # a result: never rerun
 DB_NAME = "results.sqlite"
+# Members of sweeps named "tune:NAME" are tuning runs (``optarena tune``): the report shows
+# their path, not LR series.
+TUNE_PREFIX = "tune:"
 # A running run whose heartbeat is older than this is presumed dead (other hosts).
 STALE_SECONDS = 120.0
 # Summary entries the store keeps elsewhere (the curve, the run's config) or not at all.

@@ -1,0 +1,109 @@
+"""The report's tuning section: the path each ``optarena tune`` search took.
+
+Read from ``DIR/tune/NAME.json`` (written by the tune after every batch): per search, the
+incumbent after each round with its loss, and every step (the axis, the neighbours tried, the
+move or not), so a reader sees how each optimizer's settings were reached and how sure that is.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from optarena.sweep.progress import short_value
+
+
+def _point(point: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k.rsplit('.', 1)[-1]}={short_value(v)}" for k, v in point.items())
+
+
+def _loss(entry: Mapping[str, Any]) -> str:
+    if entry.get("diverged"):
+        return "diverged"
+    loss = entry.get("loss")
+    return "—" if loss is None else f"{loss:.4f}"
+
+
+def _run_links(entry: Mapping[str, Any]) -> str:
+    return " ".join(
+        f'<a href="#run-{html.escape(r)}">{html.escape(r[:6])}</a>'
+        for r in entry.get("run_ids", [])
+    )
+
+
+def section(paths: Sequence[Mapping[str, Any]], table: Any) -> str:
+    """HTML of every tuning path; ``table(header, rows, left=..., html_columns=...)`` draws a
+    table as the rest of the page does."""
+    e = html.escape
+    parts = ['<div id="tuning">']
+    for data in paths:
+        parts.append(
+            f"<p>Tuning <code>{e(str(data.get('sweep', '')))}</code>: per optimizer, "
+            "coordinate descent one axis at a time around the incumbent. Noise model: "
+            f"{e(str(data.get('noise', '')))}.</p>"
+        )
+        summary = []
+        for s in data["searches"]:
+            inc = s.get("incumbent") or {}
+            summary.append(
+                [
+                    e(str(s.get("label"))),
+                    e(_point(inc.get("point", {}))),
+                    e(_loss(inc)),
+                    e(str(s.get("status"))),
+                    str(len(s.get("rounds", []))),
+                    str(s.get("evaluated", 0)),
+                    str(s.get("runs", 0)),
+                ]
+            )
+        header = ["optimizer", "tuned settings", "loss", "status", "rounds", "points", "runs"]
+        parts.append(table(header, summary, left=2, html_columns=set(range(7))))
+        for s in data["searches"]:
+            rows = [
+                [
+                    "start",
+                    e(_point(s["start"]["point"])),
+                    e(_loss(s["start"])),
+                    _run_links(s["start"]),
+                ]
+            ]
+            rows += [
+                [str(r["round"]), e(_point(r["point"])), e(_loss(r)), _run_links(r)]
+                for r in s.get("rounds", [])
+            ]
+            parts.append(
+                f"<h3>{e(str(s.get('label')))}: incumbent per round</h3>"
+                + table(
+                    ["round", "incumbent", "loss", "runs"], rows, left=2, html_columns={0, 1, 2, 3}
+                )
+            )
+            steps = []
+            for st in s.get("steps", []):
+                axis = st["axis"]
+                tried = "; ".join(
+                    f"{short_value(c['point'][axis])}: {_loss(c)}" for c in st["candidates"]
+                )
+                here = st["incumbent"]
+                steps.append(
+                    [
+                        str(st["round"]),
+                        e(axis),
+                        e(f"{short_value(here['point'][axis])} ({_loss(here)})"),
+                        e(tried),
+                        "moved" if st["moved"] else "stays",
+                    ]
+                )
+            if steps:
+                parts.append(
+                    f"<details><summary>{len(steps)} steps</summary>"
+                    + table(
+                        ["round", "axis", "incumbent value (loss)", "neighbours tried", ""],
+                        steps,
+                        left=5,
+                        html_columns=set(range(5)),
+                    )
+                    + "</details>"
+                )
+    parts.append("</div>")
+    return "\n".join(parts)

@@ -1,0 +1,61 @@
+"""The kinds of run a sweep can hold: each one's training function, config and checks.
+
+A sweep's ``[sweep] task`` (``train`` by default) picks the function its runs call and the
+config keys they may set. This table is data only (no torch), so that a spec is validated
+before anything heavy is imported.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Task:
+    """A kind of run: ``function`` (``module:attr``, what executors call with the config dict),
+    the module defining its ``config`` dataclass and ``check`` (``check(config, optimizer)``:
+    keys, types, ranges and the optimizer's hyperparameters, without data)."""
+
+    name: str
+    function: str
+    module: str
+    config: str
+    check: str
+    description: str
+
+    def config_class(self) -> Any:
+        return getattr(importlib.import_module(self.module), self.config)
+
+    def check_config(self, config: dict[str, Any], optimizer: bool = True) -> Any:
+        return getattr(importlib.import_module(self.module), self.check)(config, optimizer)
+
+
+TASKS: dict[str, Task] = {
+    "train": Task(
+        "train",
+        "optarena.train:train",
+        "optarena.train",
+        "TrainConfig",
+        "check_config",
+        "pre-training (optarena train)",
+    ),
+    "finetune": Task(
+        "finetune",
+        "optarena.posttrain.sft:finetune",
+        "optarena.posttrain.sft",
+        "FinetuneConfig",
+        "check_config",
+        "supervised fine-tuning (optarena finetune)",
+    ),
+}
+DEFAULT_TASK = "train"
+
+
+def task_of_function(function: str) -> Task | None:
+    """The task whose function is ``function``, or None for a user's own function."""
+    return next((t for t in TASKS.values() if t.function == function), None)
+
+
+__all__ = ["DEFAULT_TASK", "TASKS", "Task", "task_of_function"]
