@@ -181,7 +181,8 @@ def _page(
             "(≥: the basin reaches the edge of the grid). Diverged: share of runs that diverged. "
             "State B/param: optimizer state bytes per model parameter. × AdamW tokens: AdamW's "
             "tokens to reach the same loss (from the power law L(D) = a·D^−b + c fitted to its "
-            "best run's eval curve) divided by the optimizer's tokens, with the 16–84% range over "
+            "best run's eval curve, or to its best runs at several training lengths: see the "
+            "conclusions) divided by the optimizer's tokens, with the 16–84% range over "
             "the fit's uncertainty. Steps to target: first evaluation step at or below AdamW's "
             "best final loss. Rows are sorted by best loss."
         )

@@ -143,6 +143,7 @@ def speedup_fields(sp: Speedup | None) -> dict[str, Any]:
         "token_speedup_high": sp.interval[1] if sp and sp.interval else None,
         "steps_to_target": sp.steps_to_target if sp else None,
         "step_speedup_vs_adamw": sp.step_speedup if sp else None,
+        "speedup_fit": sp.fit_source if sp else None,
     }
 
 
