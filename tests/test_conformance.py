@@ -128,8 +128,15 @@ def _little(name: str) -> tuple[nn.Module, torch.optim.Optimizer]:
     )
 
 
+# SOAP's first eigenbasis is that of a rank-deficient statistic (one gradient; rows of unseen
+# tokens are zero): a relative change of 1e-15 in that gradient, such as the compiled backward's
+# rounding, turns its null-space eigenvectors arbitrarily, and the update with them (the
+# reference shares this). SOAP's update itself is pinned to the reference in test_parity.py.
+ROUNDING_STABLE = [n for n in NAMES if n != "soap"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", ROUNDING_STABLE)
 def test_torch_compile_of_a_training_step_equals_eager(name: str) -> None:
     """A user's ``torch.compile`` (inductor) of a whole training step, ``step()`` inside: the
     model's forward and backward are compiled, the update is the eager one."""

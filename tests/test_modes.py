@@ -150,7 +150,20 @@ COMPILED_SHAPES = {
     for n in ("tok_emb.weight", "k_proj.weight", "qkv.weight", "norm", "conv1d", "gain")
 }
 # every chain once (the study's hybrids are groups of these), and one hybrid: two groups
-COMPILED = [n for n, e in REGISTRY.items() if e.chain is not None] + ["hybrid-adalayer-last-ln"]
+COMPILED = [n for n, e in REGISTRY.items() if e.chain is not None and not e.chain(e.defaults).eager]
+COMPILED += ["hybrid-adalayer-last-ln"]
+# chains that branch on the host (SOAP's refresh, Kron's fits) always run eagerly
+EAGER = [n for n, e in REGISTRY.items() if e.chain is not None and e.chain(e.defaults).eager]
+
+
+@pytest.mark.parametrize("name", EAGER)
+def test_an_eager_chain_refuses_fused_true_in_one_line(name: str) -> None:
+    params = make_params(COMPILED_SHAPES)
+    opt = build(name, params, fused=True)
+    set_grads(params, 1, skip=())
+    with pytest.raises(ValueError, match="fused=True is not available") as err:
+        opt.step()
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.slow

@@ -60,9 +60,14 @@ EXTRA: dict[str, dict[str, Any]] = {
     # relative_step=False so that the harness's schedule has an lr to scale; the parameter-RMS
     # scaling and the update clipping (two all-reduces per step when sharded) stay on
     "adafactor-classic": {"relative_step": False},
+    "kron": {"max_size_triangular": 256},  # the 2048-row embedding and head: diagonal factors
 }
 # 6 query heads, 3 key/value heads of 8 rows: 24 rows of k_proj, 12 per rank, cut mid-head.
 UNEVEN = {"d_model": 48, "n_head": 6, "n_kv_head": 3}
+# SOAP's first eigenbasis is that of a rank-deficient statistic: the shards' reduction order
+# (a float32 rounding) turns its null space arbitrarily, so two runs agree only to that. Its
+# sharded step equals one process's in float64 on simulated shards (test_modes.py).
+ROUNDING_SENSITIVE = ("soap",)
 BLOCK_OPTIMIZERS = ("adam-mini", "adalayer", "adafactor", "adafactor-classic")
 
 
@@ -70,6 +75,8 @@ def runs() -> dict[str, dict[str, Any]]:
     """Run key -> config (without ``out``): every optimizer on micro, block ones on UNEVEN."""
     configs = {}
     for name in available():
+        if name in ROUNDING_SENSITIVE:
+            continue
         lr = 1.0 if name.startswith("hybrid-") else LR.get(name, 3e-3)
         # fused=False: one process computes what the shards compute (see above)
         hparams = {**EXTRA.get(name, {}), "fused": False}

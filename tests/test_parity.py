@@ -17,13 +17,17 @@ from __future__ import annotations
 
 import copy
 import math
+import types
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import adam_mini
 import lion_pytorch
+import numpy as np
 import pytest
 import pytorch_optimizer
+import pytorch_optimizer.optimizer.psgd as kron_reference
+import pytorch_optimizer.optimizer.soap as soap_reference
 import sophia_opt
 import torch
 import transformers.optimization as hf_optim
@@ -34,6 +38,7 @@ from optarena.optim import (
     EMASGD,
     MARS,
     SGD,
+    SOAP,
     Adafactor,
     AdafactorClassic,
     Adalayer,
@@ -41,6 +46,7 @@ from optarena.optim import (
     AdamW,
     AdEMAMix,
     FusedPart,
+    Kron,
     Lion,
     Muon,
     NAdamW,
@@ -49,6 +55,7 @@ from optarena.optim import (
     Signum,
     SophiaG,
     create,
+    transforms,
 )
 from optim_cases import (
     GROUP_A,
@@ -878,3 +885,161 @@ def test_cautious_zeroes_entries_against_the_gradient() -> None:
         opt.step()
         moved = p["w"].detach() - before
         assert (moved * p["w"].grad <= 0).all()
+
+
+# --------------------------------------------------------------------------- SOAP
+# The reference runs its QR refresh in float32 whatever the dtype (its comment: bfloat16 has no
+# QR); ours in the state's dtype (float32 at least). To compare the algorithms in float64 the
+# reference's module sees a ``torch`` whose float32 is float64 (the QR cast is its only use).
+# With its own float32 QR the two agree to the float32 rounding of the bases.
+
+
+class _Float64Torch(types.ModuleType):
+    float32 = torch.float64
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+
+SOAP_CASES = {
+    "defaults": {},
+    "partial-bases": {"max_precondition_dim": 5, "precondition_1d": True, "shampoo_beta": 0.7},
+    "no-bias-correction": {"correct_bias": False, "normalize_gradient": True},
+}
+
+
+@pytest.mark.parametrize("case", list(SOAP_CASES))
+def test_soap_matches_pytorch_optimizer(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(soap_reference, "torch", _Float64Torch("torch"))
+    p_ours, p_ref, init = fresh()
+    b = {"betas": (0.8, 0.9), "weight_decay": 0.2, "precondition_frequency": 3}
+    hp = {"lr": 1e-2, "weight_decay": 0.1, "precondition_frequency": 5, **SOAP_CASES[case]}
+    ours = SOAP(split_groups(p_ours, True, b), **hp)
+    ref = pytorch_optimizer.SOAP(split_groups(p_ref, False, b), **hp)
+    run_pair(ours, ref, p_ours, p_ref)
+    compare(ours, ref, p_ours, p_ref, {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}, init)
+    for name, p in p_ours.items():  # the bases themselves, axis by axis
+        if name == NO_GRAD:
+            continue
+        bases = ref.state[p_ref[name]]["Q"]
+        for i, q in enumerate(bases):
+            assert (f"Q{i}" in ours.state[p]) == (len(q) > 0), f"{name}: axis {i}"
+            if len(q):
+                assert_close(ours.state[p][f"Q{i}"][0], q, f"basis {i} of {name}")
+
+
+def test_soap_differs_from_the_float32_qr_reference_by_its_rounding() -> None:
+    p_ours, p_ref, _ = fresh()
+    hp = {"lr": 1e-2, "weight_decay": 0.1, "precondition_frequency": 5}
+    ours = SOAP(split_groups(p_ours, True, {}), **hp)
+    ref = pytorch_optimizer.SOAP(split_groups(p_ref, False, {}), **hp)
+    run_pair(ours, ref, p_ours, p_ref)
+    gap = max((p_ours[n] - p_ref[n]).abs().max().item() for n in p_ours)
+    assert 1e-12 < gap < 1e-6
+
+
+# --------------------------------------------------------------------------- PSGD-Kron
+# Kron fits its preconditioner to random probes. Both sides draw them from one keyed source
+# here (the parameter's shape and its draw count: the test's shapes are distinct), so the
+# deterministic rest is compared: the fit, the preconditioning, the RMS clamp, the schedule.
+# The reference solves its triangular systems in float32 whatever the dtype: its solve is
+# replaced by the same call in the input's dtype. It balances its factors at random (1% of fits);
+# ours on every 100th fit: balancing scales the factors by numbers whose product is 1, which
+# changes neither the preconditioner nor the fit, so the two agree at any balancing.
+
+
+def _solve_in_dtype(x: Tensor, a: Tensor) -> Tensor:
+    flat = torch.linalg.solve_triangular(a, x.reshape(-1, x.size(-1)), upper=True, left=False)
+    return flat.reshape_as(x)
+
+
+class _Probes:
+    """Each side's probes: the ``n``-th draw for a shape is the same normal vector."""
+
+    def __init__(self) -> None:
+        self.drawn: dict[tuple[int, ...], int] = {}
+
+    def __call__(self, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        shape = tuple(like.shape)
+        self.drawn[shape] = self.drawn.get(shape, 0) + 1
+        gen = torch.Generator().manual_seed(hash((shape, self.drawn[shape])) % 2**31)
+        return torch.randn(shape, generator=gen, dtype=dtype or like.dtype)
+
+
+def _keyed_probes(monkeypatch: pytest.MonkeyPatch) -> None:
+    ours = _Probes()
+    monkeypatch.setattr(kron_reference.torch, "randn_like", _Probes())
+    monkeypatch.setattr(kron_reference, "solve_triangular_right", _solve_in_dtype)
+    monkeypatch.setattr(transforms, "kron_noise", lambda like, name, step: ours(like))
+
+
+KRON_CASES = {
+    "defaults": {},
+    "every-third-step": {"pre_conditioner_update_probability": 0.3},
+    "one-diagonal": {"memory_save_mode": "one_diag", "momentum_into_precondition_update": False},
+    "all-diagonal": {"memory_save_mode": "all_diag", "max_size_triangular": 5},
+}
+
+
+@pytest.mark.parametrize("case", list(KRON_CASES))
+def test_kron_matches_pytorch_optimizer(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    _keyed_probes(monkeypatch)
+    np.random.seed(0)
+    p_ours, p_ref, init = fresh()
+    b = {"momentum": 0.8, "weight_decay": 0.2}
+    hp = {"lr": 1e-2, "weight_decay": 0.1, **KRON_CASES[case]}
+    ours = Kron(split_groups(p_ours, True, b), **hp)
+    ref = pytorch_optimizer.Kron(
+        split_groups(p_ref, False, b), **hp, precondition_dtype=torch.float64, balance_prob=0.3
+    )
+    run_pair(ours, ref, p_ours, p_ref)
+    compare(ours, ref, p_ours, p_ref, {"momentum_buffer": "momentum_buffer"}, init)
+    for name, p in p_ours.items():  # each factor up to the scale balancing moves
+        if name == NO_GRAD:
+            continue
+        pairs = [(ours.state[p][f"Q{i}"][0], q) for i, q in enumerate(ref.state[p_ref[name]]["Q"])]
+        for i, (a, q) in enumerate(pairs):
+            assert_close(a / a.abs().max(), q / q.abs().max(), f"factor {i} of {name}")
+        sizes = [(a.abs().max(), q.abs().max()) for a, q in pairs]
+        assert_close(
+            torch.stack([a for a, _ in sizes]).prod(), torch.stack([q for _, q in sizes]).prod()
+        )
+
+
+def test_kron_schedule_is_the_references() -> None:
+    """The fit steps over the schedule's decay (1500 steps), against the reference's counter."""
+    fits: list[int] = []
+    p = nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    ref = pytorch_optimizer.Kron([p], lr=0.0, balance_prob=0.0)
+    original = kron_reference.update_precondition
+
+    def counted(*args: Any) -> None:
+        fits.append(ref.param_groups[0]["step"])
+        original(*args)
+
+    kron_reference.update_precondition = counted
+    try:
+        for _ in range(1500):
+            p.grad = torch.ones_like(p)
+            ref.step()
+    finally:
+        kron_reference.update_precondition = original
+    schedule = transforms.KronSchedule(None)
+    ours = [t for t in range(1, 1501) if schedule(t)[0]]
+    assert ours == fits and len(fits) < 1000  # it really thins out after step 500
+    thirds = transforms.KronSchedule(0.3)
+    assert [t for t in range(1, 13) if thirds(t)[0]] == [4, 8, 12]
+
+
+def test_kron_probes_are_a_function_of_name_and_step() -> None:
+    """A copy, a resumed run and every rank draw the same probe; torch's generator is left
+    alone; the probes are standard normal."""
+    like = torch.zeros(4000, dtype=torch.float64)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    a = transforms.kron_noise(like, "h.0.attn.weight", 7)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert torch.equal(a, transforms.kron_noise(like, "h.0.attn.weight", 7))
+    assert not torch.equal(a, transforms.kron_noise(like, "h.0.attn.weight", 8))
+    assert not torch.equal(a, transforms.kron_noise(like, "h.1.attn.weight", 7))
+    assert abs(a.mean().item()) < 0.05 and abs(a.std().item() - 1.0) < 0.05

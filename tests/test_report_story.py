@@ -154,3 +154,68 @@ def test_report_sorted_by_loss_with_story_and_speedup(tmp_path):
     setup = {row["what"]: row["value"] for row in told["setup"]}
     assert setup["threads"] == "2" and setup["torch"] == "x"
     assert (tmp_path / "report" / "speedup-vs-adamw.svg").is_file()
+
+
+def _finished(store, run_id, config, label, final, curve, steps, per_step):
+    store.add_runs([(run_id, config, label, {"lr": config["lr"]})])
+    assert store.claim(run_id)
+    store.finish(
+        run_id,
+        {
+            "final_val_loss": final,
+            "diverged": False,
+            "eval_curve": curve,
+            "tokens": steps * per_step,
+            "steps": steps,
+            "params": 10,
+        },
+    )
+
+
+@pytest.mark.parametrize("n_lengths", [5, 2])
+def test_speedup_fit_from_adamw_runs_of_several_lengths(tmp_path, n_lengths):
+    """AdamW at several lengths, each with a worse LR beside its best: the final losses of the
+    best runs lie on the power law, the eval curves of each run bend above it (a run still at
+    a high LR). With four lengths or more the fit uses the final losses and recovers the law;
+    with two it uses the curves, and says so."""
+    store = Store(tmp_path)
+    per_step = 1000
+    lengths = [20, 40, 80, 160, 320][:n_lengths]
+    for steps in lengths:
+        for lr, extra in ((1e-3, 0.0), (1e-2, 0.05)):  # 1e-2 is worse at every length
+            final = float(law(steps * per_step)) + extra
+            curve = [
+                [s, float(law(s * per_step)) + extra + 0.3 * (1 - s / steps)]
+                for s in range(steps // 5, steps + 1, steps // 5)
+            ]
+            config = {"optimizer": "adamw", "lr": lr, "seed": 0, "steps": steps}
+            _finished(store, f"adamw-{steps}-{lr}", config, "adamw", final, curve, steps, per_step)
+    # lion reaches, in 40 steps, AdamW's loss at 160 steps: 4x the tokens
+    lion_curve = [[s, float(law(4 * s * per_step))] for s in range(8, 41, 8)]
+    config = {"optimizer": "lion", "lr": 1e-4, "seed": 0, "steps": 40}
+    _finished(store, "lion", config, "lion", lion_curve[-1][1], lion_curve, 40, per_step)
+    store.close()
+    write_report(tmp_path)
+    summary = {
+        r["optimizer"]: r for r in json.loads((tmp_path / "report" / "summary.json").read_text())
+    }
+    lion = summary["lion"]
+    told = json.loads((tmp_path / "report" / "story.json").read_text())
+    if n_lengths == 5:
+        assert lion["speedup_fit"] == "final losses of AdamW's best runs at 5 training lengths"
+        assert lion["token_speedup_vs_adamw"] == pytest.approx(4.0, rel=1e-3)
+        assert "fitted to the final losses of AdamW's best runs at 5" in " ".join(
+            told["conclusions"]
+        )
+    else:
+        assert lion["speedup_fit"] == "eval curves of AdamW's best runs at 2 training lengths"
+        # the fit is to both best runs' curves (lr 1e-3), in tokens, and not to the worse LR's
+        xs = [s * per_step for steps in lengths for s in range(steps // 5, steps + 1, steps // 5)]
+        ys = [
+            float(law(s * per_step)) + 0.3 * (1 - s / steps)
+            for steps in lengths
+            for s in range(steps // 5, steps + 1, steps // 5)
+        ]
+        expected, _ = token_speedup(fit_power_law(xs, ys), lion_curve[-1][1], 40 * per_step)
+        assert lion["token_speedup_vs_adamw"] == pytest.approx(expected, rel=1e-6)
+        assert abs(expected - 4.0) > 0.5  # bent curves are not the law: why endpoints win

@@ -1,9 +1,10 @@
 """Speedup against AdamW: how many of AdamW's tokens another optimizer's result is worth.
 
 Token-equivalent speedup (defined in ``docs/analysis.md``): fit AdamW's validation loss against
-training tokens with the power law ``L(D) = a * D**-b + c`` (its best run's eval curve, and the
-best run of every length when the store holds several), read off the tokens ``D_A`` AdamW needs
-to reach an optimizer's final loss, and divide by the tokens ``D`` that optimizer used:
+training tokens with the power law ``L(D) = a * D**-b + c`` (its best run's eval curve; with
+runs of several lengths, the best run of every length: :func:`baseline_fit`), read off the
+tokens ``D_A`` AdamW needs to reach an optimizer's final loss, and divide by the tokens ``D``
+that optimizer used:
 ``speedup = D_A / D`` (above 1: it needs fewer tokens than AdamW for the same loss). The
 uncertainty comes from the fit's covariance: parameters are drawn from the normal distribution
 it describes and the 16th-84th percentiles of the resulting speedups are reported.
@@ -101,6 +102,7 @@ class Speedup:
     interval: tuple[float, float] | None  # 16th-84th percentile over the fit's uncertainty
     steps_to_target: int | None
     step_speedup: float | None
+    fit_source: str = ""  # what AdamW's power law was fitted to (see ``baseline_fit``)
 
 
 def token_speedup(
@@ -127,6 +129,33 @@ def token_speedup(
     # order statistics, not np.percentile: draws past AdamW's floor are inf and stay inf
     lo, hi = ratios[int(0.16 * (DRAWS - 1))], ratios[int(0.84 * (DRAWS - 1))]
     return value, (float(lo), float(hi))
+
+
+# With AdamW runs of at least this many training lengths, the power law is fitted to their
+# final losses alone (each run's schedule completed); with fewer, to their eval curves.
+ENDPOINT_LENGTHS = 4
+
+
+def baseline_fit(
+    lengths: dict[float, tuple[float, Sequence[Sequence[float]]]],
+) -> tuple[PowerLaw | None, str]:
+    """AdamW's power law from its best run at each training length.
+
+    ``lengths`` maps training tokens to ``(final loss, eval curve as (tokens, loss) pairs)`` of
+    AdamW's best point at that length. With ``ENDPOINT_LENGTHS`` lengths or more the fit uses the
+    final losses only: each is a run whose schedule ran to its end, where an eval curve's inner
+    points are losses of a run still at a high LR. With fewer, the eval curves of every length
+    together; with one, its eval curve."""
+    if len(lengths) >= ENDPOINT_LENGTHS:
+        tokens = sorted(lengths)
+        fit = fit_power_law(tokens, [lengths[t][0] for t in tokens])
+        return fit, f"final losses of AdamW's best runs at {len(tokens)} training lengths"
+    xs = [float(d) for _, curve in lengths.values() for d, _ in curve]
+    ys = [float(y) for _, curve in lengths.values() for _, y in curve]
+    fit = fit_power_law(xs, ys)
+    if len(lengths) == 1:
+        return fit, "eval curve of AdamW's best run"
+    return fit, f"eval curves of AdamW's best runs at {len(lengths)} training lengths"
 
 
 def first_step_at_or_below(curve: Sequence[Sequence[float | None]], target: float) -> int | None:

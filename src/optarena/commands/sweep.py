@@ -196,6 +196,8 @@ def check_runs(spec: Any, source: str, task: Any = None) -> None:
         except UserError as err:
             raise UserError(f"{source}: run {_run_text(run)}: {err}") from None
         built.add(key)
+        if task is not None and task.name != DEFAULT_TASK:
+            continue  # a post-training run reads its model and data when it starts
         data_key = json.dumps([getattr(config, k) for k in _DATA_KEYS], default=str)
         datasets.setdefault(data_key, []).append((run, config))
     for runs in datasets.values():

@@ -25,6 +25,8 @@ MARS = CLASSES["MARS"]
 AdEMAMix = CLASSES["AdEMAMix"]
 ADOPT = CLASSES["ADOPT"]
 NAdamW = CLASSES["NAdamW"]
+SOAP = CLASSES["SOAP"]
+Kron = CLASSES["Kron"]
 Signum = CLASSES["Signum"]
 SophiaG = CLASSES["SophiaG"]
 
@@ -34,6 +36,7 @@ __all__ = [
     "MARS",
     "REGISTRY",
     "SGD",
+    "SOAP",
     "AdEMAMix",
     "Adafactor",
     "AdafactorClassic",
@@ -43,6 +46,7 @@ __all__ = [
     "ChainOptimizer",
     "FusedPart",
     "Hybrid",
+    "Kron",
     "Lion",
     "Muon",
     "NAdamW",

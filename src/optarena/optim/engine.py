@@ -54,6 +54,11 @@ class Chain:
         return tuple(k for t in self.transforms for k in t.read_only)
 
     @property
+    def eager(self) -> bool:
+        """Whether a transform branches on the step on the host (never compiled)."""
+        return any(t.eager for t in self.transforms)
+
+    @property
     def needs_hessian(self) -> bool:
         return any(type(t).hessian is not Transform.hessian for t in self.transforms)
 

@@ -395,7 +395,12 @@ class ChainOptimizer(torch.optim.Optimizer):
         fused = group.get("fused")
         if fused is not False and plan.entry.torch_kernel:
             params = torch_kernels.step(self, group, hp, plan, params)
-        if params and compiled.wanted(fused, params, type(self).__name__):
+        if plan.chain.eager and fused is True:
+            raise ValueError(
+                f"{type(self).__name__}: fused=True is not available for {plan.entry.name}, "
+                "whose step branches on the host; use fused=None or False"
+            )
+        if params and not plan.chain.eager and compiled.wanted(fused, params, type(self).__name__):
             params = self._compiled.step(self, group, hp, plan, params, explicit=fused is True)
         if params:
             self._step_eager(group, hp, plan, params)

@@ -29,11 +29,14 @@ from optarena.optim.transforms import (
     Cautious,
     ClipByRMS,
     CoupledDecay,
+    DecayAfterStep,
     DecoupledDecay,
     Gate,
     HeavyBall,
+    KronPrecondition,
     LionUpdate,
     MarsCorrection,
+    MatrixDecay,
     NAdamMomentum,
     Orthogonalize,
     RelativeStep,
@@ -41,6 +44,7 @@ from optarena.optim.transforms import (
     ScaleBySecondMoment,
     Sign,
     SlowEMA,
+    SoapStep,
     SophiaClip,
     classic_weights,
     frozen_weights,
@@ -156,6 +160,18 @@ def muon(o: Mapping[str, Any]) -> Chain:
     matrix, decoupled decay."""
     momentum = EMA("momentum_buffer", ("momentum", None), nesterov=bool(o.get("nesterov")))
     return Chain((momentum, Orthogonalize(), DecoupledDecay(), ScaleByLR()))
+
+
+def soap(o: Mapping[str, Any]) -> Chain:
+    """SOAP: Adam in Shampoo's eigenbasis, decay on the stepped parameter."""
+    return Chain((SoapStep(), DecoupledDecay(), ScaleByLR(), DecayAfterStep()))
+
+
+def kron(o: Mapping[str, Any]) -> Chain:
+    """PSGD-Kron: the bias-corrected momentum through a fitted Kronecker-factored
+    preconditioner; decoupled decay on matrices."""
+    momentum = EMA("momentum_buffer", ("momentum", None), debias=True)
+    return Chain((momentum, KronPrecondition(), MatrixDecay(), ScaleByLR()))
 
 
 def adafactor_classic(o: Mapping[str, Any]) -> Chain:
@@ -384,6 +400,20 @@ ENTRIES: list[Entry] = [
           "Muon: Newton-Schulz-orthogonalised momentum on each hidden matrix (AdamW on the rest)",
           "matrix", "Muon", "torch.optim.Muon", checks={"nesterov": BOOL}, complex_ok=False,
           static=("ns_steps",), build=_muon_build),
+    Entry("soap", soap, {"lr": 3e-3, "betas": (0.95, 0.95), "shampoo_beta": None,
+                         "weight_decay": 1e-2, "precondition_frequency": 10,
+                         "max_precondition_dim": 10000, "precondition_1d": False,
+                         "correct_bias": True, "normalize_gradient": False, "eps": 1e-8},
+          "SOAP: Adam in the eigenbasis of Shampoo's preconditioner, refreshed every few steps",
+          "matrix", "SOAP", "pytorch-optimizer 4.1.0 SOAP", complex_ok=False,
+          static=("max_precondition_dim",)),
+    Entry("kron", kron, {"lr": 1e-3, "momentum": 0.9, "weight_decay": 0.0,
+                         "pre_conditioner_update_probability": None,
+                         "max_size_triangular": 8192, "min_ndim_triangular": 2,
+                         "memory_save_mode": None, "momentum_into_precondition_update": True,
+                         "precondition_lr": 0.1, "precondition_init_scale": 1.0},
+          "PSGD-Kron: momentum through a Kronecker-factored preconditioner fitted to random probes",
+          "matrix", "Kron", "pytorch-optimizer 4.1.0 Kron", complex_ok=False),
     Entry("adam-frozen", frozen, {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8,
                                   "weight_decay": 0.0, "precondition_steps": 1000,
                                   "freeze": True},

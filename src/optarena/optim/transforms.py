@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import math
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple, Protocol
@@ -48,6 +49,7 @@ from optarena.optim.checks import (
     NEGATIVE,
     NONNEG,
     NONNEG_INT,
+    POS_INT,
     POSITIVE,
     UNIT,
     Check,
@@ -159,6 +161,7 @@ class Transform:
 
     hyper: ClassVar[dict[str, Check]] = {}  # hyperparameters read, with their ranges
     whole: ClassVar[bool] = False  # needs the whole tensor (gathered from shards)
+    eager: ClassVar[bool] = False  # branches on the step on the host: never compiled
     read_only: ClassVar[tuple[str, ...]] = ()  # state read but not written by a step
 
     def init(self, p: Tensor, info: ParamInfo, hp: Mapping[str, Any], dtype: torch.dtype) -> dict:
@@ -820,6 +823,262 @@ class Orthogonalize(Transform):
         return Update(o, x.scale, None, x.decay)
 
 
+# --------------------------------------------------------------------------- Kronecker factors
+
+
+def _project(x: Tensor, bases: list[Tensor | None], back: bool = False) -> Tensor:
+    """``x`` with ``Qᵢᵀ`` (``back``: ``Qᵢ``) on each axis ``i`` that has a basis, contracted
+    axis by axis as SOAP's reference does (an axis without one is only rotated past)."""
+    for q in bases:
+        if q is None:
+            x = x.permute(*range(1, x.dim()), 0)
+        else:
+            x = torch.tensordot(x, q, dims=([0], [1 if back else 0]))
+    return x
+
+
+class SoapStep(Transform):
+    """SOAP (Vyas et al. 2024; pytorch-optimizer's): Adam in the eigenbasis of Shampoo's
+    statistics ``Lᵢ ← β_s Lᵢ + (1-β_s) G_(i) G_(i)ᵀ`` (axes up to ``max_precondition_dim``).
+    Step 1 only sets the bases (``eigh``); then ``m ← β1 m + (1-β1) g`` in the parameter's
+    basis, ``v ← β2 v + (1-β2) (Qᵀg)²`` in the eigenbasis, ``u = Q (Qᵀm / (√v + ε))`` with
+    Adam's bias correction of step ``t-1``; every ``precondition_frequency`` steps one power
+    iteration and a QR refresh the bases (``v`` reordered with them)."""
+
+    hyper = {
+        "betas": BETAS,
+        "shampoo_beta": optional(UNIT),
+        "eps": NONNEG,
+        "precondition_frequency": POS_INT,
+        "max_precondition_dim": POS_INT,
+        "precondition_1d": BOOL,
+        "correct_bias": BOOL,
+        "normalize_gradient": BOOL,
+    }
+    whole, eager = True, True
+
+    def init(self, p, info, hp, dtype):
+        axes = [i for i, n in enumerate(p.shape) if n <= hp["max_precondition_dim"]]
+        shapes = {"exp_avg": p.shape, "exp_avg_sq": p.shape}
+        for i in axes if p.dim() != 1 or hp["precondition_1d"] else []:
+            shapes[f"GG{i}"] = shapes[f"Q{i}"] = (p.shape[i], p.shape[i])
+        return {k: replicated(shape, dtype, p.device) for k, shape in shapes.items()}
+
+    def scalars(self, hp, step):
+        beta1, beta2, t = hp_value(hp, "betas", 0), hp_value(hp, "betas", 1), step - 1
+        shampoo = beta2 if hp["shampoo_beta"] is None else hp_value(hp, "shampoo_beta")
+        size = math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t) if hp["correct_bias"] and t else 1.0
+        refresh = t > 0 and t % hp["precondition_frequency"] == 0
+        return {
+            "w1": 1.0 - beta1,
+            "w2": 1.0 - beta2,
+            "ws": 1.0 - shampoo,
+            "eps": hp_value(hp, "eps"),
+            "size": size,
+            "first": float(t == 0),
+            "refresh": float(refresh),
+        }
+
+    def update(self, x, slot, sc, stats):
+        st, g = {k: v[0] for k, v in slot.state.items() if k != "step"}, slot.g
+        axes = [i for i in range(g.dim()) if f"Q{i}" in st]
+        bases = [st.get(f"Q{i}") for i in range(g.dim())]
+        for i in axes:  # Shampoo's statistics (read only by the refresh, after the step)
+            others = [d for d in range(g.dim()) if d != i]
+            st[f"GG{i}"].lerp_(torch.tensordot(g, g, dims=[others, others]), sc["ws"])
+        if sc["first"]:  # the bases, no update
+            for i in axes:
+                gg = st[f"GG{i}"]
+                eye = torch.eye(gg.size(0), dtype=gg.dtype, device=gg.device)
+                st[f"Q{i}"].copy_(torch.linalg.eigh(gg + 1e-30 * eye)[1].flip(1))
+            return Update(x.tensor, 0.0, None, x.decay)
+        m, v = st["exp_avg"], st["exp_avg_sq"]
+        rotated = _project(g, bases)
+        m.lerp_(g, sc["w1"])
+        v.lerp_(rotated * rotated, sc["w2"])
+        u = _project(_project(m, bases) / (v.sqrt() + sc["eps"]), bases, back=True)
+        if slot.const["normalize_gradient"]:
+            u = u / (u.square().mean().sqrt() + sc["eps"])
+        if sc["refresh"]:
+            self._refresh(st, axes)
+        return Update(u, x.scale * sc["size"], None, x.decay)
+
+    def _refresh(self, st: dict[str, Tensor], axes: list[int]) -> None:
+        """One power iteration from the current bases, orthonormalised by QR (in float32 at
+        least), columns sorted by their eigenvalue estimate; ``v`` permuted alike."""
+        v = st["exp_avg_sq"]
+        for i in axes:
+            q = st[f"Q{i}"]
+            product = st[f"GG{i}"] @ q
+            order = torch.argsort((q * product).sum(0), descending=True)
+            v = v.index_select(i, order)
+            power = product.index_select(1, order)
+            wide = power if power.dtype in (torch.float32, torch.float64) else power.float()
+            q.copy_(torch.linalg.qr(wide)[0])
+        st["exp_avg_sq"].copy_(v)
+
+
+def replicated(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Zeros of ``shape`` behind a leading axis of 1: state that every rank keeps whole (a
+    tensor shaped like its parameter would be cut into the parameter's shards)."""
+    return torch.zeros((1, *shape), dtype=dtype, device=device)
+
+
+def _along(x: Tensor, i: int, q: Tensor) -> Tensor:
+    """``q`` applied on axis ``i`` of ``x``: a matrix as ``q @``, a vector as a diagonal."""
+    if q.dim() == 1:
+        return x * q.view([-1 if d == i else 1 for d in range(x.dim())])
+    return torch.tensordot(q, x, dims=([1], [i])).movedim(0, i)
+
+
+def _solve_along(x: Tensor, i: int, q: Tensor) -> Tensor:
+    """``q⁻ᵀ`` applied on axis ``i`` of ``x`` (``q`` upper triangular or a diagonal)."""
+    if q.dim() == 1:
+        return x / q.view([-1 if d == i else 1 for d in range(x.dim())])
+    moved = x.movedim(i, -1)
+    flat = torch.linalg.solve_triangular(q, moved.reshape(-1, q.size(0)), upper=True, left=False)
+    return flat.reshape(moved.shape).movedim(-1, i)
+
+
+def _gram(x: Tensor, i: int, diagonal: bool) -> Tensor:
+    """``X_(i) X_(i)ᵀ`` of the axis-``i`` unfolding (its diagonal when ``diagonal``)."""
+    if diagonal:
+        others = [d for d in range(x.dim()) if d != i]
+        return (x * x).sum(others) if others else x * x  # sum([]) would sum every axis
+    unfolded = x.movedim(i, 0).reshape(x.size(i), -1)
+    return unfolded @ unfolded.T
+
+
+def _in_unit_interval(x: Any) -> bool:
+    v = number(x)
+    return v is not None and 0.0 < v <= 1.0
+
+
+def norm_lower_bound(a: Tensor) -> Tensor:
+    """PSGD's lower bound of the spectral norm of the symmetric ``a``: one power-iteration step
+    from its largest row (or column), on ``a`` scaled by its largest entry."""
+    top = a.abs().max()
+    a = a / torch.where(top > 0, top, 1.0)
+    (col, i), (row, j) = (a * a).sum(0).max(0), (a * a).sum(1).max(0)
+    tiny = torch.finfo(a.dtype).tiny
+    x0, x1 = a[:, i] @ a, a @ a[j]
+    bound0 = ((x0 / x0.norm().clamp_min(tiny)) @ a.T).norm()
+    bound1 = (a.T @ (x1 / x1.norm().clamp_min(tiny))).norm()
+    return top * torch.where(col > row, bound0, bound1)
+
+
+class KronSchedule:
+    """PSGD-Kron's host schedule, a function of the step alone: the preconditioner is fitted
+    when a counter reaches ``1/p`` (``p`` given, or ``clamp(exp(-0.001 (t - 500)), 0.03, 1)``
+    computed in float32 as the reference does) and balanced on every 100th fit."""
+
+    def __init__(self, probability: float | None) -> None:
+        self.probability, self.events, self.counter, self.fits = probability, [], 0, 0
+
+    def __call__(self, step: int) -> tuple[bool, bool]:
+        while len(self.events) < step:
+            n, p = len(self.events), self.probability
+            if p is None:
+                p = float(
+                    (torch.tensor(n, dtype=torch.float32) - 500).mul(-1e-3).exp().clamp(0.03, 1.0)
+                )
+            self.counter += 1
+            fit = p > 0 and self.counter >= 1.0 / p
+            self.counter = 0 if fit else self.counter
+            self.fits += fit
+            self.events.append((fit, fit and self.fits % 100 == 0))
+        return self.events[step - 1]
+
+
+kron_schedule = functools.lru_cache(maxsize=16)(KronSchedule)
+
+
+def kron_noise(like: Tensor, name: str, step: int) -> Tensor:
+    """The probe of a preconditioner fit: standard normal, drawn from a generator seeded by
+    the parameter's name and the step, so that a copy, a resumed run and every rank of a
+    sharded one draw the same probe, and no other draw of torch's generators moves."""
+    seed = (zlib.crc32(name.encode()) << 24) + step
+    generator = torch.Generator(device=like.device).manual_seed(seed)
+    return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
+
+
+class KronPrecondition(Transform):
+    """PSGD-Kron (Li 2018; Evan Walters's kron, pytorch-optimizer's): ``u = P m`` with
+    ``P = ⊗ᵢ QᵢᵀQᵢ`` (``Qᵢ`` upper triangular, or diagonal for axes of size 1, above
+    ``max_size_triangular``, in tensors of fewer than ``min_ndim_triangular`` axes, or chosen
+    by ``memory_save_mode``), then ``u`` scaled down to an RMS of at most 1.1. On a fit step
+    (:class:`KronSchedule`) each ``Qᵢ`` takes one step of ``precondition_lr`` towards fitting
+    ``P`` to a random probe ``v`` (``a = Q g``, ``b = Q⁻ᵀ v``: ``Qᵢ ← Qᵢ - η triu(AAᵀ - BBᵀ)
+    Qᵢ / ‖AAᵀ + BBᵀ‖``)."""
+
+    hyper = {
+        "pre_conditioner_update_probability": optional(Check(_in_unit_interval, "in (0, 1]")),
+        "max_size_triangular": POS_INT,
+        "min_ndim_triangular": POS_INT,
+        "memory_save_mode": one_of(None, "one_diag", "smart_one_diag", "all_diag"),
+        "momentum_into_precondition_update": BOOL,
+        "precondition_lr": POSITIVE,
+        "precondition_init_scale": POSITIVE,
+    }
+    whole, eager = True, True
+    eps = torch.finfo(torch.bfloat16).tiny
+
+    def init(self, p, info, hp, dtype):
+        shape = tuple(p.shape) or (1,)
+        diagonal = [False] * len(shape)
+        mode, top = hp["memory_save_mode"], max(range(len(shape)), key=lambda d: (shape[d], d))
+        ranked = sorted(shape)
+        if mode == "one_diag" or (
+            mode == "smart_one_diag" and len(shape) > 1 and ranked[-1] > ranked[-2]
+        ):
+            diagonal[top] = True
+        scale = hp_value(hp, "precondition_init_scale") ** (1.0 / len(shape))
+        state = {}
+        for i, n in enumerate(shape):
+            flat = mode == "all_diag" or diagonal[i] or n == 1 or n > hp["max_size_triangular"]
+            flat = flat or len(shape) < hp["min_ndim_triangular"]
+            q = torch.ones(n, dtype=dtype) if flat else torch.eye(n, dtype=dtype)
+            state[f"Q{i}"] = replicated(q.shape, dtype, p.device).add_(q * scale)
+        return state
+
+    def scalars(self, hp, step):
+        given = hp["pre_conditioner_update_probability"]
+        probability = None if given is None else hp_value(hp, "pre_conditioner_update_probability")
+        fit, balance = kron_schedule(probability)(step)
+        lr = hp_value(hp, "precondition_lr")
+        return {"fit": float(fit), "balance": float(balance), "lr": lr, "step": float(step)}
+
+    def update(self, x, slot, sc, stats):
+        m = slot.value(x).reshape(tuple(slot.p.shape) or (1,))
+        qs = [slot.state[f"Q{i}"][0] for i in range(m.dim())]
+        if sc["balance"] and m.dim() > 1:  # equal factor norms: P is unchanged
+            norms = torch.stack([q.abs().max() for q in qs])
+            for q, norm in zip(qs, norms.prod() ** (1.0 / len(qs)) / norms, strict=True):
+                q.mul_(norm)
+        if sc["fit"]:
+            fit_to = (
+                m if slot.const["momentum_into_precondition_update"] else slot.g.reshape(m.shape)
+            )
+            self._fit(qs, fit_to, kron_noise(m, slot.info.name, int(sc["step"])), sc["lr"])
+        u = m
+        for i, q in enumerate(qs):
+            u = _along(_along(u, i, q), i, q.mT if q.dim() == 2 else q)
+        u = u * (1.1 / (u.square().mean().sqrt() + 1e-6)).clamp(max=1.0)
+        return Update(u.reshape(slot.p.shape), 1.0, None, x.decay)
+
+    def _fit(self, qs: list[Tensor], g: Tensor, v: Tensor, lr: Scalar) -> None:
+        a, b = g, v
+        for i, q in enumerate(qs):
+            a, b = _along(a, i, q), _solve_along(b, i, q)
+        for i, q in enumerate(qs):
+            aa, bb = _gram(a, i, q.dim() == 1), _gram(b, i, q.dim() == 1)
+            step = (aa - bb) * lr
+            if q.dim() == 1:
+                q.sub_(step * q / ((aa + bb).abs().max() + self.eps))
+            else:
+                q.sub_(torch.triu(step) / (norm_lower_bound(aa + bb) + self.eps) @ q)
+
+
 # --------------------------------------------------------------------------- sign-like maps
 
 
@@ -934,6 +1193,26 @@ class DecoupledDecay(Transform):
 
     def update(self, x, slot, sc, stats):
         return Update(x.tensor, x.scale, x.den, x.decay + sc["wd"]) if slot.decays else x
+
+
+class MatrixDecay(DecoupledDecay):
+    """:class:`DecoupledDecay` on tensors of two or more axes only (PSGD-Kron's reference)."""
+
+    def update(self, x, slot, sc, stats):
+        return super().update(x, slot, sc, stats) if slot.p.dim() >= 2 else x
+
+
+class DecayAfterStep(Transform):
+    """The decay applied to the stepped parameter, ``θ ← (θ - s·u)(1 - d)`` (SOAP's
+    reference), from the second step on (its first step only sets its bases). Last in a
+    chain."""
+
+    def scalars(self, hp, step):
+        return {"on": float(step > 1)}
+
+    def update(self, x, slot, sc, stats):
+        decay = x.decay * sc["on"]
+        return Update(x.tensor, x.scale * (1.0 - decay), x.den, decay)
 
 
 class CoupledDecay(Transform):

@@ -16,8 +16,8 @@ from optarena.analysis import Analysis, SeriesResult
 from optarena.speedup import (
     BASELINE,
     Speedup,
+    baseline_fit,
     first_step_at_or_below,
-    fit_power_law,
     token_speedup,
 )
 from optarena.sweep.store import RunRecord
@@ -175,7 +175,7 @@ def _conclude(story: Story, model: str, series: list[SeriesResult], several: boo
     if sp:
         story.conclusions.append(
             f"Token-equivalent speedup over AdamW{where} (AdamW's tokens for the same loss ÷ "
-            "the optimizer's tokens): "
+            f"the optimizer's tokens; power law fitted to the {sp[0][1].fit_source}): "
             + ", ".join(f"{n} {v.token_speedup:.2f}×{_interval(v)}" for n, v in sp)
             + "."
         )
@@ -198,9 +198,16 @@ def speedups(series: Sequence[SeriesResult], runs: dict[str, RunRecord]) -> dict
     base_run = _best_run(base, runs)
     if base_run is None:
         return {}
-    per_step = _tokens_per_step(base_run)
-    curve = _mean_curve([runs[r] for r in base.best_run_ids if r in runs])
-    fit = fit_power_law([p[0] * per_step for p in curve], [p[1] for p in curve])
+    lengths = _adamw_lengths(series, runs)
+    if len(lengths) < 2:  # one length: the best AdamW series' own best point
+        group = [runs[r] for r in base.best_run_ids if r in runs]
+        lengths = {_run_tokens(base_run): (base.best_loss or math.nan, group)}
+    fit, source = baseline_fit(
+        {
+            tokens: (loss, [(st * _tokens_per_step(group[0]), y) for st, y in _mean_curve(group)])
+            for tokens, (loss, group) in lengths.items()
+        }
+    )
     target = base.best_loss
     base_steps = first_step_at_or_below(base_run.eval_curve, target)
     out = {}
@@ -214,8 +221,43 @@ def speedups(series: Sequence[SeriesResult], runs: dict[str, RunRecord]) -> dict
             value, interval = token_speedup(fit, s.best_loss, tokens)
         steps = first_step_at_or_below(run.eval_curve, target)
         ratio = base_steps / steps if steps and base_steps else None
-        out[s.name] = Speedup(s.name, s.best_loss, tokens, value, interval, steps, ratio)
+        out[s.name] = Speedup(s.name, s.best_loss, tokens, value, interval, steps, ratio, source)
     return out
+
+
+def _adamw_lengths(
+    series: Sequence[SeriesResult], runs: dict[str, RunRecord]
+) -> dict[float, tuple[float, list[RunRecord]]]:
+    """AdamW's best point at each training length (tokens): ``(mean final loss over its seeds,
+    its runs)``, over every AdamW series and LR of the model; a point where a seed did not
+    finish training is not a candidate."""
+    best: dict[float, tuple[float, list[RunRecord]]] = {}
+    for s in series:
+        if s.optimizer != BASELINE:
+            continue
+        for point in s.curve:
+            by_length: dict[float, list[RunRecord]] = {}
+            for run_id in point.run_ids:
+                if run_id in runs:
+                    by_length.setdefault(_run_tokens(runs[run_id]), []).append(runs[run_id])
+            for tokens, group in by_length.items():
+                if not math.isfinite(tokens) or any(
+                    r.status != "done" or r.final_val_loss is None for r in group
+                ):
+                    continue
+                loss = statistics.fmean(r.final_val_loss for r in group)
+                if tokens not in best or loss < best[tokens][0]:
+                    best[tokens] = (loss, group)
+    return best
+
+
+def _run_tokens(run: RunRecord) -> float:
+    """A run's training tokens (its summary's, else steps x batch x sequence of its config)."""
+    tokens = (run.summary or {}).get("tokens")
+    if tokens:
+        return float(tokens)
+    steps = run.config.get("steps")
+    return float(steps) * _tokens_per_step(run) if steps else math.nan
 
 
 def _mean_curve(group: Sequence[RunRecord]) -> list[list[float]]:
