@@ -56,6 +56,25 @@ def test_report_page_renders_in_headless_chromium(tmp_path):
         store.finish(run.id, toy.train({**run.config, "eval_every": 10}))
     store.close()
     page = write_report(tmp_path)
+    proc, attrs = render(browser, page)
+    assert int(attrs["figures"]) >= 3  # loss vs LR, aligned, curves (speedup when fitted)
+    told = json.loads((tmp_path / "report" / "story.json").read_text())
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    best = summary[0]
+    assert told["conclusions"][0].startswith(
+        f"Best final validation loss: {best['optimizer']}, {best['best_final_val_loss']:.4f}"
+    )
+    text = html.unescape(re.sub(r"<[^>]+>", "", proc.stdout))
+    for sentence in told["conclusions"] + told["caveats"]:
+        assert sentence in text
+    # a run's own page (plotly.js from the file beside it) draws its curves too
+    run_page = tmp_path / "report" / "runs" / f"{runs[2].id}.html"
+    _, attrs = render(browser, run_page)
+    assert attrs["figures"] == "1"
+
+
+def render(browser: str, page) -> tuple[subprocess.CompletedProcess[str], dict[str, str]]:
+    """Load ``page`` headless: no console message, no script error, every figure drawn."""
     proc = subprocess.run(
         [
             browser,
@@ -79,14 +98,5 @@ def test_report_page_renders_in_headless_chromium(tmp_path):
     assert body, proc.stdout[:500]
     attrs = dict(re.findall(r'data-(\w+)="(\d+)"', body.group(1)))
     assert attrs.get("errors") == "0"
-    assert int(attrs["figures"]) >= 3  # loss vs LR, aligned, curves (speedup when fitted)
     assert attrs["drawn"] == attrs["figures"]  # every figure drew marks in an SVG of its own
-    told = json.loads((tmp_path / "report" / "story.json").read_text())
-    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
-    best = summary[0]
-    assert told["conclusions"][0].startswith(
-        f"Best final validation loss: {best['optimizer']}, {best['best_final_val_loss']:.4f}"
-    )
-    text = html.unescape(re.sub(r"<[^>]+>", "", proc.stdout))
-    for sentence in told["conclusions"] + told["caveats"]:
-        assert sentence in text
+    return proc, attrs

@@ -187,8 +187,7 @@ def check_runs(spec: Any, source: str, task: Any = None) -> None:
     from optarena.tasks import DEFAULT_TASK, TASKS
 
     task = task or TASKS[DEFAULT_TASK]
-    keys = _DATA_KEYS if task.name == DEFAULT_TASK else _FINETUNE_DATA_KEYS
-    check = check_data if task.name == DEFAULT_TASK else check_finetune_data
+    keys, check = _input_checks().get(task.name, ((), None))
     built: set[str] = set()  # an optimizer and its hyperparameters, built once (lr: a number)
     datasets: dict[str, list[tuple[Any, Any]]] = {}  # the runs of each data set, checked
     for run in spec.runs():
@@ -198,7 +197,9 @@ def check_runs(spec: Any, source: str, task: Any = None) -> None:
         except UserError as err:
             raise UserError(f"{source}: run {_run_text(run)}: {err}") from None
         built.add(key)
-        data_key = json.dumps([getattr(config, k, None) for k in keys], default=str)
+        if check is None:
+            continue  # this kind of run reads its model and data when it starts
+        data_key = json.dumps([getattr(config, k) for k in keys], default=str)
         datasets.setdefault(data_key, []).append((run, config))
     for runs in datasets.values():
         check(runs, source)
@@ -231,6 +232,14 @@ _DATA_KEYS = (
     "max_documents",
     "cache_dir",
 )
+
+
+def _input_checks() -> dict[str, tuple[tuple[str, ...], Any]]:
+    """Per task: the config keys that decide a run's inputs, and the check of one input set."""
+    return {
+        "train": (_DATA_KEYS, check_data),
+        "finetune": (_FINETUNE_DATA_KEYS, check_finetune_data),
+    }
 
 
 def _run_text(run: Any) -> str:

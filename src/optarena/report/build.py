@@ -13,7 +13,7 @@ from typing import Any
 from optarena import atomic
 from optarena.analysis import DEFAULT_TAUS, Analysis, analyze, observations_from_store
 from optarena.errors import StorageError
-from optarena.report import figures, interactive, story, tables, tuning
+from optarena.report import figures, interactive, run_pages, story, tables, tuning
 from optarena.sweep.store import Store
 from optarena.sweep.tune import read_paths
 
@@ -73,6 +73,7 @@ def write_report(
     told = story.tell(analysis, by_id)
     with atomic.storage_errors(out):
         out.mkdir(parents=True, exist_ok=True)
+    atomic.clean_temp_files(out)  # of a report killed while writing
 
     summary = tables.summary_rows(analysis, told.speedups)
     tables.write_csv(out / "summary.csv", summary)
@@ -86,6 +87,7 @@ def write_report(
         atomic.write_bytes(out / f"{fig.name}.png", fig.png)
         atomic.write_bytes(out / f"{fig.name}.svg", fig.svg)
 
+    run_pages.write_run_pages(directory, out, runs, members, _SELF_CHECK)
     divs = dict(interactive.all_divs(analysis, by_id, directory, told.speedups))
     page = out / "index.html"
     atomic.write_text(
@@ -260,15 +262,17 @@ def _page(
         parts.append(f"<h2>Runs</h2><details><summary>{len(run_rows)} runs</summary>")
         columns = [k for k in run_rows[0] if k != "error"] + ["error"]
         body = [[_fmt(row.get(k)) for k in columns] for row in run_rows]
-        for cells in body:  # each run's id opens its logged curves (train/val loss, LR, ...)
+        for cells in body:  # each run's id opens its page: its curves, config and files
             ident = e(cells[0])
-            cells[0] = f'<a href="../runs/{ident}/metrics.jsonl" id="run-{ident}">{ident}</a>'
+            href = e(run_pages.page_name(cells[0]))
+            cells[0] = f'<a href="{href}" id="run-{ident}">{ident}</a>'
         parts.append(_table(columns, body, left=len(columns), html_columns={0}))
         parts.append(
             '<p class="muted">'
             + e(
-                "Each id links to that run's metrics.jsonl (every logged step: training loss, "
-                "LR, gradient norm, tokens; every evaluation); the best run of each series is "
+                "Each id opens that run's page: its training loss, validation loss, LR and "
+                "gradient norm against tokens (interactive, from its metrics.jsonl), its "
+                "resolved config and links to its files; the best run of each series is also "
                 "drawn in the curves figure above."
             )
             + "</p>"
