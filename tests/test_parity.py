@@ -28,6 +28,7 @@ import pytest
 import pytorch_optimizer
 import pytorch_optimizer.optimizer.psgd as kron_reference
 import pytorch_optimizer.optimizer.soap as soap_reference
+import schedulefree
 import sophia_opt
 import torch
 import transformers.optimization as hf_optim
@@ -44,6 +45,7 @@ from optarena.optim import (
     Adalayer,
     AdamMini,
     AdamW,
+    AdamWScheduleFree,
     AdEMAMix,
     FusedPart,
     Kron,
@@ -1043,3 +1045,52 @@ def test_kron_probes_are_a_function_of_name_and_step() -> None:
     assert not torch.equal(a, transforms.kron_noise(like, "h.0.attn.weight", 8))
     assert not torch.equal(a, transforms.kron_noise(like, "h.1.attn.weight", 7))
     assert abs(a.mean().item()) < 0.05 and abs(a.std().item() - 1.0) < 0.05
+
+
+# --------------------------------------------------------------------------- Schedule-Free
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["per-tensor", "foreach"])
+def test_schedule_free_matches_schedulefree(foreach: bool) -> None:
+    """Both points: the train point after every step, the eval point every 8 steps (the
+    parameters swapped to it and back, as a training loop that evaluates does)."""
+    p_ours, p_ref, init = fresh()
+    b = {"betas": (0.8, 0.99), "weight_decay": 0.2, "warmup_steps": 5, "r": 0.5}
+    hp = {"lr": 1e-2, "weight_decay": 0.1, "warmup_steps": 3}
+    ours = AdamWScheduleFree(split_groups(p_ours, True, b), **hp)
+    ref = schedulefree.AdamWScheduleFree(split_groups(p_ref, False, b), **hp, foreach=foreach)
+    ref.train()
+
+    def evaluate(t: int) -> None:
+        if t % 8 == 1 and t > 1:  # after step t - 1, before this step's gradients are used
+            ours.eval()
+            ref.eval()
+            for name, p in p_ours.items():
+                assert_close(p, p_ref[name], f"eval point of {name} after step {t - 1}")
+            ours.train()
+            ref.train()
+
+    run_pair(ours, ref, p_ours, p_ref, before_ref_step=evaluate)
+    compare(ours, ref, p_ours, p_ref, {"z": "z", "exp_avg_sq": "exp_avg_sq"}, init)
+
+
+def test_schedule_free_refuses_a_step_at_the_eval_point() -> None:
+    p = make_params({"w": (3, 2)})
+    opt = AdamWScheduleFree(list(p.items()))
+    set_grads(p, 1, skip=())
+    opt.step()
+    opt.eval()
+    opt.eval()  # a second call changes nothing
+    with pytest.raises(ValueError, match=r"call optimizer.train\(\)") as err:
+        opt.step()
+    assert "\n" not in str(err.value)
+    opt.train()
+    opt.step()
+    plain = make_params({"w": (3, 2)})
+    adamw = AdamW(list(plain.items()))
+    set_grads(plain, 1, skip=())
+    adamw.step()
+    before = plain["w"].detach().clone()
+    adamw.eval()  # no eval point: nothing moves, stepping stays allowed
+    assert torch.equal(plain["w"], before)
+    adamw.step()

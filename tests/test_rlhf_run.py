@@ -264,3 +264,71 @@ def make_other_tokenizer_reward_model(tmp_path: Path, reward_dir: Path) -> Path:
     payload["config"] = json.dumps({**json.loads(payload["config"]), "pretrained": str(other_base)})
     atomic.save_torch(ckpt, payload)
     return other
+
+
+def test_a_hugging_face_policy_and_reward_model(hf_pretrained: Path, tmp_path: Path) -> None:
+    reward = tmp_path / "reward"
+    summary = train_reward_model(
+        reward_config(hf_pretrained, reward, steps=2, batch_size=4, eval_pairs=8)
+    )
+    assert summary["pretrained"]["kind"] == "huggingface" and summary["accuracy"] is not None
+    config = rlhf_config(hf_pretrained, reward, tmp_path / "rl", steps=2, batch_size=4)
+    summary = rlhf({**config, "eval_prompts": 4, "max_new_tokens": 4})
+    assert summary["steps"] == 2 and summary["reward"]["pretrained"] == str(hf_pretrained)
+    # the RLHF folder loads as a model again (for a next stage), with the trained weights
+    from optarena.posttrain.pretrained import load_pretrained
+
+    again = load_pretrained(tmp_path / "rl")
+    ckpt = torch.load(next((tmp_path / "rl" / "checkpoints").glob("step-*.pt")), weights_only=True)
+    for name, value in again.model.state_dict().items():
+        assert torch.equal(value, ckpt["model"][name]), name
+
+
+def test_an_rlhf_sweep_and_its_report(
+    pretrained: Path, reward_dir: Path, tmp_path: Path, capsys
+) -> None:
+    spec = tmp_path / "rl.toml"
+    spec.write_text(
+        f"""
+[sweep]
+name = "rl"
+task = "rlhf"
+[base]
+pretrained = "{pretrained}"
+reward_model = "{reward_dir}"
+steps = 2
+batch_size = 4
+max_new_tokens = 4
+eval_prompts = 8
+[[grid]]
+optimizer = "adamw"
+lr = [1e-3]
+seeds = [0, 1]
+[[grid]]
+optimizer = "adam-mini"
+lr = [1e-3]
+"""
+    )
+    out = tmp_path / "out"
+    assert main(["sweep", str(spec), "--out", str(out), "--workers", "1", "--threads", "1"]) == 0
+    capsys.readouterr()
+    from optarena.sweep.store import Store
+
+    with Store(out) as store:
+        runs = store.runs()
+    assert len(runs) == 3 and all(r.status == "done" for r in runs)
+    assert all(r.final_val_loss == -r.summary["final_reward"] for r in runs)
+    assert main(["report", str(out), "--format", "table"]) == 0
+    from optarena.analysis import analyze_store
+    from optarena.report.tables import display_rows, summary_rows
+
+    analysis = analyze_store(out)
+    header, cells = display_rows(analysis)
+    assert header[2:7] == ["best −reward", "best LR", "reward", "start reward", "exact match"]
+    assert all(float(row[2].split()[0]) == -float(row[4]) for row in cells)
+    rows = {r["registry_name"]: r for r in summary_rows(analysis)}
+    adamw = [r for r in runs if r.optimizer == "adamw"]
+    assert rows["adamw"]["reward_at_best"] == pytest.approx(
+        sum(r.summary["final_reward"] for r in adamw) / 2
+    )
+    assert rows["adam-mini"]["start_reward"] == adamw[0].summary["initial"]["reward"]

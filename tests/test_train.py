@@ -17,7 +17,7 @@ import optarena
 from optarena.errors import UserError
 from optarena.model import build_model
 from optarena.optim import available
-from optarena.train import TrainConfig, latest_checkpoint, lr_multiplier, train
+from optarena.train import LanguageModelRun, TrainConfig, latest_checkpoint, lr_multiplier, train
 
 # Peak LRs for a 24-step micro run: the study's optima, raised for the sign methods (whose
 # study optimum, 3e-4, barely moves a model in 24 steps) and lowered for heavy-ball SGD.
@@ -357,3 +357,45 @@ def test_wandb_offline_logger_writes_a_run(
     assert len(runs) == 1, runs
     assert list(runs[0].glob("*.wandb")), "the offline run holds no history file"
     assert summary["steps"] == 2
+
+
+def test_schedule_free_evaluates_its_average_and_resumes_bit_exact(
+    tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every evaluation runs at the eval point (the optimizer in eval mode), every step and
+    checkpoint at the train point, so a run resumed between evaluations ends bit for bit where
+    the uninterrupted one did."""
+    modes: list[bool] = []
+    evaluate = LanguageModelRun.evaluate
+
+    def watched(self: LanguageModelRun) -> float:
+        modes.append(all(g["train_mode"] is False for g in self.optimizer.param_groups))
+        return evaluate(self)
+
+    monkeypatch.setattr(LanguageModelRun, "evaluate", watched)
+    run = tmp_path / "run"
+    config = micro(
+        cache_dir,
+        optimizer="schedule-free",
+        steps=12,
+        out=str(run),
+        eval_every=3,
+        checkpoint_every=7,
+        keep_checkpoints=0,
+        log_every=1,
+    )
+    full = train(config)
+    assert modes == [True] * 4 and len(full["eval_curve"]) == 4  # steps 3, 6, 9, 12
+    saved = torch.load(run / "checkpoints" / "step-00000007.pt", weights_only=True)
+    assert all(g["train_mode"] for g in saved["optimizer"]["param_groups"])
+    final_weights = torch.load(run / "checkpoints" / "step-00000012.pt", weights_only=True)
+    losses = _losses(run)
+    (run / "checkpoints" / "step-00000012.pt").unlink()
+    (run / "summary.json").unlink()
+    resumed = train({**config, "resume": True})
+    assert resumed["resumed_from"].endswith("step-00000007.pt")
+    assert _losses(run) == losses
+    assert resumed["eval_curve"] == full["eval_curve"]
+    again = torch.load(run / "checkpoints" / "step-00000012.pt", weights_only=True)
+    for key, value in final_weights["model"].items():
+        assert torch.equal(again["model"][key], value), key

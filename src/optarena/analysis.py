@@ -111,6 +111,10 @@ class SeriesResult:
     # validation loss of the model they started from
     exact_match: float | None = None
     start_loss: float | None = None
+    # RLHF runs (whose val_loss is the negative held-out reward): the mean final reward at the
+    # best LR and the reward of the model they started from
+    reward: float | None = None
+    start_reward: float | None = None
 
     @property
     def name(self) -> str:
@@ -314,6 +318,12 @@ def _series(group: list[Observation], taus: tuple[float, ...]) -> SeriesResult:
             if best is not None and o.run_id in best.run_ids
         ),
         start_loss=_median(o.summary.get("pretrained_val_loss") for o in done),
+        reward=_mean(
+            o.summary.get("final_reward")
+            for o in done
+            if best is not None and o.run_id in best.run_ids
+        ),
+        start_reward=_median((o.summary.get("initial") or {}).get("reward") for o in done),
     )
 
 

@@ -18,7 +18,13 @@ file is an orphan that is ignored and cleaned.
 
 ``fault_point(name)`` marks the instants between the steps of such a commit. Tests set
 ``OPTARENA_FAULT=NAME`` (optionally ``NAME@N``, the N-th time that point is reached) to have the
-process SIGKILL itself exactly there; without the variable it does nothing.
+process SIGKILL itself exactly there (noting it in ``$OPTARENA_FAULT_LOG`` if set); without the
+variable it does nothing. The points:
+``file-written`` (any atomic write, before its rename), ``checkpoint-written`` (a checkpoint in
+its temporary file, no checksum yet), ``checksum-written`` (its checksum written, the rename not
+done), ``checkpoint-committed``, ``before-summary`` and ``after-summary`` (a run's
+``summary.json``), ``before-store-write`` and ``after-store-write`` (the sweep driver recording
+a run's outcome).
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ _TEMP = re.compile(r"^\.(?P<name>.+)\.tmp(?:-(?P<host>.+)-)?(?P<pid>\d+)$")
 # Temporary files from other hosts (shared file systems) older than this are abandoned.
 FOREIGN_TEMP_SECONDS = 24 * 3600.0
 FAULT_ENV = "OPTARENA_FAULT"
+FAULT_LOG_ENV = "OPTARENA_FAULT_LOG"  # where fault_point notes each kill (tests count them)
 _fault_counts: dict[str, int] = {}
 
 
@@ -66,6 +73,10 @@ def fault_point(name: str) -> None:
         return
     _fault_counts[name] = _fault_counts.get(name, 0) + 1
     if _fault_counts[name] == int(nth or 1):
+        log = os.environ.get(FAULT_LOG_ENV)
+        if log:  # one line per kill, so that a test counts them exactly
+            with open(log, "a", encoding="utf-8") as fh:
+                fh.write(f"{os.getpid()} {wanted}\n")
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -171,6 +182,7 @@ def atomic_open(
                 yield fh
                 fh.flush()
                 os.fsync(fh.fileno())
+            fault_point("file-written")  # the new content whole in its temporary file
             os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -348,6 +360,7 @@ def clean_temp_files(folder: str | Path, recursive: bool = False) -> list[Path]:
 
 __all__ = [
     "FAULT_ENV",
+    "FAULT_LOG_ENV",
     "atomic_open",
     "checksum_path",
     "clean_temp_files",

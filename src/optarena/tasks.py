@@ -49,6 +49,22 @@ TASKS: dict[str, Task] = {
         "check_config",
         "supervised fine-tuning (optarena finetune)",
     ),
+    "reward": Task(
+        "reward",
+        "optarena.posttrain.reward_model:train_reward_model",
+        "optarena.posttrain.reward_model",
+        "RewardConfig",
+        "check_config",
+        "reward-model training on preference pairs (optarena reward)",
+    ),
+    "rlhf": Task(
+        "rlhf",
+        "optarena.posttrain.rlhf:rlhf",
+        "optarena.posttrain.rlhf",
+        "RLHFConfig",
+        "check_config",
+        "RLHF with ReMax (optarena rlhf)",
+    ),
 }
 DEFAULT_TASK = "train"
 

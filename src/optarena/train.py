@@ -758,12 +758,31 @@ class Run:
         raise NotImplementedError
 
     def eval_metrics(self) -> dict[str, Any]:
-        """:meth:`evaluate` as a dict that holds ``val_loss``."""
-        result = self.evaluate()
+        """:meth:`evaluate` as a dict that holds ``val_loss``, at the optimizer's eval point."""
+        with self.eval_point():
+            result = self.evaluate()
         metrics = dict(result) if isinstance(result, dict) else {"val_loss": result}
         if "val_loss" not in metrics:
             raise TypeError(f"{type(self).__name__}.evaluate() returned no 'val_loss'")
         return metrics
+
+    @contextlib.contextmanager
+    def eval_point(self) -> Iterator[None]:
+        """The parameters at the optimizer's evaluation point while evaluating (Schedule-Free
+        evaluates its average ``x``, not the point ``y`` it steps at), back at the train point
+        after: steps and checkpoints always see the train point, so a resumed run continues
+        exactly. Optimizers without ``eval()``/``train()`` (torch's) are left alone."""
+        optimizer = self.optimizer
+        swaps = callable(getattr(optimizer, "eval", None)) and callable(
+            getattr(optimizer, "train", None)
+        )
+        if swaps:
+            optimizer.eval()
+        try:
+            yield
+        finally:
+            if swaps:
+                optimizer.train()
 
     def step_tokens(self, batch: Any) -> int:
         """Tokens one optimizer step trains on (all ranks): throughput and Sophia's ``bs``."""

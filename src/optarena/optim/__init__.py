@@ -27,6 +27,7 @@ ADOPT = CLASSES["ADOPT"]
 NAdamW = CLASSES["NAdamW"]
 SOAP = CLASSES["SOAP"]
 Kron = CLASSES["Kron"]
+AdamWScheduleFree = CLASSES["AdamWScheduleFree"]
 Signum = CLASSES["Signum"]
 SophiaG = CLASSES["SophiaG"]
 
@@ -43,6 +44,7 @@ __all__ = [
     "Adalayer",
     "AdamMini",
     "AdamW",
+    "AdamWScheduleFree",
     "ChainOptimizer",
     "FusedPart",
     "Hybrid",

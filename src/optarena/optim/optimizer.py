@@ -37,7 +37,16 @@ if TYPE_CHECKING:
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 # Group keys that say how a group runs or who it is, not what its update computes.
-_NOT_MATH = {"params", "param_names", "fused", "foreach", "optimizer", "route", "no_decay_roles"}
+_NOT_MATH = {
+    "params",
+    "param_names",
+    "fused",
+    "foreach",
+    "optimizer",
+    "route",
+    "no_decay_roles",
+    "train_mode",
+}
 
 # torch.optim's flags: each value torch defaults to is accepted; ``foreach``, a speed choice, at
 # any value (``fused`` picks the path here); a value that changes the update names what to do.
@@ -364,6 +373,11 @@ class ChainOptimizer(torch.optim.Optimizer):
             raise ValueError(
                 f"{type(self).__name__}: invalid bs={bs!r}; expected {POSITIVE.expected}"
             )
+        if any(g.get("train_mode") is False for g in self.param_groups):
+            raise ValueError(
+                f"{type(self).__name__}: step() with the parameters at their eval point; call "
+                "optimizer.train() after evaluating"
+            )
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -450,6 +464,30 @@ class ChainOptimizer(torch.optim.Optimizer):
                     slot = self.slot(p, group, plan)
                 for t in plan.chain:
                     t.hessian(slot, group)
+
+    # ----------------------------------------------------------------- train and eval points
+
+    @torch.no_grad()
+    def eval(self) -> None:
+        """Parameters to their evaluation point (Schedule-Free's average ``x``), as
+        ``schedulefree``'s ``optimizer.eval()``; optimizers without one are untouched. Call
+        :meth:`train` before the next step."""
+        self.train(False)
+
+    @torch.no_grad()
+    def train(self, mode: bool = True) -> None:
+        """Parameters back to the point the step updates (``mode=False``: :meth:`eval`). An
+        optimizer is created in train mode; each call that changes nothing is a no-op."""
+        for group in self.param_groups:
+            movers = [t for t in self._plan(group).chain if t.swaps]
+            if not movers or group.get("train_mode", True) == mode:
+                continue
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state:
+                    for t in movers:
+                        t.swap(real(p), {k: real(v) for k, v in state.items()}, group, mode)
+            group["train_mode"] = mode
 
     # ----------------------------------------------------------------- checkpoints
 

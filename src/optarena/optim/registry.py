@@ -42,6 +42,7 @@ from optarena.optim.transforms import (
     RelativeStep,
     ScaleByLR,
     ScaleBySecondMoment,
+    ScheduleFreeStep,
     Sign,
     SlowEMA,
     SoapStep,
@@ -172,6 +173,11 @@ def kron(o: Mapping[str, Any]) -> Chain:
     preconditioner; decoupled decay on matrices."""
     momentum = EMA("momentum_buffer", ("momentum", None), debias=True)
     return Chain((momentum, KronPrecondition(), MatrixDecay(), ScaleByLR()))
+
+
+def schedule_free(o: Mapping[str, Any]) -> Chain:
+    """Schedule-Free AdamW: Adam's normalised gradient, the interpolated step."""
+    return Chain((ScaleBySecondMoment("element"), ScheduleFreeStep()))
 
 
 def adafactor_classic(o: Mapping[str, Any]) -> Chain:
@@ -414,6 +420,11 @@ ENTRIES: list[Entry] = [
                          "precondition_lr": 0.1, "precondition_init_scale": 1.0},
           "PSGD-Kron: momentum through a Kronecker-factored preconditioner fitted to random probes",
           "matrix", "Kron", "pytorch-optimizer 4.1.0 Kron", complex_ok=False),
+    Entry("schedule-free", schedule_free, {"lr": 2.5e-3, "betas": (0.9, 0.999), "eps": 1e-8,
+                                           "weight_decay": 0.0, "warmup_steps": 0, "r": 0.0,
+                                           "weight_lr_power": 2.0},
+          "Schedule-Free AdamW: no LR schedule; steps at an interpolation, evaluates the average",
+          "adam", "AdamWScheduleFree", "schedulefree 1.4.1 AdamWScheduleFree", complex_ok=False),
     Entry("adam-frozen", frozen, {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8,
                                   "weight_decay": 0.0, "precondition_steps": 1000,
                                   "freeze": True},

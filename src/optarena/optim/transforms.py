@@ -162,6 +162,7 @@ class Transform:
     hyper: ClassVar[dict[str, Check]] = {}  # hyperparameters read, with their ranges
     whole: ClassVar[bool] = False  # needs the whole tensor (gathered from shards)
     eager: ClassVar[bool] = False  # branches on the step on the host: never compiled
+    swaps: ClassVar[bool] = False  # moves the parameter between a train and an eval point
     read_only: ClassVar[tuple[str, ...]] = ()  # state read but not written by a step
 
     def init(self, p: Tensor, info: ParamInfo, hp: Mapping[str, Any], dtype: torch.dtype) -> dict:
@@ -183,6 +184,9 @@ class Transform:
 
     def hessian(self, slot: Slot, hp: Mapping[str, Any]) -> None:
         """Fold the gradient in ``slot.g`` into a curvature estimate (Sophia); others: nothing."""
+
+    def swap(self, p: Tensor, state: Mapping[str, Tensor], hp: Mapping[str, Any], train: bool):
+        """Move ``p`` to its train point (``train``) or its eval point (``swaps`` only)."""
 
 
 def hp_value(hp: Mapping[str, Any], key: str, index: int | None = None) -> float:
@@ -1177,6 +1181,68 @@ class RelativeStep(Transform):
             return x.scaled(sc["size"])
         rms = (stats["p_sq"] / slot.rows.numel).sqrt()
         return x.scaled(rms.clamp(min=sc["eps2"]) * sc["size"])
+
+
+# --------------------------------------------------------------------------- schedule-free
+
+
+class ScheduleFreeStep(Transform):
+    """Schedule-Free AdamW (Defazio et al. 2024; ``schedulefree.AdamWScheduleFree``): the
+    normalised gradient ``u`` (Adam's second moment before this) plus ``λy``; ``z ← z - γu``
+    and the parameter, in train mode the point ``y = (1-β1) z + β1 x``, becomes
+    ``y ← (1-c) y + c z + γ(β1(1-c) - 1) u`` with ``c = w_t / Σ w``, ``w_t = t^r·γ_max^p``
+    (``γ = lr``, linearly warmed over ``warmup_steps``; ``γ_max`` its running maximum, kept with
+    ``Σ w`` per parameter). The average ``x`` is the eval point (:meth:`swap`). Last in its
+    chain: it moves the parameter to ``(1-c) y + c z`` itself (a ``lerp``, as the reference)
+    and returns the rest of the step."""
+
+    hyper = {
+        "lr": NONNEG,
+        "betas": BETAS,
+        "weight_decay": NONNEG,
+        "warmup_steps": NONNEG_INT,
+        "r": NONNEG,
+        "weight_lr_power": NONNEG,
+    }
+    swaps = True
+
+    def init(self, p, info, hp, dtype):
+        scalar = functools.partial(torch.zeros, (), dtype=dtype, device=p.device)
+        return {
+            "z": p.detach().to(dtype, copy=True),
+            "lr_max": scalar() - 1.0,
+            "weight_sum": scalar(),
+        }
+
+    def scalars(self, hp, step):
+        warmup = hp["warmup_steps"]
+        lr = hp_value(hp, "lr") * (step / warmup if step <= warmup else 1.0)
+        return {
+            "lr": lr,
+            "beta1": hp_value(hp, "betas", 0),
+            "wd": hp_value(hp, "weight_decay"),
+            "power": hp_value(hp, "weight_lr_power"),
+            "tr": float(step) ** hp_value(hp, "r"),
+        }
+
+    def update(self, x, slot, sc, stats):
+        st, lr = slot.state, sc["lr"]
+        weight = st["lr_max"].clamp_(min=lr) ** sc["power"] * sc["tr"]
+        total = st["weight_sum"].add_(weight)
+        c = torch.where(total > 0, weight / total, 0.0)
+        u = slot.value(x)
+        if slot.decays and not is_zero(sc["wd"]):
+            u = axpy(u, slot.p, sc["wd"])
+        z = st["z"]
+        slot.p.lerp_(z, c)  # exactly y where z = y (a parameter that never had a gradient)
+        axpy_(z, u, -lr)
+        return Update(u, lr * (1.0 - sc["beta1"] * (1.0 - c)), None, 0.0)
+
+    def swap(self, p, state, hp, train):
+        z = state.get("z")
+        if z is not None:
+            beta1 = hp_value(hp, "betas", 0)
+            p.lerp_(z.to(p.dtype), 1.0 - beta1 if train else 1.0 - 1.0 / beta1)
 
 
 # --------------------------------------------------------------------------- decay, lr, gates

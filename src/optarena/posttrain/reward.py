@@ -36,14 +36,18 @@ def pair_accuracy(chosen: Tensor, rejected: Tensor) -> float:
 class RewardModel(nn.Module):
     """``backbone.features(tokens)`` at each row's last token, through ``head`` to a scalar.
 
-    ``backbone`` is the study's :class:`~optarena.model.GPT` (its ``lm_head`` is kept, so the
-    backbone stays loadable as a language model, but gets no gradient). The head starts at
+    ``backbone`` is a pretrained model's (:class:`~optarena.model.GPT` or a Hugging Face causal
+    LM behind :class:`~optarena.posttrain.pretrained.HFCausalLM`); its output layer is kept, so
+    the backbone stays loadable as a language model, but gets no gradient. The head starts at
     zero: every sequence first scores 0."""
 
     def __init__(self, backbone: nn.Module) -> None:
         super().__init__()
         self.backbone = backbone
-        self.head = nn.Linear(backbone.config.d_model, 1, bias=False)
+        device = next(backbone.parameters()).device
+        with torch.no_grad():  # the width of the features, whatever the architecture
+            width = backbone.features(torch.zeros(1, 1, dtype=torch.long, device=device)).shape[-1]
+        self.head = nn.Linear(width, 1, bias=False, device=device)
         nn.init.zeros_(self.head.weight)
 
     def forward(self, tokens: Tensor, lengths: Tensor) -> Tensor:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -203,10 +203,6 @@ class RewardConfig(RunConfig):
 class RewardRun(Run):
     """Bradley-Terry training of a :class:`RewardModel` on preference pairs."""
 
-    def prepare_out(self) -> Path | None:
-        self.load_inputs()  # a bad input fails before anything is written
-        return super().prepare_out()
-
     def load_inputs(self) -> None:
         """The model and the pairs, each checked (one-line errors)."""
         from optarena.posttrain.pretrained import load_pretrained
@@ -227,6 +223,7 @@ class RewardRun(Run):
         from optarena.posttrain.data import ExampleSampler
 
         config = self.config
+        self.load_inputs()  # before the folder is made (Run.make_out): bad input writes nothing
         torch.manual_seed(config.seed)
         self.model = RewardModel(self.pretrained.model).to(self.device)
         self.sampler = ExampleSampler(len(self.train_pairs), config.batch_size, config.seed)
@@ -309,23 +306,34 @@ class RewardRun(Run):
         }
 
 
-def train_reward_model(config: RewardConfig | dict[str, Any]) -> dict[str, Any]:
-    """Train a reward model and return its summary (also ``OUT/summary.json``)."""
+def train_reward_model(
+    config: RewardConfig | dict[str, Any],
+    on_log: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Train a reward model and return its summary (also ``OUT/summary.json``); ``on_log``
+    receives every record of ``metrics.jsonl``."""
+    return RewardRun(check_config(config, optimizer=True), None, on_log).run()
+
+
+def check_config(config: RewardConfig | dict[str, Any], optimizer: bool = True) -> RewardConfig:
+    """Keys, types, ranges and (``optimizer``) the optimizer and its hyperparameters over a
+    stand-in model, without the model or pairs (what a sweep checks before it starts)."""
     values = config if isinstance(config, dict) else config.to_dict()
     checked = RewardConfig.from_dict(values)
-    check_optimizer(checked)
-    return RewardRun(checked).run()
+    check_optimizer(checked, optimizer)
+    return checked
 
 
-def check_optimizer(config: RunConfig) -> None:
-    """The optimizer's name and hyperparameters, checked over a stand-in model before any
-    input is read or anything written (as ``optarena train`` does)."""
+def check_optimizer(config: RunConfig, hyperparameters: bool = True) -> None:
+    """The optimizer's name and (``hyperparameters``) its hyperparameters, checked over a
+    stand-in model as ``optarena train`` does."""
     from optarena.train import _check_optimizer_name, _make_optimizer, _stand_in_model
 
     _check_optimizer_name(config.optimizer)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        _make_optimizer(config, _stand_in_model())
+    if hyperparameters:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _make_optimizer(config, _stand_in_model())
 
 
 # --------------------------------------------------------------------------- loading

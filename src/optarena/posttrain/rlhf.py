@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -152,10 +152,6 @@ class RLHFConfig(RunConfig):
 class RLHFRun(Run):
     """ReMax against a reward, with a KL penalty to the frozen starting model."""
 
-    def prepare_out(self) -> Path | None:
-        self.load_inputs()  # a bad input fails before anything is written
-        return super().prepare_out()
-
     def load_inputs(self) -> None:
         """The policy, the reward and the prompts, each checked (one-line errors)."""
         from optarena.posttrain.pretrained import load_pretrained
@@ -184,6 +180,7 @@ class RLHFRun(Run):
         from optarena.posttrain.data import ExampleSampler
 
         config = self.config
+        self.load_inputs()  # before the folder is made (Run.make_out): bad input writes nothing
         torch.manual_seed(config.seed)
         self.model = self.pretrained.model.to(self.device)
         self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
@@ -370,6 +367,10 @@ class RLHFRun(Run):
             "initial": {k: v for k, v in initial.items() if k not in strip},
             "final": {k: v for k, v in final.items() if k not in strip},
             "final_reward": final.get("reward"),
+            # the keys fine-tuning runs share (the sweep's report reads them)
+            "pretrained_val_loss": initial.get("val_loss"),
+            "pretrained_exact_match": initial.get("accuracy"),
+            "final_exact_match": final.get("accuracy"),
             "reward_gain": gain,
             "eval_rewards": {"initial": initial.get("rewards"), "final": final.get("rewards")},
         }
@@ -393,11 +394,21 @@ def paired_gain(before: Sequence[float], after: Sequence[float]) -> dict[str, fl
     return {"mean": mean, "low": mean - half, "high": mean + half, "n": n}
 
 
-def rlhf(config: RLHFConfig | dict[str, Any]) -> dict[str, Any]:
-    """Run ReMax and return the summary (also ``OUT/summary.json``)."""
+def rlhf(
+    config: RLHFConfig | dict[str, Any],
+    on_log: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Run ReMax and return the summary (also ``OUT/summary.json``); ``on_log`` receives
+    every record of ``metrics.jsonl``."""
+    return RLHFRun(check_config(config, optimizer=True), None, on_log).run()
+
+
+def check_config(config: RLHFConfig | dict[str, Any], optimizer: bool = True) -> RLHFConfig:
+    """Keys, types, ranges and (``optimizer``) the optimizer and its hyperparameters over a
+    stand-in model, without the models or prompts (what a sweep checks before it starts)."""
     from optarena.posttrain.reward_model import check_optimizer
 
     values = config if isinstance(config, dict) else config.to_dict()
     checked = RLHFConfig.from_dict(values)
-    check_optimizer(checked)
-    return RLHFRun(checked).run()
+    check_optimizer(checked, optimizer)
+    return checked

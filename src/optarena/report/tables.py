@@ -38,6 +38,11 @@ def finetuned(analysis: Analysis) -> bool:
     return any(s.start_loss is not None for s in analysis.series)
 
 
+def rewarded(analysis: Analysis) -> bool:
+    """Whether the sweep holds RLHF runs (their loss is the negative held-out reward)."""
+    return any(s.reward is not None for s in analysis.series)
+
+
 def summary_rows(
     analysis: Analysis, speedups: Mapping[str, Speedup] | None = None
 ) -> list[dict[str, Any]]:
@@ -67,6 +72,8 @@ def summary_rows(
         )
         if finetuned(analysis):
             row.update(exact_match_at_best=s.exact_match, start_val_loss=s.start_loss)
+        if rewarded(analysis):
+            row.update(reward_at_best=s.reward, start_reward=s.start_reward)
         row.update(speedup_fields((speedups or {}).get(s.name)))
         rows.append(row)
     return rows
@@ -93,6 +100,8 @@ def run_rows(runs: Sequence[RunRecord], members: Sequence[Member]) -> list[dict[
         row.update(seed=r.seed, status=r.status, final_val_loss=r.final_val_loss)
         if r.summary and "final_exact_match" in r.summary:
             row["final_exact_match"] = r.summary["final_exact_match"]
+        if r.summary and "final_reward" in r.summary:
+            row["final_reward"] = r.summary["final_reward"]
         row.update(wall_seconds=r.wall_seconds, error=r.error)
         rows.append(row)
     return rows
@@ -142,21 +151,28 @@ def display_rows(
     analysis: Analysis, speedups: Mapping[str, Speedup] | None = None
 ) -> tuple[list[str], list[list[str]]]:
     """Header and formatted cells of the summary table, as people read it, best loss first."""
-    tuned = finetuned(analysis)
-    header = ["model", "optimizer", "best response loss" if tuned else "best loss", "best LR"]
+    tuned, rl = finetuned(analysis), rewarded(analysis)
+    loss_name = "best −reward" if rl else "best response loss" if tuned else "best loss"
+    header = ["model", "optimizer", loss_name, "best LR"]
     header += [f"basin τ={tau:g}" for tau in analysis.taus]
     header += ["diverged", "state B/param", "tokens/s", "× AdamW tokens", "steps to target"]
-    if tuned:
+    if rl:  # the start loss is the negative start reward: not shown twice
+        header[4:4] = ["reward", "start reward", "exact match"]
+    elif tuned:
         header[4:4] = ["exact match", "start loss"]
     cells = []
     for s in by_loss(analysis):
         sp = (speedups or {}).get(s.name)
         row = _display(s, analysis.taus)
-        if tuned:
+        match = "—" if s.exact_match is None else f"{s.exact_match:.1%}"
+        if rl:
             row[4:4] = [
-                "—" if s.exact_match is None else f"{s.exact_match:.1%}",
-                "—" if s.start_loss is None else f"{s.start_loss:.4f}",
+                "—" if s.reward is None else f"{s.reward:.4f}",
+                "—" if s.start_reward is None else f"{s.start_reward:.4f}",
+                match,
             ]
+        elif tuned:
+            row[4:4] = [match, "—" if s.start_loss is None else f"{s.start_loss:.4f}"]
         row.append(_speedup_text(sp))
         row.append("—" if sp is None or sp.steps_to_target is None else str(sp.steps_to_target))
         cells.append(row)

@@ -139,6 +139,7 @@ def _record(
 ) -> None:
     lr = run.config.get("lr")
     where = point_text(run.label, run.point, run.config.get("seed"))
+    atomic.fault_point("before-store-write")
     if outcome.summary is not None:
         status = store.finish(run.id, outcome.summary)
         loss = outcome.summary.get("final_val_loss")
@@ -155,6 +156,7 @@ def _record(
         _write_error_file(store.run_dir(run.id), outcome.detail or outcome.error)
         result.failed += 1
         line = f"{where}: FAILED: {outcome.error}"
+    atomic.fault_point("after-store-write")
     progress.record(run.label, lr, status, loss, line)
 
 
