@@ -216,6 +216,7 @@ def write_texts(items: Iterable[tuple[Path, str]], encoding: str = "utf-8") -> i
                 tmp.write_bytes(data)
         if pending:
             os.sync()
+            fault_point("file-written")  # every new content whole in its temporary file
         for tmp, path in pending:
             with storage_errors(path):
                 os.replace(tmp, path)
