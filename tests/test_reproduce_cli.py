@@ -106,6 +106,15 @@ def test_reduced_run_trains_for_real(tmp_path, study):
         assert by_id["M3"]["verdict"] in ("holds", "does not hold", "inconclusive")
         assert (out / "report" / "repro-adam-mini-curves.png").is_file()
         assert "Chinchilla" in (out / "report" / "index.html").read_text()
+        # the SFT stage fine-tunes the pre-training stage's AdamW model, in its own store
+        assert by_id["M4"]["verdict"] in ("holds", "does not hold", "inconclusive")
+        with Store(out / "sft", create=False) as store:
+            sft = store.runs()
+        assert {r.optimizer for r in sft} == {"adamw", "adam-mini"}
+        assert all(r.status == "done" and r.summary["task"] == "finetune" for r in sft)
+        assert all(r.config["pretrained"].startswith(str(out.resolve())) for r in sft)
+        assert "Supervised fine-tuning" in (out / "report" / "index.html").read_text()
+        assert "| adam-mini |" in (out / "report" / "sft.md").read_text()
 
 
 @pytest.mark.parametrize(

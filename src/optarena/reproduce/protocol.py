@@ -113,6 +113,13 @@ class Scale:
     hybrids: tuple[str, ...] = HYBRIDS
     frozen: tuple[str, ...] = tuple(FROZEN_LABELS)
     workers: int | None = None  # None: one per core (small models use one core well)
+    # Adam-mini's SFT stages (optarena.reproduce.adam_mini_sft): steps, batch, LR points,
+    # validation examples for the response loss and for exact match
+    sft_steps: int = 200
+    sft_batch_size: int = 16
+    sft_lr_points: int = 4
+    sft_eval_examples: int = 256
+    sft_eval_generate: int = 128
     extra: dict[str, Any] = field(default_factory=dict)  # more [base] keys
 
     def base(self, model: str | None = None) -> dict[str, Any]:
@@ -153,6 +160,11 @@ SCALES: dict[str, Scale] = {
         beta_optimizers=("adamw",),
         hybrids=("hybrid-adalayer-last-ln",),
         frozen=("adam-frozen-last-ln",),
+        sft_steps=6,
+        sft_batch_size=8,
+        sft_lr_points=1,
+        sft_eval_examples=16,
+        sft_eval_generate=8,
     ),
     # The full protocol on a 2-core CPU: Deconstructing 212 runs of 200 steps in 22 min,
     # Adam-mini 24 runs of 400 steps in 12 min (idle box, docs/reproduction.md).

@@ -46,6 +46,7 @@ class Stager:
     stages: list[StageReport] = field(default_factory=list)
     default_threads: int = 1
     seed: int = 0  # the seed of every stage's runs (repeats name their own)
+    function: str | None = None  # the runs' function (None: --function, i.e. pre-training)
 
     def grid(
         self,
@@ -66,14 +67,19 @@ class Stager:
         from optarena.commands.sweep import check_runs, make_executor
         from optarena.sweep.driver import run_sweep
         from optarena.sweep.store import Store
+        from optarena.tasks import task_of_function
 
         for i, g in enumerate(grids):
             g.index = i
         spec = SweepSpec(f"{self.prefix}-{number}", title, base, grids)
         runs = spec.runs()
-        executor = make_executor(self.args, self.out, self.default_threads)
-        if runs and self.args.function == DEFAULT_FUNCTION:
-            check_runs(spec, f"stage {number}")  # bad values: one line, nothing stored
+        args = self.args
+        if self.function is not None:
+            args = argparse.Namespace(**{**vars(args), "function": self.function})
+        executor = make_executor(args, self.out, self.default_threads)
+        task = task_of_function(args.function)
+        if runs and task is not None:
+            check_runs(spec, f"stage {number}", task)  # bad values: one line, nothing stored
         start = time.monotonic()
         self.console.print(
             f"[bold]stage {number}/{total}[/]: {title} ({len({r.id for r in runs})} runs)",
