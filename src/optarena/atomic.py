@@ -122,10 +122,15 @@ def storage_error(path: str | Path, err: BaseException) -> StorageError | None:
 
 def _errno_of_folder(folder: Path) -> int:
     """Why writes into ``folder`` fail, for writers that lose the errno (torch's zip writer):
-    no space, read-only, or else an I/O error."""
+    no space, a file size limit (``ulimit -f``), read-only, or else an I/O error."""
     with contextlib.suppress(OSError):
         if shutil.disk_usage(folder).free < 1 << 20:
             return errno.ENOSPC
+    with contextlib.suppress(ImportError, OSError, ValueError):
+        import resource
+
+        if resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY:
+            return errno.EFBIG
     if not os.access(folder, os.W_OK):
         return errno.EROFS
     return errno.EIO
