@@ -336,6 +336,8 @@ def make_executor(
             max_retries=args.max_retries,
         )
     if args.backend == "slurm":
+        if args.slurm_time < 1:
+            raise UserError(f"--slurm-time {args.slurm_time}: give the minutes per run job, >= 1")
         params: dict[str, Any] = {"timeout_min": args.slurm_time}
         if args.slurm_partition:
             params["slurm_partition"] = args.slurm_partition
