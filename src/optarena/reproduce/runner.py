@@ -20,6 +20,7 @@ from rich.console import Console
 
 from optarena.analysis import Analysis, analyze_store
 from optarena.sweep.spec import Grid, SweepSpec
+from optarena.tasks import DEFAULT_TASK
 
 DEFAULT_FUNCTION = "optarena.train:train"
 
@@ -60,20 +61,35 @@ class Stager:
         return Grid(0, optimizer, label or optimizer, dict(fixed), dict(swept), seeds)
 
     def run(
-        self, number: int, total: int, title: str, base: dict[str, Any], grids: list[Grid]
+        self,
+        number: int,
+        total: int,
+        title: str,
+        base: dict[str, Any],
+        grids: list[Grid],
+        task: str = DEFAULT_TASK,
     ) -> StageReport:
-        """Run one stage (every run without a result), print what it did, return the counts."""
+        """Run one stage (every run without a result), print what it did, return the counts.
+        ``task`` is the kind of its runs (:mod:`optarena.tasks`: ``train``, ``finetune``,
+        ``reward``, ``rlhf``)."""
+        import copy
+
         from optarena.commands.sweep import check_runs, make_executor
         from optarena.sweep.driver import run_sweep
         from optarena.sweep.store import Store
+        from optarena.tasks import TASKS
 
         for i, g in enumerate(grids):
             g.index = i
-        spec = SweepSpec(f"{self.prefix}-{number}", title, base, grids)
+        spec = SweepSpec(f"{self.prefix}-{number}", title, base, grids, task=task)
         runs = spec.runs()
-        executor = make_executor(self.args, self.out, self.default_threads)
+        args = copy.copy(self.args)
+        if task != DEFAULT_TASK:
+            args.function = TASKS[task].function
+        executor = make_executor(args, self.out, self.default_threads)
         if runs and self.args.function == DEFAULT_FUNCTION:
-            check_runs(spec, f"stage {number}")  # bad values: one line, nothing stored
+            # bad values: one line, nothing stored
+            check_runs(spec, f"stage {number}", TASKS[task] if task != DEFAULT_TASK else None)
         start = time.monotonic()
         self.console.print(
             f"[bold]stage {number}/{total}[/]: {title} ({len({r.id for r in runs})} runs)",
