@@ -296,7 +296,7 @@ def test_a_report_killed_while_writing_keeps_every_file_whole(setting, crashed) 
         return 0
 
     assert report() == 0  # in this process: the children inherit the imports
-    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    before = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
     kills = len(log.read_text().splitlines())
     assert in_child(report, "file-written@3", log) == -9
     assert len(log.read_text().splitlines()) == kills + 1
@@ -305,4 +305,4 @@ def test_a_report_killed_while_writing_keeps_every_file_whole(setting, crashed) 
     assert len(_temp_files(folder)) == 1  # the file being written when it was killed
     assert in_child(report, None, log) == 0
     assert _temp_files(folder) == []
-    assert {p.name for p in folder.iterdir()} == set(before)
+    assert {p.relative_to(folder) for p in folder.rglob("*") if p.is_file()} == set(before)

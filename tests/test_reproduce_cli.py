@@ -106,6 +106,24 @@ def test_reduced_run_trains_for_real(tmp_path, study):
         assert by_id["M3"]["verdict"] in ("holds", "does not hold", "inconclusive")
         assert (out / "report" / "repro-adam-mini-curves.png").is_file()
         assert "Chinchilla" in (out / "report" / "index.html").read_text()
+        # the SFT stage fine-tunes the pre-training stage's AdamW model, in its own store
+        assert by_id["M4"]["verdict"] in ("holds", "does not hold", "inconclusive")
+        with Store(out / "sft", create=False) as store:
+            sft = store.runs()
+        assert {r.optimizer for r in sft} == {"adamw", "adam-mini"}
+        assert all(r.status == "done" and r.summary["task"] == "finetune" for r in sft)
+        assert all(r.config["pretrained"].startswith(str(out.resolve())) for r in sft)
+        assert "Supervised fine-tuning" in (out / "report" / "index.html").read_text()
+        assert "| adam-mini |" in (out / "report" / "sft.md").read_text()
+        # the RLHF stages start from the SFT stage's AdamW model, in their own store
+        with Store(out / "rlhf", create=False) as store:
+            rl = store.runs()
+        assert sorted(r.summary["task"] for r in rl) == ["reward-model", "rlhf", "rlhf"]
+        tuned = {r.config["pretrained"] for r in rl}
+        assert len(tuned) == 1 and tuned.pop().startswith(str((out / "sft").resolve()))
+        assert {c for c in by_id if c.startswith("R")} == {"R1.1", "R1.2", "R2"}
+        assert "RLHF (ReMax" in (out / "report" / "index.html").read_text()
+        assert "| adam-mini |" in (out / "report" / "rlhf.md").read_text()
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,6 @@ from the store."""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -26,44 +25,49 @@ def test_rlhf_stages_and_their_claims(pretrained_run: Path, tmp_path: Path) -> N
     )
     out = tmp_path / "repro"
     st = Stager(out, args, "adam-mini")
-    # one LR: the stages' runs are what is tested (the best LR of a grid is the analysis')
-    scale = dataclasses.replace(P.get_scale("test"), rlhf_lrs=(1e-3,))
-    R.run_stages(st, scale, [0, 1], pretrained_run, 1, 3)
-    with Store(out, create=False) as store:
+    scale = P.get_scale("test")  # one RLHF LR: the stages' runs are what is tested
+    rl = R.run_stages(st, scale, [0, 1], (0.05,), 7, sft=pretrained_run)
+    assert rl is not None and st.stages[0].name.startswith("reward model")
+    with Store(out / R.RLHF_DIR, create=False) as store:
         runs = {r.id: r for r in store.runs()}
     assert all(r.status == "done" for r in runs.values())
     tasks = sorted(r.summary["task"] for r in runs.values())
     # one reward model; 2 optimizers at the LR; 2 optimizers x 1 repeat at AdamW's best LR
     assert tasks == ["reward-model"] + ["rlhf"] * 4
-    reward = R.reward_folder(st, pretrained_run)
+    reward = R.reward_folder(out / R.RLHF_DIR, pretrained_run)
     assert reward is not None and (reward / "summary.json").is_file()
     assert all(
-        r.config["reward_model"] == str(reward) for r in runs.values() if "reward_model" in r.config
+        r.config["reward_model"] == str(reward.resolve())
+        for r in runs.values()
+        if "reward_model" in r.config
     )
 
-    analysis = st.analysis((0.05,))
-    series = R.rlhf_series(analysis)
+    series = R.rlhf_series(rl)
     assert set(series) == {"adamw", "adam-mini"}
     lr = series["adamw"].best_lr
     best = next(p for p in series["adamw"].curve if p.x == lr)
     assert sorted(best.seeds) == [0, 1]
-    # the best LR is the one whose mean final reward is highest
-    for p in series["adamw"].curve:
-        assert -p.loss <= -best.loss
 
-    claims = R.check_claims(analysis, runs, C.Noise(0.02, None, "assumed"))
+    claims = R.check(rl, out)
     assert [c.id for c in claims] == ["R1.1", "R1.2", "R2"]
     assert all(c.verdict in (C.HOLDS, C.FAILS, C.INCONCLUSIVE) for c in claims)
     gain = claims[0].numbers["gain"]
     summaries = [runs[i].summary for i in best.run_ids]
     assert gain == pytest.approx(sum(s["reward_gain"]["mean"] for s in summaries) / 2)
-    rows = R.rlhf_rows(analysis, runs)
+    # R2's shortfall is AdamW's mean reward minus Adam-mini's, paired over the two seeds
+    mini = next(p for p in series["adam-mini"].curve if p.x == lr)
+    assert claims[2].numbers["gap"] == pytest.approx(best.loss * -1 - mini.loss * -1)
+    rows = R.rlhf_rows(rl, runs)
     assert [r[0] for r in rows] == ["adamw", "adam-mini"] and rows[0][2] == "2"
     assert R.reward_model_row(runs) is not None
+    body, figs = R.section(rl, out)
+    assert "RLHF" in body and len(figs) == 1
+    assert R.check(None, out)[2].verdict == C.INCONCLUSIVE
 
     # re-running resumes: nothing new is trained
-    report = st.run(2, 3, "again", R.rlhf_base(scale, pretrained_run, reward), [], task="rlhf")
-    assert report.runs == 0
+    again = Stager(out, args, "adam-mini")
+    R.run_stages(again, scale, [0, 1], (0.05,), 7, sft=pretrained_run)
+    assert sum(s.runs - s.already for s in again.stages) == 0
 
 
 def test_gain_interval_over_seeds_and_prompts() -> None:

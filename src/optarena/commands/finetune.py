@@ -10,7 +10,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from optarena.commands.train import _one_line_warning, load_toml, parse_sets
+from optarena.commands.train import DIVERGED, _one_line_warning, load_toml, parse_sets
 from optarena.errors import UserError
 
 # flag dest -> FinetuneConfig key, for flags whose default is None ("not given")
@@ -177,4 +177,4 @@ def run(args: argparse.Namespace) -> int:
     if not config.out:
         keys = ("final_val_loss", "pretrained_val_loss", "final_exact_match", "diverged", "steps")
         print(json.dumps({k: summary.get(k) for k in keys}))
-    return 0
+    return DIVERGED if summary["diverged"] else 0

@@ -186,22 +186,40 @@ def check_runs(spec: Any, source: str, task: Any = None) -> None:
 
     from optarena.tasks import DEFAULT_TASK, TASKS
 
-    check_config = (task or TASKS[DEFAULT_TASK]).check_config
+    task = task or TASKS[DEFAULT_TASK]
+    keys, check = _input_checks().get(task.name, ((), None))
     built: set[str] = set()  # an optimizer and its hyperparameters, built once (lr: a number)
     datasets: dict[str, list[tuple[Any, Any]]] = {}  # the runs of each data set, checked
     for run in spec.runs():
         key = json.dumps([run.config.get(k) for k in ("optimizer", "hparams")], default=str)
         try:
-            config = check_config(run.config, optimizer=key not in built)
+            config = task.check_config(run.config, optimizer=key not in built)
         except UserError as err:
             raise UserError(f"{source}: run {_run_text(run)}: {err}") from None
         built.add(key)
-        if task is not None and task.name != DEFAULT_TASK:
-            continue  # a post-training run reads its model and data when it starts
-        data_key = json.dumps([getattr(config, k) for k in _DATA_KEYS], default=str)
+        if check is None:
+            continue  # this kind of run reads its model and data when it starts
+        data_key = json.dumps([getattr(config, k) for k in keys], default=str)
         datasets.setdefault(data_key, []).append((run, config))
     for runs in datasets.values():
-        check_data(runs, source)
+        check(runs, source)
+
+
+# What decides a fine-tuning run's inputs: the model it starts from and its examples.
+_FINETUNE_DATA_KEYS = ("pretrained", "data", "val_data", "eval_examples")
+
+
+def check_finetune_data(runs: list[tuple[Any, Any]], source: str) -> None:
+    """The model these fine-tuning runs start from loads, and their examples read and fit the
+    shortest run's ``seq_len``, before any run starts."""
+    from optarena.posttrain.pretrained import load_pretrained
+    from optarena.posttrain.sft import prepare
+
+    run, config = min(runs, key=lambda rc: rc[1].seq_len)
+    try:
+        prepare(config, load_pretrained(config.pretrained))
+    except UserError as err:
+        raise UserError(f"{source}: run {_run_text(run)}: {err}") from None
 
 
 # What decides a run's token ids: runs that agree on these share a data set.
@@ -214,6 +232,14 @@ _DATA_KEYS = (
     "max_documents",
     "cache_dir",
 )
+
+
+def _input_checks() -> dict[str, tuple[tuple[str, ...], Any]]:
+    """Per task: the config keys that decide a run's inputs, and the check of one input set."""
+    return {
+        "train": (_DATA_KEYS, check_data),
+        "finetune": (_FINETUNE_DATA_KEYS, check_finetune_data),
+    }
 
 
 def _run_text(run: Any) -> str:

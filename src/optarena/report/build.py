@@ -73,7 +73,7 @@ def write_report(
     told = story.tell(analysis, by_id)
     with atomic.storage_errors(out):
         out.mkdir(parents=True, exist_ok=True)
-    atomic.clean_temp_files(out)  # of a report killed while writing
+    atomic.clean_temp_files(out, recursive=True)  # of a report killed while writing
 
     summary = tables.summary_rows(analysis, told.speedups)
     tables.write_csv(out / "summary.csv", summary)

@@ -30,16 +30,16 @@ from optarena.reproduce import protocol as P
 from optarena.reproduce.runner import Stager
 
 OPTIMIZERS = ("adamw", "adam-mini")
-LABELS = {opt: f"{opt} (RLHF)" for opt in OPTIMIZERS}
 REWARD_LABEL = "reward model"
-STAGES = 3
+RLHF_DIR = "rlhf"  # the stages' store, under the reproduction's folder
+FIRST_STAGE = 5  # 1-2 pre-training, 3-4 SFT (adam_mini_sft)
 # δ_R as a share of AdamW's RLHF gain (R2)
 PARITY_SHARE = 0.25
 
 
 def reward_base(scale: P.Scale, sft: Path) -> dict[str, Any]:
     return {
-        "pretrained": str(sft),
+        "pretrained": str(sft.resolve()),
         "pairs": "builtin",
         "steps": scale.reward_steps,
         "batch_size": 32,
@@ -51,9 +51,9 @@ def reward_base(scale: P.Scale, sft: Path) -> dict[str, Any]:
 
 def rlhf_base(scale: P.Scale, sft: Path, reward: Path) -> dict[str, Any]:
     return {
-        "pretrained": str(sft),
+        "pretrained": str(sft.resolve()),
         "reward": "model",
-        "reward_model": str(reward),
+        "reward_model": str(reward.resolve()),
         "steps": scale.rlhf_steps,
         "batch_size": 16,
         "max_new_tokens": scale.rlhf_max_new_tokens,
@@ -65,59 +65,105 @@ def rlhf_base(scale: P.Scale, sft: Path, reward: Path) -> dict[str, Any]:
 
 
 def fixed() -> dict[str, Any]:
-    """The Adam-mini study's AdamW hyperparameters for both, as in pre-training."""
+    """The Adam-mini study's AdamW hyperparameters for both, as in pre-training and SFT."""
     return {f"hparams.{k}": v for k, v in P.ADAM_MINI_HPARAMS.items()}
 
 
 def rlhf_series(analysis: Analysis) -> dict[str, SeriesResult]:
-    by_label = {s.label: s for s in analysis.series if not s.extra}
-    return {opt: by_label[label] for opt, label in LABELS.items() if label in by_label}
+    return {s.label: s for s in analysis.series if s.label in OPTIMIZERS and not s.extra}
 
 
-def reward_folder(st: Stager, sft: Path) -> Path | None:
-    """The finished reward-model run on ``sft``, or None."""
+def reward_folder(store_dir: Path, sft: Path) -> Path | None:
+    """The finished reward-model run on ``sft`` in the store at ``store_dir``, or None."""
     from optarena.sweep.store import Store
 
-    with Store(st.out, create=False) as store:
+    if not (Path(store_dir) / "results.sqlite").is_file():
+        return None
+    with Store(store_dir, create=False) as store:
         for r in store.runs(status="done"):
-            if r.config.get("pairs") is not None and r.config.get("pretrained") == str(sft):
+            if r.config.get("pairs") is not None and r.config.get("pretrained") == str(
+                sft.resolve()
+            ):
                 return store.run_dir(r.id)
     return None
 
 
+def stored_analysis(out: Path, taus: Sequence[float]) -> Analysis | None:
+    from optarena.analysis import analyze_store
+
+    store = Path(out) / RLHF_DIR
+    return analyze_store(store, taus) if (store / "results.sqlite").is_file() else None
+
+
 def run_stages(
-    st: Stager, scale: P.Scale, seeds: Sequence[int], sft: Path | None, first: int, total: int
-) -> None:
-    """Stages ``first`` .. ``first + 2`` of ``total`` on the SFT model ``sft``."""
+    st: Stager,
+    scale: P.Scale,
+    seeds: Sequence[int],
+    taus: Sequence[float],
+    total: int,
+    sft: Path | None = None,
+) -> Analysis | None:
+    """Stage 5: the reward model; 6: ReMax with both optimizers over the LR grid; 7: AdamW's
+    best RLHF LR with ``seeds[1:]``; on ``sft`` (default: the SFT stage's AdamW model at its
+    best SFT LR). None when there is no SFT model."""
+    from optarena.reproduce import adam_mini_sft
+    from optarena.tasks import TASKS
+
+    sft = sft or adam_mini_sft.tuned_folder(st.out)
     if sft is None:
-        st.console.print("[yellow]RLHF stages skipped: the SFT stage trained no model[/]")
-        return
-    st.run(
-        first,
+        st.console.print(
+            f"[bold]stage {FIRST_STAGE}/{total}[/]: RLHF skipped: no fine-tuned AdamW model",
+            highlight=False,
+        )
+        return None
+
+    def sub(task: str) -> Stager:
+        return Stager(
+            st.out / RLHF_DIR,
+            st.args,
+            f"{st.prefix}-rlhf",
+            console=st.console,
+            default_threads=st.default_threads,
+            seed=seeds[0],
+            function=TASKS[task].function,
+        )
+
+    rm = sub("reward")
+    rm.run(
+        FIRST_STAGE,
         total,
-        "reward model on the built-in preference pairs (AdamW)",
+        "reward model on the built-in preference pairs (AdamW, from the SFT model)",
         reward_base(scale, sft),
-        [st.grid("adamw", {}, {"lr": [scale.reward_lr]}, label=REWARD_LABEL)],
-        task="reward",
+        [rm.grid("adamw", {}, {"lr": [scale.reward_lr]}, label=REWARD_LABEL)],
     )
-    reward = reward_folder(st, sft)
-    if reward is None:
+    stagers = [rm]
+    reward = reward_folder(st.out / RLHF_DIR, sft)
+    if reward is not None:
+        rl = sub("rlhf")
+        stagers.append(rl)
+        base = rlhf_base(scale, sft, reward)
+        lrs = list(scale.rlhf_lrs)
+        title = "RLHF (ReMax) from the SFT model: AdamW and Adam-mini over the LR grid"
+        rl.run(
+            FIRST_STAGE + 1,
+            total,
+            title,
+            base,
+            [rl.grid(o, fixed(), {"lr": lrs}) for o in OPTIMIZERS],
+        )
+        adamw = rlhf_series(rl.analysis(taus)).get("adamw")
+        repeats = list(seeds[1:])
+        grids = []
+        if repeats and adamw is not None and adamw.best_lr is not None:
+            grids = [
+                rl.grid(o, fixed(), {"lr": [adamw.best_lr]}, seeds=repeats) for o in OPTIMIZERS
+            ]
+        rl.run(FIRST_STAGE + 2, total, "RLHF seed repeats at AdamW's best RLHF LR", base, grids)
+    else:
         st.console.print("[yellow]RLHF skipped: the reward model did not train[/]")
-        return
-    base = rlhf_base(scale, sft, reward)
-    lrs = list(scale.rlhf_lrs)
-    grids = [st.grid(opt, fixed(), {"lr": lrs}, label=LABELS[opt]) for opt in OPTIMIZERS]
-    title = "RLHF (ReMax): AdamW and Adam-mini over the LR grid"
-    st.run(first + 1, total, title, base, grids, task="rlhf")
-    adamw = rlhf_series(st.analysis((0.05,))).get("adamw")
-    repeats = list(seeds[1:])
-    grids = []
-    if repeats and adamw is not None and adamw.best_lr is not None:
-        grids = [
-            st.grid(opt, fixed(), {"lr": [adamw.best_lr]}, label=LABELS[opt], seeds=repeats)
-            for opt in OPTIMIZERS
-        ]
-    st.run(first + 2, total, "RLHF seed repeats at AdamW's best LR", base, grids, task="rlhf")
+    for s in stagers:
+        st.stages.extend(s.stages)
+    return stored_analysis(st.out, taus)
 
 
 # --------------------------------------------------------------------------- claims
@@ -268,3 +314,125 @@ def rlhf_rows(analysis: Analysis, runs: dict[str, Any]) -> list[list[str]]:
             ]
         )
     return rows
+
+
+def store_runs(out: Path) -> dict[str, Any]:
+    from optarena.sweep.store import Store
+
+    store = Path(out) / RLHF_DIR
+    if not (store / "results.sqlite").is_file():
+        return {}
+    with Store(store, create=False) as st:
+        return {r.id: r for r in st.runs()}
+
+
+def curves_figure(rl: Analysis, runs: dict[str, Any]) -> Any:
+    """Held-out reward against RLHF step (0: the SFT model), both optimizers at AdamW's best
+    RLHF LR, every seed."""
+    from matplotlib.figure import Figure
+
+    from optarena.report.figures import render
+
+    S = rlhf_series(rl)
+    adamw = S.get("adamw")
+    lr = adamw.best_lr if adamw else None
+    fig = Figure(figsize=(7.5, 4.2))
+    ax = fig.add_subplot()
+    for opt, colour in (("adamw", "C0"), ("adam-mini", "C1")):
+        point = next((p for p in S[opt].curve if p.x == lr), None) if opt in S else None
+        for k, run_id in enumerate(point.run_ids if point else []):
+            summary = runs[run_id].summary or {} if run_id in runs else {}
+            start = (summary.get("initial") or {}).get("reward")
+            curve = [(0, start)] if start is not None else []
+            curve += [(c["step"], c["reward"]) for c in summary.get("eval_curve", [])]
+            if curve:
+                xs, ys = zip(*curve, strict=True)
+                ax.plot(
+                    xs,
+                    ys,
+                    "-o",
+                    color=colour,
+                    markersize=3,
+                    alpha=0.8,
+                    label=opt if k == 0 else None,
+                )
+    ax.set_xlabel("RLHF step (0: the SFT model)")
+    ax.set_ylabel("held-out reward (greedy responses)")
+    ax.grid(True, alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=8)
+    ax.set_title("RLHF (ReMax): AdamW vs Adam-mini at AdamW's best RLHF LR")
+    return render(fig, "repro-adam-mini-rlhf", "RLHF reward curves, AdamW vs Adam-mini")
+
+
+def section(rl: Analysis | None, out: Path) -> tuple[str, list[Any]]:
+    """The report's RLHF part (HTML) and its figures."""
+    from optarena.reproduce import render
+
+    if rl is None:
+        return "<h3>RLHF</h3><p>Not run: no fine-tuned AdamW model.</p>", []
+    runs = store_runs(out)
+    figs = [curves_figure(rl, runs)]
+    rm = reward_model_row(runs)
+    body = (
+        "<h3>RLHF (ReMax, built-in task) from the SFT model, at AdamW's best RLHF LR</h3>"
+        + "<p>The reward model (AdamW, from the SFT model, built-in preference pairs):</p>"
+        + render.html_table(REWARD_HEADER, [rm] if rm else [])
+        + render.html_table(RLHF_HEADER, rlhf_rows(rl, runs))
+        + "".join(render.figure_html(f) for f in figs)
+    )
+    return body, figs
+
+
+def markdown(rl: Analysis | None, out: Path) -> str:
+    from optarena.reproduce import render
+
+    if rl is None:
+        return ""
+    runs = store_runs(out)
+    rm = reward_model_row(runs)
+    return (
+        render.markdown_table(REWARD_HEADER, [rm] if rm else [])
+        + "\n"
+        + render.markdown_table(RLHF_HEADER, rlhf_rows(rl, runs))
+    )
+
+
+def check(rl: Analysis | None, out: Path) -> list[C.Claim]:
+    """R1.1, R1.2 and R2 from the stages' store (missing when RLHF did not run)."""
+    if rl is None:
+        return [
+            C.missing(
+                "R1.1",
+                "RLHF (ReMax) raises the SFT model's reward (adamw)",
+                "gain > 0",
+                "no RLHF runs (no fine-tuned AdamW model)",
+            ),
+            C.missing(
+                "R1.2",
+                "RLHF (ReMax) raises the SFT model's reward (adam-mini)",
+                "gain > 0",
+                "no RLHF runs (no fine-tuned AdamW model)",
+            ),
+            C.missing(
+                "R2",
+                "Adam-mini's RLHF reward is on par with AdamW's",
+                "shortfall ≤ δ_R",
+                "no RLHF runs (no fine-tuned AdamW model)",
+            ),
+        ]
+    runs = store_runs(out)
+    return check_claims(rl, runs, reward_noise(rl, runs))
+
+
+def reward_noise(rl: Analysis, runs: dict[str, Any]) -> C.Noise:
+    """Seed-to-seed sd of the held-out reward pooled over repeated points; without repeats,
+    the sd that AdamW's best run's interval over the held-out prompts implies."""
+    points = [p for s in rl.series if s.label in OPTIMIZERS for p in s.curve]
+    adamw = rlhf_series(rl).get("adamw")
+    found = gain_interval(_summaries(adamw, adamw.best_lr if adamw else None, runs))
+    assumed = found[1] / 1.96 if found else 0.0
+    noise = C.pooled_noise(points, assumed)
+    if noise.dof is None:
+        return C.Noise(assumed, None, f"sd {assumed:.3g} over the held-out prompts (no repeats)")
+    return noise

@@ -113,6 +113,13 @@ class Scale:
     hybrids: tuple[str, ...] = HYBRIDS
     frozen: tuple[str, ...] = tuple(FROZEN_LABELS)
     workers: int | None = None  # None: one per core (small models use one core well)
+    # Adam-mini's SFT stages (optarena.reproduce.adam_mini_sft): steps, batch, LR points,
+    # validation examples for the response loss and for exact match
+    sft_steps: int = 200
+    sft_batch_size: int = 16
+    sft_lr_points: int = 4
+    sft_eval_examples: int = 256
+    sft_eval_generate: int = 128
     # Adam-mini's RLHF stages (on the SFT stage's model): the reward model's steps and LR,
     # ReMax's steps, LR grid and held-out prompts
     reward_steps: int = 300
@@ -161,9 +168,14 @@ SCALES: dict[str, Scale] = {
         beta_optimizers=("adamw",),
         hybrids=("hybrid-adalayer-last-ln",),
         frozen=("adam-frozen-last-ln",),
+        sft_steps=6,
+        sft_batch_size=8,
+        sft_lr_points=1,
+        sft_eval_examples=16,
+        sft_eval_generate=8,
         reward_steps=4,
         rlhf_steps=3,
-        rlhf_lrs=(1e-4, 1e-3),
+        rlhf_lrs=(1e-3,),
         rlhf_eval_prompts=8,
         rlhf_max_new_tokens=8,
     ),

@@ -20,7 +20,6 @@ from rich.console import Console
 
 from optarena.analysis import Analysis, analyze_store
 from optarena.sweep.spec import Grid, SweepSpec
-from optarena.tasks import DEFAULT_TASK
 
 DEFAULT_FUNCTION = "optarena.train:train"
 
@@ -47,6 +46,7 @@ class Stager:
     stages: list[StageReport] = field(default_factory=list)
     default_threads: int = 1
     seed: int = 0  # the seed of every stage's runs (repeats name their own)
+    function: str | None = None  # the runs' function (None: --function, i.e. pre-training)
 
     def grid(
         self,
@@ -61,35 +61,25 @@ class Stager:
         return Grid(0, optimizer, label or optimizer, dict(fixed), dict(swept), seeds)
 
     def run(
-        self,
-        number: int,
-        total: int,
-        title: str,
-        base: dict[str, Any],
-        grids: list[Grid],
-        task: str = DEFAULT_TASK,
+        self, number: int, total: int, title: str, base: dict[str, Any], grids: list[Grid]
     ) -> StageReport:
-        """Run one stage (every run without a result), print what it did, return the counts.
-        ``task`` is the kind of its runs (:mod:`optarena.tasks`: ``train``, ``finetune``,
-        ``reward``, ``rlhf``)."""
-        import copy
-
+        """Run one stage (every run without a result), print what it did, return the counts."""
         from optarena.commands.sweep import check_runs, make_executor
         from optarena.sweep.driver import run_sweep
         from optarena.sweep.store import Store
-        from optarena.tasks import TASKS
+        from optarena.tasks import task_of_function
 
         for i, g in enumerate(grids):
             g.index = i
-        spec = SweepSpec(f"{self.prefix}-{number}", title, base, grids, task=task)
+        spec = SweepSpec(f"{self.prefix}-{number}", title, base, grids)
         runs = spec.runs()
-        args = copy.copy(self.args)
-        if task != DEFAULT_TASK:
-            args.function = TASKS[task].function
+        args = self.args
+        if self.function is not None:
+            args = argparse.Namespace(**{**vars(args), "function": self.function})
         executor = make_executor(args, self.out, self.default_threads)
-        if runs and self.args.function == DEFAULT_FUNCTION:
-            # bad values: one line, nothing stored
-            check_runs(spec, f"stage {number}", TASKS[task] if task != DEFAULT_TASK else None)
+        task = task_of_function(args.function)
+        if runs and task is not None:
+            check_runs(spec, f"stage {number}", task)  # bad values: one line, nothing stored
         start = time.monotonic()
         self.console.print(
             f"[bold]stage {number}/{total}[/]: {title} ({len({r.id for r in runs})} runs)",
