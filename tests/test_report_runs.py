@@ -104,3 +104,47 @@ def test_long_logs_are_thinned_to_a_bounded_figure():
     trace = fig["data"][0]
     assert len(trace["x"]) <= MAX_POINTS + 1 and trace["x"][-1] == n - 1
     assert figure_json({k: ([], []) for k in ("loss", "val_loss", "lr", "grad_norm")}) is None
+
+
+def test_write_texts_writes_changed_files_whole_and_skips_the_rest(tmp_path):
+    from optarena import atomic
+    from optarena.errors import StorageError
+
+    a, b = tmp_path / "a.html", tmp_path / "b.html"
+    assert atomic.write_texts([(a, "one"), (b, "two")]) == 2
+    before = b.stat().st_mtime_ns
+    assert atomic.write_texts([(a, "ONE"), (b, "two")]) == 1  # b already holds its content
+    assert a.read_text() == "ONE" and b.read_text() == "two" and b.stat().st_mtime_ns == before
+    (tmp_path / "c.html").mkdir()  # a folder in the way: refused, nothing else replaced
+    try:
+        atomic.write_texts([(a, "new"), (tmp_path / "c.html", "x")])
+    except StorageError:
+        pass
+    else:
+        raise AssertionError("a folder in the way was not refused")
+    assert a.read_text() == "ONE"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.html", "b.html", "c.html"]
+
+
+def test_the_report_command_never_loads_torch():
+    """``optarena report`` reads a store with numpy, scipy, matplotlib and plotly only: torch
+    would add seconds to every report (every command's parser is built at start-up)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from optarena.cli import build_parser; build_parser(); "
+        "import optarena.commands.report, optarena.report.build; "
+        "print(sorted(m for m in ('torch', 'optarena.train') if m in sys.modules))"
+    )
+    src = Path(__file__).resolve().parents[1] / "src"
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(src)},
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"

@@ -245,3 +245,59 @@ def test_sweep_name_that_is_not_one_folder_is_refused(name):
 def test_sweep_name_of_one_folder_is_kept():
     spec = parse(BASIC.replace('name = "basic"', 'name = "lr sweep.v2_b-1"'))
     assert spec.name == "lr sweep.v2_b-1"
+
+
+def _preset(name: str):
+    from dataclasses import fields
+
+    from optarena.commands.sweep import model_widths
+    from optarena.optim import available
+    from optarena.train import TrainConfig
+
+    keys = {f.name for f in fields(TrainConfig)}
+    return load_spec(name, config_keys=keys, optimizers=available(), model_widths=model_widths())
+
+
+MODERN = {
+    "adamw", "adamw-cautious", "adam-mini", "lion", "nadamw", "adopt", "ademamix", "mars",
+    "schedule-free", "soap", "kron", "muon",
+}  # fmt: skip
+
+
+def test_modern_preset_sweeps_lr_and_decay_for_every_optimizer_of_2026():
+    runs = _preset("modern").runs()
+    by_label: dict[str, list] = {}
+    for r in runs:
+        by_label.setdefault(r.label, []).append(r)
+    assert set(by_label) == MODERN
+    centre = {}
+    for label, group in by_label.items():
+        lrs = sorted({r.config["lr"] for r in group})
+        decays = {r.config["hparams"]["weight_decay"] for r in group}
+        assert len(lrs) == 4 and len(decays) == 2 and 0.0 in decays, label
+        assert len(group) == len(lrs) * len(decays), label  # LR x decay, jointly
+        for a, b in itertools.pairwise(lrs):
+            assert b / a == pytest.approx(math.sqrt(10), rel=1e-2), label
+        centre[label] = math.sqrt(lrs[0] * lrs[-1])
+    assert all(r.config["hparams"]["cautious"] for r in by_label["adamw-cautious"])
+    # grids placed from each method's optimum relative to AdamW's: Muon's is its own scale
+    assert centre["muon"] / centre["adamw"] == pytest.approx(math.sqrt(10), rel=1e-2)
+    assert centre["lion"] / centre["adamw"] == pytest.approx(0.1, rel=1e-2)
+    for label in ("adam-mini", "nadamw", "adopt", "ademamix", "soap", "adamw-cautious"):
+        assert centre[label] == pytest.approx(centre["adamw"], rel=1e-2), label
+    muon = by_label["muon"][0].config["hparams"]
+    assert muon["adamw_lr"] == pytest.approx(centre["adamw"], rel=1e-2)  # AdamW's centre
+    assert all(r.config["schedule"] == "constant" for r in by_label["schedule-free"])
+    assert all(r.config.get("schedule", "cosine") != "constant" for r in by_label["adamw"])
+
+
+@pytest.mark.parametrize("preset", ["demo", "lr"])
+def test_demo_and_lr_presets_include_muon_and_soap(preset: str):
+    runs = _preset(preset).runs()
+    lrs = {
+        name: sorted({r.config["lr"] for r in runs if r.label == name})
+        for name in ("adamw", "muon", "soap")
+    }
+    assert all(len(v) >= 5 for v in lrs.values()), lrs
+    assert lrs["soap"] == lrs["adamw"]  # SOAP on AdamW's grid
+    assert lrs["muon"][0] > lrs["adamw"][0] * 3  # Muon's grid is its own, higher

@@ -40,7 +40,7 @@ import signal
 import socket
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -122,10 +122,15 @@ def storage_error(path: str | Path, err: BaseException) -> StorageError | None:
 
 def _errno_of_folder(folder: Path) -> int:
     """Why writes into ``folder`` fail, for writers that lose the errno (torch's zip writer):
-    no space, read-only, or else an I/O error."""
+    no space, a file size limit (``ulimit -f``), read-only, or else an I/O error."""
     with contextlib.suppress(OSError):
         if shutil.disk_usage(folder).free < 1 << 20:
             return errno.ENOSPC
+    with contextlib.suppress(ImportError, OSError, ValueError):
+        import resource
+
+        if resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY:
+            return errno.EFBIG
     if not os.access(folder, os.W_OK):
         return errno.EROFS
     return errno.EIO
@@ -193,6 +198,39 @@ def atomic_open(
 def write_text(path: str | Path, text: str, encoding: str = "utf-8") -> None:
     with atomic_open(path, "w", encoding=encoding) as fh:
         fh.write(text)
+
+
+def write_texts(items: Iterable[tuple[Path, str]], encoding: str = "utf-8") -> int:
+    """Many whole files, each written as :func:`write_text` writes one (old content or new,
+    never torn), with one ``sync`` for all of them instead of an ``fsync`` each: every new
+    content goes to its temporary file, ``os.sync()`` makes them durable, then each is renamed
+    over its target. A file that already holds exactly its new content is not rewritten.
+    Returns how many files were written."""
+    pending: list[tuple[Path, Path]] = []
+    try:
+        for path, text in items:
+            path = Path(path)
+            refuse_folder(path)
+            data = text.encode(encoding)
+            with contextlib.suppress(OSError):
+                if path.stat().st_size == len(data) and path.read_bytes() == data:
+                    continue
+            tmp = temp_name(path)
+            with storage_errors(path):
+                pending.append((tmp, path))
+                tmp.write_bytes(data)
+        if pending:
+            os.sync()
+            fault_point("file-written")  # every new content whole in its temporary file
+        for tmp, path in pending:
+            with storage_errors(path):
+                os.replace(tmp, path)
+    except BaseException:
+        for tmp, _ in pending:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        raise
+    return len(pending)
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:

@@ -39,7 +39,7 @@ from optarena import atomic, checkpoints, distributed
 from optarena.checkpoints import CHECKPOINT_VERSION
 from optarena.devices import resolve_device
 from optarena.environment import run_environment
-from optarena.errors import Interrupted, UserError
+from optarena.errors import Interrupted, StorageError, UserError
 from optarena.run_log import RunLog
 
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
@@ -516,25 +516,35 @@ class Run:
         """Set up, train to ``config.steps`` (or divergence, or a signal), finish; the summary.
 
         A run whose folder already holds its summary is not run again: ``--resume`` of a
-        finished run returns the stored summary."""
-        finished = self.setup()
-        if finished is not None:
-            return finished
-        self.bar = self.progress_bar()
+        finished run returns the stored summary. A full disk or a read-only folder stops the
+        run with :class:`~optarena.errors.StorageError`, its checkpoints kept, saying how to
+        continue."""
         try:
-            with self.stop_on_signals():
-                while self.step < self.config.steps and not self.diverged:
-                    self.train_step()
-                    self.bar.update(1)
-                    self.after_step()
-                    if self.should_stop():
-                        self.interrupt()
-        except BaseException:
-            self.log.close()
-            raise
-        finally:
-            self.bar.close()
-        return self.finish()
+            finished = self.setup()
+            if finished is not None:
+                return finished
+            self.bar = self.progress_bar()
+            try:
+                with self.stop_on_signals():
+                    while self.step < self.config.steps and not self.diverged:
+                        self.train_step()
+                        self.bar.update(1)
+                        self.after_step()
+                        if self.should_stop():
+                            self.interrupt()
+            except BaseException:
+                self.log.close()
+                raise
+            finally:
+                self.bar.close()
+            return self.finish()
+        except StorageError as err:
+            if self.last_checkpoint_path is None or self.config.resume:
+                raise
+            raise StorageError(
+                f"{err} (this run: add --resume to continue from its checkpoint at step "
+                f"{self.last_checkpoint})"
+            ) from None
 
     # ----------------------------------------------------------------- set-up
 

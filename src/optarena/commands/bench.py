@@ -9,7 +9,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-from optarena.devices import resolve_device
 from optarena.errors import UserError
 
 
@@ -184,7 +183,7 @@ def run_step(args: argparse.Namespace) -> int:
         _names(args),
         steps=args.steps,
         warmup=args.warmup,
-        device=resolve_device(args.device),
+        device=_device(args),
         modes=modes,
         references=not args.no_references,
         log=lambda s: print(s, file=sys.stderr, flush=True),
@@ -201,6 +200,14 @@ def run_step(args: argparse.Namespace) -> int:
         print(f"bandwidth probe (θ += g over the model's tensors): {span} across rows")
     _write(args.json, report)
     return 0
+
+
+def _device(args: argparse.Namespace) -> Any:
+    """The ``--device`` asked for; torch loads here, not when ``optarena`` starts (every
+    command's parser is built at start-up)."""
+    from optarena.devices import resolve_device
+
+    return resolve_device(args.device)
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -221,7 +228,7 @@ def run_train(args: argparse.Namespace) -> int:
         steps=args.steps,
         warmup=args.warmup,
         rounds=args.rounds,
-        device=resolve_device(args.device),
+        device=_device(args),
         batch_size=args.batch_size,
         seq_len=args.seq_len,
         modes=modes,

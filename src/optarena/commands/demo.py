@@ -19,7 +19,7 @@ DEFAULT_OUT = "optarena-demo"
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo",
-        help="run the demo sweep (7 optimizers x 5 LRs, micro model) and write its report",
+        help="run the demo sweep (9 optimizers x 5 LRs, micro model) and write its report",
     )
     sweep_command.add_sweep_options(parser, default_out=DEFAULT_OUT)
     parser.set_defaults(func=run, spec="demo")

@@ -190,7 +190,13 @@ def _page(
         )
         + "</p>",
     ]
-    if not rendered:
+    paths = read_paths(directory)
+    if not rendered and paths and not analysis.series:
+        parts.append(
+            "<p>No LR series: the runs of this store are tuning runs, shown under "
+            '<a href="#tuning">Tuning paths</a>.</p>'
+        )
+    elif not rendered:
         parts.append("<p>No finished runs yet: the figures appear as runs finish.</p>")
     for fig in rendered:
         files = (
@@ -230,7 +236,6 @@ def _page(
             )
             + "</p>"
         )
-    paths = read_paths(directory)
     if paths:
         parts.append("<h2>Tuning paths</h2>")
         parts.append(tuning.section(paths, _table))

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from optarena.analysis import Analysis, Sensitivity, SeriesResult
@@ -33,9 +34,12 @@ class Rendered:
 
 
 def render(fig: Figure, name: str, title: str) -> Rendered:
+    """PNG and SVG cropped to what the figure draws (legends outside the axes included). The
+    crop is measured once for both formats: ``bbox_inches="tight"`` would measure per save."""
+    bbox = fig.get_tightbbox(FigureCanvasAgg(fig).get_renderer()).padded(0.1)
     png, svg = io.BytesIO(), io.BytesIO()
-    fig.savefig(png, format="png", dpi=110, bbox_inches="tight")
-    fig.savefig(svg, format="svg", bbox_inches="tight")
+    fig.savefig(png, format="png", dpi=110, bbox_inches=bbox)
+    fig.savefig(svg, format="svg", bbox_inches=bbox)
     return Rendered(name, title, png.getvalue(), svg.getvalue())
 
 

@@ -50,7 +50,8 @@ def write_run_pages(
     self_check: str = "",
 ) -> int:
     """Write every run's page under ``out/runs/`` and plotly.js beside them; returns how many
-    pages. ``self_check`` is a script that records on ``<body>`` what drew (the browser test)."""
+    pages changed (an unchanged page is not rewritten). ``self_check`` is a script that
+    records on ``<body>`` what drew (the browser test)."""
     folder = out / FOLDER
     with atomic.storage_errors(folder):
         folder.mkdir(parents=True, exist_ok=True)
@@ -61,10 +62,11 @@ def write_run_pages(
     places: dict[str, list[Member]] = {}
     for m in members:
         places.setdefault(m.run_id, []).append(m)
-    for run in runs:
-        text = _page(directory, run, places.get(run.id, []), self_check)
-        atomic.write_text(folder / f"{run.id}.html", text)
-    return len(runs)
+    pages = (
+        (folder / f"{run.id}.html", _page(directory, run, places.get(run.id, []), self_check))
+        for run in runs
+    )
+    return atomic.write_texts(pages)
 
 
 def figure_json(curves: Mapping[str, tuple[list[float], list[float]]]) -> dict[str, Any] | None:

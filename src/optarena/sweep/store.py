@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from optarena import atomic
-from optarena.atomic import pid_alive
+from optarena.atomic import pid_alive, storage_error
 from optarena.errors import UserError
 
 STATUSES = ("pending", "running", "done", "diverged", "failed")
@@ -192,6 +192,9 @@ class Store:
             )
             tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
         except sqlite3.DatabaseError as err:
+            full = isinstance(err, sqlite3.OperationalError) and storage_error(self.path, err)
+            if full:  # the reader's index (-shm) could not be made: a full disk, not a bad file
+                raise full from None
             raise UserError(
                 f"{self.path} is not a results database ({err}); move it aside or give "
                 "another folder"
