@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from optarena.bench import step
-from optarena.bench.shapes import Shape, num_params, parse_shape
+from optarena.bench.shapes import Shape, llama_layout, num_params, parse_shape
 from optarena.cli import main
 from optarena.optim.compiled import compile_available
 
@@ -134,3 +134,32 @@ def test_bench_errors(argv: list[str], capsys) -> None:
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("optarena: error:") and err.count("\n") == 1, err
+
+
+NEW = ["muon", "soap", "kron", "mars", "ademamix", "adopt", "nadamw", "schedule-free"]
+
+
+def test_bench_step_pairs_every_new_optimizer_with_its_reference(tmp_path: Path) -> None:
+    out = tmp_path / "step.json"
+    rc = main(
+        ["bench", "step", "--shape", TINY, "--optimizers", ",".join(NEW), "--steps", "1",
+         "--warmup", "1", "--modes", "eager", "--json", str(out)]
+    )  # fmt: skip
+    assert rc == 0
+    rows = {r["optimizer"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(rows) == NEW
+    for name, row in rows.items():
+        (ref,) = row["references"]
+        assert "error" not in ref and ref["eager_ratio"] > 0, (name, ref)
+        matrix = name in ("muon", "soap", "kron")
+        assert ("matrix_gflop" in row) == matrix, name
+        if matrix:
+            assert row["matrix_gflop"] > 0 and 0 < row["share_of_training_step"] < 1
+    # Newton-Schulz on every hidden matrix: 5 x (4 m^2 n + 2 m^3) each
+    shape = parse_shape(TINY)
+    want = sum(
+        5 * (4 * min(d) ** 2 * max(d) + 2 * min(d) ** 3)
+        for n, d, _ in llama_layout(shape)
+        if len(d) == 2 and "embed" not in n and "lm_head" not in n
+    )
+    assert rows["muon"]["matrix_gflop"] == pytest.approx(want / 1e9)

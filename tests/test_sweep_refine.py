@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from optarena.analysis import analyze_store
+from optarena.cli import main
 from optarena.sweep import refine, toy
 from optarena.sweep.executors import Executor, Outcome, Task, execute
 from optarena.sweep.spec import parse_spec
@@ -185,7 +186,7 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_sweep_refine_command(tmp_path):
+def test_sweep_refine_command(tmp_path, capsys):
     spec = tmp_path / "spec.toml"
     spec.write_text('[base]\nsteps = 10\n[[grid]]\noptimizer = "adamw"\nlr = [1e-4, 1e-3]\n')
     out = tmp_path / "out"
@@ -197,12 +198,12 @@ def test_sweep_refine_command(tmp_path):
     assert "refined: 3 runs added in 2 rounds" in proc.stderr
     lrs = sorted(r.lr for r in Store(out).runs())
     assert lrs == pytest.approx([1e-4, 10**-3.5, 1e-3, 10**-2.5, 1e-2])
-    dry = cli("sweep", *common, "--refine", "--dry-run")
-    assert dry.returncode == 0, dry.stderr
-    assert "next refinement round adds: nothing" in dry.stdout and "0.00316" in dry.stdout
-    bad = cli("sweep", *common, "--refine-rounds", "2")
-    assert bad.returncode == 2 and "--refine-rounds needs --refine" in bad.stderr
-    assert "Traceback" not in bad.stderr
+    capsys.readouterr()
+    assert main(["sweep", *common, "--refine", "--dry-run"]) == 0
+    dry = capsys.readouterr().out
+    assert "next refinement round adds: nothing" in dry and "0.00316" in dry
+    assert main(["sweep", *common, "--refine-rounds", "2"]) == 2
+    assert "--refine-rounds needs --refine" in capsys.readouterr().err
 
 
 def test_lr_preset_sweeps_weight_decay_jointly_with_the_lr(tmp_path):
@@ -212,7 +213,7 @@ def test_lr_preset_sweeps_weight_decay_jointly_with_the_lr(tmp_path):
 
     spec = load_spec("lr")
     for grid in spec.grids:
-        assert len(grid.swept["lr"]) >= 9, grid.label
+        assert len(grid.swept["lr"]) >= 5, grid.label
         decays = grid.swept["hparams.weight_decay"]
         assert decays[0] == 0.0 and len(decays) == 2 and decays[1] > 0, grid.label
     store = Store(tmp_path)

@@ -14,6 +14,7 @@ ratios within a round (a step over the probe right after it, ours over a referen
 from __future__ import annotations
 
 import gc
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from optarena.bench.shapes import Shape, llama_params
+from optarena.bench.shapes import Shape, llama_layout, llama_params
 from optarena.optim import REGISTRY, create, state_bytes
 from optarena.optim.compiled import COMPILE_STATS
 from optarena.optim.optimizer import ChainOptimizer
@@ -45,7 +46,37 @@ REFERENCES: dict[str, tuple[str, ...]] = {
     "lion": ("lion-pytorch",),
     "signum": ("pytorch-optimizer-signsgd",),
     "sophia": ("sophia-opt",),
+    "muon": ("torch-muon+adamw",),
+    "soap": ("pytorch-optimizer-soap",),
+    "kron": ("pytorch-optimizer-kron",),
+    "mars": ("pytorch-optimizer-mars",),
+    "ademamix": ("pytorch-optimizer-ademamix",),
+    "adopt": ("pytorch-optimizer-adopt",),
+    "nadamw": ("torch-nadamw",),
+    "schedule-free": ("schedulefree-adamw",),
 }
+
+# Tokens of the training step an optimizer step is compared with (a 0.5M-token batch, the
+# GPT-3 small / Chinchilla scale of a language-model step).
+TOKENS_PER_STEP = 2**19
+
+
+class _Pair:
+    """Two optimizers stepped as one (torch's Muon takes matrices only: AdamW the rest)."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer) -> None:
+        self.optimizers = optimizers
+        self.state = {k: v for o in optimizers for k, v in o.state.items()}
+
+    def step(self) -> None:
+        for o in self.optimizers:
+            o.step()
+        self.state = {k: v for o in self.optimizers for k, v in o.state.items()}
+
+
+def _hidden(name: str, p: Tensor) -> bool:
+    """A hidden matrix of the Llama shape (what Muon takes; embeddings and the head are not)."""
+    return p.dim() == 2 and "embed_tokens" not in name and "lm_head" not in name
 
 
 def _sync(device: torch.device) -> None:
@@ -89,7 +120,68 @@ def _reference(name: str, named: list[tuple[str, Tensor]], shape: Shape) -> torc
         from pytorch_optimizer import SignSGD
 
         return SignSGD(params, lr=1e-3, momentum=0.9)
+    if name == "torch-muon+adamw":
+        hidden = [p for n, p in named if _hidden(n, p)]
+        rest = [p for n, p in named if not _hidden(n, p)]
+        muon = torch.optim.Muon(hidden, lr=1e-3, weight_decay=0.1)
+        return _Pair(muon, torch.optim.AdamW(rest, lr=3e-4, betas=(0.9, 0.95), fused=True))  # type: ignore[return-value]
+    if name == "torch-nadamw":
+        return torch.optim.NAdam(params, lr=2e-3, decoupled_weight_decay=True, foreach=True)
+    if name == "schedulefree-adamw":
+        from schedulefree import AdamWScheduleFree
+
+        opt = AdamWScheduleFree(params, lr=2.5e-3)
+        opt.train()
+        return opt
+    if name.startswith("pytorch-optimizer-"):
+        import pytorch_optimizer
+
+        cls = {
+            "soap": pytorch_optimizer.SOAP,
+            "kron": pytorch_optimizer.Kron,
+            "mars": pytorch_optimizer.MARS,
+            "ademamix": pytorch_optimizer.AdEMAMix,
+            "adopt": pytorch_optimizer.ADOPT,
+        }[name.removeprefix("pytorch-optimizer-")]
+        return cls(params, lr=1e-3)
     raise ValueError(f"unknown reference {name!r}")
+
+
+def matrix_flops(name: str, shape: Shape) -> float | None:
+    """Leading-order FLOPs per step of a matrix method's orthogonalisation or preconditioner
+    (defaults: Muon's 5 Newton-Schulz steps on each hidden matrix; SOAP's statistics and three
+    projections per axis of up to 10000, its power-iteration and QR refresh amortised over 10
+    steps; Kron's preconditioning and, at the fit rate of the first 500 steps (every step), its
+    fit, each triangular factor up to 8192 long); ``None`` for the other optimizers."""
+    total = 0.0
+    for pname, dims, _ in llama_layout(shape):
+        numel = math.prod(dims)
+        if name == "muon" and len(dims) == 2 and "embed" not in pname and "lm_head" not in pname:
+            m, n = sorted(dims)
+            total += 5 * (4 * m * m * n + 2 * m**3)
+        elif name == "soap" and len(dims) > 1:
+            for k in (k for k in dims if k <= 10000):
+                total += 8 * k * numel + (2 * k**3 + 4 / 3 * k**3) / 10
+        elif name == "kron" and len(dims) > 1:
+            for k in (k for k in dims if k <= 8192):
+                total += 4 * k * numel + 7 * k * numel + k**3
+        elif name not in ("muon", "soap", "kron"):
+            return None
+    return total
+
+
+def _gemm_rate(shape: Shape, device: torch.device, dtype: torch.dtype, rounds: int = 5) -> float:
+    """FLOP/s of the model's MLP matrix product on this device (a training step's bulk)."""
+    x = torch.randn(2048, shape.d_model, device=device, dtype=dtype)
+    w = torch.randn(shape.d_model, shape.d_ff, device=device, dtype=dtype)
+    times = []
+    for _ in range(rounds + 1):
+        _sync(device)
+        t = time.perf_counter()
+        x @ w
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return 2 * 2048 * shape.d_model * shape.d_ff / statistics.median(times[1:])
 
 
 @dataclass
@@ -146,7 +238,11 @@ def _candidates(
         return named, infos
 
     hp = BENCH_HP.get(name, {})
+    entry = REGISTRY[name]
+    eager_only = entry.chain is not None and entry.chain(entry.defaults).eager
     for mode in modes:
+        if mode == "fused" and eager_only:  # SOAP, Kron: the step branches on the host
+            continue
         named, infos = fresh()
         opt = create(name, named, partition=infos, fused=(mode == "fused"), **hp)
         out.append(Candidate(f"{name} ({mode})", mode, opt.step, opt))
@@ -280,6 +376,15 @@ def bench_optimizer(
                 ref[f"{o.kind}_ratio"] = median_ratio(o.times, c.times)
         refs.append(ref)
     row["references"] = refs
+    flops = matrix_flops(name, shape)
+    if flops is not None and ours:
+        fastest = min(c.median_ms for c in ours) / 1e3
+        train_s = 6 * numel * TOKENS_PER_STEP / _gemm_rate(shape, device, dtype)
+        row.update(
+            matrix_gflop=flops / 1e9,
+            matrix_gflops_per_s=flops / 1e9 / fastest,
+            share_of_training_step=fastest / (fastest + train_s),
+        )
     del cands, live, probe
     gc.collect()
     return row
@@ -358,6 +463,8 @@ def format_step_table(report: dict[str, Any]) -> list[list[str]]:
         "state B/param",
         "compile s",
         "references: ms (fused/ref, eager/ref)",
+        "matrix GFLOP",
+        "share of train step",
     ]
     table = [header]
     for r in report["rows"]:
@@ -382,6 +489,8 @@ def format_step_table(report: dict[str, Any]) -> list[list[str]]:
                 f(r["state_bytes_per_param"], ".2f"),
                 f(r.get("compile_s")),
                 "; ".join(refs),
+                f(r.get("matrix_gflop"), ".2f"),
+                f(r.get("share_of_training_step"), ".1%"),
             ]
         )
     return table

@@ -139,6 +139,7 @@ def _page(
     sections: Sequence[tuple[str, str]] = (),
 ) -> str:
     e = html.escape
+    paths = read_paths(directory)
     header, cells = tables.display_rows(analysis, told.speedups)
     parts = [
         "<!DOCTYPE html>",
@@ -146,7 +147,7 @@ def _page(
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>optarena report: {e(directory.resolve().name)}</title>",
         f"<style>{_CSS}</style>",
-        interactive.script() if divs else "",
+        interactive.script() if divs or paths else "",
         "</head><body>",
         _SELF_CHECK,
         f"<h1>optarena sweep report: <code>{e(directory.resolve().name)}</code></h1>",
@@ -190,7 +191,12 @@ def _page(
         )
         + "</p>",
     ]
-    if not rendered:
+    if not rendered and paths and not analysis.series:
+        parts.append(
+            "<p>No LR series: the runs of this store are tuning runs, shown under "
+            '<a href="#tuning">Tuning paths</a>.</p>'
+        )
+    elif not rendered:
         parts.append("<p>No finished runs yet: the figures appear as runs finish.</p>")
     for fig in rendered:
         files = (
@@ -230,7 +236,6 @@ def _page(
             )
             + "</p>"
         )
-    paths = read_paths(directory)
     if paths:
         parts.append("<h2>Tuning paths</h2>")
         parts.append(tuning.section(paths, _table))
