@@ -134,6 +134,7 @@ def ws(tmp_path_factory: pytest.TempPathFactory, cache: Path) -> Path:
     (root / "bad.toml").write_text("[sweep\nname = 'x'\n")
     (root / "unknown-key.toml").write_text("steps = 2\nbogus_key = 1\n")
     (root / "wrong-type.toml").write_text('optimizer = "adamw"\neval_windows = "abc"\n')
+    (root / "latin1.toml").write_bytes(b"[sweep]\nname = 'caf\xe9'\n")
     (root / "broken_module.py").write_text("raise RuntimeError('this module is broken')\n")
     specs = {
         "toy": TOY_SPEC,
@@ -304,6 +305,8 @@ CASES = [
     train("--set", "model.n_layers=3", expect=("n_layers", "'n_layer'"), id="n-layers-typo"),
     train("--set", "model.d_model=100", expect=("head dimension",), id="d-model-heads"),
     train("--set", "model.norm=batchnorm", expect=("norm",), id="norm-unknown"),
+    train("--set", "model.n_head=0", expect=("n_head", "positive"), id="n-head-zero"),
+    train("--set", "model.d_model=-8", expect=("d_model", "positive"), id="d-model-negative"),
     train("--set", "bogus=1", expect=("bogus",), id="hparam-unknown"),
     train("--set", "betas=2,3", expect=("betas",), id="betas-out-of-range"),
     train("--set", "betas=0.9", expect=("betas", "pair"), id="betas-not-a-pair"),
@@ -340,6 +343,18 @@ CASES = [
     # --- sweep
     Case("sweep-spec-missing", ("sweep", "{ws}/missing.toml"), ("missing.toml",)),
     sweep("{ws}/bad.toml", expect=("not valid toml",), id="bad-toml"),
+    sweep("{ws}/latin1.toml", expect=("not utf-8", "offset 19"), id="spec-not-utf8"),
+    sweep(
+        "{ws}/toy.toml",
+        "--function",
+        TOY,
+        "--backend",
+        "slurm",
+        "--slurm-time",
+        "0",
+        expect=("--slurm-time",),
+        id="slurm-time-zero",
+    ),
     sweep("no-such-preset", expect=("no-such-preset",), id="preset-unknown"),
     sweep("{ws}/base-typo.toml", expect=("stpes", "steps"), id="base-typo"),
     sweep("{ws}/no-optimizer.toml", expect=("adamx",), id="optimizer-unknown"),
@@ -428,6 +443,7 @@ CASES = [
     bench("step", "--shape", "d_model=100,n_heads=3", expect=("n_heads",), id="shape-heads"),
     bench("step", "--shape", "huge", expect=("huge",), id="shape-unknown"),
     bench("step", "--optimizers", "nope", expect=("nope",), id="optimizer-unknown"),
+    bench("step", "--optimizers", ",", expect=("names no optimizer",), id="optimizers-empty"),
     bench("step", "--steps", "0", expect=("--steps",), id="steps-zero"),
     bench("step", "--warmup", "-1", expect=("--warmup",), id="warmup-negative"),
     bench("step", "--threads", "0", expect=("--threads",), id="threads-zero"),

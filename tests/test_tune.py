@@ -238,6 +238,9 @@ def test_tune_on_the_toy_finds_the_grid_optimum_and_resumes(tmp_path):
     page = write_report(tmp_path / "a").read_text()
     assert 'id="tuning"' in page and "converged" in page
     assert "the runs of this store are tuning runs" in page
+    assert 'id="fig-tuning-0"' in page  # the incumbent's loss after each step, interactive
+    moved = [st for st in first["steps"] if st["moved"]]
+    assert moved and all(st["moved_to"]["loss"] < st["incumbent"]["loss"] for st in moved)
     assert "0.99" in page and "warmup" in page
 
 

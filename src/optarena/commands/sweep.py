@@ -336,6 +336,8 @@ def make_executor(
             max_retries=args.max_retries,
         )
     if args.backend == "slurm":
+        if args.slurm_time < 1:
+            raise UserError(f"--slurm-time {args.slurm_time}: give the minutes per run job, >= 1")
         params: dict[str, Any] = {"timeout_min": args.slurm_time}
         if args.slurm_partition:
             params["slurm_partition"] = args.slurm_partition
@@ -427,8 +429,8 @@ def refine(args: argparse.Namespace, spec: Any, out: Path) -> int:
     store = Store(out)
     rounds = refinement.DEFAULT_ROUNDS if args.refine_rounds is None else args.refine_rounds
     console.print(
-        f"sweep [bold]{spec.name}[/] with refinement (at most {rounds} rounds) into {out} "
-        f"({args.backend}, {executor.capacity} at a time)",
+        f"sweep [bold]{spec.name}[/] with refinement (at most {_count(rounds, 'round')}) into "
+        f"{out} ({args.backend}, {executor.capacity} at a time)",
         highlight=False,
     )
 
@@ -457,14 +459,14 @@ def refine(args: argparse.Namespace, spec: Any, out: Path) -> int:
         console.print(f"not refined: {name} {why}", highlight=False, markup=False)
     if result.plan.settled:
         console.print(
-            f"refined: {result.added} runs added in {result.rounds} rounds; every series' "
-            "optimum is interior with neighbours half a step away.",
+            f"refined: {_count(result.added, 'run')} added in {_count(result.rounds, 'round')}; "
+            "every series' optimum is interior with neighbours half a step away.",
             highlight=False,
         )
     else:
         console.print(
-            f"stopped after {result.rounds} rounds ({result.added} runs added) with series "
-            "still to refine; run the same command again to continue.",
+            f"stopped after {_count(result.rounds, 'round')} ({_count(result.added, 'run')} added) "
+            "with series still to refine; run the same command again to continue.",
             highlight=False,
         )
     if result.failed:
@@ -483,6 +485,10 @@ def refine(args: argparse.Namespace, spec: Any, out: Path) -> int:
         )
         return INCOMPLETE
     return 0
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:

@@ -139,6 +139,7 @@ def _page(
     sections: Sequence[tuple[str, str]] = (),
 ) -> str:
     e = html.escape
+    paths = read_paths(directory)
     header, cells = tables.display_rows(analysis, told.speedups)
     parts = [
         "<!DOCTYPE html>",
@@ -146,7 +147,7 @@ def _page(
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>optarena report: {e(directory.resolve().name)}</title>",
         f"<style>{_CSS}</style>",
-        interactive.script() if divs else "",
+        interactive.script() if divs or paths else "",
         "</head><body>",
         _SELF_CHECK,
         f"<h1>optarena sweep report: <code>{e(directory.resolve().name)}</code></h1>",
@@ -190,7 +191,6 @@ def _page(
         )
         + "</p>",
     ]
-    paths = read_paths(directory)
     if not rendered and paths and not analysis.series:
         parts.append(
             "<p>No LR series: the runs of this store are tuning runs, shown under "

@@ -392,6 +392,7 @@ def path_json(
                         "incumbent": ev(q, st.incumbent),
                         "candidates": [ev(q, c) for c in st.candidates],
                         "moved": st.moved_to is not None,
+                        "moved_to": None if st.moved_to is None else ev(q, st.moved_to),
                     }
                     for st in q.steps
                 ],
