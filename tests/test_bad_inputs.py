@@ -242,6 +242,12 @@ def reproduce(*extra: str, expect: tuple[str, ...], id: str) -> Case:
     return Case(f"reproduce-{id}", argv, expect)
 
 
+def finetune(*extra: str, expect: tuple[str, ...], id: str) -> Case:
+    argv = ("finetune", "--from", "{ws}/run", "--optimizer", "adamw", "--steps", "1")
+    argv += ("--threads", "1", "--no-progress", "--out", "{ws}/new-sft", *extra)
+    return Case(f"finetune-{id}", argv, expect)
+
+
 def bench(kind: str, *extra: str, expect: tuple[str, ...], id: str) -> Case:
     argv = ("bench", kind, "--optimizers", "adamw", "--steps", "1", "--warmup", "1", *extra)
     return Case(f"bench-{kind}-{id}", argv, expect)
@@ -438,6 +444,18 @@ CASES = [
     reproduce("--report-only", expect=("holds no results",), id="report-only-empty"),
     reproduce("--workers", "0", expect=("workers",), id="workers-zero"),
     reproduce("--function", "nope.mod:fn", expect=("nope.mod",), id="function-missing"),
+    # --- finetune
+    finetune("--from", "{ws}/text.txt", expect=("not a model",), id="from-a-text-file"),
+    finetune("--from", "{ws}/no-text-here", expect=("not a model",), id="from-a-folder"),
+    finetune("--from", "{ws}/missing", expect=("no such file",), id="from-missing"),
+    finetune("--data", "{ws}/notjson.jsonl", expect=("notjson.jsonl:1:",), id="line-fields"),
+    finetune("--data", "{ws}/empty.txt", expect=("has no examples",), id="data-empty"),
+    finetune("--data", "{ws}/missing.jsonl", expect=("does not exist",), id="data-missing"),
+    finetune("--seq-len", "4", expect=("the prompt is", "tokens"), id="prompt-too-long"),
+    finetune("--seq-len", "0", expect=("seq_len",), id="seq-len-zero"),
+    finetune("--optimizer", "adamz", expect=("unknown optimizer",), id="optimizer-unknown"),
+    finetune("--set", "model.d_model=8", expect=("model.field",), id="model-override"),
+    finetune("--out", "{ws}/run", expect=("already holds a run",), id="out-holds-a-run"),
     # --- bench
     bench("step", "--shape", "d_model=abc", expect=("d_model", "abc"), id="shape-abc"),
     bench("step", "--shape", "d_model=100,n_heads=3", expect=("n_heads",), id="shape-heads"),
