@@ -1,5 +1,5 @@
 """Bad input, as a user (or an attacker) gives it, across ``train``, ``sweep``, ``report``,
-``reproduce``, ``bench`` and the Python API.
+``reproduce``, ``bench``, the post-training commands and the Python API.
 
 Every command-line case runs the real CLI in this process (``optarena.cli.main(argv)``) inside a
 workspace that holds what the cases point at: a finished run, a finished sweep, data files that
@@ -445,9 +445,7 @@ CASES = [
     reproduce("--workers", "0", expect=("workers",), id="workers-zero"),
     reproduce("--function", "nope.mod:fn", expect=("nope.mod",), id="function-missing"),
     # --- finetune
-    finetune("--from", "{ws}/text.txt", expect=("not a model",), id="from-a-text-file"),
     finetune("--from", "{ws}/no-text-here", expect=("not a model",), id="from-a-folder"),
-    finetune("--from", "{ws}/missing", expect=("no such file",), id="from-missing"),
     finetune("--data", "{ws}/notjson.jsonl", expect=("notjson.jsonl:1:",), id="line-fields"),
     finetune("--data", "{ws}/empty.txt", expect=("has no examples",), id="data-empty"),
     finetune("--data", "{ws}/missing.jsonl", expect=("does not exist",), id="data-missing"),
@@ -456,6 +454,58 @@ CASES = [
     finetune("--optimizer", "adamz", expect=("unknown optimizer",), id="optimizer-unknown"),
     finetune("--set", "model.d_model=8", expect=("model.field",), id="model-override"),
     finetune("--out", "{ws}/run", expect=("already holds a run",), id="out-holds-a-run"),
+    # --- post-training
+    Case("finetune-no-from", ("finetune", "--optimizer", "adamw"), ("--from",)),
+    Case(
+        "finetune-from-gone",
+        ("finetune", "--optimizer", "adamw", "--from", "{ws}/gone"),
+        ("--from", "no such file"),
+    ),
+    Case(
+        "finetune-from-a-file",
+        ("finetune", "--optimizer", "adamw", "--from", "{ws}/text.txt"),
+        ("not a model",),
+    ),
+    Case(
+        "finetune-lr",
+        (
+            "finetune",
+            "--optimizer",
+            "adamw",
+            "--from",
+            "{ws}/run",
+            "--lr",
+            "-1",
+            "--out",
+            "{ws}/new-ft",
+        ),
+        ("lr",),
+    ),
+    Case(
+        "finetune-latin1",
+        (
+            "finetune",
+            "--optimizer",
+            "adamw",
+            "--from",
+            "{ws}/run",
+            "--data",
+            "{ws}/latin1.txt",
+            "--out",
+            "{ws}/new-ft",
+        ),
+        ("not utf-8",),
+    ),
+    Case(
+        "reward-from-gone",
+        ("reward", "--optimizer", "adamw", "--from", "{ws}/gone"),
+        ("--from", "no such file"),
+    ),
+    Case(
+        "rlhf-no-reward-model",
+        ("rlhf", "--optimizer", "adamw", "--from", "{ws}/run"),
+        ("--reward-model",),
+    ),
     # --- bench
     bench("step", "--shape", "d_model=abc", expect=("d_model", "abc"), id="shape-abc"),
     bench("step", "--shape", "d_model=100,n_heads=3", expect=("n_heads",), id="shape-heads"),
