@@ -117,7 +117,7 @@ class Scale:
     # validation examples for the response loss and for exact match
     sft_steps: int = 200
     sft_batch_size: int = 16
-    sft_lr_points: int = 4
+    sft_lr_points: int = 5
     sft_eval_examples: int = 256
     sft_eval_generate: int = 128
     # Adam-mini's RLHF stages (on the SFT stage's model): the reward model's steps and LR,
