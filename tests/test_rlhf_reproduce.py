@@ -57,6 +57,9 @@ def test_rlhf_stages_and_their_claims(pretrained_run: Path, tmp_path: Path) -> N
     # R2's shortfall is AdamW's mean reward minus Adam-mini's, paired over the two seeds
     mini = next(p for p in series["adam-mini"].curve if p.x == lr)
     assert claims[2].numbers["gap"] == pytest.approx(best.loss * -1 - mini.loss * -1)
+    # R1.2 is Adam-mini's result at AdamW's best LR
+    mini_rewards = [runs[i].summary["final_reward"] for i in mini.run_ids]
+    assert claims[1].numbers["final_reward"] == pytest.approx(sum(mini_rewards) / 2)
     rows = R.rlhf_rows(rl, runs)
     assert [r[0] for r in rows] == ["adamw", "adam-mini"] and rows[0][2] == "2"
     assert R.reward_model_row(runs) is not None

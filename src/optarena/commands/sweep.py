@@ -9,7 +9,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from optarena.errors import UserError
+from optarena.errors import StorageError, UserError
 from optarena.sweep.executors import BACKENDS, DEFAULT_FUNCTION, Executor
 
 
@@ -336,6 +336,8 @@ def make_executor(
             max_retries=args.max_retries,
         )
     if args.backend == "slurm":
+        if args.slurm_time < 1:
+            raise UserError(f"--slurm-time {args.slurm_time}: give the minutes per run job, >= 1")
         params: dict[str, Any] = {"timeout_min": args.slurm_time}
         if args.slurm_partition:
             params["slurm_partition"] = args.slurm_partition
@@ -392,6 +394,8 @@ def execute(args: argparse.Namespace, spec: Any, out: Path, default_threads: int
         f"finished: {counts} now; {result.already_finished} had results already.",
         highlight=False,
     )
+    if result.storage_error:  # one line, exit 2; the runs not started wait for the next run
+        raise StorageError(result.storage_error)
     if result.failed:
         console.print(
             f"[red]{result.failed} runs failed[/]: errors in `optarena report {out}` and "
@@ -453,6 +457,8 @@ def refine(args: argparse.Namespace, spec: Any, out: Path) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
         store.close()
+    if result.sweeps and result.sweeps[-1].storage_error:
+        raise StorageError(result.sweeps[-1].storage_error)
     for name, why in result.plan.blocked:
         console.print(f"not refined: {name} {why}", highlight=False, markup=False)
     if result.plan.settled:

@@ -89,7 +89,10 @@ def signature(directory: Path, run: RunRecord, places: Sequence[Member], self_ch
     blob = json.dumps(
         [
             dataclasses.asdict(run),
-            sorted([m.label, m.point, m.sweep] for m in places),
+            sorted(
+                ([m.label, m.point, m.sweep] for m in places),
+                key=lambda place: json.dumps(place, sort_keys=True, default=str),
+            ),  # points are dicts: a run in two series of one label would not sort
             files,
             hashlib.sha256((self_check + _CSS).encode()).hexdigest(),
             Path(__file__).stat().st_mtime_ns,

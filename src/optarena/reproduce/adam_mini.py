@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from optarena import atomic
 from optarena.analysis import Analysis, CurvePoint, SeriesResult
 from optarena.reproduce import claims as C
 from optarena.reproduce import protocol as P
@@ -379,18 +380,19 @@ def write(
     render.write_claims(
         report_dir, claims, {"study": "adam-mini", "scale": scale.name, "noise": noise.source}
     )
-    (report_dir / "sizes.md").write_text(
+    atomic.write_text(
+        report_dir / "sizes.md",
         render.markdown_table(SIZE_HEADER, sizes)
         + "\n"
-        + render.markdown_table(PAPER_HEADER, paper_rows())
+        + render.markdown_table(PAPER_HEADER, paper_rows()),
     )
     if sft is not None:
         sft_table = adam_mini_sft.table_rows(sft, out)
-        (report_dir / "sft.md").write_text(
-            render.markdown_table(adam_mini_sft.SFT_HEADER, sft_table)
+        atomic.write_text(
+            report_dir / "sft.md", render.markdown_table(adam_mini_sft.SFT_HEADER, sft_table)
         )
     if rl is not None:
-        (report_dir / "rlhf.md").write_text(adam_mini_rlhf.markdown(rl, out))
-    (report_dir / "partition.md").write_text(render.markdown_table(part_header, part_rows))
+        atomic.write_text(report_dir / "rlhf.md", adam_mini_rlhf.markdown(rl, out))
+    atomic.write_text(report_dir / "partition.md", render.markdown_table(part_header, part_rows))
     page = write_report(out, analysis.taus, sections=[("Claims of Zhang et al. (Adam-mini)", body)])
     return page, claims

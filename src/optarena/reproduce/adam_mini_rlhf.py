@@ -210,13 +210,14 @@ def check_claims(analysis: Analysis, runs: dict[str, Any], noise: C.Noise) -> li
             continue
         est, half, how = found
         verdict, reason = C.decide(est, half, 0.0, greater=True)
-        first = _summaries(s, lr, runs)[0]
+        summaries = _summaries(s, lr, runs)
+        before = statistics.fmean(x["initial"]["reward"] for x in summaries)
+        after = statistics.fmean(x["final_reward"] for x in summaries)
         sentence = (
-            f"At LR {lr:.3g}, {opt} takes the held-out reward from "
-            f"{first['initial']['reward']:.3f} to {s.reward:.3f}: gain {est:+.3f}, 95% interval "
-            f"[{est - half:+.3f}, {est + half:+.3f}] ({how})."
+            f"At LR {lr:.3g}, {opt} takes the held-out reward from {before:.3f} to {after:.3f}: "
+            f"gain {est:+.3f}, 95% interval [{est - half:+.3f}, {est + half:+.3f}] ({how})."
         )
-        numbers = {"gain": est, "half_width": half, "lr": lr, "final_reward": s.reward}
+        numbers = {"gain": est, "half_width": half, "lr": lr, "final_reward": after}
         out.append(C.Claim(f"R1.{i}", statement, test, sentence, verdict, reason, numbers))
     out.append(_parity(adamw, mini, runs, noise))
     return out

@@ -225,7 +225,7 @@ def refine_sweep(
                 )
             )
             step = plan(spec, store)
-            if step.settled or rounds >= max_rounds:
+            if step.settled or rounds >= max_rounds or sweeps[-1].storage_error:
                 return RefineResult(rounds, added, sweeps, step)
             rounds += 1
             if on_round is not None:
