@@ -7,6 +7,7 @@ import signal
 from pathlib import Path
 
 from optarena.commands import sweep as sweep_command
+from optarena.errors import StorageError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -60,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
         store.close()
+    if result.storage_error:  # one line, exit 2; the search continues on the next invocation
+        raise StorageError(result.storage_error)
     for s in result.searches:
         q = s.search
         best = q.evals.get(q.incumbent)

@@ -275,6 +275,10 @@ class TuneResult:
         return sum(r.failed for r in self.sweeps)
 
     @property
+    def storage_error(self) -> str | None:
+        return next((r.storage_error for r in self.sweeps if r.storage_error), None)
+
+    @property
     def ran(self) -> int:
         return sum(r.done + r.diverged + r.failed for r in self.sweeps)
 
@@ -326,6 +330,8 @@ def tune(
                 store, batch, executor, sweep=TUNE_PREFIX + spec.name, close_executor=False
             )
             result.sweeps.append(ran)
+            if ran.storage_error:  # a full disk or read-only folder fails every run after it
+                return result
             if ran.held_elsewhere and not ran.done + ran.diverged + ran.failed:
                 return result  # another live process holds what comes next: re-run later
     finally:
