@@ -315,6 +315,8 @@ def test_a_full_disk_stops_the_tune_and_the_next_call_continues(tmp_path):
     stopped = tune.tune(store, spec, FullDisk())
     assert stopped.storage_error == "no space left on /x; free some"
     assert len(stopped.sweeps) == 1  # no second batch after the failure
+    kept = tune.tune(store, spec, InProcess(), retry_failed=False)  # --no-retry-failed
+    assert kept.ran == 0 and all(s.search.status.startswith("failed") for s in kept.searches)
     done = tune.tune(store, spec, InProcess())
     reference = tune.tune(Store(tmp_path / "ref"), spec, InProcess())
     assert [s.search.incumbent for s in done.searches] == [

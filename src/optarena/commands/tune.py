@@ -54,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
             executor,
             settings=settings,
             path_file=path_file,
+            retry_failed=args.retry_failed,
             on_step=lambda s, step: console.print(
                 tune.describe(s, step), highlight=False, markup=False
             ),
