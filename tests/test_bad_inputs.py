@@ -510,6 +510,7 @@ CASES = [
     bench("step", "--shape", "d_model=abc", expect=("d_model", "abc"), id="shape-abc"),
     bench("step", "--shape", "d_model=100,n_heads=3", expect=("n_heads",), id="shape-heads"),
     bench("step", "--shape", "huge", expect=("huge",), id="shape-unknown"),
+    bench("step", "--shape", "", expect=("empty shape",), id="shape-empty"),
     bench("step", "--optimizers", "nope", expect=("nope",), id="optimizer-unknown"),
     bench("step", "--optimizers", ",", expect=("names no optimizer",), id="optimizers-empty"),
     bench("step", "--steps", "0", expect=("--steps",), id="steps-zero"),
