@@ -91,10 +91,11 @@ def mocked_slurm():
         yield mock
 
 
-def test_a_crafted_slurm_result_pickle_never_runs(tmp_path, mocked_slurm):
+@pytest.mark.parametrize("state", ["COMPLETED", "RUNNING"])
+def test_a_crafted_slurm_result_pickle_never_runs(tmp_path, mocked_slurm, state):
     """submitit writes each job's return value to ``*_result.pkl``; a driver re-attaching to a
     job (or collecting one) reads only the JSON result carrying the job's recorded nonce, so a
-    pickle planted in the Slurm folder runs nothing and the run is failed, not forged."""
+    pickle planted in the Slurm folder runs nothing and forges no result."""
     from submitit.core import submission
 
     from optarena.sweep.executors import SlurmExecutor, Task
@@ -114,13 +115,19 @@ def test_a_crafted_slurm_result_pickle_never_runs(tmp_path, mocked_slurm):
     marker = tmp_path / "pwned"
     job.paths.result_pickle.write_bytes(pickle.dumps(("success", _Payload(marker))))
     result_json.unlink()
-    mocked_slurm.set_job_state(job.job_id, "COMPLETED")
+    mocked_slurm.set_job_state(job.job_id, state)
 
     second = SlurmExecutor("optarena.sweep.toy:train", folder, workers=1, cluster="slurm")
     second.submit(Task("run0", {"optimizer": "adamw", "lr": 1e-3, "steps": 5}))
-    (outcome,) = second.wait(0)
+    outcomes = second.wait(0)
     assert not marker.exists()
-    assert outcome.error is not None and "without a result" in outcome.error
+    if state == "COMPLETED":  # a finished job without its JSON result: the run goes out again
+        assert outcomes == []
+        ((again, _),) = second._jobs.items()
+        assert again.job_id != job.job_id
+    else:  # a live job is re-attached; once it ends, its planted pickle is no result
+        (outcome,) = outcomes
+        assert outcome.error is not None and "without a result" in outcome.error
     # ... and the planted file is a working exploit for a plain unpickler (submitit's own)
     pickle.loads(job.paths.result_pickle.read_bytes())[1].close()
     assert marker.exists()
