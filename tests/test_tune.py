@@ -239,6 +239,11 @@ def test_tune_on_the_toy_finds_the_grid_optimum_and_resumes(tmp_path):
     assert 'id="tuning"' in page and "converged" in page
     assert "the runs of this store are tuning runs" in page
     assert 'id="fig-tuning-0"' in page  # the incumbent's loss after each step, interactive
+    for suffix in ("png", "svg"):  # and static, beside the page and linked from its caption
+        static = tmp_path / "a" / "report" / f"tuning-paths.{suffix}"
+        assert static.stat().st_size > 1000
+        assert f'href="tuning-paths.{suffix}"' in page
+    assert (tmp_path / "a" / "report" / "tuning-paths.png").read_bytes()[:4] == b"\x89PNG"
     moved = [st for st in first["steps"] if st["moved"]]
     assert moved and all(st["moved_to"]["loss"] < st["incumbent"]["loss"] for st in moved)
     assert "0.99" in page and "warmup" in page

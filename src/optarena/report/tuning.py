@@ -63,9 +63,12 @@ def figure(data: Mapping[str, Any], ident: str) -> str | None:
     return _div(fig, ident)
 
 
-def section(paths: Sequence[Mapping[str, Any]], table: Any) -> str:
+def section(
+    paths: Sequence[Mapping[str, Any]], table: Any, static: Sequence[str | None] = ()
+) -> str:
     """HTML of every tuning path; ``table(header, rows, left=..., html_columns=...)`` draws a
-    table as the rest of the page does."""
+    table as the rest of the page does; ``static[n]``: the file stem of path ``n``'s PNG/SVG
+    figure beside the page, linked from its caption."""
     e = html.escape
     parts = ['<div id="tuning">']
     for n, data in enumerate(paths):
@@ -91,11 +94,18 @@ def section(paths: Sequence[Mapping[str, Any]], table: Any) -> str:
         header = ["optimizer", "tuned settings", "loss", "status", "rounds", "points", "runs"]
         parts.append(table(header, summary, left=2, html_columns=set(range(7))))
         div = figure(data, f"fig-tuning-{n}")
+        stem = static[n] if n < len(static) else None
+        files = (
+            f' (static: <a href="{e(stem)}.png">{e(stem)}.png</a>, '
+            f'<a href="{e(stem)}.svg">{e(stem)}.svg</a>)'
+            if stem
+            else ""
+        )
         if div is not None:
             parts.append(
                 f'<figure class="interactive">{div}<figcaption>Each search\'s incumbent after '
                 "each step (a step looks at the neighbours on one axis; flat: no neighbour won "
-                "by more than the noise).</figcaption></figure>"
+                f"by more than the noise).{files}</figcaption></figure>"
             )
         for s in data["searches"]:
             rows = [
