@@ -1,5 +1,5 @@
 """Bad input, as a user (or an attacker) gives it, across ``train``, ``sweep``, ``report``,
-``reproduce``, ``bench`` and the Python API.
+``reproduce``, ``bench``, the post-training commands and the Python API.
 
 Every command-line case runs the real CLI in this process (``optarena.cli.main(argv)``) inside a
 workspace that holds what the cases point at: a finished run, a finished sweep, data files that
@@ -134,6 +134,7 @@ def ws(tmp_path_factory: pytest.TempPathFactory, cache: Path) -> Path:
     (root / "bad.toml").write_text("[sweep\nname = 'x'\n")
     (root / "unknown-key.toml").write_text("steps = 2\nbogus_key = 1\n")
     (root / "wrong-type.toml").write_text('optimizer = "adamw"\neval_windows = "abc"\n')
+    (root / "latin1.toml").write_bytes(b"[sweep]\nname = 'caf\xe9'\n")
     (root / "broken_module.py").write_text("raise RuntimeError('this module is broken')\n")
     specs = {
         "toy": TOY_SPEC,
@@ -241,6 +242,12 @@ def reproduce(*extra: str, expect: tuple[str, ...], id: str) -> Case:
     return Case(f"reproduce-{id}", argv, expect)
 
 
+def finetune(*extra: str, expect: tuple[str, ...], id: str) -> Case:
+    argv = ("finetune", "--from", "{ws}/run", "--optimizer", "adamw", "--steps", "1")
+    argv += ("--threads", "1", "--no-progress", "--out", "{ws}/new-sft", *extra)
+    return Case(f"finetune-{id}", argv, expect)
+
+
 def bench(kind: str, *extra: str, expect: tuple[str, ...], id: str) -> Case:
     argv = ("bench", kind, "--optimizers", "adamw", "--steps", "1", "--warmup", "1", *extra)
     return Case(f"bench-{kind}-{id}", argv, expect)
@@ -304,6 +311,8 @@ CASES = [
     train("--set", "model.n_layers=3", expect=("n_layers", "'n_layer'"), id="n-layers-typo"),
     train("--set", "model.d_model=100", expect=("head dimension",), id="d-model-heads"),
     train("--set", "model.norm=batchnorm", expect=("norm",), id="norm-unknown"),
+    train("--set", "model.n_head=0", expect=("n_head", "positive"), id="n-head-zero"),
+    train("--set", "model.d_model=-8", expect=("d_model", "positive"), id="d-model-negative"),
     train("--set", "bogus=1", expect=("bogus",), id="hparam-unknown"),
     train("--set", "betas=2,3", expect=("betas",), id="betas-out-of-range"),
     train("--set", "betas=0.9", expect=("betas", "pair"), id="betas-not-a-pair"),
@@ -340,6 +349,18 @@ CASES = [
     # --- sweep
     Case("sweep-spec-missing", ("sweep", "{ws}/missing.toml"), ("missing.toml",)),
     sweep("{ws}/bad.toml", expect=("not valid toml",), id="bad-toml"),
+    sweep("{ws}/latin1.toml", expect=("not utf-8", "offset 19"), id="spec-not-utf8"),
+    sweep(
+        "{ws}/toy.toml",
+        "--function",
+        TOY,
+        "--backend",
+        "slurm",
+        "--slurm-time",
+        "0",
+        expect=("--slurm-time",),
+        id="slurm-time-zero",
+    ),
     sweep("no-such-preset", expect=("no-such-preset",), id="preset-unknown"),
     sweep("{ws}/base-typo.toml", expect=("stpes", "steps"), id="base-typo"),
     sweep("{ws}/no-optimizer.toml", expect=("adamx",), id="optimizer-unknown"),
@@ -423,11 +444,75 @@ CASES = [
     reproduce("--report-only", expect=("holds no results",), id="report-only-empty"),
     reproduce("--workers", "0", expect=("workers",), id="workers-zero"),
     reproduce("--function", "nope.mod:fn", expect=("nope.mod",), id="function-missing"),
+    # --- finetune
+    finetune("--from", "{ws}/no-text-here", expect=("not a model",), id="from-a-folder"),
+    finetune("--data", "{ws}/notjson.jsonl", expect=("notjson.jsonl:1:",), id="line-fields"),
+    finetune("--data", "{ws}/empty.txt", expect=("has no examples",), id="data-empty"),
+    finetune("--data", "{ws}/missing.jsonl", expect=("does not exist",), id="data-missing"),
+    finetune("--seq-len", "4", expect=("the prompt is", "tokens"), id="prompt-too-long"),
+    finetune("--seq-len", "0", expect=("seq_len",), id="seq-len-zero"),
+    finetune("--optimizer", "adamz", expect=("unknown optimizer",), id="optimizer-unknown"),
+    finetune("--set", "model.d_model=8", expect=("model.field",), id="model-override"),
+    finetune("--out", "{ws}/run", expect=("already holds a run",), id="out-holds-a-run"),
+    # --- post-training
+    Case("finetune-no-from", ("finetune", "--optimizer", "adamw"), ("--from",)),
+    Case(
+        "finetune-from-gone",
+        ("finetune", "--optimizer", "adamw", "--from", "{ws}/gone"),
+        ("--from", "no such file"),
+    ),
+    Case(
+        "finetune-from-a-file",
+        ("finetune", "--optimizer", "adamw", "--from", "{ws}/text.txt"),
+        ("not a model",),
+    ),
+    Case(
+        "finetune-lr",
+        (
+            "finetune",
+            "--optimizer",
+            "adamw",
+            "--from",
+            "{ws}/run",
+            "--lr",
+            "-1",
+            "--out",
+            "{ws}/new-ft",
+        ),
+        ("lr",),
+    ),
+    Case(
+        "finetune-latin1",
+        (
+            "finetune",
+            "--optimizer",
+            "adamw",
+            "--from",
+            "{ws}/run",
+            "--data",
+            "{ws}/latin1.txt",
+            "--out",
+            "{ws}/new-ft",
+        ),
+        ("not utf-8",),
+    ),
+    Case(
+        "reward-from-gone",
+        ("reward", "--optimizer", "adamw", "--from", "{ws}/gone"),
+        ("--from", "no such file"),
+    ),
+    Case(
+        "rlhf-no-reward-model",
+        ("rlhf", "--optimizer", "adamw", "--from", "{ws}/run"),
+        ("--reward-model",),
+    ),
     # --- bench
     bench("step", "--shape", "d_model=abc", expect=("d_model", "abc"), id="shape-abc"),
     bench("step", "--shape", "d_model=100,n_heads=3", expect=("n_heads",), id="shape-heads"),
     bench("step", "--shape", "huge", expect=("huge",), id="shape-unknown"),
+    bench("step", "--shape", "", expect=("empty shape",), id="shape-empty"),
     bench("step", "--optimizers", "nope", expect=("nope",), id="optimizer-unknown"),
+    bench("step", "--optimizers", ",", expect=("names no optimizer",), id="optimizers-empty"),
     bench("step", "--steps", "0", expect=("--steps",), id="steps-zero"),
     bench("step", "--warmup", "-1", expect=("--warmup",), id="warmup-negative"),
     bench("step", "--threads", "0", expect=("--threads",), id="threads-zero"),

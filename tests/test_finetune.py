@@ -291,3 +291,26 @@ def test_finetune_spec_errors(tmp_path, capsys, body, message) -> None:
     spec.write_text(f'[sweep]\n{body}\n[[grid]]\noptimizer = "adamw"\nlr = [1e-3]\n')
     assert message in one_line_error(capsys, ["sweep", str(spec), "--out", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
+
+
+def test_from_is_stored_absolute_so_a_later_stage_loads_it_anywhere(
+    pretrained_run, tmp_path, capsys, monkeypatch
+) -> None:
+    import shutil
+
+    shutil.copytree(pretrained_run, tmp_path / "pre")
+    monkeypatch.chdir(tmp_path)
+    argv = ["finetune", "--from", "pre", "--optimizer", "adamw", "--steps", "1"]
+    argv += ["--batch-size", "2", "--seq-len", "48", "--eval-examples", "2", "--eval-generate", "0"]
+    assert main([*argv, "--threads", "1", "--no-progress", "--out", "sft"]) == 0
+    summary = json.loads((tmp_path / "sft" / "summary.json").read_text())
+    assert summary["config"]["pretrained"] == str((tmp_path / "pre").resolve())
+    monkeypatch.chdir(tmp_path.parent)
+    assert load_pretrained(tmp_path / "sft").description["base"] == str(
+        (tmp_path / "pre").resolve()
+    )
+    # a relative base given to the Python API is found beside the run's folder
+    monkeypatch.chdir(tmp_path)
+    finetune(config("pre", steps=1, batch_size=2, eval_examples=2, eval_generate=0, out="api"))
+    monkeypatch.chdir(tmp_path.parent)
+    assert load_pretrained(tmp_path / "api").description["base"] == str(tmp_path / "pre")

@@ -51,10 +51,13 @@ def _cache(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OPTARENA_CACHE", str(root / "cache"))
 
 
-def limited(root: Path, target: str, call: int, limit: int, *argv: str) -> tuple[int, str]:
+def limited(
+    root: Path, target: str, call: int, limit: int, *argv: str, during: bool = False
+) -> tuple[int, str]:
     """``optarena ARGV`` in a child forked from this process (torch already imported), whose
     file size limit drops to ``limit`` bytes at the ``call``-th call of ``target``
-    ("module:attr" or "module:Class.method"): exit code, stderr."""
+    ("module:attr" or "module:Class.method"), for good or (``during``) for that call only:
+    exit code, stderr."""
     read, write = os.pipe()  # a pipe: no file size limit applies to it
     pid = os.fork()
     if pid == 0:  # the child: never returns into pytest
@@ -64,7 +67,7 @@ def limited(root: Path, target: str, call: int, limit: int, *argv: str) -> tuple
             os.dup2(write, 2)
             sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115 (fd 2 outlives it)
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-            _limit_at(target, call, limit)
+            _limit_at(target, call, limit, during)
             code = main(list(argv))
         except BaseException:
             with contextlib.suppress(BaseException):
@@ -80,7 +83,7 @@ def limited(root: Path, target: str, call: int, limit: int, *argv: str) -> tuple
     return os.waitstatus_to_exitcode(status), stderr
 
 
-def _limit_at(target: str, call: int, limit: int) -> None:
+def _limit_at(target: str, call: int, limit: int, during: bool) -> None:
     module_name, _, path = target.partition(":")
     owner = importlib.import_module(module_name)
     *parents, name = path.split(".")
@@ -92,9 +95,15 @@ def _limit_at(target: str, call: int, limit: int) -> None:
     @functools.wraps(original)
     def with_limit(*args, **kwargs):
         calls[0] += 1
-        if calls[0] == call:
-            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
-        return original(*args, **kwargs)
+        if calls[0] != call:
+            return original(*args, **kwargs)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+        try:
+            return original(*args, **kwargs)
+        finally:
+            if during:
+                unlimited = (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
+                resource.setrlimit(resource.RLIMIT_FSIZE, unlimited)
 
     setattr(owner, name, with_limit)
 
@@ -186,6 +195,30 @@ def test_store_write_on_a_full_disk(root: Path) -> None:
     finishes = db.execute("SELECT run_id, count(*) FROM events WHERE event='finish' GROUP BY 1")
     assert sorted(n for _, n in finishes.fetchall()) == [1, 1]
     db.close()
+
+
+def test_a_run_on_a_full_disk_stops_the_sweep(root: Path) -> None:
+    """A run's worker cannot write its summary: exit 2 with the run's line, no further run
+    started, the run failed (not left running); the next invocation finishes both."""
+    spec = root / "toy-two.toml"
+    spec.write_text(
+        '[sweep]\nname = "two"\n[base]\nsteps = 10\n[[grid]]\noptimizer = "adamw"\n'
+        "lr = [1e-3, 1e-2]\n"
+    )
+    out = root / "sweep-two"
+    argv = ["sweep", str(spec), "--out", str(out), "--function", TOY, "--workers", "1"]
+    # the first run's worker starts with a limit its summary does not fit; the driver has none
+    target = "optarena.sweep.executors:LocalExecutor.submit"
+    code, err = limited(root, target, 1, 200, *argv, during=True)
+    line = error_line(err)
+    assert code == 2 and "summary.json" in line and "file size limit" in line
+    with Store(out) as store:
+        assert sorted(r.status for r in store.runs()) == ["failed", "pending"]
+    assert temp_files(out) == []
+    code, err = _cli(argv)
+    assert code == 0, err
+    with Store(out) as store:
+        assert [r.status for r in store.runs()] == ["done", "done"]
 
 
 @pytest.fixture(scope="module")

@@ -73,6 +73,44 @@ def test_report_page_renders_in_headless_chromium(tmp_path):
     assert attrs["figures"] == "1"
 
 
+def test_tuning_report_renders_in_headless_chromium(tmp_path):
+    """A store of tuning runs only: the tuning figure draws, no script error."""
+    from optarena.sweep import tune
+    from optarena.sweep.executors import Executor, Outcome, execute
+
+    class InProcess(Executor):
+        capacity = 4
+
+        def __init__(self) -> None:
+            self.queue = []
+
+        def submit(self, task) -> None:
+            self.queue.append(task)
+
+        def wait(self, timeout: float) -> list[Outcome]:
+            done, self.queue = self.queue, []
+            return [
+                Outcome(t, summary=execute("optarena.sweep.toy:train", t.config)["summary"])
+                for t in done
+            ]
+
+        def close(self, cancel: bool = False) -> None:
+            self.queue.clear()
+
+    browser = chromium()
+    spec = parse_spec(
+        "[base]\ntoy_hparams = true\n[tune]\ntolerance = 0.001\n"
+        '[[grid]]\noptimizer = "adamw"\nlr = [1e-4, 1e-3, 1e-2]\n'
+        "hparams.weight_decay = [0.0, 0.1]\n"
+    )
+    store = Store(tmp_path)
+    (tmp_path / "tune").mkdir()
+    tune.tune(store, spec, InProcess(), path_file=tmp_path / "tune" / "t.json")
+    store.close()
+    _, attrs = render(browser, write_report(tmp_path))
+    assert attrs["figures"] == "1"
+
+
 def render(browser: str, page) -> tuple[subprocess.CompletedProcess[str], dict[str, str]]:
     """Load ``page`` headless: no console message, no script error, every figure drawn."""
     proc = subprocess.run(

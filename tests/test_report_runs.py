@@ -11,7 +11,8 @@ from pathlib import Path
 from plotly.offline import get_plotlyjs
 
 from optarena.report import write_report
-from optarena.report.run_pages import MAX_POINTS, PLOTLY_FILE, figure_json
+from optarena.report.build import _SELF_CHECK
+from optarena.report.run_pages import MAX_POINTS, PLOTLY_FILE, figure_json, write_run_pages
 from optarena.run_log import METRICS_FILE
 from optarena.sweep import toy
 from optarena.sweep.driver import register_runs
@@ -44,6 +45,16 @@ def store_with_runs(tmp_path: Path) -> tuple[list, dict]:
     )
     store.close()
     return runs, {"id": logged, "records": records}
+
+
+def runs_of(directory: Path) -> list:
+    with Store(directory, create=False) as store:
+        return store.runs()
+
+
+def members_of(directory: Path) -> list:
+    with Store(directory, create=False) as store:
+        return store.members()
 
 
 class Links(HTMLParser):
@@ -87,6 +98,17 @@ def test_every_run_has_a_page_with_its_curves(tmp_path):
     assert by_name["validation loss (nats)"]["y"] == [4.6, 4.1]
     assert by_name["gradient norm (before clipping)"]["y"][-1] == 101.0
     assert fig["layout"]["yaxis3"]["type"] == "log"  # the LR panel
+
+    # a second report rewrites no page; a run whose log grew gets its page rebuilt, alone
+    assert (
+        write_run_pages(tmp_path, report, runs_of(tmp_path), members_of(tmp_path), _SELF_CHECK) == 0
+    )
+    with (tmp_path / "runs" / logged["id"] / METRICS_FILE).open("a") as fh:
+        fh.write(json.dumps({"step": 101, "tokens": 6464, "loss": 3.5}) + "\n")
+    assert (
+        write_run_pages(tmp_path, report, runs_of(tmp_path), members_of(tmp_path), _SELF_CHECK) == 1
+    )
+    assert "6464" in (report / "runs" / f"{logged['id']}.html").read_text()
 
     # a run without metrics.jsonl still shows its eval curve (from the store)
     other = (report / "runs" / f"{runs[1].id}.html").read_text()

@@ -115,6 +115,15 @@ def test_reduced_run_trains_for_real(tmp_path, study):
         assert all(r.config["pretrained"].startswith(str(out.resolve())) for r in sft)
         assert "Supervised fine-tuning" in (out / "report" / "index.html").read_text()
         assert "| adam-mini |" in (out / "report" / "sft.md").read_text()
+        # the RLHF stages start from the SFT stage's AdamW model, in their own store
+        with Store(out / "rlhf", create=False) as store:
+            rl = store.runs()
+        assert sorted(r.summary["task"] for r in rl) == ["reward-model", "rlhf", "rlhf"]
+        tuned = {r.config["pretrained"] for r in rl}
+        assert len(tuned) == 1 and tuned.pop().startswith(str((out / "sft").resolve()))
+        assert {c for c in by_id if c.startswith("R")} == {"R1.1", "R1.2", "R2"}
+        assert "RLHF (ReMax" in (out / "report" / "index.html").read_text()
+        assert "| adam-mini |" in (out / "report" / "rlhf.md").read_text()
 
 
 @pytest.mark.parametrize(

@@ -95,6 +95,8 @@ def lrs_of(store: Store, label: str) -> list[float]:
         ({1e-3: 3.1, 1e-2: 3.0, 1e-1: math.inf}, 1.0, [10**-2.5, 10**-1.5]),  # inf is worse
         ({1e-3: 3.1, 1e-2: math.inf}, 1.0, [10**-3.5, 10**-2.5]),  # diverged above the best
         ({1e-3: math.inf, 1e-2: math.inf}, 1.0, []),  # nothing trained: no optimum
+        # the demo's rounded half-decade grid (3.16e-3, not 10^-2.5) with its midpoints: settled
+        ({1e-3: 5.5, 3.16e-3: 5.4, 5.62e-3: 5.3, 1e-2: 5.35, 3.16e-2: 5.9}, 0.49969, []),
     ],
 )
 def test_next_lrs(curve, step, expected):

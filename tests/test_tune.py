@@ -238,6 +238,14 @@ def test_tune_on_the_toy_finds_the_grid_optimum_and_resumes(tmp_path):
     page = write_report(tmp_path / "a").read_text()
     assert 'id="tuning"' in page and "converged" in page
     assert "the runs of this store are tuning runs" in page
+    assert 'id="fig-tuning-0"' in page  # the incumbent's loss after each step, interactive
+    for suffix in ("png", "svg"):  # and static, beside the page and linked from its caption
+        static = tmp_path / "a" / "report" / f"tuning-paths.{suffix}"
+        assert static.stat().st_size > 1000
+        assert f'href="tuning-paths.{suffix}"' in page
+    assert (tmp_path / "a" / "report" / "tuning-paths.png").read_bytes()[:4] == b"\x89PNG"
+    moved = [st for st in first["steps"] if st["moved"]]
+    assert moved and all(st["moved_to"]["loss"] < st["incumbent"]["loss"] for st in moved)
     assert "0.99" in page and "warmup" in page
 
 
@@ -296,3 +304,27 @@ def test_tune_command(tmp_path, capsys):
     assert "ran 0 runs now" in capsys.readouterr().out
     assert main(["sweep", str(spec), "--out", str(out), "--function", TOY]) == 2
     assert "it is a tuning spec; run it with `optarena tune`" in capsys.readouterr().err
+
+
+def test_a_full_disk_stops_the_tune_and_the_next_call_continues(tmp_path):
+    """A run whose worker cannot write (StorageError) stops the whole tune at once, not one
+    search after another; with the disk back, the next invocation finishes the same path."""
+
+    class FullDisk(InProcess):
+        def wait(self, timeout: float) -> list[Outcome]:
+            done, self.queue = self.queue, []
+            return [Outcome(t, error="StorageError: no space left on /x; free some") for t in done]
+
+    spec = parse_spec(SPEC)
+    store = Store(tmp_path)
+    stopped = tune.tune(store, spec, FullDisk())
+    assert stopped.storage_error == "no space left on /x; free some"
+    assert len(stopped.sweeps) == 1  # no second batch after the failure
+    kept = tune.tune(store, spec, InProcess(), retry_failed=False)  # --no-retry-failed
+    assert kept.ran == 0 and all(s.search.status.startswith("failed") for s in kept.searches)
+    done = tune.tune(store, spec, InProcess())
+    reference = tune.tune(Store(tmp_path / "ref"), spec, InProcess())
+    assert [s.search.incumbent for s in done.searches] == [
+        s.search.incumbent for s in reference.searches
+    ]
+    assert all(s.search.status == "converged" for s in done.searches)

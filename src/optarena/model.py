@@ -42,6 +42,9 @@ class GPTConfig:
     def __post_init__(self) -> None:
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
+        sizes = (self.vocab_size, self.n_layer, self.n_head, self.n_kv_head, self.d_model)
+        if min(sizes) < 1:  # before the divisibility checks below (a modulo by zero)
+            raise ValueError("vocab_size, n_layer, n_head, n_kv_head and d_model must be positive")
         problems = []
         if self.d_model % self.n_head:
             problems.append(f"d_model {self.d_model} is not divisible by n_head {self.n_head}")
@@ -53,8 +56,6 @@ class GPTConfig:
             problems.append(f"norm must be 'layernorm' or 'rmsnorm', not {self.norm!r}")
         if self.mlp not in ("gelu", "swiglu"):
             problems.append(f"mlp must be 'gelu' or 'swiglu', not {self.mlp!r}")
-        if min(self.vocab_size, self.n_layer, self.n_head, self.d_model) < 1:
-            problems.append("vocab_size, n_layer, n_head and d_model must be positive")
         if problems:
             raise ValueError("; ".join(problems))
 

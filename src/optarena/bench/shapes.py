@@ -38,7 +38,7 @@ class Shape:
 SHAPES: dict[str, Shape] = {
     # the issue's reference model: 33.7M parameters
     "llama-34m": Shape(),
-    # two 4096x4096 tensors' worth of parameters in few, large tensors (leaves the cache)
+    # ~125k parameters with every role present: quick checks of the bench itself
     "llama-tiny": Shape(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=176, vocab=256),
 }
 
@@ -47,6 +47,11 @@ def parse_shape(text: str) -> Shape:
     """A preset name or ``key=value,...`` (``d_model=256,n_layers=4``) over the default."""
     if text in SHAPES:
         return SHAPES[text]
+    if not text.strip(" ,"):
+        raise ValueError(
+            f"empty shape {text!r}: omit --shape for the default, or name a preset "
+            f"({', '.join(SHAPES)}) or key=value pairs"
+        )
     fields = Shape().as_dict()
     for item in filter(None, (t.strip() for t in text.split(","))):
         key, _, value = item.partition("=")

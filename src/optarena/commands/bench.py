@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from optarena import atomic
 from optarena.errors import UserError
 
 
@@ -102,6 +103,8 @@ def _names(args: argparse.Namespace) -> list[str] | None:
     from optarena.optim import REGISTRY
 
     names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
+    if not names and args.optimizers:  # given, but only commas and blanks
+        raise UserError(f"--optimizers {args.optimizers!r} names no optimizer; e.g. adamw,lion")
     unknown = [n for n in names if n not in REGISTRY or n == "hybrid"]
     if unknown:
         raise UserError(
@@ -147,7 +150,7 @@ def _writable(path: Path | None) -> None:
 def _write(path: Path | None, report: dict[str, Any]) -> None:
     if path is not None:
         try:
-            path.write_text(json.dumps(report, indent=2))
+            atomic.write_text(path, json.dumps(report, indent=2))
         except OSError as err:  # the table above is all that is left
             raise UserError(f"cannot write --json {path}: {err.strerror}") from None
         print(f"wrote {path}")

@@ -142,6 +142,9 @@ def build_config(args: argparse.Namespace) -> dict[str, Any]:
         values["hparams"] = {**values.get("hparams", {}), **hparams}
     if not values.get("pretrained"):
         raise UserError("which model? pass --from DIR (an `optarena train` output folder)")
+    where = Path(str(values["pretrained"])).expanduser()
+    if where.exists():  # absolute, so that the run's folder names its base from anywhere
+        values["pretrained"] = str(where.resolve())
     if "optimizer" not in values:
         raise UserError("which optimizer? pass --optimizer NAME (see `optarena list`)")
     return values

@@ -121,6 +121,11 @@ def build_values(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, key)
         if value is not None:
             values[key] = value
+    for key in ("pretrained", "reward_model"):
+        # absolute: the run's config names the folders whatever the working directory of
+        # whoever loads it later (a next stage, a sweep worker)
+        if isinstance(values.get(key), str) and values[key].strip():
+            values[key] = str(Path(values[key]).expanduser().resolve())
     if getattr(args, "reward_model", None) and "reward" not in values:
         values["reward"] = "model"
     if args.resume:

@@ -9,7 +9,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from optarena.errors import UserError
+from optarena.errors import StorageError, UserError
 from optarena.sweep.executors import BACKENDS, DEFAULT_FUNCTION, Executor
 
 
@@ -336,6 +336,8 @@ def make_executor(
             max_retries=args.max_retries,
         )
     if args.backend == "slurm":
+        if args.slurm_time < 1:
+            raise UserError(f"--slurm-time {args.slurm_time}: give the minutes per run job, >= 1")
         params: dict[str, Any] = {"timeout_min": args.slurm_time}
         if args.slurm_partition:
             params["slurm_partition"] = args.slurm_partition
@@ -392,6 +394,8 @@ def execute(args: argparse.Namespace, spec: Any, out: Path, default_threads: int
         f"finished: {counts} now; {result.already_finished} had results already.",
         highlight=False,
     )
+    if result.storage_error:  # one line, exit 2; the runs not started wait for the next run
+        raise StorageError(result.storage_error)
     if result.failed:
         console.print(
             f"[red]{result.failed} runs failed[/]: errors in `optarena report {out}` and "
@@ -427,8 +431,8 @@ def refine(args: argparse.Namespace, spec: Any, out: Path) -> int:
     store = Store(out)
     rounds = refinement.DEFAULT_ROUNDS if args.refine_rounds is None else args.refine_rounds
     console.print(
-        f"sweep [bold]{spec.name}[/] with refinement (at most {rounds} rounds) into {out} "
-        f"({args.backend}, {executor.capacity} at a time)",
+        f"sweep [bold]{spec.name}[/] with refinement (at most {_count(rounds, 'round')}) into "
+        f"{out} ({args.backend}, {executor.capacity} at a time)",
         highlight=False,
     )
 
@@ -453,18 +457,20 @@ def refine(args: argparse.Namespace, spec: Any, out: Path) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
         store.close()
+    if result.sweeps and result.sweeps[-1].storage_error:
+        raise StorageError(result.sweeps[-1].storage_error)
     for name, why in result.plan.blocked:
         console.print(f"not refined: {name} {why}", highlight=False, markup=False)
     if result.plan.settled:
         console.print(
-            f"refined: {result.added} runs added in {result.rounds} rounds; every series' "
-            "optimum is interior with neighbours half a step away.",
+            f"refined: {_count(result.added, 'run')} added in {_count(result.rounds, 'round')}; "
+            "every series' optimum is interior with neighbours half a step away.",
             highlight=False,
         )
     else:
         console.print(
-            f"stopped after {result.rounds} rounds ({result.added} runs added) with series "
-            "still to refine; run the same command again to continue.",
+            f"stopped after {_count(result.rounds, 'round')} ({_count(result.added, 'run')} added) "
+            "with series still to refine; run the same command again to continue.",
             highlight=False,
         )
     if result.failed:
@@ -483,6 +489,10 @@ def refine(args: argparse.Namespace, spec: Any, out: Path) -> int:
         )
         return INCOMPLETE
     return 0
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:

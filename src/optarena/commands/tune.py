@@ -7,6 +7,7 @@ import signal
 from pathlib import Path
 
 from optarena.commands import sweep as sweep_command
+from optarena.errors import StorageError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -53,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
             executor,
             settings=settings,
             path_file=path_file,
+            retry_failed=args.retry_failed,
             on_step=lambda s, step: console.print(
                 tune.describe(s, step), highlight=False, markup=False
             ),
@@ -60,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
         store.close()
+    if result.storage_error:  # one line, exit 2; the search continues on the next invocation
+        raise StorageError(result.storage_error)
     for s in result.searches:
         q = s.search
         best = q.evals.get(q.incumbent)

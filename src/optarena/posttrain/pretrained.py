@@ -173,6 +173,8 @@ def _from_run(folder: Path, file: Path | None) -> Pretrained:
     config = json.loads(payload["config"])
     base = config.get("pretrained")
     if base is not None:  # fine-tuned: the architecture and tokenizer of what it started from
+        if not Path(base).expanduser().exists() and (folder.parent / base).exists():
+            base = str(folder.parent / base)  # a relative --from, given beside the run folder
         pre = load_pretrained(base)
         _load_weights(pre.model, payload["model"], ckpt)
         pre.path, pre.description = folder, {**pre.description, "base": str(base)}

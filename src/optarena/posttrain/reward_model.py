@@ -134,10 +134,12 @@ def load_pairs(source: str, seed: int) -> tuple[list[Pair], list[Pair]]:
 
 @dataclass
 class EncodedPairs:
-    """Token ids of each pair's two sequences (prompt, response, end-of-sequence)."""
+    """Token ids of each pair's two sequences (prompt, response, end-of-sequence), and how
+    many built-in pairs were left out for not fitting the context."""
 
     chosen: list[list[int]]
     rejected: list[list[int]]
+    too_long: int = 0
 
     def __len__(self) -> int:
         return len(self.chosen)
@@ -149,22 +151,24 @@ class EncodedPairs:
 
 
 def encode_pairs(pairs: Sequence[Pair], tokenizer: Any, context: int, source: str) -> EncodedPairs:
-    """Each pair in the chat format; a pair longer than ``context`` tokens is an error naming
-    its line."""
-    chosen, rejected = [], []
+    """Each pair in the chat format. A pair of a file longer than ``context`` tokens is an
+    error naming its line; the built-in task's such pairs are left out (and counted)."""
+    out = EncodedPairs([], [])
     for pair in pairs:
         prompt = tokenizer.prompt_ids(pair.messages)
         c = prompt + tokenizer.response_ids(pair.chosen)
         r = prompt + tokenizer.response_ids(pair.rejected)
         if max(len(c), len(r)) > context:
-            where = f"{source}:{pair.line}" if pair.line else f"a {source} pair"
+            if source == "builtin":
+                out.too_long += 1
+                continue
             raise UserError(
-                f"{where}: {max(len(c), len(r))} tokens, longer than the model's context of "
-                f"{context}; shorten it or drop it"
+                f"{source}:{pair.line}: {max(len(c), len(r))} tokens, longer than the model's "
+                f"context of {context}; shorten it or drop it"
             )
-        chosen.append(c)
-        rejected.append(r)
-    return EncodedPairs(chosen, rejected)
+        out.chosen.append(c)
+        out.rejected.append(r)
+    return out
 
 
 # --------------------------------------------------------------------------- the run
@@ -217,6 +221,11 @@ class RewardRun(Run):
         context = self.pretrained.context_length
         self.train_pairs = encode_pairs(train_pairs, tok, context, source)
         self.val_pairs = encode_pairs(held_out[: config.eval_pairs], tok, context, source)
+        if not len(self.train_pairs) or not len(self.val_pairs):
+            raise UserError(
+                f"--pairs {source}: no {'training' if not len(self.train_pairs) else 'held-out'} "
+                f"pair fits the model's context of {context} tokens"
+            )
         self.pad_id = tok.pad_id
 
     def build(self) -> None:
@@ -301,6 +310,8 @@ class RewardRun(Run):
                 "source": self.config.pairs,
                 "train": len(self.train_pairs),
                 "held_out": len(self.val_pairs),
+                # built-in pairs left out: longer than the context
+                "too_long": self.train_pairs.too_long + self.val_pairs.too_long,
             },
             "accuracy": last.get("accuracy"),
         }

@@ -164,8 +164,9 @@ class RLHFRun(Run):
         train, held_out = load_prompts(config.prompts, config.seed)
         held_out = held_out[: config.eval_prompts]
         source = "builtin" if config.prompts == "builtin" else config.prompts
-        self.train_ids = self.encode(train, source)
-        self.eval_ids = self.encode(held_out, source)
+        self.dropped = 0
+        self.train_ids, train = self.encode(train, source)
+        self.eval_ids, held_out = self.encode(held_out, source)
         self.train_answers = [p.answer for p in train]
         self.eval_answers = [p.answer for p in held_out]
         if config.reward == "exact-match" and any(a is None for a in self.train_answers):
@@ -202,24 +203,33 @@ class RLHFRun(Run):
         self.reward_info.update(loaded.description)
         return ModelReward(loaded.model.to(self.device))
 
-    def encode(self, prompts: Sequence[Prompt], source: str) -> list[list[int]]:
-        """Each prompt in the chat format; one that leaves no room for ``max_new_tokens`` in
-        the model's context is an error naming it."""
+    def encode(
+        self, prompts: Sequence[Prompt], source: str
+    ) -> tuple[list[list[int]], list[Prompt]]:
+        """Each prompt in the chat format, and the prompts kept. A prompt of a file that
+        leaves no room for ``max_new_tokens`` in the model's context is an error naming its
+        line; the built-in task's such prompts are left out (and counted)."""
         context, new = self.pretrained.context_length, self.config.max_new_tokens
-        out = []
+        ids_out, kept = [], []
         for p in prompts:
             ids = self.tokenizer.prompt_ids(p.messages)
             if len(ids) + new > context:
-                where = f"{source}:{p.line}" if p.line else f"a {source} prompt"
+                if source == "builtin":
+                    self.dropped += 1
+                    continue
                 raise UserError(
-                    f"{where}: the prompt is {len(ids)} tokens; with max_new_tokens {new} it "
-                    f"exceeds the model's context of {context} (shorten it or lower "
+                    f"{source}:{p.line}: the prompt is {len(ids)} tokens; with max_new_tokens "
+                    f"{new} it exceeds the model's context of {context} (shorten it or lower "
                     "--max-new-tokens)"
                 )
-            out.append(ids)
-        if not out:
-            raise UserError(f"--prompts {source}: no prompts")
-        return out
+            ids_out.append(ids)
+            kept.append(p)
+        if not kept:
+            raise UserError(
+                f"--prompts {source}: no prompt leaves room for max_new_tokens {new} in the "
+                f"model's context of {context} (lower --max-new-tokens)"
+            )
+        return ids_out, kept
 
     # ----------------------------------------------------------------- state
 
@@ -363,6 +373,7 @@ class RLHFRun(Run):
                 "source": self.config.prompts,
                 "train": len(self.train_ids),
                 "held_out": len(self.eval_ids),
+                "too_long": self.dropped,  # built-in prompts left out: no room to respond
             },
             "initial": {k: v for k, v in initial.items() if k not in strip},
             "final": {k: v for k, v in final.items() if k not in strip},

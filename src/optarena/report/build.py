@@ -83,7 +83,9 @@ def write_report(
     tables.write_csv(out / "runs.csv", run_rows)
 
     rendered = figures.all_figures(analysis, by_id, directory, told.speedups)
-    for fig in rendered:
+    paths = read_paths(directory)
+    tuning_figures = figures.tuning_figures(paths)
+    for fig in [*rendered, *(f for f in tuning_figures if f is not None)]:
         atomic.write_bytes(out / f"{fig.name}.png", fig.png)
         atomic.write_bytes(out / f"{fig.name}.svg", fig.svg)
 
@@ -91,7 +93,19 @@ def write_report(
     divs = dict(interactive.all_divs(analysis, by_id, directory, told.speedups))
     page = out / "index.html"
     atomic.write_text(
-        page, _page(directory, analysis, told, rendered, divs, run_rows, counts, sections)
+        page,
+        _page(
+            directory,
+            analysis,
+            told,
+            rendered,
+            divs,
+            run_rows,
+            counts,
+            sections,
+            paths,
+            [None if f is None else f.name for f in tuning_figures],
+        ),
     )
     return page
 
@@ -137,6 +151,8 @@ def _page(
     run_rows: Sequence[dict[str, Any]],
     counts: dict[str, int],
     sections: Sequence[tuple[str, str]] = (),
+    paths: Sequence[dict[str, Any]] = (),
+    tuning_files: Sequence[str | None] = (),
 ) -> str:
     e = html.escape
     header, cells = tables.display_rows(analysis, told.speedups)
@@ -146,7 +162,7 @@ def _page(
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>optarena report: {e(directory.resolve().name)}</title>",
         f"<style>{_CSS}</style>",
-        interactive.script() if divs else "",
+        interactive.script() if divs or paths else "",
         "</head><body>",
         _SELF_CHECK,
         f"<h1>optarena sweep report: <code>{e(directory.resolve().name)}</code></h1>",
@@ -190,7 +206,6 @@ def _page(
         )
         + "</p>",
     ]
-    paths = read_paths(directory)
     if not rendered and paths and not analysis.series:
         parts.append(
             "<p>No LR series: the runs of this store are tuning runs, shown under "
@@ -238,7 +253,7 @@ def _page(
         )
     if paths:
         parts.append("<h2>Tuning paths</h2>")
-        parts.append(tuning.section(paths, _table))
+        parts.append(tuning.section(paths, _table, tuning_files))
     if analysis.sensitivities:
         parts.append("<h2>1-D sensitivity</h2>")
         rows = [

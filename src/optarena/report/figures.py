@@ -14,6 +14,7 @@ from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from optarena.analysis import Analysis, Sensitivity, SeriesResult
 from optarena.run_log import METRICS_FILE, read_records
@@ -210,6 +211,45 @@ def speedup_figure(speedups: Sequence[Speedup], name: str, title: str) -> Render
     ax.set_xlabel("token-equivalent speedup over AdamW (AdamW tokens for the same loss / tokens)")
     ax.set_title(mpl_text(title))
     ax.grid(True, which="both", alpha=0.3)
+    return render(fig, name, title)
+
+
+def tuning_figures(paths: Sequence[dict[str, Any]]) -> list[Rendered | None]:
+    """The static figure of each tune's path (None for a tune with no loss yet), one file stem
+    per tune: ``tuning-paths``, or ``tuning-paths-NAME`` when the store holds several tunes."""
+    out = []
+    for data in paths:
+        name = str(data.get("sweep", ""))
+        stem = "tuning-paths" if len(paths) == 1 else f"tuning-paths-{_slug(name)}"
+        out.append(tuning_paths(data, stem, f"Tuning paths: {name}"))
+    return out
+
+
+def tuning_paths(data: dict[str, Any], name: str, title: str) -> Rendered | None:
+    """The incumbent's loss after each step of every search of one tune (``DIR/tune/NAME.json``),
+    as steps: flat where no neighbour won by more than the noise. None when nothing has a loss."""
+    fig = Figure(figsize=(8.5, 4.6))
+    ax = fig.add_subplot()
+    for i, s in enumerate(data.get("searches", [])):
+        trail = [s["start"]] + [st.get("moved_to") or st["incumbent"] for st in s.get("steps", [])]
+        shown = [(k, t["loss"]) for k, t in enumerate(trail) if _finite(t.get("loss"))]
+        if shown:
+            ax.plot(
+                [k for k, _ in shown],
+                [y for _, y in shown],
+                drawstyle="steps-post",
+                marker=_MARKERS[i % len(_MARKERS)],
+                color=f"C{i % 10}",
+                label=mpl_text(str(s.get("label"))),
+            )
+    if not ax.lines:
+        return None
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("step of the search (0: the start)")
+    ax.set_ylabel("incumbent's final validation loss (nats)")
+    ax.set_title(mpl_text(title))
+    ax.grid(True, alpha=0.3)
+    _legend(ax)
     return render(fig, name, title)
 
 

@@ -11,9 +11,12 @@ take a second or two.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import html
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,7 @@ from plotly.offline import get_plotlyjs
 
 from optarena import atomic
 from optarena.report.figures import PANELS, run_curves
+from optarena.run_log import METRICS_FILE
 from optarena.sweep.store import Member, RunRecord
 
 PLOTLY_FILE = "plotly.min.js"
@@ -62,11 +66,52 @@ def write_run_pages(
     places: dict[str, list[Member]] = {}
     for m in members:
         places.setdefault(m.run_id, []).append(m)
-    pages = (
-        (folder / f"{run.id}.html", _page(directory, run, places.get(run.id, []), self_check))
-        for run in runs
-    )
+    pages = []
+    for run in runs:
+        path = folder / f"{run.id}.html"
+        stamp = signature(directory, run, places.get(run.id, []), self_check)
+        if _stamp_of(path) == stamp:  # nothing it shows changed: not even its log is read
+            continue
+        pages.append((path, _page(directory, run, places.get(run.id, []), self_check, stamp)))
     return atomic.write_texts(pages)
+
+
+def signature(directory: Path, run: RunRecord, places: Sequence[Member], self_check: str) -> str:
+    """What a run's page is made of, hashed: the store's record of the run, its series, the
+    size and time of its files, the page's own code. Equal signatures, equal pages."""
+    files = []
+    for name in (METRICS_FILE, "summary.json", "log.txt", "error.txt"):
+        try:
+            stat = (directory / "runs" / run.id / name).stat()
+            files.append([name, stat.st_size, stat.st_mtime_ns])
+        except OSError:
+            files.append([name, None, None])
+    blob = json.dumps(
+        [
+            dataclasses.asdict(run),
+            sorted(
+                ([m.label, m.point, m.sweep] for m in places),
+                key=lambda place: json.dumps(place, sort_keys=True, default=str),
+            ),  # points are dicts: a run in two series of one label would not sort
+            files,
+            hashlib.sha256((self_check + _CSS).encode()).hexdigest(),
+            Path(__file__).stat().st_mtime_ns,
+        ],
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def _stamp_of(path: Path) -> str | None:
+    """The signature a page was written with (its third line), or None."""
+    try:
+        with path.open("r", encoding="utf-8") as fh:
+            head = [fh.readline() for _ in range(3)]
+    except (OSError, UnicodeDecodeError):
+        return None
+    match = re.fullmatch(r'<meta name="optarena-run-page" content="([0-9a-f]+)">\n', head[2])
+    return match.group(1) if match else None
 
 
 def figure_json(curves: Mapping[str, tuple[list[float], list[float]]]) -> dict[str, Any] | None:
@@ -112,7 +157,9 @@ def _thin(xs: list[float], ys: list[float]) -> tuple[list[float], list[float]]:
     return [xs[i] for i in keep], [ys[i] for i in keep]
 
 
-def _page(directory: Path, run: RunRecord, places: Sequence[Member], self_check: str) -> str:
+def _page(
+    directory: Path, run: RunRecord, places: Sequence[Member], self_check: str, stamp: str
+) -> str:
     e = html.escape
     summary = run.summary or {}
     rows = [
@@ -153,6 +200,7 @@ def _page(directory: Path, run: RunRecord, places: Sequence[Member], self_check:
         [
             "<!DOCTYPE html>",
             '<html lang="en"><head><meta charset="utf-8">',
+            f'<meta name="optarena-run-page" content="{stamp}">',
             '<meta name="viewport" content="width=device-width, initial-scale=1">',
             f"<title>run {e(run.id)}</title><style>{_CSS}</style>",
             f'<script src="../{PLOTLY_FILE}"></script>',

@@ -32,12 +32,46 @@ def _run_links(entry: Mapping[str, Any]) -> str:
     )
 
 
-def section(paths: Sequence[Mapping[str, Any]], table: Any) -> str:
+def figure(data: Mapping[str, Any], ident: str) -> str | None:
+    """The incumbent's loss after each step of every search (interactive; hover: settings)."""
+    import plotly.graph_objects as go
+
+    from optarena.report.interactive import _div
+
+    fig = go.Figure()
+    for i, s in enumerate(data["searches"]):
+        trail = [s["start"]] + [st.get("moved_to") or st["incumbent"] for st in s.get("steps", [])]
+        shown = [(k, t) for k, t in enumerate(trail) if t.get("loss") is not None]
+        if not shown:
+            continue
+        fig.add_trace(
+            go.Scatter(
+                x=[k for k, _ in shown],
+                y=[t["loss"] for _, t in shown],
+                mode="lines+markers",
+                name=str(s.get("label")),
+                line={"color": f"hsl({(i * 47) % 360},65%,42%)", "shape": "hv"},
+                text=[_point(t["point"]) for _, t in shown],
+                hovertemplate="step %{x}: %{y:.4f}<br>%{text}<extra>%{fullData.name}</extra>",
+            )
+        )
+    if not fig.data:
+        return None
+    fig.update_xaxes(title="step of the search (0: the start)")
+    fig.update_yaxes(title="incumbent's final validation loss (nats)")
+    fig.update_layout(title="Tuning paths: the incumbent after each step")
+    return _div(fig, ident)
+
+
+def section(
+    paths: Sequence[Mapping[str, Any]], table: Any, static: Sequence[str | None] = ()
+) -> str:
     """HTML of every tuning path; ``table(header, rows, left=..., html_columns=...)`` draws a
-    table as the rest of the page does."""
+    table as the rest of the page does; ``static[n]``: the file stem of path ``n``'s PNG/SVG
+    figure beside the page, linked from its caption."""
     e = html.escape
     parts = ['<div id="tuning">']
-    for data in paths:
+    for n, data in enumerate(paths):
         parts.append(
             f"<p>Tuning <code>{e(str(data.get('sweep', '')))}</code>: per optimizer, "
             "coordinate descent one axis at a time around the incumbent. Noise model: "
@@ -59,6 +93,20 @@ def section(paths: Sequence[Mapping[str, Any]], table: Any) -> str:
             )
         header = ["optimizer", "tuned settings", "loss", "status", "rounds", "points", "runs"]
         parts.append(table(header, summary, left=2, html_columns=set(range(7))))
+        div = figure(data, f"fig-tuning-{n}")
+        stem = static[n] if n < len(static) else None
+        files = (
+            f' (static: <a href="{e(stem)}.png">{e(stem)}.png</a>, '
+            f'<a href="{e(stem)}.svg">{e(stem)}.svg</a>)'
+            if stem
+            else ""
+        )
+        if div is not None:
+            parts.append(
+                f'<figure class="interactive">{div}<figcaption>Each search\'s incumbent after '
+                "each step (a step looks at the neighbours on one axis; flat: no neighbour won "
+                f"by more than the noise).{files}</figcaption></figure>"
+            )
         for s in data["searches"]:
             rows = [
                 [

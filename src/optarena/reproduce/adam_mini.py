@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from optarena import atomic
 from optarena.analysis import Analysis, CurvePoint, SeriesResult
 from optarena.reproduce import claims as C
 from optarena.reproduce import protocol as P
@@ -21,7 +22,9 @@ from optarena.reproduce.runner import Stager
 from optarena.sweep.spec import Grid
 
 OPTIMIZERS = ("adamw", "adam-mini")
-TOTAL_STAGES = 4  # pre-training: 1 LR grid, 2 seed repeats; SFT (adam_mini_sft): 3, 4
+# pre-training: 1 LR grid, 2 seed repeats; SFT (adam_mini_sft): 3, 4; RLHF (adam_mini_rlhf):
+# 5 reward model, 6 LR grid, 7 seed repeats
+TOTAL_STAGES = 7
 
 
 def model_overrides(model: str) -> dict[str, Any]:
@@ -85,6 +88,9 @@ def run_stages(st: Stager, scale: P.Scale, seeds: Sequence[int], taus: Sequence[
     from optarena.reproduce import adam_mini_sft
 
     adam_mini_sft.run_stages(st, scale, seeds, pretraining, TOTAL_STAGES)
+    from optarena.reproduce import adam_mini_rlhf
+
+    adam_mini_rlhf.run_stages(st, scale, seeds, taus, TOTAL_STAGES)
     return pretraining
 
 
@@ -327,6 +333,11 @@ def write(
     sft_noise = C.analysis_noise(sft, scale.noise_sd) if sft is not None else None
     claims.append(adam_mini_sft.check_claim(sft, scale, tol, sft_noise))
     sft_body, sft_figs = adam_mini_sft.section(sft, out)
+    from optarena.reproduce import adam_mini_rlhf
+
+    rl = adam_mini_rlhf.stored_analysis(out, analysis.taus)
+    claims += adam_mini_rlhf.check(rl, out)
+    rl_body, rl_figs = adam_mini_rlhf.section(rl, out)
     figs = [curves_figure(analysis, scale.adam_mini_models, runs)]
     for model in scale.adam_mini_models:
         group = [s for s in series(analysis, model).values() if s.best_lr is not None]
@@ -337,7 +348,7 @@ def write(
                 )
             )
     report_dir = out / "report"
-    render.save_figures(report_dir, figs + sft_figs)
+    render.save_figures(report_dir, figs + sft_figs + rl_figs)
     sizes = size_rows(analysis, scale.adam_mini_models, runs)
     part_rows = [
         [
@@ -361,6 +372,7 @@ def write(
         + render.html_table(PAPER_HEADER, paper_rows())
         + "".join(render.figure_html(f) for f in figs)
         + sft_body
+        + rl_body
         + "<h3>Partition check</h3><details><summary>every parameter</summary>"
         + render.html_table(part_header, part_rows, left=4)
         + "</details>"
@@ -368,16 +380,19 @@ def write(
     render.write_claims(
         report_dir, claims, {"study": "adam-mini", "scale": scale.name, "noise": noise.source}
     )
-    (report_dir / "sizes.md").write_text(
+    atomic.write_text(
+        report_dir / "sizes.md",
         render.markdown_table(SIZE_HEADER, sizes)
         + "\n"
-        + render.markdown_table(PAPER_HEADER, paper_rows())
+        + render.markdown_table(PAPER_HEADER, paper_rows()),
     )
     if sft is not None:
         sft_table = adam_mini_sft.table_rows(sft, out)
-        (report_dir / "sft.md").write_text(
-            render.markdown_table(adam_mini_sft.SFT_HEADER, sft_table)
+        atomic.write_text(
+            report_dir / "sft.md", render.markdown_table(adam_mini_sft.SFT_HEADER, sft_table)
         )
-    (report_dir / "partition.md").write_text(render.markdown_table(part_header, part_rows))
+    if rl is not None:
+        atomic.write_text(report_dir / "rlhf.md", adam_mini_rlhf.markdown(rl, out))
+    atomic.write_text(report_dir / "partition.md", render.markdown_table(part_header, part_rows))
     page = write_report(out, analysis.taus, sections=[("Claims of Zhang et al. (Adam-mini)", body)])
     return page, claims

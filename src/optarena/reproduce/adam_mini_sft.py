@@ -5,8 +5,9 @@ RLHF) from the same pretrained model, with the same hyperparameters for both. He
 the reproduction's own: the AdamW run at AdamW's best LR on the smallest size
 (``scale.adam_mini_models[0]``), seed ``seeds[0]``, read from its run folder's last checkpoint.
 Both optimizers fine-tune it on the built-in task (:mod:`optarena.posttrain.builtin`) over an
-LR grid ending half a decade above the pre-training LR, then (``--seeds``) repeat AdamW's best
-SFT LR. The runs have their own store, ``OUT/sft/``, so the pre-training analysis is unchanged.
+LR grid around the pre-training LR (a decade either side at micro scale), then (``--seeds``)
+repeat AdamW's best SFT LR. The runs have their own store, ``OUT/sft/``, so the pre-training
+analysis is unchanged.
 
 Claim M4: Adam-mini's validation loss on the responses is on par with AdamW's at AdamW's best SFT
 LR (the M2 test on the fine-tuning losses).
@@ -65,8 +66,10 @@ def tuned_folder(out: Path) -> Path | None:
 
 
 def sft_lrs(pretraining_lr: float, points: int) -> list[float]:
-    """``points`` half-decade steps ending half a decade above the pre-training LR."""
-    return [P.round12(pretraining_lr * 10 ** (k / 2)) for k in range(1 - points + 1, 2)]
+    """``points`` half-decade steps around the pre-training LR (five: from a decade below to a
+    decade above it; an even count has the extra point below)."""
+    low = -(points // 2)
+    return [P.round12(pretraining_lr * 10 ** (k / 2)) for k in range(low, low + points)]
 
 
 def base(scale: P.Scale, pretrained: Path) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+from optarena import atomic
 from optarena.analysis import Analysis, Sensitivity, SeriesResult
 from optarena.reproduce import claims as C
 from optarena.reproduce import protocol as P
@@ -412,7 +413,7 @@ def write(
             "noise": noise.source,
         },
     )
-    (report_dir / "series.md").write_text(render.markdown_table(table_header, rows))
+    atomic.write_text(report_dir / "series.md", render.markdown_table(table_header, rows))
     page = write_report(
         out, analysis.taus, sections=[("Claims of Zhao et al. (Deconstructing)", body)]
     )

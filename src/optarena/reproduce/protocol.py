@@ -117,9 +117,17 @@ class Scale:
     # validation examples for the response loss and for exact match
     sft_steps: int = 200
     sft_batch_size: int = 16
-    sft_lr_points: int = 4
+    sft_lr_points: int = 5
     sft_eval_examples: int = 256
     sft_eval_generate: int = 128
+    # Adam-mini's RLHF stages (on the SFT stage's model): the reward model's steps and LR,
+    # ReMax's steps, LR grid and held-out prompts
+    reward_steps: int = 300
+    reward_lr: float = 3e-4
+    rlhf_steps: int = 100
+    rlhf_lrs: tuple[float, ...] = (1e-4, 3.16e-4, 1e-3)
+    rlhf_eval_prompts: int = 128
+    rlhf_max_new_tokens: int = 16
     extra: dict[str, Any] = field(default_factory=dict)  # more [base] keys
 
     def base(self, model: str | None = None) -> dict[str, Any]:
@@ -165,6 +173,11 @@ SCALES: dict[str, Scale] = {
         sft_lr_points=1,
         sft_eval_examples=16,
         sft_eval_generate=8,
+        reward_steps=4,
+        rlhf_steps=3,
+        rlhf_lrs=(1e-3,),
+        rlhf_eval_prompts=8,
+        rlhf_max_new_tokens=8,
     ),
     # The full protocol on a 2-core CPU: Deconstructing 212 runs of 200 steps in 22 min,
     # Adam-mini 24 runs of 400 steps in 12 min (idle box, docs/reproduction.md).

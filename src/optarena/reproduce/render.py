@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from optarena import atomic
 from optarena.reproduce.claims import FAILS, HOLDS, INCONCLUSIVE, Claim, Noise, Tolerances, overall
 
 _COLOURS = {HOLDS: "#1a7f37", FAILS: "#cf222e", INCONCLUSIVE: "#9a6700"}
@@ -79,13 +80,13 @@ def figure_html(fig: Any) -> str:
 def save_figures(out: Path, figs: Sequence[Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for fig in figs:
-        (out / f"{fig.name}.png").write_bytes(fig.png)
-        (out / f"{fig.name}.svg").write_bytes(fig.svg)
+        atomic.write_bytes(out / f"{fig.name}.png", fig.png)
+        atomic.write_bytes(out / f"{fig.name}.svg", fig.svg)
 
 
 def write_claims(out: Path, claims: Sequence[Claim], extra: dict[str, Any]) -> None:
     """``claims.json`` (verdicts and numbers) and ``claims.md`` (the table for docs)."""
     out.mkdir(parents=True, exist_ok=True)
     payload = {**extra, "claims": [c.to_dict() for c in claims], "counts": overall(claims)}
-    (out / "claims.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    (out / "claims.md").write_text(claims_markdown(claims))
+    atomic.write_text(out / "claims.json", json.dumps(payload, indent=2, default=str) + "\n")
+    atomic.write_text(out / "claims.md", claims_markdown(claims))

@@ -19,6 +19,7 @@ from typing import Any
 from rich.console import Console
 
 from optarena.analysis import Analysis, analyze_store
+from optarena.errors import StorageError
 from optarena.sweep.spec import Grid, SweepSpec
 
 DEFAULT_FUNCTION = "optarena.train:train"
@@ -96,6 +97,8 @@ class Stager:
         finally:
             signal.signal(signal.SIGTERM, previous)
             store.close()
+        if result.storage_error:  # a full disk: the later stages would fail the same way
+            raise StorageError(result.storage_error)
         report = StageReport(
             title,
             result.total,

@@ -35,6 +35,7 @@ class SweepResult:
     diverged: int
     failed: int
     held_elsewhere: int  # runs another live driver is working on
+    storage_error: str | None = None  # a run could not write its files: no more runs started
 
     @property
     def complete(self) -> bool:
@@ -57,6 +58,8 @@ def run_sweep(
     close_executor: bool = True,
 ) -> SweepResult:
     """Run every run of ``runs`` that has no result in ``store``; never raises for a bad run.
+    A run that cannot write its files (a full disk, a read-only folder) is recorded as failed
+    and starts no further run: ``storage_error`` says why.
 
     ``close_executor=False`` leaves the executor open for another call (refinement and tuning
     run several batches through one executor and close it themselves)."""
@@ -82,8 +85,8 @@ def run_sweep(
     last_beat = time.monotonic()
     with progress:
         try:
-            while queue or in_flight:
-                while queue and len(in_flight) < executor.capacity:
+            while (queue and not result.storage_error) or in_flight:
+                while queue and len(in_flight) < executor.capacity and not result.storage_error:
                     run = queue.pop(0)
                     if not store.claim(run.id, retry_failed=retry_failed):
                         _not_claimed(store.get(run.id).status, run.id, held, result, progress)
@@ -156,8 +159,14 @@ def _record(
         _write_error_file(store.run_dir(run.id), outcome.detail or outcome.error)
         result.failed += 1
         line = f"{where}: FAILED: {outcome.error}"
+        if (outcome.error or "").startswith(_STORAGE):  # a full disk fails every run after it
+            result.storage_error = outcome.error.removeprefix(_STORAGE)
     atomic.fault_point("after-store-write")
     progress.record(run.label, lr, status, loss, line)
+
+
+# how a run's StorageError (a full disk, a read-only folder) comes back from its worker
+_STORAGE = "StorageError: "
 
 
 def _has_files(run_dir: Path) -> bool:

@@ -10,7 +10,9 @@ a point where any seed diverged counts as worse than every point that trained):
 
 - ``step`` is the smallest gap between the spec's own LR values, in decades; ``half = step/2``;
 - an optimum at the lowest (highest) LR of its grid adds ``optimum·10^∓half`` beyond it;
-- an interior optimum adds the geometric midpoint toward each neighbour farther than ``half``;
+- an interior optimum adds the geometric midpoint toward each neighbour farther than ``half``
+  (5% slack: a grid written with rounded values, 3.16e-3 for 10^-2.5, has slightly uneven
+  steps);
 - nothing to add: the series is settled, its optimum interior with neighbours half a step away.
 
 Rounds repeat until every series is settled or ``max_rounds`` is reached. New points are added
@@ -35,9 +37,11 @@ from optarena.sweep.store import Store
 
 LR_KEY = "lr"
 DEFAULT_ROUNDS = 8
-# Two LRs closer than this (in decades) are the same point; gaps within it of half a step are
-# half a step (float noise of values rounded to 12 digits).
+# Two LRs closer than this (in decades) are the same point.
 _SAME = 1e-6
+# A gap up to this much over half a step counts as half a step: grids are written with rounded
+# values (3.16e-3 for 10^-2.5), so their steps differ by a fraction of a percent.
+_SLACK = 0.05
 
 
 @dataclass
@@ -108,14 +112,15 @@ def next_lrs(curve: Mapping[float, float], step: float) -> list[float]:
     best = min(sorted(finite), key=lambda x: finite[x])
     i = xs.index(best)
     half = step / 2.0
+    limit = half * (1.0 + _SLACK)
     out = []
     if i == 0:
         out.append(best * 10**-half)
-    elif math.log10(best / xs[i - 1]) > half + _SAME:
+    elif math.log10(best / xs[i - 1]) > limit:
         out.append(math.sqrt(best * xs[i - 1]))
     if i == len(xs) - 1:
         out.append(best * 10**half)
-    elif math.log10(xs[i + 1] / best) > half + _SAME:
+    elif math.log10(xs[i + 1] / best) > limit:
         out.append(math.sqrt(best * xs[i + 1]))
     return [rounded(x) for x in out]
 
@@ -220,7 +225,7 @@ def refine_sweep(
                 )
             )
             step = plan(spec, store)
-            if step.settled or rounds >= max_rounds:
+            if step.settled or rounds >= max_rounds or sweeps[-1].storage_error:
                 return RefineResult(rounds, added, sweeps, step)
             rounds += 1
             if on_round is not None:

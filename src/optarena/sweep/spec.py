@@ -241,7 +241,15 @@ def read_spec_text(spec: str | Path) -> tuple[str, str]:
                 f"sweep spec {str(spec)!r} not found; give a TOML file or one of the presets: "
                 f"{', '.join(preset_names())}"
             )
-        return path.read_text(encoding="utf-8"), str(path)
+        try:
+            return path.read_text(encoding="utf-8"), str(path)
+        except UnicodeDecodeError as err:
+            raise UserError(
+                f"sweep spec {path} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at "
+                f"offset {err.start}); give a TOML file"
+            ) from None
+        except OSError as err:
+            raise UserError(f"cannot read sweep spec {path}: {err.strerror}") from None
     if str(spec) in preset_names():
         text = (resources.files("optarena") / "presets" / f"{spec}.toml").read_text("utf-8")
         return text, f"preset {spec!r}"

@@ -275,6 +275,10 @@ class TuneResult:
         return sum(r.failed for r in self.sweeps)
 
     @property
+    def storage_error(self) -> str | None:
+        return next((r.storage_error for r in self.sweeps if r.storage_error), None)
+
+    @property
     def ran(self) -> int:
         return sum(r.done + r.diverged + r.failed for r in self.sweeps)
 
@@ -292,6 +296,7 @@ def tune(
     settings: TuneSettings | None = None,
     path_file: Path | None = None,
     on_step: Callable[[GridSearch, Step], None] | None = None,
+    retry_failed: bool = True,
 ) -> TuneResult:
     """Replay every search from the store, running the points it reaches without a result,
     until each search has converged, hit ``max_rounds`` or met a failed run. The executor is
@@ -304,7 +309,7 @@ def tune(
     try:
         while True:
             records = {r.id: r for r in store.runs()}
-            _replay(spec, searches, records, attempted)
+            _replay(spec, searches, records, attempted if retry_failed else None)
             if on_step is not None:
                 for s in searches:
                     for step in s.search.steps[shown[id(s)] :]:
@@ -323,9 +328,16 @@ def tune(
                 return result
             attempted.update(r.id for r in batch)
             ran = run_sweep(
-                store, batch, executor, sweep=TUNE_PREFIX + spec.name, close_executor=False
+                store,
+                batch,
+                executor,
+                sweep=TUNE_PREFIX + spec.name,
+                retry_failed=retry_failed,
+                close_executor=False,
             )
             result.sweeps.append(ran)
+            if ran.storage_error:  # a full disk or read-only folder fails every run after it
+                return result
             if ran.held_elsewhere and not ran.done + ran.diverged + ran.failed:
                 return result  # another live process holds what comes next: re-run later
     finally:
@@ -336,16 +348,19 @@ def _replay(
     spec: SweepSpec,
     searches: Sequence[GridSearch],
     records: Mapping[str, RunRecord],
-    attempted: set[str],
+    attempted: set[str] | None,
 ) -> None:
-    """Advance every search as far as stored results go."""
+    """Advance every search as far as stored results go. A failed run counts as failed once
+    this invocation has retried it (``attempted``), at once when failures are not retried
+    (``attempted=None``)."""
     for s in searches:
         while not s.search.done and s.search.wanted:
             ready = {}
             for index in s.search.wanted:
                 runs = s.runs(spec, index)
                 ev = evaluation(runs, records)
-                if ev is None or (ev.failed and not attempted & {r.id for r in runs}):
+                retry = attempted is not None and not attempted & {r.id for r in runs}
+                if ev is None or (ev.failed and retry):
                     break  # no result yet, or a failure from before: run (retry) it
                 ready[index] = ev
             else:
@@ -392,6 +407,7 @@ def path_json(
                         "incumbent": ev(q, st.incumbent),
                         "candidates": [ev(q, c) for c in st.candidates],
                         "moved": st.moved_to is not None,
+                        "moved_to": None if st.moved_to is None else ev(q, st.moved_to),
                     }
                     for st in q.steps
                 ],
