@@ -522,11 +522,24 @@ def run(args: argparse.Namespace) -> int:
 # model (6 x params x tokens over ``train_cpu_seconds``, one thread): rough, for estimates only.
 CPU_FLOPS_PER_SECOND = 5e10
 
+# CPU seconds every run costs besides its FLOPs: a fresh process, imports, data preparation,
+# the evaluations' set-up and the run's files. Measured with ``/usr/bin/time`` on one thread
+# (2-core machine, load 3): ``optarena train --model micro --steps 1 --batch-size 16
+# --seq-len 64`` took 2.8 CPU-s; the demo's run (150 steps, 7 evaluations) took 9.8 CPU-s
+# against 7.1 s of FLOP term, 2.7 s more. With it the demo's 45 runs estimate 453 CPU-s; the
+# demo measured 527.7 CPU-s at load 11-16 (docs/performance.md).
+RUN_OVERHEAD_SECONDS = 3.0
+COST_MODEL = (
+    f"6 x params x tokens at {CPU_FLOPS_PER_SECOND:.0e} FLOP/s per core, plus "
+    f"{RUN_OVERHEAD_SECONDS:g} s a run for start-up, data and evaluation"
+)
+
 
 def estimated_cpu_seconds(config: dict[str, Any]) -> float | None:
-    """CPU seconds one run of ``config`` needs, from its model preset's size and its tokens
-    (6 x params x training tokens plus 2 x params x evaluation tokens), or None for a model
-    this cannot size."""
+    """About the CPU seconds one run of ``config`` needs, from its model preset's size and its
+    tokens (6 x params x training tokens plus 2 x params x evaluation tokens, at
+    ``CPU_FLOPS_PER_SECOND``) plus ``RUN_OVERHEAD_SECONDS``, or None for a model this cannot
+    size."""
     try:
         from optarena.model import PRESETS
     except ImportError:  # pragma: no cover - the model ships with the package
@@ -549,7 +562,8 @@ def estimated_cpu_seconds(config: dict[str, Any]) -> float | None:
     evals = steps // every + 1
     tokens = steps * batch * seq
     eval_tokens = evals * config.get("eval_windows", 64) * seq
-    return (6 * params * tokens + 2 * params * eval_tokens) / CPU_FLOPS_PER_SECOND
+    flops = 6 * params * tokens + 2 * params * eval_tokens
+    return flops / CPU_FLOPS_PER_SECOND + RUN_OVERHEAD_SECONDS
 
 
 def dry_run(spec: Any, out: Path, refine: bool = False) -> int:
@@ -589,9 +603,8 @@ def dry_run(spec: Any, out: Path, refine: bool = False) -> int:
         table.add_row(r.id, r.label, *cells, str(r.config["seed"]), state, est)
     console.print(table)
     console.print(
-        f"estimated CPU time of the runs without a result: {format_seconds(todo)} core-time "
-        f"(6 x params x tokens at {CPU_FLOPS_PER_SECOND:.0e} FLOP/s per core; divide by the "
-        "cores in use; a loaded machine is slower)",
+        f"estimated CPU time of the runs without a result: about {format_seconds(todo)} "
+        f"core-time ({COST_MODEL}; divide by the cores in use; a loaded machine is slower)",
         highlight=False,
         markup=False,
         soft_wrap=True,
