@@ -46,6 +46,25 @@ def test_speedup_interval_covers_the_truth_under_noise():
     assert fit_power_law([1, 2, 3], [3, 2, 1]) is None  # too few points to fit three numbers
 
 
+def test_an_anchored_fit_puts_adamw_at_one_and_keeps_the_order():
+    """An eval curve bent above the law (a run still at a high LR) fitted as it is says AdamW
+    needs fewer tokens than it used to reach its own final loss; anchored at that loss it is
+    exactly 1x, with a degenerate interval, and lower losses still give larger speedups."""
+    tokens = np.linspace(5e3, 5e4, 10)
+    bent = law(tokens) + 0.3 * (1 - tokens / tokens[-1])
+    fit = fit_power_law(tokens, bent)
+    end = (float(bent[-1]), float(tokens[-1]))
+    unanchored, _ = token_speedup(fit, *end)
+    assert abs(unanchored - 1.0) > 0.05  # the defect the anchor removes
+    value, interval = token_speedup(fit, *end, anchor=end)
+    assert value == 1.0 and interval == (1.0, 1.0)
+    better, _ = token_speedup(fit, end[0] - 0.05, end[1], anchor=end)
+    worse, _ = token_speedup(fit, end[0] + 0.05, end[1], anchor=end)
+    assert worse < 1.0 < better
+    # the same loss in half the tokens is twice the speedup
+    assert token_speedup(fit, end[0], end[1] / 2, anchor=end)[0] == pytest.approx(2.0)
+
+
 def test_steps_to_target_is_the_first_eval_at_or_below():
     curve = [[10, 5.0], [20, None], [30, 4.0], [40, 3.9]]
     assert first_step_at_or_below(curve, 4.0) == 30
@@ -208,7 +227,9 @@ def test_speedup_fit_from_adamw_runs_of_several_lengths(tmp_path, n_lengths):
             told["conclusions"]
         )
     else:
-        assert lion["speedup_fit"] == "eval curves of AdamW's best runs at 2 training lengths"
+        assert lion["speedup_fit"] == (
+            "eval curves of AdamW's best runs at 2 training lengths, anchored at its final loss"
+        )
         # the fit is to both best runs' curves (lr 1e-3), in tokens, and not to the worse LR's
         xs = [s * per_step for steps in lengths for s in range(steps // 5, steps + 1, steps // 5)]
         ys = [
@@ -216,6 +237,30 @@ def test_speedup_fit_from_adamw_runs_of_several_lengths(tmp_path, n_lengths):
             for steps in lengths
             for s in range(steps // 5, steps + 1, steps // 5)
         ]
-        expected, _ = token_speedup(fit_power_law(xs, ys), lion_curve[-1][1], 40 * per_step)
+        longest = lengths[-1] * per_step  # the anchor: AdamW's best final loss at 40 steps
+        expected, _ = token_speedup(
+            fit_power_law(xs, ys),
+            lion_curve[-1][1],
+            40 * per_step,
+            anchor=(float(law(longest)), longest),
+        )
         assert lion["token_speedup_vs_adamw"] == pytest.approx(expected, rel=1e-6)
         assert abs(expected - 4.0) > 0.5  # bent curves are not the law: why endpoints win
+
+
+def test_the_baseline_is_plain_adamw_not_a_variant_of_it(tmp_path):
+    """Cautious AdamW's optimizer is also ``adamw``; the speedups are measured against the
+    series labelled ``adamw`` whichever comes first, and the variant gets its own speedup."""
+    store = Store(tmp_path)
+    per_step = 1000
+    for label, speed in (("adamw-cautious", 2.0), ("adamw", 1.0)):
+        curve = [[s, float(law(s * per_step * speed))] for s in range(10, 101, 10)]
+        config = {"optimizer": "adamw", "lr": 1e-3, "seed": 0, "cautious": speed > 1}
+        _finished(store, label, config, label, curve[-1][1], curve, 100, per_step)
+    store.close()
+    write_report(tmp_path)
+    rows = json.loads((tmp_path / "report" / "summary.json").read_text())
+    speed = {r["optimizer"]: r["token_speedup_vs_adamw"] for r in rows}
+    assert len(speed) == 2, rows
+    assert speed["adamw"] == pytest.approx(1.0, rel=1e-9)
+    assert speed["adamw-cautious"] == pytest.approx(2.0, rel=1e-3)

@@ -5,9 +5,11 @@ training tokens with the power law ``L(D) = a * D**-b + c`` (its best run's eval
 runs of several lengths, the best run of every length: :func:`baseline_fit`), read off the
 tokens ``D_A`` AdamW needs to reach an optimizer's final loss, and divide by the tokens ``D``
 that optimizer used:
-``speedup = D_A / D`` (above 1: it needs fewer tokens than AdamW for the same loss). The
-uncertainty comes from the fit's covariance: parameters are drawn from the normal distribution
-it describes and the 16th-84th percentiles of the resulting speedups are reported.
+``speedup = D_A / D`` (above 1: it needs fewer tokens than AdamW for the same loss). A fit to
+evaluation curves is anchored at AdamW's final loss (:func:`token_speedup`), so that AdamW is
+exactly 1x against itself. The uncertainty comes from the fit's covariance: parameters are
+drawn from the normal distribution it describes and the 16th-84th percentiles of the resulting
+speedups are reported.
 
 Steps-to-target: the first evaluation step at or below a target loss (AdamW's best final loss),
 and AdamW's steps divided by the optimizer's.
@@ -106,12 +108,33 @@ class Speedup:
 
 
 def token_speedup(
-    fit: PowerLaw, loss: float, tokens: float, seed: int = 0
+    fit: PowerLaw,
+    loss: float,
+    tokens: float,
+    seed: int = 0,
+    anchor: tuple[float, float] | None = None,
 ) -> tuple[float | None, tuple[float, float] | None]:
-    """``D_A(loss) / tokens`` and its 16-84% interval under the fit's covariance."""
-    central = fit.tokens_for(loss)
-    value = central / tokens if math.isfinite(central) else None
-    if fit.cov is None:
+    """``D_A(loss) / tokens`` and its 16-84% interval under the fit's covariance.
+
+    ``anchor = (L_A, D_A)``, AdamW's own final loss and tokens, shifts the curve along log D so
+    that it passes through that point: ``D_A(loss) = D(loss) / D(L_A) * D_A``. An evaluation
+    curve is measured at a high LR and lies above what a finished schedule reaches, so without
+    the shift AdamW would not be 1x against itself; with it, AdamW is exactly 1."""
+
+    def ratio(a: float | None = None, b: float | None = None, c: float | None = None) -> float:
+        reach = fit.tokens_for(loss, a, b, c)
+        if anchor is not None:
+            if loss == anchor[0]:
+                return anchor[1] / tokens
+            base = fit.tokens_for(anchor[0], a, b, c)
+            if not math.isfinite(base):  # the anchor is at the floor: no shift is defined
+                return math.nan
+            reach = reach / base * anchor[1]
+        return reach / tokens
+
+    central = ratio()
+    value = central if math.isfinite(central) else None
+    if fit.cov is None or (anchor is not None and value is None):
         return value, None
     rng = np.random.default_rng(seed)
     try:
@@ -121,13 +144,17 @@ def token_speedup(
     except (ValueError, np.linalg.LinAlgError):
         return value, None
     with np.errstate(over="ignore", invalid="ignore"):  # extreme draws: inf, as they should be
-        ratios = np.sort(
-            np.nan_to_num(
-                [fit.tokens_for(loss, *d) / tokens for d in draws], nan=np.inf, posinf=np.inf
-            )
-        )
+        ratios = np.array([ratio(*d) for d in draws], dtype=float)
+    if anchor is not None:
+        # draws that put AdamW's own final loss at or below their floor define no shift; when
+        # they are the majority the fit cannot bound the speedup at all
+        ratios = ratios[~np.isnan(ratios)]
+        if ratios.size < DRAWS // 2:
+            return value, (0.0, math.inf)
+    ratios = np.sort(np.nan_to_num(ratios, nan=np.inf, posinf=np.inf))
     # order statistics, not np.percentile: draws past AdamW's floor are inf and stay inf
-    lo, hi = ratios[int(0.16 * (DRAWS - 1))], ratios[int(0.84 * (DRAWS - 1))]
+    n = ratios.size
+    lo, hi = ratios[int(0.16 * (n - 1))], ratios[int(0.84 * (n - 1))]
     return value, (float(lo), float(hi))
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from optarena.analysis import Analysis, SeriesResult
 from optarena.speedup import (
     BASELINE,
+    ENDPOINT_LENGTHS,
     Speedup,
     baseline_fit,
     first_step_at_or_below,
@@ -160,7 +161,7 @@ def _conclude(story: Story, model: str, series: list[SeriesResult], several: boo
     else:
         story.conclusions.append(f"No run diverged{where}.")
     memory = [s for s in series if s.state_bytes_per_param is not None]
-    base = next((s for s in memory if s.optimizer == BASELINE), None)
+    base = next((s for s in baselines(memory)), None)
     if memory:
         low = min(memory, key=lambda s: s.state_bytes_per_param)
         text = (
@@ -170,7 +171,8 @@ def _conclude(story: Story, model: str, series: list[SeriesResult], several: boo
         if base is not None and base.state_bytes_per_param:
             text += f", {low.state_bytes_per_param / base.state_bytes_per_param:.0%} of AdamW's"
         story.conclusions.append(text + ".")
-    sp = [(s.name, story.speedups.get(s.name)) for s in series if s.optimizer != BASELINE]
+    base_names = {s.name for s in baselines(series)}
+    sp = [(s.name, story.speedups.get(s.name)) for s in series if s.name not in base_names]
     sp = [(n, v) for n, v in sp if v is not None and v.token_speedup is not None]
     if sp:
         story.conclusions.append(
@@ -190,9 +192,17 @@ def _interval(v: Speedup) -> str:
     return f" [{v.interval[0]:.2f}, {hi}]"
 
 
+def baselines(series: Sequence[SeriesResult]) -> list[SeriesResult]:
+    """The AdamW series that speedups and memory are measured against: those labelled
+    ``adamw`` (plain AdamW: not a variant such as cautious AdamW, whose optimizer is also
+    ``adamw``), else every series whose optimizer is AdamW."""
+    plain = [s for s in series if s.optimizer == BASELINE and s.label == BASELINE]
+    return plain or [s for s in series if s.optimizer == BASELINE]
+
+
 def speedups(series: Sequence[SeriesResult], runs: dict[str, RunRecord]) -> dict[str, Speedup]:
-    """Every series of one model against its AdamW series (the first one named adamw)."""
-    base = next((s for s in series if s.optimizer == BASELINE), None)
+    """Every series of one model against its AdamW series (the first of :func:`baselines`)."""
+    base = next(iter(baselines(series)), None)
     if base is None:
         return {}
     base_run = _best_run(base, runs)
@@ -208,6 +218,11 @@ def speedups(series: Sequence[SeriesResult], runs: dict[str, RunRecord]) -> dict
             for tokens, (loss, group) in lengths.items()
         }
     )
+    anchor = None
+    if len(lengths) < ENDPOINT_LENGTHS:  # a fit to eval curves: shift it through AdamW's end
+        longest = max(lengths)
+        anchor = (lengths[longest][0], longest)
+        source += ", anchored at its final loss"
     target = base.best_loss
     base_steps = first_step_at_or_below(base_run.eval_curve, target)
     out = {}
@@ -218,7 +233,7 @@ def speedups(series: Sequence[SeriesResult], runs: dict[str, RunRecord]) -> dict
         tokens = float((run.summary or {}).get("tokens") or 0) or math.nan
         value, interval = (None, None)
         if fit is not None and math.isfinite(tokens):
-            value, interval = token_speedup(fit, s.best_loss, tokens)
+            value, interval = token_speedup(fit, s.best_loss, tokens, anchor=anchor)
         steps = first_step_at_or_below(run.eval_curve, target)
         ratio = base_steps / steps if steps and base_steps else None
         out[s.name] = Speedup(s.name, s.best_loss, tokens, value, interval, steps, ratio, source)
@@ -232,9 +247,7 @@ def _adamw_lengths(
     its runs)``, over every AdamW series and LR of the model; a point where a seed did not
     finish training is not a candidate."""
     best: dict[float, tuple[float, list[RunRecord]]] = {}
-    for s in series:
-        if s.optimizer != BASELINE:
-            continue
+    for s in baselines(series):
         for point in s.curve:
             by_length: dict[float, list[RunRecord]] = {}
             for run_id in point.run_ids:
