@@ -324,6 +324,12 @@ class RLHFRun(Run):
     def log_fields(self) -> dict[str, float]:
         return dict(self.stats)
 
+    def after_step(self) -> None:
+        super().after_step()
+        if self.stats and not self.diverged:  # the bar shows the reward, not ReMax's loss
+            reward, kl = self.stats["reward"], self.stats["kl"]
+            self.bar.set_postfix(reward=f"{reward:.3f}", kl=f"{kl:.2f}", refresh=False)
+
     # ----------------------------------------------------------------- evaluation
 
     @torch.no_grad()
