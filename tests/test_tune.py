@@ -306,6 +306,33 @@ def test_tune_command(tmp_path, capsys):
     assert "it is a tuning spec; run it with `optarena tune`" in capsys.readouterr().err
 
 
+def test_tune_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["tune", "tune", "--dry-run", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("base config: batch_size=16, data=builtin")
+    assert "adamw axis lr: 0.0001, 0.000316, 0.001, 0.00316" in text  # short numbers
+    assert "0.000316227766" not in text
+    assert "adamw axis hparams.beta2: 0.9, 0.95, 0.98, 0.99, 0.999" in text
+    assert "adamw: round 1, 8 points (first: the start) x 1 seed" in text
+    assert "estimated CPU time of round 1's runs without a result: about" in text
+    assert not out.exists()
+
+    # over a store, each run shows its status and a finished one costs nothing
+    spec = tmp_path / "spec.toml"
+    spec.write_text(
+        "[base]\nsteps = 10\ntoy_hparams = true\n[tune]\ntolerance = 0.001\n"
+        '[[grid]]\noptimizer = "adamw"\nlr = [1e-3, 3.16e-3]\nstart = {lr = 1e-3}\n'
+    )
+    assert main(["tune", str(spec), "--out", str(out), "--function", TOY]) == 0
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    capsys.readouterr()
+    assert main(["tune", str(spec), "--dry-run", "--out", str(out), "--function", TOY]) == 0
+    text = capsys.readouterr().out
+    assert text.count(" done ") == 2 and "without a result: about 0m00s" in text
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+
+
 def test_a_full_disk_stops_the_tune_and_the_next_call_continues(tmp_path):
     """A run whose worker cannot write (StorageError) stops the whole tune at once, not one
     search after another; with the disk back, the next invocation finishes the same path."""

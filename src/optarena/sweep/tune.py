@@ -221,6 +221,18 @@ class CoordinateSearch:
         self.status = "max rounds"
 
 
+def first_round(search: CoordinateSearch) -> list[Index]:
+    """The points round 1 evaluates when no axis moves: the start, then its neighbours on each
+    axis in turn (a move adds the next value in its direction and shifts later axes' looks)."""
+    start = search.start
+    out = [start]
+    for axis, values in enumerate(search.values):
+        for d in (-1, 1):
+            if 0 <= start[axis] + d < len(values):
+                out.append((*start[:axis], start[axis] + d, *start[axis + 1 :]))
+    return out
+
+
 @dataclass
 class GridSearch:
     """A search and the grid it tunes."""
