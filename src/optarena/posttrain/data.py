@@ -75,12 +75,12 @@ def parse_example(record: Any, where: str, line: int = 0) -> Example:
     return Example((("user", prompt),), response, answer, line)
 
 
-def read_jsonl(path: str | Path) -> list[Example]:
-    """Every example of a JSONL file (blank lines skipped); one-line errors name the line."""
-    path = Path(path).expanduser()
+def jsonl_records(path: Path, kind: str = "data file") -> Iterator[tuple[Any, str, int]]:
+    """The parsed lines of a JSONL file as ``(record, "PATH:LINE", line)``, blank lines
+    skipped. A missing file, a line that is not JSON or a file that is not UTF-8 is a one-line
+    error naming the ``kind`` of file, or the line."""
     if not path.is_file():
-        raise UserError(f"data file {path} does not exist")
-    out = []
+        raise UserError(f"{kind} {path} does not exist")
     try:
         with path.open(encoding="utf-8") as f:
             for number, text in enumerate(f, 1):
@@ -91,9 +91,15 @@ def read_jsonl(path: str | Path) -> list[Example]:
                     record = json.loads(text)
                 except ValueError as err:
                     raise UserError(f"{where}: not JSON ({err.args[0].split(':')[0]})") from None
-                out.append(parse_example(record, where, number))
+                yield record, where, number
     except UnicodeDecodeError:
-        raise UserError(f"data file {path} is not UTF-8 text") from None
+        raise UserError(f"{kind} {path} is not UTF-8 text") from None
+
+
+def read_jsonl(path: str | Path) -> list[Example]:
+    """Every example of a JSONL file (blank lines skipped); one-line errors name the line."""
+    path = Path(path).expanduser()
+    out = [parse_example(record, where, number) for record, where, number in jsonl_records(path)]
     if not out:
         raise UserError(f"data file {path} has no examples (one JSON object per line)")
     return out

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from optarena import checkpoints
 from optarena.errors import UserError
+from optarena.posttrain.data import jsonl_records
 from optarena.posttrain.generate import right_pad
 from optarena.posttrain.reward import RewardModel, bradley_terry_loss, pair_accuracy
 from optarena.train import Run, RunConfig, _check_range, _check_types
@@ -90,22 +91,9 @@ def _pair(record: Any, where: str, line: int) -> Pair:
 def read_pairs(path: str | Path) -> list[Pair]:
     """Every pair of a JSONL file (blank lines skipped); one-line errors name the line."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise UserError(f"pairs file {path} does not exist")
-    out = []
-    try:
-        with path.open(encoding="utf-8") as f:
-            for number, text in enumerate(f, 1):
-                if not text.strip():
-                    continue
-                where = f"{path}:{number}"
-                try:
-                    record = json.loads(text)
-                except ValueError as err:
-                    raise UserError(f"{where}: not JSON ({err.args[0].split(':')[0]})") from None
-                out.append(_pair(record, where, number))
-    except UnicodeDecodeError:
-        raise UserError(f"pairs file {path} is not UTF-8 text") from None
+    out = [
+        _pair(record, where, number) for record, where, number in jsonl_records(path, "pairs file")
+    ]
     if len(out) < 2:
         raise UserError(
             f"pairs file {path} has {len(out)} pair(s); a reward model needs at least 2 (one "

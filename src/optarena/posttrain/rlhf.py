@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from optarena.errors import UserError
+from optarena.posttrain.data import jsonl_records
 from optarena.posttrain.generate import Generation, generate, token_logprobs
 from optarena.posttrain.remax import remax_loss
 from optarena.posttrain.reward import ExactMatchReward, ModelReward, Reward
@@ -56,27 +57,14 @@ def read_prompts(path: str | Path) -> list[Prompt]:
     a pairs file (``prompt``, ``chosen``, ``rejected``) or an SFT file (``prompt``,
     ``response``) works too, its responses unused. One-line errors name the line."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise UserError(f"prompts file {path} does not exist")
     out = []
-    try:
-        with path.open(encoding="utf-8") as f:
-            for number, text in enumerate(f, 1):
-                if not text.strip():
-                    continue
-                where = f"{path}:{number}"
-                try:
-                    record = json.loads(text)
-                except ValueError as err:
-                    raise UserError(f"{where}: not JSON ({err.args[0].split(':')[0]})") from None
-                if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                    raise UserError(f'{where}: no string prompt; expected {{"prompt": ...}}')
-                answer = record.get("answer")
-                if answer is not None and not isinstance(answer, str):
-                    raise UserError(f"{where}: answer must be a string")
-                out.append(Prompt((("user", record["prompt"]),), answer, number))
-    except UnicodeDecodeError:
-        raise UserError(f"prompts file {path} is not UTF-8 text") from None
+    for record, where, number in jsonl_records(path, "prompts file"):
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise UserError(f'{where}: no string prompt; expected {{"prompt": ...}}')
+        answer = record.get("answer")
+        if answer is not None and not isinstance(answer, str):
+            raise UserError(f"{where}: answer must be a string")
+        out.append(Prompt((("user", record["prompt"]),), answer, number))
     if len(out) < 2:
         raise UserError(
             f"prompts file {path} has {len(out)} prompt(s); RLHF needs at least 2 (one JSON "
