@@ -10,7 +10,13 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from optarena.commands.train import DIVERGED, _one_line_warning, load_toml, parse_sets
+from optarena.commands.train import (
+    DIVERGED,
+    _one_line_warning,
+    apply_run_flags,
+    load_toml,
+    require_optimizer,
+)
 from optarena.errors import UserError
 
 # flag dest -> FinetuneConfig key, for flags whose default is None ("not given")
@@ -127,26 +133,14 @@ def build_config(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, key)
         if value is not None:
             values[key] = value
-    if args.resume:
-        values["resume"] = True
-    if args.tensorboard:
-        values["tensorboard"] = True
-    if args.no_progress:
-        values["progress"] = False
-    if values.get("grad_clip") == 0:
-        values["grad_clip"] = None
-    hparams, model = parse_sets(args.sets)
-    if model:
+    if apply_run_flags(args, values):
         raise UserError("fine-tuning keeps the pretrained model's shape: no --set model.FIELD")
-    if hparams:
-        values["hparams"] = {**values.get("hparams", {}), **hparams}
     if not values.get("pretrained"):
         raise UserError("which model? pass --from DIR (an `optarena train` output folder)")
     where = Path(str(values["pretrained"])).expanduser()
     if where.exists():  # absolute, so that the run's folder names its base from anywhere
         values["pretrained"] = str(where.resolve())
-    if "optimizer" not in values:
-        raise UserError("which optimizer? pass --optimizer NAME (see `optarena list`)")
+    require_optimizer(values)
     return values
 
 

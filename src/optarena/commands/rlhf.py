@@ -10,7 +10,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from optarena.commands.train import _one_line_warning, load_toml, parse_sets
+from optarena.commands.train import (
+    _one_line_warning,
+    apply_run_flags,
+    load_toml,
+    require_optimizer,
+)
 from optarena.errors import UserError
 
 # flags every post-training run shares: flag dest -> config key (None: not given)
@@ -128,19 +133,9 @@ def build_values(args: argparse.Namespace) -> dict[str, Any]:
             values[key] = str(Path(values[key]).expanduser().resolve())
     if getattr(args, "reward_model", None) and "reward" not in values:
         values["reward"] = "model"
-    if args.resume:
-        values["resume"] = True
-    if args.no_progress:
-        values["progress"] = False
-    if values.get("grad_clip") == 0:
-        values["grad_clip"] = None
-    hparams, model = parse_sets(args.sets)
-    if model:
+    if apply_run_flags(args, values):
         raise UserError("--set model.* changes the architecture; a pretrained model keeps its own")
-    if hparams:
-        values["hparams"] = {**values.get("hparams", {}), **hparams}
-    if "optimizer" not in values:
-        raise UserError("which optimizer? pass --optimizer NAME (see `optarena list`)")
+    require_optimizer(values)
     return values
 
 

@@ -164,9 +164,21 @@ def build_config(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, key)
         if value is not None:
             values[key] = value
+    model = apply_run_flags(args, values)
+    if model:
+        values["model_overrides"] = {**values.get("model_overrides", {}), **model}
+    require_optimizer(values)
+    return values
+
+
+def apply_run_flags(args: argparse.Namespace, values: dict[str, Any]) -> dict[str, Any]:
+    """Put the flags every training command shares into ``values`` (``--resume``,
+    ``--tensorboard`` where the command has it, ``--no-progress``, ``--grad-clip 0`` = none,
+    ``--set`` hyperparameters) and return the ``--set model.FIELD`` overrides, which each
+    command takes or refuses."""
     if args.resume:
         values["resume"] = True
-    if args.tensorboard:
+    if getattr(args, "tensorboard", False):
         values["tensorboard"] = True
     if args.no_progress:
         values["progress"] = False
@@ -175,11 +187,12 @@ def build_config(args: argparse.Namespace) -> dict[str, Any]:
     hparams, model = parse_sets(args.sets)
     if hparams:
         values["hparams"] = {**values.get("hparams", {}), **hparams}
-    if model:
-        values["model_overrides"] = {**values.get("model_overrides", {}), **model}
+    return model
+
+
+def require_optimizer(values: dict[str, Any]) -> None:
     if "optimizer" not in values:
         raise UserError("which optimizer? pass --optimizer NAME (see `optarena list`)")
-    return values
 
 
 def one_data_path(paths: list[str]) -> str:
