@@ -195,3 +195,28 @@ def test_parse_set_values() -> None:
     for bad in ("eps", "=3", "eps=", "a b=1"):
         with pytest.raises(UserError, match="malformed"):
             parse_sets([bad])
+
+
+@pytest.mark.parametrize(
+    ("command", "config"),
+    [
+        ("train", "optarena.train:TrainConfig"),
+        ("finetune", "optarena.posttrain.sft:FinetuneConfig"),
+        ("reward", "optarena.posttrain.reward_model:RewardConfig"),
+        ("rlhf", "optarena.posttrain.rlhf:RLHFConfig"),
+    ],
+)
+def test_every_run_command_shares_the_run_flags_and_states_its_own_default_schedule(
+    command: str, config: str, capsys: pytest.CaptureFixture
+) -> None:
+    import importlib
+
+    module, name = config.split(":")
+    default = getattr(importlib.import_module(module), name)().schedule
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"wsd (default: {default})" in text
+    for flag in ("--checkpoint-every", "--resume", "--no-progress", "--set KEY=VALUE", "--out"):
+        assert flag in text, (command, flag)
