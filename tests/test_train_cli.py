@@ -220,3 +220,29 @@ def test_every_run_command_shares_the_run_flags_and_states_its_own_default_sched
     assert f"wsd (default: {default})" in text
     for flag in ("--checkpoint-every", "--resume", "--no-progress", "--set KEY=VALUE", "--out"):
         assert flag in text, (command, flag)
+
+
+@pytest.mark.parametrize(
+    ("command", "build"),
+    [
+        ("train", "optarena.commands.train:build_config"),
+        ("finetune", "optarena.commands.finetune:build_config"),
+        ("reward", "optarena.commands.rlhf:build_values"),
+        ("rlhf", "optarena.commands.rlhf:build_values"),
+    ],
+)
+def test_the_shared_run_flags_reach_every_commands_config(command: str, build: str) -> None:
+    import importlib
+
+    from optarena.cli import build_parser
+
+    module, name = build.split(":")
+    flags = ["--optimizer", "adamw", "--schedule", "wsd", "--warmup", "0.25", "--threads", "1"]
+    flags += ["--grad-clip", "0", "--checkpoint-every", "7", "--out", "somewhere", "--resume"]
+    flags += [] if command == "train" else ["--from", "a-run"]
+    args = build_parser().parse_args([command, *flags, "--no-progress", "--set", "eps=1e-6"])
+    values = getattr(importlib.import_module(module), name)(args)
+    assert values["schedule"] == "wsd" and values["warmup"] == 0.25 and values["threads"] == 1
+    assert values["grad_clip"] is None and values["checkpoint_every"] == 7
+    assert values["out"] == "somewhere" and values["resume"] and values["progress"] is False
+    assert values["hparams"] == {"eps": 1e-6}

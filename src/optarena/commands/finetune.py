@@ -20,7 +20,8 @@ from optarena.commands.train import (
 )
 from optarena.errors import UserError
 
-# flag dest -> FinetuneConfig key, for flags whose default is None ("not given")
+# flag dest -> FinetuneConfig key, for flags whose default is None ("not given"), besides
+# the shared RUN_FLAG_KEYS
 _FLAG_KEYS = (
     "pretrained",
     "data",
@@ -32,21 +33,9 @@ _FLAG_KEYS = (
     "seq_len",
     "grad_accum",
     "seed",
-    "schedule",
-    "warmup",
-    "grad_clip",
-    "dtype",
-    "device",
-    "eval_every",
     "eval_examples",
     "eval_generate",
     "exact_match",
-    "checkpoint_every",
-    "log_every",
-    "out",
-    "wandb",
-    "threads",
-    "parallel",
 )
 
 

@@ -19,7 +19,8 @@ from optarena.commands.train import (
 )
 from optarena.errors import UserError
 
-# flags every post-training run shares: flag dest -> config key (None: not given)
+# flags the reward and RLHF runs share besides RUN_FLAG_KEYS: flag dest -> config key
+# (None: not given)
 _RUN_FLAGS = (
     "optimizer",
     "lr",
@@ -27,16 +28,6 @@ _RUN_FLAGS = (
     "batch_size",
     "grad_accum",
     "seed",
-    "schedule",
-    "warmup",
-    "grad_clip",
-    "dtype",
-    "device",
-    "eval_every",
-    "checkpoint_every",
-    "log_every",
-    "out",
-    "threads",
 )
 _REWARD_FLAGS = ("pairs", "eval_pairs")
 _RLHF_FLAGS = (

@@ -13,7 +13,8 @@ from typing import Any
 
 from optarena.errors import UserError
 
-# flag dest -> TrainConfig key, for flags whose default is None ("not given")
+# flag dest -> TrainConfig key, for flags whose default is None ("not given"), besides
+# RUN_FLAG_KEYS
 _FLAG_KEYS = (
     "optimizer",
     "lr",
@@ -26,19 +27,7 @@ _FLAG_KEYS = (
     "tokenizer",
     "vocab_size",
     "seed",
-    "schedule",
-    "warmup",
-    "grad_clip",
     "z_loss",
-    "dtype",
-    "device",
-    "eval_every",
-    "checkpoint_every",
-    "log_every",
-    "out",
-    "wandb",
-    "threads",
-    "parallel",
 )
 
 
@@ -72,6 +61,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--config", type=Path, help="TOML file of TrainConfig keys ([hparams] table)")
     p.set_defaults(func=run)
+
+
+# the flags of add_run_arguments whose dest is the config key of the same name
+RUN_FLAG_KEYS = (
+    "schedule",
+    "warmup",
+    "grad_clip",
+    "dtype",
+    "device",
+    "eval_every",
+    "checkpoint_every",
+    "log_every",
+    "threads",
+    "parallel",
+    "out",
+    "wandb",
+)
 
 
 def add_run_arguments(
@@ -187,10 +193,13 @@ def build_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def apply_run_flags(args: argparse.Namespace, values: dict[str, Any]) -> dict[str, Any]:
-    """Put the flags every training command shares into ``values`` (``--resume``,
-    ``--tensorboard`` where the command has it, ``--no-progress``, ``--grad-clip 0`` = none,
-    ``--set`` hyperparameters) and return the ``--set model.FIELD`` overrides, which each
-    command takes or refuses."""
+    """Put the flags every training command shares into ``values`` (those of
+    :data:`RUN_FLAG_KEYS` that were given, ``--resume``, ``--tensorboard`` where the command
+    has it, ``--no-progress``, ``--grad-clip 0`` = none, ``--set`` hyperparameters) and return
+    the ``--set model.FIELD`` overrides, which each command takes or refuses."""
+    for key in RUN_FLAG_KEYS:
+        if (value := getattr(args, key, None)) is not None:
+            values[key] = value
     if args.resume:
         values["resume"] = True
     if getattr(args, "tensorboard", False):
