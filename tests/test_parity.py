@@ -965,6 +965,38 @@ def test_cautious_zeroes_entries_against_the_gradient() -> None:
         assert (moved * p["w"].grad <= 0).all()
 
 
+@pytest.mark.parametrize("name", ["soap", "kron"])
+def test_cautious_masks_the_preconditioned_update(name: str) -> None:
+    """SOAP and Kron (no reference has a cautious variant of the same algorithm: pytorch-
+    optimizer's have none; heavyball's SOAP and PSGD are other variants, with another mask
+    scale): each step is the plain optimizer's step from the same state, its entries against the
+    gradient zeroed and the rest scaled by ``numel / (kept + 1)``, as ``Cautious`` does."""
+    params = make_params({"w": (6, 5), "t": (2, 3, 4)})
+    hp = {"lr": 1e-2, "weight_decay": 0.0, "cautious": True}
+    hp |= {"precondition_frequency": 3} if name == "soap" else {}
+    opt = create(name, list(params.values()), **hp)
+    assert any(type(t).__name__ == "Cautious" for t in opt._plan(opt.param_groups[0]).chain)
+    zeroed = 0
+    for t in range(1, 13):
+        set_grads(params, t, skip=())
+        plain = copy.deepcopy(opt)
+        plain.param_groups[0]["cautious"] = False
+        for p, q in zip(params.values(), plain.param_groups[0]["params"], strict=True):
+            q.grad = p.grad.clone()
+        before = {n: p.detach().clone() for n, p in params.items()}
+        opt.step()
+        plain.step()
+        for (n, p), q in zip(params.items(), plain.param_groups[0]["params"], strict=True):
+            step, g = q.detach() - before[n], p.grad  # the plain step, -lr·u
+            keep = step * g < 0
+            zeroed += int((~keep & (step != 0)).sum())
+            scale = keep.numel() / (int(keep.sum()) + 1)
+            assert_close(p.detach() - before[n], step * keep * scale, f"{n} at step {t}")
+            for key, value in plain.state[q].items():  # the mask leaves the state alone
+                assert_close(opt.state[p][key], value, f"{key} of {n} at step {t}")
+    assert zeroed > 0  # some entries did disagree, so the mask was tested
+
+
 # --------------------------------------------------------------------------- SOAP
 # The reference runs its QR refresh in float32 whatever the dtype (its comment: bfloat16 has no
 # QR); ours in the state's dtype (float32 at least). To compare the algorithms in float64 the

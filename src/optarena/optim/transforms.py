@@ -372,7 +372,8 @@ class MarsCorrection(Transform):
 class Cautious(Transform):
     """Cautious optimizers (Liang et al. 2024): entries of the update whose sign disagrees with
     the gradient's are zeroed, the rest scaled by ``numel / (kept + 1)`` (pytorch-optimizer's
-    ``apply_cautious``). Put right after the momentum."""
+    ``apply_cautious``). Put right after the momentum, or after a preconditioner that mixes
+    entries (SOAP's, Kron's: their update's signs are not the momentum's)."""
 
     def _mask(self, x: Update, slot: Slot) -> Tensor:
         return (slot.direction(x) * slot.g > 0).to(slot.g.dtype)
