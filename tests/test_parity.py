@@ -16,6 +16,7 @@ the same formula in another rounding order: they differ by a few ulps per step.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import types
 from collections.abc import Callable, Mapping
@@ -26,6 +27,7 @@ import lion_pytorch
 import numpy as np
 import pytest
 import pytorch_optimizer
+import pytorch_optimizer.optimizer.muon.normuon as normuon_reference
 import pytorch_optimizer.optimizer.psgd as kron_reference
 import pytorch_optimizer.optimizer.soap as soap_reference
 import schedulefree
@@ -700,10 +702,12 @@ def test_muon_matches_torch(hp: dict[str, Any]) -> None:
     compare(ours, ref, p_ours, p_ref, {"momentum_buffer": "momentum_buffer"}, init)
 
 
-def test_muon_orthogonalises_each_part_expert_and_head_alone() -> None:
+@pytest.mark.parametrize("name", ["muon", "normuon"])
+def test_muon_orthogonalises_each_part_expert_and_head_alone(name: str) -> None:
     """A fused QKV is three matrices (per head with ``per_head``), a stacked MoE tensor one per
-    expert, a Conv1D weight (in, out) its transpose: each equals torch.optim.Muon on that piece
-    as an (out, in) parameter of its own (its own ``adjust_lr_fn`` ratio too)."""
+    expert, a Conv1D weight (in, out) its transpose: each equals torch.optim.Muon (NorMuon:
+    pytorch-optimizer's, its neurons the piece's rows) on that piece as an (out, in) parameter of
+    its own (its own ``adjust_lr_fn`` ratio too)."""
     parts = (FusedPart(Role.Q, 8, 2), FusedPart(Role.K, 4, 1), FusedPart(Role.V, 4, 1))
     infos = {
         "qkv": ParamInfo("qkv", (16, 6), Role.QKV, parts=parts),
@@ -718,9 +722,13 @@ def test_muon_orthogonalises_each_part_expert_and_head_alone() -> None:
     }
     params = make_params({n: i.shape for n, i in infos.items()})
     refs = [nn.Parameter(cut(params[n].detach()).clone()) for n in infos for cut in pieces[n]]
-    ours = create("muon", list(params.items()), partition=infos, per_head=True, lr=2e-2)
-    ref = torch.optim.Muon(refs, lr=2e-2)
-    assert [g["optimizer"] for g in ours.param_groups] == ["muon"]
+    ours = create(name, list(params.items()), partition=infos, per_head=True, lr=2e-2)
+    if name == "muon":
+        ref = torch.optim.Muon(refs, lr=2e-2)
+    else:
+        groups = [{"params": refs, "use_muon": True}]  # foreach would batch the experts' NS
+        ref = pytorch_optimizer.NorMuon(groups, lr=2e-2, foreach=False)
+    assert [g["optimizer"] for g in ours.param_groups] == [name]
     for t in range(1, 9):
         set_grads(params, t, skip=())
         grads = [cut(params[n].grad) for n in infos for cut in pieces[n]]
@@ -733,18 +741,19 @@ def test_muon_orthogonalises_each_part_expert_and_head_alone() -> None:
         assert_close(a, b.detach(), f"piece {k}")
 
 
-def test_muon_on_a_model_routes_the_rest_to_adamw() -> None:
+@pytest.mark.parametrize("name", ["muon", "normuon"])
+def test_muon_on_a_model_routes_the_rest_to_adamw(name: str) -> None:
     """create("muon", model): hidden matrices to Muon, embeddings, the head and norms to AdamW
     with its own lr, which then equals torch.optim.AdamW on those parameters."""
     model = TinyLM().double()
     ref_model = copy.deepcopy(model)
-    opt = create("muon", model, partition=model.partition(), lr=2e-2, adamw_lr=3e-3)
+    opt = create(name, model, partition=model.partition(), lr=2e-2, adamw_lr=3e-3)
     by = {g["optimizer"]: {n for n in g["param_names"]} for g in opt.param_groups}
     hidden = {n for n, p in model.named_parameters() if p.dim() == 2} - {
         "embed_tokens.weight",
         "lm_head.weight",
     }
-    assert by["muon"] == hidden
+    assert by[name] == hidden
     named = dict(ref_model.named_parameters())
     rest = [named[n] for n in named if n not in hidden]
     ref = torch.optim.AdamW(rest, lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
@@ -780,6 +789,73 @@ def test_muon_refuses_a_vector_and_names_the_route() -> None:
     opt.param_groups[0]["params"][0].grad = torch.ones(3)
     with pytest.raises(ValueError, match=r"not a matrix.*create\('muon', model\)"):
         opt.step()
+
+
+# --------------------------------------------------------------------------- NorMuon
+# pytorch-optimizer's NorMuon runs its Newton-Schulz in bfloat16 (no flag); ours with
+# ns_dtype="bfloat16" computes the same bits (the defaults' case). To compare the rest in float64
+# the reference's Newton-Schulz is given float64 and ours ns_dtype="float64". Its
+# ``use_adjusted_lr`` is our adjust_lr_fn ("match_rms_adamw" / None), its ``eps`` our row_eps.
+
+NORMUON_CASES = {
+    "defaults": ({}, {}),
+    "moonshot-ratio": ({"adjust_lr_fn": "match_rms_adamw"}, {"use_adjusted_lr": True}),
+    "match-rms": ({"update_scale": "match_rms", "nesterov": False}, {"update_scale": "match_rms"}),
+    "row-eps": ({"row_eps": 1e-3, "beta2": 0.8, "momentum": 0.9}, {"eps": 1e-3}),
+}
+
+
+@pytest.mark.parametrize("case", list(NORMUON_CASES))
+def test_normuon_matches_pytorch_optimizer(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    ours_hp, ref_hp = NORMUON_CASES[case]
+    if case != "defaults":
+        float64 = {"dtype": torch.float64}
+        ns = functools.partial(normuon_reference.zero_power_via_newton_schulz_5, **float64)
+        monkeypatch.setattr(normuon_reference, "zero_power_via_newton_schulz_5", ns)
+        ours_hp = {**ours_hp, "ns_dtype": "float64"}
+    shared = {k: v for k, v in ours_hp.items() if k in ("nesterov", "beta2", "momentum")}
+    p_ours = make_params(MUON_SHAPES)
+    p_ref, init = clone_params(p_ours), {n: p.detach().clone() for n, p in p_ours.items()}
+    b = {"weight_decay": 0.3, "momentum": 0.8, "lr": 1e-2}
+
+    def groups(params: Mapping[str, Tensor], **flag: Any) -> Groups:
+        a = [p for n, p in params.items() if n in MUON_A]
+        rest = [p for n, p in params.items() if n not in MUON_A]
+        return [{"params": a, **flag}, {"params": rest, **b, **flag}]
+
+    ours = create("normuon", groups(p_ours), weight_decay=0.1, **ours_hp)
+    ref = pytorch_optimizer.NorMuon(
+        groups(p_ref, use_muon=True), weight_decay=0.1, **shared, **ref_hp, foreach=False
+    )
+    run_pair(ours, ref, p_ours, p_ref)
+    keys = {k: k for k in ("momentum_buffer", "second_momentum_buffer")}
+    compare(ours, ref, p_ours, p_ref, keys, init)
+
+
+def test_normuon_keeps_each_matrix_norm_and_equalises_its_neurons() -> None:
+    """The property: with ``beta2 = 0`` every row of the update has the same norm, and the
+    whole has the orthogonalised momentum's norm (Muon's update, before its lr)."""
+    p = make_params({"w": (8, 5)})
+    q = clone_params(p)
+    ours = create("normuon", [p["w"]], lr=1.0, beta2=0.0, row_eps=0.0, ns_dtype="float64")
+    muon = create("muon", [q["w"]], lr=1.0, weight_decay=0.0, ns_dtype="float64")
+    set_grads(p, 1, skip=())
+    set_grads(q, 1, skip=())
+    before = p["w"].detach().clone()
+    ours.step()
+    muon.step()
+    step, muon_step = before - p["w"].detach(), before - q["w"].detach()
+    rows = step.norm(dim=1)
+    assert_close(rows, rows.mean().expand_as(rows), "row norms")
+    assert_close(step.norm(), muon_step.norm(), "the update's norm")
+    assert not torch.allclose(step, muon_step)
+
+
+def test_normuon_refuses_bad_hyperparameters_in_one_line() -> None:
+    for bad, key in (({"update_scale": "rms"}, "update_scale"), ({"beta2": 1.0}, "beta2")):
+        with pytest.raises(ValueError, match=f"invalid {key}=") as caught:
+            create("normuon", [nn.Parameter(torch.zeros(3, 2))], **bad)
+        assert "\n" not in str(caught.value)
 
 
 # --------------------------------------------------------------------------- NAdamW

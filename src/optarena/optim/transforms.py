@@ -9,7 +9,8 @@ returns the next, keeping its own entries in the parameter's ``state``:
   per block (Adalayer, Adam-mini: :mod:`~optarena.optim.blocks`), factored (Adafactor, the
   study's and the classic one), with Adam's, the frozen preconditioner's or classic Adafactor's
   averaging weights;
-* :class:`Orthogonalize` (Muon: Newton-Schulz on each matrix the partition finds);
+* :class:`Orthogonalize` (Muon: Newton-Schulz on each matrix the partition finds) and
+  NorMuon's :class:`NormalizeNeurons`;
 * :class:`Sign`, :class:`LionUpdate`, :class:`SophiaClip`, classic Adafactor's
   :class:`ClipByRMS` and :class:`RelativeStep`;
 * weight decay (:class:`DecoupledDecay`, :class:`CoupledDecay`), :class:`ScaleByLR`, and the
@@ -791,6 +792,9 @@ class Orthogonalize(Transform):
     }
     whole = True
 
+    def __init__(self, ratio: bool = True):
+        self.ratio = ratio  # False: no ``lr_ratio`` (NorMuon's ``match_rms`` sets the size)
+
     def init(self, p, info, hp, dtype):
         if p.dim() != 2 and not (p.dim() == 3 and info.experts):
             raise ValueError(
@@ -810,7 +814,8 @@ class Orthogonalize(Transform):
         ratios = []
         for index, out in blocks:
             m = u[index]
-            ratios.append(lr_ratio(const["adjust_lr_fn"], m.size(out), m.size(1 - out)))
+            ratio = lr_ratio(const["adjust_lr_fn"], m.size(out), m.size(1 - out))
+            ratios.append(ratio if self.ratio else 1.0)
         ns = functools.partial(
             newton_schulz,
             coefficients=(sc["a"], sc["b"], sc["c"]),
@@ -825,6 +830,43 @@ class Orthogonalize(Transform):
         for (index, _), ratio in zip(blocks, ratios, strict=True):
             o[index] = ns(u[index]).to(u.dtype) * ratio
         return Update(o, x.scale, None, x.decay)
+
+
+class NormalizeNeurons(Transform):
+    """NorMuon (Li et al. 2025; pytorch-optimizer's ``NorMuon``): each output neuron (row) of the
+    orthogonalised update ``O`` divided by the root of an EMA of its mean square,
+    ``v ← β2 v + (1-β2) mean_row(O²)``, ``N = O / (√v + ε)``; then each matrix of it (as
+    :class:`Orthogonalize` cuts them) rescaled to ``‖O‖_F`` (``preserve_norm``, the official
+    code) or to an RMS of 0.2 (``match_rms``, the paper's algorithm, without Muon's ratio)."""
+
+    hyper = {
+        "beta2": UNIT,
+        "row_eps": NONNEG,
+        "update_scale": one_of("preserve_norm", "match_rms"),
+    }
+    whole = True
+
+    @staticmethod
+    def _inputs(p: Tensor, info: ParamInfo) -> int:
+        """The input axis of the parameter's matrices (the last two axes but ``out_dim``)."""
+        return p.dim() - 1 if info.out_dim != p.dim() - 1 else p.dim() - 2
+
+    def init(self, p, info, hp, dtype):
+        shape = [1 if d == self._inputs(p, info) else n for d, n in enumerate(p.shape)]
+        return {"second_momentum_buffer": replicated(tuple(shape), dtype, p.device)}
+
+    def scalars(self, hp, step):
+        return {"w": 1.0 - hp_value(hp, "beta2"), "eps": hp_value(hp, "row_eps")}
+
+    def update(self, x, slot, sc, stats):
+        o, v = slot.direction(x), slot.state["second_momentum_buffer"][0]
+        v.lerp_(o.square().mean(self._inputs(o, slot.info), keepdim=True), sc["w"])
+        n = o / (v.sqrt() + sc["eps"])
+        preserve = slot.const["update_scale"] == "preserve_norm"
+        for index, _ in matrices(slot.info, tuple(o.shape), slot.const["per_head"]):
+            size = o[index].norm() if preserve else 0.2 * math.sqrt(o[index].numel())
+            n[index].mul_(size / (n[index].norm() + sc["eps"]))
+        return Update(n, x.scale, None, x.decay)
 
 
 # --------------------------------------------------------------------------- Kronecker factors
