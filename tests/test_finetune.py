@@ -277,6 +277,29 @@ lr = [3e-3]
     assert row["exact_match_at_best"] == run.summary["final_exact_match"]
     assert row["start_val_loss"] == run.summary["pretrained_val_loss"]
 
+    # the page names the response loss and plots the exact match that the run logged
+    from optarena.report import figures, write_report
+    from optarena.report.views import run_curves
+
+    page = write_report(out).read_text()
+    assert "final validation response loss (nats)" in page
+    assert "exact match of greedy responses (held out)" in page
+    assert (out / "report" / "loss-vs-lr.png").is_file()
+    logged = records(out / "runs" / run.id)
+    evals = [r for r in logged if "val_loss" in r]
+    curves = run_curves(out, run)
+    assert curves["eval:val_loss"] == ([r["step"] for r in evals], [r["val_loss"] for r in evals])
+    assert curves["eval:exact_match"][1] == [r["exact_match"] for r in evals]
+    assert curves["eval:exact_match"][1][0] == run.summary["pretrained_exact_match"]
+    assert curves["train:loss"][1] == [r["loss"] for r in logged if "loss" in r]
+    static = figures.best_curves_figure(analyze_store(out).series, {run.id: run}, out, "t")
+    assert [ax.get_ylabel() for ax in static.axes if ax.get_visible()] == [
+        "training response loss (nats)",
+        "validation response loss (nats)",
+        "exact match of greedy responses (held out)",
+        "learning rate",
+    ]
+
 
 @pytest.mark.parametrize(
     ("body", "message"),

@@ -202,7 +202,7 @@ def _page(
             "best run's eval curve, or to its best runs at several training lengths: see the "
             "conclusions) divided by the optimizer's tokens, with the 16–84% range over "
             "the fit's uncertainty. Steps to target: first evaluation step at or below AdamW's "
-            "best final loss. Rows are sorted by best loss."
+            "best final loss. Rows are sorted by best loss." + _task_note(analysis)
         )
         + "</p>",
     ]
@@ -290,16 +290,39 @@ def _page(
         parts.append(
             '<p class="muted">'
             + e(
-                "Each id opens that run's page: its training loss, validation loss, LR and "
-                "gradient norm against tokens (interactive, from its metrics.jsonl), its "
-                "resolved config and links to its files; the best run of each series is also "
-                "drawn in the curves figure above."
+                "Each id opens that run's page: the curves its task logs (pre-training: "
+                "training and validation loss, LR and gradient norm against tokens; "
+                "fine-tuning: response losses and exact match; RLHF: rewards, KL and response "
+                "length; interactive, from its metrics.jsonl), its resolved config and links "
+                "to its files; the best run of each series is also drawn in the curves figure "
+                "above."
             )
             + "</p>"
         )
         parts.append("</details>")
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _task_note(analysis: Analysis) -> str:
+    """What the ranked number is for the post-training runs of the sweep."""
+    tasks = {s.task for s in analysis.series}
+    notes = []
+    if "finetune" in tasks:
+        notes.append(
+            "For fine-tuning runs the loss is the validation responses' cross-entropy (prompt "
+            "tokens excluded) and exact match is the share of held-out prompts whose greedy "
+            "response is the answer."
+        )
+    if "reward" in tasks:
+        notes.append("For reward-model runs the loss is the held-out Bradley-Terry loss.")
+    if "rlhf" in tasks:
+        notes.append(
+            "For RLHF runs the ranked number is the negative held-out mean reward of greedy "
+            "responses (lower is better: the store ranks every task by loss); the reward "
+            "columns and the figures show the reward with its own sign."
+        )
+    return "".join(" " + n for n in notes)
 
 
 def _table(
