@@ -61,17 +61,10 @@ EXTRA: dict[str, dict[str, Any]] = {
     # scaling and the update clipping (two all-reduces per step when sharded) stay on
     "adafactor-classic": {"relative_step": False},
     "kron": {"max_size_triangular": 256},  # the 2048-row embedding and head: diagonal factors
+    "soap": {"max_precondition_dim": 256},  # and no basis on their 2048-long axis
 }
 # 6 query heads, 3 key/value heads of 8 rows: 24 rows of k_proj, 12 per rank, cut mid-head.
 UNEVEN = {"d_model": 48, "n_head": 6, "n_kv_head": 3}
-# SOAP's step is a poorly conditioned function of the gradient in float32: each eigenvector of
-# its statistics moves by rounding / (its eigenvalue gap), and Adam's elementwise second moment
-# in that basis passes the move on. The float32 rounding differences between one process and
-# two ranks (1e-7 on the other optimizers' parameters) grow to 1e-5..2e-3 per tensor in these
-# 20 steps, with its null-space bases settled or not (``transforms.settle``; max_precondition_dim
-# 256): no tolerance that still catches a wrong shard (1e-3) admits it. Its sharded step equals
-# one process's in float64 on simulated shards (test_modes.py).
-ROUNDING_SENSITIVE = ("soap",)
 BLOCK_OPTIMIZERS = ("adam-mini", "adalayer", "adafactor", "adafactor-classic")
 
 
@@ -79,8 +72,6 @@ def runs() -> dict[str, dict[str, Any]]:
     """Run key -> config (without ``out``): every optimizer on micro, block ones on UNEVEN."""
     configs = {}
     for name in available():
-        if name in ROUNDING_SENSITIVE:
-            continue
         lr = 1.0 if name.startswith("hybrid-") else LR.get(name, 3e-3)
         # fused=False: one process computes what the shards compute (see above)
         hparams = {**EXTRA.get(name, {}), "fused": False}

@@ -166,11 +166,10 @@ def muon(o: Mapping[str, Any]) -> Chain:
 
 
 def normuon(o: Mapping[str, Any]) -> Chain:
-    """NorMuon: Muon's chain, each neuron of the orthogonalised update normalised by an EMA of
+    """NorMuon: Muon's chain, each neuron of each orthogonalised matrix normalised by an EMA of
     its mean square."""
     momentum, _, *rest = muon(o)
-    ratio = o.get("update_scale") != "match_rms"
-    return Chain((momentum, Orthogonalize(ratio), NormalizeNeurons(), *rest))
+    return Chain((momentum, NormalizeNeurons(), *rest))
 
 
 def soap(o: Mapping[str, Any]) -> Chain:
