@@ -41,7 +41,11 @@ from optarena.train import train
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 TESTS = Path(__file__).resolve().parent
-RTOL = 1e-5
+# Two ranks reduce gradients and sharded statistics in another order than one process: float32
+# rounding that 20 steps at these LRs amplify to a relative 1e-8..3e-5 of the parameters
+# (the most for the hybrids and Adalayer). A missing or wrong reduction of a sharded statistic
+# moves them by 1e-3 and more.
+RTOL = 5e-5
 STEPS = 20
 
 # The study's LRs where they move a micro model in 20 steps (as test_train.py).

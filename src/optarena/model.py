@@ -262,17 +262,47 @@ class GPT(nn.Module):
         return self.final_norm(x)
 
 
+class CrossEntropyWithZLoss(torch.autograd.Function):
+    """``(ce + z * mean(lse^2), ce)`` over rows of logits, ``lse`` = logsumexp of each row,
+    from one logsumexp forward and one softmax backward (as cheap as the cross-entropy alone;
+    autograd through a separate logsumexp would add a second pass each way).
+
+    The gradient of either output is a row-scaled softmax minus the target's one-hot:
+    ``d/dx [lse - x_t] = softmax - e_t`` and ``d/dx lse^2 = 2 lse softmax``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, flat: Tensor, targets: Tensor, z_loss: float) -> tuple[Tensor, Tensor]:
+        lse = torch.logsumexp(flat, dim=-1)
+        n = flat.shape[0]
+        ce = (lse - flat.gather(1, targets[:, None]).squeeze(1)).sum() / n
+        ctx.save_for_backward(flat, targets, lse)
+        ctx.z_loss = z_loss
+        return ce + z_loss * lse.square().sum() / n, ce
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: Tensor, grad_ce: Tensor) -> tuple[Tensor, None, None]:
+        flat, targets, lse = ctx.saved_tensors
+        n = flat.shape[0]
+        row = (grad_loss * (1 + 2 * ctx.z_loss * lse) + grad_ce) / n
+        grad = torch.softmax(flat, dim=-1).mul_(row[:, None])
+        picked = ((grad_loss + grad_ce) / n).expand(n, 1)
+        return grad.scatter_add_(1, targets[:, None], -picked), None, None
+
+
 def lm_loss(logits: Tensor, targets: Tensor, z_loss: float = 0.0) -> tuple[Tensor, Tensor]:
     """Cross-entropy plus the study's z-loss ``z * mean(logsumexp(logits)^2)``.
 
     Returns ``(loss, cross_entropy)``; the loss is what is back-propagated, the cross-entropy is
-    what is reported. Computed in float32 whatever the autocast dtype.
+    what is reported. Computed in float32 whatever the autocast dtype (float64 stays float64).
     """
-    flat = logits.reshape(-1, logits.shape[-1]).float()
-    ce = F.cross_entropy(flat, targets.reshape(-1))
+    flat = logits.reshape(-1, logits.shape[-1])
+    flat = flat if flat.dtype == torch.float64 else flat.float()
+    flat_targets = targets.reshape(-1)
     if not z_loss:
+        ce = F.cross_entropy(flat, flat_targets)
         return ce, ce
-    return ce + z_loss * torch.logsumexp(flat, dim=-1).square().mean(), ce
+    return CrossEntropyWithZLoss.apply(flat, flat_targets, float(z_loss))
 
 
 def build_model(preset: str = "micro", **overrides: Any) -> GPT:
