@@ -405,7 +405,8 @@ def _observation(run: Any, label: str, point: Mapping[str, Any]) -> Observation:
     return Observation(
         run_id=run.id,
         label=label,
-        model=run.model or "default",
+        # a store written before runs named their starting model: the summary names it
+        model=run.model or ((run.summary or {}).get("pretrained") or {}).get("name") or "default",
         optimizer=run.optimizer,
         point=dict(point),
         seed=run.seed if run.seed is not None else 0,
