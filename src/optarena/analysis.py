@@ -159,6 +159,7 @@ class Comparison:
     t: float | None
     dof: float | None
     p_value: float | None  # Welch's two-sided t-test; None below 2 seeds on either side
+    task: str = "train"  # of both series
 
 
 @dataclass
@@ -369,6 +370,7 @@ def _comparisons(series: Sequence[SeriesResult]) -> list[Comparison]:
                     t=test[0] if test else None,
                     dof=test[1] if test else None,
                     p_value=test[2] if test else None,
+                    task=a.task,
                 )
             )
     return out
