@@ -111,6 +111,41 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
+class LayerCache:
+    """One layer's keys and values during generation, (batch, kv_heads, length, head_dim),
+    allocated at the first write in the dtype attention computes them in (autocast's)."""
+
+    def __init__(self, length: int):
+        self.length = length
+        self.keys: Tensor | None = None
+        self.values: Tensor | None = None
+
+    def write(self, k: Tensor, v: Tensor, positions: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Store ``k``, ``v`` and return what attention reads: a prompt's (``positions``
+        None: positions 0..T-1 of every row) attends to itself; one token per row, at
+        ``positions[i]``, attends to the whole cache (the caller masks what lies past it)."""
+        if self.keys is None or self.values is None:
+            B, H, _, D = k.shape
+            self.keys = k.new_zeros(B, H, self.length, D)
+            self.values = v.new_zeros(B, H, self.length, D)
+        if positions is None:
+            T = k.shape[2]
+            self.keys[:, :, :T], self.values[:, :, :T] = k, v
+            return k, v
+        rows = torch.arange(k.shape[0], device=k.device)
+        self.keys[rows, :, positions] = k[:, :, 0]
+        self.values[rows, :, positions] = v[:, :, 0]
+        return self.keys, self.values
+
+
+class KVCache:
+    """Every layer's :class:`LayerCache` for sequences of up to ``length`` tokens."""
+
+    def __init__(self, n_layer: int, length: int):
+        self.length = length
+        self.layers = [LayerCache(length) for _ in range(n_layer)]
+
+
 class Attention(nn.Module):
     """Causal self-attention with rotary embeddings, optional QK-norm and grouped-query heads."""
 
@@ -128,12 +163,22 @@ class Attention(nn.Module):
         self.q_norm = make_norm(config, d) if config.qk_norm else nn.Identity()
         self.k_norm = make_norm(config, kv_width) if config.qk_norm else nn.Identity()
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor | None = None,
+        cache: LayerCache | None = None,
+        positions: Tensor | None = None,
+    ) -> Tensor:
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x)).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_norm(self.k_proj(x)).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.write(k, v, positions)
         if self.n_kv_heads != self.n_heads:
             repeat = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
@@ -171,8 +216,16 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(config, config.d_model)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor | None = None,
+        cache: LayerCache | None = None,
+        positions: Tensor | None = None,
+    ) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, positions)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -242,24 +295,52 @@ class GPT(nn.Module):
                 roles[name] = "mlp"
         return roles
 
-    def forward(self, idx: Tensor, mask: Tensor | None = None) -> Tensor:
-        return self.lm_head(self.features(idx, mask))
+    def forward(
+        self, idx: Tensor, mask: Tensor | None = None, cache: KVCache | None = None
+    ) -> Tensor:
+        return self.lm_head(self.features(idx, mask, cache))
 
-    def features(self, idx: Tensor, mask: Tensor | None = None) -> Tensor:
+    def rotary(self, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """cos and sin of positions 0..length-1 (the precomputed table, or a longer one)."""
+        if self.rope_cos.shape[0] >= length:
+            return self.rope_cos[:length], self.rope_sin[:length]
+        cos, sin = rotary_table(self.config.head_dim, length, self.config.rope_theta)
+        return cos.to(device), sin.to(device)
+
+    def features(
+        self, idx: Tensor, mask: Tensor | None = None, cache: KVCache | None = None
+    ) -> Tensor:
         """The final hidden states (batch, T, d_model), after the final norm: what the output
-        layer (or a reward head) reads."""
-        T = idx.shape[1]
-        if self.rope_cos.shape[0] >= T:
-            cos, sin = self.rope_cos[:T], self.rope_sin[:T]
-        else:
-            cos, sin = rotary_table(self.config.head_dim, T, self.config.rope_theta)
-            cos, sin = cos.to(idx.device), sin.to(idx.device)
+        layer (or a reward head) reads. With a ``cache`` (:meth:`new_cache`), the keys and
+        values of positions 0..T-1 are kept in it for :meth:`decode`."""
+        cos, sin = self.rotary(idx.shape[1], idx.device)
         x = self.tok_emb(idx)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         attn_mask = attention_mask(mask) if mask is not None else None
-        for block in self.blocks:
-            x = block(x, cos, sin, attn_mask)
+        layers = cache.layers if cache is not None else [None] * len(self.blocks)
+        for block, layer in zip(self.blocks, layers, strict=True):
+            x = block(x, cos, sin, attn_mask, layer)
         return self.final_norm(x)
+
+    def new_cache(self, length: int) -> KVCache:
+        """An empty key/value cache for sequences of up to ``length`` tokens."""
+        return KVCache(len(self.blocks), length)
+
+    def decode(self, idx: Tensor, positions: Tensor, cache: KVCache) -> Tensor:
+        """Logits (batch, vocab) of one token per row, ``idx[i]`` at position ``positions[i]``,
+        each row attending to its cached keys and values of positions ``0..positions[i]``
+        (this token's are written there): the logits ``forward`` gives at that position when
+        the cache holds the row's earlier tokens (a prompt through :meth:`features`, then
+        one :meth:`decode` per token)."""
+        cos, sin = self.rotary(int(positions.max()) + 1, idx.device)
+        x = self.tok_emb(idx)[:, None, :]
+        cos = cos[positions][:, None, None, :].to(x.dtype)  # (batch, heads, time, head_dim)
+        sin = sin[positions][:, None, None, :].to(x.dtype)
+        keys = torch.arange(cache.length, device=idx.device)
+        mask = (keys[None, :] <= positions[:, None])[:, None, None, :]
+        for block, layer in zip(self.blocks, cache.layers, strict=True):
+            x = block(x, cos, sin, mask, layer, positions)
+        return self.lm_head(self.final_norm(x))[:, 0]
 
 
 class CrossEntropyWithZLoss(torch.autograd.Function):

@@ -88,7 +88,8 @@ class Entry:
 
 
 def caution(o: Mapping[str, Any]) -> tuple[Cautious, ...]:
-    """``cautious=True``: the mask after a chain's momentum."""
+    """``cautious=True``: the mask after a chain's momentum (SOAP, Kron: after the
+    preconditioner, whose update's signs are no longer the momentum's)."""
     return (Cautious(),) if o.get("cautious") else ()
 
 
@@ -174,14 +175,14 @@ def normuon(o: Mapping[str, Any]) -> Chain:
 
 def soap(o: Mapping[str, Any]) -> Chain:
     """SOAP: Adam in Shampoo's eigenbasis, decay on the stepped parameter."""
-    return Chain((SoapStep(), DecoupledDecay(), ScaleByLR(), DecayAfterStep()))
+    return Chain((SoapStep(), *caution(o), DecoupledDecay(), ScaleByLR(), DecayAfterStep()))
 
 
 def kron(o: Mapping[str, Any]) -> Chain:
     """PSGD-Kron: the bias-corrected momentum through a fitted Kronecker-factored
     preconditioner; decoupled decay on matrices."""
     momentum = EMA("momentum_buffer", ("momentum", None), debias=True)
-    return Chain((momentum, KronPrecondition(), MatrixDecay(), ScaleByLR()))
+    return Chain((momentum, KronPrecondition(), *caution(o), MatrixDecay(), ScaleByLR()))
 
 
 def schedule_free(o: Mapping[str, Any]) -> Chain:
@@ -483,6 +484,8 @@ CAUTIOUS_ENTRIES = (
     "ademamix",
     "mars",
     "adopt",
+    "soap",
+    "kron",
 )  # fmt: skip
 ENTRIES = [
     replace(e, defaults=e.defaults | CAUTIOUS) if e.name in CAUTIOUS_ENTRIES else e for e in ENTRIES

@@ -372,7 +372,8 @@ class MarsCorrection(Transform):
 class Cautious(Transform):
     """Cautious optimizers (Liang et al. 2024): entries of the update whose sign disagrees with
     the gradient's are zeroed, the rest scaled by ``numel / (kept + 1)`` (pytorch-optimizer's
-    ``apply_cautious``). Put right after the momentum."""
+    ``apply_cautious``). Put right after the momentum, or after a preconditioner that mixes
+    entries (SOAP's, Kron's: their update's signs are not the momentum's)."""
 
     def _mask(self, x: Update, slot: Slot) -> Tensor:
         return (slot.direction(x) * slot.g > 0).to(slot.g.dtype)
@@ -936,7 +937,8 @@ class SoapStep(Transform):
             for i in axes:
                 gg = st[f"GG{i}"]
                 eye = torch.eye(gg.size(0), dtype=gg.dtype, device=gg.device)
-                st[f"Q{i}"].copy_(torch.linalg.eigh(gg + 1e-30 * eye)[1].flip(1))
+                values, vectors = torch.linalg.eigh(gg + 1e-30 * eye)
+                st[f"Q{i}"].copy_(settle(vectors, values).flip(1))
             return Update(x.tensor, 0.0, None, x.decay)
         m, v = st["exp_avg"], st["exp_avg_sq"]
         rotated = _project(g, bases)
@@ -960,8 +962,26 @@ class SoapStep(Transform):
             v = v.index_select(i, order)
             power = product.index_select(1, order)
             wide = power if power.dtype in (torch.float32, torch.float64) else power.float()
-            q.copy_(torch.linalg.qr(wide)[0])
+            basis, r = torch.linalg.qr(wide)
+            q.copy_(settle(basis, r.diagonal().abs()))
         st["exp_avg_sq"].copy_(v)
+
+
+def settle(q: Tensor, sizes: Tensor) -> Tensor:
+    """``q`` (orthonormal columns) with the columns whose ``sizes`` (eigenvalues; QR's
+    ``|R_jj|``) are numerically zero, below ``n·ε·max``, turned within their span to the
+    eigenvectors of ``diag(1..n)`` restricted to it. LAPACK's basis of a repeated eigenvalue (a
+    rank-deficient statistic's null space) is arbitrary: a rounding of the input turns it, and
+    SOAP's update with it, while this one depends on the span alone (coordinate axes stay
+    coordinate axes). Other columns are untouched."""
+    null = sizes <= sizes.max() * (q.size(0) * torch.finfo(q.dtype).eps)
+    if int(null.sum()) < 2:  # a single column is fixed up to its sign, which SOAP ignores
+        return q
+    n = q[:, null]
+    ramp = torch.arange(1, q.size(0) + 1, dtype=q.dtype, device=q.device)
+    q = q.clone()
+    q[:, null] = n @ torch.linalg.eigh(n.T @ (ramp[:, None] * n))[1]
+    return q
 
 
 def replicated(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
