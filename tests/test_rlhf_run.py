@@ -348,6 +348,9 @@ def check_the_page_shows_rewards(out: Path, runs: list) -> None:
     assert "KL to the reference (nats per sampled response)" in page
     assert "sampled response length (tokens)" in page
     assert "validation loss (nats)" not in page  # the old label of −reward
+    (c,) = analyze_store(out).comparisons  # adamw against adam-mini: their rewards' difference
+    a, b = (next(s for s in analyze_store(out).series if s.name == n) for n in (c.a, c.b))
+    assert f"{-a.best_loss + b.best_loss:+.4f} reward" in page
     analysis = analyze_store(out)
     by_id = {r.id: r for r in runs}
     fig = interactive.loss_vs_lr_figure(analysis.series, "t", False)
@@ -394,3 +397,24 @@ def test_the_cli_stores_absolute_folders(
     assert "held-out reward" in capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
     assert summary["config"]["pretrained"] == str(pretrained.resolve())
+
+
+def test_a_reward_models_curves_are_its_pair_losses_and_accuracy(reward_dir: Path, tmp_path):
+    """The report reads a reward-model run's log under the names it writes."""
+    from optarena.report.views import run_curves, run_view
+    from optarena.sweep.store import RunRecord
+
+    summary = json.loads((reward_dir / "summary.json").read_text())
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "rm").symlink_to(reward_dir)
+    run = RunRecord(
+        "rm", summary["config"], "adamw", None, 1e-3, 0, "done", None, 1, None, None, None,
+        None, None, summary["final_val_loss"], None, summary, [],
+    )  # fmt: skip
+    assert run_view(run).headline == "final held-out Bradley-Terry loss (nats)"
+    records = read_records(reward_dir / "metrics.jsonl")
+    evals = [r for r in records if "val_loss" in r]
+    curves = run_curves(tmp_path, run)
+    assert curves["eval:accuracy"] == ([r["step"] for r in evals], [r["accuracy"] for r in evals])
+    assert curves["eval:accuracy"][1][-1] == summary["accuracy"]
+    assert curves["train:loss"][1] == [r["loss"] for r in records if "loss" in r]

@@ -159,6 +159,7 @@ class Comparison:
     t: float | None
     dof: float | None
     p_value: float | None  # Welch's two-sided t-test; None below 2 seeds on either side
+    task: str = "train"  # of both series
 
 
 @dataclass
@@ -369,6 +370,7 @@ def _comparisons(series: Sequence[SeriesResult]) -> list[Comparison]:
                     t=test[0] if test else None,
                     dof=test[1] if test else None,
                     p_value=test[2] if test else None,
+                    task=a.task,
                 )
             )
     return out
@@ -405,7 +407,8 @@ def _observation(run: Any, label: str, point: Mapping[str, Any]) -> Observation:
     return Observation(
         run_id=run.id,
         label=label,
-        model=run.model or "default",
+        # a store written before runs named their starting model: the summary names it
+        model=run.model or ((run.summary or {}).get("pretrained") or {}).get("name") or "default",
         optimizer=run.optimizer,
         point=dict(point),
         seed=run.seed if run.seed is not None else 0,

@@ -92,4 +92,19 @@ def task_of_run(config: Mapping[str, Any], summary: Mapping[str, Any] | None = N
     return next((task for key, task in _CONFIG_MARKS if key in config), DEFAULT_TASK)
 
 
-__all__ = ["DEFAULT_TASK", "TASKS", "Task", "task_of_function", "task_of_run"]
+def model_of_run(config: Mapping[str, Any]) -> str | None:
+    """The model a run trains, as the results store records it: a pre-training run's size
+    preset; a post-training run's starting model (``pretrained``) named from its config files
+    (:func:`optarena.posttrain.pretrained.model_name`: ``sft (micro)``, ``gpt2-tiny (gpt2)``);
+    None when the config says neither."""
+    if config.get("model") is not None:
+        return str(config["model"])
+    base = config.get("pretrained")
+    if isinstance(base, str) and base.strip():
+        from optarena.posttrain.pretrained import model_name
+
+        return model_name(base)
+    return None
+
+
+__all__ = ["DEFAULT_TASK", "TASKS", "Task", "model_of_run", "task_of_function", "task_of_run"]

@@ -73,7 +73,7 @@ class View:
         return "reward" if self.sign < 0 else "loss"
 
     def shown(self, loss: float) -> float:
-        """The headline of a run whose ``val_loss`` is ``loss`` (±inf stays ±inf)."""
+        """The headline of a run whose ``val_loss`` is ``loss`` (an infinite one stays infinite)."""
         return self.sign * loss
 
     def caption(self) -> str:
