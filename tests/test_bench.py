@@ -164,3 +164,23 @@ def test_bench_step_pairs_every_new_optimizer_with_its_reference(tmp_path: Path)
     )
     assert rows["muon"]["matrix_gflop"] == pytest.approx(want / 1e9)
     assert rows["normuon"]["matrix_gflop"] == pytest.approx(want / 1e9)
+
+
+def test_a_reference_that_fails_to_step_is_reported_in_one_line(monkeypatch) -> None:
+    """A reference that raises while stepping (pytorch-optimizer's Kron on some shapes asks for
+    a terabyte) is reported as that reference's error; ours are still timed."""
+
+    class Broken:
+        state: dict = {}
+
+        def step(self) -> None:
+            raise RuntimeError("cannot allocate\nthe allocator's second line")
+
+    monkeypatch.setattr(step, "_reference", lambda ref, named, shape: Broken())
+    row = step.bench_optimizer(
+        "muon", parse_shape(TINY), steps=1, warmup=1, modes=("eager",), references=True
+    )
+    assert row["references"] == [
+        {"name": "torch-muon+adamw", "error": "RuntimeError: cannot allocate"}
+    ]
+    assert row["eager_ms"] > 0

@@ -318,15 +318,23 @@ def bench_optimizer(
     probe, probe_bytes = _probe(shape, device, dtype)
     cands.append(probe)
     live = [c for c in cands if not c.error]
-    for c in live:  # warm-up: the fast path compiles here
+    for c in list(live):  # warm-up: the fast path compiles here
         before = COMPILE_STATS.seconds
-        for i in range(warmup):
-            _sync(device)
-            t = time.perf_counter()
-            c.run()
-            _sync(device)
-            if i == 0:
-                c.first_s = time.perf_counter() - t
+        try:
+            for i in range(warmup):
+                _sync(device)
+                t = time.perf_counter()
+                c.run()
+                _sync(device)
+                if i == 0:
+                    c.first_s = time.perf_counter() - t
+        except Exception as err:  # a reference that cannot step this shape is reported so
+            if c.kind != "reference":
+                raise
+            c.error = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+            live.remove(c)
+            log(f"  {c.name} failed: {c.error}")
+            continue
         c.compile_s = COMPILE_STATS.seconds - before
         log(f"  warmed {c.name} (first step {c.first_s:.2f} s)")
 
