@@ -179,7 +179,7 @@ SCALES: dict[str, Scale] = {
         rlhf_eval_prompts=8,
         rlhf_max_new_tokens=8,
     ),
-    # The full protocol on a 2-core CPU: Deconstructing 212 runs of 200 steps in 22 min,
+    # The full protocol on a 2-core CPU: Deconstructing 215 runs of 200 steps in 22 min,
     # Adam-mini 24 runs of 400 steps in 12 min (idle box, docs/reproduction.md).
     "micro": Scale(
         "micro",
