@@ -7,8 +7,9 @@ every row is cut to exactly ``seq_len`` tokens: both loops process the same posi
 and their tokens/s (the summaries' ``tokens_per_second``: training steps only, evaluation
 excluded) compare like with like. Prints the medians and the ratio SFT / train, by wall clock
 and by the process's CPU time over the same steps (``train_cpu_seconds``: steadier on a shared
-machine). ``train-no-z`` is pre-training without its z-loss (whose extra log-sum-exp over the
-vocabulary fine-tuning does not compute): the same loss work on both sides.
+machine). ``train-no-z`` is pre-training without its z-loss (torch's cross-entropy, as fine-tuning
+computes it, instead of the cross-entropy and z-loss from one log-sum-exp): the same loss kernel
+on both sides.
 
     python benchmarks/bench_finetune.py --model micro --seq-len 128 --steps 40
 """

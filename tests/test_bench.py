@@ -136,7 +136,7 @@ def test_bench_errors(argv: list[str], capsys) -> None:
     assert err.startswith("optarena: error:") and err.count("\n") == 1, err
 
 
-NEW = ["muon", "soap", "kron", "mars", "ademamix", "adopt", "nadamw", "schedule-free"]
+NEW = ["muon", "normuon", "soap", "kron", "mars", "ademamix", "adopt", "nadamw", "schedule-free"]
 
 
 def test_bench_step_pairs_every_new_optimizer_with_its_reference(tmp_path: Path) -> None:
@@ -151,7 +151,7 @@ def test_bench_step_pairs_every_new_optimizer_with_its_reference(tmp_path: Path)
     for name, row in rows.items():
         (ref,) = row["references"]
         assert "error" not in ref and ref["eager_ratio"] > 0, (name, ref)
-        matrix = name in ("muon", "soap", "kron")
+        matrix = name in ("muon", "normuon", "soap", "kron")
         assert ("matrix_gflop" in row) == matrix, name
         if matrix:
             assert row["matrix_gflop"] > 0 and 0 < row["share_of_training_step"] < 1
@@ -163,3 +163,24 @@ def test_bench_step_pairs_every_new_optimizer_with_its_reference(tmp_path: Path)
         if len(d) == 2 and "embed" not in n and "lm_head" not in n
     )
     assert rows["muon"]["matrix_gflop"] == pytest.approx(want / 1e9)
+    assert rows["normuon"]["matrix_gflop"] == pytest.approx(want / 1e9)
+
+
+def test_a_reference_that_fails_to_step_is_reported_in_one_line(monkeypatch) -> None:
+    """A reference that raises while stepping (pytorch-optimizer's Kron on some shapes asks for
+    a terabyte) is reported as that reference's error; ours are still timed."""
+
+    class Broken:
+        state: dict = {}
+
+        def step(self) -> None:
+            raise RuntimeError("cannot allocate\nthe allocator's second line")
+
+    monkeypatch.setattr(step, "_reference", lambda ref, named, shape: Broken())
+    row = step.bench_optimizer(
+        "muon", parse_shape(TINY), steps=1, warmup=1, modes=("eager",), references=True
+    )
+    assert row["references"] == [
+        {"name": "torch-muon+adamw", "error": "RuntimeError: cannot allocate"}
+    ]
+    assert row["eager_ms"] > 0

@@ -128,15 +128,15 @@ def _little(name: str) -> tuple[nn.Module, torch.optim.Optimizer]:
     )
 
 
-# SOAP's first eigenbasis is that of a rank-deficient statistic (one gradient; rows of unseen
-# tokens are zero): a relative change of 1e-15 in that gradient, such as the compiled backward's
-# rounding, turns its null-space eigenvectors arbitrarily, and the update with them (the
-# reference shares this). SOAP's update itself is pinned to the reference in test_parity.py.
-ROUNDING_STABLE = [n for n in NAMES if n != "soap"]
+# SOAP divides by ε (1e-8) in the directions where the gradient is zero only up to rounding
+# (the rows of the output layer's softmax gradient sum to zero): there the compiled backward's
+# rounding and the eager one's give steps about lr·rounding/ε apart, 2e-9 here. Its bases of
+# rank-deficient statistics are settled (``transforms.settle``), so nothing else separates them.
+ATOL = {"soap": 1e-8}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ROUNDING_STABLE)
+@pytest.mark.parametrize("name", NAMES)
 def test_torch_compile_of_a_training_step_equals_eager(name: str) -> None:
     """A user's ``torch.compile`` (inductor) of a whole training step, ``step()`` inside: the
     model's forward and backward are compiled, the update is the eager one."""
@@ -165,7 +165,8 @@ def test_torch_compile_of_a_training_step_equals_eager(name: str) -> None:
                 opt.zero_grad(set_to_none=True)
     (eager, _), (traced, _) = models
     for (n, a), b in zip(eager.named_parameters(), traced.parameters(), strict=True):
-        torch.testing.assert_close(b, a, rtol=1e-8, atol=1e-10, msg=lambda m, n=n: f"{n}: {m}")
+        atol = ATOL.get(name, 1e-10)
+        torch.testing.assert_close(b, a, rtol=1e-8, atol=atol, msg=lambda m, n=n: f"{n}: {m}")
 
 
 # --------------------------------------------------------------------------- schedules and lr

@@ -3,8 +3,11 @@ divergence, summary) and its command line (one-line errors, exit 2, nothing writ
 
 from __future__ import annotations
 
+import html
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -237,7 +240,8 @@ def test_not_a_model_is_one_line_and_writes_nothing(pretrained_run, tmp_path, ca
 # --------------------------------------------------------------------------- sweeps
 
 
-def test_a_finetune_sweep_and_its_report(pretrained_run, tmp_path, capsys) -> None:
+def test_a_finetune_sweep_and_its_report(pretrained_run, tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("COLUMNS", "250")  # the table's headers each on one line
     spec = tmp_path / "ft.toml"
     spec.write_text(
         f"""
@@ -269,13 +273,44 @@ lr = [3e-3]
     table = capsys.readouterr().out
     assert "best response loss" in table and "exact match" in table and "start loss" in table
     from optarena.analysis import analyze_store
-    from optarena.report.tables import summary_rows
+    from optarena.report.tables import run_rows, summary_rows
 
     (row,) = summary_rows(analyze_store(out))  # the rows of summary.csv and the page
     (run,) = runs
     assert row["best_final_val_loss"] == run.final_val_loss
     assert row["exact_match_at_best"] == run.summary["final_exact_match"]
     assert row["start_val_loss"] == run.summary["pretrained_val_loss"]
+
+    # the store, the tables and the page name the model the runs started from
+    arch = "micro, d_model=32, n_layer=1"  # conftest's pretrained_run
+    assert run.model == f"{pretrained_run.name} ({arch})" == run.summary["pretrained"]["name"]
+    assert row["model"] == run.model
+    (cells,) = run_rows(runs, [])
+    assert cells["model"] == run.model
+
+    # the page names the response loss and plots the exact match that the run logged
+    from optarena.report import figures, write_report
+    from optarena.report.views import run_curves
+
+    page = write_report(out).read_text()
+    assert "final validation response loss (nats)" in page
+    assert html.escape(run.model) in page and "default" not in table
+    assert "exact match of greedy responses (held out)" in page
+    assert (out / "report" / "loss-vs-lr.png").is_file()
+    logged = records(out / "runs" / run.id)
+    evals = [r for r in logged if "val_loss" in r]
+    curves = run_curves(out, run)
+    assert curves["eval:val_loss"] == ([r["step"] for r in evals], [r["val_loss"] for r in evals])
+    assert curves["eval:exact_match"][1] == [r["exact_match"] for r in evals]
+    assert curves["eval:exact_match"][1][0] == run.summary["pretrained_exact_match"]
+    assert curves["train:loss"][1] == [r["loss"] for r in logged if "loss" in r]
+    static = figures.best_curves_figure(analyze_store(out).series, {run.id: run}, out, "t")
+    assert [ax.get_ylabel() for ax in static.axes if ax.get_visible()] == [
+        "training response loss (nats)",
+        "validation response loss (nats)",
+        "exact match of greedy responses (held out)",
+        "learning rate",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -314,3 +349,115 @@ def test_from_is_stored_absolute_so_a_later_stage_loads_it_anywhere(
     finetune(config("pre", steps=1, batch_size=2, eval_examples=2, eval_generate=0, out="api"))
     monkeypatch.chdir(tmp_path.parent)
     assert load_pretrained(tmp_path / "api").description["base"] == str(tmp_path / "pre")
+
+
+# --------------------------------------------------------------------------- model names
+
+
+def test_a_models_name_comes_from_its_config_files(pretrained_run, hf_pretrained, tmp_path) -> None:
+    from optarena.posttrain.pretrained import model_name
+    from optarena.tasks import model_of_run
+
+    arch = "micro, d_model=32, n_layer=1"
+    assert model_name(pretrained_run) == f"{pretrained_run.name} ({arch})"
+    (ckpt,) = (pretrained_run / "checkpoints").glob("step-*.pt")
+    step = int(ckpt.stem.split("-")[1])
+    assert model_name(ckpt) == f"{pretrained_run.name} step {step} ({arch})"
+    assert model_name(hf_pretrained) == "gpt2-tiny (gpt2)"
+    sft = tmp_path / "sft"
+    finetune(config(pretrained_run, steps=1, eval_examples=2, eval_generate=0, out=str(sft)))
+    assert model_name(sft) == f"sft ({arch})"  # a fine-tuned folder: what it started from
+    (sft / "summary.json").unlink()  # an unfinished folder: its checkpoint's config says it
+    assert model_name(sft) == f"sft ({arch})"
+    assert load_pretrained(sft).describe()["name"] == f"sft ({arch})"
+    assert model_name(tmp_path / "nothing") == "nothing"  # the run reports a bad --from
+    assert model_of_run({"model": "small"}) == "small"
+    assert model_of_run({"pretrained": str(sft)}) == f"sft ({arch})"
+
+
+# --------------------------------------------------------------------------- DCP checkpoints
+
+
+def launch_one_rank(argv: list[str], cwd: Path) -> None:
+    """``optarena ARGV`` as the one rank of a gloo process group (what ``torchrun
+    --nproc_per_node=1`` sets up), so that ``--parallel`` runs write DCP checkpoints."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {
+        **__import__("os").environ,
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "OMP_NUM_THREADS": "1",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "optarena", *argv, "--threads", "1", "--no-progress"],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_from_takes_the_dcp_checkpoints_of_parallel_runs(tmp_path, capsys) -> None:
+    """``--from`` reads the ``step-N.dcp`` folders that ``train --parallel fsdp`` and
+    ``finetune --parallel ddp`` write, into one process: the weights are those of torch's own
+    converter (``dcp_to_torch_save``), and a fine-tuning run starts from them."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    pre = tmp_path / "pre"
+    argv = ["train", "--parallel", "fsdp", "--optimizer", "adamw", "--lr", "3e-3"]
+    argv += ["--model", "micro", "--set", "model.d_model=32", "--set", "model.n_layer=1"]
+    argv += ["--steps", "4", "--batch-size", "4", "--seq-len", "32", "--checkpoint-every", "2"]
+    launch_one_rank([*argv, "--out", str(pre)], tmp_path)
+    dcps = sorted((pre / "checkpoints").glob("step-*.dcp"))
+    assert [p.name for p in dcps] == ["step-00000002.dcp", "step-00000004.dcp"]
+    assert not list((pre / "checkpoints").glob("step-*.pt"))
+
+    def converted(dcp: Path) -> dict[str, torch.Tensor]:
+        dcp_to_torch_save(dcp, tmp_path / "converted.pt")
+        return torch.load(tmp_path / "converted.pt", weights_only=False)["model"]
+
+    for source, dcp in [(pre, dcps[-1]), (dcps[0], dcps[0])]:  # the folder: its newest
+        loaded = load_pretrained(source)
+        assert loaded.description["checkpoint"] == str(dcp)
+        state, reference = loaded.model.state_dict(), converted(dcp)
+        assert state.keys() == reference.keys()
+        assert all(torch.equal(state[k], reference[k]) for k in state)
+    early, late = converted(dcps[0]), converted(dcps[1])  # two steps apart: not the same
+    assert any(not torch.equal(early[k], late[k]) for k in late)
+
+    sft = tmp_path / "sft"
+    argv = ["finetune", "--from", str(pre), "--parallel", "ddp", "--optimizer", "adamw"]
+    argv += ["--steps", "2", "--batch-size", "4", "--seq-len", "32", "--eval-examples", "4"]
+    launch_one_rank([*argv, "--eval-generate", "0", "--out", str(sft)], tmp_path)
+    summary = json.loads((sft / "summary.json").read_text())
+    assert summary["pretrained"]["checkpoint"] == str(dcps[-1])
+    assert summary["pretrained"]["name"] == "pre (micro, d_model=32, n_layer=1)"
+    (sft_dcp,) = (sft / "checkpoints").glob("step-*.dcp")
+    chained = load_pretrained(sft).model.state_dict()  # a fine-tuned DCP folder chains too
+    reference = converted(sft_dcp)
+    assert all(torch.equal(chained[k], reference[k]) for k in reference)
+
+    # one process fine-tunes from it: the starting loss is that of the loaded weights
+    out = tmp_path / "single"
+    result = finetune(config(pre, steps=1, seq_len=32, eval_generate=0, out=str(out)))
+    assert result["pretrained"]["checkpoint"] == str(dcps[-1])
+
+    # a DCP folder that is not a whole checkpoint: one line, exit 2, nothing written
+    broken = tmp_path / "broken"
+    shutil.copytree(pre, broken)
+    for dcp in (broken / "checkpoints").glob("step-*.dcp"):
+        (dcp / ".metadata").unlink()
+    for source in (broken, broken / "checkpoints" / "step-00000004.dcp"):
+        argv = ["finetune", "--from", str(source), "--optimizer", "adamw", "--out", str(out) + "x"]
+        message = one_line_error(capsys, argv)
+        assert "checkpoint" in message and "Traceback" not in message
+        assert not Path(str(out) + "x").exists()

@@ -8,7 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from optarena.model import GPT, PRESETS, GPTConfig, apply_rotary, build_model, lm_loss
+from optarena.model import (
+    GPT,
+    PRESETS,
+    CrossEntropyWithZLoss,
+    GPTConfig,
+    apply_rotary,
+    build_model,
+    lm_loss,
+)
 
 
 def test_micro_is_well_under_a_million_parameters() -> None:
@@ -121,14 +129,26 @@ def test_init_is_small_normal_and_initial_loss_near_uniform() -> None:
 
 
 def test_lm_loss_adds_z_loss() -> None:
-    logits = torch.randn(2, 5, 11) * 3
+    """Loss, cross-entropy and the gradient of any mix of them equal torch's cross-entropy
+    plus a separate logsumexp term, in float64; gradcheck passes."""
+    logits = (torch.randn(2, 5, 11, dtype=torch.float64) * 3).requires_grad_()
     targets = torch.randint(0, 11, (2, 5))
     loss, ce = lm_loss(logits, targets, z_loss=1e-2)
-    torch.testing.assert_close(ce, F.cross_entropy(logits.view(-1, 11), targets.view(-1)))
-    z = torch.logsumexp(logits, -1).pow(2).mean()
-    torch.testing.assert_close(loss, ce + 1e-2 * z)
+    ref_ce = F.cross_entropy(logits.view(-1, 11), targets.view(-1))
+    reference = ref_ce + 1e-2 * torch.logsumexp(logits, -1).pow(2).mean()
+    torch.testing.assert_close(ce, ref_ce, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(loss, reference, rtol=1e-14, atol=1e-14)
+    grad = torch.autograd.grad(loss + 0.3 * ce, logits)[0]
+    ref_grad = torch.autograd.grad(reference + 0.3 * ref_ce, logits)[0]
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-15)
+    flat, flat_targets = logits.detach().view(-1, 11).requires_grad_(), targets.view(-1)
+    assert torch.autograd.gradcheck(
+        lambda x: CrossEntropyWithZLoss.apply(x, flat_targets, 0.5), (flat,)
+    )
     loss0, ce0 = lm_loss(logits, targets, z_loss=0.0)
     assert loss0 is ce0
+    low, _ = lm_loss(logits.detach().to(torch.bfloat16), targets, z_loss=1e-2)
+    assert low.dtype == torch.float32  # autocast logits are promoted
 
 
 def test_bad_config_is_rejected() -> None:

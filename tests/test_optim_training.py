@@ -33,6 +33,7 @@ HYPER: dict[str, dict[str, Any]] = {
     "adam-frozen": {"lr": 1e-2, "precondition_steps": 20},
     "hybrid": {"routes": {"default": ("lion", {"lr": 1e-3}), "output": ("adamw", {"lr": 1e-2})}},
     "muon": {"lr": 2e-2, "adamw_lr": 1e-2},
+    "normuon": {"lr": 2e-2, "adamw_lr": 1e-2},
     "nadamw": {"lr": 1e-2},
     "ademamix": {"lr": 1e-2},
     "mars": {"lr": 1e-2},

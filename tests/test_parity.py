@@ -16,6 +16,7 @@ the same formula in another rounding order: they differ by a few ulps per step.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import types
 from collections.abc import Callable, Mapping
@@ -26,6 +27,7 @@ import lion_pytorch
 import numpy as np
 import pytest
 import pytorch_optimizer
+import pytorch_optimizer.optimizer.muon.normuon as normuon_reference
 import pytorch_optimizer.optimizer.psgd as kron_reference
 import pytorch_optimizer.optimizer.soap as soap_reference
 import schedulefree
@@ -704,10 +706,12 @@ def test_muon_matches_torch(hp: dict[str, Any]) -> None:
     compare(ours, ref, p_ours, p_ref, {"momentum_buffer": "momentum_buffer"}, init)
 
 
-def test_muon_orthogonalises_each_part_expert_and_head_alone() -> None:
+@pytest.mark.parametrize("name", ["muon", "normuon"])
+def test_muon_orthogonalises_each_part_expert_and_head_alone(name: str) -> None:
     """A fused QKV is three matrices (per head with ``per_head``), a stacked MoE tensor one per
-    expert, a Conv1D weight (in, out) its transpose: each equals torch.optim.Muon on that piece
-    as an (out, in) parameter of its own (its own ``adjust_lr_fn`` ratio too)."""
+    expert, a Conv1D weight (in, out) its transpose: each equals torch.optim.Muon (NorMuon:
+    pytorch-optimizer's, its neurons the piece's rows) on that piece as an (out, in) parameter of
+    its own (its own ``adjust_lr_fn`` ratio too)."""
     parts = (FusedPart(Role.Q, 8, 2), FusedPart(Role.K, 4, 1), FusedPart(Role.V, 4, 1))
     infos = {
         "qkv": ParamInfo("qkv", (16, 6), Role.QKV, parts=parts),
@@ -722,9 +726,13 @@ def test_muon_orthogonalises_each_part_expert_and_head_alone() -> None:
     }
     params = make_params({n: i.shape for n, i in infos.items()})
     refs = [nn.Parameter(cut(params[n].detach()).clone()) for n in infos for cut in pieces[n]]
-    ours = create("muon", list(params.items()), partition=infos, per_head=True, lr=2e-2)
-    ref = torch.optim.Muon(refs, lr=2e-2)
-    assert [g["optimizer"] for g in ours.param_groups] == ["muon"]
+    ours = create(name, list(params.items()), partition=infos, per_head=True, lr=2e-2)
+    if name == "muon":
+        ref = torch.optim.Muon(refs, lr=2e-2)
+    else:
+        groups = [{"params": refs, "use_muon": True}]  # foreach would batch the experts' NS
+        ref = pytorch_optimizer.NorMuon(groups, lr=2e-2, foreach=False)
+    assert [g["optimizer"] for g in ours.param_groups] == [name]
     for t in range(1, 9):
         set_grads(params, t, skip=())
         grads = [cut(params[n].grad) for n in infos for cut in pieces[n]]
@@ -737,18 +745,19 @@ def test_muon_orthogonalises_each_part_expert_and_head_alone() -> None:
         assert_close(a, b.detach(), f"piece {k}")
 
 
-def test_muon_on_a_model_routes_the_rest_to_adamw() -> None:
+@pytest.mark.parametrize("name", ["muon", "normuon"])
+def test_muon_on_a_model_routes_the_rest_to_adamw(name: str) -> None:
     """create("muon", model): hidden matrices to Muon, embeddings, the head and norms to AdamW
     with its own lr, which then equals torch.optim.AdamW on those parameters."""
     model = TinyLM().double()
     ref_model = copy.deepcopy(model)
-    opt = create("muon", model, partition=model.partition(), lr=2e-2, adamw_lr=3e-3)
+    opt = create(name, model, partition=model.partition(), lr=2e-2, adamw_lr=3e-3)
     by = {g["optimizer"]: {n for n in g["param_names"]} for g in opt.param_groups}
     hidden = {n for n, p in model.named_parameters() if p.dim() == 2} - {
         "embed_tokens.weight",
         "lm_head.weight",
     }
-    assert by["muon"] == hidden
+    assert by[name] == hidden
     named = dict(ref_model.named_parameters())
     rest = [named[n] for n in named if n not in hidden]
     ref = torch.optim.AdamW(rest, lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
@@ -784,6 +793,73 @@ def test_muon_refuses_a_vector_and_names_the_route() -> None:
     opt.param_groups[0]["params"][0].grad = torch.ones(3)
     with pytest.raises(ValueError, match=r"not a matrix.*create\('muon', model\)"):
         opt.step()
+
+
+# --------------------------------------------------------------------------- NorMuon
+# pytorch-optimizer's NorMuon runs its Newton-Schulz in bfloat16 (no flag); ours with
+# ns_dtype="bfloat16" computes the same bits (the defaults' case). To compare the rest in float64
+# the reference's Newton-Schulz is given float64 and ours ns_dtype="float64". Its
+# ``use_adjusted_lr`` is our adjust_lr_fn ("match_rms_adamw" / None), its ``eps`` our row_eps.
+
+NORMUON_CASES = {
+    "defaults": ({}, {}),
+    "moonshot-ratio": ({"adjust_lr_fn": "match_rms_adamw"}, {"use_adjusted_lr": True}),
+    "match-rms": ({"update_scale": "match_rms", "nesterov": False}, {"update_scale": "match_rms"}),
+    "row-eps": ({"row_eps": 1e-3, "beta2": 0.8, "momentum": 0.9}, {"eps": 1e-3}),
+}
+
+
+@pytest.mark.parametrize("case", list(NORMUON_CASES))
+def test_normuon_matches_pytorch_optimizer(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    ours_hp, ref_hp = NORMUON_CASES[case]
+    if case != "defaults":
+        float64 = {"dtype": torch.float64}
+        ns = functools.partial(normuon_reference.zero_power_via_newton_schulz_5, **float64)
+        monkeypatch.setattr(normuon_reference, "zero_power_via_newton_schulz_5", ns)
+        ours_hp = {**ours_hp, "ns_dtype": "float64"}
+    shared = {k: v for k, v in ours_hp.items() if k in ("nesterov", "beta2", "momentum")}
+    p_ours = make_params(MUON_SHAPES)
+    p_ref, init = clone_params(p_ours), {n: p.detach().clone() for n, p in p_ours.items()}
+    b = {"weight_decay": 0.3, "momentum": 0.8, "lr": 1e-2}
+
+    def groups(params: Mapping[str, Tensor], **flag: Any) -> Groups:
+        a = [p for n, p in params.items() if n in MUON_A]
+        rest = [p for n, p in params.items() if n not in MUON_A]
+        return [{"params": a, **flag}, {"params": rest, **b, **flag}]
+
+    ours = create("normuon", groups(p_ours), weight_decay=0.1, **ours_hp)
+    ref = pytorch_optimizer.NorMuon(
+        groups(p_ref, use_muon=True), weight_decay=0.1, **shared, **ref_hp, foreach=False
+    )
+    run_pair(ours, ref, p_ours, p_ref)
+    keys = {k: k for k in ("momentum_buffer", "second_momentum_buffer")}
+    compare(ours, ref, p_ours, p_ref, keys, init)
+
+
+def test_normuon_keeps_each_matrix_norm_and_equalises_its_neurons() -> None:
+    """The property: with ``beta2 = 0`` every row of the update has the same norm, and the
+    whole has the orthogonalised momentum's norm (Muon's update, before its lr)."""
+    p = make_params({"w": (8, 5)})
+    q = clone_params(p)
+    ours = create("normuon", [p["w"]], lr=1.0, beta2=0.0, row_eps=0.0, ns_dtype="float64")
+    muon = create("muon", [q["w"]], lr=1.0, weight_decay=0.0, ns_dtype="float64")
+    set_grads(p, 1, skip=())
+    set_grads(q, 1, skip=())
+    before = p["w"].detach().clone()
+    ours.step()
+    muon.step()
+    step, muon_step = before - p["w"].detach(), before - q["w"].detach()
+    rows = step.norm(dim=1)
+    assert_close(rows, rows.mean().expand_as(rows), "row norms")
+    assert_close(step.norm(), muon_step.norm(), "the update's norm")
+    assert not torch.allclose(step, muon_step)
+
+
+def test_normuon_refuses_bad_hyperparameters_in_one_line() -> None:
+    for bad, key in (({"update_scale": "rms"}, "update_scale"), ({"beta2": 1.0}, "beta2")):
+        with pytest.raises(ValueError, match=f"invalid {key}=") as caught:
+            create("normuon", [nn.Parameter(torch.zeros(3, 2))], **bad)
+        assert "\n" not in str(caught.value)
 
 
 # --------------------------------------------------------------------------- NAdamW
@@ -893,18 +969,72 @@ def test_cautious_zeroes_entries_against_the_gradient() -> None:
         assert (moved * p["w"].grad <= 0).all()
 
 
+@pytest.mark.parametrize("name", ["soap", "kron"])
+def test_cautious_masks_the_preconditioned_update(name: str) -> None:
+    """SOAP and Kron (no reference has a cautious variant of the same algorithm: pytorch-
+    optimizer's have none; heavyball's SOAP and PSGD are other variants, with another mask
+    scale): each step is the plain optimizer's step from the same state, its entries against the
+    gradient zeroed and the rest scaled by ``numel / (kept + 1)``, as ``Cautious`` does."""
+    params = make_params({"w": (6, 5), "t": (2, 3, 4)})
+    hp = {"lr": 1e-2, "weight_decay": 0.0, "cautious": True}
+    hp |= {"precondition_frequency": 3} if name == "soap" else {}
+    opt = create(name, list(params.values()), **hp)
+    assert any(type(t).__name__ == "Cautious" for t in opt._plan(opt.param_groups[0]).chain)
+    zeroed = 0
+    for t in range(1, 13):
+        set_grads(params, t, skip=())
+        plain = copy.deepcopy(opt)
+        plain.param_groups[0]["cautious"] = False
+        for p, q in zip(params.values(), plain.param_groups[0]["params"], strict=True):
+            q.grad = p.grad.clone()
+        before = {n: p.detach().clone() for n, p in params.items()}
+        opt.step()
+        plain.step()
+        for (n, p), q in zip(params.items(), plain.param_groups[0]["params"], strict=True):
+            step, g = q.detach() - before[n], p.grad  # the plain step, -lr·u
+            keep = step * g < 0
+            zeroed += int((~keep & (step != 0)).sum())
+            scale = keep.numel() / (int(keep.sum()) + 1)
+            assert_close(p.detach() - before[n], step * keep * scale, f"{n} at step {t}")
+            for key, value in plain.state[q].items():  # the mask leaves the state alone
+                assert_close(opt.state[p][key], value, f"{key} of {n} at step {t}")
+    assert zeroed > 0  # some entries did disagree, so the mask was tested
+
+
 # --------------------------------------------------------------------------- SOAP
 # The reference runs its QR refresh in float32 whatever the dtype (its comment: bfloat16 has no
 # QR); ours in the state's dtype (float32 at least). To compare the algorithms in float64 the
 # reference's module sees a ``torch`` whose float32 is float64 (the QR cast is its only use).
-# With its own float32 QR the two agree to the float32 rounding of the bases.
+# With its own float32 QR the two agree to the float32 rounding of the bases. Where a statistic
+# is rank-deficient (one gradient of a tall matrix; a QR of a rank-deficient power iteration),
+# LAPACK's basis of its null space is arbitrary; ours is ``transforms.settle``'s, which the
+# reference's ``eigh`` and ``qr`` are given here too, so that the rest is compared.
 
 
-class _Float64Torch(types.ModuleType):
-    float32 = torch.float64
+class _SettledLinalg(types.ModuleType):
+    @staticmethod
+    def eigh(a: Tensor) -> tuple[Tensor, Tensor]:
+        values, vectors = torch.linalg.eigh(a)
+        return values, transforms.settle(vectors, values)
+
+    @staticmethod
+    def qr(a: Tensor) -> tuple[Tensor, Tensor]:
+        q, r = torch.linalg.qr(a)
+        return transforms.settle(q, r.diagonal().abs()), r
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch.linalg, name)
+
+
+class _SettledTorch(types.ModuleType):
+    linalg = _SettledLinalg("linalg")
 
     def __getattr__(self, name: str) -> Any:
         return getattr(torch, name)
+
+
+class _Float64Torch(_SettledTorch):
+    float32 = torch.float64
 
 
 SOAP_CASES = {
@@ -934,7 +1064,10 @@ def test_soap_matches_pytorch_optimizer(case: str, monkeypatch: pytest.MonkeyPat
                 assert_close(ours.state[p][f"Q{i}"][0], q, f"basis {i} of {name}")
 
 
-def test_soap_differs_from_the_float32_qr_reference_by_its_rounding() -> None:
+def test_soap_differs_from_the_float32_qr_reference_by_its_rounding(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(soap_reference, "torch", _SettledTorch("torch"))
     p_ours, p_ref, _ = fresh()
     hp = {"lr": 1e-2, "weight_decay": 0.1, "precondition_frequency": 5}
     ours = SOAP(split_groups(p_ours, True, {}), **hp)
@@ -942,6 +1075,35 @@ def test_soap_differs_from_the_float32_qr_reference_by_its_rounding() -> None:
     run_pair(ours, ref, p_ours, p_ref)
     gap = max((p_ours[n] - p_ref[n]).abs().max().item() for n in p_ours)
     assert 1e-12 < gap < 1e-6
+
+
+def _soap_gap(monkeypatch: pytest.MonkeyPatch, settled: bool) -> float:
+    """The largest relative parameter difference of two SOAPs after 12 steps whose gradients
+    differ by a relative 1e-13 (a compiled backward's, another reduction order's rounding)."""
+    if not settled:
+        monkeypatch.setattr(transforms, "settle", lambda q, sizes: q)
+    shapes = {"tall": (12, 4), "wide": (3, 9)}  # one gradient: a factor of rank 4 (of 3) only
+    a = make_params(shapes)
+    b = clone_params(a)
+    opts = [SOAP(list(p.values()), lr=1e-2, precondition_frequency=4) for p in (a, b)]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(12):
+        for n, shape in shapes.items():
+            g = torch.randn(shape, generator=gen, dtype=torch.float64)
+            a[n].grad = g.clone()
+            b[n].grad = g * (1 + 1e-13 * torch.randn(shape, generator=gen, dtype=torch.float64))
+        for opt in opts:
+            opt.step()
+    return max(((a[n] - b[n]).norm() / a[n].norm()).item() for n in shapes)
+
+
+def test_soap_is_stable_under_a_rounding_of_rank_deficient_statistics(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With ``settle`` the update is a continuous function of the gradients; with LAPACK's
+    null-space basis as it comes (the reference's) the same rounding moves it by 1e-2."""
+    assert _soap_gap(monkeypatch, settled=True) < 1e-11
+    assert _soap_gap(monkeypatch, settled=False) > 1e-4
 
 
 # --------------------------------------------------------------------------- PSGD-Kron

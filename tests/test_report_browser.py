@@ -76,26 +76,7 @@ def test_report_page_renders_in_headless_chromium(tmp_path):
 def test_tuning_report_renders_in_headless_chromium(tmp_path):
     """A store of tuning runs only: the tuning figure draws, no script error."""
     from optarena.sweep import tune
-    from optarena.sweep.executors import Executor, Outcome, execute
-
-    class InProcess(Executor):
-        capacity = 4
-
-        def __init__(self) -> None:
-            self.queue = []
-
-        def submit(self, task) -> None:
-            self.queue.append(task)
-
-        def wait(self, timeout: float) -> list[Outcome]:
-            done, self.queue = self.queue, []
-            return [
-                Outcome(t, summary=execute("optarena.sweep.toy:train", t.config)["summary"])
-                for t in done
-            ]
-
-        def close(self, cancel: bool = False) -> None:
-            self.queue.clear()
+    from sweep_cases import InProcess
 
     browser = chromium()
     spec = parse_spec(
@@ -105,7 +86,7 @@ def test_tuning_report_renders_in_headless_chromium(tmp_path):
     )
     store = Store(tmp_path)
     (tmp_path / "tune").mkdir()
-    tune.tune(store, spec, InProcess(), path_file=tmp_path / "tune" / "t.json")
+    tune.tune(store, spec, InProcess(capacity=4), path_file=tmp_path / "tune" / "t.json")
     store.close()
     _, attrs = render(browser, write_report(tmp_path))
     assert attrs["figures"] == "1"

@@ -13,6 +13,7 @@ from plotly.offline import get_plotlyjs
 from optarena.report import write_report
 from optarena.report.build import _SELF_CHECK
 from optarena.report.run_pages import MAX_POINTS, PLOTLY_FILE, figure_json, write_run_pages
+from optarena.report.views import VIEWS
 from optarena.run_log import METRICS_FILE
 from optarena.sweep import toy
 from optarena.sweep.driver import register_runs
@@ -120,12 +121,12 @@ def test_every_run_has_a_page_with_its_curves(tmp_path):
 def test_long_logs_are_thinned_to_a_bounded_figure():
     n = 3 * MAX_POINTS + 7
     xs = list(range(n))
-    fig = figure_json(
-        {"loss": (xs, xs), "val_loss": ([], []), "lr": ([], []), "grad_norm": ([], [])}
-    )
-    trace = fig["data"][0]
+    train = VIEWS["train"]
+    empty = {c.ident: ([], []) for c in train.curves}
+    fig = figure_json({**empty, "train:loss": (xs, xs)}, train)
+    (trace,) = fig["data"]  # only the panel that holds points
     assert len(trace["x"]) <= MAX_POINTS + 1 and trace["x"][-1] == n - 1
-    assert figure_json({k: ([], []) for k in ("loss", "val_loss", "lr", "grad_norm")}) is None
+    assert figure_json(empty, train) is None
 
 
 def test_write_texts_writes_changed_files_whole_and_skips_the_rest(tmp_path):
@@ -170,3 +171,15 @@ def test_the_report_command_never_loads_torch():
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_a_runs_task_is_its_summarys_or_its_configs():
+    from optarena.tasks import task_of_run
+
+    assert task_of_run({"model": "micro"}, None) == "train"
+    assert task_of_run({"kl_coef": 0.05, "pretrained": "p"}, None) == "rlhf"
+    assert task_of_run({"eval_pairs": 8, "pretrained": "p"}, None) == "reward"
+    assert task_of_run({"eval_generate": 8, "pretrained": "p"}, None) == "finetune"
+    assert task_of_run({}, {"task": "reward-model"}) == "reward"  # what reward summaries say
+    assert task_of_run({"eval_generate": 8}, {"task": "rlhf"}) == "rlhf"
+    assert task_of_run({}, {"task": "something else"}) == "train"

@@ -104,7 +104,8 @@ def test_reduced_run_trains_for_real(tmp_path, study):
         # memory is deterministic: Adam-mini keeps about one float per parameter, AdamW two
         assert by_id["M1.1"]["verdict"] == "holds", by_id["M1.1"]
         assert by_id["M3"]["verdict"] in ("holds", "does not hold", "inconclusive")
-        assert (out / "report" / "repro-adam-mini-curves.png").is_file()
+        for figure in ("curves", "sft", "rlhf"):
+            assert (out / "report" / f"repro-adam-mini-{figure}.png").is_file(), figure
         assert "Chinchilla" in (out / "report" / "index.html").read_text()
         # the SFT stage fine-tunes the pre-training stage's AdamW model, in its own store
         assert by_id["M4"]["verdict"] in ("holds", "does not hold", "inconclusive")

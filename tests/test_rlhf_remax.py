@@ -75,6 +75,79 @@ def test_sampling_is_seeded_and_resumes_bit_exactly(single_thread):
     assert draw(torch.Generator().manual_seed(8)) != first
 
 
+CONFIGS = {
+    "study": {},
+    # Llama options, grouped-query heads and a rotary table shorter than the sequences
+    "llama-gqa": dict(norm="rmsnorm", mlp="swiglu", n_head=4, n_kv_head=2, d_model=16),
+    "tied-short-rope": dict(tie_embeddings=True, qk_norm=False, max_seq_len=4),
+}
+
+
+def model_of(name: str, dtype: torch.dtype) -> GPT:
+    torch.manual_seed(3)
+    options = {"vocab_size": VOCAB, "n_layer": 2, "n_head": 2, "d_model": 8, "init_std": 0.5}
+    return GPT(GPTConfig(**{**options, **CONFIGS[name]})).to(dtype)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_decoding_from_the_cache_gives_the_full_forward_logits(name, dtype, tol, single_thread):
+    """A prompt batch through ``forward(cache=)``, then one ``decode`` per token at each row's
+    own position, gives the logits of the whole sequence's forward pass: the prompt's padding
+    left in the cache past a row's position is never attended to."""
+    model = model_of(name, dtype)
+    torch.manual_seed(0)
+    tokens = torch.randint(1, VOCAB, (4, 11))
+    lengths = torch.tensor([3, 5, 1, 7])
+    padded = tokens.clone()
+    padded[torch.arange(11)[None, :] >= lengths[:, None]] = PAD  # as generate lays prompts out
+    full = model(tokens)
+    with torch.no_grad():
+        kv = model.new_cache(11)
+        prefix = model(padded[:, : int(lengths.max())], cache=kv)
+        rows = torch.arange(4)
+        last = lengths - 1
+        assert torch.allclose(prefix[rows, last], full[rows, last], rtol=0, atol=tol)
+        positions = lengths.clone()
+        for _ in range(4):  # each row's next tokens, rows at different positions
+            logits = model.decode(tokens[rows, positions], positions, kv)
+            assert torch.allclose(logits, full[rows, positions], rtol=0, atol=tol)
+            positions += 1
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_cached_and_uncached_generation_are_identical(name, single_thread):
+    """The same responses, greedy and sampled, from the same seed, and the generator left in
+    the same state (float64: the two paths' rounding cannot flip a token)."""
+    model = model_of(name, torch.float64)
+    for temperature in (0.0, 1.0):
+        out, states = [], []
+        for cache in (True, False):
+            g = torch.Generator().manual_seed(11)
+            gen = generate(model, PROMPTS, 9, EOS, PAD, temperature, g, cache=cache)
+            out.append((gen.tokens.tolist(), gen.response_lengths.tolist(), gen.finished.tolist()))
+            states.append(g.get_state())
+        assert out[0] == out[1]
+        assert torch.equal(states[0], states[1])
+    assert generate(model, PROMPTS, 9, None, PAD, 0.0).response_lengths.tolist() == [9] * 4
+
+
+def test_a_model_without_a_cache_is_run_whole():
+    class Plain(torch.nn.Module):  # ids -> logits, nothing else
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = tiny(0)
+
+        def forward(self, idx: torch.Tensor) -> torch.Tensor:
+            return self.inner(idx)
+
+    plain = Plain()
+    gen = generate(plain, PROMPTS, 5, EOS, PAD, temperature=0)
+    assert gen.responses() == generate(plain.inner, PROMPTS, 5, EOS, PAD, 0.0).responses()
+    with pytest.raises(ValueError, match="no key/value cache"):
+        generate(plain, PROMPTS, 5, EOS, PAD, temperature=0, cache=True)
+
+
 def test_sampling_follows_the_softmax_at_its_temperature():
     logits = torch.tensor([[2.0, 0.0, -1.0, 1.0]])
     n = 40_000

@@ -329,6 +329,60 @@ lr = [1e-3]
     adamw = next(r for r in runs if r.optimizer == "adamw")
     assert rows["adamw"]["reward_at_best"] == adamw.summary["final_reward"]
     assert rows["adam-mini"]["start_reward"] == adamw.summary["initial"]["reward"]
+    check_the_page_shows_rewards(out, runs)
+
+
+def check_the_page_shows_rewards(out: Path, runs: list) -> None:
+    """The report of an RLHF sweep plots the reward with its own sign (the store ranks by its
+    negative), and the KL, response length and accuracy that the runs logged, by name."""
+    from optarena.analysis import analyze_store
+    from optarena.report import figures, interactive, write_report
+    from optarena.report.build import story_json
+    from optarena.report.story import tell
+    from optarena.report.views import run_curves
+
+    page = write_report(out).read_text()
+    assert (out / "report" / "reward-vs-lr.png").is_file()
+    assert not (out / "report" / "loss-vs-lr.png").exists()
+    assert "final held-out reward (greedy responses)" in page
+    assert "KL to the reference (nats per sampled response)" in page
+    assert "sampled response length (tokens)" in page
+    assert "validation loss (nats)" not in page  # the old label of −reward
+    (c,) = analyze_store(out).comparisons  # adamw against adam-mini: their rewards' difference
+    a, b = (next(s for s in analyze_store(out).series if s.name == n) for n in (c.a, c.b))
+    assert f"{-a.best_loss + b.best_loss:+.4f} reward" in page
+    analysis = analyze_store(out)
+    by_id = {r.id: r for r in runs}
+    fig = interactive.loss_vs_lr_figure(analysis.series, "t", False)
+    assert fig.layout.yaxis.title.text == "final held-out reward (greedy responses)"
+    for s in analysis.series:
+        (run_id,) = s.best_run_ids
+        trace = next(t for t in fig.data if t.name == s.name)
+        assert list(trace.y) == [by_id[run_id].summary["final_reward"]]  # not its negative
+    for run in runs:
+        records = read_records(out / "runs" / run.id / "metrics.jsonl")
+        steps = [r for r in records if "loss" in r]
+        curves = run_curves(out, run)
+        assert curves["train:kl"] == ([r["step"] for r in steps], [r["kl"] for r in steps])
+        assert curves["train:reward"][1] == [r["reward"] for r in steps]
+        assert curves["train:response_length"][1] == [r["response_length"] for r in steps]
+        held_out = curves["eval:reward"][1]
+        assert held_out[0] == run.summary["initial"]["reward"]
+        assert held_out[-1] == run.summary["final_reward"] == -run.final_val_loss
+        assert curves["eval:accuracy"][1][-1] == run.summary["final_exact_match"]
+        run_page = (out / "report" / "runs" / f"{run.id}.html").read_text()
+        assert "held-out mean reward (greedy responses)" in run_page
+    static = figures.best_curves_figure(analysis.series, by_id, out, "t")
+    labels = [ax.get_ylabel() for ax in static.axes if ax.get_visible()]
+    assert labels[:2] == [
+        "mean reward of sampled responses (training batch)",
+        "held-out mean reward (greedy responses)",
+    ]
+    assert "held-out exact match (greedy responses)" in labels
+    best = tell(analysis, by_id).conclusions[0]
+    top = min(analysis.series, key=lambda s: s.best_loss)
+    assert best.startswith(f"Best final held-out reward: {top.name}, {-top.best_loss:.4f}")
+    assert "reward" in story_json(tell(analysis, by_id))["conclusions"][1]
 
 
 def test_the_cli_stores_absolute_folders(
@@ -343,3 +397,24 @@ def test_the_cli_stores_absolute_folders(
     assert "held-out reward" in capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
     assert summary["config"]["pretrained"] == str(pretrained.resolve())
+
+
+def test_a_reward_models_curves_are_its_pair_losses_and_accuracy(reward_dir: Path, tmp_path):
+    """The report reads a reward-model run's log under the names it writes."""
+    from optarena.report.views import run_curves, run_view
+    from optarena.sweep.store import RunRecord
+
+    summary = json.loads((reward_dir / "summary.json").read_text())
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "rm").symlink_to(reward_dir)
+    run = RunRecord(
+        "rm", summary["config"], "adamw", None, 1e-3, 0, "done", None, 1, None, None, None,
+        None, None, summary["final_val_loss"], None, summary, [],
+    )  # fmt: skip
+    assert run_view(run).headline == "final held-out Bradley-Terry loss (nats)"
+    records = read_records(reward_dir / "metrics.jsonl")
+    evals = [r for r in records if "val_loss" in r]
+    curves = run_curves(tmp_path, run)
+    assert curves["eval:accuracy"] == ([r["step"] for r in evals], [r["accuracy"] for r in evals])
+    assert curves["eval:accuracy"][1][-1] == summary["accuracy"]
+    assert curves["train:loss"][1] == [r["loss"] for r in records if "loss" in r]

@@ -18,11 +18,10 @@ import pytest
 from optarena.analysis import analyze_store
 from optarena.cli import main
 from optarena.sweep import refine, toy
-from optarena.sweep.executors import Executor, Outcome, Task, execute
 from optarena.sweep.spec import parse_spec
 from optarena.sweep.store import Store
+from sweep_cases import TOY, InProcess
 
-TOY = "optarena.sweep.toy:train"
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 SPEC = """
@@ -45,31 +44,6 @@ label = "sgd-momentum"
 lr = 1.0
 hparams.momentum = [0.5, 0.9]
 """
-
-
-class InProcess(Executor):
-    """Runs each task in this process; ``stop_after`` submits, it raises KeyboardInterrupt
-    (what Ctrl-C does to a sweep)."""
-
-    capacity = 2
-
-    def __init__(self, stop_after: int | None = None) -> None:
-        self.queue: list[Task] = []
-        self.submitted = 0
-        self.stop_after = stop_after
-
-    def submit(self, task: Task) -> None:
-        if self.stop_after is not None and self.submitted >= self.stop_after:
-            raise KeyboardInterrupt
-        self.submitted += 1
-        self.queue.append(task)
-
-    def wait(self, timeout: float) -> list[Outcome]:
-        done, self.queue = self.queue, []
-        return [Outcome(t, summary=execute(TOY, t.config)["summary"]) for t in done]
-
-    def close(self, cancel: bool = False) -> None:
-        self.queue.clear()
 
 
 def finishes(store: Store) -> dict[str, int]:

@@ -260,7 +260,7 @@ def _preset(name: str):
 
 MODERN = {
     "adamw", "adamw-cautious", "adam-mini", "lion", "nadamw", "adopt", "ademamix", "mars",
-    "schedule-free", "soap", "kron", "muon",
+    "schedule-free", "soap", "kron", "muon", "normuon",
 }  # fmt: skip
 
 
@@ -282,6 +282,7 @@ def test_modern_preset_sweeps_lr_and_decay_for_every_optimizer_of_2026():
     assert all(r.config["hparams"]["cautious"] for r in by_label["adamw-cautious"])
     # grids placed from each method's optimum relative to AdamW's: Muon's is its own scale
     assert centre["muon"] / centre["adamw"] == pytest.approx(math.sqrt(10), rel=1e-2)
+    assert centre["normuon"] == pytest.approx(centre["muon"], rel=1e-2)
     assert centre["lion"] / centre["adamw"] == pytest.approx(0.1, rel=1e-2)
     for label in ("adam-mini", "nadamw", "adopt", "ademamix", "soap", "adamw-cautious"):
         assert centre[label] == pytest.approx(centre["adamw"], rel=1e-2), label

@@ -22,7 +22,7 @@ from optarena.train import LanguageModelRun, TrainConfig, latest_checkpoint, lr_
 # Peak LRs for a 24-step micro run: the study's optima, raised for the sign methods (whose
 # study optimum, 3e-4, barely moves a model in 24 steps) and lowered for heavy-ball SGD.
 LR = {"sgd": 0.3, "sgd-ema": 1.0, "lion": 1e-3, "signum": 1e-3, "sophia": 1e-3, "hybrid": None}
-LR["muon"] = 2e-2  # its own scale (orthogonalised updates); AdamW on the rest at adamw_lr
+LR["muon"] = LR["normuon"] = 2e-2  # their own scale (orthogonalised updates); AdamW at adamw_lr
 LR["kron"] = 3e-2  # the identity preconditioner it starts from is fitted over the first steps
 EXTRA: dict[str, dict[str, Any]] = {
     "adam-frozen": {"precondition_steps": 4},
@@ -31,6 +31,7 @@ EXTRA: dict[str, dict[str, Any]] = {
     "hybrid": {"routes": {"default": ("sgd-ema", {"lr": 1.0}), "output": ("adamw", {"lr": 3e-3})}},
     "sophia": {"hessian_interval": 5},
     "muon": {"adamw_lr": 3e-3},
+    "normuon": {"adamw_lr": 3e-3},
     # the 2048-token embedding and output rows take a diagonal factor / no basis (as in a
     # real run's routing), which keeps a micro step fast
     "kron": {"max_size_triangular": 256},

@@ -195,3 +195,54 @@ def test_parse_set_values() -> None:
     for bad in ("eps", "=3", "eps=", "a b=1"):
         with pytest.raises(UserError, match="malformed"):
             parse_sets([bad])
+
+
+@pytest.mark.parametrize(
+    ("command", "config"),
+    [
+        ("train", "optarena.train:TrainConfig"),
+        ("finetune", "optarena.posttrain.sft:FinetuneConfig"),
+        ("reward", "optarena.posttrain.reward_model:RewardConfig"),
+        ("rlhf", "optarena.posttrain.rlhf:RLHFConfig"),
+    ],
+)
+def test_every_run_command_shares_the_run_flags_and_states_its_own_default_schedule(
+    command: str, config: str, capsys: pytest.CaptureFixture
+) -> None:
+    import importlib
+
+    module, name = config.split(":")
+    default = getattr(importlib.import_module(module), name)().schedule
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"wsd (default: {default})" in text
+    for flag in ("--checkpoint-every", "--resume", "--no-progress", "--set KEY=VALUE", "--out"):
+        assert flag in text, (command, flag)
+
+
+@pytest.mark.parametrize(
+    ("command", "build"),
+    [
+        ("train", "optarena.commands.train:build_config"),
+        ("finetune", "optarena.commands.finetune:build_config"),
+        ("reward", "optarena.commands.rlhf:build_values"),
+        ("rlhf", "optarena.commands.rlhf:build_values"),
+    ],
+)
+def test_the_shared_run_flags_reach_every_commands_config(command: str, build: str) -> None:
+    import importlib
+
+    from optarena.cli import build_parser
+
+    module, name = build.split(":")
+    flags = ["--optimizer", "adamw", "--schedule", "wsd", "--warmup", "0.25", "--threads", "1"]
+    flags += ["--grad-clip", "0", "--checkpoint-every", "7", "--out", "somewhere", "--resume"]
+    flags += [] if command == "train" else ["--from", "a-run"]
+    args = build_parser().parse_args([command, *flags, "--no-progress", "--set", "eps=1e-6"])
+    values = getattr(importlib.import_module(module), name)(args)
+    assert values["schedule"] == "wsd" and values["warmup"] == 0.25 and values["threads"] == 1
+    assert values["grad_clip"] is None and values["checkpoint_every"] == 7
+    assert values["out"] == "somewhere" and values["resume"] and values["progress"] is False
+    assert values["hparams"] == {"eps": 1e-6}

@@ -21,11 +21,11 @@ from optarena.analysis import analyze_store
 from optarena.cli import main
 from optarena.report import write_report
 from optarena.sweep import toy, tune
-from optarena.sweep.executors import Executor, Outcome, Task, execute
+from optarena.sweep.executors import Outcome
 from optarena.sweep.spec import parse_spec
 from optarena.sweep.store import Store
+from sweep_cases import TOY, InProcess
 
-TOY = "optarena.sweep.toy:train"
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 SPEC = """
@@ -51,31 +51,6 @@ optimizer = "lion"
 lr = {from = 1e-5, to = 1e-2, per_decade = 2}
 hparams.weight_decay = [0.0, 0.1]
 """
-
-
-class InProcess(Executor):
-    """Runs each task in this process; after ``stop_after`` submits it raises
-    KeyboardInterrupt (what Ctrl-C does to a tune)."""
-
-    capacity = 4
-
-    def __init__(self, stop_after: int | None = None) -> None:
-        self.queue: list[Task] = []
-        self.submitted = 0
-        self.stop_after = stop_after
-
-    def submit(self, task: Task) -> None:
-        if self.stop_after is not None and self.submitted >= self.stop_after:
-            raise KeyboardInterrupt
-        self.submitted += 1
-        self.queue.append(task)
-
-    def wait(self, timeout: float) -> list[Outcome]:
-        done, self.queue = self.queue, []
-        return [Outcome(t, summary=execute(TOY, t.config)["summary"]) for t in done]
-
-    def close(self, cancel: bool = False) -> None:
-        self.queue.clear()
 
 
 def drive(search: tune.CoordinateSearch, loss) -> None:
@@ -184,7 +159,7 @@ def test_tune_on_the_toy_finds_the_grid_optimum_and_resumes(tmp_path):
     store = Store(tmp_path / "a")
     path = tmp_path / "a" / "tune" / "tuned.json"
     path.parent.mkdir(parents=True)
-    result = tune.tune(store, spec, InProcess(), path_file=path)
+    result = tune.tune(store, spec, InProcess(capacity=4), path_file=path)
     for s in result.searches:
         assert s.search.status == "converged"
         loss, point = optimum_of(s.grid, spec)
@@ -216,15 +191,15 @@ def test_tune_on_the_toy_finds_the_grid_optimum_and_resumes(tmp_path):
 
     # a converged tune runs nothing
     before = finishes(store)
-    again = tune.tune(store, spec, InProcess())
+    again = tune.tune(store, spec, InProcess(capacity=4))
     assert again.ran == 0 and finishes(store) == before
 
     # killed three times on the way, then finished: the same runs, each once, same path
     other = Store(tmp_path / "b")
     for stop in (5, 3, 9):
         with pytest.raises(KeyboardInterrupt):
-            tune.tune(other, spec, InProcess(stop_after=stop))
-    resumed = tune.tune(other, spec, InProcess())
+            tune.tune(other, spec, InProcess(capacity=4, stop_after=stop))
+    resumed = tune.tune(other, spec, InProcess(capacity=4))
     assert [s.search.incumbent for s in resumed.searches] == [
         s.search.incumbent for s in result.searches
     ]
@@ -344,13 +319,13 @@ def test_a_full_disk_stops_the_tune_and_the_next_call_continues(tmp_path):
 
     spec = parse_spec(SPEC)
     store = Store(tmp_path)
-    stopped = tune.tune(store, spec, FullDisk())
+    stopped = tune.tune(store, spec, FullDisk(capacity=4))
     assert stopped.storage_error == "no space left on /x; free some"
     assert len(stopped.sweeps) == 1  # no second batch after the failure
-    kept = tune.tune(store, spec, InProcess(), retry_failed=False)  # --no-retry-failed
+    kept = tune.tune(store, spec, InProcess(capacity=4), retry_failed=False)  # --no-retry-failed
     assert kept.ran == 0 and all(s.search.status.startswith("failed") for s in kept.searches)
-    done = tune.tune(store, spec, InProcess())
-    reference = tune.tune(Store(tmp_path / "ref"), spec, InProcess())
+    done = tune.tune(store, spec, InProcess(capacity=4))
+    reference = tune.tune(Store(tmp_path / "ref"), spec, InProcess(capacity=4))
     assert [s.search.incumbent for s in done.searches] == [
         s.search.incumbent for s in reference.searches
     ]

@@ -25,6 +25,8 @@ from typing import Any
 
 import scipy.stats
 
+from optarena.tasks import task_of_run
+
 DEFAULT_TAUS = (0.01, 0.05, 0.1)
 SEED_KEY = "seed"
 LR_KEY = "lr"
@@ -44,6 +46,7 @@ class Observation:
     final_val_loss: float | None = None
     eval_curve: list[list[float]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
+    task: str = "train"  # the kind of run (optarena.tasks): what its val_loss is
 
     @property
     def diverged(self) -> bool:
@@ -115,6 +118,7 @@ class SeriesResult:
     # best LR and the reward of the model they started from
     reward: float | None = None
     start_reward: float | None = None
+    task: str = "train"  # the kind of run (optarena.tasks): what ``best_loss`` measures
 
     @property
     def name(self) -> str:
@@ -141,6 +145,7 @@ class Sensitivity:
     best_loss: float | None
     spread: float | None  # worst minus best loss among values that trained
     n_diverged: int  # values at which some seed diverged
+    task: str = "train"
 
 
 @dataclass
@@ -154,6 +159,7 @@ class Comparison:
     t: float | None
     dof: float | None
     p_value: float | None  # Welch's two-sided t-test; None below 2 seeds on either side
+    task: str = "train"  # of both series
 
 
 @dataclass
@@ -267,14 +273,14 @@ def analyze(observations: Iterable[Observation], taus: Sequence[float] = DEFAULT
     for o in obs:
         if LR_KEY in o.point:
             extra = {k: v for k, v in sorted(o.point.items()) if k != LR_KEY}
-            lr_groups[(o.model, o.label, _key(extra))].append(o)
+            lr_groups[(o.model, o.task, o.label, _key(extra))].append(o)
         elif len(o.point) == 1:
             (key,) = o.point
-            sens_groups[(o.model, o.label, key)].append(o)
+            sens_groups[(o.model, o.task, o.label, key)].append(o)
 
     series = [_series(group, taus) for group in lr_groups.values()]
     series.sort(key=lambda s: (s.model, s.label, _key(s.extra)))
-    sensitivities = [_sensitivity(g, key) for (_, _, key), g in sens_groups.items()]
+    sensitivities = [_sensitivity(g, key) for (*_, key), g in sens_groups.items()]
     sensitivities.sort(key=lambda s: (s.model, s.key, s.label))
     return Analysis(series, sensitivities, _comparisons(series), taus)
 
@@ -324,6 +330,7 @@ def _series(group: list[Observation], taus: tuple[float, ...]) -> SeriesResult:
             if best is not None and o.run_id in best.run_ids
         ),
         start_reward=_median((o.summary.get("initial") or {}).get("reward") for o in done),
+        task=first.task,
     )
 
 
@@ -341,6 +348,7 @@ def _sensitivity(group: list[Observation], key: str) -> Sensitivity:
         best_loss=best.loss if best else None,
         spread=(max(trained) - min(trained)) if trained else None,
         n_diverged=sum(p.diverged for p in curve),
+        task=first.task,
     )
 
 
@@ -348,7 +356,9 @@ def _comparisons(series: Sequence[SeriesResult]) -> list[Comparison]:
     out = []
     for i, a in enumerate(series):
         for b in series[i + 1 :]:
-            if a.model != b.model or a.best_loss is None or b.best_loss is None:
+            if a.model != b.model or a.task != b.task or a.best_loss is None:
+                continue
+            if b.best_loss is None:
                 continue
             test = welch_test(a.best_losses, b.best_losses)
             out.append(
@@ -360,6 +370,7 @@ def _comparisons(series: Sequence[SeriesResult]) -> list[Comparison]:
                     t=test[0] if test else None,
                     dof=test[1] if test else None,
                     p_value=test[2] if test else None,
+                    task=a.task,
                 )
             )
     return out
@@ -396,7 +407,8 @@ def _observation(run: Any, label: str, point: Mapping[str, Any]) -> Observation:
     return Observation(
         run_id=run.id,
         label=label,
-        model=run.model or "default",
+        # a store written before runs named their starting model: the summary names it
+        model=run.model or ((run.summary or {}).get("pretrained") or {}).get("name") or "default",
         optimizer=run.optimizer,
         point=dict(point),
         seed=run.seed if run.seed is not None else 0,
@@ -404,6 +416,7 @@ def _observation(run: Any, label: str, point: Mapping[str, Any]) -> Observation:
         final_val_loss=run.final_val_loss,
         eval_curve=run.eval_curve,
         summary=run.summary or {},
+        task=task_of_run(run.config, run.summary),
     )
 
 

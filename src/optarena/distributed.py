@@ -334,6 +334,37 @@ def load_dcp(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> 
     )
 
 
+def load_dcp_model(path: Path, model: nn.Module) -> None:
+    """Only the model of a DCP checkpoint, into a plain ``model`` in this one process (no
+    process group): the full tensors, whatever world size and sharding (DDP, FSDP2) wrote them;
+    the optimizer's state is not read. Checked and read as by :func:`load_dcp`; a checkpoint
+    whose weights do not fit ``model`` (missing, extra-sized) is a ``RuntimeError`` naming the
+    first problem."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        set_model_state_dict,
+    )
+
+    state = {"model": get_model_state_dict(model)}
+    with warnings.catch_warnings():  # one process without a group: DCP says it assumes so
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single")
+        try:
+            verify_dcp(path)
+        except ValueError as err:
+            raise UserError(f"checkpoint {path}: {err}; it was not written by optarena") from None
+        try:
+            dcp.load(state, storage_reader=_safe_reader(path), planner=_safe_planner())
+        except CheckpointException as err:  # a BaseException: one line of what failed
+            failures = getattr(err, "failures", {}) or {}
+            first = next(iter(failures.values()), err)
+            raise RuntimeError(str(first).strip().splitlines()[0]) from None
+    set_model_state_dict(model, state["model"])
+
+
 # --------------------------------------------------------------------------- loading safely
 # DCP reads ``.metadata`` with ``pickle.load`` and non-tensor entries (the optimizer's
 # hyperparameters) with ``torch.load(weights_only=False)``: either would run code from a crafted
@@ -496,6 +527,7 @@ __all__ = [
     "clip_grad_norm_",
     "launched_world",
     "load_dcp",
+    "load_dcp_model",
     "load_full",
     "load_meta",
     "read_dcp_metadata",

@@ -111,6 +111,41 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
+class LayerCache:
+    """One layer's keys and values during generation, (batch, kv_heads, length, head_dim),
+    allocated at the first write in the dtype attention computes them in (autocast's)."""
+
+    def __init__(self, length: int):
+        self.length = length
+        self.keys: Tensor | None = None
+        self.values: Tensor | None = None
+
+    def write(self, k: Tensor, v: Tensor, positions: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Store ``k``, ``v`` and return what attention reads: a prompt's (``positions``
+        None: positions 0..T-1 of every row) attends to itself; one token per row, at
+        ``positions[i]``, attends to the whole cache (the caller masks what lies past it)."""
+        if self.keys is None or self.values is None:
+            B, H, _, D = k.shape
+            self.keys = k.new_zeros(B, H, self.length, D)
+            self.values = v.new_zeros(B, H, self.length, D)
+        if positions is None:
+            T = k.shape[2]
+            self.keys[:, :, :T], self.values[:, :, :T] = k, v
+            return k, v
+        rows = torch.arange(k.shape[0], device=k.device)
+        self.keys[rows, :, positions] = k[:, :, 0]
+        self.values[rows, :, positions] = v[:, :, 0]
+        return self.keys, self.values
+
+
+class KVCache:
+    """Every layer's :class:`LayerCache` for sequences of up to ``length`` tokens."""
+
+    def __init__(self, n_layer: int, length: int):
+        self.length = length
+        self.layers = [LayerCache(length) for _ in range(n_layer)]
+
+
 class Attention(nn.Module):
     """Causal self-attention with rotary embeddings, optional QK-norm and grouped-query heads."""
 
@@ -128,12 +163,22 @@ class Attention(nn.Module):
         self.q_norm = make_norm(config, d) if config.qk_norm else nn.Identity()
         self.k_norm = make_norm(config, kv_width) if config.qk_norm else nn.Identity()
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor | None = None,
+        cache: LayerCache | None = None,
+        positions: Tensor | None = None,
+    ) -> Tensor:
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x)).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_norm(self.k_proj(x)).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.write(k, v, positions)
         if self.n_kv_heads != self.n_heads:
             repeat = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
@@ -171,8 +216,16 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(config, config.d_model)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor | None = None,
+        cache: LayerCache | None = None,
+        positions: Tensor | None = None,
+    ) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, positions)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -242,37 +295,95 @@ class GPT(nn.Module):
                 roles[name] = "mlp"
         return roles
 
-    def forward(self, idx: Tensor, mask: Tensor | None = None) -> Tensor:
-        return self.lm_head(self.features(idx, mask))
+    def forward(
+        self, idx: Tensor, mask: Tensor | None = None, cache: KVCache | None = None
+    ) -> Tensor:
+        return self.lm_head(self.features(idx, mask, cache))
 
-    def features(self, idx: Tensor, mask: Tensor | None = None) -> Tensor:
+    def rotary(self, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """cos and sin of positions 0..length-1 (the precomputed table, or a longer one)."""
+        if self.rope_cos.shape[0] >= length:
+            return self.rope_cos[:length], self.rope_sin[:length]
+        cos, sin = rotary_table(self.config.head_dim, length, self.config.rope_theta)
+        return cos.to(device), sin.to(device)
+
+    def features(
+        self, idx: Tensor, mask: Tensor | None = None, cache: KVCache | None = None
+    ) -> Tensor:
         """The final hidden states (batch, T, d_model), after the final norm: what the output
-        layer (or a reward head) reads."""
-        T = idx.shape[1]
-        if self.rope_cos.shape[0] >= T:
-            cos, sin = self.rope_cos[:T], self.rope_sin[:T]
-        else:
-            cos, sin = rotary_table(self.config.head_dim, T, self.config.rope_theta)
-            cos, sin = cos.to(idx.device), sin.to(idx.device)
+        layer (or a reward head) reads. With a ``cache`` (:meth:`new_cache`), the keys and
+        values of positions 0..T-1 are kept in it for :meth:`decode`."""
+        cos, sin = self.rotary(idx.shape[1], idx.device)
         x = self.tok_emb(idx)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         attn_mask = attention_mask(mask) if mask is not None else None
-        for block in self.blocks:
-            x = block(x, cos, sin, attn_mask)
+        layers = cache.layers if cache is not None else [None] * len(self.blocks)
+        for block, layer in zip(self.blocks, layers, strict=True):
+            x = block(x, cos, sin, attn_mask, layer)
         return self.final_norm(x)
+
+    def new_cache(self, length: int) -> KVCache:
+        """An empty key/value cache for sequences of up to ``length`` tokens."""
+        return KVCache(len(self.blocks), length)
+
+    def decode(self, idx: Tensor, positions: Tensor, cache: KVCache) -> Tensor:
+        """Logits (batch, vocab) of one token per row, ``idx[i]`` at position ``positions[i]``,
+        each row attending to its cached keys and values of positions ``0..positions[i]``
+        (this token's are written there): the logits ``forward`` gives at that position when
+        the cache holds the row's earlier tokens (a prompt through :meth:`features`, then
+        one :meth:`decode` per token)."""
+        cos, sin = self.rotary(int(positions.max()) + 1, idx.device)
+        x = self.tok_emb(idx)[:, None, :]
+        cos = cos[positions][:, None, None, :].to(x.dtype)  # (batch, heads, time, head_dim)
+        sin = sin[positions][:, None, None, :].to(x.dtype)
+        keys = torch.arange(cache.length, device=idx.device)
+        mask = (keys[None, :] <= positions[:, None])[:, None, None, :]
+        for block, layer in zip(self.blocks, cache.layers, strict=True):
+            x = block(x, cos, sin, mask, layer, positions)
+        return self.lm_head(self.final_norm(x))[:, 0]
+
+
+class CrossEntropyWithZLoss(torch.autograd.Function):
+    """``(ce + z * mean(lse^2), ce)`` over rows of logits, ``lse`` = logsumexp of each row,
+    from one logsumexp forward and one softmax backward (as cheap as the cross-entropy alone;
+    autograd through a separate logsumexp would add a second pass each way).
+
+    The gradient of either output is a row-scaled softmax minus the target's one-hot:
+    ``d/dx [lse - x_t] = softmax - e_t`` and ``d/dx lse^2 = 2 lse softmax``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, flat: Tensor, targets: Tensor, z_loss: float) -> tuple[Tensor, Tensor]:
+        lse = torch.logsumexp(flat, dim=-1)
+        n = flat.shape[0]
+        ce = (lse - flat.gather(1, targets[:, None]).squeeze(1)).sum() / n
+        ctx.save_for_backward(flat, targets, lse)
+        ctx.z_loss = z_loss
+        return ce + z_loss * lse.square().sum() / n, ce
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: Tensor, grad_ce: Tensor) -> tuple[Tensor, None, None]:
+        flat, targets, lse = ctx.saved_tensors
+        n = flat.shape[0]
+        row = (grad_loss * (1 + 2 * ctx.z_loss * lse) + grad_ce) / n
+        grad = torch.softmax(flat, dim=-1).mul_(row[:, None])
+        picked = ((grad_loss + grad_ce) / n).expand(n, 1)
+        return grad.scatter_add_(1, targets[:, None], -picked), None, None
 
 
 def lm_loss(logits: Tensor, targets: Tensor, z_loss: float = 0.0) -> tuple[Tensor, Tensor]:
     """Cross-entropy plus the study's z-loss ``z * mean(logsumexp(logits)^2)``.
 
     Returns ``(loss, cross_entropy)``; the loss is what is back-propagated, the cross-entropy is
-    what is reported. Computed in float32 whatever the autocast dtype.
+    what is reported. Computed in float32 whatever the autocast dtype (float64 stays float64).
     """
-    flat = logits.reshape(-1, logits.shape[-1]).float()
-    ce = F.cross_entropy(flat, targets.reshape(-1))
+    flat = logits.reshape(-1, logits.shape[-1])
+    flat = flat if flat.dtype == torch.float64 else flat.float()
+    flat_targets = targets.reshape(-1)
     if not z_loss:
+        ce = F.cross_entropy(flat, flat_targets)
         return ce, ce
-    return ce + z_loss * torch.logsumexp(flat, dim=-1).square().mean(), ce
+    return CrossEntropyWithZLoss.apply(flat, flat_targets, float(z_loss))
 
 
 def build_model(preset: str = "micro", **overrides: Any) -> GPT:

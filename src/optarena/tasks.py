@@ -8,6 +8,7 @@ before anything heavy is imported.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,4 +75,36 @@ def task_of_function(function: str) -> Task | None:
     return next((t for t in TASKS.values() if t.function == function), None)
 
 
-__all__ = ["DEFAULT_TASK", "TASKS", "Task", "task_of_function"]
+# What a run's summary calls its task, where that is not the task's name.
+_SUMMARY_TASKS = {"reward-model": "reward"}
+# A config key only one task's config has: how a run without a summary is told apart.
+_CONFIG_MARKS = (("kl_coef", "rlhf"), ("eval_pairs", "reward"), ("eval_generate", "finetune"))
+
+
+def task_of_run(config: Mapping[str, Any], summary: Mapping[str, Any] | None = None) -> str:
+    """The task of a stored run: its summary's ``task`` when it finished, else the task whose
+    config alone has one of the run's keys; ``train`` for anything else (a user's function)."""
+    named = (summary or {}).get("task")
+    if isinstance(named, str):
+        named = _SUMMARY_TASKS.get(named, named)
+        if named in TASKS:
+            return named
+    return next((task for key, task in _CONFIG_MARKS if key in config), DEFAULT_TASK)
+
+
+def model_of_run(config: Mapping[str, Any]) -> str | None:
+    """The model a run trains, as the results store records it: a pre-training run's size
+    preset; a post-training run's starting model (``pretrained``) named from its config files
+    (:func:`optarena.posttrain.pretrained.model_name`: ``sft (micro)``, ``gpt2-tiny (gpt2)``);
+    None when the config says neither."""
+    if config.get("model") is not None:
+        return str(config["model"])
+    base = config.get("pretrained")
+    if isinstance(base, str) and base.strip():
+        from optarena.posttrain.pretrained import model_name
+
+        return model_name(base)
+    return None
+
+
+__all__ = ["DEFAULT_TASK", "TASKS", "Task", "model_of_run", "task_of_function", "task_of_run"]

@@ -47,6 +47,7 @@ REFERENCES: dict[str, tuple[str, ...]] = {
     "signum": ("pytorch-optimizer-signsgd",),
     "sophia": ("sophia-opt",),
     "muon": ("torch-muon+adamw",),
+    "normuon": ("pytorch-optimizer-normuon",),
     "soap": ("pytorch-optimizer-soap",),
     "kron": ("pytorch-optimizer-kron",),
     "mars": ("pytorch-optimizer-mars",),
@@ -125,6 +126,13 @@ def _reference(name: str, named: list[tuple[str, Tensor]], shape: Shape) -> torc
         rest = [p for n, p in named if not _hidden(n, p)]
         muon = torch.optim.Muon(hidden, lr=1e-3, weight_decay=0.1)
         return _Pair(muon, torch.optim.AdamW(rest, lr=3e-4, betas=(0.9, 0.95), fused=True))  # type: ignore[return-value]
+    if name == "pytorch-optimizer-normuon":  # its own AdamW groups take the rest
+        from pytorch_optimizer import NorMuon
+
+        hidden = [p for n, p in named if _hidden(n, p)]
+        rest = [p for n, p in named if not _hidden(n, p)]
+        groups = [{"params": hidden, "use_muon": True}, {"params": rest, "use_muon": False}]
+        return NorMuon(groups, adamw_eps=1e-8)
     if name == "torch-nadamw":
         return torch.optim.NAdam(params, lr=2e-3, decoupled_weight_decay=True, foreach=True)
     if name == "schedulefree-adamw":
@@ -149,14 +157,16 @@ def _reference(name: str, named: list[tuple[str, Tensor]], shape: Shape) -> torc
 
 def matrix_flops(name: str, shape: Shape) -> float | None:
     """Leading-order FLOPs per step of a matrix method's orthogonalisation or preconditioner
-    (defaults: Muon's 5 Newton-Schulz steps on each hidden matrix; SOAP's statistics and three
-    projections per axis of up to 10000, its power-iteration and QR refresh amortised over 10
-    steps; Kron's preconditioning and, at the fit rate of the first 500 steps (every step), its
-    fit, each triangular factor up to 8192 long); ``None`` for the other optimizers."""
+    (defaults: Muon's and NorMuon's 5 Newton-Schulz steps on each hidden matrix; SOAP's
+    statistics and three projections per axis of up to 10000, its power-iteration and QR
+    refresh amortised over 10 steps; Kron's preconditioning and, at the fit rate of the first
+    500 steps (every step), its fit, each triangular factor up to 8192 long); ``None`` for the
+    other optimizers."""
     total = 0.0
     for pname, dims, _ in llama_layout(shape):
         numel = math.prod(dims)
-        if name == "muon" and len(dims) == 2 and "embed" not in pname and "lm_head" not in pname:
+        hidden = len(dims) == 2 and "embed" not in pname and "lm_head" not in pname
+        if name in ("muon", "normuon") and hidden:
             m, n = sorted(dims)
             total += 5 * (4 * m * m * n + 2 * m**3)
         elif name == "soap" and len(dims) > 1:
@@ -165,7 +175,7 @@ def matrix_flops(name: str, shape: Shape) -> float | None:
         elif name == "kron" and len(dims) > 1:
             for k in (k for k in dims if k <= 8192):
                 total += 4 * k * numel + 7 * k * numel + k**3
-        elif name not in ("muon", "soap", "kron"):
+        elif name not in ("muon", "normuon", "soap", "kron"):
             return None
     return total
 
@@ -308,15 +318,23 @@ def bench_optimizer(
     probe, probe_bytes = _probe(shape, device, dtype)
     cands.append(probe)
     live = [c for c in cands if not c.error]
-    for c in live:  # warm-up: the fast path compiles here
+    for c in list(live):  # warm-up: the fast path compiles here
         before = COMPILE_STATS.seconds
-        for i in range(warmup):
-            _sync(device)
-            t = time.perf_counter()
-            c.run()
-            _sync(device)
-            if i == 0:
-                c.first_s = time.perf_counter() - t
+        try:
+            for i in range(warmup):
+                _sync(device)
+                t = time.perf_counter()
+                c.run()
+                _sync(device)
+                if i == 0:
+                    c.first_s = time.perf_counter() - t
+        except Exception as err:  # a reference that cannot step this shape is reported so
+            if c.kind != "reference":
+                raise
+            c.error = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+            live.remove(c)
+            log(f"  {c.name} failed: {c.error}")
+            continue
         c.compile_s = COMPILE_STATS.seconds - before
         log(f"  warmed {c.name} (first step {c.first_s:.2f} s)")
 

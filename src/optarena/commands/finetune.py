@@ -13,13 +13,15 @@ from typing import Any
 from optarena.commands.train import (
     DIVERGED,
     _one_line_warning,
+    add_run_arguments,
     apply_run_flags,
     load_toml,
     require_optimizer,
 )
 from optarena.errors import UserError
 
-# flag dest -> FinetuneConfig key, for flags whose default is None ("not given")
+# flag dest -> FinetuneConfig key, for flags whose default is None ("not given"), besides
+# the shared RUN_FLAG_KEYS
 _FLAG_KEYS = (
     "pretrained",
     "data",
@@ -31,21 +33,9 @@ _FLAG_KEYS = (
     "seq_len",
     "grad_accum",
     "seed",
-    "schedule",
-    "warmup",
-    "grad_clip",
-    "dtype",
-    "device",
-    "eval_every",
     "eval_examples",
     "eval_generate",
     "exact_match",
-    "checkpoint_every",
-    "log_every",
-    "out",
-    "wandb",
-    "threads",
-    "parallel",
 )
 
 
@@ -77,12 +67,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=int, help="longest example in tokens (prompt + response)")
     p.add_argument("--grad-accum", type=int, help="micro-batches per step")
     p.add_argument("--seed", type=int)
-    p.add_argument("--schedule", help="cosine (default), linear, constant or wsd")
-    p.add_argument("--warmup", type=float, help="warmup: fraction of steps (<1) or steps")
-    p.add_argument("--grad-clip", type=float, help="global gradient-norm clip (0 disables)")
-    p.add_argument("--dtype", help="auto, float32 or bfloat16")
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--eval-every", type=int, help="evaluate every N steps (0: at the end only)")
     p.add_argument("--eval-examples", type=int, help="validation examples for the loss")
     p.add_argument(
         "--eval-generate", type=int, help="validation prompts decoded for exact match (0: none)"
@@ -93,35 +77,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="score greedy responses by exact match (default: when the task has one answer)",
     )
-    p.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps (and at the end)")
-    p.add_argument("--log-every", type=int)
-    p.add_argument("--threads", type=int, help="CPU threads for torch")
-    p.add_argument(
-        "--parallel",
-        choices=["none", "ddp", "fsdp"],
-        help="under torchrun: DistributedDataParallel or FSDP2 (see docs/scaling.md)",
-    )
-    p.add_argument("--out", help="run directory (checkpoints/, metrics.jsonl, summary.json)")
-    p.add_argument(
-        "--resume", action="store_true", help="continue from the newest valid checkpoint"
-    )
-    p.add_argument("--tensorboard", action="store_true", help="also log to DIR/tensorboard")
-    p.add_argument(
-        "--wandb",
-        nargs="?",
-        const="online",
-        choices=["online", "offline"],
-        help="also log to Weights & Biases (offline mode works without network)",
-    )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument(
-        "--set",
-        dest="sets",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="optimizer hyperparameter, e.g. betas=0.9,0.95",
-    )
+    add_run_arguments(p, set_help="optimizer hyperparameter, e.g. betas=0.9,0.95")
     p.add_argument("--config", type=Path, help="TOML file of FinetuneConfig keys ([hparams])")
     p.set_defaults(func=run)
 

@@ -72,8 +72,9 @@ def print_table(directory: Path, taus: tuple[float, ...]) -> None:
     for row in rows:
         table.add_row(*row)
     console = Console()
-    if not console.is_terminal:  # a pipe or a file: do not squeeze columns to 80 characters
-        console = Console(width=200)
+    if not console.is_terminal:  # a pipe or a file: as wide as the table, columns unsqueezed
+        wide = Console(width=10_000)
+        console = Console(width=max(80, wide.measure(table).maximum))
     console.print(table)
     for text in told.conclusions + [f"caveat: {c}" for c in told.caveats]:
         console.print(text, highlight=False, markup=False, soft_wrap=True)

@@ -12,13 +12,15 @@ from typing import Any
 
 from optarena.commands.train import (
     _one_line_warning,
+    add_run_arguments,
     apply_run_flags,
     load_toml,
     require_optimizer,
 )
 from optarena.errors import UserError
 
-# flags every post-training run shares: flag dest -> config key (None: not given)
+# flags the reward and RLHF runs share besides RUN_FLAG_KEYS: flag dest -> config key
+# (None: not given)
 _RUN_FLAGS = (
     "optimizer",
     "lr",
@@ -26,16 +28,6 @@ _RUN_FLAGS = (
     "batch_size",
     "grad_accum",
     "seed",
-    "schedule",
-    "warmup",
-    "grad_clip",
-    "dtype",
-    "device",
-    "eval_every",
-    "checkpoint_every",
-    "log_every",
-    "out",
-    "threads",
 )
 _REWARD_FLAGS = ("pairs", "eval_pairs")
 _RLHF_FLAGS = (
@@ -49,7 +41,7 @@ _RLHF_FLAGS = (
 )
 
 
-def _run_options(p: argparse.ArgumentParser) -> None:
+def _run_options(p: argparse.ArgumentParser, schedule: str) -> None:
     p.add_argument(
         "--from",
         dest="pretrained",
@@ -61,27 +53,12 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--grad-accum", type=int, help="micro-batches per step")
     p.add_argument("--seed", type=int)
-    p.add_argument("--schedule", help="cosine, linear, constant or wsd")
-    p.add_argument("--warmup", type=float, help="warmup: fraction of steps (<1) or steps")
-    p.add_argument("--grad-clip", type=float, help="global gradient-norm clip (0 disables)")
-    p.add_argument("--dtype", help="auto, float32 or bfloat16")
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--eval-every", type=int, help="evaluate every N steps (0: at the end only)")
-    p.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps (and at the end)")
-    p.add_argument("--log-every", type=int)
-    p.add_argument("--threads", type=int, help="CPU threads for torch")
-    p.add_argument("--out", help="run directory (checkpoints/, metrics.jsonl, summary.json)")
-    p.add_argument(
-        "--resume", action="store_true", help="continue from the newest valid checkpoint"
-    )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument(
-        "--set",
-        dest="sets",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="optimizer hyperparameter (e.g. betas=0.9,0.95)",
+    add_run_arguments(
+        p,
+        schedule=schedule,
+        parallel=False,
+        loggers=False,
+        set_help="optimizer hyperparameter, e.g. betas=0.9,0.95",
     )
     p.add_argument("--config", type=Path, help="TOML file of the run's keys ([hparams] table)")
 
@@ -94,7 +71,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "scalar head, on preference pairs (built-in or a JSONL of prompt/chosen/rejected), "
         "with the Bradley-Terry loss; reports its accuracy on held-out pairs.",
     )
-    _run_options(reward)
+    _run_options(reward, schedule="cosine")
     reward.add_argument(
         "--pairs", help='builtin (default) or a JSONL file of {"prompt", "chosen", "rejected"}'
     )
@@ -108,7 +85,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "SFT model, with a KL penalty to it; the reward is a model trained by `optarena reward` "
         "or, for prompts with one answer, exact match.",
     )
-    _run_options(rl)
+    _run_options(rl, schedule="constant")
     rl.add_argument("--reward", choices=["model", "exact-match"], help="default: model")
     rl.add_argument("--reward-model", help="an `optarena reward` output folder")
     rl.add_argument("--prompts", help='builtin (default) or a JSONL file of {"prompt", "answer"?}')

@@ -13,7 +13,8 @@ from typing import Any
 
 from optarena.errors import UserError
 
-# flag dest -> TrainConfig key, for flags whose default is None ("not given")
+# flag dest -> TrainConfig key, for flags whose default is None ("not given"), besides
+# RUN_FLAG_KEYS
 _FLAG_KEYS = (
     "optimizer",
     "lr",
@@ -26,19 +27,7 @@ _FLAG_KEYS = (
     "tokenizer",
     "vocab_size",
     "seed",
-    "schedule",
-    "warmup",
-    "grad_clip",
     "z_loss",
-    "dtype",
-    "device",
-    "eval_every",
-    "checkpoint_every",
-    "log_every",
-    "out",
-    "wandb",
-    "threads",
-    "parallel",
 )
 
 
@@ -66,44 +55,76 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--vocab-size", type=int, help="vocabulary of the trained BPE")
     p.add_argument("--seed", type=int)
-    p.add_argument("--schedule", help="cosine (default), linear, constant or wsd")
+    p.add_argument("--z-loss", type=float, help="z-loss coefficient (0 disables)")
+    add_run_arguments(
+        p, set_help="optimizer hyperparameter (e.g. betas=0.9,0.95) or model.FIELD=VALUE"
+    )
+    p.add_argument("--config", type=Path, help="TOML file of TrainConfig keys ([hparams] table)")
+    p.set_defaults(func=run)
+
+
+# the flags of add_run_arguments whose dest is the config key of the same name
+RUN_FLAG_KEYS = (
+    "schedule",
+    "warmup",
+    "grad_clip",
+    "dtype",
+    "device",
+    "eval_every",
+    "checkpoint_every",
+    "log_every",
+    "threads",
+    "parallel",
+    "out",
+    "wandb",
+)
+
+
+def add_run_arguments(
+    p: argparse.ArgumentParser,
+    *,
+    set_help: str,
+    schedule: str = "cosine",
+    parallel: bool = True,
+    loggers: bool = True,
+) -> None:
+    """The flags every training command shares: schedule, precision and device, evaluation,
+    checkpoint and log cadence, threads, the run folder, resume, progress and ``--set``
+    (``schedule``: the command's default, for the help); ``parallel`` adds ``--parallel``
+    and ``loggers`` adds ``--tensorboard`` and ``--wandb``."""
+    p.add_argument("--schedule", help=f"cosine, linear, constant or wsd (default: {schedule})")
     p.add_argument("--warmup", type=float, help="warmup: fraction of steps (<1) or steps")
     p.add_argument("--grad-clip", type=float, help="global gradient-norm clip (0 disables)")
-    p.add_argument("--z-loss", type=float, help="z-loss coefficient (0 disables)")
     p.add_argument("--dtype", help="auto, float32 or bfloat16")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--eval-every", type=int, help="evaluate every N steps (0: at the end only)")
     p.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps (and at the end)")
     p.add_argument("--log-every", type=int)
     p.add_argument("--threads", type=int, help="CPU threads for torch")
-    p.add_argument(
-        "--parallel",
-        choices=["none", "ddp", "fsdp"],
-        help="under torchrun: DistributedDataParallel or FSDP2 (fully_shard); see docs/scaling.md",
-    )
+    if parallel:
+        p.add_argument(
+            "--parallel",
+            choices=["none", "ddp", "fsdp"],
+            help="under torchrun: DistributedDataParallel or FSDP2 (fully_shard); see "
+            "docs/scaling.md",
+        )
     p.add_argument("--out", help="run directory (checkpoints/, metrics.jsonl, summary.json)")
     p.add_argument(
         "--resume", action="store_true", help="continue from the newest valid checkpoint"
     )
-    p.add_argument("--tensorboard", action="store_true", help="also log to DIR/tensorboard")
-    p.add_argument(
-        "--wandb",
-        nargs="?",
-        const="online",
-        choices=["online", "offline"],
-        help="also log to Weights & Biases (offline mode works without network)",
-    )
+    if loggers:
+        p.add_argument("--tensorboard", action="store_true", help="also log to DIR/tensorboard")
+        p.add_argument(
+            "--wandb",
+            nargs="?",
+            const="online",
+            choices=["online", "offline"],
+            help="also log to Weights & Biases (offline mode works without network)",
+        )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
-        "--set",
-        dest="sets",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="optimizer hyperparameter (e.g. betas=0.9,0.95) or model.FIELD=VALUE",
+        "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help=set_help
     )
-    p.add_argument("--config", type=Path, help="TOML file of TrainConfig keys ([hparams] table)")
-    p.set_defaults(func=run)
 
 
 def parse_value(text: str) -> Any:
@@ -172,10 +193,13 @@ def build_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def apply_run_flags(args: argparse.Namespace, values: dict[str, Any]) -> dict[str, Any]:
-    """Put the flags every training command shares into ``values`` (``--resume``,
-    ``--tensorboard`` where the command has it, ``--no-progress``, ``--grad-clip 0`` = none,
-    ``--set`` hyperparameters) and return the ``--set model.FIELD`` overrides, which each
-    command takes or refuses."""
+    """Put the flags every training command shares into ``values`` (those of
+    :data:`RUN_FLAG_KEYS` that were given, ``--resume``, ``--tensorboard`` where the command
+    has it, ``--no-progress``, ``--grad-clip 0`` = none, ``--set`` hyperparameters) and return
+    the ``--set model.FIELD`` overrides, which each command takes or refuses."""
+    for key in RUN_FLAG_KEYS:
+        if (value := getattr(args, key, None)) is not None:
+            values[key] = value
     if args.resume:
         values["resume"] = True
     if getattr(args, "tensorboard", False):

@@ -21,6 +21,7 @@ SGD = CLASSES["SGD"]
 EMASGD = CLASSES["EMASGD"]
 Lion = CLASSES["Lion"]
 Muon = CLASSES["Muon"]
+NorMuon = CLASSES["NorMuon"]
 MARS = CLASSES["MARS"]
 AdEMAMix = CLASSES["AdEMAMix"]
 ADOPT = CLASSES["ADOPT"]
@@ -52,6 +53,7 @@ __all__ = [
     "Lion",
     "Muon",
     "NAdamW",
+    "NorMuon",
     "ParamInfo",
     "Role",
     "Signum",

@@ -38,6 +38,7 @@ from optarena.optim.transforms import (
     MarsCorrection,
     MatrixDecay,
     NAdamMomentum,
+    NormalizeNeurons,
     Orthogonalize,
     RelativeStep,
     ScaleByLR,
@@ -87,7 +88,8 @@ class Entry:
 
 
 def caution(o: Mapping[str, Any]) -> tuple[Cautious, ...]:
-    """``cautious=True``: the mask after a chain's momentum."""
+    """``cautious=True``: the mask after a chain's momentum (SOAP, Kron: after the
+    preconditioner, whose update's signs are no longer the momentum's)."""
     return (Cautious(),) if o.get("cautious") else ()
 
 
@@ -163,16 +165,23 @@ def muon(o: Mapping[str, Any]) -> Chain:
     return Chain((momentum, Orthogonalize(), DecoupledDecay(), ScaleByLR()))
 
 
+def normuon(o: Mapping[str, Any]) -> Chain:
+    """NorMuon: Muon's chain, each neuron of each orthogonalised matrix normalised by an EMA of
+    its mean square."""
+    momentum, _, *rest = muon(o)
+    return Chain((momentum, NormalizeNeurons(), *rest))
+
+
 def soap(o: Mapping[str, Any]) -> Chain:
     """SOAP: Adam in Shampoo's eigenbasis, decay on the stepped parameter."""
-    return Chain((SoapStep(), DecoupledDecay(), ScaleByLR(), DecayAfterStep()))
+    return Chain((SoapStep(), *caution(o), DecoupledDecay(), ScaleByLR(), DecayAfterStep()))
 
 
 def kron(o: Mapping[str, Any]) -> Chain:
     """PSGD-Kron: the bias-corrected momentum through a fitted Kronecker-factored
     preconditioner; decoupled decay on matrices."""
     momentum = EMA("momentum_buffer", ("momentum", None), debias=True)
-    return Chain((momentum, KronPrecondition(), MatrixDecay(), ScaleByLR()))
+    return Chain((momentum, KronPrecondition(), *caution(o), MatrixDecay(), ScaleByLR()))
 
 
 def schedule_free(o: Mapping[str, Any]) -> Chain:
@@ -297,41 +306,61 @@ MUON = {
     "ns_dtype": "bfloat16",
     "per_head": False,
 }
+# pytorch-optimizer's NorMuon defaults; ``row_eps`` is its ``eps`` (``eps`` is Newton-Schulz's)
+NORMUON = MUON | {
+    "lr": 2e-2,
+    "weight_decay": 0.0,
+    "beta2": 0.95,
+    "row_eps": 1e-10,
+    "update_scale": "preserve_norm",
+}
 MUON_ADAMW_ROLES = ("embedding", "output", "norm", "bias", "other")
 
 
-def _muon_build(
-    params: Params,
-    lr: float = MUON["lr"],
-    weight_decay: float = MUON["weight_decay"],
-    momentum: float = MUON["momentum"],
-    nesterov: bool = MUON["nesterov"],
-    ns_coefficients: tuple[float, float, float] = MUON["ns_coefficients"],
-    eps: float = MUON["eps"],
-    ns_steps: int = MUON["ns_steps"],
-    adjust_lr_fn: str | None = MUON["adjust_lr_fn"],
-    ns_dtype: str = MUON["ns_dtype"],
-    per_head: bool = MUON["per_head"],
-    adamw_lr: float = 3e-4,
-    adamw_betas: tuple[float, float] = (0.9, 0.95),
-    adamw_eps: float = 1e-8,
-    adamw_weight_decay: float = 0.0,
-    **options: Any,
-) -> torch.optim.Optimizer:
-    """Muon on the hidden matrices of a model (or named parameters), AdamW with its own
-    ``adamw_*`` hyperparameters on the embeddings, output layer, norms, biases and parameters of
-    no known role; plain parameters are all given to Muon, as torch's."""
-    hp = {k: v for k, v in locals().items() if k in MUON}
-    named = isinstance(params, nn.Module)
-    if not named:
-        params = list(params)
-        named = bool(params) and isinstance(params[0], tuple) and isinstance(params[0][0], str)
-    if not named:
-        return CLASSES["Muon"](params, **hp, **options)
-    adam = _adam_hyper(adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay)
-    routes: dict[str, Route] = {"default": ("muon", hp)}
-    routes |= {role: ("adamw", adam) for role in MUON_ADAMW_ROLES}
-    return MatrixHybrid(params, routes, **options)
+MATRIX_ADAMW = {  # the AdamW route of a matrix optimizer, as its adamw_* arguments
+    "adamw_lr": 3e-4,
+    "adamw_betas": (0.9, 0.95),
+    "adamw_eps": 1e-8,
+    "adamw_weight_decay": 0.0,
+}
+
+
+def _matrix_build(name: str, defaults: Mapping[str, Any]) -> Callable[..., torch.optim.Optimizer]:
+    """``name`` (Muon, NorMuon) on the hidden matrices of a model (or named parameters), AdamW
+    with its own ``adamw_*`` hyperparameters on the embeddings, output layer, norms, biases and
+    parameters of no known role; plain parameters are all given to ``name``, as torch's Muon."""
+    kind = inspect.Parameter
+    sig = inspect.Signature(
+        [kind("params", kind.POSITIONAL_OR_KEYWORD)]
+        + [
+            kind(k, kind.POSITIONAL_OR_KEYWORD, default=v)
+            for k, v in (defaults | MATRIX_ADAMW).items()
+        ]
+        + [kind("options", kind.VAR_KEYWORD)]
+    )
+
+    def build(*args: Any, **kwargs: Any) -> torch.optim.Optimizer:
+        bound = sig.bind(*args, **kwargs)
+        bound.apply_defaults()
+        given, params, options = (
+            bound.arguments,
+            bound.arguments["params"],
+            bound.arguments["options"],
+        )
+        hp = {k: given[k] for k in defaults}
+        named = isinstance(params, nn.Module)
+        if not named:
+            params = list(params)
+            named = bool(params) and isinstance(params[0], tuple) and isinstance(params[0][0], str)
+        if not named:
+            return CLASSES[REGISTRY[name].class_name or ""](params, **hp, **options)
+        adam = _adam_hyper(*(given[k] for k in MATRIX_ADAMW))
+        routes: dict[str, Route] = {"default": (name, hp)}
+        routes |= {role: ("adamw", adam) for role in MUON_ADAMW_ROLES}
+        return MatrixHybrid(params, routes, **options)
+
+    build.__signature__ = sig  # type: ignore[attr-defined]
+    return build
 
 
 # --------------------------------------------------------------------------- the table
@@ -405,7 +434,12 @@ ENTRIES: list[Entry] = [
     Entry("muon", muon, MUON,
           "Muon: Newton-Schulz-orthogonalised momentum on each hidden matrix (AdamW on the rest)",
           "matrix", "Muon", "torch.optim.Muon", checks={"nesterov": BOOL}, complex_ok=False,
-          static=("ns_steps",), build=_muon_build),
+          static=("ns_steps",), build=_matrix_build("muon", MUON)),
+    Entry("normuon", normuon, NORMUON,
+          "NorMuon: Muon with each neuron of the orthogonalised update normalised (AdamW on the "
+          "rest)", "matrix", "NorMuon", "pytorch-optimizer 4.1.0 NorMuon",
+          checks={"nesterov": BOOL}, complex_ok=False, static=("ns_steps",),
+          build=_matrix_build("normuon", NORMUON)),
     Entry("soap", soap, {"lr": 3e-3, "betas": (0.95, 0.95), "shampoo_beta": None,
                          "weight_decay": 1e-2, "precondition_frequency": 10,
                          "max_precondition_dim": 10000, "precondition_1d": False,
@@ -449,6 +483,8 @@ CAUTIOUS_ENTRIES = (
     "ademamix",
     "mars",
     "adopt",
+    "soap",
+    "kron",
 )  # fmt: skip
 ENTRIES = [
     replace(e, defaults=e.defaults | CAUTIOUS) if e.name in CAUTIOUS_ENTRIES else e for e in ENTRIES

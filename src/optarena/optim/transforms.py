@@ -9,7 +9,8 @@ returns the next, keeping its own entries in the parameter's ``state``:
   per block (Adalayer, Adam-mini: :mod:`~optarena.optim.blocks`), factored (Adafactor, the
   study's and the classic one), with Adam's, the frozen preconditioner's or classic Adafactor's
   averaging weights;
-* :class:`Orthogonalize` (Muon: Newton-Schulz on each matrix the partition finds);
+* :class:`Orthogonalize` (Muon: Newton-Schulz on each matrix the partition finds) and
+  NorMuon's :class:`NormalizeNeurons` of each orthogonalised matrix;
 * :class:`Sign`, :class:`LionUpdate`, :class:`SophiaClip`, classic Adafactor's
   :class:`ClipByRMS` and :class:`RelativeStep`;
 * weight decay (:class:`DecoupledDecay`, :class:`CoupledDecay`), :class:`ScaleByLR`, and the
@@ -382,7 +383,8 @@ class MarsCorrection(Transform):
 class Cautious(Transform):
     """Cautious optimizers (Liang et al. 2024): entries of the update whose sign disagrees with
     the gradient's are zeroed, the rest scaled by ``numel / (kept + 1)`` (pytorch-optimizer's
-    ``apply_cautious``). Put right after the momentum."""
+    ``apply_cautious``). Put right after the momentum, or after a preconditioner that mixes
+    entries (SOAP's, Kron's: their update's signs are not the momentum's)."""
 
     def _mask(self, x: Update, slot: Slot) -> Tensor:
         return (slot.direction(x) * slot.g > 0).to(slot.g.dtype)
@@ -839,10 +841,7 @@ class Orthogonalize(Transform):
         u = slot.direction(x)
         const = slot.const
         blocks = matrices(slot.info, tuple(u.shape), const["per_head"])
-        ratios = []
-        for index, out in blocks:
-            m = u[index]
-            ratios.append(lr_ratio(const["adjust_lr_fn"], m.size(out), m.size(1 - out)))
+        ratios = [self.ratio(const, u[i].size(out), u[i].size(1 - out)) for i, out in blocks]
         ns = functools.partial(
             newton_schulz,
             coefficients=(sc["a"], sc["b"], sc["c"]),
@@ -851,26 +850,113 @@ class Orthogonalize(Transform):
             dtype=NS_DTYPES[const["ns_dtype"]],
         )
         if len(blocks) == 1:  # the ratio in the scale: torch's rounding
-            o = ns(u[blocks[0][0]]).to(u.dtype)
+            ((index, out),) = blocks
+            o = self.finish(ns(u[index]).to(u.dtype), index, out, slot, sc)
             return Update(o.reshape(u.shape), x.scale * ratios[0], None, x.decay)
         o = torch.empty_like(u)
-        for (index, _), ratio in zip(blocks, ratios, strict=True):
-            o[index] = ns(u[index]).to(u.dtype) * ratio
+        for (index, out), ratio in zip(blocks, ratios, strict=True):
+            o[index] = self.finish(ns(u[index]).to(u.dtype), index, out, slot, sc) * ratio
         return Update(o, x.scale, None, x.decay)
+
+    def ratio(self, const: Mapping[str, Any], out: int, inp: int) -> float:
+        """The factor of one matrix's orthogonalised update (``adjust_lr_fn``'s)."""
+        return lr_ratio(const["adjust_lr_fn"], out, inp)
+
+    def finish(self, o: Tensor, index: tuple, out: int, slot: Slot, sc: Mapping[str, Scalar]):
+        """One orthogonalised matrix (``index`` of the parameter) before its ratio; Muon: as is."""
+        return o
+
+
+class NormalizeNeurons(Orthogonalize):
+    """NorMuon (Li et al. 2025; pytorch-optimizer's ``NorMuon``): :class:`Orthogonalize`, each
+    output neuron (row) of each orthogonalised matrix ``O`` divided by the root of an EMA of its
+    mean square, ``v ← β2 v + (1-β2) mean_row(O²)``, ``N = O / (√v + ε)``, and ``N`` rescaled to
+    ``‖O‖_F`` (``preserve_norm``, the official code) or to an RMS of 0.2 (``match_rms``, the
+    paper's algorithm, without Muon's ratio), before the ratio."""
+
+    hyper = {
+        **Orthogonalize.hyper,
+        "beta2": UNIT,
+        "row_eps": NONNEG,
+        "update_scale": one_of("preserve_norm", "match_rms"),
+    }
+
+    def init(self, p, info, hp, dtype):
+        super().init(p, info, hp, dtype)
+        inputs = p.dim() - 1 if info.out_dim != p.dim() - 1 else p.dim() - 2
+        shape = tuple(1 if d == inputs else n for d, n in enumerate(p.shape))
+        return {"second_momentum_buffer": replicated(shape, dtype, p.device)}
+
+    def scalars(self, hp, step):
+        w = 1.0 - hp_value(hp, "beta2")
+        return super().scalars(hp, step) | {"w": w, "row_eps": hp_value(hp, "row_eps")}
+
+    def ratio(self, const, out, inp):
+        return 1.0 if const["update_scale"] == "match_rms" else super().ratio(const, out, inp)
+
+    def finish(self, o, index, out, slot, sc):
+        v = slot.state["second_momentum_buffer"][0][index]  # this matrix's rows
+        v.lerp_(o.square().mean(1 - out, keepdim=True), sc["w"])
+        n = o / (v.sqrt() + sc["row_eps"])
+        preserve = slot.const["update_scale"] == "preserve_norm"
+        size = o.norm() if preserve else 0.2 * math.sqrt(o.numel())
+        return n * (size / (n.norm() + sc["row_eps"]))
 
 
 # --------------------------------------------------------------------------- Kronecker factors
+# SOAP and PSGD-Kron keep a factor per axis of a tensor (``Q{i}``, whole on every rank) and apply
+# each along its axis.
 
 
-def _project(x: Tensor, bases: list[Tensor | None], back: bool = False) -> Tensor:
-    """``x`` with ``Qᵢᵀ`` (``back``: ``Qᵢ``) on each axis ``i`` that has a basis, contracted
-    axis by axis as SOAP's reference does (an axis without one is only rotated past)."""
-    for q in bases:
+def replicated(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Zeros of ``shape`` behind a leading axis of 1: state that every rank keeps whole (a
+    tensor shaped like its parameter would be cut into the parameter's shards)."""
+    return torch.zeros((1, *shape), dtype=dtype, device=device)
+
+
+def per_axis(x: Tensor, factors: list[Tensor | None], how: str = "q") -> Tensor:
+    """``x`` with each axis ``i`` multiplied by ``Qᵢ = factors[i]``: ``"q"`` applies ``Qᵢ``,
+    ``"qt"`` ``Qᵢᵀ``, ``"solve"`` ``Qᵢ⁻ᵀ`` (``Qᵢ`` upper triangular); a vector is a diagonal,
+    ``None`` the identity. Each axis is moved last as it is done, so the axes come back in
+    order (the contraction order of SOAP's reference)."""
+    for q in factors:
+        x = x.movedim(0, -1)
         if q is None:
-            x = x.permute(*range(1, x.dim()), 0)
+            continue
+        if q.dim() == 1:
+            x = x / q if how == "solve" else x * q
+        elif how == "solve":
+            flat = x.reshape(-1, q.size(0))
+            x = torch.linalg.solve_triangular(q, flat, upper=True, left=False).reshape(x.shape)
         else:
-            x = torch.tensordot(x, q, dims=([0], [1 if back else 0]))
+            x = x @ (q.mT if how == "q" else q)
     return x
+
+
+def _gram(x: Tensor, i: int, diagonal: bool) -> Tensor:
+    """``X_(i) X_(i)ᵀ`` of the axis-``i`` unfolding (its diagonal when ``diagonal``)."""
+    if diagonal:
+        others = [d for d in range(x.dim()) if d != i]
+        return (x * x).sum(others) if others else x * x  # sum([]) would sum every axis
+    unfolded = x.movedim(i, 0).reshape(x.size(i), -1)
+    return unfolded @ unfolded.T
+
+
+def settle(q: Tensor, sizes: Tensor) -> Tensor:
+    """``q`` (orthonormal columns) with the columns whose ``sizes`` (eigenvalues; QR's
+    ``|R_jj|``) are numerically zero, below ``n·ε·max``, turned within their span to the
+    eigenvectors of ``diag(1..n)`` restricted to it. LAPACK's basis of a repeated eigenvalue (a
+    rank-deficient statistic's null space) is arbitrary: a rounding of the input turns it, and
+    SOAP's update with it, while this one depends on the span alone (coordinate axes stay
+    coordinate axes). Other columns are untouched."""
+    null = sizes <= sizes.max() * (q.size(0) * torch.finfo(q.dtype).eps)
+    if int(null.sum()) < 2:  # a single column is fixed up to its sign, which SOAP ignores
+        return q
+    n = q[:, null]
+    ramp = torch.arange(1, q.size(0) + 1, dtype=q.dtype, device=q.device)
+    q = q.clone()
+    q[:, null] = n @ torch.linalg.eigh(n.T @ (ramp[:, None] * n))[1]
+    return q
 
 
 class SoapStep(Transform):
@@ -917,27 +1003,28 @@ class SoapStep(Transform):
 
     def update(self, x, slot, sc, stats):
         st, g = {k: v[0] for k, v in slot.state.items() if k != "step"}, slot.g
-        axes = [i for i in range(g.dim()) if f"Q{i}" in st]
         bases = [st.get(f"Q{i}") for i in range(g.dim())]
-        for i in axes:  # Shampoo's statistics (read only by the refresh, after the step)
-            others = [d for d in range(g.dim()) if d != i]
-            st[f"GG{i}"].lerp_(torch.tensordot(g, g, dims=[others, others]), sc["ws"])
+        axes = [i for i, q in enumerate(bases) if q is not None]
+        for i in axes:  # Shampoo's statistics (read only by the bases, after the step)
+            st[f"GG{i}"].lerp_(_gram(g, i, False), sc["ws"])
         if sc["first"]:  # the bases, no update
             for i in axes:
                 gg = st[f"GG{i}"]
                 eye = torch.eye(gg.size(0), dtype=gg.dtype, device=gg.device)
-                st[f"Q{i}"].copy_(torch.linalg.eigh(gg + 1e-30 * eye)[1].flip(1))
+                values, vectors = torch.linalg.eigh(gg + 1e-30 * eye)
+                st[f"Q{i}"].copy_(settle(vectors, values).flip(1))
             return Update(x.tensor, 0.0, None, x.decay)
         m, v = st["exp_avg"], st["exp_avg_sq"]
-        rotated = _project(g, bases)
+        rotated = per_axis(g, bases, "qt")
         m.lerp_(g, sc["w1"])
         v.lerp_(rotated * rotated, sc["w2"])
-        u = _project(_project(m, bases) / (v.sqrt() + sc["eps"]), bases, back=True)
+        u = per_axis(per_axis(m, bases, "qt") / (v.sqrt() + sc["eps"]), bases)
         if slot.const["normalize_gradient"]:
             u = u / (u.square().mean().sqrt() + sc["eps"])
         if sc["refresh"]:
             self._refresh(st, axes)
-        return Update(u, x.scale * sc["size"], None, x.decay)
+        # the bias correction in the tensor: one rounding whether or not the step is gathered
+        return Update(u * sc["size"], x.scale, None, x.decay)
 
     def _refresh(self, st: dict[str, Tensor], axes: list[int]) -> None:
         """One power iteration from the current bases, orthonormalised by QR (in float32 at
@@ -950,39 +1037,9 @@ class SoapStep(Transform):
             v = v.index_select(i, order)
             power = product.index_select(1, order)
             wide = power if power.dtype in (torch.float32, torch.float64) else power.float()
-            q.copy_(torch.linalg.qr(wide)[0])
+            basis, r = torch.linalg.qr(wide)
+            q.copy_(settle(basis, r.diagonal().abs()))
         st["exp_avg_sq"].copy_(v)
-
-
-def replicated(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """Zeros of ``shape`` behind a leading axis of 1: state that every rank keeps whole (a
-    tensor shaped like its parameter would be cut into the parameter's shards)."""
-    return torch.zeros((1, *shape), dtype=dtype, device=device)
-
-
-def _along(x: Tensor, i: int, q: Tensor) -> Tensor:
-    """``q`` applied on axis ``i`` of ``x``: a matrix as ``q @``, a vector as a diagonal."""
-    if q.dim() == 1:
-        return x * q.view([-1 if d == i else 1 for d in range(x.dim())])
-    return torch.tensordot(q, x, dims=([1], [i])).movedim(0, i)
-
-
-def _solve_along(x: Tensor, i: int, q: Tensor) -> Tensor:
-    """``q⁻ᵀ`` applied on axis ``i`` of ``x`` (``q`` upper triangular or a diagonal)."""
-    if q.dim() == 1:
-        return x / q.view([-1 if d == i else 1 for d in range(x.dim())])
-    moved = x.movedim(i, -1)
-    flat = torch.linalg.solve_triangular(q, moved.reshape(-1, q.size(0)), upper=True, left=False)
-    return flat.reshape(moved.shape).movedim(-1, i)
-
-
-def _gram(x: Tensor, i: int, diagonal: bool) -> Tensor:
-    """``X_(i) X_(i)ᵀ`` of the axis-``i`` unfolding (its diagonal when ``diagonal``)."""
-    if diagonal:
-        others = [d for d in range(x.dim()) if d != i]
-        return (x * x).sum(others) if others else x * x  # sum([]) would sum every axis
-    unfolded = x.movedim(i, 0).reshape(x.size(i), -1)
-    return unfolded @ unfolded.T
 
 
 def _in_unit_interval(x: Any) -> bool:
@@ -1060,19 +1117,14 @@ class KronPrecondition(Transform):
     eps = torch.finfo(torch.bfloat16).tiny
 
     def init(self, p, info, hp, dtype):
-        shape = tuple(p.shape) or (1,)
-        diagonal = [False] * len(shape)
-        mode, top = hp["memory_save_mode"], max(range(len(shape)), key=lambda d: (shape[d], d))
-        ranked = sorted(shape)
-        if mode == "one_diag" or (
-            mode == "smart_one_diag" and len(shape) > 1 and ranked[-1] > ranked[-2]
-        ):
-            diagonal[top] = True
+        shape, mode = tuple(p.shape) or (1,), hp["memory_save_mode"]
+        ranked, top = sorted(shape), max(range(len(shape)), key=lambda d: (shape[d], d))
+        smart = mode == "smart_one_diag" and len(shape) > 1 and ranked[-1] > ranked[-2]
         scale = hp_value(hp, "precondition_init_scale") ** (1.0 / len(shape))
         state = {}
         for i, n in enumerate(shape):
-            flat = mode == "all_diag" or diagonal[i] or n == 1 or n > hp["max_size_triangular"]
-            flat = flat or len(shape) < hp["min_ndim_triangular"]
+            flat = mode == "all_diag" or (i == top and (mode == "one_diag" or smart)) or n == 1
+            flat = flat or n > hp["max_size_triangular"] or len(shape) < hp["min_ndim_triangular"]
             q = torch.ones(n, dtype=dtype) if flat else torch.eye(n, dtype=dtype)
             state[f"Q{i}"] = replicated(q.shape, dtype, p.device).add_(q * scale)
         return state
@@ -1092,20 +1144,14 @@ class KronPrecondition(Transform):
             for q, norm in zip(qs, norms.prod() ** (1.0 / len(qs)) / norms, strict=True):
                 q.mul_(norm)
         if sc["fit"]:
-            fit_to = (
-                m if slot.const["momentum_into_precondition_update"] else slot.g.reshape(m.shape)
-            )
-            self._fit(qs, fit_to, kron_noise(m, slot.info.name, int(sc["step"])), sc["lr"])
-        u = m
-        for i, q in enumerate(qs):
-            u = _along(_along(u, i, q), i, q.mT if q.dim() == 2 else q)
+            g = m if slot.const["momentum_into_precondition_update"] else slot.g.reshape(m.shape)
+            self._fit(qs, g, kron_noise(m, slot.info.name, int(sc["step"])), sc["lr"])
+        u = per_axis(per_axis(m, qs), qs, "qt")
         u = u * (1.1 / (u.square().mean().sqrt() + 1e-6)).clamp(max=1.0)
         return Update(u.reshape(slot.p.shape), 1.0, None, x.decay)
 
     def _fit(self, qs: list[Tensor], g: Tensor, v: Tensor, lr: Scalar) -> None:
-        a, b = g, v
-        for i, q in enumerate(qs):
-            a, b = _along(a, i, q), _solve_along(b, i, q)
+        a, b = per_axis(g, qs), per_axis(v, qs, "solve")
         for i, q in enumerate(qs):
             aa, bb = _gram(a, i, q.dim() == 1), _gram(b, i, q.dim() == 1)
             step = (aa - bb) * lr

@@ -3,9 +3,14 @@
 Every row of a batch is laid out from position 0 and right-padded: ``prompt, response, pad``.
 A causal model's output at a position depends only on the positions before it, so the pads that
 follow a row's current end never change what it generates: no attention mask, no left padding,
-and the same model call serves every row whatever its prompt's length. The model is re-run over
-the batch for each new token (no key/value cache); post-training prompts and responses are
-short, and this keeps every model that maps ``ids -> logits`` usable as is.
+and the same model call serves every row whatever its prompt's length.
+
+optarena's transformer (a model with ``new_cache`` and ``decode``: :class:`optarena.model.GPT`)
+generates with a key/value cache: one forward pass over the prompts fills it, then each new
+token is one ``decode`` call per row at the row's own position, attending to that row's
+cached positions. The logits are those of re-running the model over the whole batch (what any
+other model that maps ``ids -> logits`` does here, e.g. a Hugging Face one), up to the rounding
+of matrix products of other shapes (the tests compare both paths in float64 and float32).
 
 Sampling draws one uniform number per row and step from a :class:`torch.Generator` (whatever the
 row's state, so the stream's position depends only on the number of steps) and inverts the
@@ -93,12 +98,14 @@ def generate(
     pad_id: int,
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
+    cache: bool | None = None,
 ) -> Generation:
     """Responses to ``prompts`` (token ids) of at most ``max_new_tokens`` tokens each, stopping
     a row at ``eos_id`` (None: never). ``temperature == 0`` is greedy decoding (no random
     number is drawn); otherwise tokens are sampled with ``generator`` (see the module
-    docstring). The model runs in its current mode under ``no_grad``; the result is on the
-    model's device."""
+    docstring). ``cache``: decode with the model's key/value cache (None: when it has one;
+    the same draws from ``generator`` either way). The model runs in its current mode under
+    ``no_grad``; the result is on the model's device."""
     if not prompts or any(not p for p in prompts):
         raise ValueError("generate needs at least one prompt, and no empty prompt")
     if temperature < 0:
@@ -109,9 +116,18 @@ def generate(
     current = prompt_lengths.clone()
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     rows = torch.arange(len(prompts), device=device)
-    for _ in range(max_new_tokens):
-        logits = model(tokens[:, : int(current.max())])
-        nxt = sample_from_logits(logits[rows, current - 1].float(), temperature, generator)
+    cached = has_cache(model) if cache is None else cache
+    if cached and not has_cache(model):
+        raise ValueError(f"{type(model).__name__} has no key/value cache (new_cache, decode)")
+    kv = model.new_cache(tokens.shape[1]) if cached else None
+    for step in range(max_new_tokens):
+        if kv is None:  # the whole batch again
+            logits = model(tokens[:, : int(current.max())])[rows, current - 1]
+        elif step == 0:  # the prompts, filling the cache
+            logits = model(tokens[:, : int(prompt_lengths.max())], cache=kv)[rows, current - 1]
+        else:  # each row's newest token, at its own position
+            logits = model.decode(tokens[rows, current - 1], current - 1, kv)
+        nxt = sample_from_logits(logits.float(), temperature, generator)
         active = ~finished
         tokens[rows[active], current[active]] = nxt[active]
         current += active.long()
@@ -120,6 +136,11 @@ def generate(
         if bool(finished.all()):
             break
     return Generation(tokens, prompt_lengths, current - prompt_lengths, finished)
+
+
+def has_cache(model: nn.Module) -> bool:
+    """Whether ``model`` decodes with a key/value cache (``new_cache`` and ``decode``)."""
+    return callable(getattr(model, "new_cache", None)) and callable(getattr(model, "decode", None))
 
 
 def token_logprobs(model: nn.Module, tokens: Tensor) -> Tensor:

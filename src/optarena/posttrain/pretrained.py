@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,15 +125,26 @@ def load_pretrained(path: str | Path) -> Pretrained:
     """The pretrained model at ``path`` (see the module docstring); a one-line
     :class:`~optarena.errors.UserError` when it is none of the kinds."""
     where = Path(path).expanduser()
+    loaded = _load(where)
+    loaded.description["name"] = model_name(where)
+    return loaded
+
+
+def _is_checkpoint(where: Path) -> bool:
+    """One checkpoint of a run folder: ``checkpoints/step-N.pt`` or ``checkpoints/step-N.dcp``."""
+    return checkpoints.step_of(where) is not None and where.parent.name == "checkpoints"
+
+
+def _load(where: Path) -> Pretrained:
     if not where.exists():
         raise UserError(f"--from {where}: no such file or directory")
-    if where.is_file():
-        if checkpoints.step_of(where) is None or where.parent.name != "checkpoints":
-            raise UserError(
-                f"--from {where}: not a model (pass an `optarena train` output folder, one of "
-                "its checkpoints/step-N.pt, or a Hugging Face model folder)"
-            )
+    if _is_checkpoint(where) and (where.is_file() or where.suffix == ".dcp"):
         return _from_run(where.parent.parent, where)
+    if where.is_file():
+        raise UserError(
+            f"--from {where}: not a model (pass an `optarena train` output folder, one of "
+            "its checkpoints/step-N.pt or step-N.dcp, or a Hugging Face model folder)"
+        )
     if (where / "config.json").is_file():
         return _from_huggingface(where)
     if (where / "checkpoints").is_dir():
@@ -143,40 +155,115 @@ def load_pretrained(path: str | Path) -> Pretrained:
     )
 
 
+# --------------------------------------------------------------------------- names
+
+
+def model_name(path: str | Path) -> str:
+    """A short name of the model at ``path`` for the results store and the report, read from
+    its config files alone (no weights are loaded): ``FOLDER (ARCHITECTURE)``, where the
+    architecture is an optarena run's size preset with its ``model_overrides``
+    (``pre (micro, d_model=32)``; a fine-tuned folder names the architecture it started from,
+    ``sft (micro, d_model=32)``), or a Hugging Face folder's ``model_type``
+    (``gpt2-tiny (gpt2)``); one checkpoint adds its step (``pre step 200 (micro)``). Just the
+    folder's name when its config cannot be read: a bad ``--from`` is the run's to report."""
+    where = Path(path).expanduser()
+    try:
+        if _is_checkpoint(where):
+            folder = where.parent.parent
+            head = f"{folder.name} step {checkpoints.step_of(where)}"
+            return f"{head} ({_architecture(folder, where, 0)})"
+        return f"{where.name} ({_architecture(where, None, 0)})"
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, RecursionError):
+        return where.name or str(where)
+
+
+def _architecture(folder: Path, ckpt: Path | None, depth: int) -> str:
+    """What :func:`model_name` puts in brackets; ValueError when nothing says it."""
+    if depth > 8:
+        raise RecursionError("fine-tuned from itself")
+    hf = folder / "config.json"
+    if ckpt is None and hf.is_file():
+        kind = json.loads(hf.read_text(encoding="utf-8")).get("model_type")
+        if not isinstance(kind, str):
+            raise ValueError("no model_type")
+        return kind
+    config = _run_config(folder, ckpt)
+    base = config.get("pretrained")
+    if isinstance(base, str):
+        where = Path(base).expanduser()
+        if not where.exists() and (folder.parent / base).exists():
+            where = folder.parent / base
+        inner = where.parent.parent if _is_checkpoint(where) else where
+        return _architecture(inner, where if _is_checkpoint(where) else None, depth + 1)
+    preset, overrides = config["model"], config.get("model_overrides") or {}
+    return ", ".join([str(preset), *(f"{k}={v}" for k, v in sorted(overrides.items()))])
+
+
+def _run_config(folder: Path, ckpt: Path | None) -> dict[str, Any]:
+    """A run folder's resolved config: its ``summary.json``'s, else its (newest) checkpoint's,
+    read without its tensors (``mmap``); ValueError when there is none."""
+    import torch
+
+    summary = folder / "summary.json"
+    if ckpt is None and summary.is_file():
+        config = json.loads(summary.read_text(encoding="utf-8")).get("config")
+        if isinstance(config, dict):
+            return config
+    if ckpt is None:
+        found = sorted(
+            (p for p in (folder / "checkpoints").iterdir() if checkpoints.step_of(p) is not None),
+            key=lambda p: (checkpoints.step_of(p), p.suffix == ".pt"),
+        )
+        if not found:
+            raise ValueError("no checkpoint")
+        ckpt = found[-1]
+    file = ckpt / "meta.pt" if ckpt.is_dir() else ckpt
+    payload = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    config = json.loads(payload["config"])
+    if not isinstance(config, dict):
+        raise ValueError("not a config")
+    return config
+
+
 # --------------------------------------------------------------------------- optarena runs
 
 
 def _checkpoint_payload(folder: Path, file: Path | None) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint (``file``, or the folder's newest valid one: a ``step-N.pt`` or the
+    ``step-N.dcp`` folder a ``--parallel`` run writes) and its payload (a DCP checkpoint's
+    ``meta.pt``: its weights are read by :func:`_load_weights`)."""
+    from optarena.distributed import load_meta
+
     if file is not None:
         try:
-            return file, checkpoints.load_checkpoint(file)
+            return file, load_meta(file) if file.is_dir() else checkpoints.load_checkpoint(file)
         except ValueError as err:
             raise UserError(f"--from {file}: not a usable checkpoint: {err}") from None
-    found = checkpoints.resume_point(folder / "checkpoints", parallel=False)
-    if found is None:
-        has_dcp = any((folder / "checkpoints").glob("step-*.dcp"))
-        hint = (
-            " (its checkpoints are sharded .dcp folders; fine-tuning reads a single-process "
-            "step-N.pt)"
-            if has_dcp
-            else ""
+    with warnings.catch_warnings(record=True) as skipped:
+        warnings.simplefilter("always")
+        found = checkpoints.resume_point(folder / "checkpoints", parallel=True)
+    if found is None:  # one line: why the newest was refused, if there was one
+        why = (
+            f" ({str(skipped[0].message).removeprefix('skipping checkpoint ')})" if skipped else ""
         )
-        raise UserError(f"--from {folder}: no valid checkpoint in {folder / 'checkpoints'}{hint}")
+        raise UserError(f"--from {folder}: no valid checkpoint in {folder / 'checkpoints'}{why}")
+    for warning in skipped:  # an older checkpoint is used: say which newer ones were not
+        warnings.warn(str(warning.message), stacklevel=2)
     return found.path, found.payload
 
 
 def _from_run(folder: Path, file: Path | None) -> Pretrained:
     """An optarena output folder: a pre-training run, or a post-training run on top of one."""
     ckpt, payload = _checkpoint_payload(folder, file)
-    if "model" not in payload or "config" not in payload:
+    if ("model" not in payload and ckpt.suffix != ".dcp") or "config" not in payload:
         raise UserError(f"--from {ckpt}: not a model checkpoint (no model weights or config)")
     config = json.loads(payload["config"])
     base = config.get("pretrained")
     if base is not None:  # fine-tuned: the architecture and tokenizer of what it started from
         if not Path(base).expanduser().exists() and (folder.parent / base).exists():
             base = str(folder.parent / base)  # a relative --from, given beside the run folder
-        pre = load_pretrained(base)
-        _load_weights(pre.model, payload["model"], ckpt)
+        pre = _load(Path(base).expanduser())
+        _load_weights(pre.model, payload, ckpt)
         pre.path, pre.description = folder, {**pre.description, "base": str(base)}
         pre.description["checkpoint"] = str(ckpt)
         return pre
@@ -191,22 +278,46 @@ def _pretraining_run(
     from optarena.model import GPT
     from optarena.train import TrainConfig, _model_config
 
-    state = payload["model"]
-    if "tok_emb.weight" not in state:
+    shapes = _weight_shapes(payload, ckpt)
+    if "tok_emb.weight" not in shapes:
         raise UserError(f"--from {ckpt}: not a model checkpoint of optarena's transformer")
-    padded_vocab = int(state["tok_emb.weight"].shape[0])
+    padded_vocab = int(shapes["tok_emb.weight"][0])
     values = {k: v for k, v in config.items() if k not in ("resume", "out")}
     train_config = TrainConfig.from_dict(values)
     model = GPT(_model_config(train_config, padded_vocab))
-    _load_weights(model, state, ckpt)
+    _load_weights(model, payload, ckpt)
     tokenizer = _run_tokenizer(folder, train_config)
     description = {"checkpoint": str(ckpt), "step": int(payload["step"]), "model": config["model"]}
     return Pretrained(model, tokenizer, int(config["seq_len"]), "optarena", folder, description)
 
 
-def _load_weights(model: nn.Module, state: dict[str, Tensor], ckpt: Path) -> None:
+def _weight_shapes(payload: dict[str, Any], ckpt: Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of the checkpoint's model weights (a DCP checkpoint's from its metadata:
+    the global shapes, whatever the sharding)."""
+    if "model" in payload:
+        return {k: tuple(v.shape) for k, v in payload["model"].items()}
+    from optarena.distributed import read_dcp_metadata
+
+    prefix = "model."
+    metadata = read_dcp_metadata(ckpt)
+    return {
+        k.removeprefix(prefix): tuple(getattr(v, "size", ()))
+        for k, v in metadata.state_dict_metadata.items()
+        if k.startswith(prefix)
+    }
+
+
+def _load_weights(model: nn.Module, payload: dict[str, Any], ckpt: Path) -> None:
+    """The checkpoint's model weights into ``model``: a ``.pt``'s state dict, or a DCP
+    checkpoint's model entries read into this one process (:func:`optarena.distributed.
+    load_dcp_model`; its optimizer state is not read)."""
     try:
-        model.load_state_dict(state)
+        if "model" in payload:
+            model.load_state_dict(payload["model"])
+        else:
+            from optarena.distributed import load_dcp_model
+
+            load_dcp_model(ckpt, model)
     except RuntimeError as err:
         first = str(err).strip().splitlines()[0]
         raise UserError(f"--from {ckpt}: the weights do not fit the model: {first}") from None

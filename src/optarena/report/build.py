@@ -14,6 +14,7 @@ from optarena import atomic
 from optarena.analysis import DEFAULT_TAUS, Analysis, analyze, observations_from_store
 from optarena.errors import StorageError
 from optarena.report import figures, interactive, run_pages, story, tables, tuning
+from optarena.report.views import views_by_task
 from optarena.sweep.store import Store
 from optarena.sweep.tune import read_paths
 
@@ -202,7 +203,7 @@ def _page(
             "best run's eval curve, or to its best runs at several training lengths: see the "
             "conclusions) divided by the optimizer's tokens, with the 16–84% range over "
             "the fit's uncertainty. Steps to target: first evaluation step at or below AdamW's "
-            "best final loss. Rows are sorted by best loss."
+            "best final loss. Rows are sorted by best loss." + _task_note(analysis)
         )
         + "</p>",
     ]
@@ -236,12 +237,15 @@ def _page(
                 c.model,
                 c.a,
                 c.b,
-                f"{c.difference:+.4f}",
+                _headline_difference(c.task, c.difference),
                 "—" if c.p_value is None else f"{c.p_value:.3g}",
             ]
             for c in analysis.comparisons
         ]
-        parts.append(_table(["model", "A", "B", "loss A − B", "p (Welch)"], rows, left=3))
+        header = ["model", "A", "B", "A − B (final loss; RLHF: reward)", "p (Welch)"]
+        if all(c.task == "train" for c in analysis.comparisons):
+            header[3] = "loss A − B"
+        parts.append(_table(header, rows, left=3))
         parts.append(
             '<p class="muted">'
             + e(
@@ -262,7 +266,7 @@ def _page(
                 s.label,
                 s.key,
                 _fmt(s.best_value),
-                "—" if s.best_loss is None else f"{s.best_loss:.4f}",
+                "—" if s.best_loss is None else f"{views_by_task(s.task).shown(s.best_loss):.4f}",
                 "—" if s.spread is None else f"{s.spread:.4f}",
                 str(s.n_diverged),
             ]
@@ -273,7 +277,9 @@ def _page(
             "optimizer",
             "hyperparameter",
             "best value",
-            "best loss",
+            "best loss"
+            if all(s.task != "rlhf" for s in analysis.sensitivities)
+            else "best (RLHF: reward)",
             "spread",
             "diverged values",
         ]
@@ -290,16 +296,47 @@ def _page(
         parts.append(
             '<p class="muted">'
             + e(
-                "Each id opens that run's page: its training loss, validation loss, LR and "
-                "gradient norm against tokens (interactive, from its metrics.jsonl), its "
-                "resolved config and links to its files; the best run of each series is also "
-                "drawn in the curves figure above."
+                "Each id opens that run's page: the curves its task logs (pre-training: "
+                "training and validation loss, LR and gradient norm against tokens; "
+                "fine-tuning: response losses and exact match; RLHF: rewards, KL and response "
+                "length; interactive, from its metrics.jsonl), its resolved config and links "
+                "to its files; the best run of each series is also drawn in the curves figure "
+                "above."
             )
             + "</p>"
         )
         parts.append("</details>")
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _headline_difference(task: str, difference: float) -> str:
+    """A difference of two series' best ``val_loss`` as their task shows it (RLHF: of the
+    rewards, with their sign)."""
+    shown = views_by_task(task)
+    value = shown.shown(difference) + 0.0  # no "-0.0000" for equal results
+    return f"{value:+.4f}" + ("" if shown.sign > 0 else " reward")
+
+
+def _task_note(analysis: Analysis) -> str:
+    """What the ranked number is for the post-training runs of the sweep."""
+    tasks = {s.task for s in analysis.series}
+    notes = []
+    if "finetune" in tasks:
+        notes.append(
+            "For fine-tuning runs the loss is the validation responses' cross-entropy (prompt "
+            "tokens excluded) and exact match is the share of held-out prompts whose greedy "
+            "response is the answer."
+        )
+    if "reward" in tasks:
+        notes.append("For reward-model runs the loss is the held-out Bradley-Terry loss.")
+    if "rlhf" in tasks:
+        notes.append(
+            "For RLHF runs the ranked number is the negative held-out mean reward of greedy "
+            "responses (lower is better: the store ranks every task by loss); the reward "
+            "columns and the figures show the reward with its own sign."
+        )
+    return "".join(" " + n for n in notes)
 
 
 def _table(

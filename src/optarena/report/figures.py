@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from optarena.analysis import Analysis, Sensitivity, SeriesResult
-from optarena.run_log import METRICS_FILE, read_records
+from optarena.report.views import View, drawn, run_curves, view_of, views_by_task
 from optarena.speedup import Speedup
 from optarena.sweep.store import RunRecord
 
@@ -49,6 +49,36 @@ def mpl_text(text: str) -> str:
     return text.replace("\\", "\\\\").replace("$", r"\$")
 
 
+@dataclass(frozen=True)
+class Group:
+    """The series of one model and one task: one set of figures, its file-name ``suffix``
+    and the words ``where`` added to its titles (empty when the store holds one group)."""
+
+    model: str
+    view: View
+    suffix: str
+    where: str
+
+
+def groups(analysis: Analysis) -> list[Group]:
+    """Every (model, task) of the analysis; suffixes and titles name the model when there are
+    several, and the task when one model has several."""
+    models = analysis.models()
+    mine = [*analysis.series, *analysis.sensitivities]
+    out = []
+    for model in models:
+        tasks = sorted({s.task for s in mine if s.model == model}, key=lambda t: (t != "train", t))
+        for task in tasks:
+            suffix = f"-{_slug(model)}" if len(models) > 1 else ""
+            where = [model] if len(models) > 1 else []
+            if len(tasks) > 1:
+                suffix += f"-{_slug(task)}"
+                where.append(task)
+            text = f" ({', '.join(where)})" if where else ""
+            out.append(Group(model, views_by_task(task), suffix, text))
+    return out
+
+
 def all_figures(
     analysis: Analysis,
     runs: dict[str, RunRecord],
@@ -56,16 +86,21 @@ def all_figures(
     speedups: dict[str, Speedup] | None = None,
 ) -> list[Rendered]:
     out = []
-    models = analysis.models()
-    for model in models:
-        series = [s for s in analysis.series if s.model == model and s.curve]
-        suffix = f"-{_slug(model)}" if len(models) > 1 else ""
-        where = f" ({model})" if len(models) > 1 else ""
+    for g in groups(analysis):
+        series = [
+            s for s in analysis.series if s.model == g.model and s.task == g.view.task and s.curve
+        ]
+        suffix, where, shown = g.suffix, g.where, g.view
         if series:
-            out.append(loss_vs_lr(series, f"loss-vs-lr{suffix}", f"Final loss vs LR{where}"))
+            stem = f"{shown.stem}-vs-lr{suffix}"
+            out.append(loss_vs_lr(series, stem, f"Final {shown.noun} vs LR{where}", view=shown))
             out.append(
                 loss_vs_lr(
-                    series, f"loss-vs-lr-aligned{suffix}", f"Aligned at each optimum{where}", True
+                    series,
+                    f"{shown.stem}-vs-lr-aligned{suffix}",
+                    f"Aligned at each optimum{where}",
+                    True,
+                    shown,
                 )
             )
             out.append(
@@ -78,35 +113,46 @@ def all_figures(
                 out.append(
                     speedup_figure(mine, f"speedup-vs-adamw{suffix}", f"Speedup vs AdamW{where}")
                 )
-        keys = sorted({s.key for s in analysis.sensitivities if s.model == model})
-        for key in keys:
-            group = [
-                s for s in analysis.sensitivities if s.model == model and s.key == key and s.curve
-            ]
+        sens = [s for s in analysis.sensitivities if s.model == g.model and s.task == shown.task]
+        for key in sorted({s.key for s in sens}):
+            group = [s for s in sens if s.key == key and s.curve]
             if not group:
                 continue
-            out.append(sensitivity(group, f"sensitivity-{_slug(key)}{suffix}", f"{key}{where}"))
+            name = f"sensitivity-{_slug(key)}{suffix}"
+            out.append(sensitivity(group, name, f"{key}{where}", shown))
     return out
 
 
 def loss_vs_lr(
-    series: Sequence[SeriesResult], name: str, title: str, aligned: bool = False
+    series: Sequence[SeriesResult],
+    name: str,
+    title: str,
+    aligned: bool = False,
+    view: View | None = None,
 ) -> Rendered:
     """One line per optimizer on log-x; diverged points as crosses along the top edge."""
+    return render(loss_vs_lr_figure(series, title, aligned, view), name, title)
+
+
+def loss_vs_lr_figure(
+    series: Sequence[SeriesResult], title: str, aligned: bool = False, view: View | None = None
+) -> Figure:
+    """The figure of :func:`loss_vs_lr`: the view's headline (the reward with its own sign for
+    RLHF) at each LR."""
+    shown = view or view_of(series)
     fig = Figure(figsize=(8.5, 4.6))
     ax = fig.add_subplot()
-    finite = [p.loss for s in series for p in s.curve if math.isfinite(p.loss)]
+    finite = [shown.shown(p.loss) for s in series for p in s.curve if math.isfinite(p.loss)]
     top = _top(finite)
     for i, s in enumerate(series):
         scale = s.best_lr if aligned and s.best_lr else 1.0
         xs = [p.x / scale for p in s.curve]
         counts = [p.n_diverged for p in s.curve]
-        _plot_with_divergence(
-            ax, xs, [p.loss for p in s.curve], s.name, i, _row(finite, top, i), counts, log_x=True
-        )
+        ys = [shown.shown(p.loss) if math.isfinite(p.loss) else math.inf for p in s.curve]
+        _plot_with_divergence(ax, xs, ys, s.name, i, _row(finite, top, i), counts, log_x=True)
     ax.set_xscale("log")
     ax.set_xlabel("LR / best LR" if aligned else "peak learning rate")
-    ax.set_ylabel("final validation loss (nats)")
+    ax.set_ylabel(shown.headline)
     _ylim(ax, finite, _row(finite, top, len(series) - 1))
     if aligned:
         ax.axvline(1.0, color="0.6", linewidth=0.8, linestyle=":")
@@ -120,38 +166,20 @@ def loss_vs_lr(
     )
     ax.grid(True, which="both", alpha=0.3)
     _legend(ax)
-    return render(fig, name, title)
+    return fig
 
 
-PANELS = (
-    ("loss", "training loss (nats)", "linear"),
-    ("val_loss", "validation loss (nats)", "linear"),
-    ("lr", "learning rate", "log"),
-    ("grad_norm", "gradient norm (before clipping)", "log"),
-)
-
-
-def run_curves(directory: Path, run: RunRecord) -> dict[str, tuple[list[float], list[float]]]:
-    """``key -> (tokens, values)`` from the run's ``metrics.jsonl`` (the store's eval curve when
-    the file is gone): training loss, validation loss, LR and gradient norm."""
-    records = read_records(directory / "runs" / run.id / METRICS_FILE)
-    summary = run.summary or {}
-    per_step = (summary.get("tokens") or 0) / (summary.get("steps") or 1) or float(
-        run.config.get("batch_size", 16) * run.config.get("seq_len", 128)
-    )
-    out: dict[str, tuple[list[float], list[float]]] = {key: ([], []) for key, _, _ in PANELS}
-    for record in records:
-        tokens = record.get("tokens", record.get("step", 0) * per_step)
-        for key, _, _ in PANELS:
-            value = record.get(key)
-            if _finite(value):
-                out[key][0].append(tokens)
-                out[key][1].append(value)
-    if not out["val_loss"][0]:
-        for step, loss in run.eval_curve:
-            if _finite(loss):
-                out["val_loss"][0].append(step * per_step)
-                out["val_loss"][1].append(loss)
+def best_run_curves(
+    series: Sequence[SeriesResult], runs: dict[str, RunRecord], directory: Path
+) -> list[tuple[SeriesResult, dict[str, tuple[list[float], list[float]]]]]:
+    """Each series with the curves of its best run (its first seed), series without a run
+    left out."""
+    shown = view_of(series)
+    out = []
+    for s in series:
+        run = next((runs[r] for r in s.best_run_ids if r in runs), None)
+        if run is not None:
+            out.append((s, run_curves(directory, run, shown)))
     return out
 
 
@@ -162,37 +190,49 @@ def best_curves(
     name: str,
     title: str,
 ) -> Rendered:
-    """Training loss, validation loss, LR and gradient norm against tokens for each series'
-    best run (its first seed), axes unclipped: every logged point is inside them."""
-    fig = Figure(figsize=(11, 7.5))
-    axes = fig.subplots(2, 2).flatten()
-    for i, s in enumerate(series):
-        run = next((runs[r] for r in s.best_run_ids if r in runs), None)
-        if run is None:
-            continue
-        curves = run_curves(directory, run)
-        for ax, (key, _, _) in zip(axes, PANELS, strict=True):
-            xs, ys = curves[key]
+    """The curves of each series' best run (its task's: :mod:`optarena.report.views`), axes
+    unclipped: every logged point is inside them."""
+    return render(best_curves_figure(series, runs, directory, title), name, title)
+
+
+def best_curves_figure(
+    series: Sequence[SeriesResult], runs: dict[str, RunRecord], directory: Path, title: str
+) -> Figure:
+    shown = view_of(series)
+    data = best_run_curves(series, runs, directory)
+    panels = drawn(shown.curves, [d for _, d in data]) or list(shown.curves)
+    rows = math.ceil(len(panels) / 2)
+    fig = Figure(figsize=(11, 3.75 * rows))
+    axes = fig.subplots(rows, 2, squeeze=False).flatten()
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
+    for i, (s, curves) in enumerate(data):
+        for ax, c in zip(axes, panels, strict=False):
+            xs, ys = curves[c.ident]
             if xs:
                 ax.plot(
                     xs,
                     ys,
-                    marker=_MARKERS[i % len(_MARKERS)] if key == "val_loss" else None,
+                    # one point (a run logged once) would be invisible as a line
+                    marker=_MARKERS[i % len(_MARKERS)]
+                    if c.records == "eval" or len(xs) == 1
+                    else None,
                     markersize=3,
                     linewidth=1.1,
                     color=f"C{i % 10}",
                     label=mpl_text(f"{s.name} @ {s.best_lr:.3g}"),
                 )
-    for ax, (_, label, scale) in zip(axes, PANELS, strict=True):
-        ax.set_xlabel("training tokens")
-        ax.set_ylabel(label)
-        if ax.lines and scale == "log":
+    for ax, c in zip(axes, panels, strict=False):
+        ax.set_xlabel(shown.x_label)
+        ax.set_ylabel(c.label)
+        if ax.lines and c.scale == "log":
             ax.set_yscale("log")
         ax.grid(True, alpha=0.3)
-    if axes[1].get_legend_handles_labels()[0]:
-        axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    legend_ax = axes[min(1, len(panels) - 1)]
+    if legend_ax.get_legend_handles_labels()[0]:
+        legend_ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.suptitle(mpl_text(title))
-    return render(fig, name, title)
+    return fig
 
 
 def speedup_figure(speedups: Sequence[Speedup], name: str, title: str) -> Rendered:
@@ -253,8 +293,12 @@ def tuning_paths(data: dict[str, Any], name: str, title: str) -> Rendered | None
     return render(fig, name, title)
 
 
-def sensitivity(group: Sequence[Sensitivity], name: str, title: str) -> Rendered:
-    """A 1-D sweep: loss at each value (evenly spaced, labelled), diverged as crosses."""
+def sensitivity(
+    group: Sequence[Sensitivity], name: str, title: str, view: View | None = None
+) -> Rendered:
+    """A 1-D sweep: the headline at each value (evenly spaced, labelled), diverged as
+    crosses."""
+    shown = view or view_of(group)
     values: list[Any] = []
     for s in group:
         values += [p.x for p in s.curve if p.x not in values]
@@ -267,20 +311,19 @@ def sensitivity(group: Sequence[Sensitivity], name: str, title: str) -> Rendered
     index = {str(v): i for i, v in enumerate(values)}
     fig = Figure(figsize=(8.5, 4.2))
     ax = fig.add_subplot()
-    finite = [p.loss for s in group for p in s.curve if math.isfinite(p.loss)]
+    finite = [shown.shown(p.loss) for s in group for p in s.curve if math.isfinite(p.loss)]
     top = _top(finite)
     _ylim(ax, finite, _row(finite, top, len(group) - 1))
     for i, s in enumerate(group):
         xs = [index[str(p.x)] for p in s.curve]
         counts = [p.n_diverged for p in s.curve]
-        _plot_with_divergence(
-            ax, xs, [p.loss for p in s.curve], s.label, i, _row(finite, top, i), counts
-        )
+        ys = [shown.shown(p.loss) if math.isfinite(p.loss) else math.inf for p in s.curve]
+        _plot_with_divergence(ax, xs, ys, s.label, i, _row(finite, top, i), counts)
     ax.set_xticks(
         range(len(values)), [mpl_text(f"{v:g}" if isinstance(v, float) else str(v)) for v in values]
     )
     ax.set_xlabel(mpl_text(group[0].key))
-    ax.set_ylabel("final validation loss (nats)")
+    ax.set_ylabel(shown.headline)
     ax.set_title(mpl_text(f"Sensitivity to {title}"))
     ax.grid(True, alpha=0.3)
     _legend(ax)

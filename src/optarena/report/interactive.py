@@ -16,7 +16,8 @@ from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
 from optarena.analysis import Analysis, SeriesResult
-from optarena.report.figures import PANELS, run_curves
+from optarena.report.figures import best_run_curves, groups
+from optarena.report.views import View, drawn, view_of
 from optarena.speedup import Speedup
 from optarena.sweep.store import RunRecord
 
@@ -39,10 +40,20 @@ def _div(fig: go.Figure, ident: str) -> str:
     )
 
 
-def loss_vs_lr(series: Sequence[SeriesResult], ident: str, title: str, aligned: bool) -> str:
-    """Final loss against LR; diverged runs as x markers on a row per series above the rest."""
+def loss_vs_lr(
+    series: Sequence[SeriesResult], ident: str, title: str, aligned: bool, view: View | None = None
+) -> str:
+    return _div(loss_vs_lr_figure(series, title, aligned, view), ident)
+
+
+def loss_vs_lr_figure(
+    series: Sequence[SeriesResult], title: str, aligned: bool, view: View | None = None
+) -> go.Figure:
+    """The headline of the series' task (the final loss; an RLHF run's reward with its own
+    sign) against LR; diverged runs as x markers on a row per series above the rest."""
+    shown = view or view_of(series)
     fig = go.Figure()
-    finite = [p.loss for s in series for p in s.curve if math.isfinite(p.loss)]
+    finite = [shown.shown(p.loss) for s in series for p in s.curve if math.isfinite(p.loss)]
     top = max(finite, default=1.0)
     span = (top - min(finite, default=0.0)) + 0.1
     for i, s in enumerate(series):
@@ -52,14 +63,14 @@ def loss_vs_lr(series: Sequence[SeriesResult], ident: str, title: str, aligned: 
         fig.add_trace(
             go.Scatter(
                 x=[p.x / scale for p in ok],
-                y=[p.loss for p in ok],
+                y=[shown.shown(p.loss) for p in ok],
                 mode="lines+markers",
                 name=s.name,
                 legendgroup=s.name,
                 line={"color": color},
                 customdata=[[p.x, len(p.losses)] for p in ok],
-                hovertemplate="LR %{customdata[0]:.3g}<br>loss %{y:.4f}<br>seeds %{customdata[1]}"
-                "<extra>%{fullData.name}</extra>",
+                hovertemplate=f"LR %{{customdata[0]:.3g}}<br>{shown.noun} %{{y:.4f}}<br>seeds "
+                "%{customdata[1]}<extra>%{fullData.name}</extra>",
             )
         )
         bad = [(p.x, k) for p in s.curve for k in range(p.n_diverged)]
@@ -79,9 +90,9 @@ def loss_vs_lr(series: Sequence[SeriesResult], ident: str, title: str, aligned: 
                 )
             )
     fig.update_xaxes(type="log", title="LR / best LR" if aligned else "peak learning rate")
-    fig.update_yaxes(title="final validation loss (nats)")
+    fig.update_yaxes(title=shown.headline)
     fig.update_layout(title=title + " (x: one per diverged run)")
-    return _div(fig, ident)
+    return fig
 
 
 def curves(
@@ -91,36 +102,45 @@ def curves(
     ident: str,
     title: str,
 ) -> str:
-    """Training loss, validation loss, LR and gradient norm against tokens at each best LR."""
-    fig = make_subplots(rows=2, cols=2, subplot_titles=[label for _, label, _ in PANELS])
-    for i, s in enumerate(series):
-        run = next((runs[r] for r in s.best_run_ids if r in runs), None)
-        if run is None:
-            continue
+    return _div(curves_figure(series, runs, directory, title), ident)
+
+
+def curves_figure(
+    series: Sequence[SeriesResult], runs: dict[str, RunRecord], directory: Path, title: str
+) -> go.Figure:
+    """The curves of the series' task (:mod:`optarena.report.views`) at each best LR, one
+    panel each, titled with what it plots."""
+    shown = view_of(series)
+    data = best_run_curves(series, runs, directory)
+    panels = drawn(shown.curves, [d for _, d in data]) or list(shown.curves)
+    rows = math.ceil(len(panels) / 2)
+    fig = make_subplots(rows=rows, cols=2, subplot_titles=[c.label for c in panels])
+    for i, (s, curves) in enumerate(data):
         color = f"hsl({(i * 47) % 360},65%,42%)"
-        data = run_curves(directory, run)
-        for k, (key, _, _) in enumerate(PANELS):
-            xs, ys = data[key]
+        for k, c in enumerate(panels):
+            xs, ys = curves[c.ident]
             fig.add_trace(
                 go.Scatter(
                     x=xs,
                     y=ys,
-                    mode="lines+markers" if key == "val_loss" else "lines",
+                    mode="lines+markers" if c.records == "eval" or len(xs) == 1 else "lines",
                     name=f"{s.name} @ {s.best_lr:.3g}",
                     legendgroup=s.name,
                     showlegend=k == 0,
                     line={"color": color, "width": 1.4},
                     marker={"size": 4},
+                    hovertemplate=f"%{{x:,.0f}}<br>%{{y:.4g}}<extra>{c.label}</extra>",
                 ),
                 row=k // 2 + 1,
                 col=k % 2 + 1,
             )
-    for k, (_, _, scale) in enumerate(PANELS):
-        fig.update_xaxes(title="training tokens", row=k // 2 + 1, col=k % 2 + 1)
-        if scale == "log":
+    for k, c in enumerate(panels):
+        fig.update_xaxes(title=shown.x_label, row=k // 2 + 1, col=k % 2 + 1)
+        fig.update_yaxes(title=c.label, row=k // 2 + 1, col=k % 2 + 1)
+        if c.scale == "log":
             fig.update_yaxes(type="log", row=k // 2 + 1, col=k % 2 + 1)
-    fig.update_layout(title=title, height=720)
-    return _div(fig, ident)
+    fig.update_layout(title=title, height=360 * rows)
+    return fig
 
 
 def speedup(speedups: Sequence[Speedup], ident: str, title: str) -> str | None:
@@ -162,22 +182,24 @@ def all_divs(
 ) -> list[tuple[str, str]]:
     """``(file stem of the static twin, div)`` per interactive figure."""
     out = []
-    models = analysis.models()
-    for model in models:
-        series = [s for s in analysis.series if s.model == model and s.curve]
+    for g in groups(analysis):
+        series = [
+            s for s in analysis.series if s.model == g.model and s.task == g.view.task and s.curve
+        ]
         if not series:
             continue
-        suffix = f"-{''.join(c if c.isalnum() else '-' for c in model)}" if len(models) > 1 else ""
-        where = f" ({model})" if len(models) > 1 else ""
+        suffix, where, stem = g.suffix, g.where, g.view.stem
         out.append(
             (
-                f"loss-vs-lr{suffix}",
-                loss_vs_lr(series, f"fig-loss-vs-lr{suffix}", f"Final loss vs LR{where}", False),
+                f"{stem}-vs-lr{suffix}",
+                loss_vs_lr(
+                    series, f"fig-{stem}-vs-lr{suffix}", f"Final {g.view.noun} vs LR{where}", False
+                ),
             )
         )
         out.append(
             (
-                f"loss-vs-lr-aligned{suffix}",
+                f"{stem}-vs-lr-aligned{suffix}",
                 loss_vs_lr(series, f"fig-aligned{suffix}", f"Aligned at each optimum{where}", True),
             )
         )

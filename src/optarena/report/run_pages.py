@@ -1,12 +1,13 @@
 """One small page per run (``DIR/report/runs/<id>.html``): its settings, outcome and curves.
 
 The runs table of the report links each run here. A page shows what the run was (optimizer,
-the values its grid swept, seed, the resolved config), how it ended, and an interactive figure
-of its training loss, validation loss, LR and gradient norm against tokens, from its
-``metrics.jsonl``. plotly.js is written once, to ``DIR/report/plotly.min.js``, and every page
-loads it by a relative path: the pages work offline from plain files, and each stays small.
-The figure is built as plotly's JSON directly (no figure objects), so that hundreds of pages
-take a second or two.
+model, the values its grid swept, seed, the resolved config), how it ended, and an interactive
+figure of its task's curves (:mod:`optarena.report.views`: pre-training's training loss,
+validation loss, LR and gradient norm against tokens; an RLHF run's rewards, KL and response
+length against steps; ...), from its ``metrics.jsonl``. plotly.js is written once, to
+``DIR/report/plotly.min.js``, and every page loads it by a relative path: the pages work
+offline from plain files, and each stays small. The figure is built as plotly's JSON directly
+(no figure objects), so that hundreds of pages take a second or two.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from typing import Any
 from plotly.offline import get_plotlyjs
 
 from optarena import atomic
-from optarena.report.figures import PANELS, run_curves
+from optarena.report import views
+from optarena.report.views import View, drawn, run_curves, run_view
 from optarena.run_log import METRICS_FILE
 from optarena.sweep.store import Member, RunRecord
 
@@ -95,7 +97,7 @@ def signature(directory: Path, run: RunRecord, places: Sequence[Member], self_ch
             ),  # points are dicts: a run in two series of one label would not sort
             files,
             hashlib.sha256((self_check + _CSS).encode()).hexdigest(),
-            Path(__file__).stat().st_mtime_ns,
+            [Path(f).stat().st_mtime_ns for f in (__file__, views.__file__)],
         ],
         sort_keys=True,
         default=str,
@@ -114,36 +116,42 @@ def _stamp_of(path: Path) -> str | None:
     return match.group(1) if match else None
 
 
-def figure_json(curves: Mapping[str, tuple[list[float], list[float]]]) -> dict[str, Any] | None:
-    """plotly's ``{data, layout}`` for the four panels of one run; None when nothing was logged."""
-    if not any(xs for xs, _ in curves.values()):
+def figure_json(
+    curves: Mapping[str, tuple[list[float], list[float]]], view: View
+) -> dict[str, Any] | None:
+    """plotly's ``{data, layout}`` with a panel per curve of the run's task that holds a
+    point; None when nothing was logged."""
+    panels = drawn(view.curves, [curves])
+    if not panels:
         return None
     data: list[dict[str, Any]] = []
+    rows = math.ceil(len(panels) / 2)
     layout: dict[str, Any] = {
-        "grid": {"rows": 2, "columns": 2, "pattern": "independent"},
-        "height": 640,
+        "grid": {"rows": rows, "columns": 2, "pattern": "independent"},
+        "height": 320 * rows,
         "showlegend": False,
         "margin": {"l": 70, "r": 20, "t": 30, "b": 50},
     }
-    for k, (key, label, scale) in enumerate(PANELS):
+    unit = "tokens" if view.x == "tokens" else "steps"
+    for k, c in enumerate(panels):
         suffix = "" if k == 0 else str(k + 1)
-        xs, ys = _thin(*curves[key])
+        xs, ys = _thin(*curves[c.ident])
         data.append(
             {
                 "type": "scatter",
-                "mode": "lines+markers" if key == "val_loss" else "lines",
+                "mode": "lines+markers" if c.records == "eval" or len(xs) == 1 else "lines",
                 "x": xs,
                 "y": ys,
-                "name": label,
+                "name": c.label,
                 "xaxis": f"x{suffix}",
                 "yaxis": f"y{suffix}",
-                "line": {"width": 1.4, "color": f"hsl({k * 90},60%,40%)"},
+                "line": {"width": 1.4, "color": f"hsl({k * 60},60%,40%)"},
                 "marker": {"size": 4},
-                "hovertemplate": "%{x:,.0f} tokens<br>%{y:.4g}<extra>" + label + "</extra>",
+                "hovertemplate": f"%{{x:,.0f}} {unit}<br>%{{y:.4g}}<extra>{c.label}</extra>",
             }
         )
-        layout[f"xaxis{suffix}"] = {"title": {"text": "training tokens"}}
-        layout[f"yaxis{suffix}"] = {"title": {"text": label}, "type": scale}
+        layout[f"xaxis{suffix}"] = {"title": {"text": view.x_label}}
+        layout[f"yaxis{suffix}"] = {"title": {"text": c.label}, "type": c.scale}
     return {"data": data, "layout": layout}
 
 
@@ -162,12 +170,15 @@ def _page(
 ) -> str:
     e = html.escape
     summary = run.summary or {}
+    shown = run_view(run)
+    headline = None if run.final_val_loss is None else shown.shown(run.final_val_loss)
     rows = [
         ("optimizer", run.optimizer),
+        ("model", run.model),
         ("series", "; ".join(f"{m.label} ({_point(m.point)})" for m in places) or run.optimizer),
         ("seed", run.seed),
         ("status", run.status),
-        ("final validation loss", _number(run.final_val_loss)),
+        (shown.headline, _number(headline)),
         ("training tokens", summary.get("tokens")),
         ("wall seconds", _number(run.wall_seconds)),
         ("threads", (summary.get("environment") or {}).get("threads")),
@@ -177,7 +188,7 @@ def _page(
     table = "".join(
         f"<tr><th>{e(k)}</th><td>{e('' if v is None else str(v))}</td></tr>" for k, v in rows
     )
-    fig = figure_json(run_curves(directory, run))
+    fig = figure_json(run_curves(directory, run, shown), shown)
     files = " · ".join(
         f'<a href="../../runs/{e(run.id)}/{name}">{name}</a>'
         for name in ("metrics.jsonl", "summary.json", "log.txt", "error.txt")
@@ -189,7 +200,7 @@ def _page(
         blob = json.dumps(fig, allow_nan=False, default=_plain).replace("</", "<\\/")
         figure = (
             '<figure class="interactive"><div id="curves" class="js-plotly-plot-target"></div>'
-            "<figcaption>Training loss, validation loss, LR and gradient norm against tokens "
+            f"<figcaption>{e(shown.caption()[:1].upper() + shown.caption()[1:])} "
             "(hover for values, drag to zoom, double-click to reset).</figcaption></figure>"
             f"<script>(function(){{var f={blob};"
             'Plotly.newPlot("curves",f.data,f.layout,{displaylogo:false,responsive:true});'

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from optarena.analysis import Analysis, SeriesResult
+from optarena.report.views import View, view_of
 from optarena.speedup import (
     BASELINE,
     ENDPOINT_LENGTHS,
@@ -35,6 +36,7 @@ class Noise:
     sd: float
     measured: bool
     points: int  # points with two or more seeds that it was pooled over
+    unit: str = "nats"  # of the ranked number: an RLHF sweep's is a reward
 
     @property
     def band(self) -> float:
@@ -42,16 +44,18 @@ class Noise:
         return 1.96 * math.sqrt(2.0) * self.sd
 
     def describe(self) -> str:
+        unit = self.unit
         if self.measured:
             return (
-                f"seed-to-seed standard deviation {self.sd:.4f} nats, pooled over {self.points} "
-                f"LRs with several seeds; two results closer than 1.96·√2·sd = {self.band:.3f} "
-                "nats are indistinguishable at ~95%"
+                f"seed-to-seed standard deviation {self.sd:.4f} {unit}, pooled over "
+                f"{self.points} LRs with several seeds; two results closer than 1.96·√2·sd = "
+                f"{self.band:.3f} {unit} are indistinguishable at ~95%"
             )
         return (
             f"one seed per LR, so seed noise is not measured: assumed standard deviation "
-            f"{self.sd:.3f} nats (typical of these small runs; rerun with --seeds 0 1 2 to measure "
-            f"it); two results closer than {self.band:.3f} nats are treated as indistinguishable"
+            f"{self.sd:.3f} {unit} (typical of these small runs; rerun with --seeds 0 1 2 to "
+            f"measure it); two results closer than {self.band:.3f} {unit} are treated as "
+            "indistinguishable"
         )
 
 
@@ -64,9 +68,11 @@ def noise(analysis: Analysis) -> Noise:
                 num += statistics.variance(p.losses) * (len(p.losses) - 1)
                 dof += len(p.losses) - 1
                 points += 1
+    units = {view_of([s]).unit for s in analysis.series}
+    unit = units.pop() if len(units) == 1 else "nats"
     if dof:
-        return Noise(math.sqrt(num / dof), True, points)
-    return Noise(ASSUMED_SEED_SD, False, 0)
+        return Noise(math.sqrt(num / dof), True, points, unit)
+    return Noise(ASSUMED_SEED_SD, False, 0, unit)
 
 
 @dataclass
@@ -92,8 +98,10 @@ def tell(analysis: Analysis, runs: dict[str, RunRecord]) -> Story:
         ]
         if not series:
             continue
-        story.speedups.update(speedups(series, runs))
-        _conclude(story, model, series, len(analysis.models()) > 1)
+        shown = view_of(series)
+        if shown.speedups:  # a power law in training tokens describes this task's loss
+            story.speedups.update(speedups(series, runs))
+        _conclude(story, model, series, len(analysis.models()) > 1, shown)
     story.caveats = caveats(analysis, list(runs.values()))
     loose = [
         s.label for s in story.speedups.values() if s.interval and not math.isfinite(s.interval[0])
@@ -108,29 +116,36 @@ def tell(analysis: Analysis, runs: dict[str, RunRecord]) -> Story:
     return story
 
 
-def _conclude(story: Story, model: str, series: list[SeriesResult], several: bool) -> None:
+def _conclude(
+    story: Story, model: str, series: list[SeriesResult], several: bool, shown: View
+) -> None:
+    """The sentences of one model's series, in the words of their task (``shown``): an RLHF
+    sweep's best is its highest held-out reward, said with the reward's sign."""
     assert story.noise is not None
     where = f" ({model})" if several else ""
     best = series[0]
     group = [s for s in series if s.best_loss - best.best_loss <= story.noise.band]
     story.best_group[model] = [s.name for s in group]
     others = [s.name for s in group if s is not best]
+    band, unit = story.noise.band, shown.unit
     text = (
-        f"Best final validation loss{where}: {best.name}, {best.best_loss:.4f} at LR "
-        f"{best.best_lr:.3g}. "
+        f"Best final {'validation loss' if shown.task == 'train' else shown.noun}{where}: "
+        f"{best.name}, {shown.shown(best.best_loss):.4f} at LR {best.best_lr:.3g}. "
     )
     if others:
         text += (
-            f"Within the noise band ({story.noise.band:.3f} nats) of it, and so not "
+            f"Within the noise band ({band:.3f} {unit}) of it, and so not "
             f"distinguishable from it by this sweep: {', '.join(others)}. "
         )
     else:
-        text += f"No other optimizer is within the noise band ({story.noise.band:.3f} nats). "
+        text += f"No other optimizer is within the noise band ({band:.3f} {unit}). "
     rest = [s for s in series if s not in group]
     if rest:
         text += (
             "Worse by more than the noise: "
-            + ", ".join(f"{s.name} (+{s.best_loss - best.best_loss:.3f})" for s in rest)
+            + ", ".join(
+                f"{s.name} ({shown.shown(s.best_loss - best.best_loss):+.3f})" for s in rest
+            )
             + "."
         )
     story.conclusions.append(text.strip())
@@ -143,7 +158,7 @@ def _conclude(story: Story, model: str, series: list[SeriesResult], several: boo
         lo, hi = widths[0], widths[-1]
         mark = "≥" if hi[1].basins[tau].censored else ""
         story.conclusions.append(
-            f"Most stable{where} (widest LR basin within {tau:g} nats of its own best): "
+            f"Most stable{where} (widest LR basin within {tau:g} {unit} of its own best): "
             f"{hi[1].name}, {mark}{hi[0]:.2f} decades; least stable: {lo[1].name}, "
             f"{lo[0]:.2f} decades."
         )

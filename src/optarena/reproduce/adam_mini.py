@@ -282,35 +282,33 @@ def paper_rows() -> list[list[str]]:
 
 
 def curves_figure(analysis: Analysis, models: Sequence[str], runs: dict[str, Any]) -> Any:
-    """Validation loss against step, AdamW and Adam-mini at AdamW's best LR, every size."""
-    from matplotlib.figure import Figure
+    """Validation loss against step, AdamW and Adam-mini at AdamW's best LR, every size; the
+    y-axis is cut at the lower half of the losses so that the last steps can be told apart."""
+    from optarena.reproduce.render import Curve, curves_figure
 
-    from optarena.report.figures import render
-
-    fig = Figure(figsize=(7.5, 4.6))
-    ax = fig.add_subplot()
-    finite: list[float] = []
+    curves: list[Curve] = []
     for model in models:
         S = series(analysis, model)
         adamw = S.get("adamw")
         for opt, style in (("adamw", "-"), ("adam-mini", "--")):
             p = point_at(S.get(opt), adamw.best_lr if adamw else None)
             rec = runs.get(p.run_ids[0]) if p else None
-            if rec is None or not rec.eval_curve:
-                continue
-            xs = [c[0] for c in rec.eval_curve if c[1] is not None]
-            ys = [c[1] for c in rec.eval_curve if c[1] is not None]
-            finite += ys
-            ax.plot(xs, ys, style, marker="o", markersize=3, label=f"{opt} ({model})")
-    ax.set_xlabel("step")
-    ax.set_ylabel("validation loss (nats)")
+            points = [(x, y) for x, y in (rec.eval_curve if rec else []) if y is not None]
+            curves.append(Curve(points, f"{opt} ({model})", style))
+    finite = sorted(y for c in curves for _, y in c.points)
+    ylim = None
     if finite:
-        low = min(finite)
-        ax.set_ylim(low - 0.05, low + 1.5 * (sorted(finite)[len(finite) // 2] - low) + 0.1)
-        ax.legend(fontsize=8)
-    ax.grid(True, alpha=0.3)
-    ax.set_title("AdamW vs Adam-mini at AdamW's best LR (same hyperparameters)")
-    return render(fig, "repro-adam-mini-curves", "AdamW vs Adam-mini at AdamW's best LR")
+        low = finite[0]
+        ylim = (low - 0.05, low + 1.5 * (finite[len(finite) // 2] - low) + 0.1)
+    return curves_figure(
+        curves,
+        xlabel="step",
+        ylabel="validation loss (nats)",
+        title="AdamW vs Adam-mini at AdamW's best LR (same hyperparameters)",
+        name="repro-adam-mini-curves",
+        caption="AdamW vs Adam-mini at AdamW's best LR",
+        ylim=ylim,
+    )
 
 
 def write(

@@ -330,40 +330,28 @@ def store_runs(out: Path) -> dict[str, Any]:
 def curves_figure(rl: Analysis, runs: dict[str, Any]) -> Any:
     """Held-out reward against RLHF step (0: the SFT model), both optimizers at AdamW's best
     RLHF LR, every seed."""
-    from matplotlib.figure import Figure
-
-    from optarena.report.figures import render
+    from optarena.reproduce.render import Curve, curves_figure
 
     S = rlhf_series(rl)
     adamw = S.get("adamw")
     lr = adamw.best_lr if adamw else None
-    fig = Figure(figsize=(7.5, 4.2))
-    ax = fig.add_subplot()
+    curves = []
     for opt, colour in (("adamw", "C0"), ("adam-mini", "C1")):
         point = next((p for p in S[opt].curve if p.x == lr), None) if opt in S else None
         for k, run_id in enumerate(point.run_ids if point else []):
             summary = runs[run_id].summary or {} if run_id in runs else {}
             start = (summary.get("initial") or {}).get("reward")
-            curve = [(0, start)] if start is not None else []
-            curve += [(c["step"], c["reward"]) for c in summary.get("eval_curve", [])]
-            if curve:
-                xs, ys = zip(*curve, strict=True)
-                ax.plot(
-                    xs,
-                    ys,
-                    "-o",
-                    color=colour,
-                    markersize=3,
-                    alpha=0.8,
-                    label=opt if k == 0 else None,
-                )
-    ax.set_xlabel("RLHF step (0: the SFT model)")
-    ax.set_ylabel("held-out reward (greedy responses)")
-    ax.grid(True, alpha=0.3)
-    if ax.lines:
-        ax.legend(fontsize=8)
-    ax.set_title("RLHF (ReMax): AdamW vs Adam-mini at AdamW's best RLHF LR")
-    return render(fig, "repro-adam-mini-rlhf", "RLHF reward curves, AdamW vs Adam-mini")
+            points = [(0, start)] if start is not None else []
+            points += [(c["step"], c["reward"]) for c in summary.get("eval_curve", [])]
+            curves.append(Curve(points, opt if k == 0 else None, colour=colour))
+    return curves_figure(
+        curves,
+        xlabel="RLHF step (0: the SFT model)",
+        ylabel="held-out reward (greedy responses)",
+        title="RLHF (ReMax): AdamW vs Adam-mini at AdamW's best RLHF LR",
+        name="repro-adam-mini-rlhf",
+        caption="RLHF reward curves, AdamW vs Adam-mini",
+    )
 
 
 def section(rl: Analysis | None, out: Path) -> tuple[str, list[Any]]:

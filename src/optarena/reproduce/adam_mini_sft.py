@@ -233,34 +233,31 @@ def table_rows(sft: Analysis, out: Path) -> list[list[str]]:
 
 
 def curves_figure(sft: Analysis, out: Path) -> Any:
-    """Validation response loss against SFT step, both optimizers at AdamW's best SFT LR."""
-    from matplotlib.figure import Figure
-
-    from optarena.report.figures import render
+    """Validation response loss against SFT step, both optimizers at AdamW's best SFT LR,
+    every seed."""
     from optarena.reproduce.adam_mini import point_at
+    from optarena.reproduce.render import Curve, curves_figure
     from optarena.sweep.store import Store
 
     S = series(sft)
     adamw = S.get("adamw")
     with Store(Path(out) / SFT_DIR, create=False) as store:
         runs = {r.id: r for r in store.runs()}
-    fig = Figure(figsize=(7.5, 4.2))
-    ax = fig.add_subplot()
-    for opt, style in (("adamw", "-"), ("adam-mini", "--")):
+    curves = []
+    for opt, colour in (("adamw", "C0"), ("adam-mini", "C1")):
         p = point_at(S.get(opt), adamw.best_lr if adamw else None)
-        rec = runs.get(p.run_ids[0]) if p else None
-        if rec is None or not rec.eval_curve:
-            continue
-        xs = [c[0] for c in rec.eval_curve if c[1] is not None]
-        ys = [c[1] for c in rec.eval_curve if c[1] is not None]
-        ax.plot(xs, ys, style, marker="o", markersize=3, label=opt)
-    ax.set_xlabel("SFT step (0: the pretrained model)")
-    ax.set_ylabel("validation loss on responses (nats)")
-    ax.grid(True, alpha=0.3)
-    if ax.lines:
-        ax.legend(fontsize=8)
-    ax.set_title("SFT: AdamW vs Adam-mini at AdamW's best SFT LR")
-    return render(fig, "repro-adam-mini-sft", "SFT curves, AdamW vs Adam-mini")
+        for k, run_id in enumerate(p.run_ids if p else []):
+            rec = runs.get(run_id)
+            points = [(x, y) for x, y in (rec.eval_curve if rec else []) if y is not None]
+            curves.append(Curve(points, opt if k == 0 else None, colour=colour))
+    return curves_figure(
+        curves,
+        xlabel="SFT step (0: the pretrained model)",
+        ylabel="validation loss on responses (nats)",
+        title="SFT: AdamW vs Adam-mini at AdamW's best SFT LR",
+        name="repro-adam-mini-sft",
+        caption="SFT curves, AdamW vs Adam-mini",
+    )
 
 
 def section(sft: Analysis | None, out: Path) -> tuple[str, list[Any]]:

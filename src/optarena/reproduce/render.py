@@ -6,6 +6,7 @@ import base64
 import html
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,50 @@ def figure_html(fig: Any) -> str:
         f'<figure><img alt="{e(fig.title)}" src="data:image/png;base64,{data}">'
         f"<figcaption>{e(fig.title)} (<code>{e(fig.name)}.png</code>)</figcaption></figure>"
     )
+
+
+@dataclass(frozen=True)
+class Curve:
+    """One line of a comparison figure: (x, y) points, its legend label (None: unlabelled, a
+    further seed of a labelled line) and matplotlib's style and colour."""
+
+    points: Sequence[tuple[float, float]]
+    label: str | None
+    style: str = "-"
+    colour: str | None = None
+
+
+def curves_figure(
+    curves: Sequence[Curve],
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    name: str,
+    caption: str,
+    ylim: tuple[float, float] | None = None,
+) -> Any:
+    """The reproduction's curve figures (validation loss, SFT loss, RLHF reward against step):
+    every curve with markers, a grid, and a legend when something is drawn."""
+    from matplotlib.figure import Figure
+
+    from optarena.report.figures import render
+
+    fig = Figure(figsize=(7.5, 4.4))
+    ax = fig.add_subplot()
+    for c in curves:
+        if c.points:
+            xs, ys = zip(*c.points, strict=True)
+            ax.plot(xs, ys, c.style, color=c.colour, marker="o", markersize=3, label=c.label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=8)
+        if ylim is not None:
+            ax.set_ylim(*ylim)
+    ax.set_title(title)
+    return render(fig, name, caption)
 
 
 def save_figures(out: Path, figs: Sequence[Any]) -> None:

@@ -26,6 +26,7 @@ from typing import Any
 from optarena import atomic
 from optarena.atomic import pid_alive, storage_error
 from optarena.errors import UserError
+from optarena.tasks import model_of_run
 
 STATUSES = ("pending", "running", "done", "diverged", "failed")
 FINISHED = ("done", "diverged")  # a result: never rerun
@@ -260,7 +261,7 @@ class Store:
                         run_id,
                         _dumps(config),
                         config["optimizer"],
-                        _opt_str(config.get("model")),
+                        model_of_run(config),
                         config.get("lr"),
                         config.get("seed"),
                         now,
@@ -502,7 +503,3 @@ def _finite_or_none(value: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return number if math.isfinite(number) else None
-
-
-def _opt_str(value: Any) -> str | None:
-    return None if value is None else str(value)
