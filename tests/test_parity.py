@@ -969,13 +969,15 @@ def test_cautious_zeroes_entries_against_the_gradient() -> None:
         assert (moved * p["w"].grad <= 0).all()
 
 
-@pytest.mark.parametrize("name", ["soap", "kron"])
+@pytest.mark.parametrize("name", ["soap", "kron", "muon", "normuon"])
 def test_cautious_masks_the_preconditioned_update(name: str) -> None:
-    """SOAP and Kron (no reference has a cautious variant of the same algorithm: pytorch-
-    optimizer's have none; heavyball's SOAP and PSGD are other variants, with another mask
+    """SOAP, Kron, Muon and NorMuon (no reference has a cautious variant of the same algorithm:
+    pytorch-optimizer's SOAP and Kron have none, its Muon masks against the Nesterov look-ahead
+    it writes into the gradient; heavyball's SOAP and PSGD are other variants, with another mask
     scale): each step is the plain optimizer's step from the same state, its entries against the
     gradient zeroed and the rest scaled by ``numel / (kept + 1)``, as ``Cautious`` does."""
-    params = make_params({"w": (6, 5), "t": (2, 3, 4)})
+    matrix = name in ("muon", "normuon")  # plain parameters: 2-D only, as torch's Muon
+    params = make_params({"w": (6, 5)} if matrix else {"w": (6, 5), "t": (2, 3, 4)})
     hp = {"lr": 1e-2, "weight_decay": 0.0, "cautious": True}
     hp |= {"precondition_frequency": 3} if name == "soap" else {}
     opt = create(name, list(params.values()), **hp)

@@ -162,14 +162,14 @@ def muon(o: Mapping[str, Any]) -> Chain:
     """torch.optim.Muon: EMA momentum (Nesterov's look-ahead by default), Newton-Schulz on each
     matrix, decoupled decay."""
     momentum = EMA("momentum_buffer", ("momentum", None), nesterov=bool(o.get("nesterov")))
-    return Chain((momentum, Orthogonalize(), DecoupledDecay(), ScaleByLR()))
+    return Chain((momentum, Orthogonalize(), *caution(o), DecoupledDecay(), ScaleByLR()))
 
 
 def normuon(o: Mapping[str, Any]) -> Chain:
     """NorMuon: Muon's chain, each neuron of each orthogonalised matrix normalised by an EMA of
     its mean square."""
     momentum, _, *rest = muon(o)
-    return Chain((momentum, NormalizeNeurons(), *rest))
+    return Chain((momentum, NormalizeNeurons(), *rest))  # Cautious, if asked, stays after it
 
 
 def soap(o: Mapping[str, Any]) -> Chain:
@@ -294,6 +294,7 @@ def _frozen_build(
     return Hybrid(params, routes, **options)
 
 
+CAUTIOUS = {"cautious": False}  # every momentum optimizer's option (after torch's arguments)
 MUON = {
     "lr": 1e-3,
     "weight_decay": 0.1,
@@ -305,7 +306,7 @@ MUON = {
     "adjust_lr_fn": None,
     "ns_dtype": "bfloat16",
     "per_head": False,
-}
+} | CAUTIOUS
 # pytorch-optimizer's NorMuon defaults; ``row_eps`` is its ``eps`` (``eps`` is Newton-Schulz's)
 NORMUON = MUON | {
     "lr": 2e-2,
@@ -366,7 +367,6 @@ def _matrix_build(name: str, defaults: Mapping[str, Any]) -> Callable[..., torch
 # --------------------------------------------------------------------------- the table
 
 ADAM = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "amsgrad": False}
-CAUTIOUS = {"cautious": False}  # every momentum optimizer's option (after torch's arguments)
 CLASSIC = {
     "lr": None,
     "eps": (1e-30, 1e-3),
@@ -466,9 +466,9 @@ ENTRIES: list[Entry] = [
           reference="the study's formula", build=_frozen_build),
 ]
 # fmt: on
-# ``cautious=True`` (a mask after the momentum) on every optimizer with a momentum; Muon's update
-# is an orthogonalisation, which a mask would undo, and the classic Adafactor's momentum is off
-# by default.
+# ``cautious=True`` (a mask after the momentum, or after the preconditioner or orthogonalisation
+# that follows it) on every optimizer with a momentum; the classic Adafactor's momentum is off by
+# default.
 CAUTIOUS_ENTRIES = (
     "adamw",
     "adam-mini",
@@ -483,6 +483,8 @@ CAUTIOUS_ENTRIES = (
     "ademamix",
     "mars",
     "adopt",
+    "muon",
+    "normuon",
     "soap",
     "kron",
 )  # fmt: skip

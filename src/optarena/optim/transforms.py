@@ -894,13 +894,13 @@ class NormalizeNeurons(Orthogonalize):
     def ratio(self, const, out, inp):
         return 1.0 if const["update_scale"] == "match_rms" else super().ratio(const, out, inp)
 
-    def finish(self, o, index, out, slot, sc):
+    def finish(self, o, index, out, slot, sc):  # o: Newton-Schulz's own result, reused here
         v = slot.state["second_momentum_buffer"][0][index]  # this matrix's rows
         v.lerp_(o.square().mean(1 - out, keepdim=True), sc["w"])
-        n = o / (v.sqrt() + sc["row_eps"])
         preserve = slot.const["update_scale"] == "preserve_norm"
         size = o.norm() if preserve else 0.2 * math.sqrt(o.numel())
-        return n * (size / (n.norm() + sc["row_eps"]))
+        n = o.div_(v.sqrt() + sc["row_eps"])
+        return n.mul_(size / (n.norm() + sc["row_eps"]))
 
 
 # --------------------------------------------------------------------------- Kronecker factors
