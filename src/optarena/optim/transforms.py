@@ -1252,10 +1252,7 @@ class RelativeStep(Transform):
         return {"size": size, "eps2": hp_value(hp, "eps", 1)}
 
     def statistics(self, x, slot, sc):
-        if not slot.const["scale_parameter"]:
-            return {}
-        p2 = slot.p * slot.p  # by rows first: the pass that sums g² by rows reads it too
-        return {"p_sq": (p2.sum(-1) if p2.dim() > 1 else p2).sum()}
+        return {"p_sq": (slot.p * slot.p).sum()} if slot.const["scale_parameter"] else {}
 
     def update(self, x, slot, sc, stats):
         if not slot.const["scale_parameter"]:
