@@ -491,9 +491,6 @@ class ChainOptimizer(torch.optim.Optimizer):
 
     # ----------------------------------------------------------------- checkpoints
 
-    def state_dict(self) -> dict[str, Any]:
-        return super().state_dict()
-
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's ``load_state_dict``, refusing another optimizer's state and keeping each
         saved tensor's dtype (torch casts floating state to the parameter's dtype, which would
