@@ -571,11 +571,15 @@ class ChainOptimizer(torch.optim.Optimizer):
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of every tensor in any torch optimizer's ``state`` (lists of tensors included)."""
-    total = 0
-    for state in optimizer.state.values():
-        for value in state.values():
-            for t in value if isinstance(value, (list, tuple)) else [value]:
-                if isinstance(t, Tensor):
-                    total += t.numel() * t.element_size()
-    return total
+    """Bytes of every tensor in any torch optimizer's ``state`` (nested lists and dicts
+    included), a tensor held twice counted once."""
+
+    def walk(value: Any) -> Iterator[Tensor]:
+        if isinstance(value, Tensor):
+            yield value
+        elif isinstance(value, (list, tuple, dict)):
+            for v in value.values() if isinstance(value, dict) else value:
+                yield from walk(v)
+
+    tensors = {id(t): t for t in walk(list(optimizer.state.values()))}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
