@@ -9,7 +9,10 @@ excluded) compare like with like. Prints the medians and the ratio SFT / train, 
 and by the process's CPU time over the same steps (``train_cpu_seconds``: steadier on a shared
 machine). ``train-no-z`` is pre-training without its z-loss (torch's cross-entropy, as fine-tuning
 computes it, instead of the cross-entropy and z-loss from one log-sum-exp): the same loss kernel
-on both sides.
+on both sides. ``--allocator steady`` (the default, as in ``optarena bench``) has glibc serve
+blocks up to 32 MiB from its heap from the start: in its default regime the big temporaries of
+a step page-fault in afresh or not depending on what the process freed before (loading the
+pretrained checkpoint, the earlier runs), which moves either loop's rate by 15% or more.
 
     python benchmarks/bench_finetune.py --model micro --seq-len 128 --steps 40
 """
@@ -48,8 +51,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--allocator", choices=("steady", "default"), default="steady")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.allocator == "steady":
+        from optarena.bench.allocator import steady
+
+        args.allocator = "steady" if steady() else "default (steady needs glibc)"
     common = dict(
         optimizer="adamw",
         lr=1e-3,
@@ -85,7 +93,7 @@ def main() -> None:
         print(f"{k:14} median {med[k]:>10,.0f}  runs: {', '.join(f'{x:,.0f}' for x in v)}")
     setup = (
         f"model {args.model}, seq_len {args.seq_len}, batch {args.batch_size}, "
-        f"{args.steps} steps, {args.threads} thread(s), {args.device}"
+        f"{args.steps} steps, {args.threads} thread(s), {args.device}, allocator {args.allocator}"
     )
     for name in ("train", "train-no-z"):
         wall = med["finetune tok/s"] / med[f"{name} tok/s"]

@@ -184,6 +184,24 @@ def test_compiled_equals_eager_and_a_schedule_compiles_once(name: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not compile_available("cpu"), reason="torch.compile needs a C++ compiler")
+@pytest.mark.parametrize("name", ["adafactor", "adafactor-classic"])
+def test_compiled_factors_of_tall_tensors_equal_eager(name: str) -> None:
+    """Column factors of tensors with more than 16 rows are summed over runs of 16 rows first
+    (the other shapes here have fewer): the same sums on both paths."""
+    shapes = {"tall": (48, 5), "stack": (2, 32, 5)}
+    runs = []
+    for fused in (False, True):
+        params = make_params(shapes)
+        opt = create(name, list(params.items()), fused=fused, **HYPER[name])
+        for t in range(1, 4):
+            set_grads(params, t, skip=())
+            opt.step()
+        runs.append(params)
+    assert_close(runs[1], runs[0])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not compile_available("cpu"), reason="torch.compile needs a C++ compiler")
 def test_bfloat16_compiled_matches_eager_to_its_rounding() -> None:
     """Low-precision parameters: float32 state, the update computed in float32 and rounded
     once, on both paths."""

@@ -422,6 +422,14 @@ def test_state_bytes_per_parameter(name, hp, low, high, gpt_params) -> None:
         assert opt.state_bytes() == state_bytes(opt)
 
 
+def test_state_bytes_walks_nested_state_and_counts_a_shared_tensor_once() -> None:
+    p = nn.Parameter(torch.zeros(3))
+    opt = torch.optim.SGD([p], lr=0.1)
+    shared, other = torch.zeros(5), torch.zeros(2, dtype=torch.float64)
+    opt.state[p] = {"a": shared, "b": [shared, {"c": other}], "n": 3}
+    assert state_bytes(opt) == 5 * 4 + 2 * 8
+
+
 def test_adam_mini_saves_half_of_adamw(gpt_params) -> None:
     adamw = create("adamw", list(gpt_params.items()), partition=GPT_INFOS)
     mini = create("adam-mini", list(gpt_params.items()), partition=GPT_INFOS)

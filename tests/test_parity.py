@@ -148,8 +148,12 @@ def compare(
             assert_close(a.reshape(b.shape), b, f"state {ours_key} of {name}")
 
 
-def fresh() -> tuple[dict, dict, dict]:
-    p_ours = make_params(SHAPES)
+# tensors whose column factors are summed over runs of 16 rows first (leading extents > 16)
+TALL = {"b.tall": (48, 3), "b.tall3": (2, 32, 3)}
+
+
+def fresh(shapes: Mapping[str, tuple[int, ...]] = SHAPES) -> tuple[dict, dict, dict]:
+    p_ours = make_params(shapes)
     return p_ours, clone_params(p_ours), {n: p.detach().clone() for n, p in p_ours.items()}
 
 
@@ -396,7 +400,7 @@ ADAFACTOR_CASES = [
 def test_adafactor_classic_matches_transformers(hp: dict[str, Any]) -> None:
     # Pinned: decay_rate -0.8 (β2_t = 1 - t^-0.8), clip_threshold 1, eps (1e-30, 1e-3),
     # factored over the last two axes; momentum (beta1) on the lr-scaled update.
-    p_ours, p_ref, init = fresh()
+    p_ours, p_ref, init = fresh({**SHAPES, **TALL})
     group_b = {"clip_threshold": 0.5}
     if hp["lr"] is not None:
         group_b["lr"] = 3e-3
@@ -494,7 +498,7 @@ def test_adafactor_study_matches_transcription(beta1: float) -> None:
     # Study's Adafactor: r_i = EMA_β2(mean of g² over all other axes) for every axis;
     # matrix V = r cᵀ / mean(r) (written as an outer product); N axes: Π_i r_i / mean^(N-1);
     # 1-D: one scalar, the EMA of mean(g²). Adam's bias corrections, constant β2.
-    shapes = {**SHAPES, "a.scalar": ()}
+    shapes = {**SHAPES, **TALL, "a.scalar": ()}
     p_ours = make_params(shapes)
     p_ref = clone_params(p_ours)
     init = {n: p.detach().clone() for n, p in p_ours.items()}

@@ -307,28 +307,6 @@ def lr_multiplier(config: RunConfig, step: int) -> float:
 # --------------------------------------------------------------------------- helpers
 
 
-def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of every tensor held in ``optimizer.state`` (nested lists and dicts included)."""
-
-    def walk(value: Any) -> Iterator[Tensor]:
-        if isinstance(value, Tensor):
-            yield value
-        elif isinstance(value, dict):
-            for v in value.values():
-                yield from walk(v)
-        elif isinstance(value, (list, tuple)):
-            for v in value:
-                yield from walk(v)
-
-    seen: set[int] = set()
-    total = 0
-    for t in walk(list(optimizer.state.values())):
-        if id(t) not in seen:
-            seen.add(id(t))
-            total += t.numel() * t.element_size()
-    return total
-
-
 def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """bf16 autocast on CUDA devices that support it; float32 on CPU unless asked (CPU bf16
     autocast is slower than float32 on most CPUs without AMX)."""
@@ -969,6 +947,8 @@ class Run:
         return summary
 
     def summary(self) -> dict[str, Any]:
+        from optarena.optim import state_bytes
+
         optimizer = self.optimizer
         groups = optimizer.param_groups
         peaks = {float(g["initial_lr"]) for g in groups if g["initial_lr"] is not None}
@@ -980,7 +960,7 @@ class Run:
             "tokens": self.tokens,
             "tokens_per_second": self.session.tokens_per_second,
             "params": sum(p.numel() for p in self.model.parameters()),  # global under FSDP
-            "optimizer_state_bytes": optimizer_state_bytes(optimizer),
+            "optimizer_state_bytes": state_bytes(optimizer),
             "peak_memory_bytes": _peak_memory(self.device),
             "wall_seconds": self.wall_seconds(),
             "train_seconds": self.train_seconds,
@@ -1182,6 +1162,5 @@ __all__ = [
     "check_config",
     "latest_checkpoint",
     "lr_multiplier",
-    "optimizer_state_bytes",
     "train",
 ]

@@ -491,9 +491,6 @@ class ChainOptimizer(torch.optim.Optimizer):
 
     # ----------------------------------------------------------------- checkpoints
 
-    def state_dict(self) -> dict[str, Any]:
-        return super().state_dict()
-
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's ``load_state_dict``, refusing another optimizer's state and keeping each
         saved tensor's dtype (torch casts floating state to the parameter's dtype, which would
@@ -574,11 +571,15 @@ class ChainOptimizer(torch.optim.Optimizer):
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of every tensor in any torch optimizer's ``state`` (lists of tensors included)."""
-    total = 0
-    for state in optimizer.state.values():
-        for value in state.values():
-            for t in value if isinstance(value, (list, tuple)) else [value]:
-                if isinstance(t, Tensor):
-                    total += t.numel() * t.element_size()
-    return total
+    """Bytes of every tensor in any torch optimizer's ``state`` (nested lists and dicts
+    included), a tensor held twice counted once."""
+
+    def walk(value: Any) -> Iterator[Tensor]:
+        if isinstance(value, Tensor):
+            yield value
+        elif isinstance(value, (list, tuple, dict)):
+            for v in value.values() if isinstance(value, dict) else value:
+                yield from walk(v)
+
+    tensors = {id(t): t for t in walk(list(optimizer.state.values()))}
+    return sum(t.numel() * t.element_size() for t in tensors.values())

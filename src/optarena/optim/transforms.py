@@ -91,6 +91,17 @@ def is_zero(s: Scalar) -> bool:
     return isinstance(s, float) and s == 0.0
 
 
+def computed_once(t: Tensor) -> Tensor:
+    """``t``, stored in a buffer of its own inside a compiled step. Inductor inlines a small
+    tensor's arithmetic into the loop of every larger tensor it broadcasts into, so a factor's
+    root would be recomputed for every entry it scales; fixing the small tensor's layout makes
+    inductor store it first (``prims.inductor_force_stride_order``, which ``torch.compile``
+    registers; eagerly ``t`` is returned as it is)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.prims.inductor_force_stride_order(t, t.stride())
+    return t
+
+
 # --------------------------------------------------------------------------- the update and a slot
 
 
@@ -427,8 +438,11 @@ class Moment(Protocol):
         """This step's statistic for every state entry (``sq()``: ``g²`` of the local entries)."""
         ...
 
-    def per_entry(self, values: dict[str, Tensor], x: Tensor, slot: Slot) -> tuple[Tensor, Tensor]:
-        """``(x', r')``: ``x`` and ``sqrt(v)`` in shapes that broadcast entry by entry."""
+    def per_entry(
+        self, values: dict[str, Tensor], x: Tensor, slot: Slot, inverse: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """``(x', r')``: ``x`` and ``sqrt(v)`` (``1/sqrt(v)`` when ``inverse``) in shapes that
+        broadcast entry by entry."""
         ...
 
 
@@ -446,8 +460,9 @@ class ElementMoment:
     def estimates(self, sq, slot, stats):
         return {"exp_avg_sq": sq()}
 
-    def per_entry(self, values, x, slot):
-        return x, values["exp_avg_sq"].sqrt()
+    def per_entry(self, values, x, slot, inverse=False):
+        v = values["exp_avg_sq"]
+        return x, v.rsqrt() if inverse else v.sqrt()
 
 
 @dataclass(frozen=True)
@@ -468,8 +483,9 @@ class BlockMoment:
     def estimates(self, sq, slot, stats):
         return {"exp_avg_sq": slot.rows.block_means(stats["exp_avg_sq"], self.layout)}
 
-    def per_entry(self, values, x, slot):
-        return slot.rows.per_block(x, values["exp_avg_sq"].sqrt(), self.layout)
+    def per_entry(self, values, x, slot, inverse=False):
+        v = values["exp_avg_sq"]
+        return slot.rows.per_block(x, v.rsqrt() if inverse else v.sqrt(), self.layout)
 
 
 @dataclass(frozen=True)
@@ -524,8 +540,7 @@ class FactoredMoment:
         x = sq()
         out = {}
         for f in self.factors:
-            reduce = [d for d in range(x.dim()) if d not in f.keep]
-            s = x.sum(reduce, keepdim=True)
+            s = _sum_keep(x, [d for d in range(x.dim()) if d not in f.keep])
             out[f.key] = slot.rows.scatter(s) if 0 in f.keep else s
         return out
 
@@ -536,13 +551,28 @@ class FactoredMoment:
             for f in self.factors
         }
 
-    def per_entry(self, values, x, slot):
+    def per_entry(self, values, x, slot, inverse=False):
+        """The root as the outer product of the factors' roots: one square root per row and
+        per column (per index of each factored axis), then a product per entry."""
         f = [values[k.key].view(k.broadcast) for k in self.factors]
         mean = f[0].mean(self.norm_axes, keepdim=True).clamp_min(torch.finfo(f[0].dtype).tiny)
-        root = slot.rows.rows(f[0].sqrt())
+        root = torch.rsqrt if inverse else torch.sqrt
+        out = slot.rows.rows(computed_once(root(f[0])))
         for fi in f[1:]:
-            root = root * slot.rows.rows((fi / mean).sqrt())
-        return x, root
+            out = out * slot.rows.rows(computed_once(root(fi / mean)))
+        return x, out
+
+
+def _sum_keep(x: Tensor, reduce: list[int], chunk: int = 16) -> Tensor:
+    """``x`` summed over the axes ``reduce``, kept as extents of 1. Where the last axis is kept
+    (a column factor) the sum runs down the columns, a strided walk over the whole tensor per
+    vector of columns; it is taken over runs of ``chunk`` rows first, which stay in cache."""
+    d = max(reduce)
+    n = x.shape[d]
+    if d == x.dim() - 1 or n <= chunk or n % chunk:
+        return x.sum(reduce, keepdim=True)
+    split = x.view(*x.shape[:d], n // chunk, chunk, *x.shape[d + 1 :]).sum(d + 1)
+    return split.sum(reduce, keepdim=True)
 
 
 @functools.lru_cache(maxsize=8192)
@@ -573,8 +603,9 @@ GRANULARITY_OPTIONS = ("split_qkv", "per_row_output", "single_block_value")
 
 
 # Averaging weights of a second moment: ``v ← v + w (stat - v)``, the root divided by
-# ``sqrt(bc2)``. Each returns the step's scalars: w, root_bc2, the folded epsilon and eps1 (added
-# to g² before averaging), and for the frozen preconditioner its phase flags.
+# ``sqrt(bc2)``. Each returns the step's scalars: w, root_bc2, the folded epsilon (absent: none
+# outside the root, the update is ``u / sqrt(v)``) and eps1 (added to g² before averaging), and for
+# the frozen preconditioner its phase flags.
 
 
 def adam_weights(hp: Mapping[str, Any], step: int) -> dict[str, float]:
@@ -607,7 +638,6 @@ def classic_weights(hp: Mapping[str, Any], step: int) -> dict[str, float]:
     return {
         "w": float(step) ** hp_value(hp, "decay_rate"),
         "root_bc2": 1.0,
-        "eps": 0.0,
         "eps1": hp_value(hp, "eps", 0),
     }
 
@@ -661,7 +691,8 @@ class ScaleBySecondMoment(Transform):
     def statistics(self, x, slot, sc):
         moment = self.moment(slot.info, slot.const)
         stats = moment.statistics(self._square(slot, sc), slot)
-        if self.frozen and isinstance(moment, ElementMoment):  # v is sharded like θ
+        if self.frozen and isinstance(moment, ElementMoment) and not is_zero(sc["fill"]):
+            # v is sharded like θ: its non-zero entries counted over the shards
             stats["nonzero"] = _nonzero(slot.state["exp_avg_sq"])
         return stats
 
@@ -676,21 +707,22 @@ class ScaleBySecondMoment(Transform):
         base = x.tensor if x.den is None else slot.direction(x)
         if self.frozen:
             return self._frozen(x, base, moment, values, slot, sc, stats)
+        if "eps" not in sc:  # u / sqrt(v) as u · (1/sqrt(v)): no division per entry
+            t, inverse = moment.per_entry(values, base, slot, inverse=True)
+            return Update(t * inverse, x.scale * sc["root_bc2"], None, x.decay)
         t, root = moment.per_entry(values, base, slot)
         return Update(t, x.scale * sc["root_bc2"], root + sc["eps"], x.decay)
 
     def _frozen(self, x, base, moment, values, slot, sc, stats) -> Update:
         v = values["exp_avg_sq"]
-        total, count = stats["nonzero"] if "nonzero" in stats else _nonzero(v)  # replicated v
-        fill = total / count.clamp_min(1.0)
-        filled = torch.where(v > 0, v, fill)
-        if isinstance(sc["fill"], Tensor):
-            v.copy_(torch.where(sc["fill"] > 0, filled, v))
-        elif sc["fill"]:
-            v.copy_(filled)
+        if not is_zero(sc["fill"]):  # the step the averaging ends (every step, traced)
+            total, count = stats["nonzero"] if "nonzero" in stats else _nonzero(v)  # replicated v
+            filled = torch.where(v > 0, v, total / count.clamp_min(1.0))
+            fill = sc["fill"]
+            v.copy_(filled if isinstance(fill, float) else torch.where(fill > 0, filled, v))
         t, root = moment.per_entry(values, base, slot)
-        known = moment.per_entry({"exp_avg_sq": (v > 0).to(v.dtype)}, base, slot)[1]
-        return Update(t / (root + sc["eps"]) * known, x.scale * sc["root_bc2"], None, x.decay)
+        step = torch.where(root > 0, t / (root + sc["eps"]), 0.0)  # v = 0: no step
+        return Update(step, x.scale * sc["root_bc2"], None, x.decay)
 
 
 def _nonzero(v: Tensor) -> Tensor:
