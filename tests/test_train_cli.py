@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -209,8 +210,6 @@ def test_parse_set_values() -> None:
 def test_every_run_command_shares_the_run_flags_and_states_its_own_default_schedule(
     command: str, config: str, capsys: pytest.CaptureFixture
 ) -> None:
-    import importlib
-
     module, name = config.split(":")
     default = getattr(importlib.import_module(module), name)().schedule
     with pytest.raises(SystemExit) as exit_info:
@@ -232,8 +231,6 @@ def test_every_run_command_shares_the_run_flags_and_states_its_own_default_sched
     ],
 )
 def test_the_shared_run_flags_reach_every_commands_config(command: str, build: str) -> None:
-    import importlib
-
     from optarena.cli import build_parser
 
     module, name = build.split(":")

@@ -316,19 +316,10 @@ def load_dcp(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> 
     any world size, DDP, or a plain module in one process). Nothing in the checkpoint is
     unpickled beyond DCP's metadata classes and plain values (see below); a checkpoint that
     holds anything else is refused with :class:`~optarena.errors.UserError`."""
-    import warnings
-
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     state = _state(model, optimizer)
-    with warnings.catch_warnings():  # one process without a group: DCP says it assumes so
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single")
-        try:
-            verify_dcp(path)
-        except ValueError as err:
-            raise UserError(f"checkpoint {path}: {err}; it was not written by optarena") from None
-        dcp.load(state, storage_reader=_safe_reader(path), planner=_safe_planner())
+    _read_dcp(path, state)
     set_state_dict(
         model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
     )
@@ -340,9 +331,6 @@ def load_dcp_model(path: Path, model: nn.Module) -> None:
     the optimizer's state is not read. Checked and read as by :func:`load_dcp`; a checkpoint
     whose weights do not fit ``model`` (missing, extra-sized) is a ``RuntimeError`` naming the
     first problem."""
-    import warnings
-
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
@@ -350,19 +338,30 @@ def load_dcp_model(path: Path, model: nn.Module) -> None:
     )
 
     state = {"model": get_model_state_dict(model)}
+    try:
+        _read_dcp(path, state)
+    except CheckpointException as err:  # a BaseException: one line of what failed
+        failures = getattr(err, "failures", {}) or {}
+        first = next(iter(failures.values()), err)
+        raise RuntimeError(str(first).strip().splitlines()[0]) from None
+    set_model_state_dict(model, state["model"])
+
+
+def _read_dcp(path: Path, state: dict) -> None:
+    """Fill ``state`` from the DCP checkpoint at ``path``: its files checked first
+    (:func:`verify_dcp`; a folder optarena did not write is a one-line ``UserError``), then read
+    through the safe reader and planner below."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
     with warnings.catch_warnings():  # one process without a group: DCP says it assumes so
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single")
         try:
             verify_dcp(path)
         except ValueError as err:
             raise UserError(f"checkpoint {path}: {err}; it was not written by optarena") from None
-        try:
-            dcp.load(state, storage_reader=_safe_reader(path), planner=_safe_planner())
-        except CheckpointException as err:  # a BaseException: one line of what failed
-            failures = getattr(err, "failures", {}) or {}
-            first = next(iter(failures.values()), err)
-            raise RuntimeError(str(first).strip().splitlines()[0]) from None
-    set_model_state_dict(model, state["model"])
+        dcp.load(state, storage_reader=_safe_reader(path), planner=_safe_planner())
 
 
 # --------------------------------------------------------------------------- loading safely
