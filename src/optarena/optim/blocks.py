@@ -240,9 +240,11 @@ class Rows:
                 # x keeps its shape and each row gets its block's value: a (blocks, entries)
                 # view of x would send inductor's update loop through a gather indexed by
                 # nested modulos (a scalar loop) when a block spans several rows (heads)
+                x = x.reshape(1) if x.dim() == 0 else x
+                if s.groups == 1:  # the whole tensor one block: one value for every entry
+                    return x, values.reshape((1,) * x.dim())
                 per = s.size // s.groups
                 v = values if per == 1 else values.repeat_interleave(per)
-                x = x.reshape(1) if x.dim() == 0 else x
                 return x, v.reshape((self.length,) + (1,) * (x.dim() - 1))
             if s.dim > 0 and s.start == 0 and s.size == x.shape[s.dim]:
                 if s.batched:

@@ -158,7 +158,13 @@ def apply_(p: Tensor, x: Update) -> None:
         else:
             t, den = (t if den is None else t / den).reshape(p.shape), None
     if not isinstance(x.scale, float):
-        target.sub_((t if den is None else t / den) * x.scale)
+        if den is not None and den.numel() < t.numel():
+            # one denominator per block (Adalayer, Adam-mini): its factor ``scale/den`` is
+            # computed once per block, not per entry (inductor would inline the block's root,
+            # its lerp and a division into every entry's iteration)
+            target.sub_(t * computed_once(x.scale / den))
+        else:
+            target.sub_((t if den is None else t / den) * x.scale)
     elif den is None:
         target.add_(t, alpha=-x.scale)
     else:
