@@ -159,8 +159,10 @@ def apply_(p: Tensor, x: Update) -> None:
             target = p.view(t.shape)
         else:
             t, den = (t if den is None else t / den).reshape(p.shape), None
-    if not isinstance(x.scale, float):
-        target.sub_((t if den is None else t / den) * x.scale)
+    if not isinstance(x.scale, float) and den is None:  # a 0-d tensor scale, broadcast
+        target.addcmul_(t, x.scale, value=-1.0)
+    elif not isinstance(x.scale, float):
+        target.sub_(t / den * x.scale)
     elif den is None:
         target.add_(t, alpha=-x.scale)
     else:
