@@ -22,7 +22,11 @@ scale·tensor/den``), so a learning rate or a bias correction never costs a pass
 Numbers that change between steps (lr, betas, bias corrections, phase flags) come from each
 transform's ``scalars(hp, step)``, computed on the host. ``update`` receives them as Python
 floats when it runs eagerly and as 0-d tensors inside a compiled step, and uses them only through
-operations that take either: one function serves both, and a schedule never recompiles.
+operations that take either: one function serves both, and a schedule never recompiles. The
+exceptions are a transform's ``host`` scalars: phase flags (SOAP's first step and refreshes,
+Kron's fits, the frozen preconditioner's fill) that ``update`` branches on in Python. They are
+always floats; the compiled step is traced with them at 0 (the regular step), and a step where
+one is set runs eagerly.
 
 Statistics that span the rows of a tensor (block sums, factor means, RMS) come from
 ``statistics``: sums over the slot's local entries. On a sharded parameter the engine adds them
@@ -173,7 +177,9 @@ class Transform:
 
     hyper: ClassVar[dict[str, Check]] = {}  # hyperparameters read, with their ranges
     whole: ClassVar[bool] = False  # needs the whole tensor (gathered from shards)
-    eager: ClassVar[bool] = False  # branches on the step on the host: never compiled
+    # phase flags among the scalars that ``update``/``statistics`` branch on in Python: always
+    # floats; a compiled step is traced with them at 0.0, a step where one is not runs eagerly
+    host: ClassVar[tuple[str, ...]] = ()
     swaps: ClassVar[bool] = False  # moves the parameter between a train and an eval point
     read_only: ClassVar[tuple[str, ...]] = ()  # state read but not written by a step
 
@@ -665,6 +671,7 @@ class ScaleBySecondMoment(Transform):
             self.hyper = {"eps": pair(NONNEG, "(eps1, eps2)"), "decay_rate": NEGATIVE}
         if self.frozen:
             self.hyper = {**self.hyper, "precondition_steps": NONNEG_INT, "freeze": BOOL}
+            self.host = ("fill",)
 
     def moment(self, info: ParamInfo, const: Mapping[str, Any]) -> Moment:
         options = tuple((k, const[k]) for k in GRANULARITY_OPTIONS if k in const)
@@ -691,7 +698,7 @@ class ScaleBySecondMoment(Transform):
     def statistics(self, x, slot, sc):
         moment = self.moment(slot.info, slot.const)
         stats = moment.statistics(self._square(slot, sc), slot)
-        if self.frozen and isinstance(moment, ElementMoment) and not is_zero(sc["fill"]):
+        if self.frozen and isinstance(moment, ElementMoment) and sc["fill"]:
             # v is sharded like θ: its non-zero entries counted over the shards
             stats["nonzero"] = _nonzero(slot.state["exp_avg_sq"])
         return stats
@@ -715,11 +722,9 @@ class ScaleBySecondMoment(Transform):
 
     def _frozen(self, x, base, moment, values, slot, sc, stats) -> Update:
         v = values["exp_avg_sq"]
-        if not is_zero(sc["fill"]):  # the step the averaging ends (every step, traced)
+        if sc["fill"]:  # the step the averaging ends (a host scalar)
             total, count = stats["nonzero"] if "nonzero" in stats else _nonzero(v)  # replicated v
-            filled = torch.where(v > 0, v, total / count.clamp_min(1.0))
-            fill = sc["fill"]
-            v.copy_(filled if isinstance(fill, float) else torch.where(fill > 0, filled, v))
+            v.copy_(torch.where(v > 0, v, total / count.clamp_min(1.0)))
         t, root = moment.per_entry(values, base, slot)
         step = torch.where(root > 0, t / (root + sc["eps"]), 0.0)  # v = 0: no step
         return Update(step, x.scale * sc["root_bc2"], None, x.decay)
@@ -977,7 +982,7 @@ class SoapStep(Transform):
         "correct_bias": BOOL,
         "normalize_gradient": BOOL,
     }
-    whole, eager = True, True
+    whole, host = True, ("first", "refresh")
 
     def init(self, p, info, hp, dtype):
         axes = [i for i, n in enumerate(p.shape) if n <= hp["max_precondition_dim"]]
@@ -1113,7 +1118,7 @@ class KronPrecondition(Transform):
         "precondition_lr": POSITIVE,
         "precondition_init_scale": POSITIVE,
     }
-    whole, eager = True, True
+    whole, host = True, ("fit", "balance")
     eps = torch.finfo(torch.bfloat16).tiny
 
     def init(self, p, info, hp, dtype):
