@@ -56,6 +56,7 @@ from optarena.optim.checks import (
     NONNEG_INT,
     POS_INT,
     POSITIVE,
+    PROBABILITY,
     UNIT,
     Check,
     number,
@@ -948,12 +949,8 @@ def _gram(x: Tensor, i: int, diagonal: bool) -> Tensor:
 
 
 def settle(q: Tensor, sizes: Tensor) -> Tensor:
-    """``q`` (orthonormal columns) with the columns whose ``sizes`` (eigenvalues; QR's
-    ``|R_jj|``) are numerically zero, below ``n·ε·max``, turned within their span to the
-    eigenvectors of ``diag(1..n)`` restricted to it. LAPACK's basis of a repeated eigenvalue (a
-    rank-deficient statistic's null space) is arbitrary: a rounding of the input turns it, and
-    SOAP's update with it, while this one depends on the span alone (coordinate axes stay
-    coordinate axes). Other columns are untouched."""
+    """``q`` (orthonormal columns) with the columns of numerically zero ``sizes`` turned within
+    their span to a basis of the span alone (docs/optimizers.md, SOAP)."""
     null = sizes <= sizes.max() * (q.size(0) * torch.finfo(q.dtype).eps)
     if int(null.sum()) < 2:  # a single column is fixed up to its sign, which SOAP ignores
         return q
@@ -965,23 +962,12 @@ def settle(q: Tensor, sizes: Tensor) -> Tensor:
 
 
 class SoapStep(Transform):
-    """SOAP (Vyas et al. 2024; pytorch-optimizer's): Adam in the eigenbasis of Shampoo's
-    statistics ``Lᵢ ← β_s Lᵢ + (1-β_s) G_(i) G_(i)ᵀ`` (axes up to ``max_precondition_dim``).
-    Step 1 only sets the bases (``eigh``); then ``m ← β1 m + (1-β1) g`` in the parameter's
-    basis, ``v ← β2 v + (1-β2) (Qᵀg)²`` in the eigenbasis, ``u = Q (Qᵀm / (√v + ε))`` with
-    Adam's bias correction of step ``t-1``; every ``precondition_frequency`` steps one power
-    iteration and a QR refresh the bases (``v`` reordered with them)."""
+    """SOAP (Vyas et al. 2024; pytorch-optimizer's): Adam in the eigenbases of Shampoo's
+    statistics, refreshed every ``precondition_frequency`` steps (docs/optimizers.md)."""
 
-    hyper = {
-        "betas": BETAS,
-        "shampoo_beta": optional(UNIT),
-        "eps": NONNEG,
-        "precondition_frequency": POS_INT,
-        "max_precondition_dim": POS_INT,
-        "precondition_1d": BOOL,
-        "correct_bias": BOOL,
-        "normalize_gradient": BOOL,
-    }
+    hyper = {"betas": BETAS, "shampoo_beta": optional(UNIT), "eps": NONNEG}
+    hyper |= dict.fromkeys(("precondition_frequency", "max_precondition_dim"), POS_INT)
+    hyper |= dict.fromkeys(("precondition_1d", "correct_bias", "normalize_gradient"), BOOL)
     whole, host = True, ("first", "refresh")
 
     def init(self, p, info, hp, dtype):
@@ -995,16 +981,9 @@ class SoapStep(Transform):
         beta1, beta2, t = hp_value(hp, "betas", 0), hp_value(hp, "betas", 1), step - 1
         shampoo = beta2 if hp["shampoo_beta"] is None else hp_value(hp, "shampoo_beta")
         size = math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t) if hp["correct_bias"] and t else 1.0
-        refresh = t > 0 and t % hp["precondition_frequency"] == 0
-        return {
-            "w1": 1.0 - beta1,
-            "w2": 1.0 - beta2,
-            "ws": 1.0 - shampoo,
-            "eps": hp_value(hp, "eps"),
-            "size": size,
-            "first": float(t == 0),
-            "refresh": float(refresh),
-        }
+        refresh = float(t > 0 and t % hp["precondition_frequency"] == 0)
+        out = {"w1": 1.0 - beta1, "w2": 1.0 - beta2, "ws": 1.0 - shampoo, "size": size}
+        return out | {"eps": hp_value(hp, "eps"), "first": float(t == 0), "refresh": refresh}
 
     def update(self, x, slot, sc, stats):
         st, g = {k: v[0] for k, v in slot.state.items() if k != "step"}, slot.g
@@ -1012,17 +991,15 @@ class SoapStep(Transform):
         axes = [i for i, q in enumerate(bases) if q is not None]
         for i in axes:  # Shampoo's statistics (read only by the bases, after the step)
             st[f"GG{i}"].lerp_(_gram(g, i, False), sc["ws"])
-        if sc["first"]:  # the bases, no update
+        if sc["first"]:  # the bases (eigenvectors, descending), no update
             for i in axes:
                 gg = st[f"GG{i}"]
-                eye = torch.eye(gg.size(0), dtype=gg.dtype, device=gg.device)
-                values, vectors = torch.linalg.eigh(gg + 1e-30 * eye)
+                values, vectors = torch.linalg.eigh(gg + 1e-30 * torch.eye(len(gg)).to(gg))
                 st[f"Q{i}"].copy_(settle(vectors, values).flip(1))
             return Update(x.tensor, 0.0, None, x.decay)
-        m, v = st["exp_avg"], st["exp_avg_sq"]
         rotated = per_axis(g, bases, "qt")
-        m.lerp_(g, sc["w1"])
-        v.lerp_(rotated * rotated, sc["w2"])
+        m = st["exp_avg"].lerp_(g, sc["w1"])
+        v = st["exp_avg_sq"].lerp_(rotated * rotated, sc["w2"])
         u = per_axis(per_axis(m, bases, "qt") / (v.sqrt() + sc["eps"]), bases)
         if slot.const["normalize_gradient"]:
             u = u / (u.square().mean().sqrt() + sc["eps"])
@@ -1032,8 +1009,7 @@ class SoapStep(Transform):
         return Update(u * sc["size"], x.scale, None, x.decay)
 
     def _refresh(self, st: dict[str, Tensor], axes: list[int]) -> None:
-        """One power iteration from the current bases, orthonormalised by QR (in float32 at
-        least), columns sorted by their eigenvalue estimate; ``v`` permuted alike."""
+        """One power iteration and a QR (float32 at least) per basis; ``v`` permuted alike."""
         v = st["exp_avg_sq"]
         for i in axes:
             q = st[f"Q{i}"]
@@ -1041,47 +1017,33 @@ class SoapStep(Transform):
             order = torch.argsort((q * product).sum(0), descending=True)
             v = v.index_select(i, order)
             power = product.index_select(1, order)
-            wide = power if power.dtype in (torch.float32, torch.float64) else power.float()
-            basis, r = torch.linalg.qr(wide)
+            basis, r = torch.linalg.qr(power.float() if power.dtype.itemsize < 4 else power)
             q.copy_(settle(basis, r.diagonal().abs()))
         st["exp_avg_sq"].copy_(v)
 
 
-def _in_unit_interval(x: Any) -> bool:
-    v = number(x)
-    return v is not None and 0.0 < v <= 1.0
-
-
 def norm_lower_bound(a: Tensor) -> Tensor:
-    """PSGD's lower bound of the spectral norm of the symmetric ``a``: one power-iteration step
-    from its largest row (or column), on ``a`` scaled by its largest entry."""
+    """PSGD's lower bound of the spectral norm of the symmetric ``a`` (docs/optimizers.md)."""
     top = a.abs().max()
     a = a / torch.where(top > 0, top, 1.0)
     (col, i), (row, j) = (a * a).sum(0).max(0), (a * a).sum(1).max(0)
-    tiny = torch.finfo(a.dtype).tiny
-    x0, x1 = a[:, i] @ a, a @ a[j]
-    bound0 = ((x0 / x0.norm().clamp_min(tiny)) @ a.T).norm()
-    bound1 = (a.T @ (x1 / x1.norm().clamp_min(tiny))).norm()
-    return top * torch.where(col > row, bound0, bound1)
+    x = torch.where(col > row, a[:, i] @ a, a @ a[j])
+    x = x / x.norm().clamp_min(torch.finfo(a.dtype).tiny)
+    return top * torch.where(col > row, (x @ a.T).norm(), (a.T @ x).norm())
 
 
 class KronSchedule:
-    """PSGD-Kron's host schedule, a function of the step alone: the preconditioner is fitted
-    when a counter reaches ``1/p`` (``p`` given, or ``clamp(exp(-0.001 (t - 500)), 0.03, 1)``
-    computed in float32 as the reference does) and balanced on every 100th fit."""
+    """PSGD-Kron's (fit, balance) per step, the reference's counter (docs/optimizers.md)."""
 
     def __init__(self, probability: float | None) -> None:
         self.probability, self.events, self.counter, self.fits = probability, [], 0, 0
 
     def __call__(self, step: int) -> tuple[bool, bool]:
-        while len(self.events) < step:
-            n, p = len(self.events), self.probability
-            if p is None:
-                p = float(
-                    (torch.tensor(n, dtype=torch.float32) - 500).mul(-1e-3).exp().clamp(0.03, 1.0)
-                )
+        while len(self.events) < step:  # p: given, or the reference's schedule in float32
+            t = torch.tensor(len(self.events), dtype=torch.float32)
+            p = self.probability or float((t - 500).mul(-1e-3).exp().clamp(0.03, 1.0))
             self.counter += 1
-            fit = p > 0 and self.counter >= 1.0 / p
+            fit = self.counter >= 1.0 / p
             self.counter = 0 if fit else self.counter
             self.fits += fit
             self.events.append((fit, fit and self.fits % 100 == 0))
@@ -1092,34 +1054,22 @@ kron_schedule = functools.lru_cache(maxsize=16)(KronSchedule)
 
 
 def kron_noise(like: Tensor, name: str, step: int) -> Tensor:
-    """The probe of a preconditioner fit: standard normal, drawn from a generator seeded by
-    the parameter's name and the step, so that a copy, a resumed run and every rank of a
-    sharded one draw the same probe, and no other draw of torch's generators moves."""
+    """A fit's standard normal probe, drawn from a generator seeded by ``name`` and ``step``."""
     seed = (zlib.crc32(name.encode()) << 24) + step
     generator = torch.Generator(device=like.device).manual_seed(seed)
     return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
 
 
 class KronPrecondition(Transform):
-    """PSGD-Kron (Li 2018; Evan Walters's kron, pytorch-optimizer's): ``u = P m`` with
-    ``P = ⊗ᵢ QᵢᵀQᵢ`` (``Qᵢ`` upper triangular, or diagonal for axes of size 1, above
-    ``max_size_triangular``, in tensors of fewer than ``min_ndim_triangular`` axes, or chosen
-    by ``memory_save_mode``), then ``u`` scaled down to an RMS of at most 1.1. On a fit step
-    (:class:`KronSchedule`) each ``Qᵢ`` takes one step of ``precondition_lr`` towards fitting
-    ``P`` to a random probe ``v`` (``a = Q g``, ``b = Q⁻ᵀ v``: ``Qᵢ ← Qᵢ - η triu(AAᵀ - BBᵀ)
-    Qᵢ / ‖AAᵀ + BBᵀ‖``)."""
+    """PSGD-Kron (Li 2018; Evan Walters's kron, pytorch-optimizer's): ``u = P m``, ``P`` a
+    Kronecker product of factors fitted to random probes, RMS capped (docs/optimizers.md)."""
 
-    hyper = {
-        "pre_conditioner_update_probability": optional(Check(_in_unit_interval, "in (0, 1]")),
-        "max_size_triangular": POS_INT,
-        "min_ndim_triangular": POS_INT,
-        "memory_save_mode": one_of(None, "one_diag", "smart_one_diag", "all_diag"),
-        "momentum_into_precondition_update": BOOL,
-        "precondition_lr": POSITIVE,
-        "precondition_init_scale": POSITIVE,
-    }
-    whole, host = True, ("fit", "balance")
-    eps = torch.finfo(torch.bfloat16).tiny
+    hyper = {"pre_conditioner_update_probability": optional(PROBABILITY)}
+    hyper |= dict.fromkeys(("max_size_triangular", "min_ndim_triangular"), POS_INT)
+    hyper |= {"memory_save_mode": one_of(None, "one_diag", "smart_one_diag", "all_diag")}
+    hyper |= {"momentum_into_precondition_update": BOOL}
+    hyper |= dict.fromkeys(("precondition_lr", "precondition_init_scale"), POSITIVE)
+    whole, host, eps = True, ("fit", "balance"), torch.finfo(torch.bfloat16).tiny
 
     def init(self, p, info, hp, dtype):
         shape, mode = tuple(p.shape) or (1,), hp["memory_save_mode"]
@@ -1135,9 +1085,7 @@ class KronPrecondition(Transform):
         return state
 
     def scalars(self, hp, step):
-        given = hp["pre_conditioner_update_probability"]
-        probability = None if given is None else hp_value(hp, "pre_conditioner_update_probability")
-        fit, balance = kron_schedule(probability)(step)
+        fit, balance = kron_schedule(number(hp["pre_conditioner_update_probability"]))(step)
         lr = hp_value(hp, "precondition_lr")
         return {"fit": float(fit), "balance": float(balance), "lr": lr, "step": float(step)}
 
@@ -1146,8 +1094,7 @@ class KronPrecondition(Transform):
         qs = [slot.state[f"Q{i}"][0] for i in range(m.dim())]
         if sc["balance"] and m.dim() > 1:  # equal factor norms: P is unchanged
             norms = torch.stack([q.abs().max() for q in qs])
-            for q, norm in zip(qs, norms.prod() ** (1.0 / len(qs)) / norms, strict=True):
-                q.mul_(norm)
+            torch._foreach_mul_(qs, list(norms.prod() ** (1.0 / len(qs)) / norms))
         if sc["fit"]:
             g = m if slot.const["momentum_into_precondition_update"] else slot.g.reshape(m.shape)
             self._fit(qs, g, kron_noise(m, slot.info.name, int(sc["step"])), sc["lr"])
