@@ -7,11 +7,12 @@ import math
 
 import numpy as np
 import pytest
+from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 
 from optarena.analysis import Observation, analyze
 from optarena.report import write_report
-from optarena.report.figures import _plot_with_divergence
+from optarena.report.figures import _plot_with_divergence, loss_vs_lr_figure, style
 from optarena.report.story import ASSUMED_SEED_SD, caveats, noise, tell
 from optarena.speedup import first_step_at_or_below, fit_power_law, token_speedup
 from optarena.sweep.store import Store
@@ -127,6 +128,25 @@ def test_one_marker_per_diverged_run_on_rows_of_their_own():
     assert rows == {6.0, 6.1}  # each series on its own row: never hidden by another
     xs = [float(x) for x in crosses[0].get_xdata()]
     assert len(set(xs)) == 4  # three runs at one LR side by side
+
+
+def test_thirteen_series_are_told_apart_by_colour_marker_or_line_style():
+    """Matplotlib has ten colours: series 0 and 10 shared colour and marker, so a preset of
+    thirteen optimizers drew three pairs of identical lines."""
+    names = [f"opt{i:02d}" for i in range(13)]
+    observations = [
+        obs(n, lr, 5.0 + 0.01 * i + abs(k - 1) * 0.1)
+        for i, n in enumerate(names)
+        for k, lr in enumerate([1e-3, 3.16e-3, 1e-2])
+    ]
+    fig = loss_vs_lr_figure(analyze(observations).series, "t")
+    (ax,) = fig.axes
+    handles, labels = ax.get_legend_handles_labels()
+    assert sorted(labels) == names
+    looks = {(to_hex(h.get_color()), h.get_marker(), h.get_linestyle()) for h in handles}
+    assert len(looks) == 13
+    assert len({tuple(style(i).values()) for i in range(40)}) == 40
+    assert style(3) == {"color": "C3", "marker": "^", "linestyle": "-"}  # the first ten as before
 
 
 def test_report_sorted_by_loss_with_story_and_speedup(tmp_path):
