@@ -13,8 +13,9 @@ from matplotlib.figure import Figure
 from optarena.analysis import Observation, analyze
 from optarena.report import write_report
 from optarena.report.figures import _plot_with_divergence, loss_vs_lr_figure, style
-from optarena.report.story import ASSUMED_SEED_SD, caveats, noise, tell
-from optarena.speedup import first_step_at_or_below, fit_power_law, token_speedup
+from optarena.report.story import ASSUMED_SEED_SD, caveats, noise, tell, unbounded
+from optarena.report.tables import _speedup_text
+from optarena.speedup import Speedup, first_step_at_or_below, fit_power_law, token_speedup
 from optarena.sweep.store import Store
 
 A, B, C = 40.0, 0.5, 3.0  # L(D) = A D^-B + C
@@ -147,6 +148,38 @@ def test_thirteen_series_are_told_apart_by_colour_marker_or_line_style():
     assert len(looks) == 13
     assert len({tuple(style(i).values()) for i in range(40)}) == 40
     assert style(3) == {"color": "C3", "marker": "^", "linestyle": "-"}  # the first ten as before
+
+
+def test_no_empty_divergence_rows_above_the_losses_when_nothing_diverged():
+    """The axes reserved a divergence row per series even when no run diverged: thirteen
+    series left the top third of the figure empty."""
+    names = [f"opt{i:02d}" for i in range(13)]
+    grid = [1e-3, 3.16e-3, 1e-2]
+    trained = [obs(n, lr, 5.0 + k * 0.5) for n in names for k, lr in enumerate(grid)]
+    (ax,) = loss_vs_lr_figure(analyze(trained).series, "t").axes
+    low, high = ax.get_ylim()
+    assert high == pytest.approx(6.0 + 0.06 * 1.1) and low < 5.0  # the worst loss, a margin
+    # one diverged run of the fourth series: the axes reach its row, not the thirteenth's
+    (ax,) = loss_vs_lr_figure(
+        analyze([*trained, obs(names[3], 3.16e-2, 0, status="diverged")]).series, "t"
+    ).axes
+    crosses = [line for line in ax.lines if line.get_marker() == "x"]
+    (row,) = {float(y) for line in crosses for y in line.get_ydata()}
+    assert row < ax.get_ylim()[1] < row + 0.1
+
+
+def test_a_speedup_range_of_zero_to_infinity_reads_as_unbounded():
+    """``token_speedup`` says ``[0, ∞]`` when the anchored fit cannot bound the speedup; the
+    table showed it as "[≥0.00]" and the caveat on a poorly constrained fit never fired."""
+    loose = Speedup("muon", 4.9, 1e5, 2.47, (0.0, math.inf), None, None)
+    assert unbounded(loose)
+    assert _speedup_text(loose) == "2.47 [fit too uncertain]"
+    assert not unbounded(Speedup("lion", 5.5, 1e5, 0.8, (0.5, math.inf), None, None))
+    assert _speedup_text(Speedup("lion", 5.5, 1e5, 0.8, (0.5, math.inf), None, None)) == (
+        "0.80 [≥0.50]"
+    )
+    assert unbounded(Speedup("sgd", 6.0, 1e5, 0.5, (-math.inf, math.inf), None, None))
+    assert not unbounded(Speedup("sgd", 6.0, 1e5, 0.5, None, None, None))
 
 
 def test_report_sorted_by_loss_with_story_and_speedup(tmp_path):

@@ -14,9 +14,10 @@ from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import EngFormatter, MaxNLocator
 
 from optarena.analysis import Analysis, Sensitivity, SeriesResult
+from optarena.report.story import unbounded
 from optarena.report.views import View, drawn, run_curves, view_of, views_by_task
 from optarena.speedup import Speedup
 from optarena.sweep.store import RunRecord
@@ -167,7 +168,7 @@ def loss_vs_lr_figure(
     ax.set_xscale("log")
     ax.set_xlabel("LR / best LR" if aligned else "peak learning rate")
     ax.set_ylabel(shown.headline)
-    _ylim(ax, finite, _row(finite, top, len(series) - 1))
+    _ylim(ax, finite, _highest_row(finite, top, series))
     if aligned:
         ax.axvline(1.0, color="0.6", linewidth=0.8, linestyle=":")
     ax.set_title(
@@ -238,6 +239,7 @@ def best_curves_figure(
                 )
     for ax, c in zip(axes, panels, strict=False):
         ax.set_xlabel(shown.x_label)
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))  # 150k, not 150000 run into 160000
         ax.set_ylabel(c.label)
         if ax.lines and c.scale == "log":
             ax.set_yscale("log")
@@ -256,7 +258,7 @@ def speedup_figure(speedups: Sequence[Speedup], name: str, title: str) -> Render
     shown = [s for s in speedups if s.token_speedup is not None]
     for i, s in enumerate(shown):
         ax.plot([s.token_speedup], [i], marker="o", color=f"C{i % 10}")
-        if s.interval is not None and math.isfinite(s.interval[0]):
+        if s.interval is not None and not unbounded(s):
             hi = s.interval[1] if math.isfinite(s.interval[1]) else s.token_speedup * 10
             ax.plot([s.interval[0], hi], [i, i], color=f"C{i % 10}", linewidth=2)
     ax.set_yticks(range(len(shown)), [mpl_text(s.label) for s in shown])
@@ -326,7 +328,7 @@ def sensitivity(
     ax = fig.add_subplot()
     finite = [shown.shown(p.loss) for s in group for p in s.curve if math.isfinite(p.loss)]
     top = _top(finite)
-    _ylim(ax, finite, _row(finite, top, len(group) - 1))
+    _ylim(ax, finite, _highest_row(finite, top, group))
     for i, s in enumerate(group):
         xs = [index[str(p.x)] for p in s.curve]
         counts = [p.n_diverged for p in s.curve]
@@ -382,6 +384,19 @@ def _row(finite: Sequence[float], top: float, index: int) -> float:
     """The divergence row of series ``index``: stacked above the worst finite loss."""
     span = (max(finite) - min(finite) + 0.1) if finite else 1.0
     return top + 0.045 * span * index
+
+
+def _highest_row(finite: Sequence[float], top: float, series: Sequence[Any]) -> float:
+    """The top of what the axes must show: the divergence row of the last series with a
+    diverged run, or the worst finite loss when none diverged (no empty rows above it)."""
+    diverged = [
+        i
+        for i, s in enumerate(series)
+        if any(p.n_diverged or not math.isfinite(p.loss) for p in s.curve)
+    ]
+    if diverged:
+        return _row(finite, top, max(diverged))
+    return max(finite) if finite else top
 
 
 def _legend(ax: Any) -> None:

@@ -103,9 +103,7 @@ def tell(analysis: Analysis, runs: dict[str, RunRecord]) -> Story:
             story.speedups.update(speedups(series, runs))
         _conclude(story, model, series, len(analysis.models()) > 1, shown)
     story.caveats = caveats(analysis, list(runs.values()))
-    loose = [
-        s.label for s in story.speedups.values() if s.interval and not math.isfinite(s.interval[0])
-    ]
+    loose = [s.label for s in story.speedups.values() if unbounded(s)]
     if loose:
         story.caveats.append(
             "The power law fitted to AdamW's eval curve is poorly constrained (few evaluations, "
@@ -198,10 +196,19 @@ def _conclude(
         )
 
 
+def unbounded(v: Speedup) -> bool:
+    """Whether the fit cannot bound the speedup: a range with no finite lower end, or the
+    ``[0, ∞]`` that ``token_speedup`` returns when most anchored draws define no shift."""
+    if v.interval is None:
+        return False
+    low, high = v.interval
+    return not math.isfinite(low) or (low <= 0.0 and not math.isfinite(high))
+
+
 def _interval(v: Speedup) -> str:
     if v.interval is None:
         return ""
-    if not math.isfinite(v.interval[0]):
+    if unbounded(v):
         return " (range unbounded)"
     hi = "∞" if not math.isfinite(v.interval[1]) else f"{v.interval[1]:.2f}"
     return f" [{v.interval[0]:.2f}, {hi}]"
