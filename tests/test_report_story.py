@@ -309,9 +309,15 @@ def test_the_baseline_is_plain_adamw_not_a_variant_of_it(tmp_path):
     for label, speed in (("adamw-cautious", 2.0), ("adamw", 1.0)):
         curve = [[s, float(law(s * per_step * speed))] for s in range(10, 101, 10)]
         config = {"optimizer": "adamw", "lr": 1e-3, "seed": 0, "cautious": speed > 1}
+        config["hparams"] = {"cautious": speed > 1}
         _finished(store, label, config, label, curve[-1][1], curve, 100, per_step)
     store.close()
     write_report(tmp_path)
+    # the setup lists each series' hyperparameters under its label, not both under "adamw"
+    told = json.loads((tmp_path / "report" / "story.json").read_text())
+    setup = {row["what"]: row["value"] for row in told["setup"]}
+    assert setup["adamw hyperparameters"] == "cautious=False"
+    assert setup["adamw-cautious (adamw) hyperparameters"] == "cautious=True"
     rows = json.loads((tmp_path / "report" / "summary.json").read_text())
     speed = {r["optimizer"]: r["token_speedup_vs_adamw"] for r in rows}
     assert len(speed) == 2, rows
