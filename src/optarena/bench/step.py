@@ -46,7 +46,7 @@ REFERENCES: dict[str, tuple[str, ...]] = {
     "lion": ("lion-pytorch",),
     "signum": ("pytorch-optimizer-signsgd",),
     "sophia": ("sophia-opt",),
-    "muon": ("torch-muon+adamw",),
+    "muon": ("torch-muon+adamw", "torch-muon+adamw-foreach"),
     "normuon": ("pytorch-optimizer-normuon",),
     "soap": ("pytorch-optimizer-soap",),
     "kron": ("pytorch-optimizer-kron",),
@@ -121,11 +121,13 @@ def _reference(name: str, named: list[tuple[str, Tensor]], shape: Shape) -> torc
         from pytorch_optimizer import SignSGD
 
         return SignSGD(params, lr=1e-3, momentum=0.9)
-    if name == "torch-muon+adamw":
+    if name.startswith("torch-muon+adamw"):  # AdamW's fused kernel, or its foreach loop
         hidden = [p for n, p in named if _hidden(n, p)]
         rest = [p for n, p in named if not _hidden(n, p)]
         muon = torch.optim.Muon(hidden, lr=1e-3, weight_decay=0.1)
-        return _Pair(muon, torch.optim.AdamW(rest, lr=3e-4, betas=(0.9, 0.95), fused=True))  # type: ignore[return-value]
+        kernel = {"foreach": True} if name.endswith("-foreach") else {"fused": True}
+        adamw = torch.optim.AdamW(rest, lr=3e-4, betas=(0.9, 0.95), **kernel)
+        return _Pair(muon, adamw)  # type: ignore[return-value]
     if name == "pytorch-optimizer-normuon":  # its own AdamW groups take the rest
         from pytorch_optimizer import NorMuon
 

@@ -13,6 +13,7 @@ compiled chain, the eager chain, or the staged chain on FSDP2 shards.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from optarena.optim.registry import Entry
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+_whole = functools.lru_cache(maxsize=4096)(Rows.whole)  # a shape's Rows, built once
 
 # Group keys that say how a group runs or who it is, not what its update computes.
 _NOT_MATH = {
@@ -332,18 +334,22 @@ class ChainOptimizer(torch.optim.Optimizer):
     def slot(
         self, p: Tensor, group: Mapping[str, Any], plan: Plan, grad: Tensor | None = None
     ) -> Slot:
-        """``p`` as the chain sees it this step (whole, in its compute dtype)."""
+        """``p`` as the chain sees it this step (whole, in its compute dtype). The slot holds
+        the parameter's own state dict (transforms update its tensors, never its keys)."""
         dtype = self._dtype(p)
-        g = real(p.grad if grad is None else grad)
+        g = p.grad if grad is None else grad
+        state = self.state[p]
+        if p.is_complex():
+            g, target, info = real(g), real(p), self.real_info(p)
+            state = {k: real(v) for k, v in state.items()}
+        else:
+            target, info = p, self._infos[id(p)]
         g = g if g.dtype == dtype else g.to(dtype)
         if group["maximize"]:
             g = -g
-        target = real(p)
         target = target if target.dtype == dtype else target.to(dtype)
-        info = self.real_info(p)
         decays = info.role.value not in group["no_decay_roles"]
-        state = {k: real(v) for k, v in self.state[p].items()}
-        return Slot(target, g, state, info, Rows.whole(target.shape), plan.const, decays)
+        return Slot(target, g, state, info, _whole(target.shape), plan.const, decays)
 
     # ----------------------------------------------------------------- stepping
 

@@ -415,8 +415,11 @@ class HeavyBall(Transform):
         b = slot.state.get("momentum_buffer")
         if b is None:
             return x
-        g = slot.value(x)
-        axpy_(b.mul_(sc["mu"]), g, sc["c"])
+        g, mu, c = slot.value(x), sc["mu"], sc["c"]
+        if isinstance(mu, float) and isinstance(c, float) and c == 1.0:
+            torch.add(g, b, alpha=mu, out=b)  # b ← g + μb in one pass (no dampening)
+        else:
+            axpy_(b.mul_(mu), g, c)
         return Update(axpy(g, b, sc["mu"]) if slot.const["nesterov"] else b, 1.0, None, x.decay)
 
 
