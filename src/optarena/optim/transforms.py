@@ -1058,14 +1058,12 @@ kron_schedule = functools.lru_cache(maxsize=16)(KronSchedule)
 
 def kron_noise(like: Tensor, name: str, step: int) -> Tensor:
     """A fit's standard normal probe, drawn from a generator seeded by ``name`` and ``step``."""
-    seed = (zlib.crc32(name.encode()) << 24) + step
-    generator = torch.Generator(device=like.device).manual_seed(seed)
+    generator = torch.Generator(like.device).manual_seed((zlib.crc32(name.encode()) << 24) + step)
     return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
 
 
 class KronPrecondition(Transform):
-    """PSGD-Kron (Li 2018; Evan Walters's kron, pytorch-optimizer's): ``u = P m``, ``P`` a
-    Kronecker product of factors fitted to random probes, RMS capped (docs/optimizers.md)."""
+    """PSGD-Kron: ``u = P m``, ``P`` Kronecker factors fitted to probes (docs/optimizers.md)."""
 
     hyper = {"pre_conditioner_update_probability": optional(PROBABILITY)}
     hyper |= dict.fromkeys(("max_size_triangular", "min_ndim_triangular"), POS_INT)
@@ -1108,12 +1106,11 @@ class KronPrecondition(Transform):
     def _fit(self, qs: list[Tensor], g: Tensor, v: Tensor, lr: Scalar) -> None:
         a, b = per_axis(g, qs), per_axis(v, qs, "solve")
         for i, q in enumerate(qs):
-            aa, bb = _gram(a, i, q.dim() == 1), _gram(b, i, q.dim() == 1)
+            flat = q.dim() == 1
+            aa, bb = _gram(a, i, flat), _gram(b, i, flat)
+            den = ((aa + bb).abs().max() if flat else norm_lower_bound(aa + bb)) + self.eps
             step = (aa - bb) * lr
-            if q.dim() == 1:
-                q.sub_(step * q / ((aa + bb).abs().max() + self.eps))
-            else:
-                q.sub_(torch.triu(step) / (norm_lower_bound(aa + bb) + self.eps) @ q)
+            q.sub_(step * q / den if flat else torch.triu(step) / den @ q)
 
 
 # --------------------------------------------------------------------------- sign-like maps
