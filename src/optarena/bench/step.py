@@ -252,11 +252,7 @@ def _candidates(
         return named, infos
 
     hp = BENCH_HP.get(name, {})
-    entry = REGISTRY[name]
-    eager_only = entry.chain is not None and entry.chain(entry.defaults).eager
     for mode in modes:
-        if mode == "fused" and eager_only:  # SOAP, Kron: the step branches on the host
-            continue
         named, infos = fresh()
         opt = create(name, named, partition=infos, fused=(mode == "fused"), **hp)
         out.append(Candidate(f"{name} ({mode})", mode, opt.step, opt))

@@ -147,6 +147,8 @@ class ChainOptimizer(torch.optim.Optimizer):
             torch's AdamW or SGD, else the compiled chain; ``None``: torch's kernel where it
             applies, else compiled on CUDA (and on CPU for groups of at least
             ``compiled.CPU_MIN_NUMEL`` entries) when torch.compile works here, else eager.
+            Compiled or not, a step where a chain's host scalars are set (SOAP's first step
+            and refreshes, Kron's fits, adam-frozen's fill step) runs the eager chain.
         **torch_flags: torch.optim's ``foreach``, ``capturable`` and ``differentiable``,
             accepted at torch's defaults (``foreach`` at any value).
     """
@@ -415,12 +417,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         fused = group.get("fused")
         if fused is not False and plan.entry.torch_kernel:
             params = torch_kernels.step(self, group, hp, plan, params)
-        if plan.chain.eager and fused is True:
-            raise ValueError(
-                f"{type(self).__name__}: fused=True is not available for {plan.entry.name}, "
-                "whose step branches on the host; use fused=None or False"
-            )
-        if params and not plan.chain.eager and compiled.wanted(fused, params, type(self).__name__):
+        if params and compiled.wanted(fused, params, type(self).__name__):
             params = self._compiled.step(self, group, hp, plan, params, explicit=fused is True)
         if params:
             self._step_eager(group, hp, plan, params)
