@@ -96,9 +96,11 @@ def step_all(opt, params, t: int, step=None) -> None:
         opt.update_hessian()
 
 
-def reference(name: str, schedule: bool = False, shapes=SHAPES) -> dict[str, nn.Parameter]:
-    params = make_params(shapes)
-    opt = build(name, params, fused=False)
+def reference(
+    name: str, schedule: bool = False, shapes=SHAPES, dtype=torch.float64, **extra: Any
+) -> dict[str, nn.Parameter]:
+    params = make_params(shapes, dtype)
+    opt = build(name, params, fused=False, **extra)
     sched = one_cycle(opt) if schedule else None
     for t in range(1, STEPS + 1):
         step_all(opt, params, t)
@@ -355,9 +357,11 @@ class Simulated:
         return t.narrow(0, offset, length)
 
 
-def run_sharded(name: str, world: int) -> tuple[dict[str, torch.Tensor], list[int]]:
-    ranks = [make_params(SHAPES) for _ in range(world)]
-    opts = [build(name, params, fused=False) for params in ranks]
+def run_sharded(
+    name: str, world: int, dtype: torch.dtype = torch.float64, **extra: Any
+) -> tuple[dict[str, torch.Tensor], list[int]]:
+    ranks = [make_params(SHAPES, dtype) for _ in range(world)]
+    opts = [build(name, params, fused=False, **extra) for params in ranks]
     places = [
         Simulated(
             {id(p): chunk_cuts(p.shape[0] if p.dim() else 1, world)[r] for p in params.values()}
@@ -402,6 +406,18 @@ def test_shards_equal_one_process(name: str, world: int) -> None:
     merged, calls = run_sharded(name, world)
     assert_close(merged, reference(name))
     assert len(set(calls)) == 1  # every rank issued the same collectives
+
+
+@pytest.mark.parametrize("name", ["muon", "normuon"])
+def test_gathered_matrix_steps_round_as_one_process(name: str) -> None:
+    """float32, one matrix per tensor, so Muon's ratio (``sqrt(12/8)`` for q_proj) is a factor
+    of the step's scale: shards that gather the update keep it a factor, and their parameters
+    equal one process's bit for bit."""
+    hp = {"per_head": False, "ns_dtype": "float32"}
+    merged, _ = run_sharded(name, 2, torch.float32, **hp)
+    want = reference(name, dtype=torch.float32, **hp)
+    for n in want:
+        assert torch.equal(merged[n], want[n].detach()), n
 
 
 class UnitFrobenius(Transform):

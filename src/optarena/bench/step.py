@@ -136,7 +136,9 @@ def _reference(name: str, named: list[tuple[str, Tensor]], shape: Shape) -> torc
         groups = [{"params": hidden, "use_muon": True}, {"params": rest, "use_muon": False}]
         return NorMuon(groups, adamw_eps=1e-8)
     if name == "torch-nadamw":
-        return torch.optim.NAdam(params, lr=2e-3, decoupled_weight_decay=True, foreach=True)
+        return torch.optim.NAdam(
+            params, lr=2e-3, weight_decay=1e-2, decoupled_weight_decay=True, foreach=True
+        )  # our NAdamW's defaults
     if name == "schedulefree-adamw":
         from schedulefree import AdamWScheduleFree
 

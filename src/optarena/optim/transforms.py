@@ -40,7 +40,7 @@ import functools
 import math
 import zlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple, Protocol
 
 import torch
@@ -139,6 +139,8 @@ class Slot:
     rows: Rows
     const: Mapping[str, Any]  # the group's options that are not numbers
     decays: bool = True  # its role takes weight decay
+    # a transform's tensors of this step, kept from its ``statistics`` for its ``update``
+    scratch: dict[str, Tensor] = field(default_factory=dict)
 
     def direction(self, x: Update) -> Tensor:
         """``tensor / den`` in the parameter's shape."""
@@ -162,8 +164,10 @@ def apply_(p: Tensor, x: Update) -> None:
             target = p.view(t.shape)
         else:
             t, den = (t if den is None else t / den).reshape(p.shape), None
-    if not isinstance(x.scale, float):
-        target.sub_((t if den is None else t / den) * x.scale)
+    if not isinstance(x.scale, float) and den is None:  # a 0-d tensor scale, broadcast
+        target.addcmul_(t, x.scale, value=-1.0)
+    elif not isinstance(x.scale, float):
+        target.sub_(t / den * x.scale)
     elif den is None:
         target.add_(t, alpha=-x.scale)
     else:
@@ -295,7 +299,9 @@ class NAdamMomentum(Transform):
     def update(self, x, slot, sc, stats):
         g, m = slot.value(x), slot.state["exp_avg"]
         m.lerp_(g, sc["w"])
-        return Update(axpy(times(g, sc["cg"]), m, sc["cm"]), 1.0, None, x.decay)
+        # cg·g + cm·m as (cg + cm)·lerp(g, m, cm / (cg + cm)): one pass, the sum in the scale
+        total = sc["cg"] + sc["cm"]
+        return Update(g.lerp(m, sc["cm"] / total), total, None, x.decay)
 
 
 class ADOPTUpdate(Transform):
@@ -323,10 +329,11 @@ class ADOPTUpdate(Transform):
     def update(self, x, slot, sc, stats):
         g, m, v = slot.value(x), slot.state["exp_avg"], slot.state["exp_avg_sq"]
         g2 = g * g
-        axpy_(v, g2, sc["first"])  # v is zero before the first step
-        normed = g / v.sqrt().clamp(min=sc["eps"])
+        if not is_zero(sc["first"]):
+            axpy_(v, g2, sc["first"])  # v is zero before the first step
+        normed = g / v.sqrt().clamp_(min=sc["eps"])
         if not (isinstance(sc["clip"], float) and math.isinf(sc["clip"])):
-            normed = normed.clamp(min=-sc["clip"], max=sc["clip"])
+            normed = normed.clamp_(min=-sc["clip"], max=sc["clip"])
         m.lerp_(normed, sc["w1"])
         v.lerp_(g2, sc["w2"])
         return Update(m, 1.0 - sc["first"], None, x.decay)
@@ -355,7 +362,11 @@ class SlowEMA(Transform):
     def update(self, x, slot, sc, stats):
         s = slot.state["exp_avg_slow"]
         s.lerp_(slot.g, sc["w3"])
-        return Update(axpy(slot.value(x), s, sc["alpha"]), 1.0, None, x.decay)
+        if x.den is not None:
+            return Update(axpy(slot.value(x), s, sc["alpha"]), 1.0, None, x.decay)
+        # scale·u + α·s as scale·(u + (α/scale)·s): one pass, the factor in the scale
+        u = x.tensor.reshape(slot.p.shape)
+        return Update(axpy(u, s, sc["alpha"] / x.scale), x.scale, None, x.decay)
 
 
 class MarsCorrection(Transform):
@@ -377,11 +388,11 @@ class MarsCorrection(Transform):
         return times(g - slot.state["last_grad"], sc["k"]).add_(g)
 
     def statistics(self, x, slot, sc):
-        c = self._corrected(slot, sc)
+        c = slot.scratch["mars"] = self._corrected(slot, sc)
         return {"sq": (c * c).sum()}
 
     def update(self, x, slot, sc, stats):
-        c = self._corrected(slot, sc) / stats["sq"].sqrt().clamp(min=1.0)
+        c = slot.scratch.pop("mars") / stats["sq"].sqrt().clamp(min=1.0)
         slot.state["last_grad"].copy_(slot.g)
         slot.g = c
         return Update(c, 1.0, None, x.decay)
@@ -1260,13 +1271,13 @@ class ScheduleFreeStep(Transform):
         weight = st["lr_max"].clamp_(min=lr) ** sc["power"] * sc["tr"]
         total = st["weight_sum"].add_(weight)
         c = torch.where(total > 0, weight / total, 0.0)
-        u = slot.value(x)
+        u, scale = slot.direction(x), x.scale  # the normalised gradient is scale·u
         if slot.decays and not is_zero(sc["wd"]):
-            u = axpy(u, slot.p, sc["wd"])
+            u = axpy(u, slot.p, sc["wd"] / scale)
         z = st["z"]
         slot.p.lerp_(z, c)  # exactly y where z = y (a parameter that never had a gradient)
-        axpy_(z, u, -lr)
-        return Update(u, lr * (1.0 - sc["beta1"] * (1.0 - c)), None, 0.0)
+        axpy_(z, u, -lr * scale)
+        return Update(u, lr * scale * (1.0 - sc["beta1"] * (1.0 - c)), None, 0.0)
 
     def swap(self, p, state, hp, train):
         z = state.get("z")
