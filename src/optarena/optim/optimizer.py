@@ -147,8 +147,8 @@ class ChainOptimizer(torch.optim.Optimizer):
             torch's AdamW or SGD, else the compiled chain; ``None``: torch's kernel where it
             applies, else compiled on CUDA (and on CPU for groups of at least
             ``compiled.CPU_MIN_NUMEL`` entries) when torch.compile works here, else eager.
-            Compiled or not, a step where a chain's host scalars are set (SOAP's first step
-            and refreshes, Kron's fits, adam-frozen's fill step) runs the eager chain.
+            Whatever ``fused`` says, a step at which a chain's host scalars are set (SOAP's
+            first step and refreshes, Kron's fits, adam-frozen's fill step) runs eagerly.
         **torch_flags: torch.optim's ``foreach``, ``capturable`` and ``differentiable``,
             accepted at torch's defaults (``foreach`` at any value).
     """
