@@ -8,7 +8,10 @@ Everything runs in float64, so that any difference beyond the order of additions
 The real 2-process FSDP2 run is ``test_sharding.py``.
 
 The compiled mode runs under OneCycleLR with cycled momentum (the learning rate and beta1 change
-every step) with recompilation made an error: a schedule compiles once.
+every step) with recompilation made an error: a schedule compiles once. Its phase steps (SOAP's
+first step and refreshes, Kron's fits and balances, adam-frozen's fill: the chains' host scalars)
+run the eager chain, every other step the compiled one, and the run equals the eager chain across
+both.
 """
 
 from __future__ import annotations
@@ -22,12 +25,20 @@ import pytest
 import torch
 from torch import nn
 
-from optarena.optim import REGISTRY, available, create, sharding
+from optarena.optim import REGISTRY, available, compiled, create, sharding
 from optarena.optim.blocks import Rows
 from optarena.optim.compiled import compile_available
 from optarena.optim.engine import Chain
+from optarena.optim.optimizer import ChainOptimizer
 from optarena.optim.registry import CLASSES, Entry, make_class
-from optarena.optim.transforms import EMA, DecoupledDecay, ScaleByLR, Transform, Update
+from optarena.optim.transforms import (
+    EMA,
+    DecoupledDecay,
+    ScaleByLR,
+    Transform,
+    Update,
+    kron_schedule,
+)
 from optim_cases import count_kernel_calls, make_params, set_grads
 from sharded_worker import partition as toy_partition
 
@@ -52,6 +63,8 @@ HYPER: dict[str, dict[str, Any]] = {
     "signum": {"lr": 1e-3},
     "sophia": {"lr": 1e-3, "bs": 20, "hessian_interval": 3},
     "adam-frozen": {"lr": 1e-2, "precondition_steps": 3, "unfrozen_roles": ["output", "norm"]},
+    "soap": {"lr": 1e-2, "weight_decay": 0.1, "precondition_frequency": 3},
+    "kron": {"lr": 1e-2, "weight_decay": 0.1, "pre_conditioner_update_probability": 0.5},
     "hybrid": {
         "routes": {
             "default": ("signum", {}),
@@ -83,9 +96,11 @@ def step_all(opt, params, t: int, step=None) -> None:
         opt.update_hessian()
 
 
-def reference(name: str, schedule: bool = False, shapes=SHAPES) -> dict[str, nn.Parameter]:
-    params = make_params(shapes)
-    opt = build(name, params, fused=False)
+def reference(
+    name: str, schedule: bool = False, shapes=SHAPES, dtype=torch.float64, **extra: Any
+) -> dict[str, nn.Parameter]:
+    params = make_params(shapes, dtype)
+    opt = build(name, params, fused=False, **extra)
     sched = one_cycle(opt) if schedule else None
     for t in range(1, STEPS + 1):
         step_all(opt, params, t)
@@ -151,35 +166,92 @@ COMPILED_SHAPES = {
     for n in ("tok_emb.weight", "k_proj.weight", "qkv.weight", "norm", "conv1d", "gain")
 }
 # every chain once (the study's hybrids are groups of these), and one hybrid: two groups
-COMPILED = [n for n, e in REGISTRY.items() if e.chain is not None and not e.chain(e.defaults).eager]
+COMPILED = [n for n, e in REGISTRY.items() if e.chain is not None]
 COMPILED += ["hybrid-adalayer-last-ln"]
-# chains that branch on the host (SOAP's refresh, Kron's fits) always run eagerly
-EAGER = [n for n, e in REGISTRY.items() if e.chain is not None and e.chain(e.defaults).eager]
+# The steps that set a host scalar under HYPER, from each schedule's definition: SOAP's first
+# step (t = step - 1 = 0) and its refreshes (t a multiple of precondition_frequency = 3); Kron's
+# fits (probability 1/2: every second step); adam-frozen's fill (precondition_steps + 1).
+HOST_STEPS = {"soap": {1, 4, 7}, "kron": {2, 4, 6, 8}, "adam-frozen": {4}}
 
 
-@pytest.mark.parametrize("name", EAGER)
-def test_an_eager_chain_refuses_fused_true_in_one_line(name: str) -> None:
-    params = make_params(COMPILED_SHAPES)
-    opt = build(name, params, fused=True)
-    set_grads(params, 1, skip=())
-    with pytest.raises(ValueError, match="fused=True is not available") as err:
-        opt.step()
-    assert "\n" not in str(err.value)
+@contextmanager
+def paths_taken(monkeypatch: pytest.MonkeyPatch):
+    """``{"eager": {...}, "compiled": {...}}``: the optimizer steps (1, 2, ...) at which each
+    path ran (the compiled path builds its scalar table only for the steps it runs)."""
+    taken: dict[str, set[int]] = {"eager": set(), "compiled": set()}
+    steps = [0]
+    step, step_eager, table = ChainOptimizer._step, ChainOptimizer._step_eager, compiled._table
+
+    def counted(*args, **kw):
+        steps[0] += 1
+        return step(*args, **kw)
+
+    def eager(*args, **kw):
+        taken["eager"].add(steps[0])
+        return step_eager(*args, **kw)
+
+    def compiled_table(*args, **kw):
+        taken["compiled"].add(steps[0])
+        return table(*args, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(ChainOptimizer, "_step", counted)
+        m.setattr(ChainOptimizer, "_step_eager", eager)
+        m.setattr(compiled, "_table", compiled_table)
+        yield taken
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not compile_available("cpu"), reason="torch.compile needs a C++ compiler")
 @pytest.mark.parametrize("name", COMPILED)
-def test_compiled_equals_eager_and_a_schedule_compiles_once(name: str) -> None:
+def test_compiled_equals_eager_and_a_schedule_compiles_once(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     params = make_params(COMPILED_SHAPES)
     opt = build(name, params, fused=True)
     sched = one_cycle(opt)
-    with no_recompilation():
+    with no_recompilation(), paths_taken(monkeypatch) as taken:
         for t in range(1, STEPS + 1):
             step_all(opt, params, t)
             if sched is not None:
                 sched.step()
+    host = HOST_STEPS.get(name, set())
+    assert taken["eager"] == host  # a phase step runs the eager chain, and only a phase step
+    if not REGISTRY[name].torch_kernel:
+        # adam-frozen's group of unfrozen roles (freeze=False) has no fill step: compiled
+        also = host if name == "adam-frozen" else set()
+        assert taken["compiled"] == set(range(1, STEPS + 1)) - host | also
     assert_close(params, reference(name, schedule=True, shapes=COMPILED_SHAPES))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not compile_available("cpu"), reason="torch.compile needs a C++ compiler")
+def test_compiled_kron_across_a_balance_and_soap_across_many_refreshes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Kron's 100th fit (step 200 at probability 1/2) also balances its factors; SOAP refreshes
+    every third step. Both compiled (their regular steps) equal the eager chain throughout."""
+    assert kron_schedule(0.5)(200) == (True, True) and not any(
+        kron_schedule(0.5)(t)[1] for t in range(1, 200)
+    )
+    regular = {  # Kron: no fit at odd steps; SOAP: neither step 1 nor t = step - 1 in 3N
+        "kron": set(range(1, 202, 2)),
+        "soap": {s for s in range(2, 32) if (s - 1) % 3},
+    }
+    for name, steps in (("kron", 201), ("soap", 31)):
+        runs = []
+        for fused in (True, False):
+            params = make_params(COMPILED_SHAPES)
+            opt = build(name, params, fused=fused)
+            with paths_taken(monkeypatch) as taken:
+                for t in range(1, steps + 1):
+                    set_grads(params, t, skip=())
+                    opt.step()
+            runs.append(params)
+            compiled_steps = regular[name] if fused else set()
+            assert taken["compiled"] == compiled_steps, name
+            assert taken["eager"] == set(range(1, steps + 1)) - compiled_steps, name
+        assert_close(runs[0], runs[1])
 
 
 @pytest.mark.slow
@@ -285,9 +357,11 @@ class Simulated:
         return t.narrow(0, offset, length)
 
 
-def run_sharded(name: str, world: int) -> tuple[dict[str, torch.Tensor], list[int]]:
-    ranks = [make_params(SHAPES) for _ in range(world)]
-    opts = [build(name, params, fused=False) for params in ranks]
+def run_sharded(
+    name: str, world: int, dtype: torch.dtype = torch.float64, **extra: Any
+) -> tuple[dict[str, torch.Tensor], list[int]]:
+    ranks = [make_params(SHAPES, dtype) for _ in range(world)]
+    opts = [build(name, params, fused=False, **extra) for params in ranks]
     places = [
         Simulated(
             {id(p): chunk_cuts(p.shape[0] if p.dim() else 1, world)[r] for p in params.values()}
@@ -332,6 +406,18 @@ def test_shards_equal_one_process(name: str, world: int) -> None:
     merged, calls = run_sharded(name, world)
     assert_close(merged, reference(name))
     assert len(set(calls)) == 1  # every rank issued the same collectives
+
+
+@pytest.mark.parametrize("name", ["muon", "normuon"])
+def test_gathered_matrix_steps_round_as_one_process(name: str) -> None:
+    """float32, one matrix per tensor, so Muon's ratio (``sqrt(12/8)`` for q_proj) is a factor
+    of the step's scale: shards that gather the update keep it a factor, and their parameters
+    equal one process's bit for bit."""
+    hp = {"per_head": False, "ns_dtype": "float32"}
+    merged, _ = run_sharded(name, 2, torch.float32, **hp)
+    want = reference(name, dtype=torch.float32, **hp)
+    for n in want:
+        assert torch.equal(merged[n], want[n].detach()), n
 
 
 class UnitFrobenius(Transform):

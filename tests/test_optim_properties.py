@@ -6,6 +6,7 @@
   float32 and bfloat16, give finite parameters, leave ``grad=None`` parameters untouched, and
   an all-zero gradient moves nothing (``sign(0) = 0``, ``0 / (0 + ε) = 0``);
 * ``hessian_interval`` / ``update_hessian``;
+* Kron's balance step equalises its factors' norms and leaves its preconditioner unchanged;
 * optimizer state bytes per parameter on a GPT-shaped model equal the theoretical value.
 """
 
@@ -36,6 +37,9 @@ from optarena.optim import (
     create,
     state_bytes,
 )
+from optarena.optim.blocks import Rows
+from optarena.optim.registry import REGISTRY
+from optarena.optim.transforms import KronPrecondition, Slot, Update
 from optim_cases import llama_partition, llama_shapes, make_params, set_grads
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -494,3 +498,31 @@ def test_the_profiler_sees_the_step(name: str) -> None:
         opt.step()
     events = {event.key for event in prof.key_averages()}
     assert f"Optimizer.step#{type(opt).__name__}.step" in events
+
+
+def test_kron_balance_equalises_the_factors_and_keeps_the_preconditioner() -> None:
+    """A balance step scales Kron's factors to one max-norm (their geometric mean) and leaves
+    ``P = ⊗ QᵢᵀQᵢ``, so the update, unchanged."""
+    hp = {**REGISTRY["kron"].defaults, "max_size_triangular": 4}  # axis 2 (5 long): diagonal
+    gen = torch.Generator().manual_seed(0)
+    p = torch.randn(3, 4, 5, generator=gen, dtype=torch.float64)
+    info = ParamInfo("w", tuple(p.shape), Role.MLP)
+    kron = KronPrecondition()
+    state = kron.init(p, info, hp, torch.float64)
+    for key, scale in zip(("Q0", "Q1", "Q2"), (7.0, 0.1, 3.0), strict=True):
+        q = state[key][0]
+        noise = torch.rand(q.shape, generator=gen, dtype=torch.float64)
+        q.add_(noise.triu() if q.dim() == 2 else noise).mul_(scale)
+    assert state["Q2"].dim() == 2  # a vector behind the leading axis of replicated state
+
+    def step(balance: float) -> torch.Tensor:
+        sc = {"fit": 0.0, "balance": balance, "lr": 0.1, "step": 1.0}
+        slot = Slot(p, p.clone(), state, info, Rows.whole(p.shape), hp)
+        return slot.value(kron.update(Update(p.clone()), slot, sc, {}))
+
+    before = step(0.0)
+    norms = [state[k].abs().max().item() for k in ("Q0", "Q1", "Q2")]
+    balanced = step(1.0)
+    after = [state[k].abs().max().item() for k in ("Q0", "Q1", "Q2")]
+    assert after == pytest.approx([math.prod(norms) ** (1 / 3)] * 3, rel=1e-12)
+    torch.testing.assert_close(balanced, before, rtol=1e-12, atol=0.0)

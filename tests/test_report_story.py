@@ -7,13 +7,15 @@ import math
 
 import numpy as np
 import pytest
+from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 
 from optarena.analysis import Observation, analyze
 from optarena.report import write_report
-from optarena.report.figures import _plot_with_divergence
-from optarena.report.story import ASSUMED_SEED_SD, caveats, noise, tell
-from optarena.speedup import first_step_at_or_below, fit_power_law, token_speedup
+from optarena.report.figures import _plot_with_divergence, loss_vs_lr_figure, style
+from optarena.report.story import ASSUMED_SEED_SD, caveats, noise, tell, unbounded
+from optarena.report.tables import _speedup_text
+from optarena.speedup import Speedup, first_step_at_or_below, fit_power_law, token_speedup
 from optarena.sweep.store import Store
 
 A, B, C = 40.0, 0.5, 3.0  # L(D) = A D^-B + C
@@ -127,6 +129,57 @@ def test_one_marker_per_diverged_run_on_rows_of_their_own():
     assert rows == {6.0, 6.1}  # each series on its own row: never hidden by another
     xs = [float(x) for x in crosses[0].get_xdata()]
     assert len(set(xs)) == 4  # three runs at one LR side by side
+
+
+def test_thirteen_series_are_told_apart_by_colour_marker_or_line_style():
+    """Matplotlib has ten colours: series 0 and 10 shared colour and marker, so a preset of
+    thirteen optimizers drew three pairs of identical lines."""
+    names = [f"opt{i:02d}" for i in range(13)]
+    observations = [
+        obs(n, lr, 5.0 + 0.01 * i + abs(k - 1) * 0.1)
+        for i, n in enumerate(names)
+        for k, lr in enumerate([1e-3, 3.16e-3, 1e-2])
+    ]
+    fig = loss_vs_lr_figure(analyze(observations).series, "t")
+    (ax,) = fig.axes
+    handles, labels = ax.get_legend_handles_labels()
+    assert sorted(labels) == names
+    looks = {(to_hex(h.get_color()), h.get_marker(), h.get_linestyle()) for h in handles}
+    assert len(looks) == 13
+    assert len({tuple(style(i).values()) for i in range(40)}) == 40
+    assert style(3) == {"color": "C3", "marker": "^", "linestyle": "-"}  # the first ten as before
+
+
+def test_no_empty_divergence_rows_above_the_losses_when_nothing_diverged():
+    """The axes reserved a divergence row per series even when no run diverged: thirteen
+    series left the top third of the figure empty."""
+    names = [f"opt{i:02d}" for i in range(13)]
+    grid = [1e-3, 3.16e-3, 1e-2]
+    trained = [obs(n, lr, 5.0 + k * 0.5) for n in names for k, lr in enumerate(grid)]
+    (ax,) = loss_vs_lr_figure(analyze(trained).series, "t").axes
+    low, high = ax.get_ylim()
+    assert high == pytest.approx(6.0 + 0.06 * 1.1) and low < 5.0  # the worst loss, a margin
+    # one diverged run of the fourth series: the axes reach its row, not the thirteenth's
+    (ax,) = loss_vs_lr_figure(
+        analyze([*trained, obs(names[3], 3.16e-2, 0, status="diverged")]).series, "t"
+    ).axes
+    crosses = [line for line in ax.lines if line.get_marker() == "x"]
+    (row,) = {float(y) for line in crosses for y in line.get_ydata()}
+    assert row < ax.get_ylim()[1] < row + 0.1
+
+
+def test_a_speedup_range_of_zero_to_infinity_reads_as_unbounded():
+    """``token_speedup`` says ``[0, ∞]`` when the anchored fit cannot bound the speedup; the
+    table showed it as "[≥0.00]" and the caveat on a poorly constrained fit never fired."""
+    loose = Speedup("muon", 4.9, 1e5, 2.47, (0.0, math.inf), None, None)
+    assert unbounded(loose)
+    assert _speedup_text(loose) == "2.47 [fit too uncertain]"
+    assert not unbounded(Speedup("lion", 5.5, 1e5, 0.8, (0.5, math.inf), None, None))
+    assert _speedup_text(Speedup("lion", 5.5, 1e5, 0.8, (0.5, math.inf), None, None)) == (
+        "0.80 [≥0.50]"
+    )
+    assert unbounded(Speedup("sgd", 6.0, 1e5, 0.5, (-math.inf, math.inf), None, None))
+    assert not unbounded(Speedup("sgd", 6.0, 1e5, 0.5, None, None, None))
 
 
 def test_report_sorted_by_loss_with_story_and_speedup(tmp_path):
@@ -256,9 +309,15 @@ def test_the_baseline_is_plain_adamw_not_a_variant_of_it(tmp_path):
     for label, speed in (("adamw-cautious", 2.0), ("adamw", 1.0)):
         curve = [[s, float(law(s * per_step * speed))] for s in range(10, 101, 10)]
         config = {"optimizer": "adamw", "lr": 1e-3, "seed": 0, "cautious": speed > 1}
+        config["hparams"] = {"cautious": speed > 1}
         _finished(store, label, config, label, curve[-1][1], curve, 100, per_step)
     store.close()
     write_report(tmp_path)
+    # the setup lists each series' hyperparameters under its label, not both under "adamw"
+    told = json.loads((tmp_path / "report" / "story.json").read_text())
+    setup = {row["what"]: row["value"] for row in told["setup"]}
+    assert setup["adamw hyperparameters"] == "cautious=False"
+    assert setup["adamw-cautious (adamw) hyperparameters"] == "cautious=True"
     rows = json.loads((tmp_path / "report" / "summary.json").read_text())
     speed = {r["optimizer"]: r["token_speedup_vs_adamw"] for r in rows}
     assert len(speed) == 2, rows

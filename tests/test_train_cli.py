@@ -243,3 +243,25 @@ def test_the_shared_run_flags_reach_every_commands_config(command: str, build: s
     assert values["grad_clip"] is None and values["checkpoint_every"] == 7
     assert values["out"] == "somewhere" and values["resume"] and values["progress"] is False
     assert values["hparams"] == {"eps": 1e-6}
+
+
+def test_list_shows_each_optimizer_with_its_family_class_and_reference(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from optarena.optim import REGISTRY
+
+    monkeypatch.setenv("COLUMNS", "400")  # one table row per optimizer
+    assert main(["list"]) == 0
+    rows = {
+        line.split("│")[1].strip(): line
+        for line in capsys.readouterr().out.splitlines()
+        if line.count("│") > 2
+    }
+    assert set(REGISTRY) <= set(rows)
+    for name, e in REGISTRY.items():
+        cells = [c.strip() for c in rows[name].split("│")[1:-1]]
+        assert cells[1] == e.family
+        assert cells[2] == (
+            f"optarena.optim.{e.class_name}" if e.class_name else f"create({name!r}, ...)"
+        )
+        assert cells[4] == (e.reference or "-")

@@ -46,7 +46,7 @@ REFERENCES: dict[str, tuple[str, ...]] = {
     "lion": ("lion-pytorch",),
     "signum": ("pytorch-optimizer-signsgd",),
     "sophia": ("sophia-opt",),
-    "muon": ("torch-muon+adamw",),
+    "muon": ("torch-muon+adamw", "torch-muon+adamw-foreach"),
     "normuon": ("pytorch-optimizer-normuon",),
     "soap": ("pytorch-optimizer-soap",),
     "kron": ("pytorch-optimizer-kron",),
@@ -121,11 +121,13 @@ def _reference(name: str, named: list[tuple[str, Tensor]], shape: Shape) -> torc
         from pytorch_optimizer import SignSGD
 
         return SignSGD(params, lr=1e-3, momentum=0.9)
-    if name == "torch-muon+adamw":
+    if name.startswith("torch-muon+adamw"):  # AdamW's fused kernel, or its foreach loop
         hidden = [p for n, p in named if _hidden(n, p)]
         rest = [p for n, p in named if not _hidden(n, p)]
         muon = torch.optim.Muon(hidden, lr=1e-3, weight_decay=0.1)
-        return _Pair(muon, torch.optim.AdamW(rest, lr=3e-4, betas=(0.9, 0.95), fused=True))  # type: ignore[return-value]
+        kernel = {"foreach": True} if name.endswith("-foreach") else {"fused": True}
+        adamw = torch.optim.AdamW(rest, lr=3e-4, betas=(0.9, 0.95), **kernel)
+        return _Pair(muon, adamw)  # type: ignore[return-value]
     if name == "pytorch-optimizer-normuon":  # its own AdamW groups take the rest
         from pytorch_optimizer import NorMuon
 
@@ -134,7 +136,9 @@ def _reference(name: str, named: list[tuple[str, Tensor]], shape: Shape) -> torc
         groups = [{"params": hidden, "use_muon": True}, {"params": rest, "use_muon": False}]
         return NorMuon(groups, adamw_eps=1e-8)
     if name == "torch-nadamw":
-        return torch.optim.NAdam(params, lr=2e-3, decoupled_weight_decay=True, foreach=True)
+        return torch.optim.NAdam(
+            params, lr=2e-3, weight_decay=1e-2, decoupled_weight_decay=True, foreach=True
+        )  # our NAdamW's defaults
     if name == "schedulefree-adamw":
         from schedulefree import AdamWScheduleFree
 
@@ -248,11 +252,7 @@ def _candidates(
         return named, infos
 
     hp = BENCH_HP.get(name, {})
-    entry = REGISTRY[name]
-    eager_only = entry.chain is not None and entry.chain(entry.defaults).eager
     for mode in modes:
-        if mode == "fused" and eager_only:  # SOAP, Kron: the step branches on the host
-            continue
         named, infos = fresh()
         opt = create(name, named, partition=infos, fused=(mode == "fused"), **hp)
         out.append(Candidate(f"{name} ({mode})", mode, opt.step, opt))

@@ -47,6 +47,7 @@ def _in(low: float, high: float, closed_high: bool = False) -> Callable[[Any], b
 NONNEG = Check(_in(0.0, math.inf), "a finite number >= 0")
 POSITIVE = Check(lambda x: (v := number(x)) is not None and v > 0, "a finite number > 0")
 UNIT = Check(_in(0.0, 1.0), "a number in [0, 1)")
+PROBABILITY = Check(lambda x: (v := number(x)) is not None and 0 < v <= 1, "in (0, 1]")
 NEGATIVE = Check(lambda x: (v := number(x)) is not None and v < 0, "a number < 0")
 BETAS = Check(
     lambda x: isinstance(x, (tuple, list)) and len(x) == 2 and all(UNIT.test(b) for b in x),

@@ -10,7 +10,11 @@ statistics included, into a few loops over memory.
 
 The step's numbers (lr, betas, bias corrections, phase flags) are computed on the host by the
 transforms' ``scalars`` and passed as one small tensor, a row per parameter: a new learning rate,
-beta (OneCycleLR cycles ``betas``/``momentum``) or step never recompiles. The compiled functions
+beta (OneCycleLR cycles ``betas``/``momentum``) or step never recompiles. A transform's host
+scalars (``Transform.host``: phase flags its code branches on in Python) are no columns: the
+function is traced with them at 0, and a step where one of them is set for any tensor of the
+bucket (SOAP's first step and refreshes, Kron's fits, the frozen preconditioner's fill) runs
+the eager chain instead. The compiled functions
 are keyed by the bucket's structure (chain, options, shapes, dtypes, roles) and shared by every
 optimizer of the process; inductor's own caches keep them across processes
 (``TORCHINDUCTOR_CACHE_DIR``).
@@ -137,8 +141,9 @@ def _make_step(
     tag: int,
 ) -> Callable[..., None]:
     """The bucket's step: the eager chain over every tensor, with its scalars read from the
-    table. Each bucket gets code objects of its own, so dynamo never counts one bucket as a
-    recompilation of another."""
+    table and its host scalars at 0. Each bucket gets code objects of its own, so dynamo never
+    counts one bucket as a recompilation of another."""
+    regular = [{name: 0.0 for name in t.host} for t in chain]
 
     def step(params: list[Tensor], grads: list[Tensor], states: list[list[Tensor]], table: Tensor):
         for i in range(len(params)):
@@ -149,7 +154,10 @@ def _make_step(
             target = p if p.dtype == dtype else p.to(dtype)
             state = dict(zip(spec.keys, states[i], strict=True))
             slot = Slot(target, g, state, spec.info, Rows.whole(spec.shape), const, spec.decays)
-            scalars = [{name: table[i, j] for name, j in cols} for cols in columns]
+            scalars = [
+                {**fixed, **{name: table[i, j] for name, j in cols}}
+                for cols, fixed in zip(columns, regular, strict=True)
+            ]
             step_slot(chain, slot, scalars, p)
 
     code = step.__code__.replace(co_name=f"optarena_compiled_step_{tag}")
@@ -164,7 +172,7 @@ class Bucket:
     params: list[Tensor]  # real views
     states: list[dict[str, Any]]
     lists: list[list[Tensor]]  # state tensors in ``Spec.keys`` order
-    columns: list[list[tuple[str, int]]]  # per transform: (scalar name, table column)
+    columns: list[list[tuple[str, int]]]  # per transform: (scalar name, table column), not host
 
 
 class CompiledSteps:
@@ -182,8 +190,8 @@ class CompiledSteps:
         params: list[Tensor],
         explicit: bool,
     ) -> list[Tensor]:
-        """Update ``params`` (all with gradients) of one group; return those it did not
-        (``fused=None`` and the compilation failed: they take the eager path)."""
+        """Update ``params`` (all with gradients) of one group; return those it did not (a
+        host step, or ``fused=None`` and the compilation failed: they take the eager path)."""
         by_kind: dict[tuple, list[Tensor]] = {}
         for p in params:
             by_kind.setdefault((p.device, real(p).dtype), []).append(p)
@@ -214,9 +222,10 @@ class CompiledSteps:
             )
         probe = plan.chain.scalars(hp, 1)
         columns, j = [], 0
-        for sc in probe:
-            columns.append([(name, j + k) for k, name in enumerate(sorted(sc))])
-            j += len(sc)
+        for t, sc in zip(plan.chain, probe, strict=True):
+            names = sorted(n for n in sc if n not in t.host)
+            columns.append([(name, j + k) for k, name in enumerate(names)])
+            j += len(names)
         key = (plan.key, params[0].device.type, dtype, bool(group["maximize"]), tuple(specs))
         lists = [[real(st[k]) for k in s.keys] for st, s in zip(states, specs, strict=True)]
         bucket = Bucket(key, [real(p) for p in params], states, lists, columns)
@@ -240,8 +249,12 @@ class CompiledSteps:
         bucket = self._bucket(opt, group, hp, plan, params)
         if bucket.key in _FAILED and not explicit:
             return False
-        steps = opt._counter.advance(bucket.states)
-        table = _table(plan.chain, hp, steps, bucket.columns, opt._dtype(params[0]))
+        steps = opt._counter.peek(bucket.states)
+        rows = {t: plan.chain.scalars(hp, t) for t in set(steps)}
+        if any(map(plan.chain.host_step, rows.values())):
+            return False  # a phase step: the eager chain runs it (and counts it)
+        opt._counter.advance(bucket.states)
+        table = _table(rows, steps, bucket.columns, opt._dtype(params[0]))
         fn = _FUNCTIONS[bucket.key]
         first = not getattr(fn, "_optarena_ran", False)
         start = time.perf_counter()
@@ -282,18 +295,17 @@ def _same(tensors: list[Tensor], state: Mapping[str, Tensor]) -> bool:
 
 
 def _table(
-    chain: Chain,
-    hp: Mapping[str, Any],
+    scalars: Mapping[int, Sequence[Mapping[str, float]]],
     steps: Sequence[int],
     columns: Sequence[Sequence[tuple[str, int]]],
     dtype: torch.dtype,
 ) -> Tensor:
-    """Every tensor's scalars, a row each, computed once per distinct step count."""
+    """Every tensor's scalars, a row each, from the chain's scalars per distinct step count."""
     width = sum(len(c) for c in columns)
     rows: dict[int, list[float]] = {}
-    for t in set(steps):
+    for t, chain_scalars in scalars.items():
         row = [0.0] * width
-        for sc, cols in zip(chain.scalars(hp, t), columns, strict=True):
+        for sc, cols in zip(chain_scalars, columns, strict=True):
             for name, j in cols:
                 row[j] = sc[name]
         rows[t] = row

@@ -53,10 +53,12 @@ class Chain:
     def read_only(self) -> tuple[str, ...]:
         return tuple(k for t in self.transforms for k in t.read_only)
 
-    @property
-    def eager(self) -> bool:
-        """Whether a transform branches on the step on the host (never compiled)."""
-        return any(t.eager for t in self.transforms)
+    def host_step(self, scalars: Scalars) -> bool:
+        """Whether a host scalar (``Transform.host``) is set in these scalars of the chain: a
+        step its compiled function, traced with them at 0, does not compute."""
+        return any(
+            sc[name] for t, sc in zip(self.transforms, scalars, strict=True) for name in t.host
+        )
 
     @property
     def needs_hessian(self) -> bool:
@@ -92,15 +94,24 @@ class StepCounter:
     def __init__(self) -> None:
         self._host: dict[int, tuple[Tensor, int]] = {}
 
+    def _read(self, t: Tensor) -> int:
+        known = self._host.get(id(t))
+        n = known[1] if known is not None and known[0] is t else int(t.item())
+        self._host[id(t)] = (t, n)
+        return n
+
+    def peek(self, states: Sequence[dict[str, Any]]) -> list[int]:
+        """The counts :meth:`advance` would return, counting nothing."""
+        return [self._read(st["step"]) + 1 for st in states]
+
     def advance(self, states: Sequence[dict[str, Any]]) -> list[int]:
         """Count a step for every state (one multi-tensor add); the counts after it."""
         counts = [st["step"] for st in states]
         out = []
         for t in counts:
-            known = self._host.get(id(t))
-            n = known[1] if known is not None and known[0] is t else int(t.item())
-            self._host[id(t)] = (t, n + 1)
-            out.append(n + 1)
+            n = self._read(t) + 1
+            self._host[id(t)] = (t, n)
+            out.append(n)
         torch._foreach_add_(counts, 1.0)
         return out
 

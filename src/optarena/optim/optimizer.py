@@ -13,6 +13,7 @@ compiled chain, the eager chain, or the staged chain on FSDP2 shards.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from optarena.optim.registry import Entry
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+_whole = functools.lru_cache(maxsize=4096)(Rows.whole)  # a shape's Rows, built once
 
 # Group keys that say how a group runs or who it is, not what its update computes.
 _NOT_MATH = {
@@ -145,6 +147,8 @@ class ChainOptimizer(torch.optim.Optimizer):
             torch's AdamW or SGD, else the compiled chain; ``None``: torch's kernel where it
             applies, else compiled on CUDA (and on CPU for groups of at least
             ``compiled.CPU_MIN_NUMEL`` entries) when torch.compile works here, else eager.
+            Whatever ``fused`` says, a step at which a chain's host scalars are set (SOAP's
+            first step and refreshes, Kron's fits, adam-frozen's fill step) runs eagerly.
         **torch_flags: torch.optim's ``foreach``, ``capturable`` and ``differentiable``,
             accepted at torch's defaults (``foreach`` at any value).
     """
@@ -332,18 +336,22 @@ class ChainOptimizer(torch.optim.Optimizer):
     def slot(
         self, p: Tensor, group: Mapping[str, Any], plan: Plan, grad: Tensor | None = None
     ) -> Slot:
-        """``p`` as the chain sees it this step (whole, in its compute dtype)."""
+        """``p`` as the chain sees it this step (whole, in its compute dtype). The slot holds
+        the parameter's own state dict (transforms update its tensors, never its keys)."""
         dtype = self._dtype(p)
-        g = real(p.grad if grad is None else grad)
+        g = p.grad if grad is None else grad
+        state = self.state[p]
+        if p.is_complex():
+            g, target, info = real(g), real(p), self.real_info(p)
+            state = {k: real(v) for k, v in state.items()}
+        else:
+            target, info = p, self._infos[id(p)]
         g = g if g.dtype == dtype else g.to(dtype)
         if group["maximize"]:
             g = -g
-        target = real(p)
         target = target if target.dtype == dtype else target.to(dtype)
-        info = self.real_info(p)
         decays = info.role.value not in group["no_decay_roles"]
-        state = {k: real(v) for k, v in self.state[p].items()}
-        return Slot(target, g, state, info, Rows.whole(target.shape), plan.const, decays)
+        return Slot(target, g, state, info, _whole(target.shape), plan.const, decays)
 
     # ----------------------------------------------------------------- stepping
 
@@ -409,12 +417,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         fused = group.get("fused")
         if fused is not False and plan.entry.torch_kernel:
             params = torch_kernels.step(self, group, hp, plan, params)
-        if plan.chain.eager and fused is True:
-            raise ValueError(
-                f"{type(self).__name__}: fused=True is not available for {plan.entry.name}, "
-                "whose step branches on the host; use fused=None or False"
-            )
-        if params and not plan.chain.eager and compiled.wanted(fused, params, type(self).__name__):
+        if params and compiled.wanted(fused, params, type(self).__name__):
             params = self._compiled.step(self, group, hp, plan, params, explicit=fused is True)
         if params:
             self._step_eager(group, hp, plan, params)

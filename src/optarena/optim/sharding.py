@@ -250,8 +250,9 @@ def _run_whole(it: Staged, i: int, comm: Collectives) -> None:
     start = Update(comm.gather(it, slot.direction(x).contiguous()), x.scale, None, 0.0)
     t = it.chain.transforms[i]
     done = t.update(start, whole, it.scalars[i], t.statistics(start, whole, it.scalars[i]))
-    mine = slot.rows.rows(whole.value(done))
-    it.x = Update(mine, 1.0, None, x.decay + done.decay)
+    # the rows of the result, its scale kept as a factor (rounded as one process rounds it)
+    mine = slot.rows.rows(whole.direction(done))
+    it.x = Update(mine, done.scale, None, x.decay + done.decay)
 
 
 @torch.no_grad()

@@ -22,7 +22,11 @@ scale·tensor/den``), so a learning rate or a bias correction never costs a pass
 Numbers that change between steps (lr, betas, bias corrections, phase flags) come from each
 transform's ``scalars(hp, step)``, computed on the host. ``update`` receives them as Python
 floats when it runs eagerly and as 0-d tensors inside a compiled step, and uses them only through
-operations that take either: one function serves both, and a schedule never recompiles.
+operations that take either: one function serves both, and a schedule never recompiles. The
+exceptions are a transform's ``host`` scalars: phase flags (SOAP's first step and refreshes,
+Kron's fits, the frozen preconditioner's fill) that ``update`` branches on in Python. They are
+always floats; the compiled step is traced with them at 0 (the regular step), and a step where
+one is set runs eagerly.
 
 Statistics that span the rows of a tensor (block sums, factor means, RMS) come from
 ``statistics``: sums over the slot's local entries. On a sharded parameter the engine adds them
@@ -36,7 +40,7 @@ import functools
 import math
 import zlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple, Protocol
 
 import torch
@@ -52,6 +56,7 @@ from optarena.optim.checks import (
     NONNEG_INT,
     POS_INT,
     POSITIVE,
+    PROBABILITY,
     UNIT,
     Check,
     number,
@@ -134,6 +139,8 @@ class Slot:
     rows: Rows
     const: Mapping[str, Any]  # the group's options that are not numbers
     decays: bool = True  # its role takes weight decay
+    # a transform's tensors of this step, kept from its ``statistics`` for its ``update``
+    scratch: dict[str, Tensor] = field(default_factory=dict)
 
     def direction(self, x: Update) -> Tensor:
         """``tensor / den`` in the parameter's shape."""
@@ -157,14 +164,15 @@ def apply_(p: Tensor, x: Update) -> None:
             target = p.view(t.shape)
         else:
             t, den = (t if den is None else t / den).reshape(p.shape), None
-    if not isinstance(x.scale, float):
-        if den is not None and den.numel() < t.numel():
-            # one denominator per block (Adalayer, Adam-mini): its factor ``scale/den`` is
-            # computed once per block, not per entry (inductor would inline the block's root,
-            # its lerp and a division into every entry's iteration)
-            target.sub_(t * computed_once(x.scale / den))
-        else:
-            target.sub_((t if den is None else t / den) * x.scale)
+    if not isinstance(x.scale, float) and den is None:  # a 0-d tensor scale, broadcast
+        target.addcmul_(t, x.scale, value=-1.0)
+    elif not isinstance(x.scale, float) and den is not None and den.numel() < t.numel():
+        # one denominator per block (Adalayer, Adam-mini): its factor ``scale/den`` is computed
+        # once per block, not per entry (inductor would inline the block's root, its lerp and a
+        # division into every entry's iteration)
+        target.sub_(t * computed_once(x.scale / den))
+    elif not isinstance(x.scale, float):
+        target.sub_(t / den * x.scale)
     elif den is None:
         target.add_(t, alpha=-x.scale)
     else:
@@ -179,7 +187,9 @@ class Transform:
 
     hyper: ClassVar[dict[str, Check]] = {}  # hyperparameters read, with their ranges
     whole: ClassVar[bool] = False  # needs the whole tensor (gathered from shards)
-    eager: ClassVar[bool] = False  # branches on the step on the host: never compiled
+    # phase flags among the scalars that ``update``/``statistics`` branch on in Python: always
+    # floats; a compiled step is traced with them at 0.0, a step where one is not runs eagerly
+    host: ClassVar[tuple[str, ...]] = ()
     swaps: ClassVar[bool] = False  # moves the parameter between a train and an eval point
     read_only: ClassVar[tuple[str, ...]] = ()  # state read but not written by a step
 
@@ -294,7 +304,9 @@ class NAdamMomentum(Transform):
     def update(self, x, slot, sc, stats):
         g, m = slot.value(x), slot.state["exp_avg"]
         m.lerp_(g, sc["w"])
-        return Update(axpy(times(g, sc["cg"]), m, sc["cm"]), 1.0, None, x.decay)
+        # cg·g + cm·m as (cg + cm)·lerp(g, m, cm / (cg + cm)): one pass, the sum in the scale
+        total = sc["cg"] + sc["cm"]
+        return Update(g.lerp(m, sc["cm"] / total), total, None, x.decay)
 
 
 class ADOPTUpdate(Transform):
@@ -322,10 +334,11 @@ class ADOPTUpdate(Transform):
     def update(self, x, slot, sc, stats):
         g, m, v = slot.value(x), slot.state["exp_avg"], slot.state["exp_avg_sq"]
         g2 = g * g
-        axpy_(v, g2, sc["first"])  # v is zero before the first step
-        normed = g / v.sqrt().clamp(min=sc["eps"])
+        if not is_zero(sc["first"]):
+            axpy_(v, g2, sc["first"])  # v is zero before the first step
+        normed = g / v.sqrt().clamp_(min=sc["eps"])
         if not (isinstance(sc["clip"], float) and math.isinf(sc["clip"])):
-            normed = normed.clamp(min=-sc["clip"], max=sc["clip"])
+            normed = normed.clamp_(min=-sc["clip"], max=sc["clip"])
         m.lerp_(normed, sc["w1"])
         v.lerp_(g2, sc["w2"])
         return Update(m, 1.0 - sc["first"], None, x.decay)
@@ -354,7 +367,11 @@ class SlowEMA(Transform):
     def update(self, x, slot, sc, stats):
         s = slot.state["exp_avg_slow"]
         s.lerp_(slot.g, sc["w3"])
-        return Update(axpy(slot.value(x), s, sc["alpha"]), 1.0, None, x.decay)
+        if x.den is not None:
+            return Update(axpy(slot.value(x), s, sc["alpha"]), 1.0, None, x.decay)
+        # scale·u + α·s as scale·(u + (α/scale)·s): one pass, the factor in the scale
+        u = x.tensor.reshape(slot.p.shape)
+        return Update(axpy(u, s, sc["alpha"] / x.scale), x.scale, None, x.decay)
 
 
 class MarsCorrection(Transform):
@@ -376,11 +393,11 @@ class MarsCorrection(Transform):
         return times(g - slot.state["last_grad"], sc["k"]).add_(g)
 
     def statistics(self, x, slot, sc):
-        c = self._corrected(slot, sc)
+        c = slot.scratch["mars"] = self._corrected(slot, sc)
         return {"sq": (c * c).sum()}
 
     def update(self, x, slot, sc, stats):
-        c = self._corrected(slot, sc) / stats["sq"].sqrt().clamp(min=1.0)
+        c = slot.scratch.pop("mars") / stats["sq"].sqrt().clamp(min=1.0)
         slot.state["last_grad"].copy_(slot.g)
         slot.g = c
         return Update(c, 1.0, None, x.decay)
@@ -421,8 +438,11 @@ class HeavyBall(Transform):
         b = slot.state.get("momentum_buffer")
         if b is None:
             return x
-        g = slot.value(x)
-        axpy_(b.mul_(sc["mu"]), g, sc["c"])
+        g, mu, c = slot.value(x), sc["mu"], sc["c"]
+        if isinstance(mu, float) and isinstance(c, float) and c == 1.0:
+            torch.add(g, b, alpha=mu, out=b)  # b ← g + μb in one pass (no dampening)
+        else:
+            axpy_(b.mul_(mu), g, c)
         return Update(axpy(g, b, sc["mu"]) if slot.const["nesterov"] else b, 1.0, None, x.decay)
 
 
@@ -671,6 +691,7 @@ class ScaleBySecondMoment(Transform):
             self.hyper = {"eps": pair(NONNEG, "(eps1, eps2)"), "decay_rate": NEGATIVE}
         if self.frozen:
             self.hyper = {**self.hyper, "precondition_steps": NONNEG_INT, "freeze": BOOL}
+            self.host = ("fill",)
 
     def moment(self, info: ParamInfo, const: Mapping[str, Any]) -> Moment:
         options = tuple((k, const[k]) for k in GRANULARITY_OPTIONS if k in const)
@@ -697,7 +718,7 @@ class ScaleBySecondMoment(Transform):
     def statistics(self, x, slot, sc):
         moment = self.moment(slot.info, slot.const)
         stats = moment.statistics(self._square(slot, sc), slot)
-        if self.frozen and isinstance(moment, ElementMoment) and not is_zero(sc["fill"]):
+        if self.frozen and isinstance(moment, ElementMoment) and sc["fill"]:
             # v is sharded like θ: its non-zero entries counted over the shards
             stats["nonzero"] = _nonzero(slot.state["exp_avg_sq"])
         return stats
@@ -721,11 +742,9 @@ class ScaleBySecondMoment(Transform):
 
     def _frozen(self, x, base, moment, values, slot, sc, stats) -> Update:
         v = values["exp_avg_sq"]
-        if not is_zero(sc["fill"]):  # the step the averaging ends (every step, traced)
+        if sc["fill"]:  # the step the averaging ends (a host scalar)
             total, count = stats["nonzero"] if "nonzero" in stats else _nonzero(v)  # replicated v
-            filled = torch.where(v > 0, v, total / count.clamp_min(1.0))
-            fill = sc["fill"]
-            v.copy_(filled if isinstance(fill, float) else torch.where(fill > 0, filled, v))
+            v.copy_(torch.where(v > 0, v, total / count.clamp_min(1.0)))
         t, root = moment.per_entry(values, base, slot)
         step = torch.where(root > 0, t / (root + sc["eps"]), 0.0)  # v = 0: no step
         return Update(step, x.scale * sc["root_bc2"], None, x.decay)
@@ -949,12 +968,8 @@ def _gram(x: Tensor, i: int, diagonal: bool) -> Tensor:
 
 
 def settle(q: Tensor, sizes: Tensor) -> Tensor:
-    """``q`` (orthonormal columns) with the columns whose ``sizes`` (eigenvalues; QR's
-    ``|R_jj|``) are numerically zero, below ``n·ε·max``, turned within their span to the
-    eigenvectors of ``diag(1..n)`` restricted to it. LAPACK's basis of a repeated eigenvalue (a
-    rank-deficient statistic's null space) is arbitrary: a rounding of the input turns it, and
-    SOAP's update with it, while this one depends on the span alone (coordinate axes stay
-    coordinate axes). Other columns are untouched."""
+    """``q`` (orthonormal columns) with the columns of numerically zero ``sizes`` turned within
+    their span to a basis of the span alone (docs/optimizers.md, SOAP)."""
     null = sizes <= sizes.max() * (q.size(0) * torch.finfo(q.dtype).eps)
     if int(null.sum()) < 2:  # a single column is fixed up to its sign, which SOAP ignores
         return q
@@ -966,24 +981,13 @@ def settle(q: Tensor, sizes: Tensor) -> Tensor:
 
 
 class SoapStep(Transform):
-    """SOAP (Vyas et al. 2024; pytorch-optimizer's): Adam in the eigenbasis of Shampoo's
-    statistics ``Lᵢ ← β_s Lᵢ + (1-β_s) G_(i) G_(i)ᵀ`` (axes up to ``max_precondition_dim``).
-    Step 1 only sets the bases (``eigh``); then ``m ← β1 m + (1-β1) g`` in the parameter's
-    basis, ``v ← β2 v + (1-β2) (Qᵀg)²`` in the eigenbasis, ``u = Q (Qᵀm / (√v + ε))`` with
-    Adam's bias correction of step ``t-1``; every ``precondition_frequency`` steps one power
-    iteration and a QR refresh the bases (``v`` reordered with them)."""
+    """SOAP (Vyas et al. 2024; pytorch-optimizer's): Adam in the eigenbases of Shampoo's
+    statistics, refreshed every ``precondition_frequency`` steps (docs/optimizers.md)."""
 
-    hyper = {
-        "betas": BETAS,
-        "shampoo_beta": optional(UNIT),
-        "eps": NONNEG,
-        "precondition_frequency": POS_INT,
-        "max_precondition_dim": POS_INT,
-        "precondition_1d": BOOL,
-        "correct_bias": BOOL,
-        "normalize_gradient": BOOL,
-    }
-    whole, eager = True, True
+    hyper = {"betas": BETAS, "shampoo_beta": optional(UNIT), "eps": NONNEG}
+    hyper |= dict.fromkeys(("precondition_frequency", "max_precondition_dim"), POS_INT)
+    hyper |= dict.fromkeys(("precondition_1d", "correct_bias", "normalize_gradient"), BOOL)
+    whole, host = True, ("first", "refresh")
 
     def init(self, p, info, hp, dtype):
         axes = [i for i, n in enumerate(p.shape) if n <= hp["max_precondition_dim"]]
@@ -996,16 +1000,9 @@ class SoapStep(Transform):
         beta1, beta2, t = hp_value(hp, "betas", 0), hp_value(hp, "betas", 1), step - 1
         shampoo = beta2 if hp["shampoo_beta"] is None else hp_value(hp, "shampoo_beta")
         size = math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t) if hp["correct_bias"] and t else 1.0
-        refresh = t > 0 and t % hp["precondition_frequency"] == 0
-        return {
-            "w1": 1.0 - beta1,
-            "w2": 1.0 - beta2,
-            "ws": 1.0 - shampoo,
-            "eps": hp_value(hp, "eps"),
-            "size": size,
-            "first": float(t == 0),
-            "refresh": float(refresh),
-        }
+        refresh = float(t > 0 and t % hp["precondition_frequency"] == 0)
+        out = {"w1": 1.0 - beta1, "w2": 1.0 - beta2, "ws": 1.0 - shampoo, "size": size}
+        return out | {"eps": hp_value(hp, "eps"), "first": float(t == 0), "refresh": refresh}
 
     def update(self, x, slot, sc, stats):
         st, g = {k: v[0] for k, v in slot.state.items() if k != "step"}, slot.g
@@ -1013,17 +1010,15 @@ class SoapStep(Transform):
         axes = [i for i, q in enumerate(bases) if q is not None]
         for i in axes:  # Shampoo's statistics (read only by the bases, after the step)
             st[f"GG{i}"].lerp_(_gram(g, i, False), sc["ws"])
-        if sc["first"]:  # the bases, no update
+        if sc["first"]:  # the bases (eigenvectors, descending), no update
             for i in axes:
                 gg = st[f"GG{i}"]
-                eye = torch.eye(gg.size(0), dtype=gg.dtype, device=gg.device)
-                values, vectors = torch.linalg.eigh(gg + 1e-30 * eye)
+                values, vectors = torch.linalg.eigh(gg + 1e-30 * torch.eye(len(gg)).to(gg))
                 st[f"Q{i}"].copy_(settle(vectors, values).flip(1))
             return Update(x.tensor, 0.0, None, x.decay)
-        m, v = st["exp_avg"], st["exp_avg_sq"]
         rotated = per_axis(g, bases, "qt")
-        m.lerp_(g, sc["w1"])
-        v.lerp_(rotated * rotated, sc["w2"])
+        m = st["exp_avg"].lerp_(g, sc["w1"])
+        v = st["exp_avg_sq"].lerp_(rotated * rotated, sc["w2"])
         u = per_axis(per_axis(m, bases, "qt") / (v.sqrt() + sc["eps"]), bases)
         if slot.const["normalize_gradient"]:
             u = u / (u.square().mean().sqrt() + sc["eps"])
@@ -1033,8 +1028,7 @@ class SoapStep(Transform):
         return Update(u * sc["size"], x.scale, None, x.decay)
 
     def _refresh(self, st: dict[str, Tensor], axes: list[int]) -> None:
-        """One power iteration from the current bases, orthonormalised by QR (in float32 at
-        least), columns sorted by their eigenvalue estimate; ``v`` permuted alike."""
+        """One power iteration and a QR (float32 at least) per basis; ``v`` permuted alike."""
         v = st["exp_avg_sq"]
         for i in axes:
             q = st[f"Q{i}"]
@@ -1042,47 +1036,33 @@ class SoapStep(Transform):
             order = torch.argsort((q * product).sum(0), descending=True)
             v = v.index_select(i, order)
             power = product.index_select(1, order)
-            wide = power if power.dtype in (torch.float32, torch.float64) else power.float()
-            basis, r = torch.linalg.qr(wide)
+            basis, r = torch.linalg.qr(power.float() if power.dtype.itemsize < 4 else power)
             q.copy_(settle(basis, r.diagonal().abs()))
         st["exp_avg_sq"].copy_(v)
 
 
-def _in_unit_interval(x: Any) -> bool:
-    v = number(x)
-    return v is not None and 0.0 < v <= 1.0
-
-
 def norm_lower_bound(a: Tensor) -> Tensor:
-    """PSGD's lower bound of the spectral norm of the symmetric ``a``: one power-iteration step
-    from its largest row (or column), on ``a`` scaled by its largest entry."""
+    """PSGD's lower bound of the spectral norm of the symmetric ``a`` (docs/optimizers.md)."""
     top = a.abs().max()
     a = a / torch.where(top > 0, top, 1.0)
     (col, i), (row, j) = (a * a).sum(0).max(0), (a * a).sum(1).max(0)
-    tiny = torch.finfo(a.dtype).tiny
-    x0, x1 = a[:, i] @ a, a @ a[j]
-    bound0 = ((x0 / x0.norm().clamp_min(tiny)) @ a.T).norm()
-    bound1 = (a.T @ (x1 / x1.norm().clamp_min(tiny))).norm()
-    return top * torch.where(col > row, bound0, bound1)
+    x = torch.where(col > row, a[:, i] @ a, a @ a[j])
+    x = x / x.norm().clamp_min(torch.finfo(a.dtype).tiny)
+    return top * torch.where(col > row, (x @ a.T).norm(), (a.T @ x).norm())
 
 
 class KronSchedule:
-    """PSGD-Kron's host schedule, a function of the step alone: the preconditioner is fitted
-    when a counter reaches ``1/p`` (``p`` given, or ``clamp(exp(-0.001 (t - 500)), 0.03, 1)``
-    computed in float32 as the reference does) and balanced on every 100th fit."""
+    """PSGD-Kron's (fit, balance) per step, the reference's counter (docs/optimizers.md)."""
 
     def __init__(self, probability: float | None) -> None:
         self.probability, self.events, self.counter, self.fits = probability, [], 0, 0
 
     def __call__(self, step: int) -> tuple[bool, bool]:
-        while len(self.events) < step:
-            n, p = len(self.events), self.probability
-            if p is None:
-                p = float(
-                    (torch.tensor(n, dtype=torch.float32) - 500).mul(-1e-3).exp().clamp(0.03, 1.0)
-                )
+        while len(self.events) < step:  # p: given, or the reference's schedule in float32
+            t = torch.tensor(len(self.events), dtype=torch.float32)
+            p = self.probability or float((t - 500).mul(-1e-3).exp().clamp(0.03, 1.0))
             self.counter += 1
-            fit = p > 0 and self.counter >= 1.0 / p
+            fit = self.counter >= 1.0 / p
             self.counter = 0 if fit else self.counter
             self.fits += fit
             self.events.append((fit, fit and self.fits % 100 == 0))
@@ -1093,34 +1073,20 @@ kron_schedule = functools.lru_cache(maxsize=16)(KronSchedule)
 
 
 def kron_noise(like: Tensor, name: str, step: int) -> Tensor:
-    """The probe of a preconditioner fit: standard normal, drawn from a generator seeded by
-    the parameter's name and the step, so that a copy, a resumed run and every rank of a
-    sharded one draw the same probe, and no other draw of torch's generators moves."""
-    seed = (zlib.crc32(name.encode()) << 24) + step
-    generator = torch.Generator(device=like.device).manual_seed(seed)
+    """A fit's standard normal probe, drawn from a generator seeded by ``name`` and ``step``."""
+    generator = torch.Generator(like.device).manual_seed((zlib.crc32(name.encode()) << 24) + step)
     return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
 
 
 class KronPrecondition(Transform):
-    """PSGD-Kron (Li 2018; Evan Walters's kron, pytorch-optimizer's): ``u = P m`` with
-    ``P = ⊗ᵢ QᵢᵀQᵢ`` (``Qᵢ`` upper triangular, or diagonal for axes of size 1, above
-    ``max_size_triangular``, in tensors of fewer than ``min_ndim_triangular`` axes, or chosen
-    by ``memory_save_mode``), then ``u`` scaled down to an RMS of at most 1.1. On a fit step
-    (:class:`KronSchedule`) each ``Qᵢ`` takes one step of ``precondition_lr`` towards fitting
-    ``P`` to a random probe ``v`` (``a = Q g``, ``b = Q⁻ᵀ v``: ``Qᵢ ← Qᵢ - η triu(AAᵀ - BBᵀ)
-    Qᵢ / ‖AAᵀ + BBᵀ‖``)."""
+    """PSGD-Kron: ``u = P m``, ``P`` Kronecker factors fitted to probes (docs/optimizers.md)."""
 
-    hyper = {
-        "pre_conditioner_update_probability": optional(Check(_in_unit_interval, "in (0, 1]")),
-        "max_size_triangular": POS_INT,
-        "min_ndim_triangular": POS_INT,
-        "memory_save_mode": one_of(None, "one_diag", "smart_one_diag", "all_diag"),
-        "momentum_into_precondition_update": BOOL,
-        "precondition_lr": POSITIVE,
-        "precondition_init_scale": POSITIVE,
-    }
-    whole, eager = True, True
-    eps = torch.finfo(torch.bfloat16).tiny
+    hyper = {"pre_conditioner_update_probability": optional(PROBABILITY)}
+    hyper |= dict.fromkeys(("max_size_triangular", "min_ndim_triangular"), POS_INT)
+    hyper |= {"memory_save_mode": one_of(None, "one_diag", "smart_one_diag", "all_diag")}
+    hyper |= {"momentum_into_precondition_update": BOOL}
+    hyper |= dict.fromkeys(("precondition_lr", "precondition_init_scale"), POSITIVE)
+    whole, host, eps = True, ("fit", "balance"), torch.finfo(torch.bfloat16).tiny
 
     def init(self, p, info, hp, dtype):
         shape, mode = tuple(p.shape) or (1,), hp["memory_save_mode"]
@@ -1136,9 +1102,7 @@ class KronPrecondition(Transform):
         return state
 
     def scalars(self, hp, step):
-        given = hp["pre_conditioner_update_probability"]
-        probability = None if given is None else hp_value(hp, "pre_conditioner_update_probability")
-        fit, balance = kron_schedule(probability)(step)
+        fit, balance = kron_schedule(number(hp["pre_conditioner_update_probability"]))(step)
         lr = hp_value(hp, "precondition_lr")
         return {"fit": float(fit), "balance": float(balance), "lr": lr, "step": float(step)}
 
@@ -1147,8 +1111,7 @@ class KronPrecondition(Transform):
         qs = [slot.state[f"Q{i}"][0] for i in range(m.dim())]
         if sc["balance"] and m.dim() > 1:  # equal factor norms: P is unchanged
             norms = torch.stack([q.abs().max() for q in qs])
-            for q, norm in zip(qs, norms.prod() ** (1.0 / len(qs)) / norms, strict=True):
-                q.mul_(norm)
+            torch._foreach_mul_(qs, list(norms.prod() ** (1.0 / len(qs)) / norms))
         if sc["fit"]:
             g = m if slot.const["momentum_into_precondition_update"] else slot.g.reshape(m.shape)
             self._fit(qs, g, kron_noise(m, slot.info.name, int(sc["step"])), sc["lr"])
@@ -1159,12 +1122,11 @@ class KronPrecondition(Transform):
     def _fit(self, qs: list[Tensor], g: Tensor, v: Tensor, lr: Scalar) -> None:
         a, b = per_axis(g, qs), per_axis(v, qs, "solve")
         for i, q in enumerate(qs):
-            aa, bb = _gram(a, i, q.dim() == 1), _gram(b, i, q.dim() == 1)
+            flat = q.dim() == 1
+            aa, bb = _gram(a, i, flat), _gram(b, i, flat)
+            den = ((aa + bb).abs().max() if flat else norm_lower_bound(aa + bb)) + self.eps
             step = (aa - bb) * lr
-            if q.dim() == 1:
-                q.sub_(step * q / ((aa + bb).abs().max() + self.eps))
-            else:
-                q.sub_(torch.triu(step) / (norm_lower_bound(aa + bb) + self.eps) @ q)
+            q.sub_(step * q / den if flat else torch.triu(step) / den @ q)
 
 
 # --------------------------------------------------------------------------- sign-like maps
@@ -1314,13 +1276,13 @@ class ScheduleFreeStep(Transform):
         weight = st["lr_max"].clamp_(min=lr) ** sc["power"] * sc["tr"]
         total = st["weight_sum"].add_(weight)
         c = torch.where(total > 0, weight / total, 0.0)
-        u = slot.value(x)
+        u, scale = slot.direction(x), x.scale  # the normalised gradient is scale·u
         if slot.decays and not is_zero(sc["wd"]):
-            u = axpy(u, slot.p, sc["wd"])
+            u = axpy(u, slot.p, sc["wd"] / scale)
         z = st["z"]
         slot.p.lerp_(z, c)  # exactly y where z = y (a parameter that never had a gradient)
-        axpy_(z, u, -lr)
-        return Update(u, lr * (1.0 - sc["beta1"] * (1.0 - c)), None, 0.0)
+        axpy_(z, u, -lr * scale)
+        return Update(u, lr * scale * (1.0 - sc["beta1"] * (1.0 - c)), None, 0.0)
 
     def swap(self, p, state, hp, train):
         z = state.get("z")

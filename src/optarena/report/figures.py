@@ -14,14 +14,29 @@ from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import EngFormatter, MaxNLocator
 
 from optarena.analysis import Analysis, Sensitivity, SeriesResult
+from optarena.report.story import unbounded
 from optarena.report.views import View, drawn, run_curves, view_of, views_by_task
 from optarena.speedup import Speedup
 from optarena.sweep.store import RunRecord
 
 _MARKERS = "osD^v<>ph*"
+_LINESTYLES = ("-", "--", "-.", ":")
+
+
+def style(index: int) -> dict[str, str]:
+    """Colour, marker and line style of series ``index``. Matplotlib has ten colours: series
+    ``i`` and ``i + 10`` share one, so the later gets the next marker and the next line style,
+    and no two of the first forty series look alike (a preset of thirteen optimizers has
+    three pairs)."""
+    lap = index // 10
+    return {
+        "color": f"C{index % 10}",
+        "marker": _MARKERS[(index + lap) % len(_MARKERS)],
+        "linestyle": _LINESTYLES[lap % len(_LINESTYLES)],
+    }
 
 
 @dataclass
@@ -153,7 +168,7 @@ def loss_vs_lr_figure(
     ax.set_xscale("log")
     ax.set_xlabel("LR / best LR" if aligned else "peak learning rate")
     ax.set_ylabel(shown.headline)
-    _ylim(ax, finite, _row(finite, top, len(series) - 1))
+    _ylim(ax, finite, _highest_row(finite, top, series))
     if aligned:
         ax.axvline(1.0, color="0.6", linewidth=0.8, linestyle=":")
     ax.set_title(
@@ -210,20 +225,21 @@ def best_curves_figure(
         for ax, c in zip(axes, panels, strict=False):
             xs, ys = curves[c.ident]
             if xs:
+                look = style(i)
                 ax.plot(
                     xs,
                     ys,
                     # one point (a run logged once) would be invisible as a line
-                    marker=_MARKERS[i % len(_MARKERS)]
-                    if c.records == "eval" or len(xs) == 1
-                    else None,
+                    marker=look["marker"] if c.records == "eval" or len(xs) == 1 else None,
                     markersize=3,
                     linewidth=1.1,
-                    color=f"C{i % 10}",
+                    color=look["color"],
+                    linestyle=look["linestyle"],
                     label=mpl_text(f"{s.name} @ {s.best_lr:.3g}"),
                 )
     for ax, c in zip(axes, panels, strict=False):
         ax.set_xlabel(shown.x_label)
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))  # 150k, not 150000 run into 160000
         ax.set_ylabel(c.label)
         if ax.lines and c.scale == "log":
             ax.set_yscale("log")
@@ -242,7 +258,7 @@ def speedup_figure(speedups: Sequence[Speedup], name: str, title: str) -> Render
     shown = [s for s in speedups if s.token_speedup is not None]
     for i, s in enumerate(shown):
         ax.plot([s.token_speedup], [i], marker="o", color=f"C{i % 10}")
-        if s.interval is not None and math.isfinite(s.interval[0]):
+        if s.interval is not None and not unbounded(s):
             hi = s.interval[1] if math.isfinite(s.interval[1]) else s.token_speedup * 10
             ax.plot([s.interval[0], hi], [i, i], color=f"C{i % 10}", linewidth=2)
     ax.set_yticks(range(len(shown)), [mpl_text(s.label) for s in shown])
@@ -278,9 +294,8 @@ def tuning_paths(data: dict[str, Any], name: str, title: str) -> Rendered | None
                 [k for k, _ in shown],
                 [y for _, y in shown],
                 drawstyle="steps-post",
-                marker=_MARKERS[i % len(_MARKERS)],
-                color=f"C{i % 10}",
                 label=mpl_text(str(s.get("label"))),
+                **style(i),
             )
     if not ax.lines:
         return None
@@ -313,7 +328,7 @@ def sensitivity(
     ax = fig.add_subplot()
     finite = [shown.shown(p.loss) for s in group for p in s.curve if math.isfinite(p.loss)]
     top = _top(finite)
-    _ylim(ax, finite, _row(finite, top, len(group) - 1))
+    _ylim(ax, finite, _highest_row(finite, top, group))
     for i, s in enumerate(group):
         xs = [index[str(p.x)] for p in s.curve]
         counts = [p.n_diverged for p in s.curve]
@@ -344,12 +359,7 @@ def _plot_with_divergence(
     losses, one x per diverged run (several runs at one x side by side), so markers of
     different series or seeds never hide each other."""
     ok = [(x, y) for x, y in zip(xs, losses, strict=True) if math.isfinite(y)]
-    (line,) = ax.plot(
-        [x for x, _ in ok],
-        [y for _, y in ok],
-        marker=_MARKERS[index % len(_MARKERS)],
-        label=mpl_text(label),
-    )
+    (line,) = ax.plot([x for x, _ in ok], [y for _, y in ok], label=mpl_text(label), **style(index))
     counts = counts or [1] * len(xs)
     bad_x: list[float] = []
     for x, y, n in zip(xs, losses, counts, strict=True):
@@ -374,6 +384,19 @@ def _row(finite: Sequence[float], top: float, index: int) -> float:
     """The divergence row of series ``index``: stacked above the worst finite loss."""
     span = (max(finite) - min(finite) + 0.1) if finite else 1.0
     return top + 0.045 * span * index
+
+
+def _highest_row(finite: Sequence[float], top: float, series: Sequence[Any]) -> float:
+    """The top of what the axes must show: the divergence row of the last series with a
+    diverged run, or the worst finite loss when none diverged (no empty rows above it)."""
+    diverged = [
+        i
+        for i, s in enumerate(series)
+        if any(p.n_diverged or not math.isfinite(p.loss) for p in s.curve)
+    ]
+    if diverged:
+        return _row(finite, top, max(diverged))
+    return max(finite) if finite else top
 
 
 def _legend(ax: Any) -> None:

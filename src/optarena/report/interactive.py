@@ -17,6 +17,7 @@ from plotly.subplots import make_subplots
 
 from optarena.analysis import Analysis, SeriesResult
 from optarena.report.figures import best_run_curves, groups
+from optarena.report.story import unbounded
 from optarena.report.views import View, drawn, view_of
 from optarena.speedup import Speedup
 from optarena.sweep.store import RunRecord
@@ -147,13 +148,13 @@ def speedup(speedups: Sequence[Speedup], ident: str, title: str) -> str | None:
     shown = [s for s in speedups if s.token_speedup is not None]
     if not shown:
         return None
+    # no bar where the fit cannot bound the speedup (a bar to 0 on a log axis has no end)
     low = [
-        s.token_speedup - s.interval[0] if s.interval and math.isfinite(s.interval[0]) else 0.0
-        for s in shown
+        s.token_speedup - s.interval[0] if s.interval and not unbounded(s) else 0.0 for s in shown
     ]
     high = [
-        (s.interval[1] - s.token_speedup if math.isfinite(s.interval[0] + s.interval[1]) else 0.0)
-        if s.interval
+        s.interval[1] - s.token_speedup
+        if s.interval and not unbounded(s) and math.isfinite(s.interval[1])
         else 0.0
         for s in shown
     ]

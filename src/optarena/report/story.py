@@ -91,7 +91,13 @@ def ranked(series: Sequence[SeriesResult]) -> list[SeriesResult]:
 
 def tell(analysis: Analysis, runs: dict[str, RunRecord]) -> Story:
     story = Story(noise=noise(analysis))
-    story.setup = setup(list(runs.values()))
+    labels = {
+        r: s.label
+        for s in [*analysis.series, *analysis.sensitivities]
+        for p in s.curve
+        for r in p.run_ids
+    }
+    story.setup = setup(list(runs.values()), labels)
     for model in analysis.models():
         series = [
             s for s in ranked(analysis.series) if s.model == model and s.best_loss is not None
@@ -103,9 +109,7 @@ def tell(analysis: Analysis, runs: dict[str, RunRecord]) -> Story:
             story.speedups.update(speedups(series, runs))
         _conclude(story, model, series, len(analysis.models()) > 1, shown)
     story.caveats = caveats(analysis, list(runs.values()))
-    loose = [
-        s.label for s in story.speedups.values() if s.interval and not math.isfinite(s.interval[0])
-    ]
+    loose = [s.label for s in story.speedups.values() if unbounded(s)]
     if loose:
         story.caveats.append(
             "The power law fitted to AdamW's eval curve is poorly constrained (few evaluations, "
@@ -198,10 +202,19 @@ def _conclude(
         )
 
 
+def unbounded(v: Speedup) -> bool:
+    """Whether the fit cannot bound the speedup: a range with no finite lower end, or the
+    ``[0, ∞]`` that ``token_speedup`` returns when most anchored draws define no shift."""
+    if v.interval is None:
+        return False
+    low, high = v.interval
+    return not math.isfinite(low) or (low <= 0.0 and not math.isfinite(high))
+
+
 def _interval(v: Speedup) -> str:
     if v.interval is None:
         return ""
-    if not math.isfinite(v.interval[0]):
+    if unbounded(v):
         return " (range unbounded)"
     hi = "∞" if not math.isfinite(v.interval[1]) else f"{v.interval[1]:.2f}"
     return f" [{v.interval[0]:.2f}, {hi}]"
@@ -310,8 +323,10 @@ def _tokens_per_step(run: RunRecord) -> float:
     return float(run.config.get("batch_size", 16) * run.config.get("seq_len", 128))
 
 
-def setup(runs: Sequence[RunRecord]) -> list[tuple[str, str]]:
-    """``(what, value)`` rows: the config every run shares, what varies, the environment."""
+def setup(runs: Sequence[RunRecord], labels: dict[str, str] | None = None) -> list[tuple[str, str]]:
+    """``(what, value)`` rows: the config every run shares, what varies, the environment. The
+    hyperparameters are listed per series label (``labels``: run id to label; a run without
+    one under its optimizer), the optimizer named beside a label that differs from it."""
     if not runs:
         return []
     configs = [r.config for r in runs]
@@ -329,7 +344,9 @@ def setup(runs: Sequence[RunRecord]) -> list[tuple[str, str]]:
     per_label: dict[str, set[str]] = {}
     for r in runs:
         hp = ", ".join(f"{k}={v}" for k, v in sorted((r.config.get("hparams") or {}).items()))
-        per_label.setdefault(r.optimizer, set()).add(hp or "defaults")
+        label = (labels or {}).get(r.id, r.optimizer)
+        name = label if label == r.optimizer else f"{label} ({r.optimizer})"
+        per_label.setdefault(name, set()).add(hp or "defaults")
     for name, hps in sorted(per_label.items()):
         rows.append((f"{name} hyperparameters", " | ".join(sorted(hps))))
     seeds = sorted({r.seed for r in runs if r.seed is not None})

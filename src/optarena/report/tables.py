@@ -16,6 +16,7 @@ from typing import Any
 
 from optarena import atomic
 from optarena.analysis import Analysis, SeriesResult
+from optarena.report.story import unbounded
 from optarena.speedup import Speedup
 from optarena.sweep.store import Member, RunRecord
 
@@ -183,7 +184,7 @@ def _speedup_text(sp: Speedup | None) -> str:
     if sp is None or sp.token_speedup is None:
         return "—"
     text = f"{sp.token_speedup:.2f}"
-    if sp.interval and not math.isfinite(sp.interval[0]):
+    if unbounded(sp):
         text += " [fit too uncertain]"
     elif sp.interval:
         hi = sp.interval[1]
