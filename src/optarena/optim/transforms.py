@@ -164,15 +164,16 @@ def apply_(p: Tensor, x: Update) -> None:
             target = p.view(t.shape)
         else:
             t, den = (t if den is None else t / den).reshape(p.shape), None
-    if not isinstance(x.scale, float) and den is None:  # a 0-d tensor scale, broadcast
-        target.addcmul_(t, x.scale, value=-1.0)
-    elif not isinstance(x.scale, float) and den is not None and den.numel() < t.numel():
-        # one denominator per block (Adalayer, Adam-mini): its factor ``scale/den`` is computed
-        # once per block, not per entry (inductor would inline the block's root, its lerp and a
-        # division into every entry's iteration)
-        target.sub_(t * computed_once(x.scale / den))
-    elif not isinstance(x.scale, float):
-        target.sub_(t / den * x.scale)
+    if not isinstance(x.scale, float):  # a 0-d tensor scale, broadcast
+        if den is None:
+            target.addcmul_(t, x.scale, value=-1.0)
+        elif den.numel() < t.numel():
+            # one denominator per block (Adalayer, Adam-mini): its factor ``scale/den`` is
+            # computed once per block, not per entry (inductor would inline the block's root,
+            # its lerp and a division into every entry's iteration)
+            target.sub_(t * computed_once(x.scale / den))
+        else:
+            target.sub_(t / den * x.scale)
     elif den is None:
         target.add_(t, alpha=-x.scale)
     else:
