@@ -492,6 +492,9 @@ class ElementMoment:
         return x, v.rsqrt() if inverse else v.sqrt()
 
 
+_ELEMENT = ElementMoment()  # stateless: one for every parameter
+
+
 @dataclass(frozen=True)
 class BlockMoment:
     """One value per block of a :class:`~optarena.optim.blocks.BlockLayout`: the mean of ``g²``
@@ -608,7 +611,7 @@ def moment_for(info: ParamInfo, granularity: str, options: tuple[tuple[str, Any]
     o = dict(options)
     shape = info.shape
     if granularity == "element":
-        return ElementMoment()
+        return _ELEMENT
     if granularity in ("layer", "adam-mini"):
         if granularity == "layer":
             layout = blocks.adalayer_layout(info, o["split_qkv"], o["per_row_output"])
@@ -695,6 +698,8 @@ class ScaleBySecondMoment(Transform):
             self.host = ("fill",)
 
     def moment(self, info: ParamInfo, const: Mapping[str, Any]) -> Moment:
+        if self.granularity == "element":  # every parameter's: no lookup per tensor
+            return _ELEMENT
         options = tuple((k, const[k]) for k in GRANULARITY_OPTIONS if k in const)
         if torch.compiler.is_compiling():  # traced once: the cache is for the eager path
             return moment_for.__wrapped__(info, self.granularity, options)
@@ -1274,16 +1279,19 @@ class ScheduleFreeStep(Transform):
 
     def update(self, x, slot, sc, stats):
         st, lr = slot.state, sc["lr"]
-        weight = st["lr_max"].clamp_(min=lr) ** sc["power"] * sc["tr"]
-        total = st["weight_sum"].add_(weight)
-        c = torch.where(total > 0, weight / total, 0.0)
+        weight = st["lr_max"].clamp_(min=lr).pow(sc["power"]).mul_(sc["tr"])
+        st["weight_sum"].add_(weight)
+        # c = weight / Σw, 0 where Σw = 0 (then weight = 0 too: 0/0, the only NaN there is)
+        c = weight.div_(st["weight_sum"]).nan_to_num_(nan=0.0)
         u, scale = slot.direction(x), x.scale  # the normalised gradient is scale·u
         if slot.decays and not is_zero(sc["wd"]):
             u = axpy(u, slot.p, sc["wd"] / scale)
         z = st["z"]
         slot.p.lerp_(z, c)  # exactly y where z = y (a parameter that never had a gradient)
         axpy_(z, u, -lr * scale)
-        return Update(u, lr * scale * (1.0 - sc["beta1"] * (1.0 - c)), None, 0.0)
+        # γ·scale·(1 - β1(1 - c)) as γ·scale·β1·c + γ·scale·(1 - β1): two 0-d operations
+        step = lr * scale
+        return Update(u, c.mul(step * sc["beta1"]).add_(step * (1.0 - sc["beta1"])), None, 0.0)
 
     def swap(self, p, state, hp, train):
         z = state.get("z")
