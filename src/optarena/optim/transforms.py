@@ -1279,10 +1279,12 @@ class ScheduleFreeStep(Transform):
 
     def update(self, x, slot, sc, stats):
         st, lr = slot.state, sc["lr"]
-        weight = st["lr_max"].clamp_(min=lr).pow(sc["power"]).mul_(sc["tr"])
-        st["weight_sum"].add_(weight)
-        # c = weight / Σw, 0 where Σw = 0 (then weight = 0 too: 0/0, the only NaN there is)
-        c = weight.div_(st["weight_sum"]).nan_to_num_(nan=0.0)
+        weight = st["lr_max"].clamp_(min=lr) ** sc["power"] * sc["tr"]
+        total = st["weight_sum"].add_(weight)
+        # c = weight / Σw, 0 where Σw = 0 (then weight = 0 too: 0/0, the only NaN there is).
+        # No in-place operation on these temporaries: inductor (torch 2.13) then drops the
+        # write of weight_sum
+        c = (weight / total).nan_to_num(nan=0.0)
         u, scale = slot.direction(x), x.scale  # the normalised gradient is scale·u
         if slot.decays and not is_zero(sc["wd"]):
             u = axpy(u, slot.p, sc["wd"] / scale)
@@ -1291,7 +1293,7 @@ class ScheduleFreeStep(Transform):
         axpy_(z, u, -lr * scale)
         # γ·scale·(1 - β1(1 - c)) as γ·scale·β1·c + γ·scale·(1 - β1): two 0-d operations
         step = lr * scale
-        return Update(u, c.mul(step * sc["beta1"]).add_(step * (1.0 - sc["beta1"])), None, 0.0)
+        return Update(u, c * (step * sc["beta1"]) + step * (1.0 - sc["beta1"]), None, 0.0)
 
     def swap(self, p, state, hp, train):
         z = state.get("z")
