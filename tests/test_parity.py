@@ -1055,15 +1055,18 @@ def test_soap_matches_pytorch_optimizer(case: str, monkeypatch: pytest.MonkeyPat
     ours = SOAP(split_groups(p_ours, True, b), **hp)
     ref = pytorch_optimizer.SOAP(split_groups(p_ref, False, b), **hp)
     run_pair(ours, ref, p_ours, p_ref)
-    compare(ours, ref, p_ours, p_ref, {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}, init)
-    for name, p in p_ours.items():  # the bases themselves, axis by axis
+    compare(ours, ref, p_ours, p_ref, {"exp_avg_sq": "exp_avg_sq"}, init)
+    for name, p in p_ours.items():  # the bases axis by axis, and m in the parameter's basis
         if name == NO_GRAD:
             continue
-        bases = ref.state[p_ref[name]]["Q"]
+        state, bases = ours.state[p], ref.state[p_ref[name]]["Q"]
         for i, q in enumerate(bases):
-            assert (f"Q{i}" in ours.state[p]) == (len(q) > 0), f"{name}: axis {i}"
+            assert (f"Q{i}" in state) == (len(q) > 0), f"{name}: axis {i}"
             if len(q):
-                assert_close(ours.state[p][f"Q{i}"][0], q, f"basis {i} of {name}")
+                assert_close(state[f"Q{i}"][0], q, f"basis {i} of {name}")
+        ours_bases = [state[f"Q{i}"][0] if f"Q{i}" in state else None for i in range(p.dim())]
+        m = transforms.per_axis(state["exp_avg_eigen"][0], ours_bases)
+        assert_close(m, ref.state[p_ref[name]]["exp_avg"], f"m of {name}")
 
 
 def test_soap_differs_from_the_float32_qr_reference_by_its_rounding(

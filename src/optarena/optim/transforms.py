@@ -997,7 +997,7 @@ class SoapStep(Transform):
 
     def init(self, p, info, hp, dtype):
         axes = [i for i, n in enumerate(p.shape) if n <= hp["max_precondition_dim"]]
-        shapes = {"exp_avg": p.shape, "exp_avg_sq": p.shape}
+        shapes = {"exp_avg_eigen": p.shape, "exp_avg_sq": p.shape}
         for i in axes if p.dim() != 1 or hp["precondition_1d"] else []:
             shapes[f"GG{i}"] = shapes[f"Q{i}"] = (p.shape[i], p.shape[i])
         return {k: replicated(shape, dtype, p.device) for k, shape in shapes.items()}
@@ -1023,19 +1023,20 @@ class SoapStep(Transform):
                 st[f"Q{i}"].copy_(settle(vectors, values).flip(1))
             return Update(x.tensor, 0.0, None, x.decay)
         rotated = per_axis(g, bases, "qt")
-        m = st["exp_avg"].lerp_(g, sc["w1"])
+        m = st["exp_avg_eigen"].lerp_(rotated, sc["w1"])  # Qᵀm: m kept in the eigenbasis
         v = st["exp_avg_sq"].lerp_(rotated * rotated, sc["w2"])
-        u = per_axis(per_axis(m, bases, "qt") / (v.sqrt() + sc["eps"]), bases)
+        u = per_axis(m / (v.sqrt() + sc["eps"]), bases)
         if slot.const["normalize_gradient"]:
             u = u / (u.square().mean().sqrt() + sc["eps"])
         if sc["refresh"]:
-            self._refresh(st, axes)
+            self._refresh(st, axes, bases)
         # the bias correction in the tensor: one rounding whether or not the step is gathered
         return Update(u * sc["size"], x.scale, None, x.decay)
 
-    def _refresh(self, st: dict[str, Tensor], axes: list[int]) -> None:
-        """One power iteration and a QR (float32 at least) per basis; ``v`` permuted alike."""
-        v = st["exp_avg_sq"]
+    def _refresh(self, st: dict[str, Tensor], axes: list[int], bases: list) -> None:
+        """One power iteration and a QR (float32 at least) per basis; ``v`` permuted alike,
+        ``m`` turned from the old bases to the new ones."""
+        m, v = per_axis(st["exp_avg_eigen"], bases), st["exp_avg_sq"]
         for i in axes:
             q = st[f"Q{i}"]
             product = st[f"GG{i}"] @ q
@@ -1045,6 +1046,7 @@ class SoapStep(Transform):
             basis, r = torch.linalg.qr(power.float() if power.dtype.itemsize < 4 else power)
             q.copy_(settle(basis, r.diagonal().abs()))
         st["exp_avg_sq"].copy_(v)
+        st["exp_avg_eigen"].copy_(per_axis(m, bases, "qt"))  # ``bases`` hold the new ones now
 
 
 def norm_lower_bound(a: Tensor) -> Tensor:
