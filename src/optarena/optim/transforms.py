@@ -1069,10 +1069,8 @@ class KronSchedule:
         while len(self.events) < step:  # p: given, or the reference's schedule in float32
             t = torch.tensor(len(self.events), dtype=torch.float32)
             p = self.probability or float((t - 500).mul(-1e-3).exp().clamp(0.03, 1.0))
-            self.counter += 1
-            fit = self.counter >= 1.0 / p
-            self.counter = 0 if fit else self.counter
-            self.fits += fit
+            fit = self.counter + 1 >= 1.0 / p
+            self.counter, self.fits = (0, self.fits + 1) if fit else (self.counter + 1, self.fits)
             self.events.append((fit, fit and self.fits % 100 == 0))
         return self.events[step - 1]
 
@@ -1100,8 +1098,7 @@ class KronPrecondition(Transform):
         shape, mode = tuple(p.shape) or (1,), hp["memory_save_mode"]
         ranked, top = sorted(shape), max(range(len(shape)), key=lambda d: (shape[d], d))
         smart = mode == "smart_one_diag" and len(shape) > 1 and ranked[-1] > ranked[-2]
-        scale = hp_value(hp, "precondition_init_scale") ** (1.0 / len(shape))
-        state = {}
+        scale, state = hp_value(hp, "precondition_init_scale") ** (1.0 / len(shape)), {}
         for i, n in enumerate(shape):
             flat = mode == "all_diag" or (i == top and (mode == "one_diag" or smart)) or n == 1
             flat = flat or n > hp["max_size_triangular"] or len(shape) < hp["min_ndim_triangular"]
