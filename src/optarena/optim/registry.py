@@ -74,9 +74,8 @@ class Entry:
     consistent: Callable[[str, Mapping[str, Any]], None] | None = None
     build: Callable[..., torch.optim.Optimizer] | None = None  # composites (hybrids)
     complex_ok: bool = True  # complex parameters as their real view; False: refused
-    static: tuple[
-        str, ...
-    ] = ()  # numbers that shape the chain (loop counts): compiled as constants
+    # numbers that shape the chain (loop counts): compiled as constants
+    static: tuple[str, ...] = ()
 
     def check_group(self, owner: str, group: Mapping[str, Any]) -> None:
         validate(owner, {"maximize": BOOL, "cautious": BOOL}, group)
@@ -467,29 +466,11 @@ ENTRIES: list[Entry] = [
 ]
 # fmt: on
 # ``cautious=True`` (a mask after the momentum, or after the preconditioner or orthogonalisation
-# that follows it) on every optimizer with a momentum; the classic Adafactor's momentum is off by
-# default.
-CAUTIOUS_ENTRIES = (
-    "adamw",
-    "adam-mini",
-    "adalayer",
-    "adafactor",
-    "sgd",
-    "sgd-ema",
-    "lion",
-    "signum",
-    "sophia",
-    "nadamw",
-    "ademamix",
-    "mars",
-    "adopt",
-    "muon",
-    "normuon",
-    "soap",
-    "kron",
-)  # fmt: skip
+# that follows it) on every optimizer with a momentum: all but these three (the classic
+# Adafactor's momentum is off by default).
+WITHOUT_MOMENTUM = ("adafactor-classic", "schedule-free", "adam-frozen")
 ENTRIES = [
-    replace(e, defaults=e.defaults | CAUTIOUS) if e.name in CAUTIOUS_ENTRIES else e for e in ENTRIES
+    e if e.name in WITHOUT_MOMENTUM else replace(e, defaults=e.defaults | CAUTIOUS) for e in ENTRIES
 ]
 
 # --------------------------------------------------------------------------- lookup
