@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from optarena.bench import step
 from optarena.bench.shapes import Shape, llama_layout, num_params, parse_shape
@@ -73,6 +74,32 @@ def test_bench_step_eager_with_references(tmp_path: Path, capsys) -> None:
     for row in rows.values():
         for ref in row["references"]:
             assert "error" in ref or ("ms" in ref and "eager_ratio" in ref), ref
+
+
+def test_the_cpu_clock_times_one_cpu_thread(tmp_path: Path, monkeypatch, capsys) -> None:
+    """``--clock cpu`` reads the timing thread's CPU time: the report says so, every round is
+    timed, and it is refused in one line where one thread's CPU time is not the step's."""
+    threads = torch.get_num_threads()
+    out = tmp_path / "step.json"
+    try:
+        argv = ["bench", "step", "--shape", TINY, "--optimizers", "sgd", "--steps", "2",
+                "--warmup", "1", "--modes", "eager", "--no-references",
+                "--device", "cpu"]  # fmt: skip
+        assert main([*argv, "--clock", "cpu", "--threads", "1", "--json", str(out)]) == 0
+        report = json.loads(out.read_text())
+        assert report["clock"] == "cpu" and "cpu clock" in capsys.readouterr().out
+        (row,) = report["rows"]
+        assert len(row["eager_vs_bound_rounds"]) == 2 and row["eager_ms"] > 0
+        assert main([*argv, "--clock", "cpu", "--threads", "2"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "--device cpu --threads 1" in err, err
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(ValueError, match="--device cpu --threads 1"):
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+        step.check_clock("cpu", torch.device("cuda"))
+    with pytest.raises(ValueError, match="unknown clock 'sundial'"):
+        step.check_clock("sundial", torch.device("cpu"))
 
 
 @pytest.mark.skipif(not compile_available("cpu"), reason="no compiler")

@@ -306,9 +306,11 @@ def bench_optimizer(
     dtype: torch.dtype = torch.float32,
     modes: Sequence[str] = ("fused", "eager"),
     references: bool = True,
+    clock: str = "wall",
     log: Callable[[str], None] = lambda s: None,
 ) -> dict[str, Any]:
     """Time one optimizer's candidates alternately; return its row of the report."""
+    now = CLOCKS[clock]
     device = torch.device(device)
     named, _ = llama_params(shape, dtype=dtype, device=device, grads=True)
     grads = [p.grad for _, p in named]
@@ -340,10 +342,10 @@ def bench_optimizer(
 
     def timed(c: Candidate) -> float:
         _sync(device)
-        t = time.perf_counter()
+        t = now()
         c.run()
         _sync(device)
-        c.times.append(time.perf_counter() - t)
+        c.times.append(now() - t)
         return c.times[-1]
 
     others = [c for c in live if c is not probe]
@@ -408,6 +410,24 @@ def bench_optimizer(
     return row
 
 
+# What a timed step is measured with. ``cpu``: the CPU time of the calling thread, which a
+# one-thread CPU step runs on entirely (torch's and inductor's kernels run inline at one thread):
+# time the thread spends descheduled while other processes load the machine is left out.
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.thread_time}
+
+
+def check_clock(clock: str, device: torch.device) -> None:
+    """``clock`` is one of :data:`CLOCKS` and measures this step: the ``cpu`` clock counts one
+    thread's CPU time, so it needs a CPU device at one torch thread."""
+    if clock not in CLOCKS:
+        raise ValueError(f"unknown clock {clock!r}; choose one of: {', '.join(CLOCKS)}")
+    if clock == "cpu" and (device.type != "cpu" or torch.get_num_threads() != 1):
+        raise ValueError(
+            "the cpu clock times one thread: use it with --device cpu --threads 1, or use "
+            "--clock wall"
+        )
+
+
 def median_ratio(a: Sequence[float], b: Sequence[float]) -> float:
     """The median over rounds of ``a``'s time over ``b``'s in the same round: the two ran
     close together, so the VM's drift (up to 2x within a run) hits both alike; a ratio of the
@@ -429,10 +449,12 @@ def bench_step(
     device: torch.device | str | None = None,
     modes: Sequence[str] = ("fused", "eager"),
     references: bool = True,
+    clock: str = "wall",
     log: Callable[[str], None] = lambda s: None,
 ) -> dict[str, Any]:
     """The whole report: environment, one row per optimizer."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    check_clock(clock, device)
     names = list(optimizers or default_optimizers())
     rows = []
     for name in names:
@@ -446,11 +468,13 @@ def bench_step(
                 device=device,
                 modes=modes,
                 references=references,
+                clock=clock,
                 log=log,
             )
         )
     return {
         "benchmark": "step",
+        "clock": clock,
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,

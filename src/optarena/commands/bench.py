@@ -31,6 +31,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     step.add_argument(
         "--no-references", action="store_true", help="skip the reference implementations"
     )
+    step.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall (default): elapsed time; cpu: the timing thread's CPU time, which leaves out "
+        "the time other processes take the core (needs --device cpu --threads 1)",
+    )
     step.set_defaults(func=run_step)
     train = sub.add_parser("train", help="tokens/s of the training loop vs a plain torch loop")
     _common(train, default_optimizers="adamw")
@@ -173,28 +180,35 @@ def _at_least_one(args: argparse.Namespace, *names: str) -> None:
 def run_step(args: argparse.Namespace) -> int:
     import sys
 
-    from optarena.bench.step import bench_step, format_step_table
+    from optarena.bench.step import bench_step, check_clock, format_step_table
 
     modes = _modes(args)
     _threads(args)
     _at_least_one(args, "steps", "warmup")
     _writable(args.json)
     shape = _shape(args)
+    device = _device(args)
+    try:
+        check_clock(args.clock, device)
+    except ValueError as err:
+        raise UserError(str(err)) from None
     allocator = _allocator(args)
     report = bench_step(
         shape,
         _names(args),
         steps=args.steps,
         warmup=args.warmup,
-        device=_device(args),
+        device=device,
         modes=modes,
         references=not args.no_references,
+        clock=args.clock,
         log=lambda s: print(s, file=sys.stderr, flush=True),
     )
     report["allocator"] = allocator
     title = (
         f"optimizer step, {report['params'] / 1e6:.1f}M params, {report['device_name']}, "
-        f"{report['threads']} threads, median of {args.steps}, {allocator} allocator"
+        f"{report['threads']} threads, median of {args.steps}, {allocator} allocator, "
+        f"{args.clock} clock"
     )
     _print(title, format_step_table(report))
     bw = [r["bandwidth_gbps"] for r in report["rows"]]
