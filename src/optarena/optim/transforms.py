@@ -398,7 +398,7 @@ class MarsCorrection(Transform):
         return {"sq": (c * c).sum()}
 
     def update(self, x, slot, sc, stats):
-        c = slot.scratch.pop("mars") / stats["sq"].sqrt().clamp(min=1.0)
+        c = slot.scratch.pop("mars") * stats["sq"].sqrt().clamp(min=1.0).reciprocal()
         slot.state["last_grad"].copy_(slot.g)
         slot.g = c
         return Update(c, 1.0, None, x.decay)
