@@ -191,7 +191,7 @@ def schedule_free(o: Mapping[str, Any]) -> Chain:
 def adafactor_classic(o: Mapping[str, Any]) -> Chain:
     """Shazeer & Stern: the factored moment (last two axes, β2 schedule), update clipping, the
     relative step (which scales the decay), momentum on the scaled update."""
-    moment = ScaleBySecondMoment("factored-classic", classic_weights)
+    moment = ScaleBySecondMoment("factored-classic", classic_weights, square_sum=True)
     return Chain(
         (moment, ClipByRMS(), DecoupledDecay(), RelativeStep(), EMA("exp_avg", ("beta1", None)))
     )

@@ -115,16 +115,19 @@ class Update(NamedTuple):
 
     ``tensor`` may be a view of the parameter (one row per block, see ``Rows.per_block``) and may
     be state: it is never modified in place. ``den`` is None or broadcasts against ``tensor``.
+    ``sq`` is ``Σ (tensor/den)²`` over the whole tensor (every shard) where the transform that
+    made it has it from its statistics without a pass over the entries, else None.
     """
 
     tensor: Tensor
     scale: Scalar = 1.0
     den: Tensor | None = None
     decay: Scalar = 0.0
+    sq: Tensor | None = None
 
     def scaled(self, s: Scalar) -> Update:
         """The whole step times ``s`` (the learning rate, a phase gate)."""
-        return Update(self.tensor, self.scale * s, self.den, self.decay * s)
+        return Update(self.tensor, self.scale * s, self.den, self.decay * s, self.sq)
 
 
 @dataclass
@@ -585,12 +588,46 @@ class FactoredMoment:
         """The root as the outer product of the factors' roots: one square root per row and
         per column (per index of each factored axis), then a product per entry."""
         f = [values[k.key].view(k.broadcast) for k in self.factors]
-        mean = f[0].mean(self.norm_axes, keepdim=True).clamp_min(torch.finfo(f[0].dtype).tiny)
+        mean = self._mean(f[0])
         root = torch.rsqrt if inverse else torch.sqrt
         out = slot.rows.rows(computed_once(root(f[0])))
         for fi in f[1:]:
             out = out * slot.rows.rows(computed_once(root(fi / mean)))
         return x, out
+
+    def _mean(self, f0: Tensor) -> Tensor:
+        return f0.mean(self.norm_axes, keepdim=True).clamp_min(torch.finfo(f0.dtype).tiny)
+
+    # The sum of squares of ``x / sqrt(V)`` (classic Adafactor clips by its RMS) for two factors,
+    # rows ``r`` and columns ``c`` of each matrix: ``Σ_ij x²_ij · mean(r) / (r_i c_j)`` is
+    # ``Σ_j W_j · mean(r) / c_j`` with ``W_j = Σ_i x²_ij / r_i``. ``r_i`` is known as soon as row
+    # ``i`` is summed, so ``W`` is a column sum like ``c``'s own, in the same loop over runs of
+    # rows, and the clipping needs no pass of its own over the entries.
+    SQ = "direction_sq"
+
+    @property
+    def pairs(self) -> bool:
+        """Whether the factors are a row and a column factor (``SQ`` is defined)."""
+        return len(self.factors) == 2 and self.norm_axes == (len(self.factors[0].broadcast) - 2,)
+
+    def square_sums(
+        self, x: Tensor, slot: Slot, stats: Mapping[str, Tensor], w: Scalar
+    ) -> dict[str, Tensor]:
+        """``W`` over the local rows (``x``: the tensor divided by ``sqrt(V)``; ``stats``: this
+        step's local row sums), the row factor taken as its update will leave it."""
+        row, col = self.factors
+        n = x.shape[-1]
+        r_old = slot.rows.rows(slot.state[row.key].view(row.broadcast))
+        inv = computed_once(r_old.lerp(slot.rows.rows(stats[row.key]) / n, w).reciprocal())
+        wsum = _sum_keep(x * x * inv, [x.dim() - 2])
+        return {self.SQ: slot.rows.scatter(wsum) if 0 in col.keep else wsum}
+
+    def square_sum(self, values: Mapping[str, Tensor], stats: Mapping[str, Tensor]) -> Tensor:
+        """``Σ (x / sqrt(V))²`` of the whole tensor, from ``W`` and the updated factors."""
+        row, col = self.factors
+        mean = self._mean(values[row.key].view(row.broadcast))
+        c = values[col.key].view(col.broadcast)
+        return (stats[self.SQ].view(col.broadcast) * (mean / c)).sum()
 
 
 def _sum_keep(x: Tensor, reduce: list[int], chunk: int = 16) -> Tensor:
@@ -687,8 +724,11 @@ class ScaleBySecondMoment(Transform):
         granularity: str,
         weights: Callable[[Mapping[str, Any], int], dict[str, float]] = adam_weights,
         amsgrad: bool = False,
+        square_sum: bool = False,
     ):
         self.granularity, self.weights, self.amsgrad = granularity, weights, amsgrad
+        # give the update's ``Update.sq`` where a factored moment has it from its statistics
+        self.square_sum = square_sum
         self.frozen = weights is frozen_weights
         self.hyper = {"eps": NONNEG, "betas": BETAS}
         if weights is classic_weights:
@@ -721,9 +761,15 @@ class ScaleBySecondMoment(Transform):
 
         return sq
 
+    def _sums_squares(self, moment: Moment) -> bool:
+        return self.square_sum and isinstance(moment, FactoredMoment) and moment.pairs
+
     def statistics(self, x, slot, sc):
         moment = self.moment(slot.info, slot.const)
         stats = moment.statistics(self._square(slot, sc), slot)
+        if self._sums_squares(moment):
+            base = x.tensor if x.den is None else slot.direction(x)
+            stats |= moment.square_sums(base, slot, stats, sc["w"])
         if self.frozen and isinstance(moment, ElementMoment) and sc["fill"]:
             # v is sharded like θ: its non-zero entries counted over the shards
             stats["nonzero"] = _nonzero(slot.state["exp_avg_sq"])
@@ -742,7 +788,8 @@ class ScaleBySecondMoment(Transform):
             return self._frozen(x, base, moment, values, slot, sc, stats)
         if "eps" not in sc:  # u / sqrt(v) as u · (1/sqrt(v)): no division per entry
             t, inverse = moment.per_entry(values, base, slot, inverse=True)
-            return Update(t * inverse, x.scale * sc["root_bc2"], None, x.decay)
+            sq = moment.square_sum(values, stats) if self._sums_squares(moment) else None
+            return Update(t * inverse, x.scale * sc["root_bc2"], None, x.decay, sq)
         t, root = moment.per_entry(values, base, slot)
         return Update(t, x.scale * sc["root_bc2"], root + sc["eps"], x.decay)
 
@@ -1197,11 +1244,13 @@ class ClipByRMS(Transform):
         return {"threshold": hp_value(hp, "clip_threshold")}
 
     def statistics(self, x, slot, sc):
+        if x.sq is not None:  # known already (a factored moment's)
+            return {}
         u = slot.direction(x)
         return {"sq": (u * u).sum()}
 
     def update(self, x, slot, sc, stats):
-        rms = (stats["sq"] / slot.rows.numel).sqrt()
+        rms = ((stats["sq"] if x.sq is None else x.sq) / slot.rows.numel).sqrt()
         return Update(x.tensor, x.scale / (rms / sc["threshold"]).clamp(min=1.0), x.den, x.decay)
 
 
