@@ -606,15 +606,16 @@ class FactoredMoment:
     SQ = "direction_sq"
 
     @property
-    def pairs(self) -> bool:
-        """Whether the factors are a row and a column factor (``SQ`` is defined)."""
+    def row_col(self) -> bool:
+        """Whether the factors are a row and a column factor of each matrix (the classic
+        layout, for which ``SQ`` is defined)."""
         return len(self.factors) == 2 and self.norm_axes == (len(self.factors[0].broadcast) - 2,)
 
     def square_sums(
         self, x: Tensor, slot: Slot, stats: Mapping[str, Tensor], w: Scalar
     ) -> dict[str, Tensor]:
-        """``W`` over the local rows (``x``: the tensor divided by ``sqrt(V)``; ``stats``: this
-        step's local row sums), the row factor taken as its update will leave it."""
+        """``W`` over the local rows (``x``: the tensor that ``sqrt(V)`` divides; ``stats``:
+        this step's local sums), with the row factor as this step's update leaves it."""
         row, col = self.factors
         n = x.shape[-1]
         r_old = slot.rows.rows(slot.state[row.key].view(row.broadcast))
@@ -717,6 +718,10 @@ class ScaleBySecondMoment(Transform):
     Frozen preconditioner: where ``v`` is still zero when the averaging ends (an embedding row of a
     token never seen), it takes the tensor's mean over its non-zero entries, so nothing is divided
     by a bare epsilon; a tensor whose ``v`` is zero throughout is not updated.
+
+    ``square_sum`` (classic Adafactor, which clips by RMS(u)): a moment of row and column factors
+    also sums what ``Σ (u / sqrt(V))²`` needs in its statistics' loop over the entries
+    (:meth:`FactoredMoment.square_sums`) and hands the sum on as ``Update.sq``.
     """
 
     def __init__(
@@ -727,7 +732,7 @@ class ScaleBySecondMoment(Transform):
         square_sum: bool = False,
     ):
         self.granularity, self.weights, self.amsgrad = granularity, weights, amsgrad
-        # give the update's ``Update.sq`` where a factored moment has it from its statistics
+        # the update carries ``Update.sq`` where a factored moment has it from its statistics
         self.square_sum = square_sum
         self.frozen = weights is frozen_weights
         self.hyper = {"eps": NONNEG, "betas": BETAS}
@@ -761,13 +766,19 @@ class ScaleBySecondMoment(Transform):
 
         return sq
 
-    def _sums_squares(self, moment: Moment) -> bool:
-        return self.square_sum and isinstance(moment, FactoredMoment) and moment.pairs
+    def _sums_squares(self, moment: Moment, sc: Mapping[str, Scalar]) -> bool:
+        """Whether this update carries ``Update.sq`` (``u / sqrt(V)``, no epsilon outside)."""
+        return (
+            self.square_sum
+            and "eps" not in sc
+            and isinstance(moment, FactoredMoment)
+            and moment.row_col
+        )
 
     def statistics(self, x, slot, sc):
         moment = self.moment(slot.info, slot.const)
         stats = moment.statistics(self._square(slot, sc), slot)
-        if self._sums_squares(moment):
+        if self._sums_squares(moment, sc):
             base = x.tensor if x.den is None else slot.direction(x)
             stats |= moment.square_sums(base, slot, stats, sc["w"])
         if self.frozen and isinstance(moment, ElementMoment) and sc["fill"]:
@@ -788,7 +799,7 @@ class ScaleBySecondMoment(Transform):
             return self._frozen(x, base, moment, values, slot, sc, stats)
         if "eps" not in sc:  # u / sqrt(v) as u · (1/sqrt(v)): no division per entry
             t, inverse = moment.per_entry(values, base, slot, inverse=True)
-            sq = moment.square_sum(values, stats) if self._sums_squares(moment) else None
+            sq = moment.square_sum(values, stats) if self._sums_squares(moment, sc) else None
             return Update(t * inverse, x.scale * sc["root_bc2"], None, x.decay, sq)
         t, root = moment.per_entry(values, base, slot)
         return Update(t, x.scale * sc["root_bc2"], root + sc["eps"], x.decay)
