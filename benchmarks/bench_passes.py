@@ -9,6 +9,9 @@ alternately in one process (drift hits all alike):
 * ``probe``: ``torch._foreach_add_(θ, g)``, the bench's bandwidth probe (12 B per entry);
 * ``update``: a compiled Adam-mini-like elementwise update with a given per-row scale (20 B);
 * ``row sums (inductor)`` / ``row sums (ATen)``: ``g²`` summed per row (4 B read);
+* ``column sums``: ``g²`` and ``g²/r`` summed per column over runs of 16 rows, as classic
+  Adafactor's statistics run them (``transforms._sum_keep``; 4 B read);
+* ``sum of θ²``: one sum per tensor (classic Adafactor's RMS(θ); 4 B read);
 * ``reduce + update``: the two together in one compiled function, as the fast path runs them.
 
 and prints each one's time, its bytes per entry and its rate as a fraction of the probe's. On
@@ -30,6 +33,7 @@ from torch import Tensor
 
 from optarena.bench.allocator import steady
 from optarena.bench.shapes import Shape, llama_params
+from optarena.optim.transforms import _sum_keep, computed_once
 
 
 def update(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], scales: list[Tensor]) -> None:
@@ -42,6 +46,20 @@ def update(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], scales: list[Te
 
 def row_sums(gs: list[Tensor]) -> list[Tensor]:
     return [(g * g).sum(-1, keepdim=True) for g in gs]
+
+
+def column_sums(gs: list[Tensor], rs: list[Tensor]) -> list[Tensor]:
+    """Per column: the sum of g² and of g²/r (classic Adafactor's column statistics)."""
+    out = []
+    for g, r in zip(gs, rs, strict=True):
+        inv = computed_once(r.reciprocal())
+        out.append(_sum_keep(g * g, [0]))
+        out.append(_sum_keep(g * g * inv, [0]))
+    return out
+
+
+def squares(ps: list[Tensor]) -> list[Tensor]:
+    return [(p * p).sum() for p in ps]
 
 
 def reduce_update(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[Tensor]) -> None:
@@ -70,7 +88,7 @@ def main() -> None:
     numel = sum(p.numel() for p in mats)
     compiled = {
         f.__name__: torch.compile(f, fullgraph=True, dynamic=False)
-        for f in (update, row_sums, reduce_update)
+        for f in (update, row_sums, column_sums, squares, reduce_update)
     }
     # name -> (run, bytes moved per entry)
     cases: dict[str, tuple[Callable[[], object], int]] = {
@@ -78,6 +96,8 @@ def main() -> None:
         "update (compiled)": (lambda: compiled["update"](ps, gs, ms, scales), 20),
         "row sums of g² (inductor)": (lambda: compiled["row_sums"](gs), 4),
         "row sums of g² (ATen)": (lambda: [torch.linalg.vector_norm(g, dim=-1) for g in gs], 4),
+        "column sums of g², g²/r": (lambda: compiled["column_sums"](gs, vs), 4),
+        "sum of θ² (inductor)": (lambda: compiled["squares"](ps), 4),
         "reduce + update (compiled)": (lambda: compiled["reduce_update"](ps, gs, ms, vs), 20),
     }
     for run, _ in cases.values():
