@@ -2,9 +2,27 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+from typing import Any
+
+from optarena.sweep import toy
 from optarena.sweep.executors import Executor, Outcome, Task, execute
 
 TOY = "optarena.sweep.toy:train"
+SLOW_FIRST = "sweep_cases:slow_first_attempt"
+
+
+def slow_first_attempt(config: dict[str, Any]) -> dict[str, Any]:
+    """The toy run, which sleeps ``toy_seconds`` on its first attempt only (marked in its
+    ``out``): time to kill what runs it; a retry writes ``toy_started`` and returns at once."""
+    first = Path(config["out"]) / "first_attempt"
+    if first.exists():
+        config = {**config, "toy_seconds": 1e-3}
+    else:
+        first.parent.mkdir(parents=True, exist_ok=True)
+        first.write_text(str(os.getpid()))
+    return toy.train(config)
 
 
 class InProcess(Executor):

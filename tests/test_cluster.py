@@ -29,10 +29,12 @@ from optarena.sweep.executors import (
 )
 from optarena.sweep.spec import Resources, parse_resources, parse_spec, run_id
 from optarena.sweep.store import Store
+from sweep_cases import SLOW_FIRST
 
 TOY = "optarena.sweep.toy:train"
 TRAIN = "optarena.train:train"
 SRC = Path(__file__).resolve().parents[1] / "src"
+TESTS = Path(__file__).resolve().parent
 
 
 # --------------------------------------------------------------------------- [resources]
@@ -245,14 +247,15 @@ def test_slurm_distributed_run_asks_for_nodes_tasks_and_gpus(tmp_path, mocked_sl
 @pytest.mark.slow
 def test_ray_retries_a_run_whose_node_dies_and_the_driver_stores_it(tmp_path, monkeypatch):
     """A 2-node Ray cluster (processes on this machine); the node running the run is removed
-    mid-run; Ray retries the task on the other node and the result reaches the store."""
+    mid-run; Ray retries the task on the other node and the result reaches the store. The run
+    is the toy's, slow on its first attempt only (``sweep_cases.slow_first_attempt``)."""
     cluster_utils = pytest.importorskip("ray.cluster_utils")
-    monkeypatch.setenv("PYTHONPATH", str(SRC))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(SRC), str(TESTS)]))
     cluster = cluster_utils.Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     try:
         nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
         cluster.wait_for_nodes()
-        executor = RayExecutor(TOY, threads=1, address=cluster.address, max_retries=2)
+        executor = RayExecutor(SLOW_FIRST, threads=1, address=cluster.address, max_retries=2)
         assert executor.resources.gpus_per_run == 0  # no GPUs in this cluster: none per run
         assert executor.capacity == 2
         with pytest.raises(UserError, match="asks for 1 GPUs"):
