@@ -1,10 +1,10 @@
-"""Run several training configs in one ``torchrun`` launch (one process group for all of them,
-which saves a launcher start-up per run): ``parallel_train_worker.py MODE CONFIGS.json
-[MODULE:FUNCTION]``.
+"""Run several training jobs in one ``torchrun`` launch (one process group for all of them,
+which saves a launcher start-up per run): ``parallel_train_worker.py JOBS.json``.
 
-Every config in the JSON list is run with ``parallel=MODE`` by the function (default
-``optarena.train:train``; ``optarena.posttrain.sft:finetune`` for fine-tuning), which finds the
-process group already made here and leaves it alone.
+``JOBS.json`` is a list of ``{"function": "MODULE:FUNCTION", "config": {...}}``: each job's
+config (its ``parallel`` mode included) is run by its function (``optarena.train:train`` for
+pre-training, ``optarena.posttrain.sft:finetune`` for fine-tuning), which finds the process
+group already made here and leaves it alone.
 """
 
 from __future__ import annotations
@@ -18,14 +18,12 @@ import torch.distributed as dist
 
 
 def main() -> None:
-    mode, path = sys.argv[1], sys.argv[2]
-    module, name = (sys.argv[3] if len(sys.argv) > 3 else "optarena.train:train").split(":")
-    run = getattr(importlib.import_module(module), name)
-    configs = json.loads(Path(path).read_text())
+    jobs = json.loads(Path(sys.argv[1]).read_text())
     dist.init_process_group("gloo")
     try:
-        for config in configs:
-            run({**config, "parallel": mode})
+        for job in jobs:
+            module, name = job["function"].split(":")
+            getattr(importlib.import_module(module), name)(job["config"])
             dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -4,8 +4,8 @@ Every registered optimizer trains the micro model for 20 steps three ways — on
 DDP, 2-rank FSDP2 — and must end with the same parameters. The block-statistic optimizers also
 train a variant whose 3 key/value heads cannot be split evenly over 2 ranks (the shard boundary
 cuts a head). The 2-rank FSDP2 checkpoint of step 10 is resumed in one process, which must end
-with the same final loss. One launch per mode runs all configs (launcher start-up is the slow
-part on two cores).
+with the same final loss. One launch runs every 2-rank run of the module, DDP and FSDP2,
+pre-training and fine-tuning (launcher start-up is the slow part on two cores).
 
 The single-process reference uses ``grad_accum=2``: it sees the same global batch of 8 sequences
 in the same two halves as the two ranks, whose gradients are averaged as ``(g_a + g_b) / 2``
@@ -40,6 +40,7 @@ from optarena.optim import available
 from optarena.train import train
 
 SRC = Path(__file__).resolve().parents[1] / "src"
+TRAIN = "optarena.train:train"
 TESTS = Path(__file__).resolve().parent
 # Two ranks reduce gradients and sharded statistics in another order than one process: float32
 # rounding that 20 steps at these LRs amplify to a relative 1e-8..3e-5 of the parameters
@@ -136,17 +137,16 @@ def single(tmp_path_factory, cache_dir) -> Path:
 FROM_PT = ("adam-mini@uneven", "adafactor-classic", "sophia")
 
 
-def _launch(
+def _jobs(
     mode: str,
     keys: list[str],
-    tmp_path_factory,
+    out: Path,
     cache_dir: Path,
     single: Path,
     resumed: tuple[str, ...] = (),
-) -> Path:
-    """All ``keys`` in one 2-rank launch (after ``single``, which builds the data cache), then
-    the single-process runs ``resumed`` from their step-10 ``.pt`` checkpoint."""
-    out = tmp_path_factory.mktemp(mode)
+) -> list[dict[str, Any]]:
+    """The 2-rank runs of ``keys`` into ``out``, then the single-process runs ``resumed`` from
+    their step-10 ``.pt`` checkpoint (a copy of ``single``'s run)."""
     configs = [config(k, out, cache_dir) for k in keys]
     for key in resumed:
         run = out / "from-pt" / key
@@ -155,22 +155,44 @@ def _launch(
             (run / "checkpoints" / stale).unlink()
         (run / "summary.json").unlink()
         configs.append({**config(key, out / "from-pt", cache_dir), "resume": True})
-    spec = out / "configs.json"
-    spec.write_text(json.dumps(configs))
-    proc = _torchrun(str(TESTS / "parallel_train_worker.py"), mode, str(spec))
+    return [{"function": TRAIN, "config": {**c, "parallel": mode}} for c in configs]
+
+
+def _launch(jobs: list[dict[str, Any]], folder: Path) -> None:
+    """All ``jobs`` in one 2-rank launch."""
+    spec = folder / "jobs.json"
+    spec.write_text(json.dumps(jobs))
+    proc = _torchrun(str(TESTS / "parallel_train_worker.py"), str(spec))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return out
 
 
 @pytest.fixture(scope="module")
-def fsdp(tmp_path_factory, cache_dir, single) -> Path:
-    return _launch("fsdp", list(runs()), tmp_path_factory, cache_dir, single, FROM_PT)
+def launched(tmp_path_factory, cache_dir, single, finetune_single, pretrained_run) -> dict:
+    """Every 2-rank run of this module in one launch (after ``single``, which builds the data
+    cache): ``{"fsdp": folder, "ddp": ..., "finetune-ddp": ..., "finetune-fsdp": ...}``."""
+    from optarena.posttrain.sft import FUNCTION
+
+    folders = {mode: tmp_path_factory.mktemp(mode) for mode in ("fsdp", "ddp")}
+    jobs = _jobs("fsdp", list(runs()), folders["fsdp"], cache_dir, single, FROM_PT)
+    ddp_keys = [k for k in runs() if "@" not in k]  # DDP replicates: head cuts do not arise
+    jobs += _jobs("ddp", ddp_keys, folders["ddp"], cache_dir, single)
+    for mode in ("ddp", "fsdp"):
+        out = folders[f"finetune-{mode}"] = tmp_path_factory.mktemp(f"finetune-{mode}")
+        for opt in FINETUNE_OPTIMIZERS:
+            job = {**finetune_config(opt, out, pretrained_run), "parallel": mode}
+            jobs.append({"function": FUNCTION, "config": job})
+    _launch(jobs, tmp_path_factory.mktemp("launch"))
+    return folders
 
 
 @pytest.fixture(scope="module")
-def ddp(tmp_path_factory, cache_dir, single) -> Path:
-    keys = [k for k in runs() if "@" not in k]  # DDP replicates: head cuts do not arise
-    return _launch("ddp", keys, tmp_path_factory, cache_dir, single)
+def fsdp(launched) -> Path:
+    return launched["fsdp"]
+
+
+@pytest.fixture(scope="module")
+def ddp(launched) -> Path:
+    return launched["ddp"]
 
 
 def final_params(
@@ -318,26 +340,25 @@ def finetune_config(optimizer: str, out: Path, pretrained: Path, grad_accum: int
 
 
 @pytest.fixture(scope="module")
-def finetuned(tmp_path_factory, pretrained_run) -> dict[str, Path]:
-    """One-process (2 micro-batches) and 2-rank DDP and FSDP2 fine-tuning of the same model."""
-    from optarena.posttrain.sft import FUNCTION, finetune
+def finetune_single(tmp_path_factory, pretrained_run) -> Path:
+    """One-process fine-tuning (2 micro-batches) of the model the 2-rank runs fine-tune."""
+    from optarena.posttrain.sft import finetune
 
-    folders = {}
-    single = folders["single"] = tmp_path_factory.mktemp("finetune-single")
+    single = tmp_path_factory.mktemp("finetune-single")
     threads = torch.get_num_threads()
     try:
         for opt in FINETUNE_OPTIMIZERS:
             finetune(finetune_config(opt, single, pretrained_run, grad_accum=2))
     finally:
         torch.set_num_threads(threads)
-    for mode in ("ddp", "fsdp"):
-        out = folders[mode] = tmp_path_factory.mktemp(f"finetune-{mode}")
-        spec = out / "configs.json"
-        configs = [finetune_config(opt, out, pretrained_run) for opt in FINETUNE_OPTIMIZERS]
-        spec.write_text(json.dumps(configs))
-        proc = _torchrun(str(TESTS / "parallel_train_worker.py"), mode, str(spec), FUNCTION)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return folders
+    return single
+
+
+@pytest.fixture(scope="module")
+def finetuned(finetune_single, launched) -> dict[str, Path]:
+    """One-process (2 micro-batches) and 2-rank DDP and FSDP2 fine-tuning of the same model."""
+    modes = {mode: launched[f"finetune-{mode}"] for mode in ("ddp", "fsdp")}
+    return {"single": finetune_single, **modes}
 
 
 @pytest.mark.slow
