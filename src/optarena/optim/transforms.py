@@ -101,10 +101,15 @@ def computed_once(t: Tensor) -> Tensor:
     tensor's arithmetic into the loop of every larger tensor it broadcasts into, so a factor's
     root would be recomputed for every entry it scales; fixing the small tensor's layout makes
     inductor store it first (``prims.inductor_force_stride_order``, which ``torch.compile``
-    registers; eagerly ``t`` is returned as it is)."""
-    if torch.compiler.is_compiling():
-        return torch.ops.prims.inductor_force_stride_order(t, t.stride())
-    return t
+    registers; eagerly ``t`` is returned as it is). Inductor takes any layout of a one-entry
+    tensor as satisfied and inlines it all the same, so a one-entry ``t`` is stored as a pair of
+    equal entries and read back from the first."""
+    if not torch.compiler.is_compiling():
+        return t
+    if t.numel() == 1:
+        pair = torch.ops.prims.inductor_force_stride_order(t.reshape(1).repeat(2), (1,))
+        return pair[:1].reshape(t.shape)
+    return torch.ops.prims.inductor_force_stride_order(t, t.stride())
 
 
 # --------------------------------------------------------------------------- the update and a slot
