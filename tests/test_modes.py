@@ -270,11 +270,20 @@ def test_compiled_kron_across_a_balance_and_soap_across_many_refreshes(
 
 @pytest.mark.slow
 @pytest.mark.skipif(not compile_available("cpu"), reason="torch.compile needs a C++ compiler")
-@pytest.mark.parametrize("name", ["adafactor", "adafactor-classic"])
-def test_compiled_factors_of_tall_tensors_equal_eager(name: str) -> None:
-    """Column factors of tensors with more than 16 rows are summed over runs of 16 rows first
-    (the other shapes here have fewer): the same sums on both paths."""
-    shapes = {"tall": (48, 5), "stack": (2, 32, 5)}
+@pytest.mark.parametrize(
+    "name, shapes",
+    [
+        ("adafactor", {"tall": (48, 5), "stack": (2, 32, 5)}),
+        ("adafactor-classic", {"tall": (48, 5), "stack": (2, 32, 5)}),
+        ("adalayer", {"long": (64, 128), "vector": (8192,)}),
+    ],
+)
+def test_compiled_factors_of_tall_tensors_equal_eager(
+    name: str, shapes: dict[str, tuple[int, ...]]
+) -> None:
+    """Column factors of tensors with more than 16 rows are summed over runs of 16 rows first,
+    and blocks of 8192 entries or more over 8 runs side by side (the other shapes here are
+    smaller): the same sums on both paths."""
     runs = []
     for fused in (False, True):
         params = make_params(shapes)
