@@ -12,6 +12,8 @@ alternately in one process (drift hits all alike):
 * ``column sums``: ``g²`` and ``g²/r`` summed per column over runs of 16 rows, as classic
   Adafactor's statistics run them (``transforms._sum_keep``; 4 B read);
 * ``sum of θ²``: one sum per tensor (classic Adafactor's RMS(θ); 4 B read);
+* ``sum of θ², 8 runs``: the same sums over 8 equal runs of each tensor read side by side
+  (``blocks._long_block_sums``, how the compiled step sums a block of 8192 entries or more);
 * ``reduce + update``: the two together in one compiled function, as the fast path runs them.
 
 and prints each one's time, its bytes per entry and its rate as a fraction of the probe's. On
@@ -62,6 +64,19 @@ def squares(ps: list[Tensor]) -> list[Tensor]:
     return [(p * p).sum() for p in ps]
 
 
+def squares_runs(ps: list[Tensor]) -> list[Tensor]:
+    """The sums of ``squares`` over 8 equal runs of each tensor added entry by entry first: one
+    loop reading 8 places at a time, as the compiled step sums a long block of ``g²``."""
+    out = []
+    for p in ps:
+        runs = (p * p).reshape(8, -1).unbind(0)
+        total = runs[0]
+        for run in runs[1:]:
+            total = total + run
+        out.append(total.sum())
+    return out
+
+
 def reduce_update(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[Tensor]) -> None:
     """Both passes: per-row mean of g², second moment, update (Adam-mini without bias terms)."""
     for p, g, m, v in zip(ps, gs, ms, vs, strict=True):
@@ -88,7 +103,7 @@ def main() -> None:
     numel = sum(p.numel() for p in mats)
     compiled = {
         f.__name__: torch.compile(f, fullgraph=True, dynamic=False)
-        for f in (update, row_sums, column_sums, squares, reduce_update)
+        for f in (update, row_sums, column_sums, squares, squares_runs, reduce_update)
     }
     # name -> (run, bytes moved per entry)
     cases: dict[str, tuple[Callable[[], object], int]] = {
@@ -98,6 +113,7 @@ def main() -> None:
         "row sums of g² (ATen)": (lambda: [torch.linalg.vector_norm(g, dim=-1) for g in gs], 4),
         "column sums of g², g²/r": (lambda: compiled["column_sums"](gs, vs), 4),
         "sum of θ² (inductor)": (lambda: compiled["squares"](ps), 4),
+        "sum of θ², 8 runs": (lambda: compiled["squares_runs"](ps), 4),
         "reduce + update (compiled)": (lambda: compiled["reduce_update"](ps, gs, ms, vs), 20),
     }
     for run, _ in cases.values():
