@@ -13,7 +13,7 @@ alternately in one process (drift hits all alike):
   Adafactor's statistics run them (``transforms._sum_keep``; 4 B read);
 * ``sum of θ²``: one sum per tensor (classic Adafactor's RMS(θ); 4 B read);
 * ``sum of θ², 8 runs``: the same sums over 8 equal runs of each tensor read side by side
-  (``blocks._long_block_sums``, how the compiled step sums a block of 8192 entries or more);
+  (``blocks.long_block_sums``, how the compiled step sums a block of 8192 entries or more);
 * ``reduce + update``: the two together in one compiled function, as the fast path runs them.
 
 and prints each one's time, its bytes per entry and its rate as a fraction of the probe's. On

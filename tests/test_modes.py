@@ -274,20 +274,25 @@ def test_compiled_kron_across_a_balance_and_soap_across_many_refreshes(
     "name, shapes",
     [
         ("adafactor", {"tall": (48, 5), "stack": (2, 32, 5)}),
-        ("adafactor-classic", {"tall": (48, 5), "stack": (2, 32, 5)}),
+        (
+            "adafactor-classic",
+            {"tall": (48, 5), "stack": (2, 32, 5), "long": (64, 128), "vector": (8192,)},
+        ),
         ("adalayer", {"long": (64, 128), "vector": (8192,)}),
+        ("mars", {"long": (64, 128)}),
     ],
 )
 def test_compiled_factors_of_tall_tensors_equal_eager(
     name: str, shapes: dict[str, tuple[int, ...]]
 ) -> None:
     """Column factors of tensors with more than 16 rows are summed over runs of 16 rows first,
-    and blocks of 8192 entries or more over 8 runs side by side (the other shapes here are
-    smaller): the same sums on both paths."""
+    and blocks and whole-tensor sums (classic Adafactor's RMS(θ) and RMS(u), MARS's norm) of
+    8192 entries or more over 8 runs side by side (the other shapes here are smaller): the same
+    sums on both paths."""
     runs = []
     for fused in (False, True):
         params = make_params(shapes)
-        opt = create(name, list(params.items()), fused=fused, **HYPER[name])
+        opt = create(name, list(params.items()), fused=fused, **HYPER.get(name, {}))
         for t in range(1, 4):
             set_grads(params, t, skip=())
             opt.step()

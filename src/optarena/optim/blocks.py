@@ -149,7 +149,7 @@ STREAMS = 8  # runs of a long block summed side by side in a compiled step
 MIN_RUN = 1024  # entries of one run (4 KiB of float32: a page each)
 
 
-def _long_block_sums(x: Tensor) -> Tensor:
+def long_block_sums(x: Tensor) -> Tensor:
     """``x.sum(1)`` for a ``(blocks, entries)`` view. In a compiled step a block of at least
     ``STREAMS * MIN_RUN`` entries is cut into ``STREAMS`` equal runs that are added entry
     by entry before the sum: one loop reads ``STREAMS`` places of memory at a time, where a single
@@ -163,6 +163,11 @@ def _long_block_sums(x: Tensor) -> Tensor:
     for run in runs[1:]:
         total = total + run
     return total.sum(1)
+
+
+def entry_sum(x: Tensor) -> Tensor:
+    """The sum of all of ``x``'s entries, as :func:`long_block_sums` sums one block."""
+    return long_block_sums(x.reshape(1, -1))[0]
 
 
 @dataclass(frozen=True)
@@ -227,7 +232,7 @@ class Rows:
         per = s.size // s.groups
         a, b = max(self.offset, s.start), min(self.offset + self.length, s.start + s.size)
         if self.is_whole:
-            return _long_block_sums(x.narrow(0, s.start, s.size).reshape(s.groups, -1))
+            return long_block_sums(x.narrow(0, s.start, s.size).reshape(s.groups, -1))
         out = x.new_zeros(s.groups)
         if b > a:
             rows = x.narrow(0, a - self.offset, b - a).reshape(b - a, -1).sum(1)

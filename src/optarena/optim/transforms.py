@@ -403,7 +403,7 @@ class MarsCorrection(Transform):
 
     def statistics(self, x, slot, sc):
         c = slot.scratch["mars"] = self._corrected(slot, sc)
-        return {"sq": (c * c).sum()}
+        return {"sq": blocks.entry_sum(c * c)}
 
     def update(self, x, slot, sc, stats):
         c = slot.scratch.pop("mars") * stats["sq"].sqrt().clamp(min=1.0).reciprocal()
@@ -1263,7 +1263,7 @@ class ClipByRMS(Transform):
         if x.sq is not None:  # known already (a factored moment's)
             return {}
         u = slot.direction(x)
-        return {"sq": (u * u).sum()}
+        return {"sq": blocks.entry_sum(u * u)}
 
     def update(self, x, slot, sc, stats):
         rms = ((stats["sq"] if x.sq is None else x.sq) / slot.rows.numel).sqrt()
@@ -1290,7 +1290,7 @@ class RelativeStep(Transform):
         return {"size": size, "eps2": hp_value(hp, "eps", 1)}
 
     def statistics(self, x, slot, sc):
-        return {"p_sq": (slot.p * slot.p).sum()} if slot.const["scale_parameter"] else {}
+        return {"p_sq": blocks.entry_sum(slot.p * slot.p)} if slot.const["scale_parameter"] else {}
 
     def update(self, x, slot, sc, stats):
         if not slot.const["scale_parameter"]:
