@@ -265,3 +265,21 @@ def test_list_shows_each_optimizer_with_its_family_class_and_reference(
             f"optarena.optim.{e.class_name}" if e.class_name else f"create({name!r}, ...)"
         )
         assert cells[4] == (e.reference or "-")
+
+
+def test_list_in_a_narrow_terminal_keeps_every_description(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the table's rows do not fit, each optimizer gets a block of its own: its name,
+    family, class, description and reference each whole on a line (a table would squeeze the
+    description and reference columns to nothing)."""
+    from optarena.optim import REGISTRY
+
+    monkeypatch.setenv("COLUMNS", "80")
+    assert main(["list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for name, e in REGISTRY.items():
+        cls = f"optarena.optim.{e.class_name}" if e.class_name else f"create({name!r}, ...)"
+        at = lines.index(f"{name} ({e.family}): {cls}")
+        assert lines[at + 1] == f"    {e.description}"
+        assert lines[at + 2] == f"    checked against: {e.reference or '-'}"
