@@ -35,6 +35,7 @@ from torch import Tensor
 
 from optarena.bench.allocator import steady
 from optarena.bench.shapes import Shape, llama_params
+from optarena.optim import blocks
 from optarena.optim.transforms import _sum_keep, computed_once
 
 
@@ -65,16 +66,10 @@ def squares(ps: list[Tensor]) -> list[Tensor]:
 
 
 def squares_runs(ps: list[Tensor]) -> list[Tensor]:
-    """The sums of ``squares`` over 8 equal runs of each tensor added entry by entry first: one
-    loop reading 8 places at a time, as the compiled step sums a long block of ``g²``."""
-    out = []
-    for p in ps:
-        runs = (p * p).reshape(8, -1).unbind(0)
-        total = runs[0]
-        for run in runs[1:]:
-            total = total + run
-        out.append(total.sum())
-    return out
+    """The sums of ``squares`` as the compiled step takes a whole-tensor sum
+    (``blocks.entry_sum``: 8 equal runs added entry by entry first, one loop reading 8 places
+    at a time)."""
+    return [blocks.entry_sum(p * p) for p in ps]
 
 
 def reduce_update(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[Tensor]) -> None:
