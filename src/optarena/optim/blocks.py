@@ -229,10 +229,10 @@ class Rows:
 
     def _row_block_sums(self, x: Tensor, s: Segment) -> Tensor:
         """Blocks that are runs of ``per`` rows of axis 0 (rows, heads, fused parts)."""
-        per = s.size // s.groups
-        a, b = max(self.offset, s.start), min(self.offset + self.length, s.start + s.size)
         if self.is_whole:
             return long_block_sums(x.narrow(0, s.start, s.size).reshape(s.groups, -1))
+        per = s.size // s.groups
+        a, b = max(self.offset, s.start), min(self.offset + self.length, s.start + s.size)
         out = x.new_zeros(s.groups)
         if b > a:
             rows = x.narrow(0, a - self.offset, b - a).reshape(b - a, -1).sum(1)
@@ -272,13 +272,18 @@ class Rows:
                 v = values if per == 1 else values.repeat_interleave(per)
                 return x, v.reshape((self.length,) + (1,) * (x.dim() - 1))
             if s.dim > 0 and s.start == 0 and s.size == x.shape[s.dim]:
-                if s.batched:
-                    view = s.view(self.length, s.lead)
-                    v = self.rows(values.view(s.batch, s.groups))
-                    return x.view(view), v.reshape(self.length, 1, s.groups, 1, 1)
-                lead = x.numel() // (s.size * s.trail)
-                return x.view(s.view(1, lead)), values.reshape(1, 1, s.groups, 1, 1)
+                view, v = self._broadcast(s, x, values)
+                return x.view(view), v
         return x, self.expand(values, layout, x)
+
+    def _broadcast(self, s: Segment, chunk: Tensor, v: Tensor) -> tuple[tuple[int, ...], Tensor]:
+        """``chunk`` (a segment's slice along ``s.dim > 0`` of local rows) as a shape
+        ``(batch, lead, groups, per, trail)``, and the segment's values ``v`` shaped to broadcast
+        against it: per local expert where ``batched``, else with axis 0 among ``lead``."""
+        if s.batched:
+            stat = self.rows(v.view(s.batch, s.groups)).reshape(self.length, 1, s.groups, 1, 1)
+            return s.view(self.length, s.lead), stat
+        return s.view(1, chunk.numel() // (s.size * s.trail)), v.reshape(1, 1, s.groups, 1, 1)
 
     def expand(self, values: Tensor, layout: BlockLayout, like: Tensor) -> Tensor:
         """Each block's value at every local entry, in the shape of ``like``."""
@@ -293,18 +298,12 @@ class Rows:
                 if b > a:
                     ids = torch.arange(a - s.start, b - s.start, device=like.device)
                     rows = v[ids // (s.size // s.groups)]
-                    rows = rows.reshape((b - a,) + (1,) * (like2.dim() - 1))
                     out.narrow(0, a - self.offset, b - a).copy_(
-                        rows.expand(b - a, *like2.shape[1:])
+                        rows.reshape((b - a,) + (1,) * (like2.dim() - 1))
                     )
                 continue
             chunk = out.narrow(s.dim, s.start, s.size)
-            if s.batched:
-                view = s.view(self.length, s.lead)
-                stat = self.rows(v.view(s.batch, s.groups)).reshape(self.length, 1, s.groups, 1, 1)
-            else:
-                view = s.view(1, chunk.numel() // (s.size * s.trail))
-                stat = v.reshape(1, 1, s.groups, 1, 1)
+            view, stat = self._broadcast(s, chunk, v)
             chunk.copy_(stat.expand(view).reshape(chunk.shape))
         return out.reshape(like.shape)
 
@@ -341,11 +340,9 @@ def adam_mini_layout(info: ParamInfo, single_block_value: bool = False) -> Block
         return tensor_layout(shape)
     if role in (Role.Q, Role.K):
         return heads_layout(shape, info.heads or 1, info.out_dim, experts)
-    if role is Role.V:
-        if single_block_value:
-            return tensor_layout(shape, experts)
-        return rows_layout(shape, info.out_dim, experts)
-    if role in (Role.O, Role.MLP, Role.EMBEDDING, Role.OUTPUT):
+    if role is Role.V and single_block_value:
+        return tensor_layout(shape, experts)
+    if role in (Role.V, Role.O, Role.MLP, Role.EMBEDDING, Role.OUTPUT):
         return rows_layout(shape, info.out_dim, experts)
     if role is Role.QKV and info.parts:
         parts = []

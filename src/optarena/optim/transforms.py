@@ -64,7 +64,7 @@ from optarena.optim.checks import (
     optional,
     pair,
 )
-from optarena.optim.roles import ParamInfo
+from optarena.optim.roles import FusedPart, ParamInfo, Role
 
 Scalar = float | Tensor
 
@@ -157,8 +157,6 @@ class Slot:
 
     def value(self, x: Update) -> Tensor:
         """``scale·tensor/den`` in the parameter's shape (``decay`` left aside)."""
-        if x.den is None and isinstance(x.scale, float) and x.scale == 1.0:
-            return x.tensor.reshape(self.p.shape)
         return times(self.direction(x), x.scale)
 
 
@@ -254,8 +252,7 @@ class EMA(Transform):
         self.hyper = {beta[0]: check}
 
     def _beta(self, hp: Mapping[str, Any]) -> float:
-        value = hp[self.beta[0]]
-        return 0.0 if value is None else hp_value(hp, *self.beta)
+        return 0.0 if hp[self.beta[0]] is None else hp_value(hp, *self.beta)
 
     def init(self, p, info, hp, dtype):
         return {self.key: torch.zeros_like(p, dtype=dtype)} if self._beta(hp) else {}
@@ -397,12 +394,9 @@ class MarsCorrection(Transform):
         beta1 = hp_value(hp, "betas", 0)
         return {"k": hp_value(hp, "gamma") * (beta1 / (1.0 - beta1))}
 
-    def _corrected(self, slot: Slot, sc: Mapping[str, Scalar]) -> Tensor:
-        g = slot.g
-        return times(g - slot.state["last_grad"], sc["k"]).add_(g)
-
     def statistics(self, x, slot, sc):
-        c = slot.scratch["mars"] = self._corrected(slot, sc)
+        g = slot.g
+        c = slot.scratch["mars"] = times(g - slot.state["last_grad"], sc["k"]).add_(g)
         return {"sq": blocks.entry_sum(c * c)}
 
     def update(self, x, slot, sc, stats):
@@ -660,15 +654,13 @@ def moment_for(info: ParamInfo, granularity: str, options: tuple[tuple[str, Any]
             layout = blocks.adalayer_layout(info, o["split_qkv"], o["per_row_output"])
         else:
             layout = blocks.adam_mini_layout(info, o["single_block_value"])
-        return ElementMoment() if layout.elementwise else BlockMoment(layout)
+        return _ELEMENT if layout.elementwise else BlockMoment(layout)
     if granularity == "factored":  # the study's: a vector is one block
-        return (
-            FactoredMoment.study(shape)
-            if len(shape) >= 2
-            else BlockMoment(blocks.tensor_layout(shape))
-        )
+        if len(shape) >= 2:
+            return FactoredMoment.study(shape)
+        return BlockMoment(blocks.tensor_layout(shape))
     if granularity == "factored-classic":  # Shazeer & Stern's: a vector is elementwise
-        return FactoredMoment.classic(shape) if len(shape) >= 2 else ElementMoment()
+        return FactoredMoment.classic(shape) if len(shape) >= 2 else _ELEMENT
     raise ValueError(f"unknown granularity {granularity!r}")
 
 
@@ -737,7 +729,6 @@ class ScaleBySecondMoment(Transform):
         square_sum: bool = False,
     ):
         self.granularity, self.weights, self.amsgrad = granularity, weights, amsgrad
-        # the update carries ``Update.sq`` where a factored moment has it from its statistics
         self.square_sum = square_sum
         self.frozen = weights is frozen_weights
         self.hyper = {"eps": NONNEG, "betas": BETAS}
@@ -838,12 +829,12 @@ def matrices(info: ParamInfo, shape: tuple[int, ...], per_head: bool) -> list[tu
     if info.experts and len(shape) == 3:
         out, mshape = out - 1, shape[1:]
         leads = [(e,) for e in range(shape[0])]
-    parts = info.parts or (_Part(info.role, mshape[out], info.heads),)
+    parts = info.parts or (FusedPart(info.role, mshape[out], info.heads),)
     found = []
     for lead in leads:
         start = 0
         for part in parts:
-            qkv = part.role.value in ("q", "k", "v")
+            qkv = part.role in (Role.Q, Role.K, Role.V)
             cut = part.heads if per_head and part.heads and qkv else 1
             size = part.size // cut
             for i in range(cut):
@@ -852,14 +843,6 @@ def matrices(info: ParamInfo, shape: tuple[int, ...], per_head: bool) -> list[tu
                 found.append(((*lead, *index), out))
             start += part.size
     return found
-
-
-class _Part(NamedTuple):
-    """An unfused parameter as the one part of itself."""
-
-    role: Any
-    size: int
-    heads: int | None
 
 
 def newton_schulz(
@@ -886,17 +869,9 @@ def newton_schulz(
     return x.T if tall else x
 
 
-def lr_ratio(rule: str | None, out: int, inp: int) -> float:
-    """torch's ``adjust_lr_fn``: ``sqrt(max(1, out/in))`` (Keller Jordan's, ``None``/"original")
-    or ``0.2·sqrt(max(out, in))`` ("match_rms_adamw", Moonshot's)."""
-    if rule == "match_rms_adamw":
-        return 0.2 * math.sqrt(max(out, inp))
-    return math.sqrt(max(1.0, out / inp))
-
-
 class Orthogonalize(Transform):
     """Muon: each matrix of the update (see :func:`matrices`) replaced by its Newton-Schulz
-    orthogonalisation times ``lr_ratio`` of its shape. Needs the whole matrix (gathered on
+    orthogonalisation times :meth:`ratio` of its shape. Needs the whole matrix (gathered on
     FSDP2 shards)."""
 
     hyper = {
@@ -934,8 +909,8 @@ class Orthogonalize(Transform):
     def update(self, x, slot, sc, stats):
         u = slot.direction(x)
         const = slot.const
-        blocks = matrices(slot.info, tuple(u.shape), const["per_head"])
-        ratios = [self.ratio(const, u[i].size(out), u[i].size(1 - out)) for i, out in blocks]
+        mats = matrices(slot.info, tuple(u.shape), const["per_head"])
+        ratios = [self.ratio(const, u[i].size(out), u[i].size(1 - out)) for i, out in mats]
         ns = functools.partial(
             newton_schulz,
             coefficients=(sc["a"], sc["b"], sc["c"]),
@@ -943,18 +918,22 @@ class Orthogonalize(Transform):
             eps=sc["eps"],
             dtype=NS_DTYPES[const["ns_dtype"]],
         )
-        if len(blocks) == 1:  # the ratio in the scale: torch's rounding
-            ((index, out),) = blocks
+        if len(mats) == 1:  # the ratio in the scale: torch's rounding
+            ((index, out),) = mats
             o = self.finish(ns(u[index]).to(u.dtype), index, out, slot, sc)
             return Update(o.reshape(u.shape), x.scale * ratios[0], None, x.decay)
         o = torch.empty_like(u)
-        for (index, out), ratio in zip(blocks, ratios, strict=True):
+        for (index, out), ratio in zip(mats, ratios, strict=True):
             o[index] = self.finish(ns(u[index]).to(u.dtype), index, out, slot, sc) * ratio
         return Update(o, x.scale, None, x.decay)
 
     def ratio(self, const: Mapping[str, Any], out: int, inp: int) -> float:
-        """The factor of one matrix's orthogonalised update (``adjust_lr_fn``'s)."""
-        return lr_ratio(const["adjust_lr_fn"], out, inp)
+        """The factor of one matrix's orthogonalised update, torch's ``adjust_lr_fn``:
+        ``sqrt(max(1, out/in))`` (Keller Jordan's, ``None``/"original") or
+        ``0.2·sqrt(max(out, in))`` ("match_rms_adamw", Moonshot's)."""
+        if const["adjust_lr_fn"] == "match_rms_adamw":
+            return 0.2 * math.sqrt(max(out, inp))
+        return math.sqrt(max(1.0, out / inp))
 
     def finish(self, o: Tensor, index: tuple, out: int, slot: Slot, sc: Mapping[str, Scalar]):
         """One orthogonalised matrix (``index`` of the parameter) before its ratio; Muon: as is."""
