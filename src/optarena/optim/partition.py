@@ -121,27 +121,16 @@ _NAME_MLP = {
 def role_from_name(name: str, shape: tuple[int, ...] | torch.Size) -> Role:
     """The role a parameter's name suggests: the fallback when the module structure says nothing.
 
-    Rules on the lowercased dotted name, first match wins. The *owner* is the segment before the
-    parameter's own (``q_proj`` in ``layers.0.q_proj.weight``); rules match whole segments, never
-    substrings of the full name, and per-row roles need a tensor of 2+ dimensions, which is what
-    keeps BERT's ``attention.output.LayerNorm.weight`` out of the output branch.
-
-    1. last segment contains ``bias`` -> BIAS;
-    2. a segment contains ``norm``, or is ``ln``/``ln_*``/``ln1``... -> NORM;
-    3. a 0-D or 1-D tensor -> OTHER;
-    4. owner ``lm_head``/``unembed``/``final_layer``, or a top-level ``output`` -> OUTPUT;
-    5. a segment contains ``embed``/``embd``, or is ``wte``/``wpe``/``tok_emb``/``*_emb``
-       -> EMBEDDING;
-    6. owner ``c_attn``/``qkv``/``qkv_proj``/``wqkv``/``query_key_value``/``in_proj``, or the
-       parameter ``in_proj_weight`` -> QKV (without parts: sizes unknown);
-    7. owner (or parameter ``{q,k,v}_proj_weight``) ``q_proj``/``wq``/``query``/``q``/``to_q``
-       -> Q, likewise K and V;
-    8. owner ``o_proj``/``wo``/``out_proj``/``o``/``to_out``, or ``c_proj``/``dense``/``proj``
-       under a segment containing ``attn``/``attention`` -> O;
-    9. a segment containing ``mlp``/``ffn``/``feed_forward``/``intermediate``, or owner
-       ``fc1``/``fc2``/``c_fc``/``up_proj``/``gate_proj``/``down_proj``/``w1``-``w3``/``wi``/
-       ``linear1``/``linear2``/``dense_h_to_4h``/``dense_4h_to_h`` -> MLP;
-    10. anything else -> OTHER.
+    Rules on the lowercased dotted name (the ``_NAME_*`` tables), first match wins. The *owner*
+    is the segment before the parameter's own (``q_proj`` in ``layers.0.q_proj.weight``); rules
+    match whole segments, never substrings of the full name, and per-row roles need a tensor of
+    2+ dimensions, which is what keeps BERT's ``attention.output.LayerNorm.weight`` out of the
+    output branch. In order: ``bias`` in the last segment -> BIAS; a norm segment -> NORM; a 0-D
+    or 1-D tensor -> OTHER; an output owner or a top-level ``output`` -> OUTPUT; an embedding
+    segment -> EMBEDDING; a fused owner or ``in_proj_weight`` -> QKV (without parts: sizes
+    unknown); a q/k/v owner or ``{q,k,v}_proj_weight`` -> Q, K, V; an output-projection owner
+    (``c_proj``/``dense``/``proj`` only under an ``attn``/``attention`` segment) -> O; an
+    MLP-like segment or owner -> MLP; anything else -> OTHER.
 
     Names cannot tell head counts or a ``Conv1D``'s (in, out) storage: name-ruled parameters get
     ``heads=None`` and ``out_dim=0``.
@@ -177,10 +166,9 @@ def role_from_name(name: str, shape: tuple[int, ...] | torch.Size) -> Role:
 
 @dataclass(frozen=True)
 class _Dense:
-    """A dense layer's weight with its bias and the axis of its output neurons."""
+    """A dense layer's weight and the axis of its output neurons."""
 
     weight: nn.Parameter
-    bias: nn.Parameter | None
     out_dim: int
 
     @property
@@ -195,6 +183,7 @@ class _Claim:
     heads: int | None = None
     parts: tuple[FusedPart, ...] = ()
     experts: int | None = None
+    tied: bool = False  # an embedding table that is also a dense weight
 
 
 def _dense_of(module: object) -> _Dense | None:
@@ -204,12 +193,10 @@ def _dense_of(module: object) -> _Dense | None:
     w = getattr(module, "weight", None)
     if not isinstance(w, nn.Parameter) or w.dim() != 2:
         return None
-    b = getattr(module, "bias", None)
-    b = b if isinstance(b, nn.Parameter) else None
     if isinstance(module, nn.Linear):
-        return _Dense(w, b, 0)
+        return _Dense(w, 0)
     if type(module).__name__ == "Conv1D" and w.shape[1] == getattr(module, "nf", None):
-        return _Dense(w, b, 1)
+        return _Dense(w, 1)
     return None
 
 
@@ -225,7 +212,7 @@ def _member(owner: nn.Module, path: str) -> _Dense | None:
         if obj is None:
             return None
     if isinstance(obj, nn.Parameter):
-        return _Dense(obj, None, 0) if obj.dim() == 2 else None
+        return _Dense(obj, 0) if obj.dim() == 2 else None
     if isinstance(obj, (nn.ModuleList, nn.Sequential)):  # diffusers: to_out = [Linear, Dropout]
         obj = next(iter(obj), None)
     return _dense_of(obj)
@@ -233,8 +220,6 @@ def _member(owner: nn.Module, path: str) -> _Dense | None:
 
 def _int_attr(sources: Iterable[object], names: tuple[str, ...]) -> int | None:
     for src in sources:
-        if src is None:
-            continue
         for n in names:
             v = getattr(src, n, None)
             if isinstance(v, int) and not isinstance(v, bool) and v > 0:
@@ -300,11 +285,13 @@ def _split_attention(
     ]
 
 
-def _fused_parts(
-    name: str, fused: _Dense, roles: tuple[Role, ...], h: _Heads
-) -> tuple[FusedPart, ...] | None:
-    """Q/K/V slices of a fused projection (consecutive along ``out_dim``); None when the head
-    count is unknown. Raises when the counts found do not add up to the fused width."""
+def _fused_attention(
+    name: str, fused: _Dense, q: _Dense | None, h: _Heads
+) -> list[tuple[nn.Parameter, _Claim]] | None:
+    """Claims for a fused projection, Q/K/V (or K/V beside a separate ``q``) as consecutive
+    slices along ``out_dim``; None when the head count is unknown. Raises when the counts found
+    do not add up to the fused width."""
+    roles = (Role.K, Role.V) if q else (Role.Q, Role.K, Role.V)
     total = fused.width
     heads, head_dim = h.heads, h.head_dim
     if heads is None:
@@ -324,49 +311,12 @@ def _fused_parts(
             f"head size {head_dim}; the head counts (module attributes or model.config) do not "
             "match the weights"
         )
-    return tuple(FusedPart(r, size, n) for r, size, n in zip(roles, sizes, counts, strict=True))
-
-
-def _attention_claims(
-    name: str, attn: nn.Module, parent: nn.Module | None, config: object | None
-) -> tuple[list[tuple[nn.Parameter, _Claim]], bool] | None:
-    """Claims for one attention module and whether its head count was found (if not, q/k/v are
-    left to the name rules); None if ``attn`` is not an attention module."""
-    h = _read_heads(attn, config)
-    claims: list[tuple[nn.Parameter, _Claim]] = []
-    heads_known = True
-    split = None
-    for names in _SPLIT_QKV:
-        q, k, v = (_member(attn, n) for n in names)
-        if q and k and v:
-            split = (q, k, v)
-            break
-    if split is not None:
-        found = _split_attention(name, *split, h)
-        heads_known = found is not None
-        claims += found or []
-    else:
-        fused = next((d for n in _FUSED_QKV if (d := _member(attn, n))), None)
-        if fused is None:
-            return None
-        if fused.bias is None and isinstance(getattr(attn, "in_proj_bias", None), nn.Parameter):
-            fused = replace(fused, bias=attn.in_proj_bias)  # nn.MultiheadAttention
-        q = _member(attn, "q_attn")  # GPT-2 cross-attention: separate q, fused k/v
-        parts = _fused_parts(name, fused, (Role.K, Role.V) if q else (Role.Q, Role.K, Role.V), h)
-        heads_known = parts is not None
-        if parts is not None:
-            claims.append((fused.weight, _Claim(Role.QKV, fused.out_dim, None, parts)))
-            if q is not None:
-                heads = h.heads or parts[0].heads
-                assert heads is not None
-                _check_heads(name, "query", q.width, heads)
-                claims.append((q.weight, _Claim(Role.Q, q.out_dim, heads)))
-    out = next((d for n in _OUT_PROJ if (d := _member(attn, n))), None)
-    if out is None and parent is not None:
-        out = next((d for n in _SIBLING_OUT_PROJ if (d := _member(parent, n))), None)
-    if out is not None:
-        claims.append((out.weight, _Claim(Role.O, out.out_dim)))
-    return claims, heads_known
+    parts = tuple(FusedPart(r, size, n) for r, size, n in zip(roles, sizes, counts, strict=True))
+    claims = [(fused.weight, _Claim(Role.QKV, fused.out_dim, None, parts))]
+    if q is not None:
+        _check_heads(name, "query", q.width, heads)
+        claims.append((q.weight, _Claim(Role.Q, q.out_dim, heads)))
+    return claims
 
 
 def _block_of(attn_name: str, modules: Mapping[str, nn.Module]) -> str:
@@ -384,10 +334,6 @@ def _inside(name: str, prefix: str) -> bool:
     return prefix == "" or name == prefix or name.startswith(prefix + ".")
 
 
-def _parent_name(name: str) -> str | None:
-    return None if not name else name.rpartition(".")[0]
-
-
 class _Walker:
     """One pass over a model's modules that claims parameters by what their modules are."""
 
@@ -396,7 +342,6 @@ class _Walker:
         self.modules = dict(model.named_modules())
         self.config = _model_config(model)
         self.claims: dict[int, _Claim] = {}
-        self.tied: set[int] = set()  # ids of embedding tables that are also a dense weight
         self.unknown_heads: list[str] = []
         self.attn_names: list[str] = []
         self.blocks: list[str] = []
@@ -409,10 +354,9 @@ class _Walker:
         embeddings = [
             m for m in self.modules.values() if isinstance(m, nn.Embedding | nn.EmbeddingBag)
         ]
+        dense = {id(d.weight) for m in self.modules.values() if (d := _dense_of(m)) is not None}
         for emb in embeddings:
-            self.claim(emb.weight, _Claim(Role.EMBEDDING))
-        dense = [d for m in self.modules.values() if (d := _dense_of(m)) is not None]
-        self.tied = {id(e.weight) for e in embeddings} & {id(d.weight) for d in dense}
+            self.claim(emb.weight, _Claim(Role.EMBEDDING, tied=id(emb.weight) in dense))
         for m in self.modules.values():
             if _is_norm(m):
                 for attr, p in m.named_parameters(recurse=False):
@@ -434,20 +378,40 @@ class _Walker:
     def _attention(self) -> None:
         """Claim q/k/v/qkv/o of every attention module; note the blocks holding them."""
         for name, m in self.modules.items():
-            parent_name = _parent_name(name)
-            parent = self.modules.get(parent_name) if parent_name is not None else None
-            found = _attention_claims(name, m, parent, self.config)
-            if found is None:
-                continue
-            claims, heads_known = found
-            if not heads_known:
-                self.unknown_heads.append(name or type(m).__name__)
-            for p, c in claims:
-                self.claim(p, c)
-            self.attn_names.append(name)
-            block = _block_of(name, self.modules)
-            if block not in self.blocks:
-                self.blocks.append(block)
+            if self._attention_module(name, m):
+                self.attn_names.append(name)
+                block = _block_of(name, self.modules)
+                if block not in self.blocks:
+                    self.blocks.append(block)
+
+    def _attention_module(self, name: str, attn: nn.Module) -> bool:
+        """Claim the projections of ``attn`` (q/k/v only when its head count is found, else
+        they are left to the name rules); False if it is not an attention module."""
+        h = _read_heads(attn, self.config)
+        split = None
+        for names in _SPLIT_QKV:
+            q, k, v = (_member(attn, n) for n in names)
+            if q and k and v:
+                split = (q, k, v)
+                break
+        fused = next((d for n in _FUSED_QKV if (d := _member(attn, n))), None)
+        if split is not None:
+            claims = _split_attention(name, *split, h)
+        elif fused is not None:  # a separate q_attn: GPT-2's cross-attention (fused k/v)
+            claims = _fused_attention(name, fused, _member(attn, "q_attn"), h)
+        else:
+            return False
+        if claims is None:
+            self.unknown_heads.append(name or type(attn).__name__)
+        for p, c in claims or []:
+            self.claim(p, c)
+        out = next((d for n in _OUT_PROJ if (d := _member(attn, n))), None)
+        if out is None and name:
+            parent = self.modules[name.rpartition(".")[0]]
+            out = next((d for n in _SIBLING_OUT_PROJ if (d := _member(parent, n))), None)
+        if out is not None:
+            self.claim(out.weight, _Claim(Role.O, out.out_dim))
+        return True
 
     def _block_containing(self, name: str) -> str | None:
         inside = [b for b in self.blocks if _inside(name, b)]
@@ -522,10 +486,6 @@ class _Walker:
 # --------------------------------------------------------------------------- the partition
 
 
-def _shape_str(shape: tuple[int, ...]) -> str:
-    return "x".join(map(str, shape)) if shape else "scalar"
-
-
 class Partition(Mapping[str, ParamInfo]):
     """``{name: ParamInfo}`` in ``model.named_parameters()`` order, plus the parameters themselves.
 
@@ -588,7 +548,7 @@ class Partition(Mapping[str, ParamInfo]):
         rows = []
         total_blocks = 0
         for name, info in self._infos.items():
-            row = [name, _shape_str(info.shape), info.role.value]
+            row = [name, "x".join(map(str, info.shape)) or "scalar", info.role.value]
             if layout is not None:
                 lay = layout(info)
                 n = lay.num_blocks(info.shape) if lay is not None else info.numel
@@ -609,13 +569,11 @@ class Partition(Mapping[str, ParamInfo]):
 
 
 def _as_role(value: Role | str) -> Role:
-    if isinstance(value, Role):
-        return value
-    if isinstance(value, str):
-        for r in Role:
-            if value.lower() in (r.value, r.name.lower()):
-                return r
-    raise ValueError(f"unknown role {value!r}; expected one of {', '.join(r.value for r in Role)}")
+    try:
+        return Role(value.lower() if isinstance(value, str) else value)
+    except ValueError:
+        expected = ", ".join(r.value for r in Role)
+        raise ValueError(f"unknown role {value!r}; expected one of {expected}") from None
 
 
 def _apply_overrides(
@@ -623,32 +581,26 @@ def _apply_overrides(
 ) -> set[str]:
     """Set roles by exact name (an alias counts) or fnmatch glob; later keys win. Returns the
     overridden names."""
-    plan: list[tuple[list[str], Role]] = []
+    done: set[str] = set()
     unknown = []
     for key, value in overrides.items():
         role = _as_role(value)
-        if key in infos:
-            names = [key]
-        elif key in aliases:
-            names = [aliases[key]]
+        if key in infos or key in aliases:
+            names = [aliases.get(key, key)]
         else:
-            hits = [n for n in infos if fnmatch.fnmatchcase(n, key)]
-            hits += [aliases[a] for a in aliases if fnmatch.fnmatchcase(a, key)]
-            names = list(dict.fromkeys(hits))
+            names = [n for n in infos if fnmatch.fnmatchcase(n, key)]
+            names += [n for a, n in aliases.items() if fnmatch.fnmatchcase(a, key)]
         if not names:
             unknown.append(key)
-        plan.append((names, role))
+        for n in names:
+            infos[n] = replace(infos[n], role=role, source="override")
+            done.add(n)
     if unknown:
         sample = ", ".join(list(infos)[:3])
         raise ValueError(
             f"overrides match no parameter: {', '.join(map(repr, unknown))} "
             f"(names look like: {sample}, ...)"
         )
-    done: set[str] = set()
-    for names, role in plan:
-        for n in names:
-            infos[n] = replace(infos[n], role=role, source="override")
-            done.add(n)
     return done
 
 
@@ -673,23 +625,38 @@ def partition(
     ``warn=False``.
     """
     if isinstance(model_or_named_params, nn.Module):
-        infos, params, aliases, notes = _from_module(model_or_named_params)
+        walker = _Walker(model_or_named_params)
+        claims = walker.run()
+        pairs = model_or_named_params.named_parameters(remove_duplicate=False)
     else:
-        infos, params, aliases = _from_named(model_or_named_params)
-        notes = []
+        walker, claims, pairs = None, {}, model_or_named_params
+    params, aliases = _first_names(pairs)
+    infos: dict[str, ParamInfo] = {}
+    for name, p in params.items():
+        shape = tuple(p.shape)
+        if (c := claims.get(id(p))) is not None:
+            info = ParamInfo(name, shape, c.role, c.out_dim, c.heads, c.parts, c.tied, c.experts)
+        else:
+            info = ParamInfo(name, shape, role_from_name(name, shape), source="name")
+        infos[name] = info
     done = _apply_overrides(infos, aliases, overrides or {})
     guessed = [n for n, i in infos.items() if i.source == "name" and n not in done]
-    if guessed and isinstance(model_or_named_params, nn.Module):
-        notes.insert(
-            0,
+    notes = []
+    if guessed and walker is not None:
+        notes.append(
             f"{len(guessed)} parameter(s) not recognised from the module structure, roles "
-            f"guessed from their names: {_summary(infos, guessed)}",
+            f"guessed from their names: {_summary(infos, guessed)}"
         )
     elif guessed:
         notes.append(
             f"no module structure given, so the roles of {len(guessed)} parameter(s) were guessed "
             f"from their names (no head counts; Conv1D read as (out, in)): "
             f"{_summary(infos, guessed)}. Pass the model itself for a structure-aware partition"
+        )
+    if walker is not None and walker.unknown_heads:
+        notes.append(
+            "head count not found (module attributes or model.config) for attention "
+            f"{', '.join(walker.unknown_heads)}; their q/k/v were left to the name rules"
         )
     if notes and warn:
         warnings.warn(
@@ -701,44 +668,10 @@ def partition(
     return Partition(infos, params, aliases)
 
 
-_Parts = tuple[dict[str, ParamInfo], dict[str, nn.Parameter], dict[str, str]]
-
-
-def _from_module(
-    model: nn.Module,
-) -> tuple[dict[str, ParamInfo], dict[str, nn.Parameter], dict[str, str], list[str]]:
-    """Infos from the module structure (name rules for the rest), params, aliases, notes."""
-    params = dict(model.named_parameters())
-    canonical = {id(p): n for n, p in params.items()}
-    aliases = {
-        n: canonical[id(p)]
-        for n, p in model.named_parameters(remove_duplicate=False)
-        if canonical[id(p)] != n
-    }
-    walker = _Walker(model)
-    claims = walker.run()
-    infos: dict[str, ParamInfo] = {}
-    for name, p in params.items():
-        shape = tuple(p.shape)
-        c = claims.get(id(p))
-        if c is None:
-            infos[name] = ParamInfo(name, shape, role_from_name(name, shape), source="name")
-        else:
-            tied = id(p) in walker.tied and c.role is Role.EMBEDDING
-            infos[name] = ParamInfo(
-                name, shape, c.role, c.out_dim, c.heads, c.parts, tied, experts=c.experts
-            )
-    notes = []
-    if walker.unknown_heads:
-        notes.append(
-            "head count not found (module attributes or model.config) for attention "
-            f"{', '.join(walker.unknown_heads)}; their q/k/v were left to the name rules"
-        )
-    return infos, params, aliases, notes
-
-
-def _from_named(pairs: Iterable[tuple[str, nn.Parameter]]) -> _Parts:
-    """Infos from name rules alone; a tensor listed under two names is kept under the first."""
+def _first_names(
+    pairs: Iterable[tuple[str, nn.Parameter]],
+) -> tuple[dict[str, nn.Parameter], dict[str, str]]:
+    """Each tensor under the first name it is listed with, and the other names -> that one."""
     params: dict[str, nn.Parameter] = {}
     aliases: dict[str, str] = {}
     first: dict[int, str] = {}
@@ -754,11 +687,7 @@ def _from_named(pairs: Iterable[tuple[str, nn.Parameter]]) -> _Parts:
         else:
             first[id(p)] = name
             params[name] = p
-    infos = {
-        n: ParamInfo(n, tuple(p.shape), role_from_name(n, p.shape), source="name")
-        for n, p in params.items()
-    }
-    return infos, params, aliases
+    return params, aliases
 
 
 def print_partition(model: nn.Module, layout: LayoutPolicy | None = None) -> None:
