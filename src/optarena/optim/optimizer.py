@@ -93,7 +93,7 @@ def _hooks_idle(opt: torch.optim.Optimizer) -> bool:
     )
 
 
-def _is_named(items: list) -> bool:
+def is_named(items: list) -> bool:
     return bool(items) and isinstance(items[0], tuple) and isinstance(items[0][0], str)
 
 
@@ -238,7 +238,7 @@ class ChainOptimizer(torch.optim.Optimizer):
             param_group["params"] = [p for _, p in named] if unnamed else named
         elif not isinstance(params, Tensor):
             param_group["params"] = list(params)
-            if _is_named(param_group["params"]):  # roles from names (decay exemptions too)
+            if is_named(param_group["params"]):  # roles from names (decay exemptions too)
                 self._roles.learn_names(param_group["params"], warn=self._structured)
         name = param_group.setdefault("optimizer", self.defaults.get("optimizer", "adamw"))
         spec = entry(name)

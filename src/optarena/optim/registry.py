@@ -21,7 +21,7 @@ from torch import nn
 
 from optarena.optim.checks import BETAS3, BOOL, POS_INT, Check, validate
 from optarena.optim.engine import Chain, Factory
-from optarena.optim.optimizer import ChainOptimizer
+from optarena.optim.optimizer import ChainOptimizer, is_named
 from optarena.optim.roles import Role
 from optarena.optim.transforms import (
     EMA,
@@ -227,69 +227,119 @@ def _classic_consistent(owner: str, g: Mapping[str, Any]) -> None:
         raise ValueError(f"{owner}: warmup_init=True needs relative_step=True")
 
 
+# --------------------------------------------------------------------------- constructors
+
+_OPTIONS = {  # keyword-only options every optimizer takes, torch's flags among them
+    "model": None,
+    "partition": None,
+    "state_dtype": None,
+    "no_decay_roles": None,
+    "fused": None,
+    "maximize": False,
+    "foreach": None,
+    "capturable": False,
+    "differentiable": False,
+}
+
+
+def _hyper(defaults: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
+    """``defaults`` with the values ``given``, sequences as tuples (anything else as given, for
+    the checks to refuse with their message)."""
+    values = {k: given.get(k, v) for k, v in defaults.items()}
+    return {k: tuple(v) if isinstance(v, (tuple, list)) else v for k, v in values.items()}
+
+
+def _signature(defaults: Mapping[str, Any], *, method: bool = False) -> inspect.Signature:
+    """torch's constructor form: ``params``, the hyperparameters in torch's order (by position
+    or keyword), then the options (keyword-only)."""
+    kind = inspect.Parameter
+    params = [kind("self", kind.POSITIONAL_ONLY)] if method else []
+    params.append(kind("params", kind.POSITIONAL_OR_KEYWORD))
+    params += [kind(k, kind.POSITIONAL_OR_KEYWORD, default=v) for k, v in defaults.items()]
+    params += [kind(k, kind.KEYWORD_ONLY, default=v) for k, v in _OPTIONS.items()]
+    return inspect.Signature(params)
+
+
+def _bind(
+    sig: inspect.Signature, defaults: Mapping[str, Any], *args: Any, **kwargs: Any
+) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """A call's ``params``, hyperparameters (defaults filled in) and the options it gives."""
+    bound = sig.bind(*args, **kwargs).arguments
+    options = {k: bound[k] for k in _OPTIONS if k in bound}
+    return bound["params"], _hyper(defaults, bound), options
+
+
+Build = Callable[[Any, dict[str, Any], dict[str, Any]], torch.optim.Optimizer]
+
+
+def _constructor(defaults: Mapping[str, Any], build: Build) -> Callable[..., torch.optim.Optimizer]:
+    """``build(params, hyperparameters, options)`` called in torch's constructor form, with a
+    real signature (``create`` reads it)."""
+    sig = _signature(defaults)
+
+    def construct(*args: Any, **kwargs: Any) -> torch.optim.Optimizer:
+        return build(*_bind(sig, defaults, *args, **kwargs))
+
+    construct.__signature__ = sig  # type: ignore[attr-defined]
+    return construct
+
+
 # --------------------------------------------------------------------------- composites
 # (hybrids of routes; ``Hybrid`` is defined below and looked up when they run)
 
 
-def _hybrid_custom(params: Params, routes: Mapping[str, Route] | None = None, **options: Any):
-    if routes is None:
+def _hybrid_custom(params: Params, hp: dict[str, Any], options: dict[str, Any]):
+    if hp["routes"] is None:
         raise ValueError(
             "hybrid needs routes, which optimizer for which role, e.g. "
             "routes={'default': 'sgd-ema', 'output': ('adamw', {'lr': 3e-3})} "
             "(in a config: [hparams.routes]); or take a registered one: "
             + ", ".join(n for n in REGISTRY if n.startswith("hybrid-"))
         )
-    return Hybrid(params, routes, **options)
+    return Hybrid(params, hp["routes"], **options)
 
 
-def _adam_hyper(lr: float, betas: Any, eps: float, weight_decay: float) -> dict[str, Any]:
-    """An Adam-family route's hyperparameters, as the hybrids hand them to their routes."""
-    return {"lr": lr, "betas": _as_pair(betas), "eps": eps, "weight_decay": weight_decay}
+STUDY_HYBRID = {
+    "lr": 1.0,
+    "momentum": 0.9,
+    "adaptive_lr": 3.16e-3,
+    "betas": (0.9, 0.95),
+    "eps": 1e-15,
+    "weight_decay": 0.0,
+}
 
 
 def _study_hybrid(adaptive: str, roles: tuple[str, ...]) -> Callable[..., torch.optim.Optimizer]:
     """The study's "adaptivity only where it matters": EMA-momentum SGD on the body,
     ``adaptive`` (Adalayer or Adafactor) on ``roles``, each with its own peak LR."""
 
-    def build(
-        params: Params,
-        lr: float = 1.0,
-        momentum: float = 0.9,
-        adaptive_lr: float = 3.16e-3,
-        betas: tuple[float, float] = (0.9, 0.95),
-        eps: float = 1e-15,
-        weight_decay: float = 0.0,
-        **options: Any,
-    ) -> torch.optim.Optimizer:
-        body = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
-        head = _adam_hyper(adaptive_lr, betas, eps, weight_decay)
+    def build(params: Params, hp: dict[str, Any], options: dict[str, Any]):
+        body = {k: hp[k] for k in ("lr", "momentum", "weight_decay")}
+        head = {"lr": hp["adaptive_lr"], **{k: hp[k] for k in ("betas", "eps", "weight_decay")}}
         routes: dict[str, Route] = {"default": ("sgd-ema", body)}
         routes |= {role: (adaptive, head) for role in roles}
         return Hybrid(params, routes, **options)
 
-    return build
+    return _constructor(STUDY_HYBRID, build)
 
 
-def _frozen_build(
-    params: Params,
-    lr: float = 1e-3,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-    precondition_steps: int = 1000,
-    freeze: bool = True,
-    unfrozen_roles: Iterable[str] = (),
-    **options: Any,
-) -> torch.optim.Optimizer:
+FROZEN = {
+    "lr": 1e-3,
+    "betas": (0.9, 0.999),
+    "eps": 1e-8,
+    "weight_decay": 0.0,
+    "precondition_steps": 1000,
+    "freeze": True,
+}
+
+
+def _frozen_build(params: Params, hp: dict[str, Any], options: dict[str, Any]):
     """The frozen preconditioner, with ``v`` kept updating on ``unfrozen_roles``."""
-    if not unfrozen_roles:
-        cls = _private_class("adam-frozen", "AdamFrozen")
-        return cls(
-            params, lr, _as_pair(betas), eps, weight_decay, precondition_steps, freeze, **options
-        )
-    hp = {**_adam_hyper(lr, betas, eps, weight_decay), "precondition_steps": precondition_steps}
-    routes: dict[str, Route] = {"default": ("adam-frozen", {**hp, "freeze": freeze})}
-    routes |= {str(role): ("adam-frozen", {**hp, "freeze": False}) for role in unfrozen_roles}
+    unfrozen = hp.pop("unfrozen_roles")
+    if not unfrozen:
+        return _private_class("adam-frozen", "AdamFrozen")(params, **hp, **options)
+    routes: dict[str, Route] = {"default": ("adam-frozen", hp)}
+    routes |= {str(role): ("adam-frozen", {**hp, "freeze": False}) for role in unfrozen}
     return Hybrid(params, routes, **options)
 
 
@@ -329,38 +379,18 @@ def _matrix_build(name: str, defaults: Mapping[str, Any]) -> Callable[..., torch
     """``name`` (Muon, NorMuon) on the hidden matrices of a model (or named parameters), AdamW
     with its own ``adamw_*`` hyperparameters on the embeddings, output layer, norms, biases and
     parameters of no known role; plain parameters are all given to ``name``, as torch's Muon."""
-    kind = inspect.Parameter
-    sig = inspect.Signature(
-        [kind("params", kind.POSITIONAL_OR_KEYWORD)]
-        + [
-            kind(k, kind.POSITIONAL_OR_KEYWORD, default=v)
-            for k, v in (defaults | MATRIX_ADAMW).items()
-        ]
-        + [kind("options", kind.VAR_KEYWORD)]
-    )
 
-    def build(*args: Any, **kwargs: Any) -> torch.optim.Optimizer:
-        bound = sig.bind(*args, **kwargs)
-        bound.apply_defaults()
-        given, params, options = (
-            bound.arguments,
-            bound.arguments["params"],
-            bound.arguments["options"],
-        )
-        hp = {k: given[k] for k in defaults}
-        named = isinstance(params, nn.Module)
-        if not named:
+    def build(params: Any, hp: dict[str, Any], options: dict[str, Any]):
+        adam = {k.removeprefix("adamw_"): hp.pop(k) for k in MATRIX_ADAMW}
+        if not isinstance(params, nn.Module):
             params = list(params)
-            named = bool(params) and isinstance(params[0], tuple) and isinstance(params[0][0], str)
-        if not named:
-            return CLASSES[REGISTRY[name].class_name or ""](params, **hp, **options)
-        adam = _adam_hyper(*(given[k] for k in MATRIX_ADAMW))
+            if not is_named(params):
+                return CLASSES[REGISTRY[name].class_name or ""](params, **hp, **options)
         routes: dict[str, Route] = {"default": (name, hp)}
         routes |= {role: ("adamw", adam) for role in MUON_ADAMW_ROLES}
         return MatrixHybrid(params, routes, **options)
 
-    build.__signature__ = sig  # type: ignore[attr-defined]
-    return build
+    return _constructor(defaults | MATRIX_ADAMW, build)
 
 
 # --------------------------------------------------------------------------- the table
@@ -458,11 +488,10 @@ ENTRIES: list[Entry] = [
                                            "weight_lr_power": 2.0},
           "Schedule-Free AdamW: no LR schedule; steps at an interpolation, evaluates the average",
           "adam", "AdamWScheduleFree", "schedulefree 1.4.1 AdamWScheduleFree", complex_ok=False),
-    Entry("adam-frozen", frozen, {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8,
-                                  "weight_decay": 0.0, "precondition_steps": 1000,
-                                  "freeze": True},
+    Entry("adam-frozen", frozen, FROZEN,
           "Adam whose second moment is averaged for the first steps, then frozen", "adam",
-          reference="the study's formula", build=_frozen_build),
+          reference="the study's formula",
+          build=_constructor(FROZEN | {"unfrozen_roles": ()}, _frozen_build)),
 ]
 # fmt: on
 # ``cautious=True`` (a mask after the momentum, or after the preconditioner or orthogonalisation
@@ -500,47 +529,15 @@ def available() -> dict[str, str]:
 
 # --------------------------------------------------------------------------- the classes
 
-_OPTIONS = {  # keyword-only options every class takes, torch's flags among them
-    "model": None,
-    "partition": None,
-    "state_dtype": None,
-    "no_decay_roles": None,
-    "fused": None,
-    "maximize": False,
-    "foreach": None,
-    "capturable": False,
-    "differentiable": False,
-}
-
-
-def _as_pair(value: Any) -> Any:
-    """``betas`` as a tuple when it is a sequence; anything else as given, for the check to
-    refuse with its message."""
-    return tuple(value) if isinstance(value, (tuple, list)) else value
-
-
-def _hyper(defaults: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: _as_pair(given[k]) if k in given else v for k, v in defaults.items()}
-
-
-def signature_of(e: Entry) -> inspect.Signature:
-    kind = inspect.Parameter
-    params = [kind("self", kind.POSITIONAL_ONLY), kind("params", kind.POSITIONAL_OR_KEYWORD)]
-    params += [kind(k, kind.POSITIONAL_OR_KEYWORD, default=v) for k, v in e.defaults.items()]
-    params += [kind(k, kind.KEYWORD_ONLY, default=v) for k, v in _OPTIONS.items()]
-    return inspect.Signature(params)
-
 
 def make_class(e: Entry) -> type[ChainOptimizer]:
     """The public class of an entry: torch's constructor conventions (positional
     hyperparameters in torch's order, its flags), a real signature and a docstring."""
-    sig = signature_of(e)
+    sig = _signature(e.defaults, method=True)
 
-    def __init__(self, params: Params, *args: Any, **kwargs: Any) -> None:
-        bound = sig.bind(self, params, *args, **kwargs).arguments
-        options = {k: bound[k] for k in _OPTIONS if k in bound}
-        hp = {**_hyper(e.defaults, bound), "optimizer": e.name}
-        ChainOptimizer.__init__(self, params, hp, **options)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        params, hp, options = _bind(sig, e.defaults, self, *args, **kwargs)
+        ChainOptimizer.__init__(self, params, {**hp, "optimizer": e.name}, **options)
 
     __init__.__signature__ = sig  # type: ignore[attr-defined]
     defaults = ", ".join(f"{k}={v!r}" for k, v in e.defaults.items())
@@ -588,7 +585,8 @@ def route_group(role: str, route: Route) -> dict[str, Any]:
     e = entry(name)
     if e.chain is None:
         raise ValueError(f"Hybrid: route {role!r} names {name!r}, which is not a single optimizer")
-    valid = [*e.defaults, "no_decay_roles", "maximize"]
+    per_route = ("no_decay_roles", "maximize")
+    valid = [*e.defaults, *per_route]
     unknown = [k for k in hp if k not in valid]
     if unknown:
         raise ValueError(
@@ -596,13 +594,9 @@ def route_group(role: str, route: Route) -> dict[str, Any]:
             f"{', '.join(map(repr, unknown))}; valid: {', '.join(valid)}"
         )
     group = {**_hyper(e.defaults, hp), "optimizer": e.name, "route": role}
-    if "no_decay_roles" in hp:
-        group["no_decay_roles"] = hp["no_decay_roles"]
-    elif e.no_decay_roles:
+    if e.no_decay_roles:
         group["no_decay_roles"] = e.no_decay_roles
-    if "maximize" in hp:
-        group["maximize"] = hp["maximize"]
-    return group
+    return group | {k: hp[k] for k in per_route if k in hp}
 
 
 class Hybrid(ChainOptimizer):
@@ -671,13 +665,10 @@ class MatrixHybrid(Hybrid):
     def _resolve(self, params: Any) -> list:
         groups = super()._resolve(params)
         body = next((g for g in groups if g["route"] == "default"), None)
-        if body is None:
-            return groups
-        odd = [(n, p) for n, p in body["params"] if not self._is_matrix(n, p)]
+        odd = [(n, p) for n, p in body["params"] if not self._is_matrix(n, p)] if body else []
         if not odd:
             return groups
-        moved = {n for n, _ in odd}
-        body["params"] = [(n, p) for n, p in body["params"] if n not in moved]
+        body["params"] = [(n, p) for n, p in body["params"] if self._is_matrix(n, p)]
         rest = next((g for g in groups if g["route"] == "other"), None)
         if rest is None:
             groups.append(rest := {**self._routes["other"], "params": []})
@@ -696,7 +687,7 @@ register(
         {},
         "Any mix: routes={role: optimizer name or (name, hyperparameters)}",
         "hybrid",
-        build=_hybrid_custom,
+        build=_constructor({"routes": None}, _hybrid_custom),
     )
 )
 for _adaptive in ("adalayer", "adafactor"):
@@ -724,18 +715,8 @@ def create(name: str, model_or_params: Any, **hyperparams: Any) -> torch.optim.O
     """Build the optimizer ``name`` for a model (structure-aware roles), ``named_parameters()``
     or param groups, with the hyperparameters its class takes (torch's names and flags)."""
     e = entry(name)
-    if e.build is not None:
-        build: Callable[..., torch.optim.Optimizer] = e.build
-        target = inspect.unwrap(build)
-        known = [
-            k
-            for k, p in inspect.signature(target).parameters.items()
-            if p.kind is p.POSITIONAL_OR_KEYWORD and k != "params"
-        ]
-        known += [k for k in _OPTIONS if k not in known]
-    else:
-        build = CLASSES[e.class_name or ""]
-        known = [*e.defaults, *_OPTIONS]
+    build = e.build or CLASSES[e.class_name or ""]
+    known = [k for k in inspect.signature(build).parameters if k != "params"]
     unknown = [k for k in hyperparams if k not in known]
     if unknown:
         raise ValueError(
