@@ -36,17 +36,9 @@ def number(x: Any) -> float | None:
     return float(x)
 
 
-def _in(low: float, high: float, closed_high: bool = False) -> Callable[[Any], bool]:
-    def test(x: Any) -> bool:
-        v = number(x)
-        return v is not None and low <= v and (v <= high if closed_high else v < high)
-
-    return test
-
-
-NONNEG = Check(_in(0.0, math.inf), "a finite number >= 0")
+NONNEG = Check(lambda x: (v := number(x)) is not None and v >= 0, "a finite number >= 0")
 POSITIVE = Check(lambda x: (v := number(x)) is not None and v > 0, "a finite number > 0")
-UNIT = Check(_in(0.0, 1.0), "a number in [0, 1)")
+UNIT = Check(lambda x: (v := number(x)) is not None and 0 <= v < 1, "a number in [0, 1)")
 PROBABILITY = Check(lambda x: (v := number(x)) is not None and 0 < v <= 1, "in (0, 1]")
 NEGATIVE = Check(lambda x: (v := number(x)) is not None and v < 0, "a number < 0")
 BETAS = Check(

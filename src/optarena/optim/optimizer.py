@@ -26,7 +26,7 @@ from torch.optim import optimizer as torch_optimizer
 
 from optarena.optim import compiled, sharding, torch_kernels
 from optarena.optim.blocks import Rows
-from optarena.optim.checks import POSITIVE, number, validate
+from optarena.optim.checks import POSITIVE, Check, number, validate
 from optarena.optim.engine import Chain, ScalarCache, StepCounter, real, step_slot
 from optarena.optim.partition import Roles
 from optarena.optim.roles import ParamInfo, Role
@@ -57,6 +57,12 @@ _TORCH_FLAGS: dict[str, tuple[tuple[Any, ...], str]] = {
     "capturable": ((False,), "leave it False (no CUDA-graph capture of the step)"),
     "differentiable": ((False,), "leave it False (the step is not differentiable)"),
 }
+
+
+_FUSED = Check(lambda x: x in (None, True, False), "None, True or False")
+_STATE_DTYPE = Check(
+    lambda x: x in (None, "param") or isinstance(x, torch.dtype), "None, 'param' or a torch.dtype"
+)
 
 
 def _check_torch_flags(owner: str, flags: Mapping[str, Any]) -> None:
@@ -170,13 +176,8 @@ class ChainOptimizer(torch.optim.Optimizer):
 
         owner = type(self).__name__
         _check_torch_flags(owner, torch_flags)
-        if fused not in (None, True, False):
-            raise ValueError(f"{owner}: invalid fused={fused!r}; expected None, True or False")
-        if state_dtype not in (None, "param") and not isinstance(state_dtype, torch.dtype):
-            raise ValueError(
-                f"{owner}: invalid state_dtype={state_dtype!r}; expected None, 'param' or a "
-                "torch.dtype"
-            )
+        checks = {"fused": _FUSED, "state_dtype": _STATE_DTYPE}
+        validate(owner, checks, {"fused": fused, "state_dtype": state_dtype})
         self.state_dtype = state_dtype
         first = entry(defaults["optimizer"])
         self._structured = first.structured or type(self).__name__ == "Hybrid"
@@ -250,12 +251,8 @@ class ChainOptimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         group["no_decay_roles"] = role_names(owner, group["no_decay_roles"])
-        if group.get("fused") not in (None, True, False):
-            raise ValueError(
-                f"{owner}: invalid fused={group['fused']!r}; expected None, True or False"
-            )
         plan = self._plan(group)
-        validate(owner, {**plan.chain.hyper, **spec.checks}, group)
+        validate(owner, {"fused": _FUSED, **plan.chain.hyper, **spec.checks}, group)
         spec.check_group(owner, group)
         self._index(group, spec.structured)
 
@@ -527,22 +524,13 @@ class ChainOptimizer(torch.optim.Optimizer):
         for group, flag in zip(self.param_groups, kept, strict=True):
             group["fused"] = flag  # how this object runs, not what it learnt
             group["no_decay_roles"] = role_names(owner, group["no_decay_roles"])
-        saved_keys = [k for g in state_dict["param_groups"] for k in g["params"]]
-        current = [p for g in self.param_groups for p in g["params"]]
-        params = dict(zip(saved_keys, current, strict=True))
-        group_of = {
-            k: g
-            for g, sg in zip(self.param_groups, state_dict["param_groups"], strict=True)
-            for k in sg["params"]
-        }
-        for index, saved in state_dict["state"].items():
-            p = params[index]
-            state = self.state[p]
-            dropped = LEGACY_STATE_KEYS.get(self._plan(group_of[index]).entry.name, ())
-            for key, value in saved.items():
-                if isinstance(value, Tensor) and key not in dropped:
-                    device = value.device if key == "step" else p.device
-                    state[key] = value.to(device=device, copy=True)
+        for group, saved in zip(self.param_groups, state_dict["param_groups"], strict=True):
+            dropped = LEGACY_STATE_KEYS.get(self._plan(group).entry.name, ())
+            for index, p in zip(saved["params"], group["params"], strict=True):
+                for key, value in state_dict["state"].get(index, {}).items():
+                    if isinstance(value, Tensor) and key not in dropped:
+                        device = value.device if key == "step" else p.device
+                        self.state[p][key] = value.to(device=device, copy=True)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
