@@ -340,21 +340,21 @@ class _Walker:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.modules = dict(model.named_modules())
+        self.dense = {n: d for n, m in self.modules.items() if (d := _dense_of(m)) is not None}
         self.config = _model_config(model)
         self.claims: dict[int, _Claim] = {}
         self.unknown_heads: list[str] = []
         self.attn_names: list[str] = []
         self.blocks: list[str] = []
 
-    def claim(self, p: nn.Parameter | None, c: _Claim) -> None:
-        if p is not None and id(p) not in self.claims:
-            self.claims[id(p)] = c
+    def claim(self, p: nn.Parameter, c: _Claim) -> None:
+        self.claims.setdefault(id(p), c)
 
     def run(self) -> dict[int, _Claim]:
         embeddings = [
             m for m in self.modules.values() if isinstance(m, nn.Embedding | nn.EmbeddingBag)
         ]
-        dense = {id(d.weight) for m in self.modules.values() if (d := _dense_of(m)) is not None}
+        dense = {id(d.weight) for d in self.dense.values()}
         for emb in embeddings:
             self.claim(emb.weight, _Claim(Role.EMBEDDING, tied=id(emb.weight) in dense))
         for m in self.modules.values():
@@ -367,9 +367,9 @@ class _Walker:
             self.claim(output.weight, _Claim(Role.OUTPUT, output.out_dim))
         self._experts()
         self._mlp()
-        attn = {id(self.modules[n]) for n in self.attn_names}
-        for m in self.modules.values():
-            if _dense_of(m) is not None or id(m) in attn:  # also in_proj_bias, bias_k, bias_v
+        attn = set(self.attn_names)
+        for name, m in self.modules.items():
+            if name in self.dense or name in attn:  # also in_proj_bias, bias_k, bias_v
                 for attr, p in m.named_parameters(recurse=False):
                     if "bias" in attr:
                         self.claim(p, _Claim(Role.BIAS))
@@ -432,9 +432,7 @@ class _Walker:
         if (v := _int_attr((self.config,), ("vocab_size",))) is not None:
             vocab.add(v)
         dense = [
-            d
-            for n, m in self.modules.items()
-            if (d := _dense_of(m)) is not None and not any(_inside(n, b) for b in self.blocks if b)
+            d for n, d in self.dense.items() if not any(_inside(n, b) for b in self.blocks if b)
         ]
         if dense and dense[-1].width in vocab:
             return dense[-1]
@@ -462,9 +460,8 @@ class _Walker:
 
     def _mlp(self) -> None:
         """Dense layers in MLP-like modules, and the non-attention dense layers of each block."""
-        for name, m in self.modules.items():
-            dense = _dense_of(m)
-            if dense is None or id(dense.weight) in self.claims:
+        for name, dense in self.dense.items():
+            if id(dense.weight) in self.claims:
                 continue
             segs = name.split(".")
             ancestors = [self.modules.get(".".join(segs[:i])) for i in range(1, len(segs))]
