@@ -586,13 +586,7 @@ def route_group(role: str, route: Route) -> dict[str, Any]:
     if e.chain is None:
         raise ValueError(f"Hybrid: route {role!r} names {name!r}, which is not a single optimizer")
     per_route = ("no_decay_roles", "maximize")
-    valid = [*e.defaults, *per_route]
-    unknown = [k for k in hp if k not in valid]
-    if unknown:
-        raise ValueError(
-            f"Hybrid: route {role!r} ({name}) got unknown hyperparameter(s) "
-            f"{', '.join(map(repr, unknown))}; valid: {', '.join(valid)}"
-        )
+    _refuse_unknown(f"Hybrid: route {role!r} ({name})", hp, [*e.defaults, *per_route])
     group = {**_hyper(e.defaults, hp), "optimizer": e.name, "route": role}
     if e.no_decay_roles:
         group["no_decay_roles"] = e.no_decay_roles
@@ -717,13 +711,17 @@ def create(name: str, model_or_params: Any, **hyperparams: Any) -> torch.optim.O
     e = entry(name)
     build = e.build or CLASSES[e.class_name or ""]
     known = [k for k in inspect.signature(build).parameters if k != "params"]
-    unknown = [k for k in hyperparams if k not in known]
+    _refuse_unknown(e.name, hyperparams, known)
+    return build(model_or_params, **hyperparams)
+
+
+def _refuse_unknown(owner: str, given: Iterable[str], valid: list[str]) -> None:
+    unknown = [k for k in given if k not in valid]
     if unknown:
         raise ValueError(
-            f"{e.name}: unknown hyperparameter(s) {', '.join(map(repr, unknown))}; "
-            f"valid: {', '.join(known)}"
+            f"{owner}: unknown hyperparameter(s) {', '.join(map(repr, unknown))}; "
+            f"valid: {', '.join(valid)}"
         )
-    return build(model_or_params, **hyperparams)
 
 
 # --------------------------------------------------------------------------- earlier versions
