@@ -690,16 +690,9 @@ for _adaptive in ("adalayer", "adafactor"):
         ("last", ("output",), "the last layer"),
         ("ln", ("norm",), "the LayerNorms"),
     ):
-        register(
-            Entry(
-                f"hybrid-{_adaptive}-{_suffix}",
-                None,
-                {},
-                f"SGD (EMA momentum) everywhere, {_adaptive.capitalize()} on {_where}",
-                "hybrid",
-                build=_study_hybrid(_adaptive, _roles),
-            )
-        )
+        _what = f"SGD (EMA momentum) everywhere, {_adaptive.capitalize()} on {_where}"
+        _build = _study_hybrid(_adaptive, _roles)
+        register(Entry(f"hybrid-{_adaptive}-{_suffix}", None, {}, _what, "hybrid", build=_build))
 
 
 # --------------------------------------------------------------------------- create
