@@ -612,18 +612,17 @@ class Hybrid(ChainOptimizer):
     def __init__(self, params: Params, routes: Mapping[str, Route], **options: Any):
         if "default" not in routes:
             raise ValueError("Hybrid: routes need a 'default' entry for unrouted parameters")
-        roles = {}
+        self._route_of: dict[Role, str] = {}  # each routed role's key in ``routes``
         for key in routes:
             if key == "default":
                 continue
             try:
-                roles[key] = Role(key)
+                self._route_of.setdefault(Role(key), key)
             except ValueError:
                 raise ValueError(
                     f"Hybrid: unknown role {key!r} in routes; expected 'default' or one of "
                     + ", ".join(r.value for r in Role)
                 ) from None
-        self._route_roles = roles
         self._routes = {key: route_group(key, value) for key, value in routes.items()}
         for key, group in self._routes.items():  # a route no parameter takes is checked too
             e = entry(group["optimizer"])
@@ -634,17 +633,16 @@ class Hybrid(ChainOptimizer):
 
     def _resolve(self, params: Any) -> list:
         named = super()._resolve(params)
-        if not named or not isinstance(named[0], tuple):
+        if not is_named(named):
             raise TypeError("Hybrid needs a model or named_parameters to find parameter roles")
         self._roles.learn_names(named)
-        routed = set(self._route_roles.values())
         by_route: dict[str, list] = {key: [] for key in self._routes}
         for name, p in named:
             info = self._roles.of(p, name)
             key = "default"
             if info is not None:
-                role = Role.OUTPUT if info.tied and Role.OUTPUT in routed else info.role
-                key = next((k for k, r in self._route_roles.items() if r is role), "default")
+                tied_output = info.tied and Role.OUTPUT in self._route_of
+                key = self._route_of.get(Role.OUTPUT if tied_output else info.role, "default")
             by_route[key].append((name, p))
         return [
             {**self._routes[key], "params": by_route[key]} for key in self._routes if by_route[key]
