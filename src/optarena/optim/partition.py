@@ -718,9 +718,8 @@ class Roles:
         """Name rules for named parameters that neither the explicit partition nor a model
         gives (one warning lists the guesses)."""
         rest = [(n, p) for n, p in pairs if n not in self.by_name and id(p) not in self.by_id]
-        if rest:
-            for name, info in partition(rest, warn=warn).items():
-                self.by_name.setdefault(name, info)
+        for name, info in partition(rest, warn=warn).items():
+            self.by_name.setdefault(name, info)
 
     def of(self, p: nn.Parameter, name: str | None) -> ParamInfo | None:
         found = self.by_name.get(name) if name else None
