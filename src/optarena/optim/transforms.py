@@ -41,7 +41,7 @@ import math
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, NamedTuple, Protocol
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
@@ -452,27 +452,12 @@ class HeavyBall(Transform):
 # --------------------------------------------------------------------------- second moments
 
 
-class Moment(Protocol):
-    """A running estimate of ``E[g²]`` at one granularity, for one parameter."""
-
-    keys: tuple[str, ...]
-
-    def init(self, p: Tensor, dtype: torch.dtype) -> dict[str, Tensor]: ...
-
-    def statistics(self, sq: Callable[[], Tensor], slot: Slot) -> dict[str, Tensor]: ...
-
-    def estimates(
-        self, sq: Callable[[], Tensor], slot: Slot, stats: Mapping[str, Tensor]
-    ) -> dict[str, Tensor]:
-        """This step's statistic for every state entry (``sq()``: ``g²`` of the local entries)."""
-        ...
-
-    def per_entry(
-        self, values: dict[str, Tensor], x: Tensor, slot: Slot, inverse: bool = False
-    ) -> tuple[Tensor, Tensor]:
-        """``(x', r')``: ``x`` and ``sqrt(v)`` (``1/sqrt(v)`` when ``inverse``) in shapes that
-        broadcast entry by entry."""
-        ...
+# A second moment (a :data:`Moment`) is a running estimate of ``E[g²]`` at one granularity, for
+# one parameter, in the state entries ``keys``: ``init(p, dtype)`` makes them; ``statistics(sq,
+# slot)`` are the sums over the local entries it needs over the whole tensor (``sq()``: ``g²`` of
+# the local entries); ``estimates(sq, slot, stats)`` this step's statistic for every state entry;
+# ``per_entry(values, x, slot, inverse)`` is ``(x', r')``: ``x`` and ``sqrt(v)`` (``1/sqrt(v)``
+# when ``inverse``) in shapes that broadcast entry by entry.
 
 
 class ElementMoment:
@@ -628,6 +613,9 @@ class FactoredMoment:
         mean = self._mean(values[row.key].view(row.broadcast))
         c = values[col.key].view(col.broadcast)
         return (stats[self.SQ].view(col.broadcast) * (mean / c)).sum()
+
+
+Moment = ElementMoment | BlockMoment | FactoredMoment
 
 
 def _sum_keep(x: Tensor, reduce: list[int], chunk: int = 16) -> Tensor:
@@ -883,10 +871,7 @@ class Orthogonalize(Transform):
             ),
             "three finite numbers (a, b, c)",
         ),
-        "ns_steps": Check(
-            lambda x: isinstance(x, int) and not isinstance(x, bool) and 0 < x < 100,
-            "an int in [1, 99]",
-        ),
+        "ns_steps": Check(lambda x: POS_INT.test(x) and x < 100, "an int in [1, 99]"),
         "eps": POSITIVE,
         "adjust_lr_fn": one_of(None, "original", "match_rms_adamw"),
         "ns_dtype": one_of(*NS_DTYPES),
