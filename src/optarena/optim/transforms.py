@@ -226,8 +226,7 @@ class Transform:
 
 def hp_value(hp: Mapping[str, Any], key: str, index: int | None = None) -> float:
     """A number from the hyperparameters (``betas[index]``); tensors as floats."""
-    value = hp[key] if index is None else hp[key][index]
-    v = number(value)
+    v = number(hp[key] if index is None else hp[key][index])
     if v is None:
         raise ValueError(f"invalid {key}={hp[key]!r}")
     return v
