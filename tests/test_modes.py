@@ -300,6 +300,52 @@ def test_compiled_factors_of_tall_tensors_equal_eager(
     assert_close(runs[1], runs[0])
 
 
+@pytest.mark.parametrize(
+    "counts, calls",
+    [
+        ([1, 1, 3], [[0, 1, 2, 3, 4]]),  # every spec below 2·MAX_REPEATS (2 here): one call
+        ([4, 5, 1], [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9]]),  # 2 shares of 2 + 2, the rest
+        ([7], [[0, 1], [2, 3], [4, 5], [6]]),
+    ],
+)
+def test_split_gives_every_call_an_equal_share_of_each_spec(
+    counts: list[int], calls: list[list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(compiled, "MAX_REPEATS", 2)
+    starts = [sum(counts[:i]) for i in range(len(counts))]
+    kinds = [list(range(start, start + n)) for start, n in zip(starts, counts, strict=True)]
+    assert compiled.split(kinds) == calls
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not compile_available("cpu"), reason="torch.compile needs a C++ compiler")
+def test_a_deep_model_compiles_one_function_for_its_repeated_layers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ten layers of the same two tensors and an embedding: with ``MAX_REPEATS = 2`` the bucket
+    is five calls of one function (two of each layer tensor) and one for the embedding, the
+    five traced once (no recompilation), and the result is the eager chain's."""
+    monkeypatch.setattr(compiled, "MAX_REPEATS", 2)
+    compiled.reset_cache()
+    shapes = {"emb": (12, 4)} | {
+        f"{i}.{k}": (4, 3) if k == "w" else (3,) for i in range(10) for k in ("w", "b")
+    }
+    runs = []
+    for fused in (False, True):
+        params = make_params(shapes)
+        opt = create("lion", list(params.items()), fused=fused)
+        with no_recompilation():
+            for t in range(1, 4):
+                set_grads(params, t, skip=())
+                opt.step()
+        runs.append(params)
+    (prepared,) = opt._compiled.prepared.values()
+    assert [len(b.params) for b in prepared.buckets] == [4, 4, 4, 4, 4, 1]
+    assert len({b.key for b in prepared.buckets}) == 2
+    assert len(compiled._FUNCTIONS) == 2
+    assert_close(runs[1], runs[0])
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not compile_available("cpu"), reason="torch.compile needs a C++ compiler")
 def test_bfloat16_compiled_matches_eager_to_its_rounding() -> None:

@@ -6,7 +6,12 @@ times and pays Python overhead per tensor. Here the parameters of one param grou
 by (device, dtype) and each bucket gets one function that runs the group's chain on every tensor
 (:func:`~optarena.optim.engine.step_slot`, the eager code itself), traced and compiled with
 ``torch.compile(fullgraph=True, dynamic=False)``: inductor fuses each tensor's transforms, block
-statistics included, into a few loops over memory.
+statistics included, into a few loops over memory. Tracing and code generation take time in
+proportion to the tensors a function holds, so a deep model's bucket, where one kind of tensor
+(a :class:`Spec`: shape, dtype, role, state entries) repeats layer after layer, is cut into
+calls of one shared function, each with an equal share of every kind, and one call for what is
+left (:func:`split`): compilation then grows with the model's width, not its depth, at the cost
+of a call (tens of microseconds on the host) per share.
 
 The step's numbers (lr, betas, bias corrections, phase flags) are computed on the host by the
 transforms' ``scalars`` and passed as one small tensor, a row per parameter: a new learning rate,
@@ -19,8 +24,8 @@ are keyed by the bucket's structure (chain, options, shapes, dtypes, roles) and 
 optimizer of the process; inductor's own caches keep them across processes
 (``TORCHINDUCTOR_CACHE_DIR``).
 
-``fused=None`` decides per bucket (:func:`wanted`): compiled on CUDA, and on CPU for buckets of
-at least :data:`CPU_MIN_NUMEL` entries (a CPU compile costs seconds), when torch.compile works
+``fused=None`` decides per param group (:func:`wanted`): compiled on CUDA, and on CPU for groups
+of at least :data:`CPU_MIN_NUMEL` entries (a CPU compile costs seconds), when torch.compile works
 here; ``OPTARENA_FUSED=0/1`` overrides that choice.
 """
 
@@ -41,7 +46,7 @@ import torch
 from torch import Tensor
 
 from optarena.optim.blocks import Rows
-from optarena.optim.engine import Chain, real, step_slot
+from optarena.optim.engine import Chain, ScalarCache, real, step_slot
 from optarena.optim.roles import ParamInfo
 from optarena.optim.transforms import Slot
 
@@ -49,6 +54,9 @@ if TYPE_CHECKING:
     from optarena.optim.optimizer import ChainOptimizer, Plan
 
 CPU_MIN_NUMEL = 4_000_000
+# a bucket whose most frequent spec has at least twice this many tensors is cut into calls of
+# one shared function (:func:`split`): compile time grows with it, calls per step fall
+MAX_REPEATS = 8
 
 # inductor checks every input's sizes and strides before each call; dynamo's guards already did
 COMPILE_OPTIONS: dict[str, Any] = {"size_asserts": False}
@@ -141,8 +149,8 @@ def _make_step(
     tag: int,
 ) -> Callable[..., None]:
     """The bucket's step: the eager chain over every tensor, with its scalars read from the
-    table and its host scalars at 0. Each bucket gets code objects of its own, so dynamo never
-    counts one bucket as a recompilation of another."""
+    table and its host scalars at 0. Each function gets code objects of its own, so dynamo never
+    counts one as a recompilation of another."""
     regular = [{name: 0.0 for name in t.host} for t in chain]
 
     def step(params: list[Tensor], grads: list[Tensor], states: list[list[Tensor]], table: Tensor):
@@ -164,22 +172,53 @@ def _make_step(
     return types.FunctionType(code, step.__globals__, code.co_name, None, step.__closure__)
 
 
+def split(kinds: Sequence[list[int]]) -> list[list[int]]:
+    """A bucket's tensors, listed by spec, cut into calls: ``n = max(1, m // MAX_REPEATS)``
+    calls, ``m`` the most frequent spec's count, of which each takes the same share of every spec
+    (``count // n``, so they run one compiled function), and one call for the remainders. A
+    model whose specs each repeat fewer than ``2·MAX_REPEATS`` times is one call."""
+    calls = max(1, max(map(len, kinds)) // MAX_REPEATS)
+    parts: list[list[int]] = [[] for _ in range(calls + 1)]
+    for members in kinds:
+        share = len(members) // calls
+        for c in range(calls):
+            parts[c] += members[c * share : (c + 1) * share]
+        parts[calls] += members[calls * share :]
+    return [part for part in parts if part]
+
+
 @dataclass
 class Bucket:
     """A bucket's call less its gradients and scalars, prepared once."""
 
     key: tuple
-    params: list[Tensor]  # real views
+    sources: list[Tensor]  # the parameters, as the group holds them
+    params: list[Tensor]  # their real views
     states: list[dict[str, Any]]
     lists: list[list[Tensor]]  # state tensors in ``Spec.keys`` order
     columns: list[list[tuple[str, int]]]  # per transform: (scalar name, table column), not host
 
 
+@dataclass
+class Prepared:
+    """A parameter set's buckets, and the state they were prepared for."""
+
+    states: list[dict[str, Any]]
+    lists: list[list[Tensor]]
+    buckets: list[Bucket]
+
+    def current(self, states: Sequence[dict[str, Any]]) -> bool:
+        """Whether ``states`` are the same state dicts holding the same tensors."""
+        return all(
+            a is b and _same(t, a) for a, b, t in zip(states, self.states, self.lists, strict=True)
+        )
+
+
 class CompiledSteps:
-    """The compiled path of one optimizer: a prepared bucket per parameter set."""
+    """The compiled path of one optimizer: the prepared buckets of each parameter set."""
 
     def __init__(self) -> None:
-        self.buckets: dict[tuple, Bucket] = {}
+        self.prepared: dict[tuple, Prepared] = {}
 
     def step(
         self,
@@ -192,34 +231,48 @@ class CompiledSteps:
     ) -> list[Tensor]:
         """Update ``params`` (all with gradients) of one group; return those it did not (a
         host step, or ``fused=None`` and the compilation failed: they take the eager path)."""
-        by_kind: dict[tuple, list[Tensor]] = {}
-        for p in params:
-            by_kind.setdefault((p.device, real(p).dtype), []).append(p)
         leftover: list[Tensor] = []
-        for ps in by_kind.values():
-            if not self._run(opt, group, hp, plan, ps, explicit):
-                leftover += ps
+        scalars = ScalarCache(plan.chain, hp)  # shared by the buckets
+        for bucket in self._prepare(opt, group, hp, plan, params).buckets:
+            if not self._run(opt, group, plan, bucket, scalars, explicit):
+                leftover += bucket.sources
         return leftover
 
-    def _bucket(self, opt, group, hp, plan, params: list[Tensor]) -> Bucket:
+    def _prepare(self, opt, group, hp, plan, params: list[Tensor]) -> Prepared:
         pid = (plan.key, group["no_decay_roles"], group["maximize"], *map(id, params))
         states = [opt.state_for(p, group, plan) for p in params]
-        bucket = self.buckets.get(pid)
-        if bucket is not None and all(
-            a is b and _same(t, a)
-            for a, b, t in zip(states, bucket.states, bucket.lists, strict=True)
-        ):  # the same state dicts holding the same tensors
-            return bucket
-        dtype = opt._dtype(params[0])
+        found = self.prepared.get(pid)
+        if found is not None and found.current(states):
+            return found
+        kinds: dict[tuple, dict[Spec, list[int]]] = {}
         specs = []
-        for p, st in zip(params, states, strict=True):
-            info = opt.real_info(p)
+        for i, (p, st) in enumerate(zip(params, states, strict=True)):
+            info = replace(opt.real_info(p), name="", source="")  # the structure, not the name
             keys = tuple(sorted(k for k in st if k != "step"))
-            info = replace(info, name="", source="")  # the structure, not what it is called
             decays = info.role.value not in group["no_decay_roles"]
-            specs.append(
-                Spec(tuple(real(p).shape), real(p).dtype, real(p.grad).dtype, keys, info, decays)
+            spec = Spec(tuple(real(p).shape), real(p).dtype, real(p.grad).dtype, keys, info, decays)
+            specs.append(spec)
+            kinds.setdefault((p.device, spec.param_dtype), {}).setdefault(spec, []).append(i)
+        lists = [[real(st[k]) for k in s.keys] for st, s in zip(states, specs, strict=True)]
+        buckets = [
+            self._bucket(
+                opt,
+                group,
+                hp,
+                plan,
+                [params[i] for i in chunk],
+                [states[i] for i in chunk],
+                [lists[i] for i in chunk],
+                [specs[i] for i in chunk],
             )
+            for by_spec in kinds.values()
+            for chunk in split(list(by_spec.values()))
+        ]
+        self.prepared[pid] = Prepared(states, lists, buckets)
+        return self.prepared[pid]
+
+    def _bucket(self, opt, group, hp, plan, params, states, lists, specs) -> Bucket:
+        dtype = opt._dtype(params[0])
         probe = plan.chain.scalars(hp, 1)
         columns, j = [], 0
         for t, sc in zip(plan.chain, probe, strict=True):
@@ -227,9 +280,6 @@ class CompiledSteps:
             columns.append([(name, j + k) for k, name in enumerate(names)])
             j += len(names)
         key = (plan.key, params[0].device.type, dtype, bool(group["maximize"]), tuple(specs))
-        lists = [[real(st[k]) for k in s.keys] for st, s in zip(states, specs, strict=True)]
-        bucket = Bucket(key, [real(p) for p in params], states, lists, columns)
-        self.buckets[pid] = bucket
         if key not in _FUNCTIONS:
             raw = _make_step(
                 plan.chain,
@@ -243,17 +293,17 @@ class CompiledSteps:
             _FUNCTIONS[key] = torch.compile(
                 raw, fullgraph=True, dynamic=False, options=COMPILE_OPTIONS
             )
-        return bucket
+        return Bucket(key, params, [real(p) for p in params], states, lists, columns)
 
-    def _run(self, opt, group, hp, plan, params: list[Tensor], explicit: bool) -> bool:
-        bucket = self._bucket(opt, group, hp, plan, params)
+    def _run(self, opt, group, plan, bucket: Bucket, scalars: ScalarCache, explicit: bool) -> bool:
         if bucket.key in _FAILED and not explicit:
             return False
         steps = opt._counter.peek(bucket.states)
-        rows = {t: plan.chain.scalars(hp, t) for t in set(steps)}
+        rows = {t: scalars(t) for t in set(steps)}
         if any(map(plan.chain.host_step, rows.values())):
             return False  # a phase step: the eager chain runs it (and counts it)
         opt._counter.advance(bucket.states)
+        params = bucket.sources
         table = _table(rows, steps, bucket.columns, opt._dtype(params[0]))
         fn = _FUNCTIONS[bucket.key]
         first = not getattr(fn, "_optarena_ran", False)
@@ -324,6 +374,7 @@ def reset_cache() -> None:
 __all__ = [
     "COMPILE_STATS",
     "CPU_MIN_NUMEL",
+    "MAX_REPEATS",
     "CompiledSteps",
     "compile_available",
     "reset_cache",
