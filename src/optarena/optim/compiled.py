@@ -256,22 +256,18 @@ class CompiledSteps:
         lists = [[real(st[k]) for k in s.keys] for st, s in zip(states, specs, strict=True)]
         buckets = [
             self._bucket(
-                opt,
-                group,
-                hp,
-                plan,
-                [params[i] for i in chunk],
-                [states[i] for i in chunk],
-                [lists[i] for i in chunk],
-                [specs[i] for i in chunk],
+                opt, group, hp, plan, [(params[i], states[i], lists[i], specs[i]) for i in c]
             )
             for by_spec in kinds.values()
-            for chunk in split(list(by_spec.values()))
+            for c in split(list(by_spec.values()))
         ]
         self.prepared[pid] = Prepared(states, lists, buckets)
         return self.prepared[pid]
 
-    def _bucket(self, opt, group, hp, plan, params, states, lists, specs) -> Bucket:
+    def _bucket(self, opt, group, hp, plan, members: list[tuple]) -> Bucket:
+        """The bucket of ``members``, ``(parameter, state, state tensors, spec)`` each, with its
+        function compiled if no bucket of its key had one."""
+        params, states, lists, specs = map(list, zip(*members, strict=True))
         dtype = opt._dtype(params[0])
         probe = plan.chain.scalars(hp, 1)
         columns, j = [], 0
