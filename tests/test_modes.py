@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import threading
+import warnings
 from contextlib import contextmanager
 from typing import Any
 
@@ -303,9 +304,12 @@ def test_compiled_factors_of_tall_tensors_equal_eager(
 @pytest.mark.parametrize(
     "counts, calls",
     [
-        ([1, 1, 3], [[0, 1, 2, 3, 4]]),  # every spec below 2·MAX_REPEATS (2 here): one call
+        ([1, 1, 3], [[0, 1, 2, 3, 4]]),  # every spec below 2·MAX_REPEATS (4 here): one call
         ([4, 5, 1], [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9]]),  # 2 shares of 2 + 2, the rest
         ([7], [[0, 1], [2, 3], [4, 5], [6]]),
+        # twice and once a layer: 4 shares trace 4 + 1 tensors; 6 (12 // 2) would leave all five
+        # once-a-layer tensors to the remainder (2 + 5 traced)
+        ([12, 5], [[0, 1, 2, 12], [3, 4, 5, 13], [6, 7, 8, 14], [9, 10, 11, 15], [16]]),
     ],
 )
 def test_split_gives_every_call_an_equal_share_of_each_spec(
@@ -322,9 +326,11 @@ def test_split_gives_every_call_an_equal_share_of_each_spec(
 def test_a_deep_model_compiles_one_function_for_its_repeated_layers(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Ten layers of the same two tensors and an embedding: with ``MAX_REPEATS = 2`` the bucket
-    is five calls of one function (two of each layer tensor) and one for the embedding, the
-    five traced once (no recompilation), and the result is the eager chain's."""
+    """Ten layers of the same two tensors and an embedding, one layer's matrix stored
+    transposed: with ``MAX_REPEATS = 2`` the bucket is three calls of one function (three of
+    each layer tensor) and one for the rest (the transposed matrix, whose strides are not the
+    others', a vector, the embedding); the three run one function without recompiling it, and
+    the result is the eager chain's."""
     monkeypatch.setattr(compiled, "MAX_REPEATS", 2)
     compiled.reset_cache()
     shapes = {"emb": (12, 4)} | {
@@ -333,16 +339,57 @@ def test_a_deep_model_compiles_one_function_for_its_repeated_layers(
     runs = []
     for fused in (False, True):
         params = make_params(shapes)
+        params["0.w"] = nn.Parameter(params["0.w"].detach().t().contiguous().t())
         opt = create("lion", list(params.items()), fused=fused)
         with no_recompilation():
             for t in range(1, 4):
                 set_grads(params, t, skip=())
                 opt.step()
         runs.append(params)
+    assert runs[1]["0.w"].stride() == (1, 4)
     (prepared,) = opt._compiled.prepared.values()
-    assert [len(b.params) for b in prepared.buckets] == [4, 4, 4, 4, 4, 1]
-    assert len({b.key for b in prepared.buckets}) == 2
+    assert [len(c.params) for c in prepared.calls] == [6, 6, 6, 3]
+    assert len({c.key for c in prepared.calls}) == 2
     assert len(compiled._FUNCTIONS) == 2
+    assert_close(runs[1], runs[0])
+
+
+@pytest.mark.skipif(not compile_available("cpu"), reason="torch.compile needs a C++ compiler")
+def test_a_failed_compile_warns_once_and_the_bucket_steps_eagerly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``fused=None`` and every compile failing: a deep bucket's calls all fall back to the
+    eager chain after one attempt and one warning, and the step is the eager one."""
+    monkeypatch.setattr(compiled, "MAX_REPEATS", 2)
+    monkeypatch.setenv("OPTARENA_FUSED", "1")
+    compiled.reset_cache()
+    attempts = []
+
+    def failing_compile(fn, **kwargs):
+        def fail(*args, **kw):
+            attempts.append(fn.__name__)
+            raise RuntimeError("no kernels today")
+
+        return fail
+
+    monkeypatch.setattr(compiled.torch, "compile", failing_compile)
+    shapes = {"emb": (7, 3)} | {f"{i}.w": (4, 3) for i in range(10)}
+    runs = []
+    for fused in (False, None):
+        params = make_params(shapes)
+        opt = create("lion", list(params.items()), fused=fused)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for t in range(1, 4):
+                set_grads(params, t, skip=())
+                opt.step()
+        runs.append(params)
+    assert len(opt._compiled.prepared.popitem()[1].calls) > 1
+    assert len(attempts) == 1
+    assert [str(w.message) for w in caught if w.category is RuntimeWarning] == [
+        "optarena: the compiled step failed (RuntimeError: no kernels today); these parameters "
+        "take the eager path"
+    ]
     assert_close(runs[1], runs[0])
 
 

@@ -1,28 +1,28 @@
-"""The compiled path: one ``torch.compile``\\ d step per bucket of parameters.
+"""The compiled path: ``torch.compile``\\ d steps over the parameters of a group.
 
 An optimizer step is memory-bound: it should read and write parameters, gradients and state
 once. The eager path runs each transform tensor by tensor, so it reads the same memory several
 times and pays Python overhead per tensor. Here the parameters of one param group are bucketed
-by (device, dtype) and each bucket gets one function that runs the group's chain on every tensor
-(:func:`~optarena.optim.engine.step_slot`, the eager code itself), traced and compiled with
-``torch.compile(fullgraph=True, dynamic=False)``: inductor fuses each tensor's transforms, block
-statistics included, into a few loops over memory. Tracing and code generation take time in
-proportion to the tensors a function holds, so a deep model's bucket, where one kind of tensor
-(a :class:`Spec`: shape, dtype, role, state entries) repeats layer after layer, is cut into
-calls of one shared function, each with an equal share of every kind, and one call for what is
-left (:func:`split`): compilation then grows with the model's width, not its depth, at the cost
-of a call (tens of microseconds on the host) per share.
+by (device, dtype), and a bucket's tensors are stepped by calls of compiled functions, each
+running the group's chain on every tensor of the call (:func:`~optarena.optim.engine.step_slot`,
+the eager code itself), traced and compiled with ``torch.compile(fullgraph=True,
+dynamic=False)``: inductor fuses each tensor's transforms, block statistics included, into a few
+loops over memory. A bucket is one call unless it is deep: tracing and code generation take
+time in proportion to the tensors a function holds, so a bucket where one kind of tensor (a
+:class:`Spec`: shape, strides, dtype, role, state entries) repeats layer after layer is cut
+into calls of one shared function, each with an equal share of every kind, and one call for
+what is left (:func:`split`). Compilation then grows with the model's width, not its depth, at
+the cost of a call (tens of microseconds on the host) per share.
 
 The step's numbers (lr, betas, bias corrections, phase flags) are computed on the host by the
-transforms' ``scalars`` and passed as one small tensor, a row per parameter: a new learning rate,
-beta (OneCycleLR cycles ``betas``/``momentum``) or step never recompiles. A transform's host
-scalars (``Transform.host``: phase flags its code branches on in Python) are no columns: the
-function is traced with them at 0, and a step where one of them is set for any tensor of the
-bucket (SOAP's first step and refreshes, Kron's fits, the frozen preconditioner's fill) runs
-the eager chain instead. The compiled functions
-are keyed by the bucket's structure (chain, options, shapes, dtypes, roles) and shared by every
-optimizer of the process; inductor's own caches keep them across processes
-(``TORCHINDUCTOR_CACHE_DIR``).
+transforms' ``scalars`` and passed as one small tensor, a row per parameter: a new learning
+rate, beta (OneCycleLR cycles ``betas``/``momentum``) or step never recompiles. A transform's
+host scalars (``Transform.host``: phase flags its code branches on in Python) are no columns:
+the function is traced with them at 0, and a step where one of them is set for any tensor of a
+call (SOAP's first step and refreshes, Kron's fits, the frozen preconditioner's fill) runs the
+eager chain for that call instead. The compiled functions are keyed by the call's structure
+(chain, options, the specs of its tensors) and shared by every optimizer of the process;
+inductor's own caches keep them across processes (``TORCHINDUCTOR_CACHE_DIR``).
 
 ``fused=None`` decides per param group (:func:`wanted`): compiled on CUDA, and on CPU for groups
 of at least :data:`CPU_MIN_NUMEL` entries (a CPU compile costs seconds), when torch.compile works
@@ -124,12 +124,14 @@ def wanted(fused: bool | None, params: Sequence[Tensor], owner: str) -> bool:
     return sum(p.numel() for p in params) >= least
 
 
-# --------------------------------------------------------------------------- buckets
+# --------------------------------------------------------------------------- calls
 
 
 @dataclass(frozen=True)
 class Spec:
-    """What a bucket's compiled function is specialised on, per tensor."""
+    """What a compiled function is specialised on, per tensor: everything dynamo's guards check
+    of the tensors passed (so calls that share a function never recompile it) and what the chain
+    reads of the parameter's structure."""
 
     shape: tuple[int, ...]
     param_dtype: torch.dtype
@@ -137,6 +139,17 @@ class Spec:
     keys: tuple[str, ...]  # state entries, in the order their tensors are passed
     info: ParamInfo
     decays: bool
+    # the type and strides of the parameter (its real view), its gradient and its state tensors
+    layout: tuple = ()
+
+
+def spec_of(p: Tensor, state: Mapping[str, Tensor], info: ParamInfo, decays: bool) -> Spec:
+    """``p``'s spec (``info`` without its name: the structure, not what it is called)."""
+    keys = tuple(sorted(k for k in state if k != "step"))
+    view, grad = real(p), real(p.grad)
+    layout = (type(view), view.stride(), grad.stride(), *(real(state[k]).stride() for k in keys))
+    info = replace(info, name="", source="")
+    return Spec(tuple(view.shape), view.dtype, grad.dtype, keys, info, decays, layout)
 
 
 def _make_step(
@@ -148,8 +161,8 @@ def _make_step(
     maximize: bool,
     tag: int,
 ) -> Callable[..., None]:
-    """The bucket's step: the eager chain over every tensor, with its scalars read from the
-    table and its host scalars at 0. Each function gets code objects of its own, so dynamo never
+    """A call's step: the eager chain over every tensor, with its scalars read from the table
+    and its host scalars at 0. Each function gets code objects of its own, so dynamo never
     counts one as a recompilation of another."""
     regular = [{name: 0.0 for name in t.host} for t in chain]
 
@@ -173,11 +186,18 @@ def _make_step(
 
 
 def split(kinds: Sequence[list[int]]) -> list[list[int]]:
-    """A bucket's tensors, listed by spec, cut into calls: ``n = max(1, m // MAX_REPEATS)``
-    calls, ``m`` the most frequent spec's count, of which each takes the same share of every spec
-    (``count // n``, so they run one compiled function), and one call for the remainders. A
-    model whose specs each repeat fewer than ``2·MAX_REPEATS`` times is one call."""
-    calls = max(1, max(map(len, kinds)) // MAX_REPEATS)
+    """A bucket's tensors, listed by spec, cut into calls: ``n`` calls that each take the same
+    share of every spec (``count // n``, so they run one compiled function) and one call for the
+    remainders. ``n`` is at most ``m // MAX_REPEATS`` (``m``: the most frequent spec's count),
+    and of those the smallest that traces the fewest tensors (one share plus the remainders, so
+    kinds that appear once and twice a layer still split evenly): a model whose specs each
+    repeat fewer than ``2·MAX_REPEATS`` times is one call."""
+    counts = [len(members) for members in kinds]
+
+    def traced(n: int) -> int:
+        return sum(c // n + c % n for c in counts)
+
+    calls = min(range(1, max(1, max(counts) // MAX_REPEATS) + 1), key=traced)
     parts: list[list[int]] = [[] for _ in range(calls + 1)]
     for members in kinds:
         share = len(members) // calls
@@ -188,8 +208,8 @@ def split(kinds: Sequence[list[int]]) -> list[list[int]]:
 
 
 @dataclass
-class Bucket:
-    """A bucket's call less its gradients and scalars, prepared once."""
+class Call:
+    """A call of a compiled function less its gradients and scalars, prepared once."""
 
     key: tuple
     sources: list[Tensor]  # the parameters, as the group holds them
@@ -201,11 +221,11 @@ class Bucket:
 
 @dataclass
 class Prepared:
-    """A parameter set's buckets, and the state they were prepared for."""
+    """A parameter set's calls, and the state they were prepared for."""
 
     states: list[dict[str, Any]]
     lists: list[list[Tensor]]
-    buckets: list[Bucket]
+    calls: list[Call]
 
     def current(self, states: Sequence[dict[str, Any]]) -> bool:
         """Whether ``states`` are the same state dicts holding the same tensors."""
@@ -215,7 +235,7 @@ class Prepared:
 
 
 class CompiledSteps:
-    """The compiled path of one optimizer: the prepared buckets of each parameter set."""
+    """The compiled path of one optimizer: the prepared calls of each parameter set."""
 
     def __init__(self) -> None:
         self.prepared: dict[tuple, Prepared] = {}
@@ -232,10 +252,13 @@ class CompiledSteps:
         """Update ``params`` (all with gradients) of one group; return those it did not (a
         host step, or ``fused=None`` and the compilation failed: they take the eager path)."""
         leftover: list[Tensor] = []
-        scalars = ScalarCache(plan.chain, hp)  # shared by the buckets
-        for bucket in self._prepare(opt, group, hp, plan, params).buckets:
-            if not self._run(opt, group, plan, bucket, scalars, explicit):
-                leftover += bucket.sources
+        scalars = ScalarCache(plan.chain, hp)  # shared by the calls
+        calls = self._prepare(opt, group, hp, plan, params).calls
+        for call in calls:
+            if not self._run(opt, group, plan, call, scalars, explicit):
+                leftover += call.sources
+                if call.key in _FAILED:  # the group's other calls would fail alike: one warning
+                    _FAILED.update(c.key for c in calls)
         return leftover
 
     def _prepare(self, opt, group, hp, plan, params: list[Tensor]) -> Prepared:
@@ -247,34 +270,38 @@ class CompiledSteps:
         kinds: dict[tuple, dict[Spec, list[int]]] = {}
         specs = []
         for i, (p, st) in enumerate(zip(params, states, strict=True)):
-            info = replace(opt.real_info(p), name="", source="")  # the structure, not the name
-            keys = tuple(sorted(k for k in st if k != "step"))
-            decays = info.role.value not in group["no_decay_roles"]
-            spec = Spec(tuple(real(p).shape), real(p).dtype, real(p.grad).dtype, keys, info, decays)
+            info = opt.real_info(p)
+            spec = spec_of(p, st, info, info.role.value not in group["no_decay_roles"])
             specs.append(spec)
             kinds.setdefault((p.device, spec.param_dtype), {}).setdefault(spec, []).append(i)
         lists = [[real(st[k]) for k in s.keys] for st, s in zip(states, specs, strict=True)]
-        buckets = [
-            self._bucket(
-                opt, group, hp, plan, [(params[i], states[i], lists[i], specs[i]) for i in c]
+        columns = _columns(plan.chain, hp)
+        calls = [
+            self._call(
+                opt,
+                group,
+                plan,
+                columns,
+                [(params[i], states[i], lists[i], specs[i]) for i in chunk],
             )
             for by_spec in kinds.values()
-            for c in split(list(by_spec.values()))
+            for chunk in split(list(by_spec.values()))
         ]
-        self.prepared[pid] = Prepared(states, lists, buckets)
+        self.prepared[pid] = Prepared(states, lists, calls)
         return self.prepared[pid]
 
-    def _bucket(self, opt, group, hp, plan, members: list[tuple]) -> Bucket:
-        """The bucket of ``members``, ``(parameter, state, state tensors, spec)`` each, with its
-        function compiled if no bucket of its key had one."""
+    def _call(
+        self,
+        opt: ChainOptimizer,
+        group: Mapping[str, Any],
+        plan: Plan,
+        columns: list[list[tuple[str, int]]],
+        members: list[tuple[Tensor, dict[str, Any], list[Tensor], Spec]],
+    ) -> Call:
+        """The call over ``members`` (parameter, state, state tensors, spec), its function
+        created if no call of its key has one (it compiles on its first call)."""
         params, states, lists, specs = map(list, zip(*members, strict=True))
         dtype = opt._dtype(params[0])
-        probe = plan.chain.scalars(hp, 1)
-        columns, j = [], 0
-        for t, sc in zip(plan.chain, probe, strict=True):
-            names = sorted(n for n in sc if n not in t.host)
-            columns.append([(name, j + k) for k, name in enumerate(names)])
-            j += len(names)
         key = (plan.key, params[0].device.type, dtype, bool(group["maximize"]), tuple(specs))
         if key not in _FUNCTIONS:
             raw = _make_step(
@@ -289,33 +316,33 @@ class CompiledSteps:
             _FUNCTIONS[key] = torch.compile(
                 raw, fullgraph=True, dynamic=False, options=COMPILE_OPTIONS
             )
-        return Bucket(key, params, [real(p) for p in params], states, lists, columns)
+        return Call(key, params, [real(p) for p in params], states, lists, columns)
 
-    def _run(self, opt, group, plan, bucket: Bucket, scalars: ScalarCache, explicit: bool) -> bool:
-        if bucket.key in _FAILED and not explicit:
+    def _run(self, opt, group, plan, call: Call, scalars: ScalarCache, explicit: bool) -> bool:
+        if call.key in _FAILED and not explicit:
             return False
-        steps = opt._counter.peek(bucket.states)
+        steps = opt._counter.peek(call.states)
         rows = {t: scalars(t) for t in set(steps)}
         if any(map(plan.chain.host_step, rows.values())):
             return False  # a phase step: the eager chain runs it (and counts it)
-        opt._counter.advance(bucket.states)
-        params = bucket.sources
-        table = _table(rows, steps, bucket.columns, opt._dtype(params[0]))
-        fn = _FUNCTIONS[bucket.key]
+        opt._counter.advance(call.states)
+        params = call.sources
+        table = _table(rows, steps, call.columns, opt._dtype(params[0]))
+        fn = _FUNCTIONS[call.key]
         first = not getattr(fn, "_optarena_ran", False)
         start = time.perf_counter()
         try:
             fn(
-                bucket.params,
+                call.params,
                 [real(p.grad) for p in params],
-                bucket.lists,
+                call.lists,
                 table.to(params[0].device),
             )
         except Exception as err:
             if explicit:
                 raise
-            _FAILED.add(bucket.key)
-            opt._counter.take_back(bucket.states)
+            _FAILED.add(call.key)
+            opt._counter.take_back(call.states)
             warnings.warn(
                 f"optarena: the compiled step failed ({type(err).__name__}: {err}); these "
                 "parameters take the eager path",
@@ -329,6 +356,16 @@ class CompiledSteps:
             COMPILE_STATS.functions += 1
             COMPILE_STATS.keys.append(f"{group['optimizer']}:{len(params)} tensors")
         return True
+
+
+def _columns(chain: Chain, hp: Mapping[str, Any]) -> list[list[tuple[str, int]]]:
+    """Per transform, its scalars that are not host scalars, with their column in the table."""
+    columns, j = [], 0
+    for t, sc in zip(chain, chain.scalars(hp, 1), strict=True):
+        names = sorted(n for n in sc if n not in t.host)
+        columns.append([(name, j + k) for k, name in enumerate(names)])
+        j += len(names)
+    return columns
 
 
 def _same(tensors: list[Tensor], state: Mapping[str, Tensor]) -> bool:

@@ -100,6 +100,7 @@ def _hooks_idle(opt: torch.optim.Optimizer) -> bool:
 
 
 def is_named(items: list) -> bool:
+    """Whether ``items`` are ``(name, parameter)`` pairs (``named_parameters()``)."""
     return bool(items) and isinstance(items[0], tuple) and isinstance(items[0][0], str)
 
 

@@ -121,16 +121,27 @@ _NAME_MLP = {
 def role_from_name(name: str, shape: tuple[int, ...] | torch.Size) -> Role:
     """The role a parameter's name suggests: the fallback when the module structure says nothing.
 
-    Rules on the lowercased dotted name (the ``_NAME_*`` tables), first match wins. The *owner*
-    is the segment before the parameter's own (``q_proj`` in ``layers.0.q_proj.weight``); rules
-    match whole segments, never substrings of the full name, and per-row roles need a tensor of
-    2+ dimensions, which is what keeps BERT's ``attention.output.LayerNorm.weight`` out of the
-    output branch. In order: ``bias`` in the last segment -> BIAS; a norm segment -> NORM; a 0-D
-    or 1-D tensor -> OTHER; an output owner or a top-level ``output`` -> OUTPUT; an embedding
-    segment -> EMBEDDING; a fused owner or ``in_proj_weight`` -> QKV (without parts: sizes
-    unknown); a q/k/v owner or ``{q,k,v}_proj_weight`` -> Q, K, V; an output-projection owner
-    (``c_proj``/``dense``/``proj`` only under an ``attn``/``attention`` segment) -> O; an
-    MLP-like segment or owner -> MLP; anything else -> OTHER.
+    Rules on the lowercased dotted name, first match wins. The *owner* is the segment before the
+    parameter's own (``q_proj`` in ``layers.0.q_proj.weight``); rules match whole segments, never
+    substrings of the full name, and per-row roles need a tensor of 2+ dimensions, which is what
+    keeps BERT's ``attention.output.LayerNorm.weight`` out of the output branch.
+
+    1. last segment contains ``bias`` -> BIAS;
+    2. a segment contains ``norm``, or is ``ln``/``ln_*``/``ln1``... -> NORM;
+    3. a 0-D or 1-D tensor -> OTHER;
+    4. owner ``lm_head``/``unembed``/``final_layer``, or a top-level ``output`` -> OUTPUT;
+    5. a segment contains ``embed``/``embd``, or is ``wte``/``wpe``/``tok_emb``/``*_emb``
+       -> EMBEDDING;
+    6. owner ``c_attn``/``qkv``/``qkv_proj``/``wqkv``/``query_key_value``/``in_proj``, or the
+       parameter ``in_proj_weight`` -> QKV (without parts: sizes unknown);
+    7. owner (or parameter ``{q,k,v}_proj_weight``) ``q_proj``/``wq``/``query``/``q``/``to_q``
+       -> Q, likewise K and V;
+    8. owner ``o_proj``/``wo``/``out_proj``/``o``/``to_out``, or ``c_proj``/``dense``/``proj``
+       under a segment containing ``attn``/``attention`` -> O;
+    9. a segment containing ``mlp``/``ffn``/``feed_forward``/``intermediate``, or owner
+       ``fc1``/``fc2``/``c_fc``/``up_proj``/``gate_proj``/``down_proj``/``w1``-``w3``/``wi``/
+       ``linear1``/``linear2``/``dense_h_to_4h``/``dense_4h_to_h`` -> MLP;
+    10. anything else -> OTHER.
 
     Names cannot tell head counts or a ``Conv1D``'s (in, out) storage: name-ruled parameters get
     ``heads=None`` and ``out_dim=0``.

@@ -536,7 +536,10 @@ def make_class(e: Entry) -> type[ChainOptimizer]:
     sig = _signature(e.defaults, method=True)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        params, hp, options = _bind(sig, e.defaults, self, *args, **kwargs)
+        try:
+            params, hp, options = _bind(sig, e.defaults, self, *args, **kwargs)
+        except TypeError as err:  # a missing or unexpected argument: say whose
+            raise TypeError(f"{type(self).__name__}.__init__() {err}") from None
         ChainOptimizer.__init__(self, params, {**hp, "optimizer": e.name}, **options)
 
     __init__.__signature__ = sig  # type: ignore[attr-defined]

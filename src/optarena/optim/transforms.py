@@ -5,7 +5,7 @@ returns the next, keeping its own entries in the parameter's ``state``:
 
 * momentum: :class:`EMA` (Adam's, Signum's, Sophia's, bias-corrected or not; classic Adafactor's
   on the scaled update) and :class:`HeavyBall` (torch's SGD);
-* :class:`ScaleBySecondMoment` over a :class:`Moment` at some granularity: per element (Adam),
+* :class:`ScaleBySecondMoment` over a :data:`Moment` at some granularity: per element (Adam),
   per block (Adalayer, Adam-mini: :mod:`~optarena.optim.blocks`), factored (Adafactor, the
   study's and the classic one), with Adam's, the frozen preconditioner's or classic Adafactor's
   averaging weights;
