@@ -55,8 +55,10 @@ if TYPE_CHECKING:
 
 CPU_MIN_NUMEL = 4_000_000
 # a bucket whose most frequent spec has at least twice this many tensors is cut into calls of
-# one shared function (:func:`split`): compile time grows with it, calls per step fall
-MAX_REPEATS = 8
+# one shared function (:func:`split`): compile time grows with it, calls per step fall. At 16 a
+# transformer with two norms a layer (2L + 1 of them) stays one call up to 15 layers, and a
+# deeper one is cut into calls of about 8 layers each
+MAX_REPEATS = 16
 
 # inductor checks every input's sizes and strides before each call; dynamo's guards already did
 COMPILE_OPTIONS: dict[str, Any] = {"size_asserts": False}
