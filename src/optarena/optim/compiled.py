@@ -142,7 +142,7 @@ class Spec:
     info: ParamInfo
     decays: bool
     # the type and strides of the parameter (its real view), its gradient and its state tensors
-    layout: tuple = ()
+    layout: tuple
 
 
 def spec_of(p: Tensor, state: Mapping[str, Tensor], info: ParamInfo, decays: bool) -> Spec:
